@@ -1,7 +1,22 @@
 //! aigateway data plane.
 //!
-//! The hot path, in the order a request takes it: [`listener`] → [`conn`] → [`h1`] (the
-//! sans-I/O codec) → the handler → the response. [`worker`] owns one core; [`server`] starts
-//! the workers and the [`admin`] listener.
+//! The hot path, in the order a request takes it: [`listener`] → [`worker`] (one per core)
+//! → [`conn`] (one connection's loop) → [`h1`] (the sans-I/O codec) → a [`service`] →
+//! the response. [`server`] starts the workers and the [`admin`] listener; [`settings`]
+//! carries reloadable settings to the workers without locks.
 
+pub mod admin;
+pub mod config;
+mod conn;
+pub mod date;
+pub mod demo;
+pub mod errors;
 pub mod h1;
+pub mod listener;
+pub mod request_id;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod shutdown;
+pub mod worker;

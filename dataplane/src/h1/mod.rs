@@ -7,12 +7,14 @@
 
 pub mod chunked;
 pub mod error;
+pub mod index;
 pub mod limits;
 pub mod request;
 pub mod response;
 
 pub use chunked::{ChunkedDecoder, ChunkedProgress};
 pub use error::H1Error;
+pub use index::{FieldSpan, HeadIndex, Span};
 pub use limits::Limits;
 pub use request::{parse_request_head, BodyFraming, RequestHead, Version};
 pub use response::ResponseHead;

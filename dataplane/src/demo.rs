@@ -1,0 +1,151 @@
+//! The built-in demo provider: answers OpenAI- and Anthropic-style requests itself, so a
+//! fresh install can be tried with no provider account. It echoes the last user message.
+//! Real upstreams replace it as soon as one is configured.
+
+use serde_json::{json, Value};
+
+use crate::errors::{ApiError, ApiStyle};
+use crate::service::{Request, Response, Service};
+
+/// Model name the demo answers to (any name is accepted; this is what `/v1/models` lists).
+pub const DEMO_MODEL: &str = "demo";
+
+#[derive(Debug, Default)]
+pub struct DemoService;
+
+impl Service for DemoService {
+    async fn call(&self, req: &Request<'_>) -> Response {
+        let style = req.api_style();
+        match (req.method(), req.path_only()) {
+            ("POST", "/v1/chat/completions") => chat_completion(req),
+            ("POST", "/v1/messages") => anthropic_message(req),
+            ("GET" | "HEAD", "/v1/models") => models(),
+            (_, "/v1/chat/completions" | "/v1/messages" | "/v1/models") => {
+                Response::error(ApiError::downstream(405, "method_not_allowed", "method not allowed on this path"), style)
+                    .with_header("allow", if req.path_only() == "/v1/models" { "GET, HEAD" } else { "POST" })
+            }
+            _ => Response::error(ApiError::downstream(404, "not_found", "no such endpoint"), style),
+        }
+    }
+}
+
+fn parse_json(req: &Request<'_>) -> Result<Value, Response> {
+    let style = req.api_style();
+    let is_json = req
+        .header("content-type")
+        .is_some_and(|v| v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/json"));
+    if !is_json {
+        return Err(Response::error(
+            ApiError::downstream(415, "unsupported_media_type", "request body must be application/json"),
+            style,
+        ));
+    }
+    match serde_json::from_slice::<Value>(req.body) {
+        Ok(v) if v.is_object() => Ok(v),
+        _ => Err(Response::error(
+            ApiError::downstream(400, "invalid_json", "request body is not a JSON object"),
+            style,
+        )),
+    }
+}
+
+/// The text of the last user message: a string, or the text parts of a content array.
+fn last_user_text(messages: Option<&Value>) -> Option<String> {
+    let last = messages?.as_array()?.iter().rev().find(|m| m["role"] == "user")?;
+    match &last["content"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    }
+}
+
+fn missing(field: &'static str, message: &'static str, style: ApiStyle) -> Response {
+    let _ = field;
+    Response::error(ApiError::downstream(400, "invalid_request", message), style)
+}
+
+fn chat_completion(req: &Request<'_>) -> Response {
+    let body = match parse_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(model) = body["model"].as_str() else {
+        return missing("model", "`model` is required and must be a string", ApiStyle::OpenAi);
+    };
+    let Some(text) = last_user_text(body.get("messages")) else {
+        return missing("messages", "`messages` must contain a user message", ApiStyle::OpenAi);
+    };
+    let reply = format!("(demo) You said: {text}");
+    let prompt_tokens = approx_tokens(&text);
+    let completion_tokens = approx_tokens(&reply);
+    let out = json!({
+        "id": format!("chatcmpl-{}", req.id),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    });
+    Response::json(200, out.to_string().into_bytes())
+}
+
+fn anthropic_message(req: &Request<'_>) -> Response {
+    let body = match parse_json(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Some(model) = body["model"].as_str() else {
+        return missing("model", "model: field required", ApiStyle::Anthropic);
+    };
+    if !body["max_tokens"].is_u64() {
+        return missing("max_tokens", "max_tokens: field required", ApiStyle::Anthropic);
+    }
+    let Some(text) = last_user_text(body.get("messages")) else {
+        return missing("messages", "messages: must contain a user message", ApiStyle::Anthropic);
+    };
+    let reply = format!("(demo) You said: {text}");
+    let out = json!({
+        "id": format!("msg_{}", req.id),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": reply}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": approx_tokens(&text), "output_tokens": approx_tokens(&reply)}
+    });
+    Response::json(200, out.to_string().into_bytes())
+}
+
+fn models() -> Response {
+    let out = json!({
+        "object": "list",
+        "data": [{"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "aigateway"}]
+    });
+    Response::json(200, out.to_string().into_bytes())
+}
+
+/// About four bytes per token; the demo only needs plausible figures.
+fn approx_tokens(s: &str) -> u64 {
+    (s.len() as u64).div_ceil(4).max(1)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,43 @@
+//! Listening sockets: one per worker on the same address with SO_REUSEPORT, so the kernel
+//! spreads connections over the cores without a shared accept queue.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Binds `count` sockets to `addr`. When `addr` has port 0 the first socket picks the port
+/// and the others join it, so every worker serves the same port.
+pub fn bind_reuseport(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<TcpListener>> {
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let l = bind_one(addr, backlog, true)?;
+        if addr.port() == 0 {
+            addr = l.local_addr()?;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// One plain listening socket (the admin listener).
+pub fn bind_single(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    bind_one(addr, backlog, false)
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).or_else(|_| Ok::<_, io::Error>(()))?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}

@@ -1,0 +1,103 @@
+//! What a connection hands to the code that answers requests, and what it gets back.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use crate::errors::{ApiError, ApiStyle};
+use crate::h1::{FieldSpan, HeadIndex, Version};
+use crate::request_id::RequestId;
+
+/// One complete request: the head as offsets into `buf`, and the decoded body.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub id: RequestId,
+    pub peer: SocketAddr,
+    index: &'a HeadIndex,
+    buf: &'a [u8],
+    pub body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(
+        id: RequestId,
+        peer: SocketAddr,
+        index: &'a HeadIndex,
+        buf: &'a [u8],
+        body: &'a [u8],
+    ) -> Self {
+        Self { id, peer, index, buf, body }
+    }
+
+    pub fn method(&self) -> &'a str {
+        // The parser only accepts token characters (ASCII) in the method.
+        std::str::from_utf8(self.index.method.get(self.buf)).unwrap_or("")
+    }
+
+    /// Path and query.
+    pub fn path(&self) -> &'a str {
+        // The parser only accepts visible ASCII in the target.
+        std::str::from_utf8(self.index.path.get(self.buf)).unwrap_or("")
+    }
+
+    pub fn path_only(&self) -> &'a str {
+        let p = self.path();
+        p.split('?').next().unwrap_or(p)
+    }
+
+    pub fn version(&self) -> Version {
+        self.index.version
+    }
+
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.index
+            .fields
+            .iter()
+            .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| f.value.get(self.buf))
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
+        let buf = self.buf;
+        self.index.fields.iter().map(move |f: &FieldSpan| (f.name.get(buf), f.value.get(buf)))
+    }
+
+    pub fn api_style(&self) -> ApiStyle {
+        ApiStyle::for_path(self.path())
+    }
+}
+
+/// A complete response. Bodies here are small (JSON answers and errors); streamed bodies
+/// take another path.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    /// Extra header fields (names lowercase). Allocates only when used.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Self { status, content_type: "application/json", body, headers: Vec::new(), close: false }
+    }
+
+    pub fn error(err: ApiError, style: ApiStyle) -> Self {
+        let mut body = Vec::with_capacity(160);
+        err.write_body(style, &mut body);
+        Self::json(err.status, body)
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// Answers requests. One instance per worker, so implementations keep per-core state
+/// without locks.
+pub trait Service {
+    fn call(&self, req: &Request<'_>) -> impl Future<Output = Response>;
+}

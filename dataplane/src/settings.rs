@@ -1,0 +1,100 @@
+//! Settings a running node can change without a restart (SIGHUP), and how workers pick
+//! them up without taking a lock on the hot path.
+//!
+//! The reloader validates the new file once, publishes an immutable [`Settings`] and bumps
+//! a generation counter. Each worker checks the counter (one atomic load of a read-mostly
+//! cache line) at the start of every request and swaps its local copy when it moved, so
+//! requests already in flight finish under the settings they started with.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::h1::Limits;
+
+/// What a request is served under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub generation: u64,
+    pub limits: Limits,
+    pub head_read_timeout: Duration,
+    pub keepalive_idle_timeout: Duration,
+    pub body_read_idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub access_log: bool,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config, generation: u64) -> Self {
+        Self {
+            generation,
+            limits: c.h1_limits(),
+            head_read_timeout: c.timeouts.head_read,
+            keepalive_idle_timeout: c.timeouts.keepalive_idle,
+            body_read_idle_timeout: c.timeouts.body_read_idle,
+            write_timeout: c.timeouts.write,
+            access_log: c.log.access,
+        }
+    }
+}
+
+/// The published settings, shared by all workers.
+#[derive(Debug)]
+pub struct SharedSettings {
+    generation: AtomicU64,
+    current: ArcSwap<Settings>,
+}
+
+impl SharedSettings {
+    pub fn new(c: &Config) -> Self {
+        Self {
+            generation: AtomicU64::new(1),
+            current: ArcSwap::from_pointee(Settings::from_config(c, 1)),
+        }
+    }
+
+    /// Publishes settings from an already validated config; returns the new generation.
+    pub fn publish(&self, c: &Config) -> u64 {
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        self.current.store(Arc::new(Settings::from_config(c, generation)));
+        self.generation.store(generation, Ordering::Release);
+        generation
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> Arc<Settings> {
+        self.current.load_full()
+    }
+}
+
+/// A worker's view: a local copy refreshed when the shared generation moves.
+#[derive(Debug)]
+pub struct LocalSettings {
+    shared: Arc<SharedSettings>,
+    local: RefCell<Rc<Settings>>,
+}
+
+impl LocalSettings {
+    pub fn new(shared: Arc<SharedSettings>) -> Self {
+        let local = RefCell::new(Rc::new((*shared.load()).clone()));
+        Self { shared, local }
+    }
+
+    /// The settings for the next request.
+    pub fn current(&self) -> Rc<Settings> {
+        let generation = self.shared.generation();
+        let mut local = self.local.borrow_mut();
+        if local.generation != generation {
+            *local = Rc::new((*self.shared.load()).clone());
+        }
+        Rc::clone(&local)
+    }
+}

@@ -1,0 +1,236 @@
+//! One worker per core: its own pinned thread, runtime, SO_REUSEPORT listener and state.
+//! A connection never leaves the worker that accepted it, so nothing on the request path
+//! is shared between cores except read-mostly settings.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::DriverChoice;
+use crate::date::DateCache;
+use crate::request_id::{RequestId, RequestIdGen};
+use crate::runtime::{self, DriverKind};
+use crate::service::Service;
+use crate::settings::{LocalSettings, SharedSettings};
+use crate::shutdown::Shutdown;
+
+/// A worker's state as the admin listener sees it. Written only by its worker.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    driver: AtomicU8,
+    running: AtomicBool,
+    requests: AtomicU64,
+    connections: AtomicU64,
+    settings_generation: AtomicU64,
+}
+
+impl WorkerStatus {
+    pub fn driver(&self) -> Option<DriverKind> {
+        match self.driver.load(Ordering::Acquire) {
+            1 => Some(DriverKind::IoUringTuned),
+            2 => Some(DriverKind::IoUring),
+            3 => Some(DriverKind::Epoll),
+            _ => None,
+        }
+    }
+
+    fn set_driver(&self, d: DriverKind) {
+        let v = match d {
+            DriverKind::IoUringTuned => 1,
+            DriverKind::IoUring => 2,
+            DriverKind::Epoll => 3,
+        };
+        self.driver.store(v, Ordering::Release);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn open_connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The settings generation this worker served its latest request under.
+    pub fn settings_generation(&self) -> u64 {
+        self.settings_generation.load(Ordering::Relaxed)
+    }
+}
+
+/// What a connection reaches through its worker.
+#[derive(Debug)]
+pub struct WorkerCtx {
+    pub index: usize,
+    pub settings: LocalSettings,
+    pub shutdown: Arc<Shutdown>,
+    pub status: Arc<WorkerStatus>,
+    ids: RefCell<RequestIdGen>,
+    date: RefCell<DateCache>,
+    open: Cell<u64>,
+}
+
+impl WorkerCtx {
+    pub fn new(
+        index: usize,
+        settings: Arc<SharedSettings>,
+        shutdown: Arc<Shutdown>,
+        status: Arc<WorkerStatus>,
+    ) -> Self {
+        Self {
+            index,
+            settings: LocalSettings::new(settings),
+            shutdown,
+            status,
+            ids: RefCell::new(RequestIdGen::new()),
+            date: RefCell::new(DateCache::new()),
+            open: Cell::new(0),
+        }
+    }
+
+    pub fn next_request_id(&self) -> RequestId {
+        self.ids.borrow_mut().next_id()
+    }
+
+    pub fn date(&self) -> [u8; 29] {
+        let mut d = [0u8; 29];
+        d.copy_from_slice(self.date.borrow_mut().get());
+        d
+    }
+
+    pub(crate) fn finish_request(&self) {
+        self.status.requests.fetch_add(1, Ordering::Relaxed);
+        let generation = self.settings.current().generation;
+        self.status.settings_generation.store(generation, Ordering::Relaxed);
+    }
+
+    fn conn_opened(&self) {
+        self.open.set(self.open.get() + 1);
+        self.status.connections.store(self.open.get(), Ordering::Relaxed);
+    }
+
+    fn conn_closed(&self) {
+        self.open.set(self.open.get().saturating_sub(1));
+        self.status.connections.store(self.open.get(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn log_error(&self, id: RequestId, peer: SocketAddr, status: u16, started: Instant) {
+        if self.settings.current().access_log {
+            tracing::info!(
+                target: "access",
+                id = %id,
+                peer = %peer.ip(),
+                status,
+                latency_us = started.elapsed().as_micros() as u64,
+                "rejected"
+            );
+        }
+    }
+}
+
+/// Everything a worker thread needs; built on the main thread, moved into the worker.
+#[derive(Debug)]
+pub struct WorkerSpec {
+    pub index: usize,
+    pub core: Option<core_affinity::CoreId>,
+    pub listener: std::net::TcpListener,
+    pub driver: DriverChoice,
+    pub settings: Arc<SharedSettings>,
+    pub shutdown: Arc<Shutdown>,
+    pub status: Arc<WorkerStatus>,
+    pub drain: Duration,
+}
+
+/// Runs a worker on the calling thread until shutdown has drained. `started` receives the
+/// driver it got, or why it could not start.
+pub fn run<S, F>(spec: WorkerSpec, make_service: F, started: std::sync::mpsc::Sender<Result<DriverKind, String>>)
+where
+    S: Service + 'static,
+    F: FnOnce(&WorkerCtx) -> S,
+{
+    if let Some(core) = spec.core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(worker = spec.index, core = core.id, "could not pin worker to its core");
+        }
+    }
+    let (mut rt, driver) = match runtime::build(spec.driver) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = started.send(Err(format!("worker {}: cannot build runtime: {e}", spec.index)));
+            return;
+        }
+    };
+    spec.status.set_driver(driver);
+    tracing::info!(worker = spec.index, driver = %driver, core = spec.core.map(|c| c.id), "worker started");
+    let ctx = Rc::new(WorkerCtx::new(
+        spec.index,
+        Arc::clone(&spec.settings),
+        Arc::clone(&spec.shutdown),
+        Arc::clone(&spec.status),
+    ));
+    let service = Rc::new(make_service(&ctx));
+    let drain = spec.drain;
+    let index = spec.index;
+    rt.block_on(async move {
+        let listener = match monoio::net::TcpListener::from_std(spec.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = started.send(Err(format!("worker {index}: cannot register listener: {e}")));
+                return;
+            }
+        };
+        ctx.status.running.store(true, Ordering::Release);
+        let _ = started.send(Ok(driver));
+        accept_loop(&listener, &ctx, &service).await;
+        drop(listener);
+        drain_connections(&ctx, drain).await;
+        ctx.status.running.store(false, Ordering::Release);
+    });
+    tracing::info!(worker = index, "worker stopped");
+}
+
+async fn accept_loop<S: Service + 'static>(
+    listener: &monoio::net::TcpListener,
+    ctx: &Rc<WorkerCtx>,
+    service: &Rc<S>,
+) {
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    ctx.conn_opened();
+                    let ctx = Rc::clone(ctx);
+                    let service = Rc::clone(service);
+                    monoio::spawn(async move {
+                        crate::conn::serve(stream, peer, Rc::clone(&ctx), service).await;
+                        ctx.conn_closed();
+                    });
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker = ctx.index, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = ctx.shutdown.wait() => return,
+        }
+    }
+}
+
+/// Waits for open connections to finish, up to `drain`. Idle connections close as soon as
+/// they see the shutdown; busy ones finish their request and close.
+async fn drain_connections(ctx: &WorkerCtx, drain: Duration) {
+    let deadline = Instant::now() + drain;
+    while ctx.open.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if ctx.open.get() > 0 {
+        tracing::warn!(worker = ctx.index, open = ctx.open.get(), "drain deadline passed with connections open");
+    }
+}
