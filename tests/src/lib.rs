@@ -1,1 +1,314 @@
+//! Shared harness for the end-to-end tests: start gateways (in-process or as processes) on
+//! port 0 and talk to them over real sockets, byte for byte.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dataplane::config::{Config, DriverChoice};
+use dataplane::server::ServerHandle;
+
+/// Runs a test body once per I/O driver: `both_drivers!(name, |driver| { ... });` expands to
+/// `mod name { #[test] fn io_uring() ; #[test] fn epoll() }`.
+#[macro_export]
+macro_rules! both_drivers {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn io_uring() {
+                let f: fn(::dataplane::config::DriverChoice) = $body;
+                f(::dataplane::config::DriverChoice::IoUring)
+            }
+            #[test]
+            fn epoll() {
+                let f: fn(::dataplane::config::DriverChoice) = $body;
+                f(::dataplane::config::DriverChoice::Epoll)
+            }
+        }
+    };
+}
+
+/// A gateway running in this process on loopback port 0, stopped on drop.
+#[derive(Debug)]
+pub struct Gateway {
+    handle: Option<ServerHandle>,
+}
+
+/// A config for tests: loopback, port 0, two unpinned workers, the given driver.
+pub fn test_config(driver: DriverChoice) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.workers = 2;
+    c.server.pin_workers = false;
+    c.server.driver = driver;
+    c.log.access = false;
+    c
+}
+
+impl Gateway {
+    pub fn start(driver: DriverChoice) -> Self {
+        Self::start_with(test_config(driver))
+    }
+
+    pub fn start_with(config: Config) -> Self {
+        let handle = dataplane::server::start(config).expect("gateway starts");
+        Self { handle: Some(handle) }
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle().addr()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.handle().admin_addr()
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr())
+    }
+
+    /// Stops the gateway gracefully and waits for it.
+    pub fn stop(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown();
+        }
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Whether the server said it will close the connection.
+    pub fn closes(&self) -> bool {
+        self.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// Reads one response (Content-Length framed; 1xx responses are returned like any other).
+/// `pending` carries bytes read past the response into the next call.
+pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Resp> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(n)) = r.parse(pending) {
+            let status = r.code.unwrap();
+            let hs: Vec<(String, String)> = r
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .collect();
+            let len: usize = hs
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            let len = if status < 200 { 0 } else { len };
+            while pending.len() < n + len {
+                let got = stream.read(&mut chunk).ok()?;
+                if got == 0 {
+                    return None;
+                }
+                pending.extend_from_slice(&chunk[..got]);
+            }
+            let body = pending[n..n + len].to_vec();
+            pending.drain(..n + len);
+            return Some(Resp { status, headers: hs, body });
+        }
+        let got = match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(g) => g,
+        };
+        pending.extend_from_slice(&chunk[..got]);
+    }
+}
+
+/// Sends `raw` on a new connection and reads one response.
+pub fn exchange(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut s = connect(addr);
+    s.write_all(raw).unwrap();
+    read_response(&mut s, &mut Vec::new()).expect("a response")
+}
+
+/// True when the peer has closed the connection (EOF, or a reset) within `within`.
+pub fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1];
+    matches!(stream.read(&mut b), Ok(0) | Err(_))
+        && !matches!(stream.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A JSON chat request in OpenAI's shape.
+pub fn chat_request(body: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+pub const CHAT_BODY: &str = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#;
+
+/// GET on the admin listener.
+pub fn admin_get(addr: SocketAddr, path: &str) -> Resp {
+    exchange(addr, format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// Path of a workspace binary, built on first use if a plain `cargo test` did not build it.
+pub fn bin_path(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let path = dir.join(name);
+    BUILT.get_or_init(|| {
+        if !path.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--bin", name])
+                .status()
+                .expect("cargo build");
+            assert!(status.success(), "building {name}");
+        }
+    });
+    path
+}
+
+/// A gateway process started from the real binary; killed on drop.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub stderr_log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts `dataplane --config <file>` and waits for its "listening" line.
+    pub fn start(config_toml: &str, dir: &std::path::Path) -> Self {
+        let cfg = dir.join("dataplane.toml");
+        std::fs::write(&cfg, config_toml).unwrap();
+        let log = dir.join("dataplane.log");
+        let child = Command::new(bin_path("dataplane"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn dataplane");
+        let mut addrs = None;
+        wait_until(Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            addrs = text.lines().find(|l| l.contains(" listening ")).map(|l| {
+                (field(l, "addr=").parse().unwrap(), field(l, "admin=").parse().unwrap())
+            });
+            addrs.is_some()
+        });
+        let (addr, admin_addr) = addrs.unwrap_or_else(|| {
+            panic!("no listening line: {}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
+        Self { child, addr, admin_addr, stderr_log: log }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on a child we spawned and still own; no memory is involved.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(key).map(|i| i + key.len()).unwrap_or(line.len());
+    let rest = &line[start..];
+    rest.split_whitespace().next().unwrap_or("")
+}
+
+/// A fresh scratch directory under the target dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().join("e2e-scratch").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
