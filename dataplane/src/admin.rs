@@ -41,8 +41,11 @@ impl Service for AdminService {
     async fn call(&self, req: &Request<'_>) -> Response {
         let s = &self.state;
         if req.method() != "GET" && req.method() != "HEAD" {
-            return Response::error(ApiError::downstream(405, "method_not_allowed", "admin endpoints are read-only"), ApiStyle::OpenAi)
-                .with_header("allow", "GET, HEAD");
+            return Response::error(
+                ApiError::downstream(405, "method_not_allowed", "admin endpoints are read-only"),
+                ApiStyle::OpenAi,
+            )
+            .with_header("allow", "GET, HEAD");
         }
         match req.path_only() {
             "/healthz" => Response::json(200, br#"{"status":"ok"}"#.to_vec()),
@@ -78,7 +81,10 @@ impl Service for AdminService {
                 });
                 Response::json(200, body.to_string().into_bytes())
             }
-            _ => Response::error(ApiError::downstream(404, "not_found", "no such admin endpoint"), ApiStyle::OpenAi),
+            _ => Response::error(
+                ApiError::downstream(404, "not_found", "no such admin endpoint"),
+                ApiStyle::OpenAi,
+            ),
         }
     }
 }

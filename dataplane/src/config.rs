@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::h1::limits::{Limits, MAX_HEADERS_CEILING};
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -109,7 +109,9 @@ impl Default for ServerConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9901)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
     }
 }
 
@@ -141,38 +143,39 @@ impl Default for TimeoutsConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), access: true }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
         Self {
-            server: ServerConfig::default(),
-            admin: AdminConfig::default(),
-            limits: LimitsConfig::default(),
-            timeouts: TimeoutsConfig::default(),
-            log: LogConfig::default(),
+            level: "info".into(),
+            access: true,
         }
     }
 }
+
 
 /// A configuration that could not be loaded. The message names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {key}: {message}")]
-    Invalid { path: String, key: &'static str, message: String },
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         Self::parse(&text, &shown)
     }
 
@@ -182,11 +185,13 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            path: origin.to_string(),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_string(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -205,8 +210,18 @@ impl Config {
         let l = &self.limits;
         range("limits.max_head_bytes", l.max_head_bytes, 1024, 1 << 20)?;
         range("limits.max_headers", l.max_headers, 1, MAX_HEADERS_CEILING)?;
-        range("limits.max_request_line_bytes", l.max_request_line_bytes, 64, l.max_head_bytes)?;
-        range("limits.max_chunk_ext_bytes", l.max_chunk_ext_bytes, 0, 64 * 1024)?;
+        range(
+            "limits.max_request_line_bytes",
+            l.max_request_line_bytes,
+            64,
+            l.max_head_bytes,
+        )?;
+        range(
+            "limits.max_chunk_ext_bytes",
+            l.max_chunk_ext_bytes,
+            0,
+            64 * 1024,
+        )?;
         range("limits.max_trailer_bytes", l.max_trailer_bytes, 0, 1 << 20)?;
         range("limits.max_body_bytes", l.max_body_bytes, 0, 1 << 30)?;
         range("server.workers", self.server.workers, 0, 1024)?;
@@ -214,15 +229,33 @@ impl Config {
         let t = &self.timeouts;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         range("timeouts.head_read", ms(t.head_read), 1, 3_600_000)?;
-        range("timeouts.keepalive_idle", ms(t.keepalive_idle), 1, 86_400_000)?;
-        range("timeouts.body_read_idle", ms(t.body_read_idle), 1, 3_600_000)?;
+        range(
+            "timeouts.keepalive_idle",
+            ms(t.keepalive_idle),
+            1,
+            86_400_000,
+        )?;
+        range(
+            "timeouts.body_read_idle",
+            ms(t.body_read_idle),
+            1,
+            3_600_000,
+        )?;
         range("timeouts.write", ms(t.write), 1, 3_600_000)?;
-        range("timeouts.shutdown_drain", ms(t.shutdown_drain), 0, 3_600_000)?;
+        range(
+            "timeouts.shutdown_drain",
+            ms(t.shutdown_drain),
+            0,
+            3_600_000,
+        )?;
         if self.admin.listen == self.server.listen && self.server.listen.port() != 0 {
             return Err(("admin.listen", "must differ from server.listen".into()));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(("log.level", format!("not a valid filter: {:?}", self.log.level)));
+            return Err((
+                "log.level",
+                format!("not a valid filter: {:?}", self.log.level),
+            ));
         }
         Ok(())
     }
@@ -247,12 +280,36 @@ impl Config {
                 v.push((key, a, b));
             }
         };
-        cmp("server.listen", self.server.listen.to_string(), new.server.listen.to_string());
-        cmp("server.workers", self.server.workers.to_string(), new.server.workers.to_string());
-        cmp("server.pin_workers", self.server.pin_workers.to_string(), new.server.pin_workers.to_string());
-        cmp("server.driver", format!("{:?}", self.server.driver), format!("{:?}", new.server.driver));
-        cmp("server.backlog", self.server.backlog.to_string(), new.server.backlog.to_string());
-        cmp("admin.listen", self.admin.listen.to_string(), new.admin.listen.to_string());
+        cmp(
+            "server.listen",
+            self.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
+        cmp(
+            "server.workers",
+            self.server.workers.to_string(),
+            new.server.workers.to_string(),
+        );
+        cmp(
+            "server.pin_workers",
+            self.server.pin_workers.to_string(),
+            new.server.pin_workers.to_string(),
+        );
+        cmp(
+            "server.driver",
+            format!("{:?}", self.server.driver),
+            format!("{:?}", new.server.driver),
+        );
+        cmp(
+            "server.backlog",
+            self.server.backlog.to_string(),
+            new.server.backlog.to_string(),
+        );
+        cmp(
+            "admin.listen",
+            self.admin.listen.to_string(),
+            new.admin.listen.to_string(),
+        );
         cmp("log.level", self.log.level.clone(), new.log.level.clone());
         v
     }
@@ -297,13 +354,19 @@ mod tests {
     fn unknown_key_is_named() {
         let e = Config::parse("[limits]\nmax_head_byte = 10\n", "gw.toml").expect_err("typo");
         let msg = e.to_string();
-        assert!(msg.contains("gw.toml") && msg.contains("max_head_byte"), "{msg}");
+        assert!(
+            msg.contains("gw.toml") && msg.contains("max_head_byte"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn bad_value_names_the_key() {
         let e = Config::parse("[limits]\nmax_headers = 0\n", "gw.toml").expect_err("zero");
-        assert_eq!(e.to_string(), "gw.toml: limits.max_headers: must be between 1 and 256 (got 0)");
+        assert_eq!(
+            e.to_string(),
+            "gw.toml: limits.max_headers: must be between 1 and 256 (got 0)"
+        );
         let e = Config::parse("[timeouts]\nhead_read = \"soon\"\n", "gw.toml").expect_err("dur");
         assert!(e.to_string().contains("head_read"), "{e}");
         let e = Config::parse("[server]\ndriver = \"kqueue\"\n", "gw.toml").expect_err("drv");

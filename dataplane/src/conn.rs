@@ -60,7 +60,12 @@ enum HeadOutcome {
 enum BodyOutcome {
     /// The body is `read[start..end]` (Content-Length) or `chunked_body` (chunked); the
     /// request occupied `read[..consumed]`.
-    Ready { start: usize, end: usize, chunked: bool, consumed: usize },
+    Ready {
+        start: usize,
+        end: usize,
+        chunked: bool,
+        consumed: usize,
+    },
     Invalid(H1Error),
     TimedOut,
     Io,
@@ -88,16 +93,22 @@ pub(crate) async fn serve<S: Service>(
             HeadOutcome::Ready => {}
             HeadOutcome::Closed | HeadOutcome::Io => return,
             HeadOutcome::TimedOut => {
-                let err = ApiError::downstream(408, "request_timeout", "request head not received in time");
+                let err = ApiError::downstream(
+                    408,
+                    "request_timeout",
+                    "request head not received in time",
+                );
                 let style = ApiStyle::sniff(&bufs.read);
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
+                let _ =
+                    respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
                 ctx.log_error(id, peer, 408, started);
                 return;
             }
             HeadOutcome::Invalid(e) => {
                 let style = ApiStyle::sniff(&bufs.read);
                 let status = e.status();
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style).await;
+                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style)
+                    .await;
                 ctx.log_error(id, peer, status, started);
                 return;
             }
@@ -105,18 +116,29 @@ pub(crate) async fn serve<S: Service>(
 
         let body = read_body(&mut stream, &mut bufs, &settings).await;
         let (start, end, chunked, consumed) = match body {
-            BodyOutcome::Ready { start, end, chunked, consumed } => (start, end, chunked, consumed),
+            BodyOutcome::Ready {
+                start,
+                end,
+                chunked,
+                consumed,
+            } => (start, end, chunked, consumed),
             BodyOutcome::Invalid(e) => {
                 let style = ApiStyle::for_path(path_of(&bufs));
                 let status = e.status();
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style).await;
+                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style)
+                    .await;
                 ctx.log_error(id, peer, status, started);
                 return;
             }
             BodyOutcome::TimedOut => {
-                let err = ApiError::downstream(408, "request_timeout", "request body not received in time");
+                let err = ApiError::downstream(
+                    408,
+                    "request_timeout",
+                    "request body not received in time",
+                );
                 let style = ApiStyle::for_path(path_of(&bufs));
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
+                let _ =
+                    respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
                 ctx.log_error(id, peer, 408, started);
                 return;
             }
@@ -124,7 +146,11 @@ pub(crate) async fn serve<S: Service>(
         };
 
         let response = {
-            let body = if chunked { &bufs.chunked_body[..] } else { &bufs.read[start..end] };
+            let body = if chunked {
+                &bufs.chunked_body[..]
+            } else {
+                &bufs.read[start..end]
+            };
             let req = Request::new(id, peer, &bufs.index, &bufs.read, body);
             service.call(&req).await
         };
@@ -135,7 +161,15 @@ pub(crate) async fn serve<S: Service>(
         let written = write_out(&mut stream, &mut bufs.out, settings.write_timeout).await;
         ctx.finish_request();
         if settings.access_log {
-            access_log(id, peer, &bufs, response.status, consumed, bytes_out, started);
+            access_log(
+                id,
+                peer,
+                &bufs,
+                response.status,
+                consumed,
+                bytes_out,
+                started,
+            );
         }
         if written.is_err() || !keep_alive {
             return;
@@ -252,7 +286,11 @@ fn try_parse(
             return Err(H1Error::RequestLineTooLong);
         }
         if buf.len() >= limits.max_head_bytes {
-            return Err(if any_lf { H1Error::HeadTooLarge } else { H1Error::RequestLineTooLong });
+            return Err(if any_lf {
+                H1Error::HeadTooLarge
+            } else {
+                H1Error::RequestLineTooLong
+            });
         }
         return Ok(false);
     }
@@ -266,21 +304,34 @@ fn try_parse(
     }
 }
 
-async fn read_body(stream: &mut TcpStream, bufs: &mut ConnBufs, settings: &Settings) -> BodyOutcome {
+async fn read_body(
+    stream: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    settings: &Settings,
+) -> BodyOutcome {
     let head_len = bufs.index.head_len;
-    let needs_body = !matches!(bufs.index.framing, BodyFraming::None | BodyFraming::Length(0));
+    let needs_body = !matches!(
+        bufs.index.framing,
+        BodyFraming::None | BodyFraming::Length(0)
+    );
     // RFC 9110 §10.1.1: send 100 Continue only if no body byte has been received yet.
     if bufs.index.expect_continue && needs_body && bufs.read.len() == head_len {
         bufs.out.clear();
         bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        if write_out(stream, &mut bufs.out, settings.write_timeout).await.is_err() {
+        if write_out(stream, &mut bufs.out, settings.write_timeout)
+            .await
+            .is_err()
+        {
             return BodyOutcome::Io;
         }
     }
     match bufs.index.framing {
-        BodyFraming::None => {
-            BodyOutcome::Ready { start: head_len, end: head_len, chunked: false, consumed: head_len }
-        }
+        BodyFraming::None => BodyOutcome::Ready {
+            start: head_len,
+            end: head_len,
+            chunked: false,
+            consumed: head_len,
+        },
         BodyFraming::Length(n) => {
             // `n` is bounded by `max_body_bytes` (checked by the parser).
             let end = head_len + n as usize;
@@ -295,7 +346,12 @@ async fn read_body(stream: &mut TcpStream, bufs: &mut ConnBufs, settings: &Setti
                     ReadResult::Eof | ReadResult::Io => return BodyOutcome::Io,
                 }
             }
-            BodyOutcome::Ready { start: head_len, end, chunked: false, consumed: end }
+            BodyOutcome::Ready {
+                start: head_len,
+                end,
+                chunked: false,
+                consumed: end,
+            }
         }
         BodyFraming::Chunked => {
             let mut decoder = ChunkedDecoder::new(&settings.limits);
@@ -390,7 +446,10 @@ fn encode_response(
     for (name, value) in &r.headers {
         head = head.header(name, value);
     }
-    head = head.header("connection", if keep_alive { b"keep-alive" } else { b"close" });
+    head = head.header(
+        "connection",
+        if keep_alive { b"keep-alive" } else { b"close" },
+    );
     head.finish();
     if !is_head {
         out.extend_from_slice(&r.body);
@@ -447,7 +506,9 @@ async fn linger(stream: &mut TcpStream) {
 impl ApiStyle {
     /// The style for a request whose head did not parse: look at the request line's target.
     pub(crate) fn sniff(buf: &[u8]) -> Self {
-        let line_end = memchr::memchr(b'\n', buf).unwrap_or(buf.len()).min(8 * 1024);
+        let line_end = memchr::memchr(b'\n', buf)
+            .unwrap_or(buf.len())
+            .min(8 * 1024);
         let line = &buf[..line_end];
         let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
         Self::for_path(std::str::from_utf8(target).unwrap_or(""))

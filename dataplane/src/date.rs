@@ -11,7 +11,10 @@ pub struct DateCache {
 
 impl DateCache {
     pub fn new() -> Self {
-        let mut c = Self { second: u64::MAX, value: [b' '; 29] };
+        let mut c = Self {
+            second: u64::MAX,
+            value: [b' '; 29],
+        };
         c.get();
         c
     }

@@ -20,11 +20,22 @@ impl Service for DemoService {
             ("POST", "/v1/chat/completions") => chat_completion(req),
             ("POST", "/v1/messages") => anthropic_message(req),
             ("GET" | "HEAD", "/v1/models") => models(),
-            (_, "/v1/chat/completions" | "/v1/messages" | "/v1/models") => {
-                Response::error(ApiError::downstream(405, "method_not_allowed", "method not allowed on this path"), style)
-                    .with_header("allow", if req.path_only() == "/v1/models" { "GET, HEAD" } else { "POST" })
-            }
-            _ => Response::error(ApiError::downstream(404, "not_found", "no such endpoint"), style),
+            (_, "/v1/chat/completions" | "/v1/messages" | "/v1/models") => Response::error(
+                ApiError::downstream(405, "method_not_allowed", "method not allowed on this path"),
+                style,
+            )
+            .with_header(
+                "allow",
+                if req.path_only() == "/v1/models" {
+                    "GET, HEAD"
+                } else {
+                    "POST"
+                },
+            ),
+            _ => Response::error(
+                ApiError::downstream(404, "not_found", "no such endpoint"),
+                style,
+            ),
         }
     }
 }
@@ -36,7 +47,11 @@ fn parse_json(req: &Request<'_>) -> Result<Value, Response> {
         .is_some_and(|v| v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/json"));
     if !is_json {
         return Err(Response::error(
-            ApiError::downstream(415, "unsupported_media_type", "request body must be application/json"),
+            ApiError::downstream(
+                415,
+                "unsupported_media_type",
+                "request body must be application/json",
+            ),
             style,
         ));
     }
@@ -51,7 +66,11 @@ fn parse_json(req: &Request<'_>) -> Result<Value, Response> {
 
 /// The text of the last user message: a string, or the text parts of a content array.
 fn last_user_text(messages: Option<&Value>) -> Option<String> {
-    let last = messages?.as_array()?.iter().rev().find(|m| m["role"] == "user")?;
+    let last = messages?
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")?;
     match &last["content"] {
         Value::String(s) => Some(s.clone()),
         Value::Array(parts) => Some(
@@ -76,10 +95,18 @@ fn chat_completion(req: &Request<'_>) -> Response {
         Err(r) => return r,
     };
     let Some(model) = body["model"].as_str() else {
-        return missing("model", "`model` is required and must be a string", ApiStyle::OpenAi);
+        return missing(
+            "model",
+            "`model` is required and must be a string",
+            ApiStyle::OpenAi,
+        );
     };
     let Some(text) = last_user_text(body.get("messages")) else {
-        return missing("messages", "`messages` must contain a user message", ApiStyle::OpenAi);
+        return missing(
+            "messages",
+            "`messages` must contain a user message",
+            ApiStyle::OpenAi,
+        );
     };
     let reply = format!("(demo) You said: {text}");
     let prompt_tokens = approx_tokens(&text);
@@ -112,10 +139,18 @@ fn anthropic_message(req: &Request<'_>) -> Response {
         return missing("model", "model: field required", ApiStyle::Anthropic);
     };
     if !body["max_tokens"].is_u64() {
-        return missing("max_tokens", "max_tokens: field required", ApiStyle::Anthropic);
+        return missing(
+            "max_tokens",
+            "max_tokens: field required",
+            ApiStyle::Anthropic,
+        );
     }
     let Some(text) = last_user_text(body.get("messages")) else {
-        return missing("messages", "messages: must contain a user message", ApiStyle::Anthropic);
+        return missing(
+            "messages",
+            "messages: must contain a user message",
+            ApiStyle::Anthropic,
+        );
     };
     let reply = format!("(demo) You said: {text}");
     let out = json!({

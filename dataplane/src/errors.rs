@@ -46,11 +46,21 @@ pub struct ApiError {
 
 impl ApiError {
     pub const fn downstream(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self { status, code, message, source: ErrorSource::Downstream }
+        Self {
+            status,
+            code,
+            message,
+            source: ErrorSource::Downstream,
+        }
     }
 
     pub const fn internal(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self { status, code, message, source: ErrorSource::Internal }
+        Self {
+            status,
+            code,
+            message,
+            source: ErrorSource::Internal,
+        }
     }
 
     /// The OpenAI `type` for this status.
@@ -178,8 +188,14 @@ mod tests {
     #[test]
     fn style_by_path() {
         assert_eq!(ApiStyle::for_path("/v1/messages"), ApiStyle::Anthropic);
-        assert_eq!(ApiStyle::for_path("/v1/messages?beta=true"), ApiStyle::Anthropic);
-        assert_eq!(ApiStyle::for_path("/v1/messages/count_tokens"), ApiStyle::Anthropic);
+        assert_eq!(
+            ApiStyle::for_path("/v1/messages?beta=true"),
+            ApiStyle::Anthropic
+        );
+        assert_eq!(
+            ApiStyle::for_path("/v1/messages/count_tokens"),
+            ApiStyle::Anthropic
+        );
         assert_eq!(ApiStyle::for_path("/v1/messagesx"), ApiStyle::OpenAi);
         assert_eq!(ApiStyle::for_path("/v1/chat/completions"), ApiStyle::OpenAi);
     }

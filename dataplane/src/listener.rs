@@ -8,7 +8,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// Binds `count` sockets to `addr`. When `addr` has port 0 the first socket picks the port
 /// and the others join it, so every worker serves the same port.
-pub fn bind_reuseport(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<TcpListener>> {
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
@@ -33,11 +37,14 @@ fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpL
         socket.set_reuse_port(true)?;
     }
     if addr.is_ipv6() {
-        socket.set_only_v6(false).or_else(|_| Ok::<_, io::Error>(()))?;
+        // Dual-stack where the system allows it; an IPv6-only system keeps v6 only.
+        let _ = socket.set_only_v6(false);
     }
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
-    socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
 }

@@ -51,7 +51,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let _log_guard = init_logging(&config.log.level);
     // Register before starting so a signal that arrives during start is not lost.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let server = dataplane::server::start(config)?;
     for signal in signals.forever() {
         match signal {
@@ -59,7 +60,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(new) => {
                     server.reload(new);
                 }
-                Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused; keeping the running configuration")
+                }
             },
             _ => break,
         }

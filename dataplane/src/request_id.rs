@@ -51,7 +51,10 @@ impl RequestIdGen {
                 .map_or(0, |d| d.as_nanos() as u64);
             seed = t.to_le_bytes();
         }
-        Self { prefix: u64::from_le_bytes(seed), counter: 0 }
+        Self {
+            prefix: u64::from_le_bytes(seed),
+            counter: 0,
+        }
     }
 
     pub fn next_id(&mut self) -> RequestId {
@@ -87,7 +90,10 @@ mod tests {
         let b = g.next_id();
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 32);
-        assert!(a.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_eq!(&a.as_str()[..16], &b.as_str()[..16]);
         assert!(b.as_str().ends_with("0000000000000002"));
     }

@@ -50,7 +50,11 @@ pub fn legacy_forced_by_env() -> bool {
 /// Builds the runtime for the calling thread. The ring must be built on the thread that uses
 /// it (SINGLE_ISSUER).
 pub fn build(choice: DriverChoice) -> std::io::Result<(WorkerRuntime, DriverKind)> {
-    let choice = if legacy_forced_by_env() { DriverChoice::Epoll } else { choice };
+    let choice = if legacy_forced_by_env() {
+        DriverChoice::Epoll
+    } else {
+        choice
+    };
     if choice != DriverChoice::Epoll {
         let mut tuned = io_uring::IoUring::builder();
         tuned.setup_coop_taskrun().setup_single_issuer();
@@ -61,7 +65,9 @@ pub fn build(choice: DriverChoice) -> std::io::Result<(WorkerRuntime, DriverKind
             .build();
         match attempt {
             Ok(rt) => return Ok((rt.into(), DriverKind::IoUringTuned)),
-            Err(e) => tracing::debug!(error = %e, "io_uring with COOP_TASKRUN|SINGLE_ISSUER unavailable"),
+            Err(e) => {
+                tracing::debug!(error = %e, "io_uring with COOP_TASKRUN|SINGLE_ISSUER unavailable")
+            }
         }
         let attempt = RuntimeBuilder::<IoUringDriver>::new()
             .with_entries(RING_ENTRIES)
@@ -73,6 +79,8 @@ pub fn build(choice: DriverChoice) -> std::io::Result<(WorkerRuntime, DriverKind
             Err(e) => tracing::warn!(error = %e, "io_uring unavailable, falling back to epoll"),
         }
     }
-    let rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build()?;
+    let rt = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
     Ok((rt.into(), DriverKind::Epoll))
 }

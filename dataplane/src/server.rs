@@ -100,9 +100,14 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let settings = Arc::new(SharedSettings::new(&config));
     let shutdown = Arc::new(Shutdown::default());
     let admin_stop = Arc::new(Shutdown::default());
-    let statuses: Arc<[Arc<WorkerStatus>]> =
-        (0..workers).map(|_| Arc::new(WorkerStatus::default())).collect();
-    let cores = if config.server.pin_workers { core_affinity::get_core_ids() } else { None };
+    let statuses: Arc<[Arc<WorkerStatus>]> = (0..workers)
+        .map(|_| Arc::new(WorkerStatus::default()))
+        .collect();
+    let cores = if config.server.pin_workers {
+        core_affinity::get_core_ids()
+    } else {
+        None
+    };
     let drain = config.timeouts.shutdown_drain;
 
     let (tx, rx) = mpsc::channel();
@@ -110,7 +115,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     for (index, l) in listeners.into_iter().enumerate() {
         let spec = WorkerSpec {
             index,
-            core: cores.as_ref().filter(|c| !c.is_empty()).map(|c| c[index % c.len()]),
+            core: cores
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| c[index % c.len()]),
             listener: l,
             driver: config.server.driver,
             settings: Arc::clone(&settings),
@@ -174,6 +182,11 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         workers,
         drivers = ?drivers.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         "listening"
+    );
+    tracing::info!(
+        "serving the built-in demo provider; try: curl -s http://{addr}/v1/chat/completions \
+         -H 'content-type: application/json' \
+         -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
     );
     Ok(ServerHandle {
         addr,

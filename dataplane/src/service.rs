@@ -25,7 +25,13 @@ impl<'a> Request<'a> {
         buf: &'a [u8],
         body: &'a [u8],
     ) -> Self {
-        Self { id, peer, index, buf, body }
+        Self {
+            id,
+            peer,
+            index,
+            buf,
+            body,
+        }
     }
 
     pub fn method(&self) -> &'a str {
@@ -58,7 +64,10 @@ impl<'a> Request<'a> {
 
     pub fn headers(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
         let buf = self.buf;
-        self.index.fields.iter().map(move |f: &FieldSpan| (f.name.get(buf), f.value.get(buf)))
+        self.index
+            .fields
+            .iter()
+            .map(move |f: &FieldSpan| (f.name.get(buf), f.value.get(buf)))
     }
 
     pub fn api_style(&self) -> ApiStyle {
@@ -81,7 +90,13 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Self { status, content_type: "application/json", body, headers: Vec::new(), close: false }
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+            headers: Vec::new(),
+            close: false,
+        }
     }
 
     pub fn error(err: ApiError, style: ApiStyle) -> Self {

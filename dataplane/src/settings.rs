@@ -61,7 +61,8 @@ impl SharedSettings {
     /// Publishes settings from an already validated config; returns the new generation.
     pub fn publish(&self, c: &Config) -> u64 {
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        self.current.store(Arc::new(Settings::from_config(c, generation)));
+        self.current
+            .store(Arc::new(Settings::from_config(c, generation)));
         self.generation.store(generation, Ordering::Release);
         generation
     }

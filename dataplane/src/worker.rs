@@ -107,17 +107,23 @@ impl WorkerCtx {
     pub(crate) fn finish_request(&self) {
         self.status.requests.fetch_add(1, Ordering::Relaxed);
         let generation = self.settings.current().generation;
-        self.status.settings_generation.store(generation, Ordering::Relaxed);
+        self.status
+            .settings_generation
+            .store(generation, Ordering::Relaxed);
     }
 
     fn conn_opened(&self) {
         self.open.set(self.open.get() + 1);
-        self.status.connections.store(self.open.get(), Ordering::Relaxed);
+        self.status
+            .connections
+            .store(self.open.get(), Ordering::Relaxed);
     }
 
     fn conn_closed(&self) {
         self.open.set(self.open.get().saturating_sub(1));
-        self.status.connections.store(self.open.get(), Ordering::Relaxed);
+        self.status
+            .connections
+            .store(self.open.get(), Ordering::Relaxed);
     }
 
     pub(crate) fn log_error(&self, id: RequestId, peer: SocketAddr, status: u16, started: Instant) {
@@ -149,20 +155,30 @@ pub struct WorkerSpec {
 
 /// Runs a worker on the calling thread until shutdown has drained. `started` receives the
 /// driver it got, or why it could not start.
-pub fn run<S, F>(spec: WorkerSpec, make_service: F, started: std::sync::mpsc::Sender<Result<DriverKind, String>>)
-where
+pub fn run<S, F>(
+    spec: WorkerSpec,
+    make_service: F,
+    started: std::sync::mpsc::Sender<Result<DriverKind, String>>,
+) where
     S: Service + 'static,
     F: FnOnce(&WorkerCtx) -> S,
 {
     if let Some(core) = spec.core {
         if !core_affinity::set_for_current(core) {
-            tracing::warn!(worker = spec.index, core = core.id, "could not pin worker to its core");
+            tracing::warn!(
+                worker = spec.index,
+                core = core.id,
+                "could not pin worker to its core"
+            );
         }
     }
     let (mut rt, driver) = match runtime::build(spec.driver) {
         Ok(v) => v,
         Err(e) => {
-            let _ = started.send(Err(format!("worker {}: cannot build runtime: {e}", spec.index)));
+            let _ = started.send(Err(format!(
+                "worker {}: cannot build runtime: {e}",
+                spec.index
+            )));
             return;
         }
     };
@@ -181,7 +197,9 @@ where
         let listener = match monoio::net::TcpListener::from_std(spec.listener) {
             Ok(l) => l,
             Err(e) => {
-                let _ = started.send(Err(format!("worker {index}: cannot register listener: {e}")));
+                let _ = started.send(Err(format!(
+                    "worker {index}: cannot register listener: {e}"
+                )));
                 return;
             }
         };
@@ -231,6 +249,10 @@ async fn drain_connections(ctx: &WorkerCtx, drain: Duration) {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
     if ctx.open.get() > 0 {
-        tracing::warn!(worker = ctx.index, open = ctx.open.get(), "drain deadline passed with connections open");
+        tracing::warn!(
+            worker = ctx.index,
+            open = ctx.open.get(),
+            "drain deadline passed with connections open"
+        );
     }
 }

@@ -60,7 +60,9 @@ impl Gateway {
 
     pub fn start_with(config: Config) -> Self {
         let handle = dataplane::server::start(config).expect("gateway starts");
-        Self { handle: Some(handle) }
+        Self {
+            handle: Some(handle),
+        }
     }
 
     pub fn handle(&self) -> &ServerHandle {
@@ -119,13 +121,18 @@ impl Resp {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// Whether the server said it will close the connection.
     pub fn closes(&self) -> bool {
-        self.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
     }
 }
 
@@ -141,7 +148,12 @@ pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Re
             let hs: Vec<(String, String)> = r
                 .headers
                 .iter()
-                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
                 .collect();
             let len: usize = hs
                 .iter()
@@ -157,7 +169,11 @@ pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Re
             }
             let body = pending[n..n + len].to_vec();
             pending.drain(..n + len);
-            return Some(Resp { status, headers: hs, body });
+            return Some(Resp {
+                status,
+                headers: hs,
+                body,
+            });
         }
         let got = match stream.read(&mut chunk) {
             Ok(0) | Err(_) => return None,
@@ -195,7 +211,10 @@ pub const CHAT_BODY: &str = r#"{"model":"demo","messages":[{"role":"user","conte
 
 /// GET on the admin listener.
 pub fn admin_get(addr: SocketAddr, path: &str) -> Resp {
-    exchange(addr, format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
 }
 
 /// Polls `f` until it is true or `timeout` passes.
@@ -256,14 +275,25 @@ impl GatewayProcess {
         wait_until(Duration::from_secs(20), || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             addrs = text.lines().find(|l| l.contains(" listening ")).map(|l| {
-                (field(l, "addr=").parse().unwrap(), field(l, "admin=").parse().unwrap())
+                (
+                    field(l, "addr=").parse().unwrap(),
+                    field(l, "admin=").parse().unwrap(),
+                )
             });
             addrs.is_some()
         });
         let (addr, admin_addr) = addrs.unwrap_or_else(|| {
-            panic!("no listening line: {}", std::fs::read_to_string(&log).unwrap_or_default())
+            panic!(
+                "no listening line: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
         });
-        Self { child, addr, admin_addr, stderr_log: log }
+        Self {
+            child,
+            addr,
+            admin_addr,
+            stderr_log: log,
+        }
     }
 
     pub fn signal(&self, sig: i32) {
@@ -307,7 +337,11 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 /// A fresh scratch directory under the target dir.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().join("e2e-scratch").join(format!("{name}-{}", std::process::id()));
+    let dir = exe
+        .parent()
+        .unwrap()
+        .join("e2e-scratch")
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

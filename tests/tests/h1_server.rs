@@ -16,28 +16,38 @@ both_drivers!(answers_a_chat_request_with_request_id_and_date, |driver| {
     assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")));
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["choices"][0]["message"]["content"], "(demo) You said: hello");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "(demo) You said: hello"
+    );
     assert_eq!(v["id"], format!("chatcmpl-{id}"));
 });
 
-both_drivers!(keep_alive_serves_many_requests_on_one_connection, |driver| {
-    let gw = Gateway::start(driver);
-    let mut s = gw.connect();
-    let mut pending = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        let body = format!(r#"{{"model":"demo","messages":[{{"role":"user","content":"n{i}"}}]}}"#);
-        s.write_all(&chat_request(&body)).unwrap();
-        let r = read_response(&mut s, &mut pending).expect("response");
-        assert_eq!(r.status, 200);
-        assert!(!r.closes());
-        assert_eq!(r.json()["choices"][0]["message"]["content"], format!("(demo) You said: n{i}"));
-        ids.push(r.header("x-request-id").unwrap().to_string());
+both_drivers!(
+    keep_alive_serves_many_requests_on_one_connection,
+    |driver| {
+        let gw = Gateway::start(driver);
+        let mut s = gw.connect();
+        let mut pending = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let body =
+                format!(r#"{{"model":"demo","messages":[{{"role":"user","content":"n{i}"}}]}}"#);
+            s.write_all(&chat_request(&body)).unwrap();
+            let r = read_response(&mut s, &mut pending).expect("response");
+            assert_eq!(r.status, 200);
+            assert!(!r.closes());
+            assert_eq!(
+                r.json()["choices"][0]["message"]["content"],
+                format!("(demo) You said: n{i}")
+            );
+            ids.push(r.header("x-request-id").unwrap().to_string());
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 20, "every request gets its own id");
     }
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 20, "every request gets its own id");
-});
+);
 
 both_drivers!(pipelined_requests_are_answered_in_order, |driver| {
     let gw = Gateway::start(driver);
@@ -52,7 +62,10 @@ both_drivers!(pipelined_requests_are_answered_in_order, |driver| {
     let mut pending = Vec::new();
     for i in 0..10 {
         let r = read_response(&mut s, &mut pending).expect("response");
-        assert_eq!(r.json()["choices"][0]["message"]["content"], format!("(demo) You said: p{i}"));
+        assert_eq!(
+            r.json()["choices"][0]["message"]["content"],
+            format!("(demo) You said: p{i}")
+        );
     }
     let r = read_response(&mut s, &mut pending).expect("models");
     assert_eq!(r.json()["data"][0]["id"], "demo");
@@ -76,7 +89,10 @@ both_drivers!(chunked_request_body_is_decoded, |driver| {
     }
     let r = read_response(&mut s, &mut Vec::new()).expect("response");
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["choices"][0]["message"]["content"], "(demo) You said: hello");
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "(demo) You said: hello"
+    );
     // The connection stays usable after a chunked request.
     s.write_all(&chat_request(CHAT_BODY)).unwrap();
     assert_eq!(read_response(&mut s, &mut Vec::new()).unwrap().status, 200);
@@ -110,7 +126,8 @@ both_drivers!(http10_clients_are_served_and_closed, |driver| {
     let mut s = gw.connect();
     let mut pending = Vec::new();
     for _ in 0..2 {
-        s.write_all(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap();
         let r = read_response(&mut s, &mut pending).expect("response");
         assert_eq!(r.status, 200);
         assert!(!r.closes());
@@ -124,11 +141,23 @@ fn expect_rejected(gw: &Gateway, raw: &[u8], status: u16, code: &str) {
     s.write_all(raw).unwrap();
     let r = read_response(&mut s, &mut Vec::new())
         .unwrap_or_else(|| panic!("no response to {:?}", String::from_utf8_lossy(raw)));
-    assert_eq!(r.status, status, "{:?} → {:?}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        status,
+        "{:?} → {:?}",
+        String::from_utf8_lossy(raw),
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(r.json()["error"]["code"], code);
-    assert!(r.header("x-request-id").is_some(), "errors carry x-request-id too");
+    assert!(
+        r.header("x-request-id").is_some(),
+        "errors carry x-request-id too"
+    );
     assert!(r.closes());
-    assert!(is_closed(&mut s, Duration::from_secs(5)), "connection must be closed after {code}");
+    assert!(
+        is_closed(&mut s, Duration::from_secs(5)),
+        "connection must be closed after {code}"
+    );
 }
 
 both_drivers!(framing_errors_are_answered_and_closed, |driver| {
@@ -156,7 +185,10 @@ both_drivers!(framing_errors_are_answered_and_closed, |driver| {
     }
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: gw\r\n\r\n", "a".repeat(20_000));
     expect_rejected(&gw, long_target.as_bytes(), 414, "uri_too_long");
-    let big_head = format!("GET / HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n", "b".repeat(70_000));
+    let big_head = format!(
+        "GET / HTTP/1.1\r\nHost: gw\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(70_000)
+    );
     expect_rejected(&gw, big_head.as_bytes(), 431, "header_section_too_large");
     let mut many = String::from("GET / HTTP/1.1\r\nHost: gw\r\n");
     for i in 0..120 {
@@ -168,7 +200,12 @@ both_drivers!(framing_errors_are_answered_and_closed, |driver| {
 
 both_drivers!(nul_in_a_header_value_is_refused, |driver| {
     let gw = Gateway::start(driver);
-    expect_rejected(&gw, b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX: a\0b\r\n\r\n", 400, "bad_header");
+    expect_rejected(
+        &gw,
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX: a\0b\r\n\r\n",
+        400,
+        "bad_header",
+    );
 });
 
 both_drivers!(anthropic_paths_get_anthropic_errors, |driver| {
@@ -193,7 +230,9 @@ both_drivers!(body_limit_applies_to_chunked_bodies, |driver| {
     let mut c = test_config(driver);
     c.limits.max_body_bytes = 1024;
     let gw = Gateway::start_with(c);
-    let mut raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut raw =
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
     for _ in 0..3 {
         raw.extend_from_slice(b"200\r\n");
         raw.extend_from_slice(&[b'x'; 0x200]);
@@ -207,7 +246,8 @@ both_drivers!(slow_head_gets_408_and_is_closed, |driver| {
     c.timeouts.head_read = Duration::from_millis(300);
     let gw = Gateway::start_with(c);
     let mut s = gw.connect();
-    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n").unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n")
+        .unwrap();
     // Keep trickling bytes: the deadline runs from the first byte, not the last.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(100));
@@ -224,9 +264,13 @@ both_drivers!(idle_keep_alive_connections_are_closed, |driver| {
     c.timeouts.keepalive_idle = Duration::from_millis(200);
     let gw = Gateway::start_with(c);
     let mut s = gw.connect();
-    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .unwrap();
     assert_eq!(read_response(&mut s, &mut Vec::new()).unwrap().status, 200);
-    assert!(is_closed(&mut s, Duration::from_secs(5)), "idle connection closed");
+    assert!(
+        is_closed(&mut s, Duration::from_secs(5)),
+        "idle connection closed"
+    );
 });
 
 both_drivers!(slow_body_gets_408, |driver| {
@@ -234,7 +278,8 @@ both_drivers!(slow_body_gets_408, |driver| {
     c.timeouts.body_read_idle = Duration::from_millis(200);
     let gw = Gateway::start_with(c);
     let mut s = gw.connect();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{").unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
     let r = read_response(&mut s, &mut Vec::new()).expect("408");
     assert_eq!(r.status, 408);
 });
@@ -244,10 +289,16 @@ both_drivers!(bad_json_and_unknown_paths_are_api_errors, |driver| {
     let r = exchange(gw.addr(), &chat_request("{not json"));
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "invalid_json");
-    assert!(!r.closes(), "a well-framed bad request keeps the connection");
+    assert!(
+        !r.closes(),
+        "a well-framed bad request keeps the connection"
+    );
     let r = exchange(gw.addr(), b"GET /nope HTTP/1.1\r\nHost: gw\r\n\r\n");
     assert_eq!(r.status, 404);
-    let r = exchange(gw.addr(), b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\r\n");
+    let r = exchange(
+        gw.addr(),
+        b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\r\n",
+    );
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("POST"));
 });
@@ -255,7 +306,10 @@ both_drivers!(bad_json_and_unknown_paths_are_api_errors, |driver| {
 both_drivers!(head_requests_get_headers_only, |driver| {
     let gw = Gateway::start(driver);
     let mut s = gw.connect();
-    s.write_all(b"HEAD /v1/models HTTP/1.1\r\nHost: gw\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
+    s.write_all(
+        b"HEAD /v1/models HTTP/1.1\r\nHost: gw\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n",
+    )
+    .unwrap();
     // The HEAD response announces a length but carries no body: the next bytes on the wire
     // are the GET's response.
     let mut pending = Vec::new();
@@ -310,8 +364,12 @@ both_drivers!(graceful_shutdown_finishes_in_flight_requests, |driver| {
     busy.write_all(&raw[..split]).unwrap();
     // An idle keep-alive connection.
     let mut idle = gw.connect();
-    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut idle, &mut Vec::new()).unwrap().status, 200);
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        read_response(&mut idle, &mut Vec::new()).unwrap().status,
+        200
+    );
     std::thread::sleep(Duration::from_millis(100));
 
     gw.handle().begin_shutdown();
@@ -320,13 +378,19 @@ both_drivers!(graceful_shutdown_finishes_in_flight_requests, |driver| {
     assert!(wait_until(Duration::from_secs(5), || {
         std::net::TcpStream::connect(admin).is_err() || admin_get(admin, "/readyz").status == 503
     }));
-    assert!(is_closed(&mut idle, Duration::from_secs(5)), "idle connections close at shutdown");
+    assert!(
+        is_closed(&mut idle, Duration::from_secs(5)),
+        "idle connections close at shutdown"
+    );
     busy.write_all(&raw[split..]).unwrap();
     let r = read_response(&mut busy, &mut Vec::new()).expect("in-flight request completes");
     assert_eq!(r.status, 200);
     assert!(r.closes(), "responses during drain close the connection");
     stopper.join().unwrap();
-    assert!(std::net::TcpStream::connect(addr).is_err(), "no longer accepting");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "no longer accepting"
+    );
 });
 
 both_drivers!(reload_applies_new_limits_to_new_requests, |driver| {

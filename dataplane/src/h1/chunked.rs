@@ -104,23 +104,35 @@ impl ChunkedDecoder {
             self.step(input[i])?;
             i += 1;
         }
-        Ok(ChunkedProgress { consumed: i, done: self.state == State::Done })
+        Ok(ChunkedProgress {
+            consumed: i,
+            done: self.state == State::Done,
+        })
     }
 
     fn step(&mut self, b: u8) -> Result<(), H1Error> {
         use State::*;
         if matches!(
             self.state,
-            ExtBws | ExtBeforeName | ExtName | ExtAfterName | ExtBeforeValue | ExtToken
-                | ExtQuoted | ExtQuotedEscape | ExtAfterQuoted
+            ExtBws
+                | ExtBeforeName
+                | ExtName
+                | ExtAfterName
+                | ExtBeforeValue
+                | ExtToken
+                | ExtQuoted
+                | ExtQuotedEscape
+                | ExtAfterQuoted
         ) {
             self.ext_bytes += 1;
             if self.ext_bytes > self.max_ext {
                 return Err(H1Error::ChunkExtensionTooLong);
             }
         }
-        if matches!(self.state, TrailerLineStart | TrailerName | TrailerValue | TrailerLf | FinalLf)
-        {
+        if matches!(
+            self.state,
+            TrailerLineStart | TrailerName | TrailerValue | TrailerLf | FinalLf
+        ) {
             self.trailer_bytes += 1;
             if self.trailer_bytes > self.max_trailer {
                 return Err(H1Error::TrailerTooLarge);
@@ -172,11 +184,16 @@ impl ChunkedDecoder {
             (ExtAfterQuoted, b'\r') => SizeLf,
             (ExtQuoted, b'\\') => ExtQuotedEscape,
             (ExtQuoted, _) if is_qdtext(b) => ExtQuoted,
-            (ExtQuotedEscape, _) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+            (ExtQuotedEscape, _)
+                if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 =>
+            {
                 ExtQuoted
             }
-            (ExtBws | ExtBeforeName | ExtName | ExtAfterName | ExtBeforeValue | ExtToken
-                | ExtQuoted | ExtQuotedEscape | ExtAfterQuoted, _) => return Err(H1Error::BadChunkExtension),
+            (
+                ExtBws | ExtBeforeName | ExtName | ExtAfterName | ExtBeforeValue | ExtToken
+                | ExtQuoted | ExtQuotedEscape | ExtAfterQuoted,
+                _,
+            ) => return Err(H1Error::BadChunkExtension),
 
             (SizeLf, b'\n') => {
                 if self.size == 0 {
@@ -260,7 +277,8 @@ mod tests {
 
     #[test]
     fn decodes_chunks_and_stops_at_the_end() {
-        let (body, used) = decode_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nNEXT").expect("valid");
+        let (body, used) =
+            decode_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\nNEXT").expect("valid");
         assert_eq!(body, b"hello world");
         assert_eq!(used, 26);
     }
@@ -287,9 +305,21 @@ mod tests {
 
     #[test]
     fn malformed_sizes_are_refused() {
-        for input in [&b"\r\n"[..], b"x\r\n", b"-1\r\n", b"+1\r\n", b"0x5\r\n", b" 5\r\n", b";a\r\n"]
-        {
-            assert_eq!(decode_err(input), H1Error::BadChunkSize, "{:?}", String::from_utf8_lossy(input));
+        for input in [
+            &b"\r\n"[..],
+            b"x\r\n",
+            b"-1\r\n",
+            b"+1\r\n",
+            b"0x5\r\n",
+            b" 5\r\n",
+            b";a\r\n",
+        ] {
+            assert_eq!(
+                decode_err(input),
+                H1Error::BadChunkSize,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -304,7 +334,10 @@ mod tests {
 
     #[test]
     fn body_limit_counts_all_chunks() {
-        let limits = Limits { max_body_bytes: 8, ..Limits::default() };
+        let limits = Limits {
+            max_body_bytes: 8,
+            ..Limits::default()
+        };
         let mut d = ChunkedDecoder::new(&limits);
         let r = d.decode(b"5\r\nhello\r\n5\r\nworld\r\n", &mut Vec::new());
         assert_eq!(r, Err(H1Error::BodyTooLarge));
@@ -346,7 +379,7 @@ mod tests {
     #[test]
     fn extension_length_is_bounded() {
         let mut input = b"1;a=".to_vec();
-        input.extend(std::iter::repeat(b'b').take(2000));
+        input.extend(std::iter::repeat_n(b'b', 2000));
         assert_eq!(decode_err(&input), H1Error::ChunkExtensionTooLong);
     }
 
@@ -354,7 +387,10 @@ mod tests {
     fn bare_line_endings_in_framing_are_refused() {
         assert_eq!(decode_err(b"5\nhello\r\n"), H1Error::BadChunkSize);
         assert_eq!(decode_err(b"5\r\rhello\r\n"), H1Error::BareLineEnding);
-        assert_eq!(decode_err(b"5\r\nhello\n0\r\n\r\n"), H1Error::BadChunkFraming);
+        assert_eq!(
+            decode_err(b"5\r\nhello\n0\r\n\r\n"),
+            H1Error::BadChunkFraming
+        );
         assert_eq!(decode_err(b"5\r\nhelloX\r\n"), H1Error::BadChunkFraming);
         assert_eq!(decode_err(b"0\r\n\n"), H1Error::BadTrailer);
         assert_eq!(decode_err(b"0\r\nA: b\n\r\n"), H1Error::BadTrailer);
@@ -366,7 +402,10 @@ mod tests {
         assert_eq!(decode_err(b"0\r\nBad Name: x\r\n\r\n"), H1Error::BadTrailer);
         assert_eq!(decode_err(b"0\r\n continued\r\n\r\n"), H1Error::BadTrailer);
         assert_eq!(decode_err(b"0\r\nA: b\0\r\n\r\n"), H1Error::BadTrailer);
-        let limits = Limits { max_trailer_bytes: 16, ..Limits::default() };
+        let limits = Limits {
+            max_trailer_bytes: 16,
+            ..Limits::default()
+        };
         let mut d = ChunkedDecoder::new(&limits);
         let r = d.decode(b"0\r\nA: 0123456789abcdef\r\n\r\n", &mut Vec::new());
         assert_eq!(r, Err(H1Error::TrailerTooLarge));

@@ -22,11 +22,15 @@ impl Span {
         let start = (part.as_ptr() as usize).saturating_sub(base.as_ptr() as usize);
         debug_assert!(start + part.len() <= base.len(), "span outside its buffer");
         // Heads are bounded far below 4 GiB by `Limits::max_head_bytes`.
-        Self { start: start as u32, end: (start + part.len()) as u32 }
+        Self {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
     }
 
     pub fn get<'a>(&self, base: &'a [u8]) -> &'a [u8] {
-        base.get(self.start as usize..self.end as usize).unwrap_or_default()
+        base.get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {

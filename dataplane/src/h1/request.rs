@@ -108,7 +108,11 @@ pub fn parse_request_head<'h, 'b>(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(H1Error::BadRequestLine);
     };
-    let version = if minor == 0 { Version::Http10 } else { Version::Http11 };
+    let version = if minor == 0 {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
     let (path, target_authority) = split_target(method, target)?;
     let headers: &'h [httparse::Header<'b>] = req.headers;
     let fields = scan_fields(headers)?;
@@ -259,7 +263,11 @@ fn split_target<'b>(method: &str, target: &'b str) -> Result<(&'b str, Option<&'
         return Ok((target, None));
     }
     if target == "*" {
-        return if method == "OPTIONS" { Ok((target, None)) } else { Err(H1Error::BadTarget) };
+        return if method == "OPTIONS" {
+            Ok((target, None))
+        } else {
+            Err(H1Error::BadTarget)
+        };
     }
     let rest = strip_prefix_ignore_case(target, "http://")
         .or_else(|| strip_prefix_ignore_case(target, "https://"))
@@ -278,7 +286,8 @@ fn split_target<'b>(method: &str, target: &'b str) -> Result<(&'b str, Option<&'
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 /// uri-host [ ":" port ] (RFC 3986 §3.2.2): unreserved, pct-encoded, sub-delims, and the
@@ -288,8 +297,24 @@ fn valid_host(h: &[u8]) -> bool {
         b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
-                    | b'+' | b',' | b';' | b'=' | b':' | b'[' | b']'
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
             )
     })
 }
@@ -402,15 +427,17 @@ impl TeState {
         if !self.seen {
             return None;
         }
-        Some(if self.malformed || self.chunked_count > 1 || !self.last_is_chunked {
-            // RFC 9112 §6.3 rule 4: chunked not final (or repeated) → 400 and close.
-            Err(H1Error::BadTransferEncoding)
-        } else if self.other_codings {
-            // RFC 9112 §6.1: a coding we do not understand → 501.
-            Err(H1Error::UnsupportedTransferCoding)
-        } else {
-            Ok(())
-        })
+        Some(
+            if self.malformed || self.chunked_count > 1 || !self.last_is_chunked {
+                // RFC 9112 §6.3 rule 4: chunked not final (or repeated) → 400 and close.
+                Err(H1Error::BadTransferEncoding)
+            } else if self.other_codings {
+                // RFC 9112 §6.1: a coding we do not understand → 501.
+                Err(H1Error::UnsupportedTransferCoding)
+            } else {
+                Ok(())
+            },
+        )
     }
 }
 
@@ -433,7 +460,8 @@ mod tests {
 
     #[test]
     fn parses_a_simple_request_into_slices_of_the_buffer() {
-        let raw = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello";
+        let raw =
+            b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello";
         let mut storage = [httparse::EMPTY_HEADER; 100];
         let head = parse_request_head(raw, &mut storage, &Limits::default())
             .expect("valid")
@@ -448,7 +476,10 @@ mod tests {
         assert_eq!(&raw[head.head_len..], b"hello");
         let base = raw.as_ptr() as usize;
         let p = head.path.as_ptr() as usize;
-        assert!(p >= base && p < base + raw.len(), "path must point into the read buffer");
+        assert!(
+            p >= base && p < base + raw.len(),
+            "path must point into the read buffer"
+        );
     }
 
     #[test]
@@ -461,7 +492,10 @@ mod tests {
     #[test]
     fn leading_empty_line_is_tolerated() {
         // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request.
-        assert!(matches!(parse(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Some(_))));
+        assert!(matches!(
+            parse(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Some(_))
+        ));
     }
 
     #[test]
@@ -480,16 +514,33 @@ mod tests {
 
     #[test]
     fn malformed_content_length_is_refused() {
-        for v in ["+1", "-1", "0x10", "", "1.5", "5, 5", "1 2", "99999999999999999999", "١"] {
+        for v in [
+            "+1",
+            "-1",
+            "0x10",
+            "",
+            "1.5",
+            "5, 5",
+            "1 2",
+            "99999999999999999999",
+            "١",
+        ] {
             let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {v}\r\n\r\n");
-            assert_eq!(err(raw.as_bytes()), H1Error::BadContentLength, "value {v:?}");
+            assert_eq!(
+                err(raw.as_bytes()),
+                H1Error::BadContentLength,
+                "value {v:?}"
+            );
         }
     }
 
     #[test]
     fn content_length_accepts_surrounding_whitespace_and_leading_zeros() {
         let raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length:  007 \r\n\r\n";
-        assert_eq!(parse(raw).map(|o| o.map(|h| h.0)), Ok(Some(BodyFraming::Length(7))));
+        assert_eq!(
+            parse(raw).map(|o| o.map(|h| h.0)),
+            Ok(Some(BodyFraming::Length(7)))
+        );
     }
 
     #[test]
@@ -502,7 +553,10 @@ mod tests {
     #[test]
     fn only_a_single_final_chunked_is_accepted() {
         let ok = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n";
-        assert_eq!(parse(ok).map(|o| o.map(|h| h.0)), Ok(Some(BodyFraming::Chunked)));
+        assert_eq!(
+            parse(ok).map(|o| o.map(|h| h.0)),
+            Ok(Some(BodyFraming::Chunked))
+        );
         let cases: &[(&str, H1Error)] = &[
             ("gzip, chunked", H1Error::UnsupportedTransferCoding),
             ("chunked, gzip", H1Error::BadTransferEncoding),
@@ -537,72 +591,159 @@ mod tests {
 
     #[test]
     fn bare_lf_and_bare_cr_are_refused() {
-        assert_eq!(err(b"GET / HTTP/1.1\nHost: a\r\n\r\n"), H1Error::BareLineEnding);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\n\r\n"), H1Error::BareLineEnding);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\n\n"), H1Error::BareLineEnding);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n"), H1Error::BareLineEnding);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\nHost: a\r\n\r\n"),
+            H1Error::BareLineEnding
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\n\r\n"),
+            H1Error::BareLineEnding
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\n\n"),
+            H1Error::BareLineEnding
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n"),
+            H1Error::BareLineEnding
+        );
         // Caught early too, before the head is complete.
         assert_eq!(err(b"GET / HTTP/1.1\nHost: a"), H1Error::BareLineEnding);
     }
 
     #[test]
     fn nul_and_controls_in_values_are_refused() {
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n"), H1Error::BadHeader);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n"), H1Error::BadHeader);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n"), H1Error::BadHeader);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n"),
+            H1Error::BadHeader
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n"),
+            H1Error::BadHeader
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n"),
+            H1Error::BadHeader
+        );
     }
 
     #[test]
     fn tab_and_obs_text_in_values_are_allowed() {
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\tb\xe9\r\n\r\n"), Ok(Some(_))));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\tb\xe9\r\n\r\n"),
+            Ok(Some(_))
+        ));
     }
 
     #[test]
     fn whitespace_before_colon_is_refused() {
         // RFC 9112 §5.1: a server MUST reject whitespace between field name and colon.
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"), H1Error::BadHeader);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX\t: b\r\n\r\n"), H1Error::BadHeader);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"),
+            H1Error::BadHeader
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX\t: b\r\n\r\n"),
+            H1Error::BadHeader
+        );
     }
 
     #[test]
     fn obs_fold_is_refused() {
         // RFC 9112 §5.2: a server MUST reject obs-fold in a request (or replace it; we reject).
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n"), H1Error::ObsFold);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n\tc\r\n\r\n"), H1Error::ObsFold);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n"),
+            H1Error::ObsFold
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n\tc\r\n\r\n"),
+            H1Error::ObsFold
+        );
     }
 
     #[test]
     fn host_rules() {
         assert_eq!(err(b"GET / HTTP/1.1\r\n\r\n"), H1Error::MissingHost);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"), H1Error::DuplicateHost);
-        assert_eq!(err(b"GET / HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n"), H1Error::DuplicateHost);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), H1Error::BadHost);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), H1Error::BadHost);
-        assert_eq!(err(b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), H1Error::BadHost);
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"),
+            H1Error::DuplicateHost
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n"),
+            H1Error::DuplicateHost
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+            H1Error::BadHost
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+            H1Error::BadHost
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"),
+            H1Error::BadHost
+        );
         // HTTP/1.0 may omit Host; an empty Host is legal (RFC 9110 §7.2).
         assert!(matches!(parse(b"GET / HTTP/1.0\r\n\r\n"), Ok(Some(_))));
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost:\r\n\r\n"), Ok(Some(_))));
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"), Ok(Some(_))));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost:\r\n\r\n"),
+            Ok(Some(_))
+        ));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"),
+            Ok(Some(_))
+        ));
     }
 
     #[test]
     fn versions() {
-        assert_eq!(err(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"), H1Error::UnsupportedVersion);
-        assert_eq!(err(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"), H1Error::UnsupportedVersion);
+        assert_eq!(
+            err(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"),
+            H1Error::UnsupportedVersion
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"),
+            H1Error::UnsupportedVersion
+        );
         assert_eq!(H1Error::UnsupportedVersion.status(), 505);
-        assert_eq!(err(b"GET / HTTX/1.1\r\nHost: a\r\n\r\n"), H1Error::BadRequestLine);
-        assert_eq!(err(b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n"), H1Error::BadRequestLine);
+        assert_eq!(
+            err(b"GET / HTTX/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadRequestLine
+        );
+        assert_eq!(
+            err(b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n"),
+            H1Error::BadRequestLine
+        );
     }
 
     #[test]
     fn request_line_shape() {
-        assert_eq!(err(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"), H1Error::BadRequestLine);
-        assert_eq!(err(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n"), H1Error::BadRequestLine);
-        assert_eq!(err(b"GET a HTTP/1.1\r\nHost: a\r\n\r\n"), H1Error::BadTarget);
-        assert_eq!(err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), H1Error::BadTarget);
-        assert_eq!(err(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"), H1Error::BadTarget);
+        assert_eq!(
+            err(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadRequestLine
+        );
+        assert_eq!(
+            err(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadRequestLine
+        );
+        assert_eq!(
+            err(b"GET a HTTP/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadTarget
+        );
+        assert_eq!(
+            err(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadTarget
+        );
+        assert_eq!(
+            err(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            H1Error::BadTarget
+        );
         assert_eq!(err(b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n").status(), 400);
-        assert!(matches!(parse(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Some(_))));
+        assert!(matches!(
+            parse(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Some(_))
+        ));
     }
 
     #[test]
@@ -614,12 +755,19 @@ mod tests {
             .expect("complete");
         assert_eq!(head.path, "/v1/models?x");
         assert_eq!(head.host, Some(&b"Gw.example:80"[..]));
-        assert_eq!(err(b"GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n"), H1Error::BadTarget);
+        assert_eq!(
+            err(b"GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n"),
+            H1Error::BadTarget
+        );
     }
 
     #[test]
     fn head_and_request_line_limits() {
-        let limits = Limits { max_head_bytes: 128, max_request_line_bytes: 64, ..Limits::default() };
+        let limits = Limits {
+            max_head_bytes: 128,
+            max_request_line_bytes: 64,
+            ..Limits::default()
+        };
         let mut storage = [httparse::EMPTY_HEADER; 100];
         let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(80));
         let r = parse_request_head(long_line.as_bytes(), &mut storage, &limits);
@@ -628,7 +776,10 @@ mod tests {
         let partial = format!("GET /{}", "a".repeat(80));
         let r = parse_request_head(partial.as_bytes(), &mut storage, &limits);
         assert_eq!(r.map(|_| ()), Err(H1Error::RequestLineTooLong));
-        let big_head = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(120));
+        let big_head = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "b".repeat(120)
+        );
         let r = parse_request_head(big_head.as_bytes(), &mut storage, &limits);
         assert_eq!(r.map(|_| ()), Err(H1Error::HeadTooLarge));
         let partial = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "b".repeat(120));
@@ -640,7 +791,10 @@ mod tests {
 
     #[test]
     fn header_count_limit() {
-        let limits = Limits { max_headers: 3, ..Limits::default() };
+        let limits = Limits {
+            max_headers: 3,
+            ..Limits::default()
+        };
         let mut storage = [httparse::EMPTY_HEADER; 100];
         let raw = b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         let r = parse_request_head(raw, &mut storage, &limits);
@@ -652,8 +806,12 @@ mod tests {
     fn keep_alive_rules() {
         let ka = |raw: &[u8]| parse(raw).expect("valid").expect("complete").1;
         assert!(ka(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(!ka(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n"));
-        assert!(!ka(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n"));
+        assert!(!ka(
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n"
+        ));
+        assert!(!ka(
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n"
+        ));
         assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(ka(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
     }
@@ -661,7 +819,8 @@ mod tests {
     #[test]
     fn expectations() {
         let mut storage = [httparse::EMPTY_HEADER; 100];
-        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n";
+        let raw =
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n";
         let head = parse_request_head(raw, &mut storage, &Limits::default());
         assert!(head.expect("valid").expect("complete").expect_continue);
         assert_eq!(

@@ -1,0 +1,174 @@
+//! The real `dataplane` binary: config validation, SIGHUP reload, SIGTERM drain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::*;
+
+fn config(extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+    )
+}
+
+#[test]
+fn invalid_config_is_refused_naming_the_key() {
+    let dir = scratch_dir("invalid-config");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[limits]\nmax_headers = 100000\n").unwrap();
+    let out = Command::new(bin_path("dataplane"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("limits.max_headers") && err.contains("bad.toml"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[limits]\nmax_header = 10\n").unwrap();
+    let out = Command::new(bin_path("dataplane"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `max_header`"), "{err}");
+
+    std::fs::write(&path, "[limits]\nmax_headers = 50\n").unwrap();
+    let out = Command::new(bin_path("dataplane"))
+        .args(["--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sighup_reloads_and_a_bad_file_keeps_the_running_config() {
+    let dir = scratch_dir("sighup");
+    let gw = GatewayProcess::start(&config(""), &dir);
+    assert_eq!(exchange(gw.addr, &chat_request(CHAT_BODY)).status, 200);
+
+    std::fs::write(
+        dir.join("dataplane.toml"),
+        config("[limits]\nmax_body_bytes = 8\n"),
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || exchange(
+            gw.addr,
+            &chat_request(CHAT_BODY)
+        )
+        .status
+            == 413),
+        "new limit applied: {}",
+        gw.log()
+    );
+
+    std::fs::write(
+        dir.join("dataplane.toml"),
+        "[limits]\nmax_body_bytes = \"lots\"\n",
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || gw
+        .log()
+        .contains("reload refused")));
+    assert_eq!(
+        exchange(gw.addr, &chat_request(CHAT_BODY)).status,
+        413,
+        "previous config kept"
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits() {
+    let dir = scratch_dir("sigterm");
+    let mut gw = GatewayProcess::start(&config("[log]\naccess = true\n"), &dir);
+    let mut busy = connect(gw.addr);
+    let raw = chat_request(CHAT_BODY);
+    let split = raw.len() - 3;
+    busy.write_all(&raw[..split]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    gw.signal(libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .log()
+        .contains("shutting down")));
+    assert_eq!(
+        gw.child.try_wait().unwrap(),
+        None,
+        "waits for the in-flight request"
+    );
+    busy.write_all(&raw[split..]).unwrap();
+    let r = read_response(&mut busy, &mut Vec::new()).expect("in-flight request answered");
+    assert_eq!(r.status, 200);
+    assert!(r.closes());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let access = log
+        .lines()
+        .find(|l| l.contains("access:"))
+        .expect("access log line");
+    for field in [
+        "id=",
+        "method=\"POST\"",
+        "path=\"/v1/chat/completions\"",
+        "status=200",
+        "latency_us=",
+    ] {
+        assert!(access.contains(field), "{field} missing in {access}");
+    }
+    assert!(!log.contains("hello"), "the access log never holds a body");
+}
+
+#[test]
+fn drain_deadline_bounds_the_shutdown() {
+    let dir = scratch_dir("drain-deadline");
+    let mut gw = GatewayProcess::start(&config("[timeouts]\nshutdown_drain = \"300ms\"\n"), &dir);
+    let mut stuck = connect(gw.addr);
+    stuck
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    gw.signal(libc::SIGTERM);
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("drain deadline passed"));
+}
+
+#[test]
+fn access_log_never_holds_query_strings_or_keys() {
+    let dir = scratch_dir("access-log");
+    let mut gw = GatewayProcess::start(&config("[log]\naccess = true\n"), &dir);
+    let raw = "GET /v1/models?api_key=sk-secret-123 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-secret-456\r\n\r\n";
+    assert_eq!(exchange(gw.addr, raw.as_bytes()).status, 200);
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = gw.log();
+    assert!(log.contains("path=\"/v1/models\""), "{log}");
+    assert!(!log.contains("sk-secret"), "{log}");
+}
