@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::errors::{ApiError, ApiStyle};
+use crate::respond::Responder;
 use crate::service::{Request, Response, Service};
 use crate::settings::SharedSettings;
 use crate::shutdown::Shutdown;
@@ -38,7 +39,14 @@ impl AdminService {
 }
 
 impl Service for AdminService {
-    async fn call(&self, req: &Request<'_>) -> Response {
+    async fn call(&self, req: &Request<'_>, resp: &mut Responder<'_>) {
+        let r = self.answer(req);
+        resp.send(r).await;
+    }
+}
+
+impl AdminService {
+    fn answer(&self, req: &Request<'_>) -> Response {
         let s = &self.state;
         if req.method() != "GET" && req.method() != "HEAD" {
             return Response::error(

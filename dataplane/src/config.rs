@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::h1::limits::{Limits, MAX_HEADERS_CEILING};
 
 /// The whole file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -21,6 +21,124 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub timeouts: TimeoutsConfig,
     pub log: LogConfig,
+    /// Providers the gateway forwards to. None configured: the built-in demo provider.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Model → upstreams. Exact names win, then the longest matching prefix.
+    pub routes: Vec<RouteConfig>,
+    /// Per-worker memory for request bodies being processed (over → 503).
+    pub body_budget_bytes: u64,
+}
+
+/// Which API family an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`,
+    /// `/v1/models`; key in `Authorization: Bearer`.
+    Openai,
+    /// `/v1/messages`; key in `x-api-key`, `anthropic-version` required.
+    Anthropic,
+}
+
+/// How the provider is told not to retain or train on a request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NonRetention {
+    /// A request header, e.g. `{ header = { name = "x-no-retain", value = "1" } }`.
+    Header { name: String, value: String },
+    /// A top-level JSON body field, e.g. OpenAI's `{ body_field = { name = "store", value = false } }`.
+    BodyField { name: String, value: serde_json::Value },
+    /// Zero retention is guaranteed by an account-level agreement with the provider.
+    AccountAgreement,
+    /// The provider offers no way: requests requiring zero retention are never sent here.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name routes refer to.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// `https://api.openai.com` or `http://127.0.0.1:9000`; a path is a prefix for every
+    /// request path (e.g. `https://host/openai` sends `/openai/v1/chat/completions`).
+    pub base_url: String,
+    /// Environment variable holding the provider credential (never the credential itself).
+    #[serde(default)]
+    pub credential_env: Option<String>,
+    /// PEM bundle of CAs to trust instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Accept any certificate. Tests only: this removes the protection TLS gives.
+    #[serde(default)]
+    pub danger_accept_invalid_certs: bool,
+    /// Connections per worker to this upstream (in use plus idle).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From the request's last byte to the response's first. Non-streamed reasoning models
+    /// think for minutes before the first byte.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two reads of a response body (streams included).
+    #[serde(default = "default_read_idle_timeout", with = "humantime_serde")]
+    pub read_idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_non_retention")]
+    pub non_retention: NonRetention,
+    /// Whether the upstream accepts OpenAI's `stream_options`.
+    #[serde(default)]
+    pub stream_options: bool,
+    /// Where the provider processes data (e.g. `us`, `eu`); empty when unknown.
+    #[serde(default)]
+    pub region: String,
+    /// A business associate agreement covers this upstream (PHI allowed).
+    #[serde(default)]
+    pub baa: bool,
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_read_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_non_retention() -> NonRetention {
+    NonRetention::None
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact model name.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Model name prefix (`""` matches every model).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Upstreams in failover order. Only those speaking the request's API are used.
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    pub upstream: String,
+    /// Model name to send instead of the client's (e.g. a deployment name).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -93,6 +211,21 @@ pub struct LogConfig {
     pub level: String,
     /// One line per request (method, path without query, status, bytes, latency, id).
     pub access: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            log: LogConfig::default(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            body_budget_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -251,11 +384,64 @@ impl Config {
         if self.admin.listen == self.server.listen && self.server.listen.port() != 0 {
             return Err(("admin.listen", "must differ from server.listen".into()));
         }
+        range("body_budget_bytes", self.body_budget_bytes, l.max_body_bytes.max(1), 1 << 40)?;
+        self.validate_upstreams()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
                 "log.level",
                 format!("not a valid filter: {:?}", self.log.level),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstreams(&self) -> Result<(), (&'static str, String)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = |what: &str| format!("upstreams[{i}] ({}): {what}", u.name);
+            if u.name.is_empty() || !names.insert(u.name.as_str()) {
+                return Err(("upstreams.name", format!("upstreams[{i}]: name must be non-empty and unique (got {:?})", u.name)));
+            }
+            if let Err(e) = crate::upstream::BaseUrl::parse(&u.base_url) {
+                return Err(("upstreams.base_url", at(&e)));
+            }
+            if let Some(var) = &u.credential_env {
+                if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                    return Err(("upstreams.credential_env", at(&format!("environment variable {var} is not set"))));
+                }
+            }
+            if let Some(f) = &u.ca_file {
+                if let Err(e) = std::fs::metadata(f) {
+                    return Err(("upstreams.ca_file", at(&format!("{}: {e}", f.display()))));
+                }
+            }
+            if u.max_connections == 0 {
+                return Err(("upstreams.max_connections", at("must be at least 1")));
+            }
+            if let NonRetention::Header { name, value } = &u.non_retention {
+                let ok = !name.is_empty()
+                    && name.bytes().all(crate::h1::is_tchar)
+                    && value.bytes().all(crate::h1::is_field_value_byte);
+                if !ok {
+                    return Err(("upstreams.non_retention", at("header name must be a token and value printable")));
+                }
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.model.is_some() == r.prefix.is_some() {
+                return Err(("routes", format!("routes[{i}]: set exactly one of `model` or `prefix`")));
+            }
+            if r.targets.is_empty() {
+                return Err(("routes.targets", format!("routes[{i}]: needs at least one target")));
+            }
+            for t in &r.targets {
+                if !names.contains(t.upstream.as_str()) {
+                    return Err(("routes.targets", format!("routes[{i}]: unknown upstream {:?}", t.upstream)));
+                }
+            }
+        }
+        if !self.upstreams.is_empty() && self.routes.is_empty() {
+            return Err(("routes", "upstreams are configured but no route leads to them".into()));
         }
         Ok(())
     }
@@ -311,6 +497,7 @@ impl Config {
             new.admin.listen.to_string(),
         );
         cmp("log.level", self.log.level.clone(), new.log.level.clone());
+        cmp("body_budget_bytes", self.body_budget_bytes.to_string(), new.body_budget_bytes.to_string());
         v
     }
 }
@@ -371,6 +558,32 @@ mod tests {
         assert!(e.to_string().contains("head_read"), "{e}");
         let e = Config::parse("[server]\ndriver = \"kqueue\"\n", "gw.toml").expect_err("drv");
         assert!(e.to_string().contains("kqueue"), "{e}");
+    }
+
+    #[test]
+    fn upstreams_and_routes_are_checked() {
+        let base = r#"
+            [[upstreams]]
+            name = "a"
+            kind = "openai"
+            base_url = "http://127.0.0.1:9000"
+            non_retention = { body_field = { name = "store", value = false } }
+        "#;
+        let ok = format!("{base}\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"a\", model = \"m\" }}]\n");
+        let c = Config::parse(&ok, "t").expect("valid");
+        assert_eq!(c.upstreams[0].kind, ProviderKind::Openai);
+        assert_eq!(c.routes[0].targets[0].model.as_deref(), Some("m"));
+        let e = Config::parse(base, "t").expect_err("no route");
+        assert!(e.to_string().contains("routes"), "{e}");
+        let bad = format!("{base}\n[[routes]]\nmodel = \"x\"\ntargets = [{{ upstream = \"b\" }}]\n");
+        let e = Config::parse(&bad, "t").expect_err("unknown upstream");
+        assert!(e.to_string().contains("unknown upstream \"b\""), "{e}");
+        let bad = ok.replace("http://127.0.0.1:9000", "ftp://x");
+        let e = Config::parse(&bad, "t").expect_err("scheme");
+        assert!(e.to_string().contains("upstreams[0] (a)"), "{e}");
+        let bad = ok.replace("non_retention", "credential_env = \"AIGW_TEST_SURELY_UNSET\"\nnon_retention");
+        let e = Config::parse(&bad, "t").expect_err("env");
+        assert!(e.to_string().contains("AIGW_TEST_SURELY_UNSET is not set"), "{e}");
     }
 
     #[test]

@@ -12,20 +12,21 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 
 use crate::errors::{ApiError, ApiStyle};
 use crate::h1::limits::MAX_HEADERS_CEILING;
 use crate::h1::{
-    parse_request_head, BodyFraming, ChunkedDecoder, H1Error, HeadIndex, Limits, ResponseHead,
+    parse_request_head, BodyFraming, ChunkedDecoder, H1Error, HeadIndex, Limits,
 };
 use crate::request_id::RequestId;
+use crate::respond::{write_out, LogExtra, Responder};
 use crate::service::{Request, Response, Service};
 use crate::settings::Settings;
-use crate::worker::WorkerCtx;
+use crate::worker::{BodyBudget, WorkerCtx};
 
 /// Initial read buffer; grows up to the head limit plus the body limit.
 const INITIAL_BUF: usize = 8 * 1024;
@@ -58,6 +59,8 @@ enum HeadOutcome {
 }
 
 enum BodyOutcome {
+    /// The worker's memory budget for bodies cannot take this one.
+    OverBudget,
     /// The body is `read[start..end]` (Content-Length) or `chunked_body` (chunked); the
     /// request occupied `read[..consumed]`.
     Ready {
@@ -89,116 +92,142 @@ pub(crate) async fn serve<S: Service>(
         let settings = ctx.settings.current();
         let (head, started) = read_head(&mut stream, &mut bufs, &settings, &ctx).await;
         let id = ctx.next_request_id();
-        match head {
-            HeadOutcome::Ready => {}
+        let rejected = match head {
+            HeadOutcome::Ready => None,
             HeadOutcome::Closed | HeadOutcome::Io => return,
-            HeadOutcome::TimedOut => {
-                let err = ApiError::downstream(
-                    408,
-                    "request_timeout",
-                    "request head not received in time",
-                );
-                let style = ApiStyle::sniff(&bufs.read);
-                let _ =
-                    respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
-                ctx.log_error(id, peer, 408, started);
-                return;
-            }
-            HeadOutcome::Invalid(e) => {
-                let style = ApiStyle::sniff(&bufs.read);
-                let status = e.status();
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style)
-                    .await;
-                ctx.log_error(id, peer, status, started);
-                return;
-            }
+            HeadOutcome::TimedOut => Some((
+                ApiError::downstream(408, "request_timeout", "request head not received in time"),
+                ApiStyle::sniff(&bufs.read),
+            )),
+            HeadOutcome::Invalid(e) => Some((e.into(), ApiStyle::sniff(&bufs.read))),
+        };
+        if let Some((err, style)) = rejected {
+            reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
+            return;
         }
 
-        let body = read_body(&mut stream, &mut bufs, &settings).await;
-        let (start, end, chunked, consumed) = match body {
-            BodyOutcome::Ready {
-                start,
-                end,
-                chunked,
-                consumed,
-            } => (start, end, chunked, consumed),
+        let mut reservation = ctx.body_budget();
+        let body = read_body(&mut stream, &mut bufs, &settings, &mut reservation).await;
+        let (body_range, consumed) = match body {
+            BodyOutcome::Ready { start, end, chunked, consumed } => ((!chunked).then_some(start..end), consumed),
             BodyOutcome::Invalid(e) => {
-                let style = ApiStyle::for_path(path_of(&bufs));
-                let status = e.status();
-                let _ = respond_error(&mut stream, &mut bufs, &ctx, &settings, id, e.into(), style)
-                    .await;
-                ctx.log_error(id, peer, status, started);
+                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
+                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, e.into(), style).await;
+                return;
+            }
+            BodyOutcome::OverBudget => {
+                let err = ApiError::internal(503, "server_busy", "the gateway is at its memory limit for request bodies; retry shortly");
+                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
+                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
                 return;
             }
             BodyOutcome::TimedOut => {
-                let err = ApiError::downstream(
-                    408,
-                    "request_timeout",
-                    "request body not received in time",
-                );
-                let style = ApiStyle::for_path(path_of(&bufs));
-                let _ =
-                    respond_error(&mut stream, &mut bufs, &ctx, &settings, id, err, style).await;
-                ctx.log_error(id, peer, 408, started);
+                let err = ApiError::downstream(408, "request_timeout", "request body not received in time");
+                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
+                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
                 return;
             }
             BodyOutcome::Io => return,
         };
 
-        let response = {
-            let body = if chunked {
-                &bufs.chunked_body[..]
-            } else {
-                &bufs.read[start..end]
-            };
-            let req = Request::new(id, peer, &bufs.index, &bufs.read, body);
-            service.call(&req).await
+        // The request's bytes leave the read buffer as shared `Bytes`: services forward
+        // slices of them without copying; pipelined bytes stay behind for the next round.
+        let raw = bufs.read.split_to(consumed).freeze();
+        let body = match body_range {
+            Some(r) => raw.slice(r),
+            None => Bytes::from(std::mem::take(&mut bufs.chunked_body)),
         };
-        let keep_alive = bufs.index.keep_alive && !response.close && !ctx.shutdown.is_triggered();
-        let is_head = bufs.index.method.get(&bufs.read) == b"HEAD";
-        encode_response(&mut bufs.out, &response, id, keep_alive, is_head, &ctx);
-        let bytes_out = bufs.out.len();
-        let written = write_out(&mut stream, &mut bufs.out, settings.write_timeout).await;
+        let is_head = bufs.index.method.get(&raw) == b"HEAD";
+        let (status, bytes_out, reusable, log) = {
+            let req = Request::new(id, peer, started, &bufs.index, &raw, &body);
+            let mut resp = Responder::new(
+                &mut stream,
+                &mut bufs.out,
+                &ctx,
+                id,
+                bufs.index.keep_alive,
+                is_head,
+                settings.write_timeout,
+            );
+            service.call(&req, &mut resp).await;
+            if !resp.started() {
+                let err = ApiError::internal(500, "internal_error", "the gateway produced no response");
+                resp.send(Response::error(err, req.api_style())).await;
+            } else if !resp.is_done() {
+                resp.abort();
+            }
+            (resp.status(), resp.bytes_out(), resp.reusable(), std::mem::take(&mut resp.log))
+        };
+        drop(reservation);
         ctx.finish_request();
         if settings.access_log {
-            access_log(
-                id,
-                peer,
-                &bufs,
-                response.status,
-                consumed,
-                bytes_out,
-                started,
-            );
+            access_log(id, peer, &bufs.index, &raw, status, consumed, bytes_out, started, &log);
         }
-        if written.is_err() || !keep_alive {
+        drop(body);
+        drop(raw);
+        if !reusable {
             return;
         }
-        bufs.read.advance(consumed);
         if bufs.read.capacity() > SHRINK_ABOVE && bufs.read.len() < INITIAL_BUF {
             let mut fresh = BytesMut::with_capacity(INITIAL_BUF);
             fresh.extend_from_slice(&bufs.read);
             bufs.read = fresh;
         }
-        if bufs.chunked_body.capacity() > SHRINK_ABOVE {
-            bufs.chunked_body = Vec::new();
-        }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reject(
+    stream: &mut TcpStream,
+    bufs: &mut ConnBufs,
+    ctx: &WorkerCtx,
+    settings: &Settings,
+    id: RequestId,
+    peer: SocketAddr,
+    started: Instant,
+    err: ApiError,
+    style: ApiStyle,
+) {
+    let (status, code) = (err.status, err.code);
+    let mut r = Response::error(err, style);
+    r.close = true;
+    // A short write bound: a client that stopped reading must not hold the worker.
+    let timeout = settings.write_timeout.min(Duration::from_secs(5));
+    {
+        let mut resp = Responder::new(stream, &mut bufs.out, ctx, id, false, false, timeout);
+        resp.send(r).await;
+    }
+    ctx.finish_request();
+    if settings.access_log {
+        tracing::info!(
+            target: "access",
+            id = %id,
+            peer = %peer.ip(),
+            status,
+            error = code,
+            latency_us = started.elapsed().as_micros() as u64,
+            "rejected"
+        );
+    }
+    linger(stream).await;
 }
 
 /// One line per request. Never a header value or a body byte: the path is logged without its
 /// query string, since some clients put keys there.
+#[allow(clippy::too_many_arguments)]
 fn access_log(
     id: RequestId,
     peer: SocketAddr,
-    bufs: &ConnBufs,
+    index: &HeadIndex,
+    raw: &[u8],
     status: u16,
     bytes_in: usize,
     bytes_out: usize,
     started: Instant,
+    log: &LogExtra,
 ) {
-    let method = std::str::from_utf8(bufs.index.method.get(&bufs.read)).unwrap_or("");
-    let path = path_of(bufs);
+    let method = std::str::from_utf8(index.method.get(raw)).unwrap_or("");
+    let path = path_of(index, raw);
     let path = path.split('?').next().unwrap_or(path);
     tracing::info!(
         target: "access",
@@ -210,11 +239,16 @@ fn access_log(
         bytes_in,
         bytes_out,
         latency_us = started.elapsed().as_micros() as u64,
+        upstream = log.upstream.as_deref(),
+        attempts = log.attempts,
+        input_tokens = log.input_tokens,
+        output_tokens = log.output_tokens,
+        error = log.error_code,
     );
 }
 
-fn path_of(bufs: &ConnBufs) -> &str {
-    std::str::from_utf8(bufs.index.path.get(&bufs.read)).unwrap_or("")
+fn path_of<'a>(index: &HeadIndex, raw: &'a [u8]) -> &'a str {
+    std::str::from_utf8(index.path.get(raw)).unwrap_or("")
 }
 
 /// Reads until `bufs.read` starts with a complete, valid head. Returns when the head began
@@ -308,8 +342,15 @@ async fn read_body(
     stream: &mut TcpStream,
     bufs: &mut ConnBufs,
     settings: &Settings,
+    budget: &mut BodyBudget<'_>,
 ) -> BodyOutcome {
     let head_len = bufs.index.head_len;
+    // Reserve before asking for the body (100-continue) or reading it.
+    if let BodyFraming::Length(n) = bufs.index.framing {
+        if !budget.grow(n) {
+            return BodyOutcome::OverBudget;
+        }
+    }
     let needs_body = !matches!(
         bufs.index.framing,
         BodyFraming::None | BodyFraming::Length(0)
@@ -370,6 +411,9 @@ async fn read_body(
                     Ok(p) => pos += p.consumed,
                     Err(e) => return BodyOutcome::Invalid(e),
                 }
+                if !budget.grow_to(bufs.chunked_body.len() as u64) {
+                    return BodyOutcome::OverBudget;
+                }
                 // Everything after the head up to `pos` is decoded: drop it so the raw
                 // chunked bytes never pile up next to their decoded copy.
                 let tail = bufs.read.len() - pos;
@@ -414,67 +458,6 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration
         // The buffer went with the cancelled read; the connection is closed anyway.
         Err(_) => ReadResult::TimedOut,
     }
-}
-
-/// Writes all of `out` (then clears it), bounded by `timeout`.
-async fn write_out(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> io::Result<()> {
-    let owned = std::mem::take(out);
-    match monoio::time::timeout(timeout, stream.write_all(owned)).await {
-        Ok((res, mut back)) => {
-            back.clear();
-            *out = back;
-            res.map(|_| ())
-        }
-        Err(_) => Err(io::ErrorKind::TimedOut.into()),
-    }
-}
-
-fn encode_response(
-    out: &mut Vec<u8>,
-    r: &Response,
-    id: RequestId,
-    keep_alive: bool,
-    is_head: bool,
-    ctx: &WorkerCtx,
-) {
-    out.clear();
-    let mut head = ResponseHead::new(out, r.status)
-        .header("date", &ctx.date())
-        .header("x-request-id", id.as_bytes())
-        .header("content-type", r.content_type.as_bytes())
-        .content_length(r.body.len() as u64);
-    for (name, value) in &r.headers {
-        head = head.header(name, value);
-    }
-    head = head.header(
-        "connection",
-        if keep_alive { b"keep-alive" } else { b"close" },
-    );
-    head.finish();
-    if !is_head {
-        out.extend_from_slice(&r.body);
-    }
-}
-
-async fn respond_error(
-    stream: &mut TcpStream,
-    bufs: &mut ConnBufs,
-    ctx: &WorkerCtx,
-    settings: &Settings,
-    id: RequestId,
-    err: ApiError,
-    style: ApiStyle,
-) -> io::Result<()> {
-    let mut r = Response::error(err, style);
-    r.close = true;
-    encode_response(&mut bufs.out, &r, id, false, false, ctx);
-    ctx.finish_request();
-    // Best effort: the client may already be gone. A short write bound keeps a client that
-    // stopped reading from holding the worker.
-    let timeout = settings.write_timeout.min(Duration::from_secs(5));
-    let res = write_out(stream, &mut bufs.out, timeout).await;
-    linger(stream).await;
-    res
 }
 
 /// Closing a socket with unread input makes the kernel send RST, which can destroy the

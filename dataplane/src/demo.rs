@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::errors::{ApiError, ApiStyle};
+use crate::respond::Responder;
 use crate::service::{Request, Response, Service};
 
 /// Model name the demo answers to (any name is accepted; this is what `/v1/models` lists).
@@ -14,7 +15,14 @@ pub const DEMO_MODEL: &str = "demo";
 pub struct DemoService;
 
 impl Service for DemoService {
-    async fn call(&self, req: &Request<'_>) -> Response {
+    async fn call(&self, req: &Request<'_>, resp: &mut Responder<'_>) {
+        let r = self.answer(req);
+        resp.send(r).await;
+    }
+}
+
+impl DemoService {
+    fn answer(&self, req: &Request<'_>) -> Response {
         let style = req.api_style();
         match (req.method(), req.path_only()) {
             ("POST", "/v1/chat/completions") => chat_completion(req),
@@ -111,6 +119,10 @@ fn chat_completion(req: &Request<'_>) -> Response {
     let reply = format!("(demo) You said: {text}");
     let prompt_tokens = approx_tokens(&text);
     let completion_tokens = approx_tokens(&reply);
+    if body["stream"] == true {
+        let include_usage = body["stream_options"]["include_usage"] == true;
+        return openai_stream(req, model, &reply, include_usage, prompt_tokens, completion_tokens);
+    }
     let out = json!({
         "id": format!("chatcmpl-{}", req.id),
         "object": "chat.completion",
@@ -153,6 +165,9 @@ fn anthropic_message(req: &Request<'_>) -> Response {
         );
     };
     let reply = format!("(demo) You said: {text}");
+    if body["stream"] == true {
+        return anthropic_stream(req, model, &reply, approx_tokens(&text));
+    }
     let out = json!({
         "id": format!("msg_{}", req.id),
         "type": "message",
@@ -164,6 +179,56 @@ fn anthropic_message(req: &Request<'_>) -> Response {
         "usage": {"input_tokens": approx_tokens(&text), "output_tokens": approx_tokens(&reply)}
     });
     Response::json(200, out.to_string().into_bytes())
+}
+
+/// The reply as OpenAI chat chunks, a word per event, then `[DONE]`.
+fn openai_stream(req: &Request<'_>, model: &str, reply: &str, include_usage: bool, prompt: u64, completion: u64) -> Response {
+    let id = format!("chatcmpl-{}", req.id);
+    let created = unix_now();
+    let mut out = String::new();
+    let mut event = |v: Value| {
+        out.push_str("data: ");
+        out.push_str(&v.to_string());
+        out.push_str("\n\n");
+    };
+    event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}));
+    for word in reply.split_inclusive(' ') {
+        event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}));
+    }
+    event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}));
+    if include_usage {
+        event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}));
+    }
+    out.push_str("data: [DONE]\n\n");
+    Response { status: 200, content_type: "text/event-stream", body: out.into_bytes(), headers: Vec::new(), close: false }
+}
+
+/// The reply as Anthropic message events.
+fn anthropic_stream(req: &Request<'_>, model: &str, reply: &str, input: u64) -> Response {
+    let mut out = String::new();
+    let mut event = |name: &str, v: Value| {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push_str("\ndata: ");
+        out.push_str(&v.to_string());
+        out.push_str("\n\n");
+    };
+    event("message_start", json!({"type": "message_start", "message": {"id": format!("msg_{}", req.id), "type": "message",
+        "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": input, "output_tokens": 1}}}));
+    event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+    for word in reply.split_inclusive(' ') {
+        event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}));
+    }
+    event("content_block_stop", json!({"type": "content_block_stop", "index": 0}));
+    event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": approx_tokens(reply)}}));
+    event("message_stop", json!({"type": "message_stop"}));
+    Response { status: 200, content_type: "text/event-stream", body: out.into_bytes(), headers: Vec::new(), close: false }
 }
 
 fn models() -> Response {

@@ -5,6 +5,8 @@
 //! OpenAI and in an extra `code` field inside `error` for Anthropic, beside the nearest
 //! Anthropic `type`, so SDK users see a familiar error and operators a precise one.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 /// Which API family a request belongs to, decided by its path.
@@ -36,31 +38,25 @@ pub enum ErrorSource {
 }
 
 /// A complete error to send: status, stable code and a human message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
     pub code: &'static str,
-    pub message: &'static str,
+    pub message: Cow<'static, str>,
     pub source: ErrorSource,
 }
 
 impl ApiError {
-    pub const fn downstream(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self {
-            status,
-            code,
-            message,
-            source: ErrorSource::Downstream,
-        }
+    pub fn downstream(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status, code, message: message.into(), source: ErrorSource::Downstream }
     }
 
-    pub const fn internal(status: u16, code: &'static str, message: &'static str) -> Self {
-        Self {
-            status,
-            code,
-            message,
-            source: ErrorSource::Internal,
-        }
+    pub fn upstream(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status, code, message: message.into(), source: ErrorSource::Upstream }
+    }
+
+    pub fn internal(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status, code, message: message.into(), source: ErrorSource::Internal }
     }
 
     /// The OpenAI `type` for this status.
@@ -119,7 +115,7 @@ impl ApiError {
                 out,
                 &OpenAiBody {
                     error: OpenAiInner {
-                        message: self.message,
+                        message: &self.message,
                         r#type: self.openai_type(),
                         param: None,
                         code: self.code,
@@ -132,7 +128,7 @@ impl ApiError {
                     r#type: "error",
                     error: AnthropicInner {
                         r#type: self.anthropic_type(),
-                        message: self.message,
+                        message: &self.message,
                         code: self.code,
                     },
                 },

@@ -5,18 +5,27 @@
 //! the response. [`server`] starts the workers and the [`admin`] listener; [`settings`]
 //! carries reloadable settings to the workers without locks.
 
+pub mod adapters;
 pub mod admin;
+pub mod body;
 pub mod config;
 mod conn;
 pub mod date;
 pub mod demo;
 pub mod errors;
 pub mod h1;
+pub mod iovec;
 pub mod listener;
+pub mod pipeline;
+pub mod proxy;
+pub mod relay;
 pub mod request_id;
+pub mod respond;
+pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod shutdown;
+pub mod upstream;
 pub mod worker;

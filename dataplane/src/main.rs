@@ -58,7 +58,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match signal {
             SIGHUP => match load(&cli) {
                 Ok(new) => {
-                    server.reload(new);
+                    if let Err(e) = server.reload(new) {
+                        tracing::error!(error = %e, "reload refused; keeping the running configuration");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reload refused; keeping the running configuration")

@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context};
 use crate::admin::{AdminService, AdminState};
 use crate::config::{Config, DriverChoice};
 use crate::demo::DemoService;
+use crate::proxy::Gateway;
 use crate::listener;
 use crate::runtime::DriverKind;
 use crate::settings::SharedSettings;
@@ -29,6 +30,8 @@ pub struct ServerHandle {
     admin_stop: Arc<Shutdown>,
     workers: Vec<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
+    demo: Option<JoinHandle<()>>,
+    demo_addr: Option<SocketAddr>,
     statuses: Arc<[Arc<WorkerStatus>]>,
 }
 
@@ -53,15 +56,24 @@ impl ServerHandle {
     /// Applies a new, already validated configuration: limits, timeouts and logging switches
     /// take effect on each worker's next request. Settings that need a restart are reported
     /// and kept. Returns the new settings generation.
-    pub fn reload(&self, new: Config) -> u64 {
+    pub fn reload(&self, new: Config) -> Result<u64, String> {
+        let new = match self.demo_addr {
+            Some(addr) if new.upstreams.is_empty() => with_demo_upstreams(new, addr),
+            _ => new,
+        };
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         for (key, old, wanted) in current.restart_only_changes(&new) {
             tracing::warn!(key, old = %old, new = %wanted, "setting needs a restart; keeping the running value");
         }
-        let generation = self.settings.publish(&new);
+        let generation = self.settings.publish(&new)?;
         *current = new;
         tracing::info!(generation, "configuration reloaded");
-        generation
+        Ok(generation)
+    }
+
+    /// Where the built-in demo provider listens, when it runs.
+    pub fn demo_addr(&self) -> Option<SocketAddr> {
+        self.demo_addr
     }
 
     /// Starts a graceful shutdown without waiting for it.
@@ -80,12 +92,24 @@ impl ServerHandle {
         if let Some(a) = self.admin.take() {
             let _ = a.join();
         }
+        if let Some(d) = self.demo.take() {
+            let _ = d.join();
+        }
     }
 }
 
 /// Binds and starts a node. Returns once every worker is accepting, or with the first
 /// worker's error.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    let admin_stop = Arc::new(Shutdown::default());
+    // No provider configured: start the built-in demo provider and route everything there,
+    // through the same proxy path real providers take.
+    let (config, demo, demo_addr) = if config.upstreams.is_empty() {
+        let (handle, addr) = start_demo(&config, &admin_stop)?;
+        (with_demo_upstreams(config, addr), Some(handle), Some(addr))
+    } else {
+        (config, None, None)
+    };
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -97,9 +121,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         .with_context(|| format!("admin.listen = {}", config.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let settings = Arc::new(SharedSettings::new(&config));
+    let settings = Arc::new(SharedSettings::new(&config).map_err(|e| anyhow!(e))?);
     let shutdown = Arc::new(Shutdown::default());
-    let admin_stop = Arc::new(Shutdown::default());
     let statuses: Arc<[Arc<WorkerStatus>]> = (0..workers)
         .map(|_| Arc::new(WorkerStatus::default()))
         .collect();
@@ -129,7 +152,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         let tx = tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("aigw-worker-{index}"))
-            .spawn(move || worker::run(spec, |_| DemoService, tx))
+            .spawn(move || worker::run(spec, Gateway::new, tx))
             .context("spawning a worker thread")?;
         handles.push(h);
     }
@@ -144,6 +167,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
     if let Some(e) = failure {
         shutdown.trigger();
+        admin_stop.trigger();
         for h in handles {
             let _ = h.join();
         }
@@ -183,11 +207,13 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         drivers = ?drivers.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         "listening"
     );
-    tracing::info!(
+    if demo_addr.is_some() {
+        tracing::info!(
         "serving the built-in demo provider; try: curl -s http://{addr}/v1/chat/completions \
          -H 'content-type: application/json' \
          -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
     );
+    }
     Ok(ServerHandle {
         addr,
         admin_addr,
@@ -198,6 +224,71 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         admin_stop,
         workers: handles,
         admin: Some(admin),
+        demo,
+        demo_addr,
         statuses,
     })
+}
+
+/// Runs the demo provider on its own thread, on a loopback port of its own.
+fn start_demo(config: &Config, stop: &Arc<Shutdown>) -> anyhow::Result<(JoinHandle<()>, SocketAddr)> {
+    let listener = listener::bind_single(SocketAddr::from(([127, 0, 0, 1], 0)), 1024)
+        .context("binding the demo provider")?;
+    let addr = listener.local_addr()?;
+    let mut demo_config = Config { upstreams: Vec::new(), routes: Vec::new(), ..config.clone() };
+    demo_config.log.access = false;
+    let settings = Arc::new(SharedSettings::new(&demo_config).map_err(|e| anyhow!(e))?);
+    let spec = WorkerSpec {
+        index: usize::MAX - 1,
+        core: None,
+        listener,
+        driver: DriverChoice::Epoll,
+        settings,
+        shutdown: Arc::clone(stop),
+        status: Arc::new(WorkerStatus::default()),
+        drain: Duration::from_millis(200),
+    };
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("aigw-demo".into())
+        .spawn(move || worker::run(spec, |_| DemoService, tx))
+        .context("spawning the demo provider")?;
+    match rx.recv() {
+        Ok(Ok(_)) => Ok((handle, addr)),
+        Ok(Err(e)) => Err(anyhow!(e)),
+        Err(_) => Err(anyhow!("the demo provider exited during start")),
+    }
+}
+
+/// The config with two upstreams on the demo provider (one per API family) and a catch-all
+/// route to them.
+fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
+    use crate::config::{NonRetention, ProviderKind, RouteConfig, RouteTarget, UpstreamConfig};
+    let upstream = |name: &str, kind| UpstreamConfig {
+        name: name.to_string(),
+        kind,
+        base_url: format!("http://{addr}"),
+        credential_env: None,
+        ca_file: None,
+        danger_accept_invalid_certs: false,
+        max_connections: 256,
+        connect_timeout: Duration::from_secs(5),
+        first_byte_timeout: Duration::from_secs(60),
+        read_idle_timeout: Duration::from_secs(60),
+        pool_idle_timeout: Duration::from_secs(60),
+        non_retention: NonRetention::AccountAgreement,
+        stream_options: true,
+        region: "local".into(),
+        baa: false,
+    };
+    config.upstreams = vec![upstream("demo-openai", ProviderKind::Openai), upstream("demo-anthropic", ProviderKind::Anthropic)];
+    let targets = vec![
+        RouteTarget { upstream: "demo-openai".into(), model: None },
+        RouteTarget { upstream: "demo-anthropic".into(), model: None },
+    ];
+    config.routes = vec![
+        RouteConfig { model: Some(crate::demo::DEMO_MODEL.into()), prefix: None, targets: targets.clone() },
+        RouteConfig { model: None, prefix: Some(String::new()), targets },
+    ];
+    config
 }

@@ -2,36 +2,48 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
 
 use crate::errors::{ApiError, ApiStyle};
 use crate::h1::{FieldSpan, HeadIndex, Version};
 use crate::request_id::RequestId;
+use crate::respond::Responder;
 
-/// One complete request: the head as offsets into `buf`, and the decoded body.
+/// One complete request: the head as offsets into `raw` (the bytes it was read into), and
+/// the decoded body. Both are `Bytes`, so forwarding them onward shares, not copies.
 #[derive(Debug)]
 pub struct Request<'a> {
     pub id: RequestId,
     pub peer: SocketAddr,
+    /// When the first byte of the head arrived.
+    pub started: Instant,
     index: &'a HeadIndex,
+    raw: &'a Bytes,
     buf: &'a [u8],
-    pub body: &'a [u8],
+    pub body: &'a Bytes,
 }
 
 impl<'a> Request<'a> {
     pub(crate) fn new(
         id: RequestId,
         peer: SocketAddr,
+        started: Instant,
         index: &'a HeadIndex,
-        buf: &'a [u8],
-        body: &'a [u8],
+        raw: &'a Bytes,
+        body: &'a Bytes,
     ) -> Self {
-        Self {
-            id,
-            peer,
-            index,
-            buf,
-            body,
-        }
+        Self { id, peer, started, index, raw, buf: raw, body }
+    }
+
+    /// The bytes the head was parsed from (the head's spans index into them).
+    pub fn raw(&self) -> &'a Bytes {
+        self.raw
+    }
+
+    pub fn index(&self) -> &'a HeadIndex {
+        self.index
     }
 
     pub fn method(&self) -> &'a str {
@@ -112,7 +124,8 @@ impl Response {
 }
 
 /// Answers requests. One instance per worker, so implementations keep per-core state
-/// without locks.
+/// without locks. A service answers through the [`Responder`], whole or streamed; one that
+/// returns without answering gets a 500 sent for it.
 pub trait Service {
-    fn call(&self, req: &Request<'_>) -> impl Future<Output = Response>;
+    fn call(&self, req: &Request<'_>, resp: &mut Responder<'_>) -> impl Future<Output = ()>;
 }

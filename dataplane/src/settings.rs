@@ -16,11 +16,14 @@ use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::h1::Limits;
+use crate::routes::RouteTable;
 
 /// What a request is served under.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub generation: u64,
+    pub routes: Arc<RouteTable>,
+    pub body_budget_bytes: u64,
     pub limits: Limits,
     pub head_read_timeout: Duration,
     pub keepalive_idle_timeout: Duration,
@@ -30,16 +33,19 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(c: &Config, generation: u64) -> Self {
-        Self {
+    /// Builds from a validated config.
+    pub fn build(c: &Config, generation: u64) -> Result<Self, String> {
+        Ok(Self {
             generation,
+            routes: Arc::new(RouteTable::build(c)?),
+            body_budget_bytes: c.body_budget_bytes,
             limits: c.h1_limits(),
             head_read_timeout: c.timeouts.head_read,
             keepalive_idle_timeout: c.timeouts.keepalive_idle,
             body_read_idle_timeout: c.timeouts.body_read_idle,
             write_timeout: c.timeouts.write,
             access_log: c.log.access,
-        }
+        })
     }
 }
 
@@ -51,20 +57,21 @@ pub struct SharedSettings {
 }
 
 impl SharedSettings {
-    pub fn new(c: &Config) -> Self {
-        Self {
+    pub fn new(c: &Config) -> Result<Self, String> {
+        Ok(Self {
             generation: AtomicU64::new(1),
-            current: ArcSwap::from_pointee(Settings::from_config(c, 1)),
-        }
+            current: ArcSwap::from_pointee(Settings::build(c, 1)?),
+        })
     }
 
-    /// Publishes settings from an already validated config; returns the new generation.
-    pub fn publish(&self, c: &Config) -> u64 {
+    /// Builds and publishes settings from a validated config; returns the new generation.
+    /// A config that fails to build is refused and the current one stays.
+    pub fn publish(&self, c: &Config) -> Result<u64, String> {
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        self.current
-            .store(Arc::new(Settings::from_config(c, generation)));
+        let settings = Settings::build(c, generation)?;
+        self.current.store(Arc::new(settings));
         self.generation.store(generation, Ordering::Release);
-        generation
+        Ok(generation)
     }
 
     pub fn generation(&self) -> u64 {

@@ -3,7 +3,6 @@
 //! is shared between cores except read-mostly settings.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -74,6 +73,7 @@ pub struct WorkerCtx {
     ids: RefCell<RequestIdGen>,
     date: RefCell<DateCache>,
     open: Cell<u64>,
+    body_in_use: Cell<u64>,
 }
 
 impl WorkerCtx {
@@ -91,6 +91,7 @@ impl WorkerCtx {
             ids: RefCell::new(RequestIdGen::new()),
             date: RefCell::new(DateCache::new()),
             open: Cell::new(0),
+            body_in_use: Cell::new(0),
         }
     }
 
@@ -126,17 +127,43 @@ impl WorkerCtx {
             .store(self.open.get(), Ordering::Relaxed);
     }
 
-    pub(crate) fn log_error(&self, id: RequestId, peer: SocketAddr, status: u16, started: Instant) {
-        if self.settings.current().access_log {
-            tracing::info!(
-                target: "access",
-                id = %id,
-                peer = %peer.ip(),
-                status,
-                latency_us = started.elapsed().as_micros() as u64,
-                "rejected"
-            );
+    /// A reservation against this worker's memory budget for request bodies.
+    pub(crate) fn body_budget(&self) -> BodyBudget<'_> {
+        BodyBudget { ctx: self, held: 0, limit: self.settings.current().body_budget_bytes }
+    }
+}
+
+/// Bytes of request bodies a request holds against its worker's budget; given back on drop.
+/// Bounds what concurrent large uploads can make one core buffer: past the budget a request
+/// gets 503 instead of the process growing until the OOM killer picks it.
+#[derive(Debug)]
+pub(crate) struct BodyBudget<'a> {
+    ctx: &'a WorkerCtx,
+    held: u64,
+    limit: u64,
+}
+
+impl BodyBudget<'_> {
+    /// Takes `n` more bytes; false (and nothing taken) when that would pass the budget.
+    pub(crate) fn grow(&mut self, n: u64) -> bool {
+        let in_use = self.ctx.body_in_use.get();
+        if in_use.saturating_add(n) > self.limit {
+            return false;
         }
+        self.ctx.body_in_use.set(in_use + n);
+        self.held += n;
+        true
+    }
+
+    /// Grows the reservation to `total` bytes.
+    pub(crate) fn grow_to(&mut self, total: u64) -> bool {
+        total <= self.held || self.grow(total - self.held)
+    }
+}
+
+impl Drop for BodyBudget<'_> {
+    fn drop(&mut self) {
+        self.ctx.body_in_use.set(self.ctx.body_in_use.get().saturating_sub(self.held));
     }
 }
 
@@ -161,7 +188,7 @@ pub fn run<S, F>(
     started: std::sync::mpsc::Sender<Result<DriverKind, String>>,
 ) where
     S: Service + 'static,
-    F: FnOnce(&WorkerCtx) -> S,
+    F: FnOnce(&Rc<WorkerCtx>) -> S,
 {
     if let Some(core) = spec.core {
         if !core_affinity::set_for_current(core) {

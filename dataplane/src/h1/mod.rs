@@ -11,6 +11,8 @@ pub mod index;
 pub mod limits;
 pub mod request;
 pub mod response;
+pub mod sse;
+pub mod upstream_response;
 
 pub use chunked::{ChunkedDecoder, ChunkedProgress};
 pub use error::H1Error;
@@ -18,9 +20,10 @@ pub use index::{FieldSpan, HeadIndex, Span};
 pub use limits::Limits;
 pub use request::{parse_request_head, BodyFraming, RequestHead, Version};
 pub use response::ResponseHead;
+pub use upstream_response::{parse_response_head, ResponseError, ResponseFraming, UpstreamResponseHead};
 
 /// `tchar` from RFC 9110 §5.6.2: the bytes allowed in a token (method, field name, coding).
-pub(crate) const fn is_tchar(b: u8) -> bool {
+pub const fn is_tchar(b: u8) -> bool {
     matches!(b,
         b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_'
         | b'`' | b'|' | b'~' | b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z')
@@ -28,20 +31,20 @@ pub(crate) const fn is_tchar(b: u8) -> bool {
 
 /// A byte allowed inside a field value (RFC 9110 §5.5): VCHAR, obs-text, SP and HTAB.
 /// NUL, CR, LF and the other controls are never allowed.
-pub(crate) const fn is_field_value_byte(b: u8) -> bool {
+pub const fn is_field_value_byte(b: u8) -> bool {
     b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 /// True when `value` is a comma-separated list containing `token` (ASCII case-insensitive),
 /// as used by `Connection` (RFC 9110 §7.6.1).
-pub(crate) fn list_contains(value: &[u8], token: &[u8]) -> bool {
+pub fn list_contains(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|item| trim_ows(item).eq_ignore_ascii_case(token))
 }
 
 /// Strips optional whitespace (SP / HTAB, RFC 9110 §5.6.3) from both ends.
-pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
+pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
         s = rest;
     }

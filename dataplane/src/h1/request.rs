@@ -238,7 +238,7 @@ fn classify_httparse_error(buf: &[u8], e: httparse::Error, limits: &Limits) -> H
 }
 
 /// RFC 9112 §2.2: every line ends in CRLF. A bare LF or a bare CR is refused.
-fn check_line_endings(head: &[u8]) -> Result<(), H1Error> {
+pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), H1Error> {
     for i in memchr::memchr2_iter(b'\r', b'\n', head) {
         let ok = match head[i] {
             b'\r' => head.get(i + 1) == Some(&b'\n'),
@@ -374,7 +374,7 @@ fn scan_fields<'b>(headers: &[httparse::Header<'b>]) -> Result<Fields<'b>, H1Err
 
 /// Content-Length = 1*DIGIT (RFC 9110 §8.6). No sign, no hex, no fraction, no list, no
 /// whitespace inside, and no value that overflows.
-fn parse_content_length(value: &[u8]) -> Result<u64, H1Error> {
+pub(crate) fn parse_content_length(value: &[u8]) -> Result<u64, H1Error> {
     let digits = trim_ows(value);
     if digits.is_empty() || digits.len() > 19 {
         return Err(H1Error::BadContentLength);
@@ -392,7 +392,7 @@ fn parse_content_length(value: &[u8]) -> Result<u64, H1Error> {
 /// Transfer-Encoding across every field line that carries it (RFC 9112 §6.1): the only
 /// coding we decode is a single, final `chunked`.
 #[derive(Default)]
-struct TeState {
+pub(crate) struct TeState {
     seen: bool,
     malformed: bool,
     chunked_count: usize,
@@ -401,7 +401,7 @@ struct TeState {
 }
 
 impl TeState {
-    fn add(&mut self, value: &[u8]) {
+    pub(crate) fn add(&mut self, value: &[u8]) {
         self.seen = true;
         for item in value.split(|&b| b == b',') {
             let item = trim_ows(item);
@@ -423,7 +423,7 @@ impl TeState {
         }
     }
 
-    fn finish(&self) -> Option<Result<(), H1Error>> {
+    pub(crate) fn finish(&self) -> Option<Result<(), H1Error>> {
         if !self.seen {
             return None;
         }

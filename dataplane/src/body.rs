@@ -1,0 +1,234 @@
+//! Request bodies as JSON, parsed once at the top level and edited in place.
+//!
+//! The pipeline reads a few top-level fields (`model`, `stream`) and sets or removes a few
+//! (a routed model name, a non-retention field). Parsing the whole tree for that would
+//! allocate a node per value; instead the top-level object is split into its members with
+//! each value kept as raw JSON text borrowed from the body (validated by serde_json), and
+//! re-serialised by concatenation. Nested values are parsed only by edits that need them.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Why a body is not an acceptable JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body is not valid JSON: {0}")]
+    Invalid(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("duplicate key {0:?} in request body")]
+    DuplicateKey(String),
+}
+
+/// A top-level JSON object.
+#[derive(Debug, Clone)]
+pub struct JsonBody<'a> {
+    fields: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
+    edited: bool,
+}
+
+impl<'a> JsonBody<'a> {
+    /// Parses `bytes`. Duplicate top-level keys are refused: parsers disagree on which one
+    /// wins, so the gateway and the provider could act on different values.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, BodyError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let fields = de.deserialize_any(FieldsVisitor).map_err(|e| {
+            if e.to_string().starts_with(NOT_OBJECT) {
+                BodyError::NotAnObject
+            } else if let Some(k) = e.to_string().strip_prefix(DUPLICATE) {
+                BodyError::DuplicateKey(k.split(" at line").next().unwrap_or(k).to_string())
+            } else {
+                BodyError::Invalid(e.to_string())
+            }
+        })?;
+        de.end().map_err(|e| BodyError::Invalid(e.to_string()))?;
+        Ok(Self { fields, edited: false })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&RawValue> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
+    }
+
+    /// A string member (`None` when absent or not a string).
+    pub fn get_str(&self, key: &str) -> Option<Cow<'_, str>> {
+        let raw = self.get(key)?.get();
+        if !raw.starts_with('"') {
+            return None;
+        }
+        serde_json::from_str::<Cow<'_, str>>(raw).ok()
+    }
+
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        match self.get(key)?.get() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Sets a member to a JSON value, replacing it in place or appending it.
+    pub fn set(&mut self, key: &str, value: &serde_json::Value) {
+        let raw = match serde_json::value::to_raw_value(value) {
+            Ok(r) => r,
+            Err(_) => return, // a Value always serialises
+        };
+        self.edited = true;
+        match self.fields.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = Cow::Owned(raw),
+            None => self.fields.push((Cow::Owned(key.to_string()), Cow::Owned(raw))),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        let before = self.fields.len();
+        self.fields.retain(|(k, _)| k != key);
+        self.edited |= self.fields.len() != before;
+    }
+
+    /// Whether any edit changed the body (if not, the original bytes can be sent as is).
+    pub fn is_edited(&self) -> bool {
+        self.edited
+    }
+
+    /// Writes the object, members in their original order.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *out, k.as_ref());
+            out.push(b':');
+            out.extend_from_slice(v.get().as_bytes());
+        }
+        out.push(b'}');
+    }
+}
+
+const NOT_OBJECT: &str = "expected a JSON object";
+const DUPLICATE: &str = "duplicate key ";
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Vec<(Cow<'de, str>, Cow<'de, RawValue>)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(NOT_OBJECT)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields: Self::Value = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            if fields.iter().any(|(existing, _)| *existing == k) {
+                return Err(de::Error::custom(format!("{DUPLICATE}{k}")));
+            }
+            let v: &'de RawValue = map.next_value()?;
+            fields.push((k, Cow::Borrowed(v)));
+        }
+        Ok(fields)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(NOT_OBJECT))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(NOT_OBJECT))
+    }
+}
+
+/// A key borrowed from the body when it has no escapes, owned otherwise.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fields_and_round_trips_untouched() {
+        let raw = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi \"x\""}],"n":1}"#;
+        let b = JsonBody::parse(raw).expect("valid");
+        assert_eq!(b.get_str("model").as_deref(), Some("gpt-4o"));
+        assert_eq!(b.get_bool("stream"), Some(true));
+        assert_eq!(b.get_str("n"), None);
+        assert!(!b.is_edited());
+        let mut out = Vec::new();
+        b.write(&mut out);
+        assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn edits_in_place_and_append() {
+        let raw = br#"{"model":"a","x":{"deep":[1,2]}}"#;
+        let mut b = JsonBody::parse(raw).expect("valid");
+        b.set("model", &serde_json::json!("b"));
+        b.set("store", &serde_json::json!(false));
+        b.remove("x");
+        assert!(b.is_edited());
+        let mut out = Vec::new();
+        b.write(&mut out);
+        assert_eq!(out, br#"{"model":"b","store":false}"#);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid output");
+        assert_eq!(v["model"], "b");
+    }
+
+    #[test]
+    fn escaped_keys_and_values() {
+        let raw = br#"{"mo\u0064el":"caf\u00e9"}"#;
+        let b = JsonBody::parse(raw).expect("valid");
+        assert_eq!(b.get_str("model").as_deref(), Some("café"));
+    }
+
+    #[test]
+    fn refuses_what_is_not_one_object() {
+        assert_eq!(JsonBody::parse(b"[1]").map(|_| ()), Err(BodyError::NotAnObject));
+        assert_eq!(JsonBody::parse(b"\"s\"").map(|_| ()), Err(BodyError::NotAnObject));
+        assert!(matches!(JsonBody::parse(b"{\"a\":1} x"), Err(BodyError::Invalid(_))));
+        assert!(matches!(JsonBody::parse(b"{\"a\":}"), Err(BodyError::Invalid(_))));
+        assert!(matches!(JsonBody::parse(b""), Err(BodyError::Invalid(_))));
+        assert_eq!(
+            JsonBody::parse(br#"{"model":"a","model":"b"}"#).map(|_| ()),
+            Err(BodyError::DuplicateKey("model".into()))
+        );
+    }
+}

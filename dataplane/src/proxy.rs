@@ -1,0 +1,254 @@
+//! The gateway service: route the request by model, run the body pipeline, send it to the
+//! first upstream that takes it, and relay the answer.
+//!
+//! Phases, in order: endpoint and method → body parse → route → per target: pipeline →
+//! upstream request → response head → (retry or fail over?) → relay. Retrying or failing
+//! over happens only when the upstream cannot have acted on the request: nothing was sent, a
+//! pooled connection turned out stale, or it answered 429/500/502/503/504 before any byte
+//! reached the client. A first-byte timeout is never retried: the provider may still be
+//! generating, and billing, the first attempt.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::adapters::{self, Endpoint};
+use crate::body::{BodyError, JsonBody};
+use crate::config::ProviderKind;
+use crate::errors::ApiError;
+use crate::iovec::IoVecs;
+use crate::relay::{self, Attempt};
+use crate::respond::Responder;
+use crate::routes::Target;
+use crate::service::{Request, Response, Service};
+use crate::upstream::pool::{CheckoutError, Pool};
+use crate::worker::WorkerCtx;
+
+/// One per worker.
+#[derive(Debug)]
+pub struct Gateway {
+    ctx: Rc<WorkerCtx>,
+    pool: Pool,
+    pool_generation: Cell<u64>,
+}
+
+impl Gateway {
+    pub fn new(ctx: &Rc<WorkerCtx>) -> Self {
+        Self { ctx: Rc::clone(ctx), pool: Pool::new(), pool_generation: Cell::new(0) }
+    }
+}
+
+impl Service for Gateway {
+    async fn call(&self, req: &Request<'_>, resp: &mut Responder<'_>) {
+        let settings = self.ctx.settings.current();
+        if settings.generation != self.pool_generation.get() {
+            self.pool.retain(settings.routes.upstreams());
+            self.pool_generation.set(settings.generation);
+        }
+        let style = req.api_style();
+        let Some(endpoint) = Endpoint::from_path(req.path_only()) else {
+            let err = ApiError::downstream(404, "not_found", format!("no such endpoint: {}", req.path_only()));
+            return resp.send(Response::error(err, style)).await;
+        };
+        if req.method() != endpoint.method() && !(endpoint == Endpoint::Models && req.method() == "HEAD") {
+            let err = ApiError::downstream(405, "method_not_allowed", format!("{} is not allowed here", req.method()));
+            let allow = if endpoint == Endpoint::Models { "GET, HEAD" } else { "POST" };
+            return resp.send(Response::error(err, style).with_header("allow", allow)).await;
+        }
+        if endpoint == Endpoint::Models {
+            return resp.send(models(&settings.routes)).await;
+        }
+        let family = endpoint.family();
+        let style = family.style();
+        if !is_json(req) {
+            let err = ApiError::downstream(415, "unsupported_media_type", "request body must be application/json");
+            return resp.send(Response::error(err, style)).await;
+        }
+        let parsed = match JsonBody::parse(req.body) {
+            Ok(b) => b,
+            Err(e) => {
+                let code = match e {
+                    BodyError::DuplicateKey(_) => "duplicate_key",
+                    _ => "invalid_json",
+                };
+                return resp.send(Response::error(ApiError::downstream(400, code, e.to_string()), style)).await;
+            }
+        };
+        let Some(model) = parsed.get_str("model").map(|m| m.into_owned()) else {
+            let err = ApiError::downstream(400, "missing_model", "`model` is required and must be a string");
+            return resp.send(Response::error(err, style)).await;
+        };
+        let targets = settings.routes.lookup(&model, family);
+        if targets.is_empty() {
+            let err = ApiError::downstream(404, "model_not_found", format!("no route for model `{model}` on this API"));
+            return resp.send(Response::error(err, style)).await;
+        }
+        self.forward(req, resp, &parsed, &targets, family).await;
+    }
+}
+
+impl Gateway {
+    async fn forward(
+        &self,
+        req: &Request<'_>,
+        resp: &mut Responder<'_>,
+        parsed: &JsonBody<'_>,
+        targets: &[&Target],
+        family: ProviderKind,
+    ) {
+        let style = family.style();
+        let mut last_err = ApiError::upstream(502, "upstream_unavailable", "no upstream could be reached");
+        let mut attempts = 0;
+        for (i, target) in targets.iter().enumerate() {
+            let is_last = i + 1 == targets.len();
+            let up = &target.upstream;
+            let outgoing = crate::pipeline::prepare(parsed, req.body, target);
+            // One fresh retry on the same upstream when a pooled connection was stale.
+            let mut fresh_only = false;
+            loop {
+                attempts += 1;
+                resp.log.attempts = attempts;
+                resp.log.upstream = Some(up.name.clone());
+                let lease = match self.pool.checkout(up).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(id = %req.id, upstream = %up.name, error = %e, "upstream unavailable");
+                        last_err = match e {
+                            CheckoutError::Exhausted(_) => ApiError::internal(503, "upstream_busy", "too many requests in flight to this upstream"),
+                            CheckoutError::Connect(_) => ApiError::upstream(502, "upstream_unavailable", "the upstream could not be reached"),
+                        };
+                        break; // nothing was sent: fail over
+                    }
+                };
+                if fresh_only && lease.reused {
+                    // Another stale one: drop it and connect anew.
+                    drop(lease);
+                    continue;
+                }
+                let head = build_head(req, target, &outgoing.body, &outgoing.headers, family);
+                let outcome = relay::exchange(&self.pool, up, lease, head, req, resp, family, !is_last).await;
+                match outcome {
+                    Attempt::Done => return,
+                    Attempt::Stale => {
+                        if fresh_only {
+                            last_err = ApiError::upstream(502, "upstream_unavailable", "the upstream closed the connection");
+                            break;
+                        }
+                        fresh_only = true;
+                    }
+                    Attempt::FailOver(err) => {
+                        last_err = err;
+                        break;
+                    }
+                    Attempt::Fail(err) => {
+                        resp.log.error_code = Some(err.code);
+                        return resp.send(Response::error(err, style)).await;
+                    }
+                }
+            }
+        }
+        resp.log.error_code = Some(last_err.code);
+        resp.send(Response::error(last_err, style)).await;
+    }
+}
+
+/// Request headers that are never forwarded: hop-by-hop fields (RFC 9110 §7.6.1), framing
+/// the gateway recomputes, the client's credentials, and `accept-encoding` (the gateway
+/// reads response bodies, so it asks for them uncompressed).
+fn is_dropped_request_header(name: &[u8]) -> bool {
+    const DROPPED: &[&[u8]] = &[
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+        b"accept-encoding",
+    ];
+    DROPPED.iter().any(|d| d.eq_ignore_ascii_case(name)) || adapters::is_client_credential(name)
+}
+
+/// The forwarded head: generated request line and Host, then the client's kept header lines
+/// as runs of the original bytes, then the gateway's own fields, then the body.
+fn build_head(req: &Request<'_>, target: &Target, body: &Bytes, extra: &[u8], family: ProviderKind) -> IoVecs {
+    let up = &target.upstream;
+    let raw = req.raw();
+    let index = req.index();
+    let mut generated = Vec::with_capacity(192 + extra.len());
+    generated.extend_from_slice(req.method().as_bytes());
+    generated.push(b' ');
+    generated.extend_from_slice(up.url.path_prefix.as_bytes());
+    generated.extend_from_slice(req.path().as_bytes());
+    generated.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    generated.extend_from_slice(up.host_header.as_bytes());
+    generated.extend_from_slice(b"\r\n");
+    let first = generated.len();
+    if let Some(cred) = &up.credential {
+        adapters::write_credential(up.kind, cred.expose(), &mut generated);
+    }
+    if family == ProviderKind::Anthropic && req.header("anthropic-version").is_none() {
+        generated.extend_from_slice(b"anthropic-version: ");
+        generated.extend_from_slice(adapters::anthropic::DEFAULT_VERSION.as_bytes());
+        generated.extend_from_slice(b"\r\n");
+    }
+    generated.extend_from_slice(extra);
+    generated.extend_from_slice(b"content-length: ");
+    generated.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    generated.extend_from_slice(b"\r\n\r\n");
+    let generated = Bytes::from(generated);
+
+    // Tokens named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    let connection = req.header("connection").unwrap_or_default();
+    let mut parts = IoVecs::new();
+    parts.push(generated.slice(..first));
+    let mut run: Option<(usize, usize)> = None;
+    for f in &index.fields {
+        let name = f.name.get(raw);
+        let line_start = f.name.start as usize;
+        let line_end = memchr::memchr(b'\n', &raw[f.value.end as usize..])
+            .map_or(raw.len(), |i| f.value.end as usize + i + 1);
+        let keep = !is_dropped_request_header(name) && !crate::h1::list_contains(connection, name);
+        match (keep, run) {
+            (true, Some((s, e))) if e == line_start => run = Some((s, line_end)),
+            (true, Some((s, e))) => {
+                parts.push(raw.slice(s..e));
+                run = Some((line_start, line_end));
+            }
+            (true, None) => run = Some((line_start, line_end)),
+            (false, Some((s, e))) => {
+                parts.push(raw.slice(s..e));
+                run = None;
+            }
+            (false, None) => {}
+        }
+    }
+    if let Some((s, e)) = run {
+        parts.push(raw.slice(s..e));
+    }
+    parts.push(generated.slice(first..));
+    parts.push(body.clone());
+    parts
+}
+
+fn is_json(req: &Request<'_>) -> bool {
+    req.header("content-type").is_some_and(|v| {
+        let v = crate::h1::trim_ows(v);
+        let mime = v.split(|&b| b == b';').next().unwrap_or(v);
+        crate::h1::trim_ows(mime).eq_ignore_ascii_case(b"application/json")
+    })
+}
+
+fn models(routes: &crate::routes::RouteTable) -> Response {
+    let data: Vec<_> = routes
+        .model_names()
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "aigateway"}))
+        .collect();
+    Response::json(200, json!({"object": "list", "data": data}).to_string().into_bytes())
+}

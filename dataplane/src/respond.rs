@@ -1,0 +1,248 @@
+//! Writing a response to the client: whole, or streamed as it arrives from an upstream.
+//!
+//! A head is buffered, not written, until the first body bytes (or the end) are ready, so a
+//! small response leaves in one write. Streamed bodies of unknown length go out chunked, one
+//! chunk per upstream read, flushed at once (SSE events must not wait). A response that
+//! cannot be completed is aborted: the connection closes without the final chunk (or short
+//! of its Content-Length), which every HTTP client reports as an error rather than as a
+//! complete answer.
+
+use std::io;
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::h1::ResponseHead;
+use crate::request_id::RequestId;
+use crate::service::Response;
+use crate::worker::WorkerCtx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    NotStarted,
+    /// Head buffered or sent; body under way.
+    Body { chunked: bool },
+    Done,
+    Aborted,
+}
+
+/// Facts about the request worth a field on its access log line.
+#[derive(Debug, Default, Clone)]
+pub struct LogExtra {
+    pub upstream: Option<String>,
+    pub attempts: u32,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub error_code: Option<&'static str>,
+}
+
+#[derive(Debug)]
+pub struct Responder<'a> {
+    stream: &'a mut TcpStream,
+    out: &'a mut Vec<u8>,
+    ctx: &'a WorkerCtx,
+    id: RequestId,
+    keep_alive: bool,
+    is_head: bool,
+    write_timeout: Duration,
+    state: State,
+    status: u16,
+    bytes_out: usize,
+    pub log: LogExtra,
+}
+
+impl<'a> Responder<'a> {
+    pub(crate) fn new(
+        stream: &'a mut TcpStream,
+        out: &'a mut Vec<u8>,
+        ctx: &'a WorkerCtx,
+        id: RequestId,
+        keep_alive: bool,
+        is_head: bool,
+        write_timeout: Duration,
+    ) -> Self {
+        out.clear();
+        Self {
+            stream,
+            out,
+            ctx,
+            id,
+            keep_alive,
+            is_head,
+            write_timeout,
+            state: State::NotStarted,
+            status: 0,
+            bytes_out: 0,
+            log: LogExtra::default(),
+        }
+    }
+
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn bytes_out(&self) -> usize {
+        self.bytes_out
+    }
+
+    /// Whether any part of a response has been committed to (the status can no longer change).
+    pub fn started(&self) -> bool {
+        self.state != State::NotStarted
+    }
+
+    /// Whether a complete response went out and the connection may carry another request.
+    pub fn reusable(&self) -> bool {
+        self.state == State::Done && self.keep_alive && !self.ctx.shutdown.is_triggered()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Sends a complete response.
+    pub async fn send(&mut self, r: Response) {
+        if self.state != State::NotStarted {
+            return;
+        }
+        if r.close {
+            self.keep_alive = false;
+        }
+        self.begin(r.status, Some(r.body.len() as u64), |head| {
+            let mut head = head.header("content-type", r.content_type.as_bytes());
+            for (name, value) in &r.headers {
+                head = head.header(name, value);
+            }
+            head
+        });
+        self.write_body(&r.body, true).await;
+    }
+
+    /// Buffers the head. `length`: `Some` sends Content-Length, `None` streams chunked.
+    /// `headers` adds fields beyond the ones every response gets (date, request id,
+    /// length or framing, connection).
+    pub fn begin<'h>(
+        &'h mut self,
+        status: u16,
+        length: Option<u64>,
+        headers: impl FnOnce(ResponseHead<'h>) -> ResponseHead<'h>,
+    ) {
+        if self.state != State::NotStarted {
+            return;
+        }
+        if self.ctx.shutdown.is_triggered() {
+            self.keep_alive = false;
+        }
+        self.status = status;
+        self.out.clear();
+        let chunked = length.is_none() && !self.is_head;
+        let keep_alive = self.keep_alive;
+        self.state = State::Body { chunked };
+        let date = self.ctx.date();
+        let mut head = ResponseHead::new(self.out, status)
+            .header("date", &date)
+            .header("x-request-id", self.id.as_bytes());
+        head = match length {
+            Some(n) => head.content_length(n),
+            None if self.is_head => head,
+            None => head.header("transfer-encoding", b"chunked"),
+        };
+        head = headers(head);
+        head = head.header("connection", if keep_alive { b"keep-alive" } else { b"close" });
+        head.finish();
+    }
+
+    /// Sends body bytes (and the buffered head, the first time). `last` ends the response.
+    pub async fn write_body(&mut self, data: &[u8], last: bool) -> bool {
+        let State::Body { chunked } = self.state else {
+            return false;
+        };
+        if !self.is_head {
+            if chunked && !data.is_empty() {
+                let mut num = [0u8; 16];
+                let n = hex(data.len(), &mut num);
+                self.out.extend_from_slice(&num[..n]);
+                self.out.extend_from_slice(b"\r\n");
+                self.out.extend_from_slice(data);
+                self.out.extend_from_slice(b"\r\n");
+            } else if !chunked {
+                self.out.extend_from_slice(data);
+            }
+            if chunked && last {
+                self.out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        if self.out.is_empty() {
+            if last {
+                self.state = State::Done;
+            }
+            return true;
+        }
+        let n = self.out.len();
+        match write_out(self.stream, self.out, self.write_timeout).await {
+            Ok(()) => {
+                self.bytes_out += n;
+                if last {
+                    self.state = State::Done;
+                }
+                true
+            }
+            Err(_) => {
+                self.state = State::Aborted;
+                false
+            }
+        }
+    }
+
+    /// Gives up on the response: the connection closes without completing it.
+    pub fn abort(&mut self) {
+        self.state = State::Aborted;
+    }
+}
+
+fn hex(mut n: usize, out: &mut [u8; 16]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut tmp = [0u8; 16];
+    let mut i = 0;
+    loop {
+        tmp[i] = HEX[n & 0xf];
+        i += 1;
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    for j in 0..i {
+        out[j] = tmp[i - 1 - j];
+    }
+    i
+}
+
+/// Writes all of `out` (then clears it), bounded by `timeout`.
+pub(crate) async fn write_out(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> io::Result<()> {
+    let owned = std::mem::take(out);
+    match monoio::time::timeout(timeout, stream.write_all(owned)).await {
+        Ok((res, mut back)) => {
+            back.clear();
+            *out = back;
+            res.map(|_| ())
+        }
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_sizes() {
+        let mut b = [0u8; 16];
+        let n = super::hex(0x1a2f, &mut b);
+        assert_eq!(&b[..n], b"1a2f");
+        let n = super::hex(0, &mut b);
+        assert_eq!(&b[..n], b"0");
+    }
+}

@@ -1,0 +1,138 @@
+//! The routing table: which upstreams serve a model, in failover order.
+//!
+//! Built once per configuration and shared read-only by every worker. Exact model names win;
+//! otherwise the longest matching prefix; a route's targets are filtered to the upstreams
+//! that speak the request's API (no translation between API families).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, ProviderKind};
+use crate::upstream::Upstream;
+
+/// One place a request may go.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    /// Send this model name instead of the client's.
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    upstreams: Vec<Arc<Upstream>>,
+    exact: HashMap<String, Vec<Target>>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Vec<Target>)>,
+}
+
+impl RouteTable {
+    /// Builds from a validated config. Fails only on what validation cannot know in
+    /// advance (a CA file that does not parse, a TLS name that is not valid).
+    pub fn build(c: &Config) -> Result<Self, String> {
+        let mut by_name = HashMap::new();
+        let mut upstreams = Vec::with_capacity(c.upstreams.len());
+        for u in &c.upstreams {
+            let built = Upstream::build(u).map_err(|e| format!("upstream {:?}: {e}", u.name))?;
+            by_name.insert(u.name.clone(), Arc::clone(&built));
+            upstreams.push(built);
+        }
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        for r in &c.routes {
+            let targets: Vec<Target> = r
+                .targets
+                .iter()
+                .filter_map(|t| {
+                    by_name.get(&t.upstream).map(|u| Target { upstream: Arc::clone(u), model: t.model.clone() })
+                })
+                .collect();
+            match (&r.model, &r.prefix) {
+                (Some(m), _) => {
+                    exact.entry(m.clone()).or_insert(targets);
+                }
+                (None, Some(p)) => prefixes.push((p.clone(), targets)),
+                (None, None) => {}
+            }
+        }
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Ok(Self { upstreams, exact, prefixes })
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// Targets for `model` that speak `kind`, in failover order. Empty when nothing routes.
+    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Vec<&Target> {
+        let targets = self.exact.get(model).or_else(|| {
+            self.prefixes.iter().find(|(p, _)| model.starts_with(p.as_str())).map(|(_, t)| t)
+        });
+        targets
+            .map(|t| t.iter().filter(|t| t.upstream.kind == kind).collect())
+            .unwrap_or_default()
+    }
+
+    /// Model names that route somewhere, for `GET /v1/models`.
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.exact.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let c = Config::parse(
+            r#"
+            [[upstreams]]
+            name = "oa"
+            kind = "openai"
+            base_url = "http://127.0.0.1:1"
+            [[upstreams]]
+            name = "an"
+            kind = "anthropic"
+            base_url = "http://127.0.0.1:2"
+            [[upstreams]]
+            name = "oa2"
+            kind = "openai"
+            base_url = "http://127.0.0.1:3"
+            [[routes]]
+            model = "gpt-4o"
+            targets = [{ upstream = "oa2", model = "dep-4o" }, { upstream = "oa" }]
+            [[routes]]
+            prefix = "gpt-"
+            targets = [{ upstream = "oa" }]
+            [[routes]]
+            prefix = "gpt-4"
+            targets = [{ upstream = "oa2" }]
+            [[routes]]
+            prefix = ""
+            targets = [{ upstream = "an" }, { upstream = "oa" }]
+            "#,
+            "t",
+        )
+        .expect("valid");
+        RouteTable::build(&c).expect("builds")
+    }
+
+    fn names(t: Vec<&Target>) -> Vec<String> {
+        t.iter().map(|t| t.upstream.name.clone()).collect()
+    }
+
+    #[test]
+    fn exact_then_longest_prefix_then_family() {
+        let t = table();
+        assert_eq!(names(t.lookup("gpt-4o", ProviderKind::Openai)), ["oa2", "oa"]);
+        assert_eq!(t.lookup("gpt-4o", ProviderKind::Openai)[0].model.as_deref(), Some("dep-4o"));
+        assert_eq!(names(t.lookup("gpt-4-turbo", ProviderKind::Openai)), ["oa2"]);
+        assert_eq!(names(t.lookup("gpt-3.5", ProviderKind::Openai)), ["oa"]);
+        assert_eq!(names(t.lookup("claude-3", ProviderKind::Anthropic)), ["an"]);
+        assert_eq!(names(t.lookup("claude-3", ProviderKind::Openai)), ["oa"]);
+        assert!(t.lookup("gpt-4o", ProviderKind::Anthropic).is_empty());
+        assert_eq!(t.model_names(), ["gpt-4o"]);
+    }
+}

@@ -1,0 +1,171 @@
+//! One connection to an upstream, plain or TLS, with the read buffer that belongs to it.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::dns::DnsCache;
+use super::Upstream;
+use crate::iovec::IoVecs;
+
+const READ_BUF: usize = 16 * 1024;
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+}
+
+/// A live connection. Dropping it closes it.
+pub struct UpConn {
+    io: Io,
+    /// Bytes read and not yet consumed.
+    pub buf: BytesMut,
+    pub idle_since: Instant,
+    /// Requests sent on this connection so far.
+    pub uses: u32,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for UpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.io {
+            Io::Plain(_) => "plain",
+            Io::Tls(_) => "tls",
+        };
+        f.debug_struct("UpConn").field("io", &kind).field("uses", &self.uses).finish()
+    }
+}
+
+/// Why a connection could not be opened. Nothing was sent, so failing over is safe.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("resolving {0}: {1}")]
+    Resolve(String, io::Error),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(String, String),
+    #[error("connecting to {0}: timed out")]
+    Timeout(String),
+}
+
+/// Outcome of one read.
+#[derive(Debug)]
+pub enum Read {
+    Data,
+    Eof,
+    TimedOut,
+    Failed(io::Error),
+}
+
+impl UpConn {
+    /// Resolves, connects and (for https) handshakes, all within the connect timeout.
+    pub async fn connect(up: &Upstream, dns: &DnsCache) -> Result<Self, ConnectError> {
+        match monoio::time::timeout(up.connect_timeout, Self::connect_inner(up, dns)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(up.name.clone())),
+        }
+    }
+
+    async fn connect_inner(up: &Upstream, dns: &DnsCache) -> Result<Self, ConnectError> {
+        let addrs = dns
+            .resolve(&up.url.host, up.url.port)
+            .await
+            .map_err(|e| ConnectError::Resolve(up.url.host.clone(), e))?;
+        let mut last = None;
+        let mut stream = None;
+        for addr in addrs {
+            match TcpStream::connect_addr(addr).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            ConnectError::Connect(up.name.clone(), last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+        })?;
+        let _ = stream.set_nodelay(true);
+        let io = match &up.tls {
+            None => Io::Plain(stream),
+            Some(tls) => {
+                let s = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| ConnectError::Tls(up.name.clone(), e.to_string()))?;
+                Io::Tls(Box::new(s))
+            }
+        };
+        Ok(Self {
+            io,
+            buf: BytesMut::with_capacity(READ_BUF),
+            idle_since: Instant::now(),
+            uses: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Writes all of `parts`: one `writev` per round trip on plain TCP; flattened into one
+    /// buffer for TLS, which encrypts into its own buffer anyway.
+    pub async fn write_all(&mut self, mut parts: IoVecs) -> io::Result<()> {
+        match &mut self.io {
+            Io::Plain(s) => {
+                while !parts.is_empty() {
+                    let (res, back) = s.writev(parts).await;
+                    parts = back;
+                    match res {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => parts.advance(n),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Io::Tls(s) => {
+                let mut flat = std::mem::take(&mut self.scratch);
+                flat.clear();
+                parts.flatten_into(&mut flat);
+                let (res, mut back) = s.write_all(flat).await;
+                back.clear();
+                self.scratch = back;
+                res?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// One read into the free space of `self.buf`, bounded by `timeout`. After a timeout the
+    /// connection must be dropped (the cancelled read may still complete).
+    pub async fn read(&mut self, timeout: Duration) -> Read {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(READ_BUF);
+        }
+        let owned = std::mem::take(&mut self.buf);
+        let len = owned.len();
+        let cap = owned.capacity();
+        let slice = owned.slice_mut(len..cap);
+        let result = match &mut self.io {
+            Io::Plain(s) => monoio::time::timeout(timeout, s.read(slice)).await,
+            Io::Tls(s) => monoio::time::timeout(timeout, s.read(slice)).await,
+        };
+        match result {
+            Ok((res, slice)) => {
+                self.buf = slice.into_inner();
+                match res {
+                    Ok(0) => Read::Eof,
+                    Ok(_) => Read::Data,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Read::Data,
+                    Err(e) => Read::Failed(e),
+                }
+            }
+            Err(_) => Read::TimedOut,
+        }
+    }
+}
