@@ -46,11 +46,13 @@ fn minimal_head() -> Vec<u8> {
 }
 
 fn forty_header_head() -> Vec<u8> {
-    let mut h = b"POST /v1/embeddings HTTP/1.1\r\nHost: gateway.internal\r\nContent-Length: 512\r\n"
-        .to_vec();
+    let mut h =
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: gateway.internal\r\nContent-Length: 512\r\n"
+            .to_vec();
     for i in 0..38 {
         h.extend_from_slice(
-            format!("X-Custom-Header-{i:02}: value-{i:02}-abcdefghijklmnopqrstuvwxyz\r\n").as_bytes(),
+            format!("X-Custom-Header-{i:02}: value-{i:02}-abcdefghijklmnopqrstuvwxyz\r\n")
+                .as_bytes(),
         );
     }
     h.extend_from_slice(b"\r\n");
@@ -59,7 +61,9 @@ fn forty_header_head() -> Vec<u8> {
 
 /// `body_len` bytes of payload in chunks of `chunk` bytes, chunked-encoded.
 fn chunked_body(body_len: usize, chunk: usize) -> Vec<u8> {
-    let payload: Vec<u8> = (0..body_len).map(|i| b"{\"role\":\"user\"}"[i % 15]).collect();
+    let payload: Vec<u8> = (0..body_len)
+        .map(|i| b"{\"role\":\"user\"}"[i % 15])
+        .collect();
     let mut enc = Vec::with_capacity(body_len + body_len / chunk * 8 + 8);
     for part in payload.chunks(chunk) {
         enc.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
@@ -82,7 +86,9 @@ fn bench_parse(c: &mut Criterion) {
     for (name, raw) in &cases {
         // Every case must be a complete, valid head or the numbers mean nothing.
         let mut storage = [httparse::EMPTY_HEADER; 100];
-        let head = parse_request_head(raw, &mut storage, &limits).unwrap().unwrap();
+        let head = parse_request_head(raw, &mut storage, &limits)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.head_len, raw.len(), "{name}");
 
         g.throughput(Throughput::Bytes(raw.len() as u64));

@@ -45,11 +45,17 @@ impl<'a> JsonBody<'a> {
             }
         })?;
         de.end().map_err(|e| BodyError::Invalid(e.to_string()))?;
-        Ok(Self { fields, edited: false })
+        Ok(Self {
+            fields,
+            edited: false,
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&RawValue> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
     }
 
     /// A string member (`None` when absent or not a string).
@@ -78,7 +84,9 @@ impl<'a> JsonBody<'a> {
         self.edited = true;
         match self.fields.iter_mut().find(|(k, _)| k == key) {
             Some((_, v)) => *v = Cow::Owned(raw),
-            None => self.fields.push((Cow::Owned(key.to_string()), Cow::Owned(raw))),
+            None => self
+                .fields
+                .push((Cow::Owned(key.to_string()), Cow::Owned(raw))),
         }
     }
 
@@ -221,10 +229,22 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_one_object() {
-        assert_eq!(JsonBody::parse(b"[1]").map(|_| ()), Err(BodyError::NotAnObject));
-        assert_eq!(JsonBody::parse(b"\"s\"").map(|_| ()), Err(BodyError::NotAnObject));
-        assert!(matches!(JsonBody::parse(b"{\"a\":1} x"), Err(BodyError::Invalid(_))));
-        assert!(matches!(JsonBody::parse(b"{\"a\":}"), Err(BodyError::Invalid(_))));
+        assert_eq!(
+            JsonBody::parse(b"[1]").map(|_| ()),
+            Err(BodyError::NotAnObject)
+        );
+        assert_eq!(
+            JsonBody::parse(b"\"s\"").map(|_| ()),
+            Err(BodyError::NotAnObject)
+        );
+        assert!(matches!(
+            JsonBody::parse(b"{\"a\":1} x"),
+            Err(BodyError::Invalid(_))
+        ));
+        assert!(matches!(
+            JsonBody::parse(b"{\"a\":}"),
+            Err(BodyError::Invalid(_))
+        ));
         assert!(matches!(JsonBody::parse(b""), Err(BodyError::Invalid(_))));
         assert_eq!(
             JsonBody::parse(br#"{"model":"a","model":"b"}"#).map(|_| ()),

@@ -47,7 +47,10 @@ pub enum NonRetention {
     /// A request header, e.g. `{ header = { name = "x-no-retain", value = "1" } }`.
     Header { name: String, value: String },
     /// A top-level JSON body field, e.g. OpenAI's `{ body_field = { name = "store", value = false } }`.
-    BodyField { name: String, value: serde_json::Value },
+    BodyField {
+        name: String,
+        value: serde_json::Value,
+    },
     /// Zero retention is guaranteed by an account-level agreement with the provider.
     AccountAgreement,
     /// The provider offers no way: requests requiring zero retention are never sent here.
@@ -283,7 +286,6 @@ impl Default for LogConfig {
     }
 }
 
-
 /// A configuration that could not be loaded. The message names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -384,7 +386,12 @@ impl Config {
         if self.admin.listen == self.server.listen && self.server.listen.port() != 0 {
             return Err(("admin.listen", "must differ from server.listen".into()));
         }
-        range("body_budget_bytes", self.body_budget_bytes, l.max_body_bytes.max(1), 1 << 40)?;
+        range(
+            "body_budget_bytes",
+            self.body_budget_bytes,
+            l.max_body_bytes.max(1),
+            1 << 40,
+        )?;
         self.validate_upstreams()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
@@ -400,14 +407,23 @@ impl Config {
         for (i, u) in self.upstreams.iter().enumerate() {
             let at = |what: &str| format!("upstreams[{i}] ({}): {what}", u.name);
             if u.name.is_empty() || !names.insert(u.name.as_str()) {
-                return Err(("upstreams.name", format!("upstreams[{i}]: name must be non-empty and unique (got {:?})", u.name)));
+                return Err((
+                    "upstreams.name",
+                    format!(
+                        "upstreams[{i}]: name must be non-empty and unique (got {:?})",
+                        u.name
+                    ),
+                ));
             }
             if let Err(e) = crate::upstream::BaseUrl::parse(&u.base_url) {
                 return Err(("upstreams.base_url", at(&e)));
             }
             if let Some(var) = &u.credential_env {
                 if std::env::var(var).map_or(true, |v| v.is_empty()) {
-                    return Err(("upstreams.credential_env", at(&format!("environment variable {var} is not set"))));
+                    return Err((
+                        "upstreams.credential_env",
+                        at(&format!("environment variable {var} is not set")),
+                    ));
                 }
             }
             if let Some(f) = &u.ca_file {
@@ -423,25 +439,40 @@ impl Config {
                     && name.bytes().all(crate::h1::is_tchar)
                     && value.bytes().all(crate::h1::is_field_value_byte);
                 if !ok {
-                    return Err(("upstreams.non_retention", at("header name must be a token and value printable")));
+                    return Err((
+                        "upstreams.non_retention",
+                        at("header name must be a token and value printable"),
+                    ));
                 }
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
             if r.model.is_some() == r.prefix.is_some() {
-                return Err(("routes", format!("routes[{i}]: set exactly one of `model` or `prefix`")));
+                return Err((
+                    "routes",
+                    format!("routes[{i}]: set exactly one of `model` or `prefix`"),
+                ));
             }
             if r.targets.is_empty() {
-                return Err(("routes.targets", format!("routes[{i}]: needs at least one target")));
+                return Err((
+                    "routes.targets",
+                    format!("routes[{i}]: needs at least one target"),
+                ));
             }
             for t in &r.targets {
                 if !names.contains(t.upstream.as_str()) {
-                    return Err(("routes.targets", format!("routes[{i}]: unknown upstream {:?}", t.upstream)));
+                    return Err((
+                        "routes.targets",
+                        format!("routes[{i}]: unknown upstream {:?}", t.upstream),
+                    ));
                 }
             }
         }
         if !self.upstreams.is_empty() && self.routes.is_empty() {
-            return Err(("routes", "upstreams are configured but no route leads to them".into()));
+            return Err((
+                "routes",
+                "upstreams are configured but no route leads to them".into(),
+            ));
         }
         Ok(())
     }
@@ -497,7 +528,11 @@ impl Config {
             new.admin.listen.to_string(),
         );
         cmp("log.level", self.log.level.clone(), new.log.level.clone());
-        cmp("body_budget_bytes", self.body_budget_bytes.to_string(), new.body_budget_bytes.to_string());
+        cmp(
+            "body_budget_bytes",
+            self.body_budget_bytes.to_string(),
+            new.body_budget_bytes.to_string(),
+        );
         v
     }
 }
@@ -575,15 +610,22 @@ mod tests {
         assert_eq!(c.routes[0].targets[0].model.as_deref(), Some("m"));
         let e = Config::parse(base, "t").expect_err("no route");
         assert!(e.to_string().contains("routes"), "{e}");
-        let bad = format!("{base}\n[[routes]]\nmodel = \"x\"\ntargets = [{{ upstream = \"b\" }}]\n");
+        let bad =
+            format!("{base}\n[[routes]]\nmodel = \"x\"\ntargets = [{{ upstream = \"b\" }}]\n");
         let e = Config::parse(&bad, "t").expect_err("unknown upstream");
         assert!(e.to_string().contains("unknown upstream \"b\""), "{e}");
         let bad = ok.replace("http://127.0.0.1:9000", "ftp://x");
         let e = Config::parse(&bad, "t").expect_err("scheme");
         assert!(e.to_string().contains("upstreams[0] (a)"), "{e}");
-        let bad = ok.replace("non_retention", "credential_env = \"AIGW_TEST_SURELY_UNSET\"\nnon_retention");
+        let bad = ok.replace(
+            "non_retention",
+            "credential_env = \"AIGW_TEST_SURELY_UNSET\"\nnon_retention",
+        );
         let e = Config::parse(&bad, "t").expect_err("env");
-        assert!(e.to_string().contains("AIGW_TEST_SURELY_UNSET is not set"), "{e}");
+        assert!(
+            e.to_string().contains("AIGW_TEST_SURELY_UNSET is not set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -19,9 +19,7 @@ use monoio::net::TcpStream;
 
 use crate::errors::{ApiError, ApiStyle};
 use crate::h1::limits::MAX_HEADERS_CEILING;
-use crate::h1::{
-    parse_request_head, BodyFraming, ChunkedDecoder, H1Error, HeadIndex, Limits,
-};
+use crate::h1::{parse_request_head, BodyFraming, ChunkedDecoder, H1Error, HeadIndex, Limits};
 use crate::request_id::RequestId;
 use crate::respond::{write_out, LogExtra, Responder};
 use crate::service::{Request, Response, Service};
@@ -102,29 +100,86 @@ pub(crate) async fn serve<S: Service>(
             HeadOutcome::Invalid(e) => Some((e.into(), ApiStyle::sniff(&bufs.read))),
         };
         if let Some((err, style)) = rejected {
-            reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
+            reject(
+                &mut stream,
+                &mut bufs,
+                &ctx,
+                &settings,
+                id,
+                peer,
+                started,
+                err,
+                style,
+            )
+            .await;
             return;
         }
 
         let mut reservation = ctx.body_budget();
         let body = read_body(&mut stream, &mut bufs, &settings, &mut reservation).await;
         let (body_range, consumed) = match body {
-            BodyOutcome::Ready { start, end, chunked, consumed } => ((!chunked).then_some(start..end), consumed),
+            BodyOutcome::Ready {
+                start,
+                end,
+                chunked,
+                consumed,
+            } => ((!chunked).then_some(start..end), consumed),
             BodyOutcome::Invalid(e) => {
                 let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, e.into(), style).await;
+                reject(
+                    &mut stream,
+                    &mut bufs,
+                    &ctx,
+                    &settings,
+                    id,
+                    peer,
+                    started,
+                    e.into(),
+                    style,
+                )
+                .await;
                 return;
             }
             BodyOutcome::OverBudget => {
-                let err = ApiError::internal(503, "server_busy", "the gateway is at its memory limit for request bodies; retry shortly");
+                let err = ApiError::internal(
+                    503,
+                    "server_busy",
+                    "the gateway is at its memory limit for request bodies; retry shortly",
+                );
                 let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
+                reject(
+                    &mut stream,
+                    &mut bufs,
+                    &ctx,
+                    &settings,
+                    id,
+                    peer,
+                    started,
+                    err,
+                    style,
+                )
+                .await;
                 return;
             }
             BodyOutcome::TimedOut => {
-                let err = ApiError::downstream(408, "request_timeout", "request body not received in time");
+                let err = ApiError::downstream(
+                    408,
+                    "request_timeout",
+                    "request body not received in time",
+                );
                 let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(&mut stream, &mut bufs, &ctx, &settings, id, peer, started, err, style).await;
+                reject(
+                    &mut stream,
+                    &mut bufs,
+                    &ctx,
+                    &settings,
+                    id,
+                    peer,
+                    started,
+                    err,
+                    style,
+                )
+                .await;
                 return;
             }
             BodyOutcome::Io => return,
@@ -151,17 +206,33 @@ pub(crate) async fn serve<S: Service>(
             );
             service.call(&req, &mut resp).await;
             if !resp.started() {
-                let err = ApiError::internal(500, "internal_error", "the gateway produced no response");
+                let err =
+                    ApiError::internal(500, "internal_error", "the gateway produced no response");
                 resp.send(Response::error(err, req.api_style())).await;
             } else if !resp.is_done() {
                 resp.abort();
             }
-            (resp.status(), resp.bytes_out(), resp.reusable(), std::mem::take(&mut resp.log))
+            (
+                resp.status(),
+                resp.bytes_out(),
+                resp.reusable(),
+                std::mem::take(&mut resp.log),
+            )
         };
         drop(reservation);
         ctx.finish_request();
         if settings.access_log {
-            access_log(id, peer, &bufs.index, &raw, status, consumed, bytes_out, started, &log);
+            access_log(
+                id,
+                peer,
+                &bufs.index,
+                &raw,
+                status,
+                consumed,
+                bytes_out,
+                started,
+                &log,
+            );
         }
         drop(body);
         drop(raw);

@@ -121,7 +121,14 @@ fn chat_completion(req: &Request<'_>) -> Response {
     let completion_tokens = approx_tokens(&reply);
     if body["stream"] == true {
         let include_usage = body["stream_options"]["include_usage"] == true;
-        return openai_stream(req, model, &reply, include_usage, prompt_tokens, completion_tokens);
+        return openai_stream(
+            req,
+            model,
+            &reply,
+            include_usage,
+            prompt_tokens,
+            completion_tokens,
+        );
     }
     let out = json!({
         "id": format!("chatcmpl-{}", req.id),
@@ -182,7 +189,14 @@ fn anthropic_message(req: &Request<'_>) -> Response {
 }
 
 /// The reply as OpenAI chat chunks, a word per event, then `[DONE]`.
-fn openai_stream(req: &Request<'_>, model: &str, reply: &str, include_usage: bool, prompt: u64, completion: u64) -> Response {
+fn openai_stream(
+    req: &Request<'_>,
+    model: &str,
+    reply: &str,
+    include_usage: bool,
+    prompt: u64,
+    completion: u64,
+) -> Response {
     let id = format!("chatcmpl-{}", req.id);
     let created = unix_now();
     let mut out = String::new();
@@ -191,20 +205,34 @@ fn openai_stream(req: &Request<'_>, model: &str, reply: &str, include_usage: boo
         out.push_str(&v.to_string());
         out.push_str("\n\n");
     };
-    event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}));
+    event(
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+    );
     for word in reply.split_inclusive(' ') {
-        event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}));
+        event(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]}),
+        );
     }
-    event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}));
+    event(
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    );
     if include_usage {
-        event(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}));
+        event(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}),
+        );
     }
     out.push_str("data: [DONE]\n\n");
-    Response { status: 200, content_type: "text/event-stream", body: out.into_bytes(), headers: Vec::new(), close: false }
+    Response {
+        status: 200,
+        content_type: "text/event-stream",
+        body: out.into_bytes(),
+        headers: Vec::new(),
+        close: false,
+    }
 }
 
 /// The reply as Anthropic message events.
@@ -217,18 +245,39 @@ fn anthropic_stream(req: &Request<'_>, model: &str, reply: &str, input: u64) -> 
         out.push_str(&v.to_string());
         out.push_str("\n\n");
     };
-    event("message_start", json!({"type": "message_start", "message": {"id": format!("msg_{}", req.id), "type": "message",
+    event(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": format!("msg_{}", req.id), "type": "message",
         "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-        "usage": {"input_tokens": input, "output_tokens": 1}}}));
-    event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+        "usage": {"input_tokens": input, "output_tokens": 1}}}),
+    );
+    event(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    );
     for word in reply.split_inclusive(' ') {
-        event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}));
+        event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}),
+        );
     }
-    event("content_block_stop", json!({"type": "content_block_stop", "index": 0}));
-    event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-        "usage": {"output_tokens": approx_tokens(reply)}}));
+    event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    );
+    event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": approx_tokens(reply)}}),
+    );
     event("message_stop", json!({"type": "message_stop"}));
-    Response { status: 200, content_type: "text/event-stream", body: out.into_bytes(), headers: Vec::new(), close: false }
+    Response {
+        status: 200,
+        content_type: "text/event-stream",
+        body: out.into_bytes(),
+        headers: Vec::new(),
+        close: false,
+    }
 }
 
 fn models() -> Response {

@@ -47,16 +47,43 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn downstream(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, code, message: message.into(), source: ErrorSource::Downstream }
+    pub fn downstream(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            source: ErrorSource::Downstream,
+        }
     }
 
-    pub fn upstream(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, code, message: message.into(), source: ErrorSource::Upstream }
+    pub fn upstream(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            source: ErrorSource::Upstream,
+        }
     }
 
-    pub fn internal(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { status, code, message: message.into(), source: ErrorSource::Internal }
+    pub fn internal(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            source: ErrorSource::Internal,
+        }
     }
 
     /// The OpenAI `type` for this status.

@@ -29,7 +29,10 @@ impl IoVecs {
         if b.is_empty() {
             return;
         }
-        self.iov.push(libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() });
+        self.iov.push(libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        });
         self.parts.push(b);
     }
 
@@ -69,7 +72,9 @@ impl IoVecs {
         for v in &self.iov[self.first..] {
             // SAFETY: every iovec points into a `Bytes` held in `self.parts`, and `advance`
             // keeps base + len inside it.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
         }
     }
 

@@ -96,16 +96,25 @@ mod tests {
     fn model_rename_and_body_field_non_retention() {
         let original = Bytes::from_static(br#"{"model":"x","messages":[]}"#);
         let parsed = JsonBody::parse(&original).expect("valid");
-        let t = target("non_retention = { body_field = { name = \"store\", value = false } }", ", model = \"dep\"");
+        let t = target(
+            "non_retention = { body_field = { name = \"store\", value = false } }",
+            ", model = \"dep\"",
+        );
         let out = prepare(&parsed, &original, &t);
-        assert_eq!(&out.body[..], br#"{"model":"dep","messages":[],"store":false}"#);
+        assert_eq!(
+            &out.body[..],
+            br#"{"model":"dep","messages":[],"store":false}"#
+        );
     }
 
     #[test]
     fn header_non_retention() {
         let original = Bytes::from_static(br#"{"model":"x"}"#);
         let parsed = JsonBody::parse(&original).expect("valid");
-        let t = target("non_retention = { header = { name = \"x-no-retain\", value = \"1\" } }", "");
+        let t = target(
+            "non_retention = { header = { name = \"x-no-retain\", value = \"1\" } }",
+            "",
+        );
         let out = prepare(&parsed, &original, &t);
         assert_eq!(out.headers, b"x-no-retain: 1\r\n");
         assert_eq!(out.body.as_ptr(), original.as_ptr());

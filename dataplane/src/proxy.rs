@@ -36,7 +36,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(ctx: &Rc<WorkerCtx>) -> Self {
-        Self { ctx: Rc::clone(ctx), pool: Pool::new(), pool_generation: Cell::new(0) }
+        Self {
+            ctx: Rc::clone(ctx),
+            pool: Pool::new(),
+            pool_generation: Cell::new(0),
+        }
     }
 }
 
@@ -49,13 +53,29 @@ impl Service for Gateway {
         }
         let style = req.api_style();
         let Some(endpoint) = Endpoint::from_path(req.path_only()) else {
-            let err = ApiError::downstream(404, "not_found", format!("no such endpoint: {}", req.path_only()));
+            let err = ApiError::downstream(
+                404,
+                "not_found",
+                format!("no such endpoint: {}", req.path_only()),
+            );
             return resp.send(Response::error(err, style)).await;
         };
-        if req.method() != endpoint.method() && !(endpoint == Endpoint::Models && req.method() == "HEAD") {
-            let err = ApiError::downstream(405, "method_not_allowed", format!("{} is not allowed here", req.method()));
-            let allow = if endpoint == Endpoint::Models { "GET, HEAD" } else { "POST" };
-            return resp.send(Response::error(err, style).with_header("allow", allow)).await;
+        if req.method() != endpoint.method()
+            && !(endpoint == Endpoint::Models && req.method() == "HEAD")
+        {
+            let err = ApiError::downstream(
+                405,
+                "method_not_allowed",
+                format!("{} is not allowed here", req.method()),
+            );
+            let allow = if endpoint == Endpoint::Models {
+                "GET, HEAD"
+            } else {
+                "POST"
+            };
+            return resp
+                .send(Response::error(err, style).with_header("allow", allow))
+                .await;
         }
         if endpoint == Endpoint::Models {
             return resp.send(models(&settings.routes)).await;
@@ -63,7 +83,11 @@ impl Service for Gateway {
         let family = endpoint.family();
         let style = family.style();
         if !is_json(req) {
-            let err = ApiError::downstream(415, "unsupported_media_type", "request body must be application/json");
+            let err = ApiError::downstream(
+                415,
+                "unsupported_media_type",
+                "request body must be application/json",
+            );
             return resp.send(Response::error(err, style)).await;
         }
         let parsed = match JsonBody::parse(req.body) {
@@ -73,16 +97,29 @@ impl Service for Gateway {
                     BodyError::DuplicateKey(_) => "duplicate_key",
                     _ => "invalid_json",
                 };
-                return resp.send(Response::error(ApiError::downstream(400, code, e.to_string()), style)).await;
+                return resp
+                    .send(Response::error(
+                        ApiError::downstream(400, code, e.to_string()),
+                        style,
+                    ))
+                    .await;
             }
         };
         let Some(model) = parsed.get_str("model").map(|m| m.into_owned()) else {
-            let err = ApiError::downstream(400, "missing_model", "`model` is required and must be a string");
+            let err = ApiError::downstream(
+                400,
+                "missing_model",
+                "`model` is required and must be a string",
+            );
             return resp.send(Response::error(err, style)).await;
         };
         let targets = settings.routes.lookup(&model, family);
         if targets.is_empty() {
-            let err = ApiError::downstream(404, "model_not_found", format!("no route for model `{model}` on this API"));
+            let err = ApiError::downstream(
+                404,
+                "model_not_found",
+                format!("no route for model `{model}` on this API"),
+            );
             return resp.send(Response::error(err, style)).await;
         }
         self.forward(req, resp, &parsed, &targets, family).await;
@@ -99,7 +136,8 @@ impl Gateway {
         family: ProviderKind,
     ) {
         let style = family.style();
-        let mut last_err = ApiError::upstream(502, "upstream_unavailable", "no upstream could be reached");
+        let mut last_err =
+            ApiError::upstream(502, "upstream_unavailable", "no upstream could be reached");
         let mut attempts = 0;
         for (i, target) in targets.iter().enumerate() {
             let is_last = i + 1 == targets.len();
@@ -116,8 +154,16 @@ impl Gateway {
                     Err(e) => {
                         tracing::warn!(id = %req.id, upstream = %up.name, error = %e, "upstream unavailable");
                         last_err = match e {
-                            CheckoutError::Exhausted(_) => ApiError::internal(503, "upstream_busy", "too many requests in flight to this upstream"),
-                            CheckoutError::Connect(_) => ApiError::upstream(502, "upstream_unavailable", "the upstream could not be reached"),
+                            CheckoutError::Exhausted(_) => ApiError::internal(
+                                503,
+                                "upstream_busy",
+                                "too many requests in flight to this upstream",
+                            ),
+                            CheckoutError::Connect(_) => ApiError::upstream(
+                                502,
+                                "upstream_unavailable",
+                                "the upstream could not be reached",
+                            ),
                         };
                         break; // nothing was sent: fail over
                     }
@@ -128,12 +174,17 @@ impl Gateway {
                     continue;
                 }
                 let head = build_head(req, target, &outgoing.body, &outgoing.headers, family);
-                let outcome = relay::exchange(&self.pool, up, lease, head, req, resp, family, !is_last).await;
+                let outcome =
+                    relay::exchange(&self.pool, up, lease, head, req, resp, family, !is_last).await;
                 match outcome {
                     Attempt::Done => return,
                     Attempt::Stale => {
                         if fresh_only {
-                            last_err = ApiError::upstream(502, "upstream_unavailable", "the upstream closed the connection");
+                            last_err = ApiError::upstream(
+                                502,
+                                "upstream_unavailable",
+                                "the upstream closed the connection",
+                            );
                             break;
                         }
                         fresh_only = true;
@@ -176,7 +227,13 @@ fn is_dropped_request_header(name: &[u8]) -> bool {
 
 /// The forwarded head: generated request line and Host, then the client's kept header lines
 /// as runs of the original bytes, then the gateway's own fields, then the body.
-fn build_head(req: &Request<'_>, target: &Target, body: &Bytes, extra: &[u8], family: ProviderKind) -> IoVecs {
+fn build_head(
+    req: &Request<'_>,
+    target: &Target,
+    body: &Bytes,
+    extra: &[u8],
+    family: ProviderKind,
+) -> IoVecs {
     let up = &target.upstream;
     let raw = req.raw();
     let index = req.index();
@@ -250,5 +307,10 @@ fn models(routes: &crate::routes::RouteTable) -> Response {
         .into_iter()
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "aigateway"}))
         .collect();
-    Response::json(200, json!({"object": "list", "data": data}).to_string().into_bytes())
+    Response::json(
+        200,
+        json!({"object": "list", "data": data})
+            .to_string()
+            .into_bytes(),
+    )
 }

@@ -16,7 +16,8 @@ use crate::config::ProviderKind;
 use crate::errors::ApiError;
 use crate::h1::sse::SseParser;
 use crate::h1::{
-    list_contains, parse_response_head, ChunkedDecoder, Limits, ResponseError, ResponseFraming, Span,
+    list_contains, parse_response_head, ChunkedDecoder, Limits, ResponseError, ResponseFraming,
+    Span,
 };
 use crate::iovec::IoVecs;
 use crate::respond::Responder;
@@ -60,7 +61,11 @@ pub async fn exchange(
             return Attempt::Stale;
         }
         tracing::warn!(id = %req.id, upstream = %up.name, error = %e, "sending to upstream failed");
-        return Attempt::FailOver(ApiError::upstream(502, "upstream_unavailable", "sending the request to the upstream failed"));
+        return Attempt::FailOver(ApiError::upstream(
+            502,
+            "upstream_unavailable",
+            "sending the request to the upstream failed",
+        ));
     }
     let head = match read_head(&mut lease.conn, up).await {
         Ok(h) => h,
@@ -68,16 +73,27 @@ pub async fn exchange(
             return Attempt::Fail(ApiError::upstream(
                 504,
                 "upstream_timeout",
-                format!("the upstream did not start answering within {}s", up.first_byte_timeout.as_secs()),
+                format!(
+                    "the upstream did not start answering within {}s",
+                    up.first_byte_timeout.as_secs()
+                ),
             ))
         }
         Err(HeadError::Closed { any_bytes: false }) if lease.reused => return Attempt::Stale,
         Err(HeadError::Closed { .. }) => {
-            return Attempt::Fail(ApiError::upstream(502, "upstream_closed", "the upstream closed the connection without a complete answer"))
+            return Attempt::Fail(ApiError::upstream(
+                502,
+                "upstream_closed",
+                "the upstream closed the connection without a complete answer",
+            ))
         }
         Err(HeadError::Malformed(e)) => {
             tracing::warn!(id = %req.id, upstream = %up.name, error = %e, "malformed upstream response");
-            return Attempt::Fail(ApiError::upstream(502, "bad_upstream_response", "the upstream sent a malformed response"));
+            return Attempt::Fail(ApiError::upstream(
+                502,
+                "bad_upstream_response",
+                "the upstream sent a malformed response",
+            ));
         }
     };
     if matches!(head.status, 429 | 500 | 502 | 503 | 504) && can_fail_over {
@@ -91,7 +107,11 @@ pub async fn exchange(
     if head.status == 401 || head.status == 403 {
         // Providers echo part of the credential in these bodies: never relay them.
         tracing::error!(id = %req.id, upstream = %up.name, status = head.status, "upstream refused the gateway's credential");
-        return Attempt::Fail(ApiError::upstream(502, "upstream_auth_failed", "the upstream refused the gateway's credentials"));
+        return Attempt::Fail(ApiError::upstream(
+            502,
+            "upstream_auth_failed",
+            "the upstream refused the gateway's credentials",
+        ));
     }
     relay_response(pool, up, lease, head, resp, family).await;
     Attempt::Done
@@ -133,16 +153,25 @@ async fn read_head(conn: &mut UpConn, up: &Upstream) -> Result<UpHead, HeadError
                     let base = conn.buf.as_ptr() as usize;
                     let span = |s: &[u8]| {
                         let start = (s.as_ptr() as usize - base) as u32;
-                        Span { start, end: start + s.len() as u32 }
+                        Span {
+                            start,
+                            end: start + s.len() as u32,
+                        }
                     };
                     let ctype = h.header("content-type").unwrap_or_default();
-                    let starts = |p: &[u8]| ctype.len() >= p.len() && ctype[..p.len()].eq_ignore_ascii_case(p);
+                    let starts = |p: &[u8]| {
+                        ctype.len() >= p.len() && ctype[..p.len()].eq_ignore_ascii_case(p)
+                    };
                     return Ok(UpHead {
                         status: h.status,
                         framing: h.framing,
                         keep_alive: h.keep_alive,
                         head_len: h.head_len,
-                        fields: h.headers.iter().map(|f| (span(f.name.as_bytes()), span(f.value))).collect(),
+                        fields: h
+                            .headers
+                            .iter()
+                            .map(|f| (span(f.name.as_bytes()), span(f.value)))
+                            .collect(),
                         event_stream: starts(b"text/event-stream"),
                         json: starts(b"application/json"),
                     });
@@ -154,7 +183,11 @@ async fn read_head(conn: &mut UpConn, up: &Upstream) -> Result<UpHead, HeadError
         match conn.read(timeout).await {
             Read::Data => timeout = up.read_idle_timeout,
             Read::TimedOut => return Err(HeadError::TimedOut),
-            Read::Eof | Read::Failed(_) => return Err(HeadError::Closed { any_bytes: !conn.buf.is_empty() }),
+            Read::Eof | Read::Failed(_) => {
+                return Err(HeadError::Closed {
+                    any_bytes: !conn.buf.is_empty(),
+                })
+            }
         }
     }
 }
@@ -253,7 +286,9 @@ async fn relay_response(
         resp.begin(head.status, length, |mut h| {
             for (n, v) in &head.fields {
                 let (name, value) = (n.get(buf), v.get(buf));
-                if name.eq_ignore_ascii_case(b"x-request-id") || name.eq_ignore_ascii_case(b"request-id") {
+                if name.eq_ignore_ascii_case(b"x-request-id")
+                    || name.eq_ignore_ascii_case(b"request-id")
+                {
                     h = h.header("x-upstream-request-id", value);
                 } else if !is_dropped_response_header(name) && !list_contains(connection, name) {
                     if let Ok(name) = std::str::from_utf8(name) {
@@ -280,7 +315,9 @@ async fn relay_response(
     }
     match end {
         BodyEnd::Complete => {
-            let clean = head.keep_alive && lease.conn.buf.is_empty() && head.framing != ResponseFraming::UntilClose;
+            let clean = head.keep_alive
+                && lease.conn.buf.is_empty()
+                && head.framing != ResponseFraming::UntilClose;
             if clean {
                 pool.checkin(up, lease);
             }
@@ -292,7 +329,11 @@ async fn relay_response(
         BodyEnd::UpstreamFailed(why) => {
             tracing::warn!(id = %resp.id(), upstream = %up.name, why, "upstream response cut short");
             if head.event_stream {
-                let event = adapters::stream_error_event(family, "upstream_interrupted", "the upstream stopped before the response was complete");
+                let event = adapters::stream_error_event(
+                    family,
+                    "upstream_interrupted",
+                    "the upstream stopped before the response was complete",
+                );
                 resp.write_body(&event, false).await;
             }
             resp.log.error_code = Some("upstream_interrupted");
@@ -309,14 +350,21 @@ async fn pump(
     resp: &mut Responder<'_>,
     obs: &mut Observer,
 ) -> BodyEnd {
-    let mut decoder = ChunkedDecoder::new(&Limits { max_body_bytes: u64::MAX, ..Limits::default() });
+    let mut decoder = ChunkedDecoder::new(&Limits {
+        max_body_bytes: u64::MAX,
+        ..Limits::default()
+    });
     let mut decoded = Vec::new();
     let mut remaining = match framing {
         ResponseFraming::Length(n) => n,
         _ => 0,
     };
     if framing == ResponseFraming::None {
-        return if resp.write_body(&[], true).await { BodyEnd::Complete } else { BodyEnd::ClientGone };
+        return if resp.write_body(&[], true).await {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::ClientGone
+        };
     }
     loop {
         let (data_done, wrote) = match framing {
@@ -336,7 +384,10 @@ async fn pump(
                 };
                 conn.buf.advance(progress.consumed);
                 obs.feed(&decoded);
-                (progress.done, resp.write_body(&decoded, progress.done).await)
+                (
+                    progress.done,
+                    resp.write_body(&decoded, progress.done).await,
+                )
             }
             ResponseFraming::UntilClose => {
                 let chunk = conn.buf.split();
@@ -354,11 +405,17 @@ async fn pump(
         match conn.read(up.read_idle_timeout).await {
             Read::Data => {}
             Read::Eof if framing == ResponseFraming::UntilClose => {
-                return if resp.write_body(&[], true).await { BodyEnd::Complete } else { BodyEnd::ClientGone };
+                return if resp.write_body(&[], true).await {
+                    BodyEnd::Complete
+                } else {
+                    BodyEnd::ClientGone
+                };
             }
             Read::Eof => return BodyEnd::UpstreamFailed("upstream closed mid-body"),
             Read::TimedOut => return BodyEnd::UpstreamFailed("upstream went silent mid-body"),
-            Read::Failed(_) => return BodyEnd::UpstreamFailed("upstream connection failed mid-body"),
+            Read::Failed(_) => {
+                return BodyEnd::UpstreamFailed("upstream connection failed mid-body")
+            }
         }
     }
 }

@@ -22,7 +22,9 @@ use crate::worker::WorkerCtx;
 enum State {
     NotStarted,
     /// Head buffered or sent; body under way.
-    Body { chunked: bool },
+    Body {
+        chunked: bool,
+    },
     Done,
     Aborted,
 }
@@ -152,7 +154,10 @@ impl<'a> Responder<'a> {
             None => head.header("transfer-encoding", b"chunked"),
         };
         head = headers(head);
-        head = head.header("connection", if keep_alive { b"keep-alive" } else { b"close" });
+        head = head.header(
+            "connection",
+            if keep_alive { b"keep-alive" } else { b"close" },
+        );
         head.finish();
     }
 
@@ -223,7 +228,11 @@ fn hex(mut n: usize, out: &mut [u8; 16]) -> usize {
 }
 
 /// Writes all of `out` (then clears it), bounded by `timeout`.
-pub(crate) async fn write_out(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> io::Result<()> {
+pub(crate) async fn write_out(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> io::Result<()> {
     let owned = std::mem::take(out);
     match monoio::time::timeout(timeout, stream.write_all(owned)).await {
         Ok((res, mut back)) => {

@@ -44,7 +44,10 @@ impl RouteTable {
                 .targets
                 .iter()
                 .filter_map(|t| {
-                    by_name.get(&t.upstream).map(|u| Target { upstream: Arc::clone(u), model: t.model.clone() })
+                    by_name.get(&t.upstream).map(|u| Target {
+                        upstream: Arc::clone(u),
+                        model: t.model.clone(),
+                    })
                 })
                 .collect();
             match (&r.model, &r.prefix) {
@@ -55,8 +58,12 @@ impl RouteTable {
                 (None, None) => {}
             }
         }
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        Ok(Self { upstreams, exact, prefixes })
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(Self {
+            upstreams,
+            exact,
+            prefixes,
+        })
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
@@ -66,7 +73,10 @@ impl RouteTable {
     /// Targets for `model` that speak `kind`, in failover order. Empty when nothing routes.
     pub fn lookup(&self, model: &str, kind: ProviderKind) -> Vec<&Target> {
         let targets = self.exact.get(model).or_else(|| {
-            self.prefixes.iter().find(|(p, _)| model.starts_with(p.as_str())).map(|(_, t)| t)
+            self.prefixes
+                .iter()
+                .find(|(p, _)| model.starts_with(p.as_str()))
+                .map(|(_, t)| t)
         });
         targets
             .map(|t| t.iter().filter(|t| t.upstream.kind == kind).collect())
@@ -126,9 +136,18 @@ mod tests {
     #[test]
     fn exact_then_longest_prefix_then_family() {
         let t = table();
-        assert_eq!(names(t.lookup("gpt-4o", ProviderKind::Openai)), ["oa2", "oa"]);
-        assert_eq!(t.lookup("gpt-4o", ProviderKind::Openai)[0].model.as_deref(), Some("dep-4o"));
-        assert_eq!(names(t.lookup("gpt-4-turbo", ProviderKind::Openai)), ["oa2"]);
+        assert_eq!(
+            names(t.lookup("gpt-4o", ProviderKind::Openai)),
+            ["oa2", "oa"]
+        );
+        assert_eq!(
+            t.lookup("gpt-4o", ProviderKind::Openai)[0].model.as_deref(),
+            Some("dep-4o")
+        );
+        assert_eq!(
+            names(t.lookup("gpt-4-turbo", ProviderKind::Openai)),
+            ["oa2"]
+        );
         assert_eq!(names(t.lookup("gpt-3.5", ProviderKind::Openai)), ["oa"]);
         assert_eq!(names(t.lookup("claude-3", ProviderKind::Anthropic)), ["an"]);
         assert_eq!(names(t.lookup("claude-3", ProviderKind::Openai)), ["oa"]);

@@ -11,8 +11,8 @@ use anyhow::{anyhow, Context};
 use crate::admin::{AdminService, AdminState};
 use crate::config::{Config, DriverChoice};
 use crate::demo::DemoService;
-use crate::proxy::Gateway;
 use crate::listener;
+use crate::proxy::Gateway;
 use crate::runtime::DriverKind;
 use crate::settings::SharedSettings;
 use crate::shutdown::Shutdown;
@@ -209,10 +209,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     );
     if demo_addr.is_some() {
         tracing::info!(
-        "serving the built-in demo provider; try: curl -s http://{addr}/v1/chat/completions \
+            "serving the built-in demo provider; try: curl -s http://{addr}/v1/chat/completions \
          -H 'content-type: application/json' \
          -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
-    );
+        );
     }
     Ok(ServerHandle {
         addr,
@@ -231,11 +231,18 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
 }
 
 /// Runs the demo provider on its own thread, on a loopback port of its own.
-fn start_demo(config: &Config, stop: &Arc<Shutdown>) -> anyhow::Result<(JoinHandle<()>, SocketAddr)> {
+fn start_demo(
+    config: &Config,
+    stop: &Arc<Shutdown>,
+) -> anyhow::Result<(JoinHandle<()>, SocketAddr)> {
     let listener = listener::bind_single(SocketAddr::from(([127, 0, 0, 1], 0)), 1024)
         .context("binding the demo provider")?;
     let addr = listener.local_addr()?;
-    let mut demo_config = Config { upstreams: Vec::new(), routes: Vec::new(), ..config.clone() };
+    let mut demo_config = Config {
+        upstreams: Vec::new(),
+        routes: Vec::new(),
+        ..config.clone()
+    };
     demo_config.log.access = false;
     let settings = Arc::new(SharedSettings::new(&demo_config).map_err(|e| anyhow!(e))?);
     let spec = WorkerSpec {
@@ -281,14 +288,31 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         region: "local".into(),
         baa: false,
     };
-    config.upstreams = vec![upstream("demo-openai", ProviderKind::Openai), upstream("demo-anthropic", ProviderKind::Anthropic)];
+    config.upstreams = vec![
+        upstream("demo-openai", ProviderKind::Openai),
+        upstream("demo-anthropic", ProviderKind::Anthropic),
+    ];
     let targets = vec![
-        RouteTarget { upstream: "demo-openai".into(), model: None },
-        RouteTarget { upstream: "demo-anthropic".into(), model: None },
+        RouteTarget {
+            upstream: "demo-openai".into(),
+            model: None,
+        },
+        RouteTarget {
+            upstream: "demo-anthropic".into(),
+            model: None,
+        },
     ];
     config.routes = vec![
-        RouteConfig { model: Some(crate::demo::DEMO_MODEL.into()), prefix: None, targets: targets.clone() },
-        RouteConfig { model: None, prefix: Some(String::new()), targets },
+        RouteConfig {
+            model: Some(crate::demo::DEMO_MODEL.into()),
+            prefix: None,
+            targets: targets.clone(),
+        },
+        RouteConfig {
+            model: None,
+            prefix: Some(String::new()),
+            targets,
+        },
     ];
     config
 }

@@ -34,7 +34,15 @@ impl<'a> Request<'a> {
         raw: &'a Bytes,
         body: &'a Bytes,
     ) -> Self {
-        Self { id, peer, started, index, raw, buf: raw, body }
+        Self {
+            id,
+            peer,
+            started,
+            index,
+            raw,
+            buf: raw,
+            body,
+        }
     }
 
     /// The bytes the head was parsed from (the head's spans index into them).

@@ -129,7 +129,11 @@ impl WorkerCtx {
 
     /// A reservation against this worker's memory budget for request bodies.
     pub(crate) fn body_budget(&self) -> BodyBudget<'_> {
-        BodyBudget { ctx: self, held: 0, limit: self.settings.current().body_budget_bytes }
+        BodyBudget {
+            ctx: self,
+            held: 0,
+            limit: self.settings.current().body_budget_bytes,
+        }
     }
 }
 
@@ -163,7 +167,9 @@ impl BodyBudget<'_> {
 
 impl Drop for BodyBudget<'_> {
     fn drop(&mut self) {
-        self.ctx.body_in_use.set(self.ctx.body_in_use.get().saturating_sub(self.held));
+        self.ctx
+            .body_in_use
+            .set(self.ctx.body_in_use.get().saturating_sub(self.held));
     }
 }
 

@@ -120,7 +120,10 @@ fn chunked_body(body_len: usize, chunk: usize) -> Vec<u8> {
 #[test]
 fn counter_counts_allocations() {
     let (n, v) = count_allocs(|| Vec::<u8>::with_capacity(10));
-    assert_eq!(n, 1, "Vec::with_capacity(10) must be counted as one allocation");
+    assert_eq!(
+        n, 1,
+        "Vec::with_capacity(10) must be counted as one allocation"
+    );
     drop(v);
 
     let (n, ()) = count_allocs(|| {
@@ -141,7 +144,9 @@ fn parsing_a_head_allocates_nothing() {
     // Warm-up outside the counted region (lazy statics, if any, get initialised here).
     {
         let mut storage = [httparse::EMPTY_HEADER; 100];
-        let head = parse_request_head(CHAT_HEAD, &mut storage, &limits).unwrap().unwrap();
+        let head = parse_request_head(CHAT_HEAD, &mut storage, &limits)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.head_len, CHAT_HEAD.len());
         assert_eq!(head.framing, BodyFraming::Length(16384));
         assert!(head.headers.len() >= 20);
@@ -160,14 +165,18 @@ fn parsing_a_head_allocates_nothing() {
         total
     });
     assert!(total > 0);
-    assert_eq!(n, 0, "parse_request_head allocated {n} times in {ITERATIONS} parses");
+    assert_eq!(
+        n, 0,
+        "parse_request_head allocated {n} times in {ITERATIONS} parses"
+    );
 }
 
 #[test]
 fn partial_and_rejected_heads_allocate_nothing() {
     let limits = Limits::default();
     let partial = &CHAT_HEAD[..CHAT_HEAD.len() / 2];
-    let bad = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let bad =
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     let (n, ()) = count_allocs(|| {
         for _ in 0..ITERATIONS {
             let mut storage = [httparse::EMPTY_HEADER; 100];
@@ -188,7 +197,9 @@ fn filling_a_reused_head_index_allocates_nothing() {
     let mut index = HeadIndex::default();
     {
         let mut storage = [httparse::EMPTY_HEADER; 100];
-        let head = parse_request_head(CHAT_HEAD, &mut storage, &limits).unwrap().unwrap();
+        let head = parse_request_head(CHAT_HEAD, &mut storage, &limits)
+            .unwrap()
+            .unwrap();
         index.fill(CHAT_HEAD, &head);
     }
     let fields = index.fields.len();
@@ -198,7 +209,9 @@ fn filling_a_reused_head_index_allocates_nothing() {
         for _ in 0..ITERATIONS {
             let mut storage = [httparse::EMPTY_HEADER; 100];
             let buf = black_box(CHAT_HEAD);
-            let head = parse_request_head(buf, &mut storage, &limits).unwrap().unwrap();
+            let head = parse_request_head(buf, &mut storage, &limits)
+                .unwrap()
+                .unwrap();
             index.fill(buf, &head);
             black_box(&index);
         }
@@ -212,7 +225,9 @@ fn filling_a_reused_head_index_allocates_nothing() {
 fn chunked_decoding_into_a_reserved_buffer_allocates_nothing() {
     let limits = Limits::default();
     let mut storage = [httparse::EMPTY_HEADER; 100];
-    let head = parse_request_head(CHUNKED_HEAD, &mut storage, &limits).unwrap().unwrap();
+    let head = parse_request_head(CHUNKED_HEAD, &mut storage, &limits)
+        .unwrap()
+        .unwrap();
     assert_eq!(head.framing, BodyFraming::Chunked);
 
     let body_len = 16 * 1024;

@@ -51,6 +51,8 @@ pub fn test_config(driver: DriverChoice) -> Config {
     c.server.pin_workers = false;
     c.server.driver = driver;
     c.log.access = false;
+    // Tests drop gateways with streams still open; do not wait long for them.
+    c.timeouts.shutdown_drain = Duration::from_secs(1);
     c
 }
 

@@ -22,7 +22,9 @@ both_drivers!(answers_a_chat_request_with_request_id_and_date, |driver| {
     );
     // The demo provider sits behind the proxy like any upstream; its own id is relayed as
     // x-upstream-request-id, and ours is distinct.
-    let upstream_id = r.header("x-upstream-request-id").expect("upstream id relayed");
+    let upstream_id = r
+        .header("x-upstream-request-id")
+        .expect("upstream id relayed");
     assert_ne!(upstream_id, id);
     assert_eq!(v["id"], format!("chatcmpl-{upstream_id}"));
 });

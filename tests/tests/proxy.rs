@@ -20,7 +20,12 @@ fn cred_env() {
 }
 
 /// A gateway with the given upstreams (name, kind, base_url, extra TOML) and routes TOML.
-fn gateway(driver: DriverChoice, upstreams: &[(&str, &str, String, &str)], routes: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
+fn gateway(
+    driver: DriverChoice,
+    upstreams: &[(&str, &str, String, &str)],
+    routes: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> Gateway {
     cred_env();
     let mut toml = String::new();
     for (name, kind, url, extra) in upstreams {
@@ -55,65 +60,104 @@ fn post(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
 }
 
 fn chat(model: &str, stream: bool) -> String {
-    format!(r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hello"}}]}}"#)
+    format!(
+        r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hello"}}]}}"#
+    )
 }
 
-both_drivers!(openai_request_is_forwarded_with_the_upstream_credential_only, |driver| {
-    let mock = MockProvider::start(MockOptions::default());
-    let gw = one_openai(driver, &mock);
-    let raw = post(
+both_drivers!(
+    openai_request_is_forwarded_with_the_upstream_credential_only,
+    |driver| {
+        let mock = MockProvider::start(MockOptions::default());
+        let gw = one_openai(driver, &mock);
+        let raw = post(
         "/v1/chat/completions?trace=1",
         &chat("gpt-x", false),
         "Authorization: Bearer sk-client-secret\r\nX-Api-Key: sk-client-other\r\nCookie: s=1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nAccept-Encoding: gzip\r\nUser-Agent: OpenAI/Python 1.0\r\n",
     );
-    let r = exchange(gw.addr(), &raw);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
-    assert_eq!(r.header("x-mock-saw-auth"), Some(format!("authorization:Bearer {CRED}").as_str()));
-    // Provider account details never reach the client; its request id is relayed renamed.
-    for h in ["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining", "openai-organization", "set-cookie"] {
-        assert!(r.header(h).is_none(), "{h} must be stripped");
-    }
-    assert_eq!(r.header("x-upstream-request-id"), Some("req_mock"));
-    assert_eq!(r.header("x-request-id").map(str::len), Some(32));
+        let r = exchange(gw.addr(), &raw);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
+        assert_eq!(
+            r.header("x-mock-saw-auth"),
+            Some(format!("authorization:Bearer {CRED}").as_str())
+        );
+        // Provider account details never reach the client; its request id is relayed renamed.
+        for h in [
+            "x-ratelimit-remaining-requests",
+            "anthropic-ratelimit-requests-remaining",
+            "openai-organization",
+            "set-cookie",
+        ] {
+            assert!(r.header(h).is_none(), "{h} must be stripped");
+        }
+        assert_eq!(r.header("x-upstream-request-id"), Some("req_mock"));
+        assert_eq!(r.header("x-request-id").map(str::len), Some(32));
 
-    let seen = &mock.requests()[0];
-    assert_eq!(seen.method, "POST");
-    assert_eq!(seen.path, "/v1/chat/completions?trace=1");
-    assert_eq!(seen.header("authorization"), Some(format!("Bearer {CRED}").as_str()));
-    let all = format!("{:?}", seen.headers);
-    assert!(!all.contains("sk-client"), "the client's key never goes upstream: {all}");
-    for h in ["x-api-key", "cookie", "x-hop", "accept-encoding", "expect"] {
-        assert!(seen.header(h).is_none(), "{h} must not be forwarded");
+        let seen = &mock.requests()[0];
+        assert_eq!(seen.method, "POST");
+        assert_eq!(seen.path, "/v1/chat/completions?trace=1");
+        assert_eq!(
+            seen.header("authorization"),
+            Some(format!("Bearer {CRED}").as_str())
+        );
+        let all = format!("{:?}", seen.headers);
+        assert!(
+            !all.contains("sk-client"),
+            "the client's key never goes upstream: {all}"
+        );
+        for h in ["x-api-key", "cookie", "x-hop", "accept-encoding", "expect"] {
+            assert!(seen.header(h).is_none(), "{h} must not be forwarded");
+        }
+        assert_eq!(
+            seen.header("traceparent"),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(seen.header("user-agent"), Some("OpenAI/Python 1.0"));
+        assert_eq!(seen.header("host"), Some(mock.addr().to_string().as_str()));
+        assert_eq!(seen.json().unwrap()["model"], "gpt-x");
     }
-    assert_eq!(seen.header("traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
-    assert_eq!(seen.header("user-agent"), Some("OpenAI/Python 1.0"));
-    assert_eq!(seen.header("host"), Some(mock.addr().to_string().as_str()));
-    assert_eq!(seen.json().unwrap()["model"], "gpt-x");
-});
+);
 
 both_drivers!(anthropic_request_gets_x_api_key_and_a_version, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::AnthropicJson });
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::AnthropicJson,
+    });
     let gw = gateway(
         driver,
         &[("an", "anthropic", mock.base_url(), "")],
         "[[routes]]\nprefix = \"claude\"\ntargets = [{ upstream = \"an\" }]\n",
         |_| {},
     );
-    let body = r#"{"model":"claude-x","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = exchange(gw.addr(), &post("/v1/messages", body, "x-api-key: sk-ant-client\r\n"));
+    let body =
+        r#"{"model":"claude-x","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/messages", body, "x-api-key: sk-ant-client\r\n"),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["content"][0]["text"], "echo: hi");
     let seen = &mock.requests()[0];
     assert_eq!(seen.header("x-api-key"), Some(CRED));
     assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
-    let r = exchange(gw.addr(), &post("/v1/messages", body, "anthropic-version: 2099-01-01\r\nanthropic-beta: b1\r\n"));
+    let r = exchange(
+        gw.addr(),
+        &post(
+            "/v1/messages",
+            body,
+            "anthropic-version: 2099-01-01\r\nanthropic-beta: b1\r\n",
+        ),
+    );
     assert_eq!(r.status, 200);
     let seen = &mock.requests()[1];
     assert_eq!(seen.header("anthropic-version"), Some("2099-01-01"));
     assert_eq!(seen.header("anthropic-beta"), Some("b1"));
     // An OpenAI-style request has no route on an Anthropic-only table.
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("claude-x", false), ""));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("claude-x", false), ""),
+    );
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
 });
@@ -130,12 +174,30 @@ both_drivers!(routes_pick_upstreams_and_edit_the_body, |driver| {
         "[[routes]]\nmodel = \"fast\"\ntargets = [{ upstream = \"b\", model = \"b-fast-2024\" }]\n[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }]\n",
         |_| {},
     );
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("fast", false), "")).status, 200);
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("other", false), "")).status, 200);
+    assert_eq!(
+        exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("fast", false), "")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("other", false), "")
+        )
+        .status,
+        200
+    );
     let to_b = &b.requests()[0];
     assert_eq!(to_b.json().unwrap()["model"], "b-fast-2024");
     assert_eq!(to_b.header("x-zero-retention"), Some("true"));
-    assert_eq!(to_b.header("content-length").map(|v| v.parse::<usize>().unwrap()), Some(to_b.body.len()));
+    assert_eq!(
+        to_b.header("content-length")
+            .map(|v| v.parse::<usize>().unwrap()),
+        Some(to_b.body.len())
+    );
     let to_a = &a.requests()[0];
     assert_eq!(to_a.json().unwrap()["model"], "other");
     assert_eq!(to_a.json().unwrap()["store"], false);
@@ -148,20 +210,46 @@ both_drivers!(routes_pick_upstreams_and_edit_the_body, |driver| {
 both_drivers!(request_errors_come_in_the_api_shape, |driver| {
     let mock = MockProvider::start(MockOptions::default());
     let gw = one_openai(driver, &mock);
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", r#"{"messages":[]}"#, ""));
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("missing_model")));
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", r#"{"model":"a","model":"b"}"#, ""));
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("duplicate_key")));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", r#"{"messages":[]}"#, ""),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (400, Some("missing_model"))
+    );
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", r#"{"model":"a","model":"b"}"#, ""),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (400, Some("duplicate_key"))
+    );
     let r = exchange(gw.addr(), &post("/v1/chat/completions", "[1,2]", ""));
-    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("invalid_json")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
     let raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi";
     let r = exchange(gw.addr(), raw);
     assert_eq!(r.status, 415);
-    let r = exchange(gw.addr(), &post("/v1/messages", r#"{"model":"x","max_tokens":1,"messages":[]}"#, ""));
+    let r = exchange(
+        gw.addr(),
+        &post(
+            "/v1/messages",
+            r#"{"model":"x","max_tokens":1,"messages":[]}"#,
+            "",
+        ),
+    );
     assert_eq!(r.status, 404);
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "not_found_error");
-    assert_eq!(mock.request_count(), 0, "nothing invalid reaches the provider");
+    assert_eq!(
+        mock.request_count(),
+        0,
+        "nothing invalid reaches the provider"
+    );
 });
 
 both_drivers!(large_base64_media_passes_unchanged, |driver| {
@@ -176,63 +264,130 @@ both_drivers!(large_base64_media_passes_unchanged, |driver| {
     assert_eq!(mock.requests()[0].body, body.as_bytes());
 });
 
-both_drivers!(keep_alive_connections_to_the_upstream_are_reused, |driver| {
-    let mock = MockProvider::start(MockOptions::default());
-    let mut c = test_config(driver);
-    c.server.workers = 1;
-    let gw = gateway(driver, &[("oa", "openai", mock.base_url(), "")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n", |cfg| cfg.server.workers = 1);
-    drop(c);
-    for _ in 0..5 {
-        assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), "")).status, 200);
+both_drivers!(
+    keep_alive_connections_to_the_upstream_are_reused,
+    |driver| {
+        let mock = MockProvider::start(MockOptions::default());
+        let mut c = test_config(driver);
+        c.server.workers = 1;
+        let gw = gateway(
+            driver,
+            &[("oa", "openai", mock.base_url(), "")],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+            |cfg| cfg.server.workers = 1,
+        );
+        drop(c);
+        for _ in 0..5 {
+            assert_eq!(
+                exchange(
+                    gw.addr(),
+                    &post("/v1/chat/completions", &chat("m", false), "")
+                )
+                .status,
+                200
+            );
+        }
+        assert_eq!(mock.request_count(), 5);
+        assert_eq!(
+            mock.connections_accepted(),
+            1,
+            "one pooled upstream connection serves them all"
+        );
     }
-    assert_eq!(mock.request_count(), 5);
-    assert_eq!(mock.connections_accepted(), 1, "one pooled upstream connection serves them all");
-});
+);
 
-both_drivers!(a_stale_pooled_connection_is_retried_on_a_fresh_one, |driver| {
-    let mock = MockProvider::start(MockOptions::default());
-    let gw = gateway(driver, &[("oa", "openai", mock.base_url(), "")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n", |cfg| cfg.server.workers = 1);
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), "")).status, 200);
-    mock.push_behavior(Behavior::CloseBeforeResponse);
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(mock.connections_accepted(), 2);
-    // On a fresh connection the same failure is not retried: the provider may have acted.
-    mock.push_behavior(Behavior::CloseBeforeResponse);
-    let gw2 = one_openai(driver, &mock);
-    let r = exchange(gw2.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
-    assert_eq!(r.status, 502);
-    assert_eq!(r.json()["error"]["code"], "upstream_closed");
-});
-
-both_drivers!(retryable_statuses_fail_over_to_the_next_upstream, |driver| {
-    let a = MockProvider::start(MockOptions::default());
-    let b = MockProvider::start(MockOptions::default());
-    let gw = gateway(
-        driver,
-        &[("a", "openai", a.base_url(), ""), ("b", "openai", b.base_url(), "")],
-        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }, { upstream = \"b\" }]\n",
-        |_| {},
-    );
-    for status in [429u16, 500, 502, 503, 504] {
-        a.push_behavior(Behavior::Status { status, body: r#"{"error":{"message":"busy"}}"#.into(), headers: vec![] });
-        let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
-        assert_eq!(r.status, 200, "after {status} from a");
+both_drivers!(
+    a_stale_pooled_connection_is_retried_on_a_fresh_one,
+    |driver| {
+        let mock = MockProvider::start(MockOptions::default());
+        let gw = gateway(
+            driver,
+            &[("oa", "openai", mock.base_url(), "")],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+            |cfg| cfg.server.workers = 1,
+        );
+        assert_eq!(
+            exchange(
+                gw.addr(),
+                &post("/v1/chat/completions", &chat("m", false), "")
+            )
+            .status,
+            200
+        );
+        mock.push_behavior(Behavior::CloseBeforeResponse);
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(mock.connections_accepted(), 2);
+        // On a fresh connection the same failure is not retried: the provider may have acted.
+        mock.push_behavior(Behavior::CloseBeforeResponse);
+        let gw2 = one_openai(driver, &mock);
+        let r = exchange(
+            gw2.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
+        assert_eq!(r.status, 502);
+        assert_eq!(r.json()["error"]["code"], "upstream_closed");
     }
-    assert_eq!(b.request_count(), 5);
-    // A non-retryable status is relayed as is.
-    a.push_behavior(Behavior::Status { status: 400, body: r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#.into(), headers: vec![] });
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
-    assert_eq!(r.status, 400);
-    assert_eq!(r.json()["error"]["message"], "bad");
-    assert_eq!(b.request_count(), 5);
-    // The last upstream's retryable answer is relayed too.
-    a.push_behavior(Behavior::Status { status: 503, body: "{}".into(), headers: vec![] });
-    b.push_behavior(Behavior::Status { status: 429, body: r#"{"error":{"message":"slow down"}}"#.into(), headers: vec![] });
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
-    assert_eq!(r.status, 429);
-    assert_eq!(r.json()["error"]["message"], "slow down");
-});
+);
+
+both_drivers!(
+    retryable_statuses_fail_over_to_the_next_upstream,
+    |driver| {
+        let a = MockProvider::start(MockOptions::default());
+        let b = MockProvider::start(MockOptions::default());
+        let gw = gateway(
+            driver,
+            &[
+                ("a", "openai", a.base_url(), ""),
+                ("b", "openai", b.base_url(), ""),
+            ],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }, { upstream = \"b\" }]\n",
+            |_| {},
+        );
+        for status in [429u16, 500, 502, 503, 504] {
+            a.push_behavior(Behavior::Status {
+                status,
+                body: r#"{"error":{"message":"busy"}}"#.into(),
+                headers: vec![],
+            });
+            let r = exchange(
+                gw.addr(),
+                &post("/v1/chat/completions", &chat("m", false), ""),
+            );
+            assert_eq!(r.status, 200, "after {status} from a");
+        }
+        assert_eq!(b.request_count(), 5);
+        // A non-retryable status is relayed as is.
+        a.push_behavior(Behavior::Status { status: 400, body: r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#.into(), headers: vec![] });
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(r.json()["error"]["message"], "bad");
+        assert_eq!(b.request_count(), 5);
+        // The last upstream's retryable answer is relayed too.
+        a.push_behavior(Behavior::Status {
+            status: 503,
+            body: "{}".into(),
+            headers: vec![],
+        });
+        b.push_behavior(Behavior::Status {
+            status: 429,
+            body: r#"{"error":{"message":"slow down"}}"#.into(),
+            headers: vec![],
+        });
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"]["message"], "slow down");
+    }
+);
 
 both_drivers!(unreachable_upstreams_fail_over_then_502, |driver| {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -245,27 +400,62 @@ both_drivers!(unreachable_upstreams_fail_over_then_502, |driver| {
         "[[routes]]\nmodel = \"ok\"\ntargets = [{ upstream = \"dead\" }, { upstream = \"b\" }]\n[[routes]]\nmodel = \"bad\"\ntargets = [{ upstream = \"dead\" }]\n",
         |_| {},
     );
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("ok", false), "")).status, 200);
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("bad", false), ""));
+    assert_eq!(
+        exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("ok", false), "")
+        )
+        .status,
+        200
+    );
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("bad", false), ""),
+    );
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["code"], "upstream_unavailable");
-    let r = exchange(gw.addr(), &post("/v1/messages", r#"{"model":"bad","max_tokens":1,"messages":[]}"#, ""));
+    let r = exchange(
+        gw.addr(),
+        &post(
+            "/v1/messages",
+            r#"{"model":"bad","max_tokens":1,"messages":[]}"#,
+            "",
+        ),
+    );
     assert_eq!(r.status, 404, "no Anthropic upstream on that route");
 });
 
 both_drivers!(first_byte_timeout_is_504_and_never_retried, |driver| {
-    let a = MockProvider::start(MockOptions { tls: false, default: Behavior::Stall });
+    let a = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::Stall,
+    });
     let b = MockProvider::start(MockOptions::default());
     let gw = gateway(
         driver,
-        &[("a", "openai", a.base_url(), "first_byte_timeout = \"300ms\""), ("b", "openai", b.base_url(), "")],
+        &[
+            (
+                "a",
+                "openai",
+                a.base_url(),
+                "first_byte_timeout = \"300ms\"",
+            ),
+            ("b", "openai", b.base_url(), ""),
+        ],
         "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }, { upstream = \"b\" }]\n",
         |_| {},
     );
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("m", false), ""),
+    );
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
-    assert_eq!(b.request_count(), 0, "a POST that may be in progress is never sent twice");
+    assert_eq!(
+        b.request_count(),
+        0,
+        "a POST that may be in progress is never sent twice"
+    );
 });
 
 both_drivers!(upstream_auth_failures_are_not_relayed, |driver| {
@@ -277,10 +467,16 @@ both_drivers!(upstream_auth_failures_are_not_relayed, |driver| {
             body: format!(r#"{{"error":{{"message":"Incorrect API key provided: {}...","code":"invalid_api_key"}}}}"#, &CRED[..10]),
             headers: vec![],
         });
-        let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
         assert_eq!(r.status, 502);
         assert_eq!(r.json()["error"]["code"], "upstream_auth_failed");
-        assert!(!String::from_utf8_lossy(&r.body).contains("sk-upstrea"), "credential echo must not leak");
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("sk-upstrea"),
+            "credential echo must not leak"
+        );
     }
 });
 
@@ -296,7 +492,10 @@ both_drivers!(malformed_upstream_responses_become_502, |driver| {
     ];
     for raw in bad {
         mock.push_behavior(Behavior::Raw(raw.to_vec()));
-        let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), ""));
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat("m", false), ""),
+        );
         assert_eq!(r.status, 502, "{:?}", String::from_utf8_lossy(raw));
         assert_eq!(r.json()["error"]["code"], "bad_upstream_response");
     }
@@ -304,8 +503,12 @@ both_drivers!(malformed_upstream_responses_become_502, |driver| {
     // response.
     mock.push_behavior(Behavior::Raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"partial\":".to_vec()));
     let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", &chat("m", false), "")).unwrap();
-    assert!(read_response(&mut s, &mut Vec::new()).is_none(), "a truncated body is not a response");
+    s.write_all(&post("/v1/chat/completions", &chat("m", false), ""))
+        .unwrap();
+    assert!(
+        read_response(&mut s, &mut Vec::new()).is_none(),
+        "a truncated body is not a response"
+    );
 });
 
 /// Reads a chunked streaming response until the connection ends or `stop` appears.
@@ -325,11 +528,18 @@ fn read_stream(s: &mut std::net::TcpStream, stop: &str) -> String {
 }
 
 both_drivers!(sse_streams_are_relayed_event_by_event, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::OpenAiStream { events: 5, delay_ms: 10 } });
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::OpenAiStream {
+            events: 5,
+            delay_ms: 10,
+        },
+    });
     let gw = one_openai(driver, &mock);
     let mut s = gw.connect();
     let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
-    s.write_all(&post("/v1/chat/completions", body, "")).unwrap();
+    s.write_all(&post("/v1/chat/completions", body, ""))
+        .unwrap();
     let text = read_stream(&mut s, "0\r\n\r\n");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("transfer-encoding: chunked"));
@@ -345,83 +555,182 @@ both_drivers!(sse_streams_are_relayed_event_by_event, |driver| {
     // sends two events and then stalls, both arrive.
     mock.push_behavior(Behavior::StallAfterEvents { events: 2 });
     let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", body, "")).unwrap();
+    s.write_all(&post("/v1/chat/completions", body, ""))
+        .unwrap();
     let text = read_stream(&mut s, "tok1 ");
     assert!(text.contains("tok0 ") && text.contains("tok1 "), "{text}");
 });
 
 both_drivers!(anthropic_streams_are_relayed, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::AnthropicStream { events: 3, delay_ms: 5 } });
-    let gw = gateway(driver, &[("an", "anthropic", mock.base_url(), "")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"an\" }]\n", |_| {});
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::AnthropicStream {
+            events: 3,
+            delay_ms: 5,
+        },
+    });
+    let gw = gateway(
+        driver,
+        &[("an", "anthropic", mock.base_url(), "")],
+        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"an\" }]\n",
+        |_| {},
+    );
     let mut s = gw.connect();
-    let body = r#"{"model":"c","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let body =
+        r#"{"model":"c","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     s.write_all(&post("/v1/messages", body, "")).unwrap();
     let text = read_stream(&mut s, "0\r\n\r\n");
-    for e in ["event: message_start", "event: content_block_delta", "event: message_delta", "event: message_stop"] {
+    for e in [
+        "event: message_start",
+        "event: content_block_delta",
+        "event: message_delta",
+        "event: message_stop",
+    ] {
         assert!(text.contains(e), "{e} missing: {text}");
     }
 });
 
-both_drivers!(an_upstream_dying_mid_stream_ends_the_stream_visibly, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::ResetAfterEvents { events: 2 } });
-    let gw = one_openai(driver, &mock);
-    let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", &chat("m", true), "")).unwrap();
-    let text = read_stream(&mut s, "");
-    assert!(text.contains("tok1 "), "{text}");
-    assert!(text.contains("upstream_interrupted"), "an error event tells the client: {text}");
-    assert!(!text.contains("[DONE]"), "no silent [DONE]");
-    assert!(!text.ends_with("0\r\n\r\n"), "no clean end of the chunked body");
-});
+both_drivers!(
+    an_upstream_dying_mid_stream_ends_the_stream_visibly,
+    |driver| {
+        let mock = MockProvider::start(MockOptions {
+            tls: false,
+            default: Behavior::ResetAfterEvents { events: 2 },
+        });
+        let gw = one_openai(driver, &mock);
+        let mut s = gw.connect();
+        s.write_all(&post("/v1/chat/completions", &chat("m", true), ""))
+            .unwrap();
+        let text = read_stream(&mut s, "");
+        assert!(text.contains("tok1 "), "{text}");
+        assert!(
+            text.contains("upstream_interrupted"),
+            "an error event tells the client: {text}"
+        );
+        assert!(!text.contains("[DONE]"), "no silent [DONE]");
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "no clean end of the chunked body"
+        );
+    }
+);
 
 both_drivers!(an_upstream_stalling_mid_stream_is_cut_off, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::StallAfterEvents { events: 1 } });
-    let gw = gateway(driver, &[("oa", "openai", mock.base_url(), "read_idle_timeout = \"300ms\"")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n", |_| {});
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::StallAfterEvents { events: 1 },
+    });
+    let gw = gateway(
+        driver,
+        &[(
+            "oa",
+            "openai",
+            mock.base_url(),
+            "read_idle_timeout = \"300ms\"",
+        )],
+        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+        |_| {},
+    );
     let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", &chat("m", true), "")).unwrap();
+    s.write_all(&post("/v1/chat/completions", &chat("m", true), ""))
+        .unwrap();
     let text = read_stream(&mut s, "");
-    assert!(text.contains("tok0 ") && text.contains("upstream_interrupted"), "{text}");
+    assert!(
+        text.contains("tok0 ") && text.contains("upstream_interrupted"),
+        "{text}"
+    );
     assert!(!text.contains("[DONE]"));
 });
 
-both_drivers!(a_client_that_stops_reading_is_cut_off_not_buffered, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::OpenAiStream { events: 40_000, delay_ms: 0 } });
-    let gw = gateway(
-        driver,
-        &[("oa", "openai", mock.base_url(), "")],
-        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
-        |c| c.timeouts.write = Duration::from_millis(300),
-    );
-    let mut s = gw.connect();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    // A small receive buffer so the kernel cannot absorb the whole stream for us.
-    let sock = socket2::SockRef::from(&s);
-    sock.set_recv_buffer_size(4096).unwrap();
-    s.write_all(&post("/v1/chat/completions", &chat("m", true), "")).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let text = read_stream(&mut s, "");
-    assert!(text.contains("tok0 "));
-    assert!(!text.contains("[DONE]"), "the gateway gave up on the slow client instead of buffering the stream");
-    // The gateway is still healthy.
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), "")).status, 200);
-});
+both_drivers!(
+    a_client_that_stops_reading_is_cut_off_not_buffered,
+    |driver| {
+        // About 44 MB of events, far more than the kernel's socket buffers hold.
+        let events = 400_000;
+        let mock = MockProvider::start(MockOptions {
+            tls: false,
+            default: Behavior::OpenAiStream {
+                events,
+                delay_ms: 0,
+            },
+        });
+        let gw = gateway(
+            driver,
+            &[("oa", "openai", mock.base_url(), "")],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+            |c| c.timeouts.write = Duration::from_millis(300),
+        );
+        let mut s = gw.connect();
+        s.write_all(&post("/v1/chat/completions", &chat("m", true), ""))
+            .unwrap();
+        // The client stops reading; the gateway's writes block, it stops reading the upstream
+        // (backpressure), and after the write timeout it gives up on the client.
+        std::thread::sleep(Duration::from_secs(3));
+        let text = read_stream(&mut s, "");
+        assert!(text.contains("tok0 "));
+        assert!(
+            !text.contains("[DONE]"),
+            "the stream was cut off, not buffered to completion"
+        );
+        assert!(
+            text.len() < events * 100,
+            "only what the socket buffers held arrived: {} bytes",
+            text.len()
+        );
+        // The gateway is still healthy.
+        mock.set_default(Behavior::OpenAiJson);
+        assert_eq!(
+            exchange(
+                gw.addr(),
+                &post("/v1/chat/completions", &chat("m", false), "")
+            )
+            .status,
+            200
+        );
+    }
+);
 
-both_drivers!(a_client_disconnecting_mid_stream_releases_the_upstream, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: false, default: Behavior::OpenAiStream { events: 200, delay_ms: 10 } });
-    let gw = gateway(driver, &[("oa", "openai", mock.base_url(), "")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n", |c| c.server.workers = 1);
-    let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", &chat("m", true), "")).unwrap();
-    let _ = read_stream(&mut s, "tok2 ");
-    drop(s);
-    std::thread::sleep(Duration::from_millis(300));
-    // The interrupted upstream connection is not handed to the next request.
-    mock.set_default(Behavior::OpenAiJson);
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &chat("m", false), "")).status, 200);
-    assert_eq!(mock.connections_accepted(), 2);
-});
+both_drivers!(
+    a_client_disconnecting_mid_stream_releases_the_upstream,
+    |driver| {
+        let mock = MockProvider::start(MockOptions {
+            tls: false,
+            default: Behavior::OpenAiStream {
+                events: 200,
+                delay_ms: 10,
+            },
+        });
+        let gw = gateway(
+            driver,
+            &[("oa", "openai", mock.base_url(), "")],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+            |c| c.server.workers = 1,
+        );
+        let mut s = gw.connect();
+        s.write_all(&post("/v1/chat/completions", &chat("m", true), ""))
+            .unwrap();
+        let _ = read_stream(&mut s, "tok2 ");
+        drop(s);
+        std::thread::sleep(Duration::from_millis(300));
+        // The interrupted upstream connection is not handed to the next request.
+        mock.set_default(Behavior::OpenAiJson);
+        assert_eq!(
+            exchange(
+                gw.addr(),
+                &post("/v1/chat/completions", &chat("m", false), "")
+            )
+            .status,
+            200
+        );
+        assert_eq!(mock.connections_accepted(), 2);
+    }
+);
 
 both_drivers!(https_upstreams_are_verified, |driver| {
-    let mock = MockProvider::start(MockOptions { tls: true, default: Behavior::OpenAiJson });
+    let mock = MockProvider::start(MockOptions {
+        tls: true,
+        default: Behavior::OpenAiJson,
+    });
     let dir = scratch_dir(&format!("tls-{driver:?}"));
     let ca = mock.write_ca_file(&dir);
     let url = mock.base_url();
@@ -435,46 +744,81 @@ both_drivers!(https_upstreams_are_verified, |driver| {
         "[[routes]]\nmodel = \"t\"\ntargets = [{ upstream = \"trusted\" }]\n[[routes]]\nmodel = \"u\"\ntargets = [{ upstream = \"untrusted\" }]\n[[routes]]\nmodel = \"i\"\ntargets = [{ upstream = \"insecure\" }]\n",
         |_| {},
     );
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("t", false), ""));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("t", false), ""),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("u", false), ""));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("u", false), ""),
+    );
     assert_eq!(r.status, 502, "an unknown CA is refused");
-    let r = exchange(gw.addr(), &post("/v1/chat/completions", &chat("i", false), ""));
+    let r = exchange(
+        gw.addr(),
+        &post("/v1/chat/completions", &chat("i", false), ""),
+    );
     assert_eq!(r.status, 200);
     let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", &chat("t", true), "")).unwrap();
+    s.write_all(&post("/v1/chat/completions", &chat("t", true), ""))
+        .unwrap();
     let _ = driver;
-    mock.set_default(Behavior::OpenAiStream { events: 3, delay_ms: 1 });
+    mock.set_default(Behavior::OpenAiStream {
+        events: 3,
+        delay_ms: 1,
+    });
     let text = read_stream(&mut s, "0\r\n\r\n");
     assert!(text.contains("200 OK"));
 });
 
 both_drivers!(body_memory_budget_answers_503, |driver| {
     let mock = MockProvider::start(MockOptions::default());
-    let gw = gateway(driver, &[("oa", "openai", mock.base_url(), "")], "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n", |c| {
-        c.server.workers = 1;
-        c.limits.max_body_bytes = 2000;
-        c.body_budget_bytes = 2000;
-    });
+    let gw = gateway(
+        driver,
+        &[("oa", "openai", mock.base_url(), "")],
+        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+        |c| {
+            c.server.workers = 1;
+            c.limits.max_body_bytes = 2000;
+            c.body_budget_bytes = 2000;
+        },
+    );
     // One request holds 1500 bytes of the budget while its body trickles in.
     let mut holder = gw.connect();
     holder.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 1500\r\n\r\n{").unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let body = format!(r#"{{"model":"m","messages":[],"pad":"{}"}}"#, "x".repeat(900));
+    let body = format!(
+        r#"{{"model":"m","messages":[],"pad":"{}"}}"#,
+        "x".repeat(900)
+    );
     let r = exchange(gw.addr(), &post("/v1/chat/completions", &body, ""));
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "server_busy");
     drop(holder);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(exchange(gw.addr(), &post("/v1/chat/completions", &body, "")).status, 200, "budget returns when requests end");
+    assert_eq!(
+        exchange(gw.addr(), &post("/v1/chat/completions", &body, "")).status,
+        200,
+        "budget returns when requests end"
+    );
 });
 
 #[test]
 fn demo_provider_streams_through_the_proxy() {
     let gw = Gateway::start(DriverChoice::Auto);
     let mut s = gw.connect();
-    s.write_all(&post("/v1/chat/completions", r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"a b c"}]}"#, "")).unwrap();
-    let text = read_stream(&mut s, "0\r\n\r\n");
-    assert!(text.contains("\"content\":\"c\"") && text.contains("data: [DONE]"), "{text}");
+    s.write_all(&post(
+        "/v1/chat/completions",
+        r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"a b c"}]}"#,
+        "",
+    ))
+    .unwrap();
+    let r = read_response(&mut s, &mut Vec::new()).expect("response");
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("\"content\":\"c\"") && text.contains("data: [DONE]"),
+        "{text}"
+    );
 }

@@ -50,6 +50,7 @@ pub fn usage_from_event(event: &[u8], data: &[u8], usage: &mut Usage) {
 }
 
 pub fn stream_error_event(code: &str, message: &str) -> Vec<u8> {
-    let v = json!({"type": "error", "error": {"type": "api_error", "message": message, "code": code}});
+    let v =
+        json!({"type": "error", "error": {"type": "api_error", "message": message, "code": code}});
     format!("event: error\ndata: {v}\n\n").into_bytes()
 }

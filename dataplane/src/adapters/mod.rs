@@ -72,9 +72,15 @@ pub struct Usage {
 /// Request headers that carry a client's key in either family, or that only make sense for
 /// the hop from the client. Never forwarded.
 pub fn is_client_credential(name: &[u8]) -> bool {
-    [&b"authorization"[..], b"x-api-key", b"api-key", b"proxy-authorization", b"cookie"]
-        .iter()
-        .any(|n| n.eq_ignore_ascii_case(name))
+    [
+        &b"authorization"[..],
+        b"x-api-key",
+        b"api-key",
+        b"proxy-authorization",
+        b"cookie",
+    ]
+    .iter()
+    .any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Appends the upstream credential header lines for `kind`.
@@ -132,8 +138,14 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(Endpoint::from_path("/v1/messages").map(Endpoint::family), Some(ProviderKind::Anthropic));
-        assert_eq!(Endpoint::from_path("/v1/embeddings").map(Endpoint::family), Some(ProviderKind::Openai));
+        assert_eq!(
+            Endpoint::from_path("/v1/messages").map(Endpoint::family),
+            Some(ProviderKind::Anthropic)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/embeddings").map(Endpoint::family),
+            Some(ProviderKind::Openai)
+        );
         assert_eq!(Endpoint::from_path("/v1/other"), None);
     }
 
@@ -147,16 +159,37 @@ mod tests {
 
     #[test]
     fn usage_both_shapes() {
-        let u = usage_from_json(ProviderKind::Openai, br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#);
+        let u = usage_from_json(
+            ProviderKind::Openai,
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        );
         assert_eq!((u.input_tokens, u.output_tokens, u.reported), (3, 4, true));
-        let u = usage_from_json(ProviderKind::Anthropic, br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#);
+        let u = usage_from_json(
+            ProviderKind::Anthropic,
+            br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#,
+        );
         assert_eq!((u.input_tokens, u.output_tokens), (5, 6));
         let mut u = Usage::default();
-        usage_from_event(ProviderKind::Anthropic, b"message_start", br#"{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}"#, &mut u);
-        usage_from_event(ProviderKind::Anthropic, b"message_delta", br#"{"type":"message_delta","usage":{"output_tokens":12}}"#, &mut u);
+        usage_from_event(
+            ProviderKind::Anthropic,
+            b"message_start",
+            br#"{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}"#,
+            &mut u,
+        );
+        usage_from_event(
+            ProviderKind::Anthropic,
+            b"message_delta",
+            br#"{"type":"message_delta","usage":{"output_tokens":12}}"#,
+            &mut u,
+        );
         assert_eq!((u.input_tokens, u.output_tokens), (9, 12));
         let mut u = Usage::default();
-        usage_from_event(ProviderKind::Openai, b"", br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":8}}"#, &mut u);
+        usage_from_event(
+            ProviderKind::Openai,
+            b"",
+            br#"{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":8}}"#,
+            &mut u,
+        );
         assert_eq!((u.input_tokens, u.output_tokens), (2, 8));
     }
 }

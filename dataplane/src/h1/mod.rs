@@ -20,7 +20,9 @@ pub use index::{FieldSpan, HeadIndex, Span};
 pub use limits::Limits;
 pub use request::{parse_request_head, BodyFraming, RequestHead, Version};
 pub use response::ResponseHead;
-pub use upstream_response::{parse_response_head, ResponseError, ResponseFraming, UpstreamResponseHead};
+pub use upstream_response::{
+    parse_response_head, ResponseError, ResponseFraming, UpstreamResponseHead,
+};
 
 /// `tchar` from RFC 9110 §5.6.2: the bytes allowed in a token (method, field name, coding).
 pub const fn is_tchar(b: u8) -> bool {

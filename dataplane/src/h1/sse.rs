@@ -91,7 +91,10 @@ impl SseParser {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             if self.has_data || !self.event.is_empty() {
-                on_event(SseEvent { event: &self.event, data: &self.data });
+                on_event(SseEvent {
+                    event: &self.event,
+                    data: &self.data,
+                });
             }
             self.event.clear();
             self.data.clear();
@@ -147,14 +150,26 @@ mod tests {
     #[test]
     fn openai_style() {
         let got = events(&[b"data: {\"a\":1}\n\ndata: [DONE]\n\n"]);
-        assert_eq!(got, vec![("".into(), "{\"a\":1}".into()), ("".into(), "[DONE]".into())]);
+        assert_eq!(
+            got,
+            vec![
+                ("".into(), "{\"a\":1}".into()),
+                ("".into(), "[DONE]".into())
+            ]
+        );
     }
 
     #[test]
     fn anthropic_style_split_anywhere() {
         let raw = b"event: message_start\ndata: {\"x\":1}\n\n: ping\n\nevent: message_stop\r\ndata: {}\r\n\r\n";
         let whole = events(&[raw]);
-        assert_eq!(whole, vec![("message_start".into(), "{\"x\":1}".into()), ("message_stop".into(), "{}".into())]);
+        assert_eq!(
+            whole,
+            vec![
+                ("message_start".into(), "{\"x\":1}".into()),
+                ("message_stop".into(), "{}".into())
+            ]
+        );
         for cut in 0..raw.len() {
             assert_eq!(events(&[&raw[..cut], &raw[cut..]]), whole, "cut at {cut}");
         }
@@ -162,7 +177,10 @@ mod tests {
 
     #[test]
     fn multi_line_data_is_joined() {
-        assert_eq!(events(&[b"data: a\ndata: b\n\n"]), vec![("".into(), "a\nb".into())]);
+        assert_eq!(
+            events(&[b"data: a\ndata: b\n\n"]),
+            vec![("".into(), "a\nb".into())]
+        );
     }
 
     #[test]

@@ -61,7 +61,10 @@ impl UpstreamResponseHead<'_, '_> {
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
     }
 }
 
@@ -135,7 +138,8 @@ pub fn parse_response_head<'h, 'b>(
         }
     }
     let te = te.finish();
-    let no_body = request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
+    let no_body =
+        request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = match (te, content_length) {
         // RFC 9112 §6.3 rule 3: a proxy must not forward such a message as is.
         (Some(_), Some(_)) => return Err(ResponseError::LengthWithTransferEncoding),
@@ -146,10 +150,15 @@ pub fn parse_response_head<'h, 'b>(
         (None, Some(n)) => ResponseFraming::Length(n),
         (None, None) => ResponseFraming::UntilClose,
     };
-    let keep_alive = framing != ResponseFraming::UntilClose
-        && !close
-        && (minor == 1 || keep_alive_token);
-    Ok(Some(UpstreamResponseHead { status, headers, framing, keep_alive, head_len }))
+    let keep_alive =
+        framing != ResponseFraming::UntilClose && !close && (minor == 1 || keep_alive_token);
+    Ok(Some(UpstreamResponseHead {
+        status,
+        headers,
+        framing,
+        keep_alive,
+        head_len,
+    }))
 }
 
 #[cfg(test)]
@@ -194,21 +203,34 @@ mod tests {
     #[test]
     fn response_to_head_has_no_body() {
         let mut storage = [httparse::EMPTY_HEADER; 8];
-        let h = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &mut storage, &Limits::default(), true)
-            .expect("valid")
-            .expect("complete");
+        let h = parse_response_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            &mut storage,
+            &Limits::default(),
+            true,
+        )
+        .expect("valid")
+        .expect("complete");
         assert_eq!(h.framing, ResponseFraming::None);
     }
 
     #[test]
     fn interim_responses_are_marked() {
         let mut storage = [httparse::EMPTY_HEADER; 8];
-        let h = parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n", &mut storage, &Limits::default(), false)
-            .expect("valid")
-            .expect("complete");
+        let h = parse_response_head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n",
+            &mut storage,
+            &Limits::default(),
+            false,
+        )
+        .expect("valid")
+        .expect("complete");
         assert!(h.is_interim());
         assert_eq!(h.head_len, 25);
-        assert_eq!(parse(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"), Err(ResponseError::UnexpectedUpgrade));
+        assert_eq!(
+            parse(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
+            Err(ResponseError::UnexpectedUpgrade)
+        );
     }
 
     #[test]
@@ -221,7 +243,10 @@ mod tests {
             parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"),
             Err(ResponseError::BadContentLength)
         );
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"), Err(ResponseError::BadContentLength));
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"),
+            Err(ResponseError::BadContentLength)
+        );
         assert_eq!(
             parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
             Err(ResponseError::BadTransferEncoding)
@@ -234,13 +259,34 @@ mod tests {
 
     #[test]
     fn malformed_heads_are_refused() {
-        assert_eq!(parse(b"HTTP/1.1 200 OK\nContent-Length: 5\n\n"), Err(ResponseError::BareLineEnding));
-        assert_eq!(parse(b"HTTP/1.1 20 OK\r\n\r\n"), Err(ResponseError::BadStatusLine));
-        assert_eq!(parse(b"HTTP/1.1 999 Nope\r\n\r\n"), Err(ResponseError::BadStatusLine));
-        assert_eq!(parse(b"HTTX/1.1 200 OK\r\n\r\n"), Err(ResponseError::BadStatusLine));
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nX: a\0b\r\n\r\n"), Err(ResponseError::BadHeader));
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nX : b\r\n\r\n"), Err(ResponseError::BadHeader));
-        let limits = Limits { max_head_bytes: 1024, ..Limits::default() };
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\nContent-Length: 5\n\n"),
+            Err(ResponseError::BareLineEnding)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 20 OK\r\n\r\n"),
+            Err(ResponseError::BadStatusLine)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 999 Nope\r\n\r\n"),
+            Err(ResponseError::BadStatusLine)
+        );
+        assert_eq!(
+            parse(b"HTTX/1.1 200 OK\r\n\r\n"),
+            Err(ResponseError::BadStatusLine)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nX: a\0b\r\n\r\n"),
+            Err(ResponseError::BadHeader)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nX : b\r\n\r\n"),
+            Err(ResponseError::BadHeader)
+        );
+        let limits = Limits {
+            max_head_bytes: 1024,
+            ..Limits::default()
+        };
         let mut storage = [httparse::EMPTY_HEADER; 8];
         let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(2000));
         assert_eq!(

@@ -36,7 +36,10 @@ impl std::fmt::Debug for UpConn {
             Io::Plain(_) => "plain",
             Io::Tls(_) => "tls",
         };
-        f.debug_struct("UpConn").field("io", &kind).field("uses", &self.uses).finish()
+        f.debug_struct("UpConn")
+            .field("io", &kind)
+            .field("uses", &self.uses)
+            .finish()
     }
 }
 
@@ -88,7 +91,10 @@ impl UpConn {
             }
         }
         let stream = stream.ok_or_else(|| {
-            ConnectError::Connect(up.name.clone(), last.unwrap_or_else(|| io::ErrorKind::NotFound.into()))
+            ConnectError::Connect(
+                up.name.clone(),
+                last.unwrap_or_else(|| io::ErrorKind::NotFound.into()),
+            )
         })?;
         let _ = stream.set_nodelay(true);
         let io = match &up.tls {

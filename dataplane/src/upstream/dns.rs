@@ -30,14 +30,18 @@ fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..RESOLVER_THREADS {
             let rx = Arc::clone(&rx);
-            let spawned = std::thread::Builder::new().name(format!("aigw-dns-{i}")).spawn(move || loop {
-                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let result = (job.host.as_str(), job.port).to_socket_addrs().map(|a| a.collect());
-                let _ = job.reply.send(result);
-            });
+            let spawned = std::thread::Builder::new()
+                .name(format!("aigw-dns-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let result = (job.host.as_str(), job.port)
+                        .to_socket_addrs()
+                        .map(|a| a.collect());
+                    let _ = job.reply.send(result);
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a resolver thread");
             }
@@ -49,19 +53,27 @@ fn pool() -> &'static Mutex<mpsc::Sender<Job>> {
 /// Resolves on the resolver pool.
 async fn resolve_blocking(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     let (reply, rx) = futures_channel::oneshot::channel();
-    let job = Job { host: host.to_string(), port, reply };
+    let job = Job {
+        host: host.to_string(),
+        port,
+        reply,
+    };
     pool()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .send(job)
         .map_err(|_| io::Error::other("resolver pool stopped"))?;
-    rx.await.map_err(|_| io::Error::other("resolver dropped the lookup"))?
+    rx.await
+        .map_err(|_| io::Error::other("resolver dropped the lookup"))?
 }
+
+/// Addresses for a (host, port), and when they were looked up.
+type Answers = HashMap<(String, u16), (Vec<SocketAddr>, Instant)>;
 
 /// A worker's cache of answers.
 #[derive(Debug, Default)]
 pub struct DnsCache {
-    entries: RefCell<HashMap<(String, u16), (Vec<SocketAddr>, Instant)>>,
+    entries: RefCell<Answers>,
 }
 
 impl DnsCache {
@@ -77,9 +89,14 @@ impl DnsCache {
         }
         let addrs = resolve_blocking(host, port).await?;
         if addrs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{host} has no addresses")));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host} has no addresses"),
+            ));
         }
-        self.entries.borrow_mut().insert(key, (addrs.clone(), Instant::now()));
+        self.entries
+            .borrow_mut()
+            .insert(key, (addrs.clone(), Instant::now()));
         Ok(addrs)
     }
 }

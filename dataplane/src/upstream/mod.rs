@@ -29,10 +29,14 @@ impl BaseUrl {
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            return Err(format!("base_url must start with http:// or https:// (got {url:?})"));
+            return Err(format!(
+                "base_url must start with http:// or https:// (got {url:?})"
+            ));
         };
         if rest.contains(['?', '#', '@', ' ']) {
-            return Err(format!("base_url must not contain a query, fragment or credentials (got {url:?})"));
+            return Err(format!(
+                "base_url must not contain a query, fragment or credentials (got {url:?})"
+            ));
         }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -40,7 +44,9 @@ impl BaseUrl {
         };
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p.parse::<u16>().map_err(|_| format!("bad port in base_url {url:?}"))?;
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("bad port in base_url {url:?}"))?;
                 (h, port)
             }
             _ => (authority, if tls { 443 } else { 80 }),
@@ -49,12 +55,21 @@ impl BaseUrl {
         if host.is_empty() || !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
             return Err(format!("base_url has no host or a bad path (got {url:?})"));
         }
-        Ok(Self { tls, host: host.to_string(), port, path_prefix: path.to_string() })
+        Ok(Self {
+            tls,
+            host: host.to_string(),
+            port,
+            path_prefix: path.to_string(),
+        })
     }
 
     /// The Host header value: the port only when it is not the scheme's default.
     pub fn host_header(&self) -> String {
-        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         match (self.tls, self.port) {
             (true, 443) | (false, 80) => host,
             _ => format!("{host}:{}", self.port),
@@ -103,13 +118,19 @@ impl Upstream {
     pub fn build(c: &UpstreamConfig) -> Result<Arc<Self>, String> {
         let url = BaseUrl::parse(&c.base_url)?;
         let credential = match &c.credential_env {
-            Some(var) => Some(Secret(
-                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
-            )),
+            Some(var) => {
+                Some(Secret(std::env::var(var).map_err(|_| {
+                    format!("environment variable {var} is not set")
+                })?))
+            }
             None => None,
         };
         let tls = if url.tls {
-            Some(tls::TlsClient::new(&url.host, c.ca_file.as_deref(), c.danger_accept_invalid_certs)?)
+            Some(tls::TlsClient::new(
+                &url.host,
+                c.ca_file.as_deref(),
+                c.danger_accept_invalid_certs,
+            )?)
         } else {
             None
         };
@@ -140,7 +161,10 @@ mod tests {
     #[test]
     fn base_urls() {
         let u = BaseUrl::parse("https://api.openai.com").expect("valid");
-        assert_eq!((u.tls, u.host.as_str(), u.port, u.path_prefix.as_str()), (true, "api.openai.com", 443, ""));
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path_prefix.as_str()),
+            (true, "api.openai.com", 443, "")
+        );
         assert_eq!(u.host_header(), "api.openai.com");
         let u = BaseUrl::parse("http://127.0.0.1:9000/openai/").expect("valid");
         assert_eq!((u.port, u.path_prefix.as_str()), (9000, "/openai"));

@@ -39,7 +39,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("upstreams", &self.inner.borrow().slots.len()).finish()
+        f.debug_struct("Pool")
+            .field("upstreams", &self.inner.borrow().slots.len())
+            .finish()
     }
 }
 
@@ -118,13 +120,24 @@ impl Pool {
         let got = monoio::time::timeout(up.connect_timeout, wait)
             .await
             .map_err(|_| CheckoutError::Exhausted(up.name.clone()))?;
-        let permit = Permit { inner: Rc::clone(&self.inner), key: k };
+        let permit = Permit {
+            inner: Rc::clone(&self.inner),
+            key: k,
+        };
         match got {
-            Some(conn) => Ok(Lease { conn, reused: true, permit }),
+            Some(conn) => Ok(Lease {
+                conn,
+                reused: true,
+                permit,
+            }),
             None => {
                 // On failure the permit drops here and frees the place.
                 let conn = UpConn::connect(up, &self.dns).await?;
-                Ok(Lease { conn, reused: false, permit })
+                Ok(Lease {
+                    conn,
+                    reused: false,
+                    permit,
+                })
             }
         }
     }
@@ -158,6 +171,11 @@ impl Pool {
 
     /// Idle connections per upstream key (for the admin listener and tests).
     pub fn idle_count(&self) -> usize {
-        self.inner.borrow().slots.values().map(|s| s.idle.len()).sum()
+        self.inner
+            .borrow()
+            .slots
+            .values()
+            .map(|s| s.idle.len())
+            .sum()
     }
 }

@@ -18,7 +18,9 @@ pub struct TlsClient {
 
 impl std::fmt::Debug for TlsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsClient").field("server_name", &self.server_name).finish()
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish()
     }
 }
 
@@ -48,7 +50,10 @@ impl TlsClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS setup: {e}"))?;
         let mut config = if accept_invalid {
-            tracing::warn!(host, "danger_accept_invalid_certs: upstream certificates are NOT verified");
+            tracing::warn!(
+                host,
+                "danger_accept_invalid_certs: upstream certificates are NOT verified"
+            );
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider())))
@@ -61,7 +66,9 @@ impl TlsClient {
                         .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
                     for cert in certs {
                         let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                        store.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                        store
+                            .add(cert)
+                            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
                     }
                     if store.is_empty() {
                         return Err(format!("ca_file {}: no certificates", path.display()));
@@ -75,7 +82,10 @@ impl TlsClient {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|e| format!("invalid TLS server name {host:?}: {e}"))?;
-        Ok(Self { connector: monoio_rustls::TlsConnector::from(Arc::new(config)), server_name })
+        Ok(Self {
+            connector: monoio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
     }
 }
 
@@ -101,7 +111,12 @@ impl ServerCertVerifier for AcceptAnything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -110,7 +125,12 @@ impl ServerCertVerifier for AcceptAnything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
