@@ -1,0 +1,88 @@
+//! The official OpenAI and Anthropic Python SDKs, unmodified, talking to the gateway.
+//!
+//! `.ci/setup` installs them into `target/sdk-venv`; `AIGW_SDK_PYTHON` points elsewhere.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use dataplane::config::{Config, DriverChoice};
+use e2e::mock::{Behavior, MockOptions, MockProvider};
+use e2e::*;
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("AIGW_SDK_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let p = root.join("target/sdk-venv/bin/python");
+    assert!(p.exists(), "{} missing: run `bash .ci/setup` to install the SDKs", p.display());
+    p
+}
+
+fn run_script(script: &str, base: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
+    let out = Command::new(python()).arg(&path).arg(base).output().expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stdout.starts_with("ok "), "{script} failed\nstdout: {stdout}\nstderr: {stderr}");
+}
+
+fn sdk_gateway(driver: DriverChoice, ok: &MockProvider, broken: &MockProvider, kind: &str, prefix: &str) -> Gateway {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let toml = format!(
+        r#"
+        [[upstreams]]
+        name = "ok"
+        kind = "{kind}"
+        base_url = "{}"
+        [[upstreams]]
+        name = "broken"
+        kind = "{kind}"
+        base_url = "{}"
+        [[upstreams]]
+        name = "dead"
+        kind = "{kind}"
+        base_url = "{dead}"
+        [[routes]]
+        model = "{prefix}-ok"
+        targets = [{{ upstream = "ok" }}]
+        [[routes]]
+        model = "{prefix}-broken"
+        targets = [{{ upstream = "broken" }}]
+        [[routes]]
+        model = "{prefix}-dead"
+        targets = [{{ upstream = "dead" }}]
+        "#,
+        ok.base_url(),
+        broken.base_url()
+    );
+    let parsed = Config::parse(&toml, "sdk").unwrap();
+    let mut c = test_config(driver);
+    c.upstreams = parsed.upstreams;
+    c.routes = parsed.routes;
+    Gateway::start_with(c)
+}
+
+both_drivers!(openai_python_sdk, |driver| {
+    let ok = MockProvider::start(MockOptions { tls: false, default: Behavior::OpenAiStream { events: 3, delay_ms: 1 } });
+    let broken = MockProvider::start(MockOptions { tls: false, default: Behavior::ResetAfterEvents { events: 1 } });
+    let gw = sdk_gateway(driver, &ok, &broken, "openai", "gpt");
+    run_script("openai_sdk.py", &format!("http://{}", gw.addr()));
+    for r in ok.requests() {
+        assert!(!format!("{:?}", r.headers).contains("sk-client"), "client key forwarded");
+    }
+});
+
+both_drivers!(anthropic_python_sdk, |driver| {
+    let ok = MockProvider::start(MockOptions { tls: false, default: Behavior::AnthropicStream { events: 3, delay_ms: 1 } });
+    let broken = MockProvider::start(MockOptions { tls: false, default: Behavior::ResetAfterEvents { events: 1 } });
+    let gw = sdk_gateway(driver, &ok, &broken, "anthropic", "claude");
+    run_script("anthropic_sdk.py", &format!("http://{}", gw.addr()));
+    for r in ok.requests() {
+        assert!(!format!("{:?}", r.headers).contains("sk-ant-client"), "client key forwarded");
+    }
+});
