@@ -231,7 +231,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
 }
 
 /// Runs the demo provider on its own thread, on a loopback port of its own.
-fn start_demo(
+pub(crate) fn start_demo(
     config: &Config,
     stop: &Arc<Shutdown>,
 ) -> anyhow::Result<(JoinHandle<()>, SocketAddr)> {
@@ -265,6 +265,34 @@ fn start_demo(
         Ok(Err(e)) => Err(anyhow!(e)),
         Err(_) => Err(anyhow!("the demo provider exited during start")),
     }
+}
+
+/// Runs only the demo provider (no gateway) on `listen`, on the calling thread, until the
+/// process ends: the mock provider of the load harness.
+pub fn run_demo_provider(listen: SocketAddr, driver: DriverChoice) -> anyhow::Result<()> {
+    let listener = listener::bind_single(listen, 4096).with_context(|| format!("binding {listen}"))?;
+    let mut config = Config::default();
+    config.log.access = false;
+    let settings = Arc::new(SharedSettings::new(&config).map_err(|e| anyhow!(e))?);
+    let spec = WorkerSpec {
+        index: 0,
+        core: None,
+        listener,
+        driver,
+        settings,
+        shutdown: Arc::new(Shutdown::default()),
+        status: Arc::new(WorkerStatus::default()),
+        drain: Duration::from_millis(100),
+    };
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || worker::run(spec, |_| DemoService, tx));
+    match rx.recv() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(anyhow!(e)),
+        Err(_) => return Err(anyhow!("the demo provider exited during start")),
+    }
+    let _ = handle.join();
+    Ok(())
 }
 
 /// The config with two upstreams on the demo provider (one per API family) and a catch-all
