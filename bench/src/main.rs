@@ -62,10 +62,24 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Mock { listen } => dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto),
-        Cmd::Run { rounds, duration, connections, proxy_core, load_core, json } => {
-            run(&RunOpts { rounds, duration, connections, proxy_core, load_core, json })
+        Cmd::Mock { listen } => {
+            dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
         }
+        Cmd::Run {
+            rounds,
+            duration,
+            connections,
+            proxy_core,
+            load_core,
+            json,
+        } => run(&RunOpts {
+            rounds,
+            duration,
+            connections,
+            proxy_core,
+            load_core,
+            json,
+        }),
     }
 }
 
@@ -79,12 +93,23 @@ struct RunOpts {
     json: Option<PathBuf>,
 }
 
-/// A process killed when dropped.
+/// A process stopped when dropped: SIGTERM first (nginx's master then stops its workers;
+/// a SIGKILLed master would leave them running), SIGKILL if it lingers.
 #[derive(Debug)]
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -100,9 +125,15 @@ fn bench_dir() -> PathBuf {
 
 fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let p = exe.parent().ok_or_else(|| anyhow!("no exe dir"))?.join(name);
+    let p = exe
+        .parent()
+        .ok_or_else(|| anyhow!("no exe dir"))?
+        .join(name);
     if !p.exists() {
-        bail!("{} not found: run `cargo build --release -p dataplane -p bench` first", p.display());
+        bail!(
+            "{} not found: run `cargo build --release -p dataplane -p bench` first",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -138,25 +169,37 @@ fn probe(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// User + system CPU seconds of a process and its direct children.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    cpu_split(pid).map(|(u, s)| u + s)
+}
+
+/// (user, system) CPU seconds of a process and its direct children.
+fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     // USER_HZ: the unit of utime/stime in /proc, 100 on every Linux architecture we run on.
     const CLK_TCK: f64 = 100.0;
-    let mut total = 0u64;
+    let (mut user, mut system) = (0u64, 0u64);
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
-        let Some(p) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(p) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
         // Fields after the parenthesised command: state ppid ... utime(14) stime(15).
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
         if p == pid || ppid == pid {
             let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
             let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-            total += utime + stime;
+            user += utime;
+            system += stime;
         }
     }
-    Ok(total as f64 / CLK_TCK)
+    Ok((user as f64 / CLK_TCK, system as f64 / CLK_TCK))
 }
 
 #[derive(Debug, Clone, Default)]
@@ -166,6 +209,8 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     proxy_cpu_us_per_req: Option<f64>,
+    /// The user-space part of it.
+    proxy_user_us_per_req: Option<f64>,
     mock_cpu_us_per_req: f64,
 }
 
@@ -214,7 +259,11 @@ fn run_wrk(opts: &RunOpts, target: SocketAddr) -> anyhow::Result<(u64, f64, f64,
         } else if let Some(v) = t.strip_prefix("99%") {
             p99 = parse_duration_us(v).unwrap_or(0.0);
         } else if t.contains(" requests in ") {
-            requests = t.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            requests = t
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
         }
     }
     if requests == 0 {
@@ -223,7 +272,12 @@ fn run_wrk(opts: &RunOpts, target: SocketAddr) -> anyhow::Result<(u64, f64, f64,
     Ok((requests, rps, p50, p99))
 }
 
-fn start_nginx(opts: &RunOpts, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Proc> {
+fn start_nginx(
+    opts: &RunOpts,
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> anyhow::Result<Proc> {
     let template = std::fs::read_to_string(bench_dir().join("nginx.conf.in"))?;
     let conf = template
         .replace("@PREFIX@", &dir.display().to_string())
@@ -247,7 +301,12 @@ fn start_nginx(opts: &RunOpts, dir: &Path, listen: SocketAddr, upstream: SocketA
     Ok(Proc(child))
 }
 
-fn start_dataplane(opts: &RunOpts, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Proc> {
+fn start_dataplane(
+    opts: &RunOpts,
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> anyhow::Result<Proc> {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let conf = format!(
         r#"
@@ -347,10 +406,12 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
     );
     for round in 0..opts.rounds {
         for (i, (name, addr, pid)) in targets.iter().enumerate() {
+            let split_before = pid.map(cpu_split).transpose()?;
             let proxy_before = pid.map(cpu_seconds).transpose()?;
             let mock_before = cpu_seconds(mock.0.id())?;
             let (requests, rps, p50, p99) = run_wrk(opts, *addr)?;
             let proxy_after = pid.map(cpu_seconds).transpose()?;
+            let split_after = pid.map(cpu_split).transpose()?;
             let mock_after = cpu_seconds(mock.0.id())?;
             let per_req = |a: f64, b: f64| (b - a) * 1e6 / requests as f64;
             let s = Sample {
@@ -359,16 +420,20 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
                 p50_us: p50,
                 p99_us: p99,
                 proxy_cpu_us_per_req: proxy_before.zip(proxy_after).map(|(a, b)| per_req(a, b)),
+                proxy_user_us_per_req: split_before
+                    .zip(split_after)
+                    .map(|(a, b)| per_req(a.0, b.0)),
                 mock_cpu_us_per_req: per_req(mock_before, mock_after),
             };
             eprintln!(
-                "round {} {:>9}: {:>9.0} req/s  p50 {:>7.0}µs  p99 {:>7.0}µs  proxy CPU/req {}",
+                "round {} {:>9}: {:>9.0} req/s  p50 {:>7.0}µs  p99 {:>7.0}µs  proxy CPU/req {} (user {})",
                 round + 1,
                 name,
                 s.rps,
                 s.p50_us,
                 s.p99_us,
-                s.proxy_cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}µs"))
+                s.proxy_cpu_us_per_req.map_or("-".into(), |v| format!("{v:.1}µs")),
+                s.proxy_user_us_per_req.map_or("-".into(), |v| format!("{v:.1}µs"))
             );
             samples[i].push(s);
         }
@@ -391,7 +456,11 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
         let (rmin, rmax) = spread(&rps);
         let cpu_med = median(&mut cpu);
         medians.push(cpu_med);
-        let cpu_cell = if cpu.is_empty() { "–".to_string() } else { format!("{cpu_med:.1} [{cmin:.1}–{cmax:.1}]") };
+        let cpu_cell = if cpu.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{cpu_med:.1} [{cmin:.1}–{cmax:.1}]")
+        };
         let _ = writeln!(
             report,
             "| {name} | {cpu_cell} | {:.0} [{rmin:.0}–{rmax:.0}] | {:.0} | {:.0} |",
@@ -401,7 +470,11 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
         );
     }
     if medians[1] > 0.0 {
-        let _ = writeln!(report, "\ndataplane / nginx CPU per request: {:.2}", medians[2] / medians[1]);
+        let _ = writeln!(
+            report,
+            "\ndataplane / nginx CPU per request: {:.2}",
+            medians[2] / medians[1]
+        );
     }
     println!("{report}");
     if let Some(path) = &opts.json {

@@ -85,7 +85,7 @@ fn bench_parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse_request_head");
     for (name, raw) in &cases {
         // Every case must be a complete, valid head or the numbers mean nothing.
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(raw, &mut storage, &limits)
             .unwrap()
             .unwrap();
@@ -94,7 +94,7 @@ fn bench_parse(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(raw.len() as u64));
         g.bench_function(*name, |b| {
             b.iter(|| {
-                let mut storage = [httparse::EMPTY_HEADER; 100];
+                let mut storage = [std::mem::MaybeUninit::uninit(); 100];
                 let head = parse_request_head(black_box(raw), &mut storage, black_box(&limits))
                     .unwrap()
                     .unwrap();
@@ -111,7 +111,7 @@ fn bench_parse(c: &mut Criterion) {
         let mut index = HeadIndex::default();
         g.bench_function(*name, |b| {
             b.iter(|| {
-                let mut storage = [httparse::EMPTY_HEADER; 100];
+                let mut storage = [std::mem::MaybeUninit::uninit(); 100];
                 let buf = black_box(&raw[..]);
                 let head = parse_request_head(buf, &mut storage, black_box(&limits))
                     .unwrap()

@@ -399,7 +399,7 @@ fn try_parse(
         }
         return Ok(false);
     }
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
+    let mut storage = [std::mem::MaybeUninit::uninit(); MAX_HEADERS_CEILING];
     match parse_request_head(buf, &mut storage, limits)? {
         Some(head) => {
             index.fill(buf, &head);

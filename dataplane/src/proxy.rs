@@ -209,20 +209,23 @@ impl Gateway {
 /// the gateway recomputes, the client's credentials, and `accept-encoding` (the gateway
 /// reads response bodies, so it asks for them uncompressed).
 fn is_dropped_request_header(name: &[u8]) -> bool {
-    const DROPPED: &[&[u8]] = &[
-        b"host",
-        b"content-length",
-        b"transfer-encoding",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"expect",
-        b"accept-encoding",
-    ];
-    DROPPED.iter().any(|d| d.eq_ignore_ascii_case(name)) || adapters::is_client_credential(name)
+    // Dispatch on length first: this runs for every header of every request.
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        4 => &[b"host"],
+        6 => &[b"expect", b"cookie"],
+        7 => &[b"trailer", b"upgrade", b"api-key"],
+        9 => &[b"x-api-key"],
+        10 => &[b"connection", b"keep-alive"],
+        13 => &[b"authorization"],
+        14 => &[b"content-length"],
+        15 => &[b"accept-encoding"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        19 => &[b"proxy-authorization"],
+        _ => return false,
+    };
+    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
 }
 
 /// The forwarded head: generated request line and Host, then the client's kept header lines
@@ -313,4 +316,54 @@ fn models(routes: &crate::routes::RouteTable) -> Response {
             .to_string()
             .into_bytes(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dropped_request_header;
+
+    #[test]
+    fn dropped_request_headers() {
+        for h in [
+            "Host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+            "Keep-Alive",
+            "Proxy-Connection",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Expect",
+            "Accept-Encoding",
+            "Authorization",
+            "X-Api-Key",
+            "Api-Key",
+            "Proxy-Authorization",
+            "Cookie",
+        ] {
+            assert!(is_dropped_request_header(h.as_bytes()), "{h}");
+        }
+        // Every client credential header of every family is among them.
+        for h in [
+            "authorization",
+            "x-api-key",
+            "api-key",
+            "proxy-authorization",
+            "cookie",
+        ] {
+            assert!(crate::adapters::is_client_credential(h.as_bytes()));
+            assert!(is_dropped_request_header(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "traceparent",
+            "user-agent",
+            "anthropic-version",
+            "openai-beta",
+            "content-type",
+            "hosts",
+        ] {
+            assert!(!is_dropped_request_header(h.as_bytes()), "{h}");
+        }
+    }
 }

@@ -141,7 +141,7 @@ async fn read_head(conn: &mut UpConn, up: &Upstream) -> Result<UpHead, HeadError
     let mut timeout = up.first_byte_timeout;
     loop {
         if !conn.buf.is_empty() {
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             let parsed = parse_response_head(&conn.buf, &mut storage, &limits, false);
             match parsed {
                 Ok(Some(h)) if h.is_interim() => {
@@ -229,7 +229,8 @@ struct Observer {
 }
 
 impl Observer {
-    fn feed(&mut self, data: &[u8]) {
+    /// `last`: this chunk ends the body.
+    fn feed(&mut self, data: &[u8], last: bool) {
         if let Some(p) = &mut self.sse {
             let (family, usage, saw_end) = (self.family, &mut self.usage, &mut self.saw_end);
             let r = p.feed(data, |e| {
@@ -241,7 +242,11 @@ impl Observer {
                 self.sse = None;
             }
         } else if let Some(j) = &mut self.json {
-            if j.len() + data.len() <= MAX_JSON_OBSERVED {
+            if j.is_empty() && last {
+                // The whole body arrived at once (the usual case): read it where it is.
+                self.usage = adapters::usage_from_json(self.family, data);
+                self.json = None;
+            } else if j.len() + data.len() <= MAX_JSON_OBSERVED {
                 j.extend_from_slice(data);
             } else {
                 self.json = None;
@@ -250,7 +255,7 @@ impl Observer {
     }
 
     fn finish(&mut self) {
-        if let Some(j) = self.json.take() {
+        if let Some(j) = self.json.take().filter(|j| !j.is_empty()) {
             self.usage = adapters::usage_from_json(self.family, &j);
         }
     }
@@ -291,9 +296,7 @@ async fn relay_response(
                 {
                     h = h.header("x-upstream-request-id", value);
                 } else if !is_dropped_response_header(name) && !list_contains(connection, name) {
-                    if let Ok(name) = std::str::from_utf8(name) {
-                        h = h.header(name, value);
-                    }
+                    h = h.header(name, value);
                 }
             }
             h
@@ -372,8 +375,8 @@ async fn pump(
                 let take = (remaining.min(conn.buf.len() as u64)) as usize;
                 let chunk = conn.buf.split_to(take);
                 remaining -= take as u64;
-                obs.feed(&chunk);
                 let last = remaining == 0;
+                obs.feed(&chunk, last);
                 (last, resp.write_body(&chunk, last).await)
             }
             ResponseFraming::Chunked => {
@@ -383,7 +386,7 @@ async fn pump(
                     Err(_) => return BodyEnd::UpstreamFailed("malformed chunked body"),
                 };
                 conn.buf.advance(progress.consumed);
-                obs.feed(&decoded);
+                obs.feed(&decoded, progress.done);
                 (
                     progress.done,
                     resp.write_body(&decoded, progress.done).await,
@@ -391,7 +394,7 @@ async fn pump(
             }
             ResponseFraming::UntilClose => {
                 let chunk = conn.buf.split();
-                obs.feed(&chunk);
+                obs.feed(&chunk, false);
                 (false, resp.write_body(&chunk, false).await)
             }
             ResponseFraming::None => (true, true),

@@ -270,7 +270,8 @@ pub(crate) fn start_demo(
 /// Runs only the demo provider (no gateway) on `listen`, on the calling thread, until the
 /// process ends: the mock provider of the load harness.
 pub fn run_demo_provider(listen: SocketAddr, driver: DriverChoice) -> anyhow::Result<()> {
-    let listener = listener::bind_single(listen, 4096).with_context(|| format!("binding {listen}"))?;
+    let listener =
+        listener::bind_single(listen, 4096).with_context(|| format!("binding {listen}"))?;
     let mut config = Config::default();
     config.log.access = false;
     let settings = Arc::new(SharedSettings::new(&config).map_err(|e| anyhow!(e))?);

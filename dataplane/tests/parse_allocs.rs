@@ -143,7 +143,7 @@ fn parsing_a_head_allocates_nothing() {
     let limits = Limits::default();
     // Warm-up outside the counted region (lazy statics, if any, get initialised here).
     {
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(CHAT_HEAD, &mut storage, &limits)
             .unwrap()
             .unwrap();
@@ -155,7 +155,7 @@ fn parsing_a_head_allocates_nothing() {
     let (n, total) = count_allocs(|| {
         let mut total = 0usize;
         for _ in 0..ITERATIONS {
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             let head = parse_request_head(black_box(CHAT_HEAD), &mut storage, black_box(&limits))
                 .unwrap()
                 .unwrap();
@@ -179,10 +179,10 @@ fn partial_and_rejected_heads_allocate_nothing() {
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     let (n, ()) = count_allocs(|| {
         for _ in 0..ITERATIONS {
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             let r = parse_request_head(black_box(partial), &mut storage, &limits).unwrap();
             assert!(r.is_none());
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             let r = parse_request_head(black_box(&bad[..]), &mut storage, &limits);
             assert!(r.is_err());
         }
@@ -196,7 +196,7 @@ fn filling_a_reused_head_index_allocates_nothing() {
     // Created and used once beforehand: its field Vec already has the capacity it needs.
     let mut index = HeadIndex::default();
     {
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(CHAT_HEAD, &mut storage, &limits)
             .unwrap()
             .unwrap();
@@ -207,7 +207,7 @@ fn filling_a_reused_head_index_allocates_nothing() {
 
     let (n, ()) = count_allocs(|| {
         for _ in 0..ITERATIONS {
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             let buf = black_box(CHAT_HEAD);
             let head = parse_request_head(buf, &mut storage, &limits)
                 .unwrap()
@@ -224,7 +224,7 @@ fn filling_a_reused_head_index_allocates_nothing() {
 #[test]
 fn chunked_decoding_into_a_reserved_buffer_allocates_nothing() {
     let limits = Limits::default();
-    let mut storage = [httparse::EMPTY_HEADER; 100];
+    let mut storage = [std::mem::MaybeUninit::uninit(); 100];
     let head = parse_request_head(CHUNKED_HEAD, &mut storage, &limits)
         .unwrap()
         .unwrap();

@@ -17,19 +17,38 @@ fn python() -> PathBuf {
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let p = root.join("target/sdk-venv/bin/python");
-    assert!(p.exists(), "{} missing: run `bash .ci/setup` to install the SDKs", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `bash .ci/setup` to install the SDKs",
+        p.display()
+    );
     p
 }
 
 fn run_script(script: &str, base: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
-    let out = Command::new(python()).arg(&path).arg(base).output().expect("python runs");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sdk")
+        .join(script);
+    let out = Command::new(python())
+        .arg(&path)
+        .arg(base)
+        .output()
+        .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stdout.starts_with("ok "), "{script} failed\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        out.status.success() && stdout.starts_with("ok "),
+        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
 }
 
-fn sdk_gateway(driver: DriverChoice, ok: &MockProvider, broken: &MockProvider, kind: &str, prefix: &str) -> Gateway {
+fn sdk_gateway(
+    driver: DriverChoice,
+    ok: &MockProvider,
+    broken: &MockProvider,
+    kind: &str,
+    prefix: &str,
+) -> Gateway {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
@@ -68,21 +87,45 @@ fn sdk_gateway(driver: DriverChoice, ok: &MockProvider, broken: &MockProvider, k
 }
 
 both_drivers!(openai_python_sdk, |driver| {
-    let ok = MockProvider::start(MockOptions { tls: false, default: Behavior::OpenAiStream { events: 3, delay_ms: 1 } });
-    let broken = MockProvider::start(MockOptions { tls: false, default: Behavior::ResetAfterEvents { events: 1 } });
+    let ok = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::OpenAiStream {
+            events: 3,
+            delay_ms: 1,
+        },
+    });
+    let broken = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::ResetAfterEvents { events: 1 },
+    });
     let gw = sdk_gateway(driver, &ok, &broken, "openai", "gpt");
     run_script("openai_sdk.py", &format!("http://{}", gw.addr()));
     for r in ok.requests() {
-        assert!(!format!("{:?}", r.headers).contains("sk-client"), "client key forwarded");
+        assert!(
+            !format!("{:?}", r.headers).contains("sk-client"),
+            "client key forwarded"
+        );
     }
 });
 
 both_drivers!(anthropic_python_sdk, |driver| {
-    let ok = MockProvider::start(MockOptions { tls: false, default: Behavior::AnthropicStream { events: 3, delay_ms: 1 } });
-    let broken = MockProvider::start(MockOptions { tls: false, default: Behavior::ResetAfterEvents { events: 1 } });
+    let ok = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::AnthropicStream {
+            events: 3,
+            delay_ms: 1,
+        },
+    });
+    let broken = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::ResetAfterEvents { events: 1 },
+    });
     let gw = sdk_gateway(driver, &ok, &broken, "anthropic", "claude");
     run_script("anthropic_sdk.py", &format!("http://{}", gw.addr()));
     for r in ok.requests() {
-        assert!(!format!("{:?}", r.headers).contains("sk-ant-client"), "client key forwarded");
+        assert!(
+            !format!("{:?}", r.headers).contains("sk-ant-client"),
+            "client key forwarded"
+        );
     }
 });

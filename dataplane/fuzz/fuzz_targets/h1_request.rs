@@ -23,7 +23,7 @@ fn is_tchar(b: u8) -> bool {
 }
 
 fn check_head(data: &[u8], limits: &Limits) {
-    let mut storage = [httparse::EMPTY_HEADER; 100];
+    let mut storage = [std::mem::MaybeUninit::uninit(); 100];
     let head = match parse_request_head(data, &mut storage, limits) {
         Ok(Some(head)) => head,
         Ok(None) | Err(_) => return,

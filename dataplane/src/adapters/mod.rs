@@ -93,15 +93,152 @@ pub fn write_credential(kind: ProviderKind, credential: &str, out: &mut Vec<u8>)
 
 /// Usage from a complete JSON response body.
 pub fn usage_from_json(kind: ProviderKind, body: &[u8]) -> Usage {
-    if memchr::memmem::find(body, b"usage").is_none() {
+    // Providers put `usage` last: find it from the end and parse only that member.
+    if let Some(raw) = last_top_level_member(body, b"\"usage\"") {
+        if let Ok(f) = serde_json::from_slice::<UsageFields>(raw) {
+            return f.into_usage(kind);
+        }
+    }
+    if memchr::memmem::find(body, b"\"usage\"").is_none() {
         return Usage::default();
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    // Only the top-level `usage` member is materialised; the rest (the completion text) is
+    // skipped without allocating.
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        #[serde(default)]
+        usage: serde_json::Value,
+    }
+    let Ok(v) = serde_json::from_slice::<Envelope>(body) else {
         return Usage::default();
     };
     match kind {
-        ProviderKind::Openai => openai::usage_from_value(&v["usage"]),
-        ProviderKind::Anthropic => anthropic::usage_from_value(&v["usage"]),
+        ProviderKind::Openai => openai::usage_from_value(&v.usage),
+        ProviderKind::Anthropic => anthropic::usage_from_value(&v.usage),
+    }
+}
+
+/// The token counts of either family's `usage` object (other members are skipped).
+#[derive(Debug, Default, serde::Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    fn into_usage(self, kind: ProviderKind) -> Usage {
+        let (input, output) = match kind {
+            // Chat and completions say prompt/completion; the Responses API says input/output.
+            ProviderKind::Openai => (
+                self.prompt_tokens.or(self.input_tokens),
+                self.completion_tokens.or(self.output_tokens),
+            ),
+            ProviderKind::Anthropic => (self.input_tokens, self.output_tokens),
+        };
+        Usage {
+            input_tokens: input.unwrap_or(0),
+            output_tokens: output.unwrap_or(0),
+            reported: input.is_some() || output.is_some(),
+        }
+    }
+}
+
+/// The raw value of the last member named `quoted_key` (with its quotes) when it belongs to
+/// the top-level object, found by scanning from the end; `None` when that cannot be
+/// confirmed cheaply (the caller then parses the whole document).
+///
+/// In JSON a quote inside a string is always escaped, so `"key"` followed by a colon only
+/// ever occurs as an object key; whether that object is the top-level one is checked by
+/// scanning the (short) rest of the document: it must close exactly one level.
+fn last_top_level_member<'a>(body: &'a [u8], quoted_key: &[u8]) -> Option<&'a [u8]> {
+    let at = memchr::memmem::rfind(body, quoted_key)?;
+    let mut i = at + quoted_key.len();
+    while body.get(i)?.is_ascii_whitespace() {
+        i += 1;
+    }
+    if body[i] != b':' {
+        return None;
+    }
+    let start = i + 1;
+    // Find the end of the value, then check what follows closes the top-level object.
+    let end = skip_value(body, start)?;
+    let mut depth = 0usize;
+    let mut j = end;
+    while j < body.len() {
+        match body[j] {
+            b'"' => j = skip_string(body, j)?,
+            b'{' | b'[' => {
+                depth += 1;
+                j += 1;
+            }
+            b'}' | b']' if depth == 0 => {
+                // The enclosing object closes here: it is the top level only if nothing
+                // but whitespace follows.
+                return body[j + 1..]
+                    .iter()
+                    .all(u8::is_ascii_whitespace)
+                    .then(|| &body[start..end]);
+            }
+            b'}' | b']' => {
+                depth -= 1;
+                j += 1;
+            }
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// Index just past the string starting at `i` (which is a quote).
+fn skip_string(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        let k = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[k] == b'\\' {
+            j = k + 2;
+        } else {
+            return Some(k + 1);
+        }
+    }
+}
+
+/// Index just past the JSON value starting at or after `i`.
+fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+    while b.get(i)?.is_ascii_whitespace() {
+        i += 1;
+    }
+    match b[i] {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let len = b[i..]
+                .iter()
+                .position(|&c| matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace())?;
+            Some(i + len)
+        }
     }
 }
 
@@ -155,6 +292,49 @@ mod tests {
             assert!(is_client_credential(h.as_bytes()), "{h}");
         }
         assert!(!is_client_credential(b"anthropic-version"));
+    }
+
+    #[test]
+    fn usage_is_found_from_the_end_only_at_the_top_level() {
+        let top = br#"{"choices":[{"message":{"content":"say \"usage\": {}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        assert_eq!(
+            last_top_level_member(top, b"\"usage\""),
+            Some(&br#"{"prompt_tokens":3,"completion_tokens":4}"#[..])
+        );
+        let nested = br#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":9}}}"#;
+        assert_eq!(last_top_level_member(nested, b"\"usage\""), None);
+        // The full parse still finds the top-level one.
+        let u = usage_from_json(ProviderKind::Openai, nested);
+        assert_eq!(u.input_tokens, 1);
+        let trailing = b"{\"usage\" : {\"input_tokens\":5,\"output_tokens\":6} , \"id\":\"x}\"}\n";
+        assert_eq!(
+            usage_from_json(ProviderKind::Anthropic, trailing).output_tokens,
+            6
+        );
+        let top_u = usage_from_json(ProviderKind::Openai, top);
+        assert_eq!((top_u.input_tokens, top_u.output_tokens), (3, 4));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn scanning_from_the_end_agrees_with_a_full_parse(
+            usage in proptest::option::of((0u64..1000, 0u64..1000)),
+            content in "[ -~]{0,40}",
+            nested in proptest::bool::ANY,
+        ) {
+            let mut v = serde_json::json!({"id": "x", "choices": [{"message": {"content": content}}]});
+            if nested {
+                v["choices"][0]["usage"] = serde_json::json!({"prompt_tokens": 77});
+            }
+            if let Some((i, o)) = usage {
+                v["usage"] = serde_json::json!({"prompt_tokens": i, "completion_tokens": o});
+            }
+            let body = serde_json::to_vec(&v).expect("serialises");
+            let fast = usage_from_json(ProviderKind::Openai, &body);
+            let full: serde_json::Value = serde_json::from_slice(&body).expect("valid");
+            let slow = openai::usage_from_value(&full["usage"]);
+            proptest::prop_assert_eq!(fast, slow);
+        }
     }
 
     #[test]

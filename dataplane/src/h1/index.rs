@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn spans_point_back_into_the_buffer() {
         let raw = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n";
-        let mut storage = [httparse::EMPTY_HEADER; 16];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 16];
         let head = parse_request_head(raw, &mut storage, &Limits::default())
             .expect("valid")
             .expect("complete");

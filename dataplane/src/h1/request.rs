@@ -3,6 +3,8 @@
 //! [`RequestHead`] is a slice of it, and the header table lives in caller-provided storage,
 //! so parsing allocates nothing.
 
+use std::mem::MaybeUninit;
+
 use super::{is_field_value_byte, is_tchar, list_contains, trim_ows, H1Error, Limits};
 
 /// HTTP versions we speak. httparse only recognises 1.0 and 1.1; anything else is answered
@@ -80,12 +82,13 @@ impl RequestHead<'_, '_> {
 /// `limits.max_headers` (whichever is smaller).
 pub fn parse_request_head<'h, 'b>(
     buf: &'b [u8],
-    storage: &'h mut [httparse::Header<'b>],
+    storage: &'h mut [MaybeUninit<httparse::Header<'b>>],
     limits: &Limits,
 ) -> Result<Option<RequestHead<'h, 'b>>, H1Error> {
     let max_headers = limits.max_headers.min(storage.len());
-    let mut req = httparse::Request::new(&mut storage[..max_headers]);
-    let head_len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    // Uninitialised storage: no need to clear a table of up to 256 fields on every parse.
+    let head_len = match req.parse_with_uninit_headers(buf, &mut storage[..max_headers]) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             check_partial(buf, limits)?;
@@ -446,7 +449,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<(BodyFraming, bool, usize)>, H1Error> {
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         parse_request_head(raw, &mut storage, &Limits::default())
             .map(|o| o.map(|h| (h.framing, h.keep_alive, h.head_len)))
     }
@@ -462,7 +465,7 @@ mod tests {
     fn parses_a_simple_request_into_slices_of_the_buffer() {
         let raw =
             b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello";
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(raw, &mut storage, &Limits::default())
             .expect("valid")
             .expect("complete");
@@ -749,7 +752,7 @@ mod tests {
     #[test]
     fn absolute_form_target_overrides_host() {
         let raw = b"GET http://Gw.example:80/v1/models?x HTTP/1.1\r\nHost: other\r\n\r\n";
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(raw, &mut storage, &Limits::default())
             .expect("valid")
             .expect("complete");
@@ -768,7 +771,7 @@ mod tests {
             max_request_line_bytes: 64,
             ..Limits::default()
         };
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(80));
         let r = parse_request_head(long_line.as_bytes(), &mut storage, &limits);
         assert_eq!(r.map(|_| ()), Err(H1Error::RequestLineTooLong));
@@ -795,7 +798,7 @@ mod tests {
             max_headers: 3,
             ..Limits::default()
         };
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let raw = b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         let r = parse_request_head(raw, &mut storage, &limits);
         assert_eq!(r.map(|_| ()), Err(H1Error::TooManyHeaders));
@@ -818,7 +821,7 @@ mod tests {
 
     #[test]
     fn expectations() {
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let raw =
             b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n";
         let head = parse_request_head(raw, &mut storage, &Limits::default());
@@ -830,7 +833,7 @@ mod tests {
         assert_eq!(H1Error::UnsupportedExpectation.status(), 417);
         // RFC 9110 §10.1.1: ignored on HTTP/1.0.
         let raw = b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n";
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let head = parse_request_head(raw, &mut storage, &Limits::default());
         assert!(!head.expect("valid").expect("complete").expect_continue);
     }
@@ -839,7 +842,7 @@ mod tests {
     fn pipelined_requests_parse_one_at_a_time() {
         let raw = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
         let (_, _, n) = parse(raw).expect("valid").expect("complete");
-        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 100];
         let second = parse_request_head(&raw[n..], &mut storage, &Limits::default());
         assert_eq!(second.expect("valid").expect("complete").path, "/b");
     }
@@ -847,7 +850,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn never_panics_and_accepted_heads_are_strict(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            let mut storage = [httparse::EMPTY_HEADER; 100];
+            let mut storage = [std::mem::MaybeUninit::uninit(); 100];
             if let Ok(Some(head)) = parse_request_head(&bytes, &mut storage, &Limits::default()) {
                 let h = &bytes[..head.head_len];
                 proptest::prop_assert!(check_line_endings(h).is_ok());

@@ -21,9 +21,9 @@ impl<'a> ResponseHead<'a> {
     /// Appends one field. Names and values come from our own code or from fields that
     /// already passed the parser's checks, so they cannot carry CR or LF; a debug assertion
     /// keeps it that way.
-    pub fn header(self, name: &str, value: &[u8]) -> Self {
+    pub fn header(self, name: impl AsRef<[u8]>, value: &[u8]) -> Self {
         debug_assert!(!value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
-        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(name.as_ref());
         self.out.extend_from_slice(b": ");
         self.out.extend_from_slice(value);
         self.out.extend_from_slice(b"\r\n");

@@ -5,6 +5,8 @@
 //! response to the next client. Anything malformed is refused, becomes a 502 (or a visibly
 //! aborted response once bytes have reached the client), and the connection is not reused.
 
+use std::mem::MaybeUninit;
+
 use super::request::{check_line_endings, parse_content_length, TeState};
 use super::{is_field_value_byte, is_tchar, list_contains, Limits};
 
@@ -72,13 +74,18 @@ impl UpstreamResponseHead<'_, '_> {
 /// `request_was_head`: the response to a HEAD request has no body whatever it announces.
 pub fn parse_response_head<'h, 'b>(
     buf: &'b [u8],
-    storage: &'h mut [httparse::Header<'b>],
+    storage: &'h mut [MaybeUninit<httparse::Header<'b>>],
     limits: &Limits,
     request_was_head: bool,
 ) -> Result<Option<UpstreamResponseHead<'h, 'b>>, ResponseError> {
     let max_headers = limits.max_headers.min(storage.len());
-    let mut resp = httparse::Response::new(&mut storage[..max_headers]);
-    let head_len = match resp.parse(buf) {
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage[..max_headers],
+    );
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= limits.max_head_bytes {
@@ -166,7 +173,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<(u16, ResponseFraming, bool)>, ResponseError> {
-        let mut storage = [httparse::EMPTY_HEADER; 64];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 64];
         parse_response_head(raw, &mut storage, &Limits::default(), false)
             .map(|o| o.map(|h| (h.status, h.framing, h.keep_alive)))
     }
@@ -202,7 +209,7 @@ mod tests {
 
     #[test]
     fn response_to_head_has_no_body() {
-        let mut storage = [httparse::EMPTY_HEADER; 8];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 8];
         let h = parse_response_head(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             &mut storage,
@@ -216,7 +223,7 @@ mod tests {
 
     #[test]
     fn interim_responses_are_marked() {
-        let mut storage = [httparse::EMPTY_HEADER; 8];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 8];
         let h = parse_response_head(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n",
             &mut storage,
@@ -287,7 +294,7 @@ mod tests {
             max_head_bytes: 1024,
             ..Limits::default()
         };
-        let mut storage = [httparse::EMPTY_HEADER; 8];
+        let mut storage = [std::mem::MaybeUninit::uninit(); 8];
         let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(2000));
         assert_eq!(
             parse_response_head(big.as_bytes(), &mut storage, &limits, false).map(|_| ()),
