@@ -1,7 +1,7 @@
 //! The per-request JSON work: parsing the request body's top level and reading usage from a
+//! response.
 
 #![allow(clippy::expect_used)]
-//! response.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dataplane::adapters::usage_from_json;
