@@ -204,6 +204,9 @@ pub(crate) async fn serve<S: Service>(
                 is_head,
                 settings.write_timeout,
             );
+            if bufs.index.version == crate::h1::Version::Http10 {
+                resp.set_http10();
+            }
             service.call(&req, &mut resp).await;
             if !resp.started() {
                 let err =

@@ -47,6 +47,9 @@ pub struct Responder<'a> {
     id: RequestId,
     keep_alive: bool,
     is_head: bool,
+    /// An HTTP/1.0 client cannot take chunked bodies: bodies of unknown length are
+    /// delimited by closing the connection instead (RFC 9112 §6.3 rule 8).
+    http10: bool,
     write_timeout: Duration,
     state: State,
     status: u16,
@@ -72,12 +75,18 @@ impl<'a> Responder<'a> {
             id,
             keep_alive,
             is_head,
+            http10: false,
             write_timeout,
             state: State::NotStarted,
             status: 0,
             bytes_out: 0,
             log: LogExtra::default(),
         }
+    }
+
+    /// Marks the client as HTTP/1.0.
+    pub(crate) fn set_http10(&mut self) {
+        self.http10 = true;
     }
 
     pub fn id(&self) -> RequestId {
@@ -141,7 +150,10 @@ impl<'a> Responder<'a> {
         }
         self.status = status;
         self.out.clear();
-        let chunked = length.is_none() && !self.is_head;
+        if length.is_none() && self.http10 {
+            self.keep_alive = false;
+        }
+        let chunked = length.is_none() && !self.is_head && !self.http10;
         let keep_alive = self.keep_alive;
         self.state = State::Body { chunked };
         let date = self.ctx.date();
@@ -150,7 +162,7 @@ impl<'a> Responder<'a> {
             .header("x-request-id", self.id.as_bytes());
         head = match length {
             Some(n) => head.content_length(n),
-            None if self.is_head => head,
+            None if self.is_head || self.http10 => head,
             None => head.header("transfer-encoding", b"chunked"),
         };
         head = headers(head);

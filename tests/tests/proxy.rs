@@ -561,6 +561,35 @@ both_drivers!(sse_streams_are_relayed_event_by_event, |driver| {
     assert!(text.contains("tok0 ") && text.contains("tok1 "), "{text}");
 });
 
+both_drivers!(http10_clients_get_streams_close_delimited, |driver| {
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::OpenAiStream {
+            events: 3,
+            delay_ms: 1,
+        },
+    });
+    let gw = one_openai(driver, &mock);
+    let mut s = gw.connect();
+    let body = chat("m", true);
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(raw.as_bytes()).unwrap();
+    let text = read_stream(&mut s, "");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("transfer-encoding"),
+        "no chunked coding for HTTP/1.0: {text}"
+    );
+    assert!(text.contains("connection: close"));
+    assert!(
+        text.contains("tok2 ") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+});
+
 both_drivers!(anthropic_streams_are_relayed, |driver| {
     let mock = MockProvider::start(MockOptions {
         tls: false,
