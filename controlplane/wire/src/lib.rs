@@ -1,0 +1,268 @@
+//! The control-plane ⇄ data-plane wire protocol: messages, records and their codec. No I/O
+//! and no runtime, so both planes share it and every byte sequence can be tested and fuzzed
+//! on its own. See PROTOCOL.md for the exchange.
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod frame;
+pub mod messages;
+
+pub use codec::{Codec, InvalidMessage, Reader};
+pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
+pub use messages::{
+    Change, KeyRecord, KeyStatus, Message, Record, Tombstone, UsageEntry, PROTOCOL_VERSION,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{put_str, put_u64};
+    use proptest::prelude::*;
+
+    fn key() -> impl Strategy<Value = KeyRecord> {
+        (
+            "[a-zA-Z0-9]{1,16}",
+            "[a-z0-9-]{1,20}",
+            prop_oneof![Just("production"), Just("staging"), Just("development")],
+            proptest::option::of("[a-z0-9]{1,12}"),
+            any::<[u8; 32]>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec("[a-z0-9.-]{1,20}", 0..4),
+        )
+            .prop_map(
+                |(key_id, tenant_id, env, sub, hash, active, exp, grace, models)| KeyRecord {
+                    key_id,
+                    tenant_id,
+                    environment: env.to_string(),
+                    sub_account_id: sub,
+                    hash_version: 1,
+                    hash,
+                    status: if active {
+                        KeyStatus::Active
+                    } else {
+                        KeyStatus::Revoked
+                    },
+                    expires_at: exp,
+                    grace_ends_at: grace,
+                    allowed_models: models,
+                },
+            )
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            ("[a-z0-9-]{0,20}", any::<u64>(), any::<u64>()).prop_map(
+                |(node_id, boot_epoch, revision_held)| Message::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    node_id,
+                    boot_epoch,
+                    revision_held
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(
+                    prop_oneof![
+                        key().prop_map(|k| Change::Upsert(Record::Key(k))),
+                        "[a-z0-9]{1,10}".prop_map(|id| Change::Delete(Tombstone { kind: 1, id })),
+                    ],
+                    0..8
+                )
+            )
+                .prop_map(|(from_revision, to_revision, changes)| Message::Changes {
+                    from_revision,
+                    to_revision,
+                    changes
+                }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                1u64..10,
+                proptest::collection::vec(key().prop_map(Record::Key), 0..8)
+            )
+                .prop_map(|(revision, part, parts, records)| Message::Snapshot {
+                    revision,
+                    part,
+                    parts,
+                    records
+                }),
+            any::<u64>().prop_map(|revision| Message::Ack { revision }),
+            (any::<u64>(), ".{0,40}")
+                .prop_map(|(revision, error)| Message::Nack { revision, error }),
+            any::<u64>().prop_map(|unix_ms| Message::Heartbeat { unix_ms }),
+            (
+                "[a-z0-9-]{0,12}",
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(
+                    (
+                        "[a-z0-9]{1,10}",
+                        "[a-z0-9-]{1,10}",
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>()
+                    )
+                        .prop_map(
+                            |(key_id, model, requests, input_tokens, output_tokens)| UsageEntry {
+                                key_id,
+                                model,
+                                requests,
+                                input_tokens,
+                                output_tokens
+                            }
+                        ),
+                    0..5
+                )
+            )
+                .prop_map(|(node_id, boot_epoch, seq, entries)| Message::UsageReport {
+                    node_id,
+                    boot_epoch,
+                    seq,
+                    entries
+                }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(boot_epoch, seq)| Message::UsageAck { boot_epoch, seq }),
+            (
+                "[a-z0-9-]{0,12}",
+                any::<u64>(),
+                any::<u64>(),
+                "[a-z_]{1,20}",
+                ".{0,40}"
+            )
+                .prop_map(|(node_id, boot_epoch, seq, kind, detail)| Message::Event {
+                    node_id,
+                    boot_epoch,
+                    seq,
+                    kind,
+                    detail
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips_through_a_frame(msg in message()) {
+            let mut out = Vec::new();
+            encode_frame(&msg, &mut out);
+            let (frame, used) = decode_frame(&out, DEFAULT_MAX_FRAME).expect("valid").expect("complete");
+            prop_assert_eq!(used, out.len());
+            prop_assert_eq!(frame, Frame::Message(msg));
+        }
+
+        #[test]
+        fn any_prefix_is_incomplete_not_an_error(msg in message(), cut in 0usize..64) {
+            let mut out = Vec::new();
+            encode_frame(&msg, &mut out);
+            let cut = cut.min(out.len() - 1);
+            prop_assert_eq!(decode_frame(&out[..cut], DEFAULT_MAX_FRAME), Ok(None));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&bytes, DEFAULT_MAX_FRAME);
+            let _ = Message::decode_body(2, &bytes);
+            let _ = Message::decode_body(3, &bytes);
+            let _ = KeyRecord::from_bytes(&bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_records_from_a_newer_peer_are_skipped() {
+        let k = KeyRecord {
+            key_id: "k1".into(),
+            tenant_id: "t".into(),
+            environment: "production".into(),
+            sub_account_id: None,
+            hash_version: 1,
+            hash: [7; 32],
+            status: KeyStatus::Active,
+            expires_at: 0,
+            grace_ends_at: 0,
+            allowed_models: vec![],
+        };
+        let mut body = k.to_bytes();
+        put_str(&mut body, 99, "a field from the future");
+        put_u64(&mut body, 100, 42);
+        assert_eq!(KeyRecord::from_bytes(&body), Ok(k.clone()));
+
+        // A snapshot carrying a record kind this version does not know.
+        let mut snap = Vec::new();
+        put_u64(&mut snap, 1, 5);
+        put_u64(&mut snap, 3, 1);
+        codec::put_field(&mut snap, 4, |o| {
+            codec::put_field(o, 77, |o| o.extend_from_slice(b"opaque"))
+        });
+        codec::put_field(&mut snap, 4, |o| Record::Key(k.clone()).encode(o));
+        let m = Message::decode_body(messages::types::SNAPSHOT, &snap)
+            .expect("valid")
+            .expect("known type");
+        assert_eq!(
+            m,
+            Message::Snapshot {
+                revision: 5,
+                part: 0,
+                parts: 1,
+                records: vec![
+                    Record::Unknown {
+                        kind: 77,
+                        body: b"opaque".to_vec()
+                    },
+                    Record::Key(k)
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_message_types_are_skipped_whole() {
+        let mut out = Vec::new();
+        out.extend_from_slice(&7u32.to_be_bytes());
+        out.extend_from_slice(&999u16.to_be_bytes());
+        out.extend_from_slice(b"hello");
+        encode_frame(&Message::Ack { revision: 3 }, &mut out);
+        let (f, used) = decode_frame(&out, DEFAULT_MAX_FRAME)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!((f, used), (Frame::Unknown(999), 11));
+        let (f, _) = decode_frame(&out[used..], DEFAULT_MAX_FRAME)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(f, Frame::Message(Message::Ack { revision: 3 }));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(64u32 << 20).to_be_bytes());
+        assert_eq!(
+            decode_frame(&out, DEFAULT_MAX_FRAME),
+            Err(InvalidMessage::FrameTooLarge(64 << 20))
+        );
+    }
+
+    #[test]
+    fn bytes_per_key_record_in_a_snapshot() {
+        // A typical key: 12-char public id, a tenant uuid, production, no sub-account,
+        // SHA-256 hash, active, an expiry, no model restriction.
+        let k = Record::Key(KeyRecord {
+            key_id: "k7Hq2Lx9Pw3Z".into(),
+            tenant_id: "5f0c3a1e-8b2d-4c6f-9a7e-1d2b3c4d5e6f".into(),
+            environment: "production".into(),
+            sub_account_id: None,
+            hash_version: 1,
+            hash: [0xab; 32],
+            status: KeyStatus::Active,
+            expires_at: 1_900_000_000,
+            grace_ends_at: 0,
+            allowed_models: vec![],
+        });
+        let mut per = Vec::new();
+        codec::put_field(&mut per, 4, |o| k.encode(o));
+        // Documented in PROTOCOL.md; a change here is a change to the figure there.
+        assert_eq!(per.len(), 115);
+    }
+}

@@ -1,0 +1,495 @@
+//! The messages and records of the control-plane ⇄ data-plane protocol.
+//!
+//! Field tags are part of the protocol: a tag is never reused for another meaning, new
+//! fields get new tags, and readers skip tags they do not know. PROTOCOL.md beside this
+//! crate describes the exchange.
+
+use crate::codec::{
+    get_str, get_u64, put_bytes, put_field, put_str, put_u64, Codec, InvalidMessage, Reader,
+};
+
+/// Bumped only for changes an older peer cannot skip over.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// A key's state as every node must enforce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+/// One API key, as nodes hold it: never the key itself, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The public id embedded in the key (looked up first).
+    pub key_id: String,
+    pub tenant_id: String,
+    /// `production`, `staging` or `development`.
+    pub environment: String,
+    pub sub_account_id: Option<String>,
+    /// Which hash function `hash` was made with.
+    pub hash_version: u64,
+    pub hash: [u8; 32],
+    pub status: KeyStatus,
+    /// Unix seconds, UTC; 0 = never.
+    pub expires_at: u64,
+    /// Unix seconds, UTC; 0 = no grace period (set on the old key when rotating).
+    pub grace_ends_at: u64,
+    /// Empty = every model the environment routes.
+    pub allowed_models: Vec<String>,
+}
+
+/// What a change or snapshot carries. Kinds a node does not know are skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Key(KeyRecord),
+    /// A record kind from a newer peer: kept opaque (and re-encoded verbatim), ignored.
+    Unknown {
+        kind: u64,
+        body: Vec<u8>,
+    },
+}
+
+/// Deletion of a record, by kind and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    pub kind: u64,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Upsert(Record),
+    Delete(Tombstone),
+}
+
+/// One usage figure for one key and model over a reporting interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEntry {
+    pub key_id: String,
+    pub model: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Every message on the link. Unknown message types are skipped by the framing layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Node → control plane, first on every connection.
+    Hello {
+        protocol_version: u64,
+        node_id: String,
+        boot_epoch: u64,
+        revision_held: u64,
+    },
+    /// Control plane → node: the changes after `from_revision` up to `to_revision`.
+    Changes {
+        from_revision: u64,
+        to_revision: u64,
+        changes: Vec<Change>,
+    },
+    /// Control plane → node: a full snapshot at `revision`, in `parts` messages.
+    Snapshot {
+        revision: u64,
+        part: u64,
+        parts: u64,
+        records: Vec<Record>,
+    },
+    /// Node → control plane: `revision` is applied on every worker.
+    Ack {
+        revision: u64,
+    },
+    /// Node → control plane: `revision` was refused; the node keeps its previous config.
+    Nack {
+        revision: u64,
+        error: String,
+    },
+    Heartbeat {
+        unix_ms: u64,
+    },
+    /// Node → control plane; (node, boot epoch, seq) makes a resend idempotent.
+    UsageReport {
+        node_id: String,
+        boot_epoch: u64,
+        seq: u64,
+        entries: Vec<UsageEntry>,
+    },
+    UsageAck {
+        boot_epoch: u64,
+        seq: u64,
+    },
+    /// Node → control plane: a guardrail block, a leaked-key sighting…
+    Event {
+        node_id: String,
+        boot_epoch: u64,
+        seq: u64,
+        kind: String,
+        detail: String,
+    },
+}
+
+/// Message type codes (the frame header carries them).
+pub mod types {
+    pub const HELLO: u16 = 1;
+    pub const CHANGES: u16 = 2;
+    pub const SNAPSHOT: u16 = 3;
+    pub const ACK: u16 = 4;
+    pub const NACK: u16 = 5;
+    pub const HEARTBEAT: u16 = 6;
+    pub const USAGE_REPORT: u16 = 7;
+    pub const USAGE_ACK: u16 = 8;
+    pub const EVENT: u16 = 9;
+}
+
+/// Record kind codes.
+pub mod kinds {
+    pub const KEY: u64 = 1;
+}
+
+impl Codec for KeyStatus {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(match self {
+            Self::Active => 1,
+            Self::Revoked => 2,
+        });
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        match r.u8()? {
+            1 => Ok(Self::Active),
+            2 => Ok(Self::Revoked),
+            _ => Err(InvalidMessage::BadField { tag: 7 }),
+        }
+    }
+}
+
+impl Codec for KeyRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.key_id);
+        put_str(out, 2, &self.tenant_id);
+        put_str(out, 3, &self.environment);
+        if let Some(s) = &self.sub_account_id {
+            put_str(out, 4, s);
+        }
+        put_u64(out, 5, self.hash_version);
+        put_bytes(out, 6, &self.hash);
+        put_field(out, 7, |o| self.status.encode(o));
+        if self.expires_at != 0 {
+            put_u64(out, 8, self.expires_at);
+        }
+        if self.grace_ends_at != 0 {
+            put_u64(out, 9, self.grace_ends_at);
+        }
+        for m in &self.allowed_models {
+            put_str(out, 10, m);
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut key_id, mut tenant_id, mut environment) = (None, None, None);
+        let mut sub_account_id = None;
+        let mut hash_version = None;
+        let mut hash = None;
+        let mut status = None;
+        let (mut expires_at, mut grace_ends_at) = (0, 0);
+        let mut allowed_models = Vec::new();
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => key_id = Some(get_str(body)?),
+                2 => tenant_id = Some(get_str(body)?),
+                3 => environment = Some(get_str(body)?),
+                4 => sub_account_id = Some(get_str(body)?),
+                5 => hash_version = Some(get_u64(tag, body)?),
+                6 => {
+                    hash = Some(
+                        <[u8; 32]>::try_from(body).map_err(|_| InvalidMessage::BadField { tag })?,
+                    )
+                }
+                7 => status = Some(KeyStatus::from_bytes(body)?),
+                8 => expires_at = get_u64(tag, body)?,
+                9 => grace_ends_at = get_u64(tag, body)?,
+                10 => allowed_models.push(get_str(body)?),
+                _ => {} // a newer peer's field
+            }
+        }
+        let missing = |tag| InvalidMessage::MissingField { tag };
+        Ok(Self {
+            key_id: key_id.ok_or(missing(1))?,
+            tenant_id: tenant_id.ok_or(missing(2))?,
+            environment: environment.ok_or(missing(3))?,
+            sub_account_id,
+            hash_version: hash_version.ok_or(missing(5))?,
+            hash: hash.ok_or(missing(6))?,
+            status: status.ok_or(missing(7))?,
+            expires_at,
+            grace_ends_at,
+            allowed_models,
+        })
+    }
+}
+
+impl Codec for Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Key(k) => put_field(out, kinds::KEY, |o| k.encode(o)),
+            Self::Unknown { kind, body } => put_field(out, *kind, |o| o.extend_from_slice(body)),
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (kind, body) = r.field()?;
+        Ok(match kind {
+            kinds::KEY => Self::Key(KeyRecord::from_bytes(body)?),
+            other => Self::Unknown {
+                kind: other,
+                body: body.to_vec(),
+            },
+        })
+    }
+}
+
+impl Codec for Change {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Upsert(rec) => put_field(out, 1, |o| rec.encode(o)),
+            Self::Delete(t) => put_field(out, 2, |o| {
+                put_u64(o, 1, t.kind);
+                put_str(o, 2, &t.id);
+            }),
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (tag, body) = r.field()?;
+        match tag {
+            1 => Ok(Self::Upsert(Record::from_bytes(body)?)),
+            2 => {
+                let mut rr = Reader::new(body);
+                let (mut kind, mut id) = (None, None);
+                while !rr.is_empty() {
+                    let (t, b) = rr.field()?;
+                    match t {
+                        1 => kind = Some(get_u64(t, b)?),
+                        2 => id = Some(get_str(b)?),
+                        _ => {}
+                    }
+                }
+                Ok(Self::Delete(Tombstone {
+                    kind: kind.ok_or(InvalidMessage::MissingField { tag: 1 })?,
+                    id: id.ok_or(InvalidMessage::MissingField { tag: 2 })?,
+                }))
+            }
+            _ => Err(InvalidMessage::BadField { tag }),
+        }
+    }
+}
+
+impl Codec for UsageEntry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.key_id);
+        put_str(out, 2, &self.model);
+        put_u64(out, 3, self.requests);
+        put_u64(out, 4, self.input_tokens);
+        put_u64(out, 5, self.output_tokens);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let mut e = UsageEntry {
+            key_id: String::new(),
+            model: String::new(),
+            requests: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+        };
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => e.key_id = get_str(body)?,
+                2 => e.model = get_str(body)?,
+                3 => e.requests = get_u64(tag, body)?,
+                4 => e.input_tokens = get_u64(tag, body)?,
+                5 => e.output_tokens = get_u64(tag, body)?,
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+}
+
+impl Message {
+    pub fn type_code(&self) -> u16 {
+        match self {
+            Self::Hello { .. } => types::HELLO,
+            Self::Changes { .. } => types::CHANGES,
+            Self::Snapshot { .. } => types::SNAPSHOT,
+            Self::Ack { .. } => types::ACK,
+            Self::Nack { .. } => types::NACK,
+            Self::Heartbeat { .. } => types::HEARTBEAT,
+            Self::UsageReport { .. } => types::USAGE_REPORT,
+            Self::UsageAck { .. } => types::USAGE_ACK,
+            Self::Event { .. } => types::EVENT,
+        }
+    }
+
+    /// Writes the message body (without the frame header).
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Hello {
+                protocol_version,
+                node_id,
+                boot_epoch,
+                revision_held,
+            } => {
+                put_u64(out, 1, *protocol_version);
+                put_str(out, 2, node_id);
+                put_u64(out, 3, *boot_epoch);
+                put_u64(out, 4, *revision_held);
+            }
+            Self::Changes {
+                from_revision,
+                to_revision,
+                changes,
+            } => {
+                put_u64(out, 1, *from_revision);
+                put_u64(out, 2, *to_revision);
+                for c in changes {
+                    put_field(out, 3, |o| c.encode(o));
+                }
+            }
+            Self::Snapshot {
+                revision,
+                part,
+                parts,
+                records,
+            } => {
+                put_u64(out, 1, *revision);
+                put_u64(out, 2, *part);
+                put_u64(out, 3, *parts);
+                for rec in records {
+                    put_field(out, 4, |o| rec.encode(o));
+                }
+            }
+            Self::Ack { revision } => put_u64(out, 1, *revision),
+            Self::Nack { revision, error } => {
+                put_u64(out, 1, *revision);
+                put_str(out, 2, error);
+            }
+            Self::Heartbeat { unix_ms } => put_u64(out, 1, *unix_ms),
+            Self::UsageReport {
+                node_id,
+                boot_epoch,
+                seq,
+                entries,
+            } => {
+                put_str(out, 1, node_id);
+                put_u64(out, 2, *boot_epoch);
+                put_u64(out, 3, *seq);
+                for e in entries {
+                    put_field(out, 4, |o| e.encode(o));
+                }
+            }
+            Self::UsageAck { boot_epoch, seq } => {
+                put_u64(out, 1, *boot_epoch);
+                put_u64(out, 2, *seq);
+            }
+            Self::Event {
+                node_id,
+                boot_epoch,
+                seq,
+                kind,
+                detail,
+            } => {
+                put_str(out, 1, node_id);
+                put_u64(out, 2, *boot_epoch);
+                put_u64(out, 3, *seq);
+                put_str(out, 4, kind);
+                put_str(out, 5, detail);
+            }
+        }
+    }
+
+    /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
+    /// know (the caller skips it).
+    pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
+        if !(types::HELLO..=types::EVENT).contains(&code) {
+            return Ok(None);
+        }
+        let mut fields = Vec::new();
+        let mut r = Reader::new(body);
+        while !r.is_empty() {
+            fields.push(r.field()?);
+        }
+        let u = |tag: u64| -> Result<u64, InvalidMessage> {
+            fields
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .map(|(t, b)| get_u64(*t, b))
+                .unwrap_or(Err(InvalidMessage::MissingField { tag }))
+        };
+        let u_or0 = |tag: u64| -> Result<u64, InvalidMessage> {
+            fields
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .map_or(Ok(0), |(t, b)| get_u64(*t, b))
+        };
+        let s = |tag: u64| -> Result<String, InvalidMessage> {
+            fields
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .map_or(Ok(String::new()), |(_, b)| get_str(b))
+        };
+        let all = |tag: u64| {
+            fields
+                .iter()
+                .filter(move |(t, _)| *t == tag)
+                .map(|(_, b)| *b)
+        };
+        Ok(Some(match code {
+            types::HELLO => Self::Hello {
+                protocol_version: u(1)?,
+                node_id: s(2)?,
+                boot_epoch: u_or0(3)?,
+                revision_held: u_or0(4)?,
+            },
+            types::CHANGES => Self::Changes {
+                from_revision: u_or0(1)?,
+                to_revision: u(2)?,
+                changes: all(3).map(Change::from_bytes).collect::<Result<_, _>>()?,
+            },
+            types::SNAPSHOT => Self::Snapshot {
+                revision: u(1)?,
+                part: u_or0(2)?,
+                parts: u(3)?,
+                records: all(4).map(Record::from_bytes).collect::<Result<_, _>>()?,
+            },
+            types::ACK => Self::Ack { revision: u(1)? },
+            types::NACK => Self::Nack {
+                revision: u(1)?,
+                error: s(2)?,
+            },
+            types::HEARTBEAT => Self::Heartbeat { unix_ms: u_or0(1)? },
+            types::USAGE_REPORT => Self::UsageReport {
+                node_id: s(1)?,
+                boot_epoch: u(2)?,
+                seq: u(3)?,
+                entries: all(4)
+                    .map(UsageEntry::from_bytes)
+                    .collect::<Result<_, _>>()?,
+            },
+            types::USAGE_ACK => Self::UsageAck {
+                boot_epoch: u(1)?,
+                seq: u(2)?,
+            },
+            types::EVENT => Self::Event {
+                node_id: s(1)?,
+                boot_epoch: u(2)?,
+                seq: u(3)?,
+                kind: s(4)?,
+                detail: s(5)?,
+            },
+            _ => return Ok(None),
+        }))
+    }
+}
