@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod keys;
 pub mod messages;
 
 pub use codec::{Codec, InvalidMessage, Reader};

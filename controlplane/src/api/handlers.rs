@@ -1,0 +1,272 @@
+//! Request handlers. Store calls are blocking (SQLite), so they run on the blocking pool.
+
+use std::sync::Arc;
+
+use aigw_wire::keys::Environment;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, ApiJson, AppState, Principal};
+use crate::keys::{mint, random_id};
+use crate::store::{NewKey, Store};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+async fn blocking<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&Store) -> std::result::Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || f(&state.store))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "store task failed",
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn rng_error(_: getrandom::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "no randomness available",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateTenant {
+    pub(super) id: Option<String>,
+    pub(super) name: String,
+    pub(super) tier: String,
+}
+
+pub(super) async fn create_tenant(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    ApiJson(body): ApiJson<CreateTenant>,
+) -> Result<(StatusCode, Json<Value>)> {
+    let id = match body.id {
+        Some(id)
+            if !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            id
+        }
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "id: letters, digits, - and _ only",
+            ))
+        }
+        None => format!("t_{}", random_id(16).map_err(rng_error)?),
+    };
+    let t = blocking(&s, move |st| {
+        st.create_tenant(&actor, &id, &body.name, &body.tier)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!(t))))
+}
+
+pub(super) async fn list_tenants(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
+    let t = blocking(&s, |st| st.tenants()).await?;
+    Ok(Json(json!({"data": t})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateSubAccount {
+    pub(super) name: String,
+    pub(super) parent_id: Option<String>,
+}
+
+pub(super) async fn create_sub_account(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<CreateSubAccount>,
+) -> Result<(StatusCode, Json<Value>)> {
+    let id = format!("sa_{}", random_id(16).map_err(rng_error)?);
+    let sa = blocking(&s, move |st| {
+        st.create_sub_account(
+            &actor,
+            &id,
+            &tenant_id,
+            body.parent_id.as_deref(),
+            &body.name,
+        )
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!(sa))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateKey {
+    pub(super) environment: String,
+    #[serde(default)]
+    pub(super) name: String,
+    pub(super) sub_account_id: Option<String>,
+    #[serde(default)]
+    pub(super) allowed_models: Vec<String>,
+    /// Unix seconds UTC.
+    pub(super) expires_at: Option<i64>,
+}
+
+pub(super) async fn create_key(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<CreateKey>,
+) -> Result<(StatusCode, Json<Value>)> {
+    let environment = Environment::from_name(&body.environment).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "environment: must be production, staging or development",
+        )
+    })?;
+    let expires_at = body.expires_at.unwrap_or(0);
+    if expires_at < 0 || (expires_at != 0 && expires_at <= crate::store::now()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "expires_at: must be a future Unix time",
+        ));
+    }
+    let minted = mint(environment).map_err(rng_error)?;
+    let new = NewKey {
+        key_id: minted.key_id.clone(),
+        tenant_id,
+        environment,
+        sub_account_id: body.sub_account_id,
+        name: body.name,
+        hash: minted.hash,
+        allowed_models: body.allowed_models,
+        expires_at,
+    };
+    let info = blocking(&s, move |st| st.insert_key(&actor, &new)).await?;
+    // The plaintext leaves the control plane here, once; it is stored nowhere.
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"key": minted.plaintext, "info": info})),
+    ))
+}
+
+pub(super) async fn list_keys(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Value>> {
+    let keys = blocking(&s, move |st| st.keys(&tenant_id)).await?;
+    Ok(Json(json!({"data": keys})))
+}
+
+pub(super) async fn get_key(
+    State(s): State<Arc<AppState>>,
+    Path(key_id): Path<String>,
+) -> Result<Json<Value>> {
+    let k = blocking(&s, move |st| st.key(&key_id)).await?;
+    Ok(Json(json!(k)))
+}
+
+pub(super) async fn revoke_key(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(key_id): Path<String>,
+) -> Result<Json<Value>> {
+    let k = blocking(&s, move |st| st.revoke_key(&actor, &key_id)).await?;
+    Ok(Json(json!(k)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RotateKey {
+    /// How long the old key keeps working (default 24 h).
+    pub(super) grace_seconds: Option<i64>,
+}
+
+pub(super) async fn rotate_key(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(key_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
+    // The body is optional: empty means every default.
+    let body: RotateKey = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateKey::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("body: {e}")))?
+    };
+    let grace = body.grace_seconds.unwrap_or(86_400);
+    if !(0..=90 * 86_400).contains(&grace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "grace_seconds: between 0 and 90 days",
+        ));
+    }
+    let old = blocking(&s, {
+        let key_id = key_id.clone();
+        move |st| st.key(&key_id)
+    })
+    .await?;
+    let environment = Environment::from_name(&old.environment).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "stored environment unknown",
+        )
+    })?;
+    let minted = mint(environment).map_err(rng_error)?;
+    let new = NewKey {
+        key_id: minted.key_id.clone(),
+        tenant_id: old.tenant_id.clone(),
+        environment,
+        sub_account_id: old.sub_account_id.clone(),
+        name: old.name.clone(),
+        hash: minted.hash,
+        allowed_models: old.allowed_models.clone(),
+        expires_at: old.expires_at,
+    };
+    let grace_ends_at = crate::store::now() + grace;
+    let (old, new) = blocking(&s, move |st| {
+        st.rotate_key(&actor, &key_id, &new, grace_ends_at)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"key": minted.plaintext, "info": new, "old": old})),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AuditQuery {
+    #[serde(default)]
+    pub(super) after: i64,
+    pub(super) limit: Option<i64>,
+}
+
+pub(super) async fn audit(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>> {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let records = blocking(&s, move |st| st.audit(q.after, limit)).await?;
+    Ok(Json(json!({"data": records})))
+}
+
+pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
+    let r = blocking(&s, |st| st.revision()).await?;
+    Ok(Json(json!({"revision": r})))
+}

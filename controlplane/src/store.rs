@@ -1,0 +1,599 @@
+//! The control plane's store: SQLite by default, under the data directory.
+//!
+//! Every mutation runs in one transaction that also appends its changelog entry (the global,
+//! monotonically increasing revision nodes sync from) and its audit record (who, what, when,
+//! from where). Either all three are written or none is. The SQL is kept portable (no
+//! SQLite-only features beyond `INSERT OR IGNORE`-free plain statements) so a PostgreSQL
+//! store can share it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use aigw_wire::keys::Environment;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::Serialize;
+
+/// Migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE sub_accounts (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    parent_id TEXT REFERENCES sub_accounts(id),
+    name TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    environment TEXT NOT NULL,
+    sub_account_id TEXT REFERENCES sub_accounts(id),
+    name TEXT NOT NULL,
+    hash_version INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    status TEXT NOT NULL,
+    allowed_models TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    grace_ends_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER NOT NULL,
+    replaced_by TEXT
+);
+CREATE INDEX api_keys_tenant ON api_keys(tenant_id);
+CREATE TABLE changelog (
+    revision INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    op TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"#];
+
+/// Longest chain of nested sub-accounts.
+pub const MAX_SUB_ACCOUNT_DEPTH: i64 = 8;
+
+/// Who did something, and from where; recorded with every mutation.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub principal: String,
+    pub source: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub tier: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubAccount {
+    pub id: String,
+    pub tenant_id: String,
+    pub parent_id: Option<String>,
+    pub name: String,
+    pub depth: i64,
+}
+
+/// A key as operators see it: never the key, never its hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    pub sub_account_id: Option<String>,
+    pub name: String,
+    pub status: String,
+    pub allowed_models: Vec<String>,
+    /// Unix seconds UTC; 0 = never.
+    pub expires_at: i64,
+    /// Unix seconds UTC; 0 = none. Set on the old key of a rotation.
+    pub grace_ends_at: i64,
+    pub created_at: i64,
+    pub replaced_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub source: String,
+    pub action: String,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
+
+/// A key to insert (the hash of a freshly minted key).
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub environment: Environment,
+    pub sub_account_id: Option<String>,
+    pub name: String,
+    pub hash: [u8; 32],
+    pub allowed_models: Vec<String>,
+    pub expires_at: i64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Store {
+    /// Opens (creating if needed) `<data_dir>/controlplane.db` and migrates it.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Invalid(format!("data directory {}: {e}", data_dir.display()))
+        })?;
+        let conn = Connection::open(data_dir.join("controlplane.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            [],
+        )?;
+        let version: i64 = conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let mut conn = conn;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.execute("DELETE FROM schema_version", [])?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                params![i as i64 + 1],
+            )?;
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with_tx<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    /// The newest revision (0 when nothing was ever changed).
+    pub fn revision(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT COALESCE(MAX(revision), 0) FROM changelog",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    pub fn create_tenant(
+        &self,
+        actor: &Actor,
+        id: &str,
+        name: &str,
+        tier: &str,
+    ) -> Result<Tenant, StoreError> {
+        if !matches!(tier, "free" | "pro" | "enterprise") {
+            return Err(StoreError::Invalid(format!(
+                "tier: must be free, pro or enterprise (got {tier:?})"
+            )));
+        }
+        if name.trim().is_empty() {
+            return Err(StoreError::Invalid("name: must not be empty".into()));
+        }
+        let t = Tenant {
+            id: id.into(),
+            name: name.into(),
+            tier: tier.into(),
+            created_at: now(),
+        };
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO tenants (id, name, tier, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![t.id, t.name, t.tier, t.created_at],
+            )?;
+            change(tx, "tenant", &t.id, "upsert")?;
+            audit(
+                tx,
+                actor,
+                "tenant.create",
+                &t.id,
+                serde_json::json!({"name": t.name, "tier": t.tier}),
+            )?;
+            Ok(t.clone())
+        })
+    }
+
+    pub fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id, name, tier, created_at FROM tenants ORDER BY created_at, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Tenant {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    tier: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn create_sub_account(
+        &self,
+        actor: &Actor,
+        id: &str,
+        tenant_id: &str,
+        parent_id: Option<&str>,
+        name: &str,
+    ) -> Result<SubAccount, StoreError> {
+        self.with_tx(|tx| {
+            tenant_exists(tx, tenant_id)?;
+            let depth = match parent_id {
+                None => 1,
+                Some(p) => {
+                    let (ptenant, pdepth): (String, i64) = tx
+                        .query_row("SELECT tenant_id, depth FROM sub_accounts WHERE id = ?1", params![p], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?
+                        .ok_or(StoreError::NotFound("parent sub-account"))?;
+                    if ptenant != tenant_id {
+                        return Err(StoreError::Invalid("parent_id: belongs to another tenant".into()));
+                    }
+                    pdepth + 1
+                }
+            };
+            if depth > MAX_SUB_ACCOUNT_DEPTH {
+                return Err(StoreError::Invalid(format!("parent_id: sub-accounts nest at most {MAX_SUB_ACCOUNT_DEPTH} deep")));
+            }
+            tx.execute(
+                "INSERT INTO sub_accounts (id, tenant_id, parent_id, name, depth, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, tenant_id, parent_id, name, depth, now()],
+            )?;
+            change(tx, "sub_account", id, "upsert")?;
+            audit(tx, actor, "sub_account.create", id, serde_json::json!({"tenant_id": tenant_id, "parent_id": parent_id, "name": name}))?;
+            Ok(SubAccount { id: id.into(), tenant_id: tenant_id.into(), parent_id: parent_id.map(Into::into), name: name.into(), depth })
+        })
+    }
+
+    pub fn insert_key(&self, actor: &Actor, k: &NewKey) -> Result<KeyInfo, StoreError> {
+        self.with_tx(|tx| {
+            insert_key_tx(tx, k)?;
+            change(tx, "key", &k.key_id, "upsert")?;
+            audit(
+                tx,
+                actor,
+                "key.create",
+                &k.key_id,
+                serde_json::json!({"tenant_id": k.tenant_id, "environment": k.environment.name(), "sub_account_id": k.sub_account_id}),
+            )?;
+            key_info(tx, &k.key_id)
+        })
+    }
+
+    /// Revokes a key at once; every node drops it at the next revision it applies.
+    pub fn revoke_key(&self, actor: &Actor, key_id: &str) -> Result<KeyInfo, StoreError> {
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE api_keys SET status = 'revoked', revoked_at = ?2 WHERE key_id = ?1 AND status = 'active'",
+                params![key_id, now()],
+            )?;
+            if n == 0 {
+                key_info(tx, key_id)?; // NotFound if absent
+                return Err(StoreError::Conflict(format!("key {key_id} is already revoked")));
+            }
+            change(tx, "key", key_id, "upsert")?;
+            audit(tx, actor, "key.revoke", key_id, serde_json::json!({}))?;
+            key_info(tx, key_id)
+        })
+    }
+
+    /// Inserts the replacement and gives the old key a grace end, in one transaction.
+    pub fn rotate_key(
+        &self,
+        actor: &Actor,
+        old_id: &str,
+        new: &NewKey,
+        grace_ends_at: i64,
+    ) -> Result<(KeyInfo, KeyInfo), StoreError> {
+        self.with_tx(|tx| {
+            let old = key_info(tx, old_id)?;
+            if old.status != "active" {
+                return Err(StoreError::Conflict(format!("key {old_id} is revoked")));
+            }
+            if old.replaced_by.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "key {old_id} was already rotated"
+                )));
+            }
+            insert_key_tx(tx, new)?;
+            tx.execute(
+                "UPDATE api_keys SET grace_ends_at = ?2, replaced_by = ?3 WHERE key_id = ?1",
+                params![old_id, grace_ends_at, new.key_id],
+            )?;
+            change(tx, "key", &new.key_id, "upsert")?;
+            change(tx, "key", old_id, "upsert")?;
+            audit(
+                tx,
+                actor,
+                "key.rotate",
+                old_id,
+                serde_json::json!({"new_key_id": new.key_id, "grace_ends_at": grace_ends_at}),
+            )?;
+            Ok((key_info(tx, old_id)?, key_info(tx, &new.key_id)?))
+        })
+    }
+
+    pub fn key(&self, key_id: &str) -> Result<KeyInfo, StoreError> {
+        self.read(|c| key_info(c, key_id))
+    }
+
+    pub fn keys(&self, tenant_id: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(&format!(
+                "{KEY_SELECT} WHERE tenant_id = ?1 ORDER BY created_at, key_id"
+            ))?;
+            let rows = st.query_map(params![tenant_id], key_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Audit records, newest last, after `after_id`.
+    pub fn audit(&self, after_id: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id, at, actor, source, action, target, detail FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![after_id, limit], |r| {
+                let detail: String = r.get(6)?;
+                Ok(AuditRecord {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    actor: r.get(2)?,
+                    source: r.get(3)?,
+                    action: r.get(4)?,
+                    target: r.get(5)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
+const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by FROM api_keys";
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
+    let models: String = r.get(6)?;
+    Ok(KeyInfo {
+        key_id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        environment: r.get(2)?,
+        sub_account_id: r.get(3)?,
+        name: r.get(4)?,
+        status: r.get(5)?,
+        allowed_models: serde_json::from_str(&models).unwrap_or_default(),
+        expires_at: r.get(7)?,
+        grace_ends_at: r.get(8)?,
+        created_at: r.get(9)?,
+        replaced_by: r.get(10)?,
+    })
+}
+
+fn key_info(c: &Connection, key_id: &str) -> Result<KeyInfo, StoreError> {
+    c.query_row(
+        &format!("{KEY_SELECT} WHERE key_id = ?1"),
+        params![key_id],
+        key_row,
+    )
+    .optional()?
+    .ok_or(StoreError::NotFound("key"))
+}
+
+fn tenant_exists(c: &Connection, tenant_id: &str) -> Result<(), StoreError> {
+    let n: i64 = c.query_row(
+        "SELECT COUNT(*) FROM tenants WHERE id = ?1",
+        params![tenant_id],
+        |r| r.get(0),
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound("tenant"));
+    }
+    Ok(())
+}
+
+fn insert_key_tx(tx: &Transaction<'_>, k: &NewKey) -> Result<(), StoreError> {
+    tenant_exists(tx, &k.tenant_id)?;
+    if let Some(s) = &k.sub_account_id {
+        let owner: Option<String> = tx
+            .query_row(
+                "SELECT tenant_id FROM sub_accounts WHERE id = ?1",
+                params![s],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if owner.as_deref() != Some(k.tenant_id.as_str()) {
+            return Err(StoreError::Invalid(
+                "sub_account_id: no such sub-account in this tenant".into(),
+            ));
+        }
+    }
+    tx.execute(
+        "INSERT INTO api_keys (key_id, tenant_id, environment, sub_account_id, name, hash_version, hash, status, allowed_models, expires_at, grace_ends_at, created_at, revoked_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', ?8, ?9, 0, ?10, 0)",
+        params![
+            k.key_id,
+            k.tenant_id,
+            k.environment.name(),
+            k.sub_account_id,
+            k.name,
+            aigw_wire::keys::HASH_VERSION as i64,
+            &k.hash[..],
+            serde_json::to_string(&k.allowed_models).unwrap_or_else(|_| "[]".into()),
+            k.expires_at,
+            now(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Appends a changelog entry; returns the new revision.
+fn change(tx: &Transaction<'_>, kind: &str, id: &str, op: &str) -> Result<i64, StoreError> {
+    let revision: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(revision), 0) + 1 FROM changelog",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "INSERT INTO changelog (revision, kind, record_id, op, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![revision, kind, id, op, now()],
+    )?;
+    Ok(revision)
+}
+
+fn audit(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO audit_log (at, actor, source, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![now(), actor.principal, actor.source, action, target, detail.to_string()],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor() -> Actor {
+        Actor {
+            principal: "admin".into(),
+            source: "127.0.0.1".into(),
+        }
+    }
+
+    fn temp() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "aigw-store-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn mutations_write_changelog_and_audit_together() {
+        let dir = temp();
+        let s = Store::open(&dir).expect("opens");
+        assert_eq!(s.revision().expect("rev"), 0);
+        s.create_tenant(&actor(), "t1", "Acme", "pro")
+            .expect("tenant");
+        assert_eq!(s.revision().expect("rev"), 1);
+        let err = s
+            .create_tenant(&actor(), "t2", "Bad", "gold")
+            .expect_err("tier");
+        assert!(err.to_string().contains("tier"));
+        assert_eq!(
+            s.revision().expect("rev"),
+            1,
+            "a refused mutation changes nothing"
+        );
+        let audit = s.audit(0, 100).expect("audit");
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].action, "tenant.create");
+        assert_eq!(audit[0].actor, "admin");
+        // Reopening keeps everything (and does not re-run migrations).
+        drop(s);
+        let s = Store::open(&dir).expect("reopens");
+        assert_eq!(s.tenants().expect("list").len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sub_accounts_nest_to_a_bounded_depth() {
+        let dir = temp();
+        let s = Store::open(&dir).expect("opens");
+        s.create_tenant(&actor(), "t", "T", "enterprise")
+            .expect("tenant");
+        let mut parent: Option<String> = None;
+        for i in 1..=MAX_SUB_ACCOUNT_DEPTH {
+            let id = format!("s{i}");
+            let sa = s
+                .create_sub_account(&actor(), &id, "t", parent.as_deref(), "x")
+                .expect("nests");
+            assert_eq!(sa.depth, i);
+            parent = Some(id);
+        }
+        let e = s
+            .create_sub_account(&actor(), "too-deep", "t", parent.as_deref(), "x")
+            .expect_err("depth");
+        assert!(e.to_string().contains("at most 8"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
