@@ -32,9 +32,18 @@ enum Cmd {
     Serve {
         #[arg(long, default_value = "./aigw-data")]
         data_dir: PathBuf,
+        /// Admin REST API.
         #[arg(long, default_value = "127.0.0.1:9900")]
         listen: SocketAddr,
+        /// The TLS link data-plane nodes connect to.
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        link_listen: SocketAddr,
+        /// Extra DNS names or addresses for the generated link certificate.
+        #[arg(long)]
+        tls_name: Vec<String>,
     },
+    /// Nodes and the revision each has applied.
+    Nodes,
     /// Create a tenant: --name NAME --tier free|pro|enterprise.
     TenantCreate {
         #[arg(long)]
@@ -85,7 +94,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Cmd::Serve { data_dir, listen } = cli.cmd {
+    if let Cmd::Serve {
+        data_dir,
+        listen,
+        link_listen,
+        tls_name,
+    } = cli.cmd
+    {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -93,10 +108,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .with_ansi(false)
             .init();
-        let running = controlplane::start(data_dir, listen)?;
+        let running = controlplane::start(controlplane::Options {
+            data_dir,
+            api_listen: listen,
+            push_listen: link_listen,
+            tls_names: tls_name,
+        })?;
         println!(
-            "control plane on http://{} (admin token in the data directory, or AIGW_ADMIN_TOKEN)",
-            running.addr
+            "control plane: admin API http://{}, node link {} (CA {}); tokens in the data directory",
+            running.addr,
+            running.push_addr,
+            running.ca_file.display()
         );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -145,6 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(json!({"grace_seconds": grace_seconds})),
         ),
         Cmd::Audit { after } => ("GET", format!("/v1/audit?after={after}"), None),
+        Cmd::Nodes => ("GET", "/v1/nodes".into(), None),
     };
     let url = format!("{}{path}", cli.url.trim_end_matches('/'));
     let req = ureq::request(method, &url).set("authorization", &format!("Bearer {token}"));

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use aigw_wire::keys::Environment;
+use aigw_wire::{KeyRecord, KeyStatus};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
@@ -390,6 +391,89 @@ impl Store {
             ))?;
             let rows = st.query_map(params![tenant_id], key_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Key records as nodes hold them, for every key (a snapshot) or the given ids.
+    pub fn key_records(&self, ids: Option<&[String]>) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read(|c| {
+            let sql = "SELECT key_id, tenant_id, environment, sub_account_id, hash_version, hash, status, expires_at, grace_ends_at, allowed_models FROM api_keys";
+            let mut out = Vec::new();
+            let mut push_row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+                let hash: Vec<u8> = r.get(5)?;
+                let status: String = r.get(6)?;
+                let models: String = r.get(9)?;
+                out.push(KeyRecord {
+                    key_id: r.get(0)?,
+                    tenant_id: r.get(1)?,
+                    environment: r.get(2)?,
+                    sub_account_id: r.get(3)?,
+                    hash_version: r.get::<_, i64>(4)? as u64,
+                    hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0; 32]),
+                    status: if status == "active" { KeyStatus::Active } else { KeyStatus::Revoked },
+                    expires_at: r.get::<_, i64>(7)?.max(0) as u64,
+                    grace_ends_at: r.get::<_, i64>(8)?.max(0) as u64,
+                    allowed_models: serde_json::from_str(&models).unwrap_or_default(),
+                });
+                Ok(())
+            };
+            match ids {
+                None => {
+                    let mut st = c.prepare(sql)?;
+                    let mut rows = st.query([])?;
+                    while let Some(r) = rows.next()? {
+                        push_row(r)?;
+                    }
+                }
+                Some(ids) => {
+                    let mut st = c.prepare(&format!("{sql} WHERE key_id = ?1"))?;
+                    for id in ids {
+                        let mut rows = st.query(params![id])?;
+                        while let Some(r) = rows.next()? {
+                            push_row(r)?;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Ids of the keys changed after `revision`, and the newest revision.
+    pub fn keys_changed_since(&self, revision: i64) -> Result<(Vec<String>, i64), StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT DISTINCT record_id FROM changelog WHERE kind = 'key' AND revision > ?1",
+            )?;
+            let ids = st
+                .query_map(params![revision], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            let newest: i64 = c.query_row(
+                "SELECT COALESCE(MAX(revision), 0) FROM changelog",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok((ids, newest))
+        })
+    }
+
+    /// Inserts many keys in one transaction with one changelog entry each and a single
+    /// audit record (bulk import).
+    pub fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<i64, StoreError> {
+        self.with_tx(|tx| {
+            let mut last = 0;
+            for k in keys {
+                insert_key_tx(tx, k)?;
+                last = change(tx, "key", &k.key_id, "upsert")?;
+            }
+            audit(
+                tx,
+                actor,
+                "key.import",
+                &format!("{} keys", keys.len()),
+                serde_json::json!({"count": keys.len()}),
+            )?;
+            Ok(last)
         })
     }
 

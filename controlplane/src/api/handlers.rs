@@ -156,6 +156,7 @@ pub(super) async fn create_key(
         expires_at,
     };
     let info = blocking(&s, move |st| st.insert_key(&actor, &new)).await?;
+    s.push.notify();
     // The plaintext leaves the control plane here, once; it is stored nowhere.
     Ok((
         StatusCode::CREATED,
@@ -185,6 +186,7 @@ pub(super) async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>> {
     let k = blocking(&s, move |st| st.revoke_key(&actor, &key_id)).await?;
+    s.push.notify();
     Ok(Json(json!(k)))
 }
 
@@ -269,4 +271,65 @@ pub(super) async fn audit(
 pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
     let r = blocking(&s, |st| st.revision()).await?;
     Ok(Json(json!({"revision": r})))
+}
+
+pub(super) async fn nodes(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
+    Ok(Json(json!({"data": s.push.nodes()})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ImportKeys {
+    pub(super) environment: String,
+    pub(super) count: usize,
+    /// How many of the minted keys to return in plaintext (the rest are only stored).
+    #[serde(default)]
+    pub(super) return_keys: usize,
+}
+
+/// Bulk seeding: mints `count` keys in one transaction (load tests, migrations).
+pub(super) async fn import_keys(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<ImportKeys>,
+) -> Result<(StatusCode, Json<Value>)> {
+    let environment = Environment::from_name(&body.environment).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "environment: must be production, staging or development",
+        )
+    })?;
+    if body.count == 0 || body.count > 2_000_000 || body.return_keys > body.count.min(1000) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "count: 1..=2000000; return_keys: at most 1000",
+        ));
+    }
+    let mut plaintexts = Vec::with_capacity(body.return_keys);
+    let mut keys = Vec::with_capacity(body.count);
+    for i in 0..body.count {
+        let m = mint(environment).map_err(rng_error)?;
+        if i < body.return_keys {
+            plaintexts.push(m.plaintext);
+        }
+        keys.push(NewKey {
+            key_id: m.key_id,
+            tenant_id: tenant_id.clone(),
+            environment,
+            sub_account_id: None,
+            name: String::new(),
+            hash: m.hash,
+            allowed_models: Vec::new(),
+            expires_at: 0,
+        });
+    }
+    let revision = blocking(&s, move |st| st.import_keys(&actor, &keys)).await?;
+    s.push.notify();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"revision": revision, "keys": plaintexts})),
+    ))
 }

@@ -23,8 +23,9 @@ use crate::store::{Actor, Store, StoreError};
 /// Shared by every handler.
 #[derive(Debug)]
 pub struct AppState {
-    pub store: Store,
+    pub store: Arc<Store>,
     pub admin_token: String,
+    pub push: Arc<crate::push::PushState>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -46,6 +47,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/keys/{key_id}/rotate", post(handlers::rotate_key))
         .route("/v1/audit", get(handlers::audit))
         .route("/v1/revision", get(handlers::revision))
+        .route("/v1/nodes", get(handlers::nodes))
+        .route(
+            "/v1/tenants/{tenant_id}/keys/import",
+            post(handlers::import_keys),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,

@@ -55,14 +55,21 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            ("[a-z0-9-]{0,20}", any::<u64>(), any::<u64>()).prop_map(
-                |(node_id, boot_epoch, revision_held)| Message::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    node_id,
-                    boot_epoch,
-                    revision_held
-                }
-            ),
+            (
+                "[a-z0-9-]{0,20}",
+                any::<u64>(),
+                any::<u64>(),
+                "[a-zA-Z0-9]{0,20}"
+            )
+                .prop_map(|(node_id, boot_epoch, revision_held, token)| {
+                    Message::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        node_id,
+                        boot_epoch,
+                        revision_held,
+                        token,
+                    }
+                }),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -76,12 +76,14 @@ pub struct UsageEntry {
 /// Every message on the link. Unknown message types are skipped by the framing layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Node → control plane, first on every connection.
+    /// Node → control plane, first on every connection. `token` authenticates the node
+    /// (the link is TLS, so it never crosses the network in the clear).
     Hello {
         protocol_version: u64,
         node_id: String,
         boot_epoch: u64,
         revision_held: u64,
+        token: String,
     },
     /// Control plane → node: the changes after `from_revision` up to `to_revision`.
     Changes {
@@ -341,11 +343,13 @@ impl Message {
                 node_id,
                 boot_epoch,
                 revision_held,
+                token,
             } => {
                 put_u64(out, 1, *protocol_version);
                 put_str(out, 2, node_id);
                 put_u64(out, 3, *boot_epoch);
                 put_u64(out, 4, *revision_held);
+                put_str(out, 5, token);
             }
             Self::Changes {
                 from_revision,
@@ -452,6 +456,7 @@ impl Message {
                 node_id: s(2)?,
                 boot_epoch: u_or0(3)?,
                 revision_held: u_or0(4)?,
+                token: s(5)?,
             },
             types::CHANGES => Self::Changes {
                 from_revision: u_or0(1)?,
