@@ -34,6 +34,9 @@ pub struct NodeStatus {
     /// The newest revision the node acknowledged as applied on every worker.
     pub applied_revision: u64,
     pub last_error: Option<String>,
+    /// Full snapshots and change sets sent over the node's current connection.
+    pub snapshots_sent: u64,
+    pub changes_sent: u64,
 }
 
 #[derive(Debug)]
@@ -48,7 +51,11 @@ impl PushState {
     /// Tells every session that the store moved on.
     pub fn notify(&self) {
         if let Ok(r) = self.store.revision() {
-            self.revision.send_replace(r);
+            self.revision.send_if_modified(|v| {
+                let moved = *v != r;
+                *v = r;
+                moved
+            });
         }
     }
 
@@ -72,6 +79,8 @@ impl PushState {
             connected: false,
             applied_revision: 0,
             last_error: None,
+            snapshots_sent: 0,
+            changes_sent: 0,
         });
         f(entry);
     }
@@ -173,6 +182,8 @@ where
     state.update(&node_id, |n| {
         n.connected = true;
         n.boot_epoch = boot_epoch;
+        n.snapshots_sent = 0;
+        n.changes_sent = 0;
     });
     let result = run_session(&mut conn, state, &node_id, revision_held).await;
     state.update(&node_id, |n| n.connected = false);
@@ -198,9 +209,11 @@ where
     let mut sent = held as i64;
     if held == 0 || sent > current {
         send_snapshot(conn, &store, current).await?;
+        state.update(node, |n| n.snapshots_sent += 1);
         sent = current;
     } else if sent < current {
         sent = send_changes(conn, &store, sent).await?;
+        state.update(node, |n| n.changes_sent += 1);
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
@@ -210,6 +223,7 @@ where
                 let newest = *rx.borrow_and_update();
                 if newest > sent {
                     sent = send_changes(conn, &store, sent).await?;
+                    state.update(node, |n| n.changes_sent += 1);
                 }
             }
             msg = conn.next() => match msg? {

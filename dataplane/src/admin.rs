@@ -19,11 +19,23 @@ pub struct AdminState {
     pub workers: Arc<[Arc<WorkerStatus>]>,
     pub shutdown: Arc<Shutdown>,
     pub settings: Arc<SharedSettings>,
+    /// The pushed key table and the longest tolerated silence of the control plane.
+    pub keys: Option<(Arc<crate::keys::SharedKeys>, std::time::Duration)>,
 }
 
 impl AdminState {
+    /// Serving, not draining, and (with a control plane) holding a key table that is not
+    /// older than allowed.
     pub fn ready(&self) -> bool {
-        !self.shutdown.is_triggered() && self.workers.iter().all(|w| w.is_running())
+        let config_ok = match &self.keys {
+            None => true,
+            Some((k, max_stale)) => {
+                k.loaded()
+                    && (max_stale.is_zero()
+                        || k.age_seconds().is_some_and(|a| a <= max_stale.as_secs()))
+            }
+        };
+        config_ok && !self.shutdown.is_triggered() && self.workers.iter().all(|w| w.is_running())
     }
 }
 
@@ -64,6 +76,9 @@ impl AdminService {
                     "draining": s.shutdown.is_triggered(),
                     "workers_running": s.workers.iter().filter(|w| w.is_running()).count(),
                     "workers": s.workers.len(),
+                    "config_loaded": s.keys.as_ref().map(|(k, _)| k.loaded()),
+                    "config_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
+                    "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
             }
@@ -78,6 +93,7 @@ impl AdminService {
                             "running": w.is_running(),
                             "driver": w.driver().map(|d| d.as_str()),
                             "settings_generation": w.settings_generation(),
+                            "key_revision": w.key_revision(),
                             "requests": w.requests(),
                             "open_connections": w.open_connections(),
                         })
@@ -85,6 +101,8 @@ impl AdminService {
                     .collect();
                 let body = json!({
                     "settings_generation": s.settings.generation(),
+                    "key_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
+                    "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
                     "workers": workers,
                 });
                 Response::json(200, body.to_string().into_bytes())

@@ -27,6 +27,43 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Per-worker memory for request bodies being processed (over → 503).
     pub body_budget_bytes: u64,
+    /// Where keys (and later routes and policies) come from. Without it the node serves
+    /// unauthenticated (quick start and tests only; a warning says so).
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `host:port` of the control plane's node link.
+    pub address: String,
+    /// Name to verify in its certificate (default: the host part of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The CA that signed the link's certificate (the control plane writes it to
+    /// `<data>/pki/ca.pem` at first start).
+    pub ca_file: std::path::PathBuf,
+    /// Environment variable holding the node token.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    /// This node's name (default: the host name).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Environments whose keys this node accepts (default: all three).
+    #[serde(default = "default_environments")]
+    pub environments: Vec<String>,
+    /// How long the node keeps serving without hearing from the control plane; 0 = forever
+    /// (the config's age is exported either way).
+    #[serde(default, with = "humantime_serde")]
+    pub max_stale: Duration,
+}
+
+fn default_token_env() -> String {
+    "AIGW_NODE_TOKEN".into()
+}
+
+fn default_environments() -> Vec<String> {
+    vec!["production".into(), "staging".into(), "development".into()]
 }
 
 /// Which API family an upstream speaks.
@@ -227,6 +264,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             routes: Vec::new(),
             body_budget_bytes: 256 * 1024 * 1024,
+            control_plane: None,
         }
     }
 }
@@ -393,6 +431,34 @@ impl Config {
             1 << 40,
         )?;
         self.validate_upstreams()?;
+        if let Some(cp) = &self.control_plane {
+            if !cp.address.contains(':') {
+                return Err((
+                    "control_plane.address",
+                    format!("must be host:port (got {:?})", cp.address),
+                ));
+            }
+            if let Err(e) = std::fs::metadata(&cp.ca_file) {
+                return Err((
+                    "control_plane.ca_file",
+                    format!("{}: {e}", cp.ca_file.display()),
+                ));
+            }
+            if std::env::var(&cp.token_env).map_or(true, |v| v.is_empty()) {
+                return Err((
+                    "control_plane.token_env",
+                    format!("environment variable {} is not set", cp.token_env),
+                ));
+            }
+            for e in &cp.environments {
+                if aigw_wire::keys::Environment::from_name(e).is_none() {
+                    return Err((
+                        "control_plane.environments",
+                        format!("unknown environment {e:?}"),
+                    ));
+                }
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
                 "log.level",

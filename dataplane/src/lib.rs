@@ -7,14 +7,17 @@
 
 pub mod adapters;
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod config;
 mod conn;
+pub mod control;
 pub mod date;
 pub mod demo;
 pub mod errors;
 pub mod h1;
 pub mod iovec;
+pub mod keys;
 pub mod listener;
 pub mod pipeline;
 pub mod proxy;

@@ -77,11 +77,39 @@ impl Service for Gateway {
                 .send(Response::error(err, style).with_header("allow", allow))
                 .await;
         }
+        let family = endpoint.family();
+        let style = family.style();
+        // Authenticate before reading the body: a request without a valid key costs us no
+        // parsing.
+        let key = match &self.ctx.keys {
+            None => None,
+            Some(keys) => {
+                if !self.ctx.max_stale.is_zero()
+                    && keys
+                        .shared()
+                        .age_seconds()
+                        .is_none_or(|a| a > self.ctx.max_stale.as_secs())
+                {
+                    let err = ApiError::internal(
+                        503,
+                        "stale_config",
+                        "this gateway has lost its control plane for too long",
+                    );
+                    return resp.send(Response::error(err, style)).await;
+                }
+                let presented = crate::auth::presented_key(family, |n| req.header(n));
+                match keys.authenticate(presented, unix_now()) {
+                    Ok(entry) => Some(entry),
+                    Err(e) => {
+                        resp.log.error_code = Some(e.to_api().code);
+                        return resp.send(Response::error(e.to_api(), style)).await;
+                    }
+                }
+            }
+        };
         if endpoint == Endpoint::Models {
             return resp.send(models(&settings.routes)).await;
         }
-        let family = endpoint.family();
-        let style = family.style();
         if !is_json(req) {
             let err = ApiError::downstream(
                 415,
@@ -113,6 +141,11 @@ impl Service for Gateway {
             );
             return resp.send(Response::error(err, style)).await;
         };
+        if let Some(entry) = &key {
+            if let Err(e) = crate::auth::check_model(entry, &model) {
+                return resp.send(Response::error(e.to_api(), style)).await;
+            }
+        }
         let targets = settings.routes.lookup(&model, family);
         if targets.is_empty() {
             let err = ApiError::downstream(
@@ -294,6 +327,12 @@ fn build_head(
     parts.push(generated.slice(first..));
     parts.push(body.clone());
     parts
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn is_json(req: &Request<'_>) -> bool {

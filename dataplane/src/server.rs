@@ -31,6 +31,7 @@ pub struct ServerHandle {
     workers: Vec<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
     demo: Option<JoinHandle<()>>,
+    control: Option<JoinHandle<()>>,
     demo_addr: Option<SocketAddr>,
     statuses: Arc<[Arc<WorkerStatus>]>,
 }
@@ -95,6 +96,9 @@ impl ServerHandle {
         if let Some(d) = self.demo.take() {
             let _ = d.join();
         }
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
     }
 }
 
@@ -132,7 +136,28 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         None
     };
     let drain = config.timeouts.shutdown_drain;
+    let mut control = None;
 
+    let keys = match &config.control_plane {
+        Some(cp) => {
+            let shared = Arc::new(crate::keys::SharedKeys::default());
+            let served: Vec<_> = cp
+                .environments
+                .iter()
+                .filter_map(|e| aigw_wire::keys::Environment::from_name(e))
+                .collect();
+            control = Some(crate::control::spawn(
+                cp.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&admin_stop),
+            )?);
+            Some((shared, served, cp.max_stale))
+        }
+        None => {
+            tracing::warn!("no control plane configured: requests are NOT authenticated (quick start and tests only)");
+            None
+        }
+    };
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);
     for (index, l) in listeners.into_iter().enumerate() {
@@ -148,6 +173,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             shutdown: Arc::clone(&shutdown),
             status: Arc::clone(&statuses[index]),
             drain,
+            keys: keys.clone(),
         };
         let tx = tx.clone();
         let h = std::thread::Builder::new()
@@ -178,6 +204,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         workers: Arc::clone(&statuses),
         shutdown: Arc::clone(&shutdown),
         settings: Arc::clone(&settings),
+        keys: keys.as_ref().map(|(k, _, s)| (Arc::clone(k), *s)),
     };
     let (atx, arx) = mpsc::channel();
     let admin_spec = WorkerSpec {
@@ -189,6 +216,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         shutdown: Arc::clone(&admin_stop),
         status: Arc::new(WorkerStatus::default()),
         drain: Duration::from_millis(200),
+        keys: None,
     };
     let admin = std::thread::Builder::new()
         .name("aigw-admin".into())
@@ -225,6 +253,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         workers: handles,
         admin: Some(admin),
         demo,
+        control,
         demo_addr,
         statuses,
     })
@@ -254,6 +283,7 @@ pub(crate) fn start_demo(
         shutdown: Arc::clone(stop),
         status: Arc::new(WorkerStatus::default()),
         drain: Duration::from_millis(200),
+        keys: None,
     };
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
@@ -284,6 +314,7 @@ pub fn run_demo_provider(listen: SocketAddr, driver: DriverChoice) -> anyhow::Re
         shutdown: Arc::new(Shutdown::default()),
         status: Arc::new(WorkerStatus::default()),
         drain: Duration::from_millis(100),
+        keys: None,
     };
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || worker::run(spec, |_| DemoService, tx));

@@ -24,6 +24,7 @@ pub struct WorkerStatus {
     requests: AtomicU64,
     connections: AtomicU64,
     settings_generation: AtomicU64,
+    key_revision: AtomicU64,
 }
 
 impl WorkerStatus {
@@ -57,6 +58,11 @@ impl WorkerStatus {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// The key-table revision this worker has applied.
+    pub fn key_revision(&self) -> u64 {
+        self.key_revision.load(Ordering::Acquire)
+    }
+
     /// The settings generation this worker served its latest request under.
     pub fn settings_generation(&self) -> u64 {
         self.settings_generation.load(Ordering::Relaxed)
@@ -70,6 +76,10 @@ pub struct WorkerCtx {
     pub settings: LocalSettings,
     pub shutdown: Arc<Shutdown>,
     pub status: Arc<WorkerStatus>,
+    /// The pushed key table, when a control plane is configured.
+    pub keys: Option<crate::auth::LocalKeys>,
+    /// Longest time without the control plane before requests are refused (0 = forever).
+    pub max_stale: Duration,
     ids: RefCell<RequestIdGen>,
     date: RefCell<DateCache>,
     open: Cell<u64>,
@@ -88,6 +98,8 @@ impl WorkerCtx {
             settings: LocalSettings::new(settings),
             shutdown,
             status,
+            keys: None,
+            max_stale: Duration::ZERO,
             ids: RefCell::new(RequestIdGen::new()),
             date: RefCell::new(DateCache::new()),
             open: Cell::new(0),
@@ -184,12 +196,18 @@ pub struct WorkerSpec {
     pub shutdown: Arc<Shutdown>,
     pub status: Arc<WorkerStatus>,
     pub drain: Duration,
+    /// The shared key table and the environments this node serves.
+    pub keys: Option<(
+        Arc<crate::keys::SharedKeys>,
+        Vec<aigw_wire::keys::Environment>,
+        Duration,
+    )>,
 }
 
 /// Runs a worker on the calling thread until shutdown has drained. `started` receives the
 /// driver it got, or why it could not start.
 pub fn run<S, F>(
-    spec: WorkerSpec,
+    mut spec: WorkerSpec,
     make_service: F,
     started: std::sync::mpsc::Sender<Result<DriverKind, String>>,
 ) where
@@ -217,12 +235,17 @@ pub fn run<S, F>(
     };
     spec.status.set_driver(driver);
     tracing::info!(worker = spec.index, driver = %driver, core = spec.core.map(|c| c.id), "worker started");
-    let ctx = Rc::new(WorkerCtx::new(
+    let mut ctx = WorkerCtx::new(
         spec.index,
         Arc::clone(&spec.settings),
         Arc::clone(&spec.shutdown),
         Arc::clone(&spec.status),
-    ));
+    );
+    if let Some((shared, served, max_stale)) = spec.keys.take() {
+        ctx.keys = Some(crate::auth::LocalKeys::new(shared, served));
+        ctx.max_stale = max_stale;
+    }
+    let ctx = Rc::new(ctx);
     let service = Rc::new(make_service(&ctx));
     let drain = spec.drain;
     let index = spec.index;
@@ -237,6 +260,9 @@ pub fn run<S, F>(
             }
         };
         ctx.status.running.store(true, Ordering::Release);
+        if ctx.keys.is_some() {
+            monoio::spawn(watch_keys(Rc::clone(&ctx)));
+        }
         let _ = started.send(Ok(driver));
         accept_loop(&listener, &ctx, &service).await;
         drop(listener);
@@ -269,6 +295,22 @@ async fn accept_loop<S: Service + 'static>(
                     monoio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            _ = ctx.shutdown.wait() => return,
+        }
+    }
+}
+
+/// Swaps this worker onto every key table the control thread publishes, as soon as it is
+/// published, and reports the revision: an idle worker applies a revocation as fast as a
+/// busy one.
+async fn watch_keys(ctx: Rc<WorkerCtx>) {
+    let Some(keys) = &ctx.keys else { return };
+    loop {
+        let listener = keys.shared().changed.listen();
+        let revision = keys.refresh();
+        ctx.status.key_revision.store(revision, Ordering::Release);
+        monoio::select! {
+            _ = listener => {},
             _ = ctx.shutdown.wait() => return,
         }
     }

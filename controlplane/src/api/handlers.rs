@@ -19,8 +19,8 @@ async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
     f: impl FnOnce(&Store) -> std::result::Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T> {
-    let state = Arc::clone(state);
-    tokio::task::spawn_blocking(move || f(&state.store))
+    let shared = Arc::clone(state);
+    let out = tokio::task::spawn_blocking(move || f(&shared.store))
         .await
         .map_err(|_| {
             ApiError::new(
@@ -29,7 +29,10 @@ async fn blocking<T: Send + 'static>(
                 "store task failed",
             )
         })?
-        .map_err(ApiError::from)
+        .map_err(ApiError::from)?;
+    // Whatever committed is pushed to the nodes now (a no-op when nothing changed).
+    state.push.notify();
+    Ok(out)
 }
 
 fn rng_error(_: getrandom::Error) -> ApiError {
@@ -156,7 +159,6 @@ pub(super) async fn create_key(
         expires_at,
     };
     let info = blocking(&s, move |st| st.insert_key(&actor, &new)).await?;
-    s.push.notify();
     // The plaintext leaves the control plane here, once; it is stored nowhere.
     Ok((
         StatusCode::CREATED,
@@ -186,7 +188,6 @@ pub(super) async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>> {
     let k = blocking(&s, move |st| st.revoke_key(&actor, &key_id)).await?;
-    s.push.notify();
     Ok(Json(json!(k)))
 }
 
@@ -327,7 +328,6 @@ pub(super) async fn import_keys(
         });
     }
     let revision = blocking(&s, move |st| st.import_keys(&actor, &keys)).await?;
-    s.push.notify();
     Ok((
         StatusCode::CREATED,
         Json(json!({"revision": revision, "keys": plaintexts})),

@@ -1,0 +1,249 @@
+//! The control thread: the node's end of the wire protocol.
+//!
+//! It connects to the control plane over TLS 1.3, says which revision it holds, receives a
+//! snapshot or the changes since, validates them once into a new immutable key table, and
+//! publishes it to every worker (who swap at once); then it acknowledges the revision, or
+//! refuses it (NACK) and keeps the previous table. It reconnects with exponential backoff
+//! and resumes from its revision. Blocking I/O on its own thread: none of this is on a
+//! worker's path.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigw_wire::{
+    decode_frame, encode_frame, Change, Frame, KeyRecord, Message, Record, DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::ControlPlaneConfig;
+use crate::keys::{KeyTable, SharedKeys};
+use crate::shutdown::Shutdown;
+
+/// Three missed heartbeats (sent every 5 s) and the link is considered dead.
+const READ_TIMEOUT: Duration = Duration::from_secs(16);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Starts the control thread.
+pub fn spawn(
+    cfg: ControlPlaneConfig,
+    keys: Arc<SharedKeys>,
+    stop: Arc<Shutdown>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let tls = client_config(&cfg)?;
+    let token = std::env::var(&cfg.token_env).unwrap_or_default();
+    let node_id = cfg.node_id.clone().unwrap_or_else(hostname);
+    let boot_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let handle = std::thread::Builder::new().name("aigw-control".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(50);
+        while !stop.is_triggered() {
+            match session(&cfg, &tls, &token, &node_id, boot_epoch, &keys, &stop) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    })?;
+    Ok(handle)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+fn client_config(cfg: &ControlPlaneConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&cfg.ca_file)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn session(
+    cfg: &ControlPlaneConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    token: &str,
+    node_id: &str,
+    boot_epoch: u64,
+    keys: &SharedKeys,
+    stop: &Shutdown,
+) -> anyhow::Result<()> {
+    let addr = cfg
+        .address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{} has no address", cfg.address))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let host = cfg.server_name.clone().unwrap_or_else(|| {
+        cfg.address
+            .rsplit_once(':')
+            .map_or(cfg.address.clone(), |(h, _)| h.to_string())
+    });
+    let name = ServerName::try_from(host)?;
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), name)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    send(
+        &mut stream,
+        &Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: node_id.to_string(),
+            boot_epoch,
+            revision_held: keys.revision(),
+            token: token.to_string(),
+        },
+    )?;
+    tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
+    let mut buf = Vec::new();
+    let mut snapshot: Vec<KeyRecord> = Vec::new();
+    let mut last_heard = std::time::Instant::now();
+    loop {
+        if stop.is_triggered() {
+            return Ok(());
+        }
+        let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
+            Some((frame, used)) => {
+                buf.drain(..used);
+                match frame {
+                    Frame::Message(m) => m,
+                    Frame::Unknown(code) => {
+                        tracing::debug!(code, "skipping an unknown message type");
+                        continue;
+                    }
+                }
+            }
+            None => {
+                let mut chunk = [0u8; 64 * 1024];
+                match stream.read(&mut chunk) {
+                    Ok(0) => anyhow::bail!("control plane closed the link"),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        last_heard = std::time::Instant::now();
+                        keys.touch();
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if last_heard.elapsed() > READ_TIMEOUT {
+                            anyhow::bail!("no heartbeat from the control plane");
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+        };
+        match msg {
+            Message::Snapshot {
+                revision,
+                part,
+                parts,
+                records,
+            } => {
+                if part == 0 {
+                    snapshot.clear();
+                }
+                snapshot.extend(records.into_iter().filter_map(|r| match r {
+                    Record::Key(k) => Some(k),
+                    Record::Unknown { .. } => None,
+                }));
+                if part + 1 == parts {
+                    let records = std::mem::take(&mut snapshot);
+                    let reply = match KeyTable::from_records(revision, &records) {
+                        Ok(t) => {
+                            let n = t.len();
+                            keys.publish(t);
+                            tracing::info!(revision, keys = n, "applied snapshot");
+                            Message::Ack { revision }
+                        }
+                        Err(e) => Message::Nack {
+                            revision,
+                            error: e.to_string(),
+                        },
+                    };
+                    send(&mut stream, &reply)?;
+                }
+            }
+            Message::Changes {
+                from_revision,
+                to_revision,
+                changes,
+            } => {
+                let current = keys.load();
+                if from_revision > current.revision {
+                    anyhow::bail!(
+                        "changes start at {from_revision} but this node holds {}",
+                        current.revision
+                    );
+                }
+                let mut upserts = Vec::new();
+                let mut deletes = Vec::new();
+                for c in changes {
+                    match c {
+                        Change::Upsert(Record::Key(k)) => upserts.push(k),
+                        Change::Delete(t) if t.kind == aigw_wire::messages::kinds::KEY => {
+                            deletes.push(t.id)
+                        }
+                        _ => {}
+                    }
+                }
+                let reply = match current.apply(to_revision, &upserts, &deletes) {
+                    Ok(t) => {
+                        keys.publish(t);
+                        tracing::debug!(
+                            revision = to_revision,
+                            upserts = upserts.len(),
+                            "applied changes"
+                        );
+                        Message::Ack {
+                            revision: to_revision,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(revision = to_revision, error = %e, "refusing a revision; keeping the previous one");
+                        Message::Nack {
+                            revision: to_revision,
+                            error: e.to_string(),
+                        }
+                    }
+                };
+                send(&mut stream, &reply)?;
+            }
+            Message::Heartbeat { .. } => {
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                send(&mut stream, &Message::Heartbeat { unix_ms })?;
+            }
+            other => tracing::debug!(?other, "ignoring message"),
+        }
+    }
+}
+
+fn send(stream: &mut impl Write, m: &Message) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    encode_frame(m, &mut out);
+    stream.write_all(&out)?;
+    stream.flush()?;
+    Ok(())
+}

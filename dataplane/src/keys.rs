@@ -1,0 +1,308 @@
+//! The API key table a node enforces: shared by every worker (memory does not grow with the
+//! number of cores), replaced as a whole by the control thread, and cheap to update.
+//!
+//! Keys sit in 256 shards behind `Arc`s. A change copies the shard vector (256 pointers) and
+//! only the shards it touches, so revoking one key among a million costs a few microseconds,
+//! not a copy of the table; readers never lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aigw_wire::keys::{Environment, KEY_ID_LEN};
+use aigw_wire::{KeyRecord, KeyStatus};
+use arc_swap::ArcSwap;
+use event_listener::Event;
+
+const SHARDS: usize = 256;
+
+/// One key as the data plane needs it, compact: a million of them must fit well under
+/// 256 MiB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub tenant_id: Arc<str>,
+    pub environment: Environment,
+    pub sub_account_id: Option<Arc<str>>,
+    pub hash: [u8; 32],
+    pub revoked: bool,
+    /// Unix seconds; 0 = never.
+    pub expires_at: u64,
+    /// Unix seconds; 0 = none.
+    pub grace_ends_at: u64,
+    /// Empty = every model.
+    pub allowed_models: Arc<[Box<str>]>,
+}
+
+type KeyId = [u8; KEY_ID_LEN];
+type Shard = HashMap<KeyId, Arc<KeyEntry>>;
+
+/// An immutable table at one revision.
+#[derive(Debug, Clone)]
+pub struct KeyTable {
+    pub revision: u64,
+    shards: Vec<Arc<Shard>>,
+}
+
+/// Why records could not be applied (the node answers NACK and keeps its table).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("key {0:?}: malformed key id")]
+    BadKeyId(String),
+    #[error("key {0:?}: unknown environment {1:?}")]
+    BadEnvironment(String, String),
+    #[error("key {0:?}: unsupported hash version {1}")]
+    BadHashVersion(String, u64),
+}
+
+fn shard_of(id: &KeyId) -> usize {
+    // FNV-1a; key ids are random, any mixing spreads them.
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in id {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h as usize) % SHARDS
+}
+
+fn key_id(s: &str) -> Option<KeyId> {
+    KeyId::try_from(s.as_bytes()).ok()
+}
+
+/// Interns tenant ids so a million keys of a thousand tenants hold a thousand strings.
+#[derive(Default)]
+struct Interner(HashMap<String, Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.insert(s.to_string(), Arc::clone(&a));
+        a
+    }
+}
+
+fn entry(r: &KeyRecord, interner: &mut Interner) -> Result<(KeyId, KeyEntry), TableError> {
+    let id = key_id(&r.key_id).ok_or_else(|| TableError::BadKeyId(r.key_id.clone()))?;
+    let environment = Environment::from_name(&r.environment)
+        .ok_or_else(|| TableError::BadEnvironment(r.key_id.clone(), r.environment.clone()))?;
+    if r.hash_version != aigw_wire::keys::HASH_VERSION {
+        return Err(TableError::BadHashVersion(r.key_id.clone(), r.hash_version));
+    }
+    Ok((
+        id,
+        KeyEntry {
+            tenant_id: interner.get(&r.tenant_id),
+            environment,
+            sub_account_id: r.sub_account_id.as_deref().map(|s| interner.get(s)),
+            hash: r.hash,
+            revoked: r.status == KeyStatus::Revoked,
+            expires_at: r.expires_at,
+            grace_ends_at: r.grace_ends_at,
+            allowed_models: r.allowed_models.iter().map(|m| m.as_str().into()).collect(),
+        },
+    ))
+}
+
+impl KeyTable {
+    pub fn empty() -> Self {
+        Self {
+            revision: 0,
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
+        }
+    }
+
+    /// A table from a full snapshot. Every record is checked; one bad record refuses all.
+    pub fn from_records(revision: u64, records: &[KeyRecord]) -> Result<Self, TableError> {
+        let mut interner = Interner::default();
+        let mut shards: Vec<Shard> = (0..SHARDS)
+            .map(|_| Shard::with_capacity(records.len() / SHARDS + 1))
+            .collect();
+        for r in records {
+            let (id, e) = entry(r, &mut interner)?;
+            shards[shard_of(&id)].insert(id, Arc::new(e));
+        }
+        Ok(Self {
+            revision,
+            shards: shards.into_iter().map(Arc::new).collect(),
+        })
+    }
+
+    /// A new table with `upserts` applied and `deletes` removed; `self` is untouched.
+    pub fn apply(
+        &self,
+        revision: u64,
+        upserts: &[KeyRecord],
+        deletes: &[String],
+    ) -> Result<Self, TableError> {
+        let mut interner = Interner::default();
+        let mut prepared = Vec::with_capacity(upserts.len());
+        for r in upserts {
+            let (id, mut e) = entry(r, &mut interner)?;
+            // Reuse the tenant string the table already holds.
+            if let Some(existing) = self.get_raw(&id) {
+                if *existing.tenant_id == *e.tenant_id {
+                    e.tenant_id = Arc::clone(&existing.tenant_id);
+                }
+            }
+            prepared.push((id, e));
+        }
+        let mut shards = self.shards.clone();
+        for (id, e) in prepared {
+            Arc::make_mut(&mut shards[shard_of(&id)]).insert(id, Arc::new(e));
+        }
+        for d in deletes {
+            if let Some(id) = key_id(d) {
+                Arc::make_mut(&mut shards[shard_of(&id)]).remove(&id);
+            }
+        }
+        Ok(Self { revision, shards })
+    }
+
+    fn get_raw(&self, id: &KeyId) -> Option<&Arc<KeyEntry>> {
+        self.shards[shard_of(id)].get(id)
+    }
+
+    pub fn get(&self, key_id_str: &str) -> Option<&Arc<KeyEntry>> {
+        self.get_raw(&key_id(key_id_str)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The published table, and how workers learn it changed.
+#[derive(Debug)]
+pub struct SharedKeys {
+    revision: AtomicU64,
+    loaded: AtomicBool,
+    current: ArcSwap<KeyTable>,
+    /// Woken on every publish: each worker's watcher swaps its copy at once, so idle
+    /// workers apply a revocation as fast as busy ones.
+    pub changed: Event,
+    /// When the node last heard from the control plane.
+    last_contact: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for SharedKeys {
+    fn default() -> Self {
+        Self {
+            revision: AtomicU64::new(0),
+            loaded: AtomicBool::new(false),
+            current: ArcSwap::from_pointee(KeyTable::empty()),
+            changed: Event::new(),
+            last_contact: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl SharedKeys {
+    pub fn publish(&self, table: KeyTable) {
+        let revision = table.revision;
+        self.current.store(Arc::new(table));
+        self.revision.store(revision, Ordering::Release);
+        self.loaded.store(true, Ordering::Release);
+        self.changed.notify(usize::MAX);
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Whether any table (snapshot or sealed copy) has been published.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> Arc<KeyTable> {
+        self.current.load_full()
+    }
+
+    pub fn touch(&self) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Seconds since the control plane was last heard from (`None`: never).
+    pub fn age_seconds(&self) -> Option<u64> {
+        self.last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, tenant: &str, revoked: bool) -> KeyRecord {
+        KeyRecord {
+            key_id: id.into(),
+            tenant_id: tenant.into(),
+            environment: "production".into(),
+            sub_account_id: None,
+            hash_version: 1,
+            hash: [1; 32],
+            status: if revoked {
+                KeyStatus::Revoked
+            } else {
+                KeyStatus::Active
+            },
+            expires_at: 0,
+            grace_ends_at: 0,
+            allowed_models: vec![],
+        }
+    }
+
+    #[test]
+    fn apply_copies_only_what_changes() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("{i:012}")).collect();
+        let records: Vec<KeyRecord> = ids.iter().map(|id| rec(id, "t", false)).collect();
+        let t1 = KeyTable::from_records(5, &records).expect("valid");
+        assert_eq!(t1.len(), 1000);
+        let t2 = t1
+            .apply(6, &[rec(&ids[3], "t", true)], &[ids[4].clone()])
+            .expect("valid");
+        assert!(t2.get(&ids[3]).expect("kept").revoked);
+        assert!(t2.get(&ids[4]).is_none());
+        assert!(!t1.get(&ids[3]).expect("old table intact").revoked);
+        let untouched = (0..SHARDS)
+            .filter(|&i| Arc::ptr_eq(&t1.shards[i], &t2.shards[i]))
+            .count();
+        assert!(
+            untouched >= SHARDS - 2,
+            "only the touched shards are copied ({untouched})"
+        );
+        // Tenant strings are shared, not copied per key.
+        let a = t1.get(&ids[0]).expect("present");
+        let b = t1.get(&ids[1]).expect("present");
+        assert!(Arc::ptr_eq(&a.tenant_id, &b.tenant_id));
+    }
+
+    #[test]
+    fn bad_records_are_refused() {
+        let mut r = rec("short", "t", false);
+        assert!(matches!(
+            KeyTable::from_records(1, &[r.clone()]),
+            Err(TableError::BadKeyId(_))
+        ));
+        r.key_id = "abcdefghijkl".into();
+        r.environment = "qa".into();
+        assert!(matches!(
+            KeyTable::from_records(1, &[r.clone()]),
+            Err(TableError::BadEnvironment(..))
+        ));
+        r.environment = "staging".into();
+        r.hash_version = 9;
+        assert!(matches!(
+            KeyTable::from_records(1, &[r]),
+            Err(TableError::BadHashVersion(..))
+        ));
+    }
+}

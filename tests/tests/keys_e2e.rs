@@ -1,0 +1,363 @@
+//! Control plane + data plane + mock provider over real sockets: keys created, revoked and
+//! rotated on the control plane are enforced by every worker of the data plane.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
+use e2e::mock::{MockOptions, MockProvider};
+use e2e::*;
+use serde_json::{json, Value};
+
+const NODE_TOKEN_ENV: &str = "AIGW_E2E_NODE_TOKEN";
+
+fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
+    controlplane::start(controlplane::Options {
+        data_dir: dir,
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        push_listen: push.parse().unwrap(),
+        tls_names: vec![],
+    })
+    .unwrap()
+}
+
+fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Value>) -> Resp {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        cp.admin_token,
+        body.len()
+    );
+    exchange(cp.addr, raw.as_bytes())
+}
+
+fn gateway(driver: DriverChoice, cp: &controlplane::Running, mock: &MockProvider) -> Gateway {
+    std::env::set_var(NODE_TOKEN_ENV, &cp.node_token);
+    let toml = format!(
+        "[[upstreams]]\nname = \"oa\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"oa\" }}]\n",
+        mock.base_url()
+    );
+    let parsed = Config::parse(&toml, "t").unwrap();
+    let mut c = test_config(driver);
+    c.upstreams = parsed.upstreams;
+    c.routes = parsed.routes;
+    c.control_plane = Some(ControlPlaneConfig {
+        address: cp.push_addr.to_string(),
+        server_name: Some("localhost".into()),
+        ca_file: cp.ca_file.clone(),
+        token_env: NODE_TOKEN_ENV.into(),
+        node_id: Some(format!("node-{driver:?}")),
+        environments: vec!["production".into(), "staging".into(), "development".into()],
+        max_stale: Duration::ZERO,
+    });
+    Gateway::start_with(c)
+}
+
+fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(gw, raw.as_bytes())
+}
+
+/// Waits until every worker reports at least `revision`.
+fn wait_workers(gw: &Gateway, revision: i64) -> Duration {
+    let start = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let v = admin_get(gw.admin_addr(), "/workers").json();
+            v["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["key_revision"].as_i64().unwrap_or(0) >= revision)
+        }),
+        "workers never reached revision {revision}: {}",
+        admin_get(gw.admin_addr(), "/workers").json()
+    );
+    start.elapsed()
+}
+
+fn revision(cp: &controlplane::Running) -> i64 {
+    api(cp, "GET", "/v1/revision", None).json()["revision"]
+        .as_i64()
+        .unwrap()
+}
+
+both_drivers!(
+    keys_are_enforced_revoked_and_rotated_on_every_worker,
+    |driver| {
+        let dir = scratch_dir(&format!("keys-e2e-{driver:?}"));
+        let cp = cp_start(dir.clone(), "127.0.0.1:0");
+        let mock = MockProvider::start(MockOptions::default());
+        assert_eq!(
+            api(
+                &cp,
+                "POST",
+                "/v1/tenants",
+                Some(json!({"id": "acme", "name": "Acme", "tier": "pro"}))
+            )
+            .status,
+            201
+        );
+        let created = api(
+            &cp,
+            "POST",
+            "/v1/tenants/acme/keys",
+            Some(json!({"environment": "production", "allowed_models": ["gpt-ok", "gpt-other"]})),
+        )
+        .json();
+        let key = created["key"].as_str().unwrap().to_string();
+        let key_id = created["info"]["key_id"].as_str().unwrap().to_string();
+
+        let gw = gateway(driver, &cp, &mock);
+        assert!(
+            wait_until(Duration::from_secs(10), || admin_get(
+                gw.admin_addr(),
+                "/readyz"
+            )
+            .status
+                == 200),
+            "ready once a config is held"
+        );
+        wait_workers(&gw, revision(&cp));
+
+        assert_eq!(chat_with_key(gw.addr(), Some(&key), "gpt-ok").status, 200);
+        let r = chat_with_key(gw.addr(), None, "gpt-ok");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (401, Some("missing_api_key"))
+        );
+        let r = chat_with_key(gw.addr(), Some("sk-not-ours"), "gpt-ok");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (401, Some("malformed_api_key"))
+        );
+        let forged = aigw_wire::keys::assemble(
+            aigw_wire::keys::Environment::Production,
+            &key_id,
+            "ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ",
+        );
+        let r = chat_with_key(gw.addr(), Some(&forged), "gpt-ok");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (401, Some("unknown_api_key"))
+        );
+        let r = chat_with_key(gw.addr(), Some(&key), "gpt-forbidden");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (403, Some("model_not_allowed"))
+        );
+        assert!(
+            mock.requests()
+                .iter()
+                .all(|r| !format!("{:?}", r.headers).contains(&key)),
+            "the key never goes upstream"
+        );
+
+        // Rotation: both keys work during the grace period; the old one stops after it.
+        let rotated = api(
+            &cp,
+            "POST",
+            &format!("/v1/keys/{key_id}/rotate"),
+            Some(json!({"grace_seconds": 2})),
+        )
+        .json();
+        let new_key = rotated["key"].as_str().unwrap().to_string();
+        let new_id = rotated["info"]["key_id"].as_str().unwrap().to_string();
+        wait_workers(&gw, revision(&cp));
+        for _ in 0..4 {
+            assert_eq!(
+                chat_with_key(gw.addr(), Some(&key), "gpt-ok").status,
+                200,
+                "old key in grace"
+            );
+            assert_eq!(
+                chat_with_key(gw.addr(), Some(&new_key), "gpt-ok").status,
+                200,
+                "new key"
+            );
+        }
+        assert!(wait_until(Duration::from_secs(5), || chat_with_key(
+            gw.addr(),
+            Some(&key),
+            "gpt-ok"
+        )
+        .status
+            == 401));
+        let r = chat_with_key(gw.addr(), Some(&key), "gpt-ok");
+        assert_eq!(r.json()["error"]["code"], "rotated_api_key");
+        assert_eq!(
+            chat_with_key(gw.addr(), Some(&new_key), "gpt-ok").status,
+            200
+        );
+
+        // Revocation: applied by every worker within milliseconds, then refused everywhere.
+        assert_eq!(
+            api(&cp, "POST", &format!("/v1/keys/{new_id}/revoke"), None).status,
+            200
+        );
+        let took = wait_workers(&gw, revision(&cp));
+        assert!(took < Duration::from_secs(5), "pushed, not polled");
+        for _ in 0..8 {
+            // New connections land on both workers (SO_REUSEPORT).
+            let r = chat_with_key(gw.addr(), Some(&new_key), "gpt-ok");
+            assert_eq!(
+                (r.status, r.json()["error"]["code"].as_str()),
+                (401, Some("revoked_api_key"))
+            );
+        }
+
+        // The control plane shows the node's applied revision.
+        let nodes = api(&cp, "GET", "/v1/nodes", None).json();
+        let node = &nodes["data"][0];
+        assert_eq!(node["connected"], true);
+        assert!(wait_until(Duration::from_secs(5), || {
+            api(&cp, "GET", "/v1/nodes", None).json()["data"][0]["applied_revision"].as_i64()
+                == Some(revision(&cp))
+        }));
+
+        // Control plane down: the node keeps serving with what it holds.
+        let third = api(
+            &cp,
+            "POST",
+            "/v1/tenants/acme/keys",
+            Some(json!({"environment": "production"})),
+        )
+        .json();
+        let third_key = third["key"].as_str().unwrap().to_string();
+        let rev_before_stop = revision(&cp);
+        wait_workers(&gw, rev_before_stop);
+        let push_addr = cp.push_addr;
+        cp.stop();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            chat_with_key(gw.addr(), Some(&third_key), "gpt-ok").status,
+            200
+        );
+        assert_eq!(
+            chat_with_key(gw.addr(), Some(&new_key), "gpt-ok").status,
+            401
+        );
+        assert!(admin_get(gw.admin_addr(), "/readyz").json()["config_age_seconds"].is_number());
+
+        // Control plane back on the same address: the node resumes from its revision with
+        // changes, not a full snapshot.
+        let cp = cp_start(dir, &push_addr.to_string());
+        let third_id = third["info"]["key_id"].as_str().unwrap().to_string();
+        assert!(wait_until(Duration::from_secs(15), || {
+            api(&cp, "GET", "/v1/nodes", None).json()["data"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty() && a[0]["connected"] == true)
+        }));
+        assert_eq!(
+            api(&cp, "POST", &format!("/v1/keys/{third_id}/revoke"), None).status,
+            200
+        );
+        wait_workers(&gw, revision(&cp));
+        assert_eq!(
+            chat_with_key(gw.addr(), Some(&third_key), "gpt-ok").status,
+            401
+        );
+        let node = &api(&cp, "GET", "/v1/nodes", None).json()["data"][0];
+        assert_eq!(
+            node["snapshots_sent"], 0,
+            "resumed without a full snapshot: {node}"
+        );
+        assert!(node["changes_sent"].as_u64().unwrap() >= 1);
+    }
+);
+
+#[test]
+fn a_node_one_protocol_version_behind_still_syncs() {
+    use aigw_wire::{decode_frame, encode_frame, Frame, Message, Record};
+    use std::io::{Read, Write};
+    let dir = scratch_dir("keys-e2e-old-node");
+    let cp = cp_start(dir, "127.0.0.1:0");
+    assert_eq!(
+        api(
+            &cp,
+            "POST",
+            "/v1/tenants",
+            Some(json!({"id": "t", "name": "T", "tier": "free"}))
+        )
+        .status,
+        201
+    );
+    let k = api(
+        &cp,
+        "POST",
+        "/v1/tenants/t/keys",
+        Some(json!({"environment": "staging"})),
+    )
+    .json();
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&cp.ca_file).unwrap();
+    for c in rustls_pemfile_certs(&pem) {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(cp.push_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut out = Vec::new();
+    encode_frame(
+        &Message::Hello {
+            protocol_version: aigw_wire::PROTOCOL_VERSION - 1,
+            node_id: "old".into(),
+            boot_epoch: 1,
+            revision_held: 0,
+            token: cp.node_token.clone(),
+        },
+        &mut out,
+    );
+    // A message type from another version, which the control plane must skip.
+    out.extend_from_slice(&4u32.to_be_bytes());
+    out.extend_from_slice(&4242u16.to_be_bytes());
+    out.extend_from_slice(b"??");
+    s.write_all(&out).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let snapshot = loop {
+        if let Some((f, used)) = decode_frame(&buf, aigw_wire::DEFAULT_MAX_FRAME).unwrap() {
+            buf.drain(..used);
+            if let Frame::Message(m @ Message::Snapshot { .. }) = f {
+                break m;
+            }
+            continue;
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let Message::Snapshot { records, .. } = snapshot else {
+        unreachable!()
+    };
+    assert!(records.iter().any(
+        |r| matches!(r, Record::Key(rec) if rec.key_id == k["info"]["key_id"].as_str().unwrap())
+    ));
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect()
+}
