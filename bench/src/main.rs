@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 
+mod keys_bench;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -38,6 +40,19 @@ enum Cmd {
     Mock {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// Revocation propagation: from the admin call's return to every worker having applied
+    /// it, over many revocations with a large key table loaded.
+    Revocation {
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        #[arg(long, default_value_t = 1000)]
+        revocations: usize,
+    },
+    /// Full snapshot: time for a fresh node to apply it and the node's peak memory.
+    Snapshot {
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: usize,
     },
     /// Run the comparison and print a report.
     Run {
@@ -65,6 +80,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mock { listen } => {
             dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
         }
+        Cmd::Revocation { keys, revocations } => keys_bench::revocation(keys, revocations),
+        Cmd::Snapshot { keys } => keys_bench::snapshot(keys),
         Cmd::Run {
             rounds,
             duration,

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::ProviderKind;
 use crate::errors::ApiError;
-use crate::keys::{KeyEntry, KeyTable, SharedKeys};
+use crate::keys::{KeyTable, SharedKeys};
 
 /// Verified keys remembered per worker.
 const CACHE_CAP: usize = 4096;
@@ -94,8 +94,9 @@ pub fn presented_key<'a>(
     .filter(|k| !k.is_empty())
 }
 
-/// Presented key → (table revision it was verified against, entry).
-type VerifiedCache = HashMap<Box<str>, (u64, Arc<KeyEntry>)>;
+/// Presented key → the table revision it was verified against (an entry cannot change
+/// within a revision).
+type VerifiedCache = HashMap<Box<str>, u64>;
 
 /// A worker's view of the key table.
 #[derive(Debug)]
@@ -136,7 +137,7 @@ impl LocalKeys {
         &self,
         presented: Option<&str>,
         now_unix: u64,
-    ) -> Result<Arc<KeyEntry>, AuthError> {
+    ) -> Result<AuthOk, AuthError> {
         let presented = presented.ok_or(AuthError::Missing)?;
         let parsed = keys::parse(presented).map_err(|_| AuthError::Malformed)?;
         self.refresh();
@@ -146,7 +147,7 @@ impl LocalKeys {
             .verified
             .borrow()
             .get(presented)
-            .is_some_and(|(rev, e)| *rev == table.revision && Arc::ptr_eq(e, entry));
+            .is_some_and(|rev| *rev == table.revision);
         if !cached {
             let ok: bool = keys::hash(presented).ct_eq(&entry.hash).into();
             if !ok {
@@ -156,7 +157,7 @@ impl LocalKeys {
             if cache.len() >= CACHE_CAP {
                 cache.clear();
             }
-            cache.insert(presented.into(), (table.revision, Arc::clone(entry)));
+            cache.insert(presented.into(), table.revision);
         }
         if entry.revoked {
             return Err(AuthError::Revoked);
@@ -170,16 +171,24 @@ impl LocalKeys {
         if parsed.environment != entry.environment || !self.served.contains(&entry.environment) {
             return Err(AuthError::EnvironmentNotServed);
         }
-        Ok(Arc::clone(entry))
+        Ok(AuthOk {
+            allowed_models: entry.allowed_models.clone(),
+        })
     }
 }
 
-/// Whether `entry` may use `model`.
-pub fn check_model(entry: &KeyEntry, model: &str) -> Result<(), AuthError> {
-    if entry.allowed_models.is_empty() || entry.allowed_models.iter().any(|m| &**m == model) {
-        Ok(())
-    } else {
-        Err(AuthError::ModelNotAllowed)
+/// What a request may do once authenticated.
+#[derive(Debug, Clone)]
+pub struct AuthOk {
+    /// `None`: every model (cloning it costs nothing for unrestricted keys).
+    pub allowed_models: Option<Arc<[Box<str>]>>,
+}
+
+/// Whether the key may use `model`.
+pub fn check_model(entry: &AuthOk, model: &str) -> Result<(), AuthError> {
+    match &entry.allowed_models {
+        Some(list) if !list.iter().any(|m| &**m == model) => Err(AuthError::ModelNotAllowed),
+        _ => Ok(()),
     }
 }
 

@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
 
 use crate::config::ControlPlaneConfig;
-use crate::keys::{KeyTable, SharedKeys};
+use crate::keys::{KeyTableBuilder, SharedKeys};
 use crate::shutdown::Shutdown;
 
 /// Three missed heartbeats (sent every 5 s) and the link is considered dead.
@@ -112,7 +112,8 @@ fn session(
     )?;
     tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
     let mut buf = Vec::new();
-    let mut snapshot: Vec<KeyRecord> = Vec::new();
+    let mut snapshot: Option<KeyTableBuilder> = None;
+    let mut snapshot_error: Option<String> = None;
     let mut last_heard = std::time::Instant::now();
     loop {
         if stop.is_triggered() {
@@ -161,24 +162,34 @@ fn session(
                 records,
             } => {
                 if part == 0 {
-                    snapshot.clear();
+                    snapshot = Some(KeyTableBuilder::new(revision));
+                    snapshot_error = None;
                 }
-                snapshot.extend(records.into_iter().filter_map(|r| match r {
-                    Record::Key(k) => Some(k),
-                    Record::Unknown { .. } => None,
-                }));
+                let keys_only: Vec<KeyRecord> = records
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Record::Key(k) => Some(k),
+                        Record::Unknown { .. } => None,
+                    })
+                    .collect();
+                if let (Some(b), None) = (snapshot.as_mut(), &snapshot_error) {
+                    if let Err(e) = b.add(&keys_only) {
+                        snapshot_error = Some(e.to_string());
+                    }
+                }
                 if part + 1 == parts {
-                    let records = std::mem::take(&mut snapshot);
-                    let reply = match KeyTable::from_records(revision, &records) {
-                        Ok(t) => {
+                    let reply = match (snapshot.take(), snapshot_error.take()) {
+                        (Some(b), None) => {
+                            let t = b.finish();
                             let n = t.len();
                             keys.publish(t);
                             tracing::info!(revision, keys = n, "applied snapshot");
                             Message::Ack { revision }
                         }
-                        Err(e) => Message::Nack {
+                        (_, Some(e)) => Message::Nack { revision, error: e },
+                        (None, None) => Message::Nack {
                             revision,
-                            error: e.to_string(),
+                            error: "snapshot parts out of order".into(),
                         },
                     };
                     send(&mut stream, &reply)?;

@@ -1,9 +1,11 @@
 //! The API key table a node enforces: shared by every worker (memory does not grow with the
 //! number of cores), replaced as a whole by the control thread, and cheap to update.
 //!
-//! Keys sit in 256 shards behind `Arc`s. A change copies the shard vector (256 pointers) and
-//! only the shards it touches, so revoking one key among a million costs a few microseconds,
-//! not a copy of the table; readers never lock.
+//! Keys sit in 256 shards behind `Arc`s, each a vector sorted by key id (exactly sized: a
+//! hash map's power-of-two buckets would waste a third of the memory at a million keys).
+//! A change copies the shard vector (256 pointers) and only the shards it touches, so
+//! revoking one key among a million costs microseconds, not a copy of the table; readers
+//! never lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,12 +32,12 @@ pub struct KeyEntry {
     pub expires_at: u64,
     /// Unix seconds; 0 = none.
     pub grace_ends_at: u64,
-    /// Empty = every model.
-    pub allowed_models: Arc<[Box<str>]>,
+    /// `None` = every model (most keys: no allocation for them).
+    pub allowed_models: Option<Arc<[Box<str>]>>,
 }
 
 type KeyId = [u8; KEY_ID_LEN];
-type Shard = HashMap<KeyId, Arc<KeyEntry>>;
+type Shard = Vec<(KeyId, Arc<KeyEntry>)>;
 
 /// An immutable table at one revision.
 #[derive(Debug, Clone)]
@@ -100,7 +102,8 @@ fn entry(r: &KeyRecord, interner: &mut Interner) -> Result<(KeyId, KeyEntry), Ta
             revoked: r.status == KeyStatus::Revoked,
             expires_at: r.expires_at,
             grace_ends_at: r.grace_ends_at,
-            allowed_models: r.allowed_models.iter().map(|m| m.as_str().into()).collect(),
+            allowed_models: (!r.allowed_models.is_empty())
+                .then(|| r.allowed_models.iter().map(|m| m.as_str().into()).collect()),
         },
     ))
 }
@@ -115,18 +118,9 @@ impl KeyTable {
 
     /// A table from a full snapshot. Every record is checked; one bad record refuses all.
     pub fn from_records(revision: u64, records: &[KeyRecord]) -> Result<Self, TableError> {
-        let mut interner = Interner::default();
-        let mut shards: Vec<Shard> = (0..SHARDS)
-            .map(|_| Shard::with_capacity(records.len() / SHARDS + 1))
-            .collect();
-        for r in records {
-            let (id, e) = entry(r, &mut interner)?;
-            shards[shard_of(&id)].insert(id, Arc::new(e));
-        }
-        Ok(Self {
-            revision,
-            shards: shards.into_iter().map(Arc::new).collect(),
-        })
+        let mut b = KeyTableBuilder::new(revision);
+        b.add(records)?;
+        Ok(b.finish())
     }
 
     /// A new table with `upserts` applied and `deletes` removed; `self` is untouched.
@@ -150,21 +144,32 @@ impl KeyTable {
         }
         let mut shards = self.shards.clone();
         for (id, e) in prepared {
-            Arc::make_mut(&mut shards[shard_of(&id)]).insert(id, Arc::new(e));
+            let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
+            match shard.binary_search_by(|(k, _)| k.cmp(&id)) {
+                Ok(i) => shard[i].1 = Arc::new(e),
+                Err(i) => shard.insert(i, (id, Arc::new(e))),
+            }
         }
         for d in deletes {
             if let Some(id) = key_id(d) {
-                Arc::make_mut(&mut shards[shard_of(&id)]).remove(&id);
+                let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
+                if let Ok(i) = shard.binary_search_by(|(k, _)| k.cmp(&id)) {
+                    shard.remove(i);
+                }
             }
         }
         Ok(Self { revision, shards })
     }
 
-    fn get_raw(&self, id: &KeyId) -> Option<&Arc<KeyEntry>> {
-        self.shards[shard_of(id)].get(id)
+    fn get_raw(&self, id: &KeyId) -> Option<&KeyEntry> {
+        let shard = &self.shards[shard_of(id)];
+        shard
+            .binary_search_by(|(k, _)| k.cmp(id))
+            .ok()
+            .map(|i| &*shard[i].1)
     }
 
-    pub fn get(&self, key_id_str: &str) -> Option<&Arc<KeyEntry>> {
+    pub fn get(&self, key_id_str: &str) -> Option<&KeyEntry> {
         self.get_raw(&key_id(key_id_str)?)
     }
 
@@ -174,6 +179,59 @@ impl KeyTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Builds a table from a snapshot arriving in parts, converting each part as it comes so
+/// the wire records of a million keys are never all held at once.
+#[derive(Default)]
+pub struct KeyTableBuilder {
+    revision: u64,
+    interner: Interner,
+    shards: Vec<Shard>,
+}
+
+impl std::fmt::Debug for KeyTableBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTableBuilder")
+            .field("revision", &self.revision)
+            .finish()
+    }
+}
+
+impl KeyTableBuilder {
+    pub fn new(revision: u64) -> Self {
+        Self {
+            revision,
+            interner: Interner::default(),
+            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+        }
+    }
+
+    pub fn add(&mut self, records: &[KeyRecord]) -> Result<(), TableError> {
+        for r in records {
+            let (id, e) = entry(r, &mut self.interner)?;
+            self.shards[shard_of(&id)].push((id, Arc::new(e)));
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> KeyTable {
+        KeyTable {
+            revision: self.revision,
+            shards: self
+                .shards
+                .into_iter()
+                .map(|mut s| {
+                    // Sort, and keep the last of duplicate ids (a later record wins).
+                    s.reverse();
+                    s.sort_by_key(|e| e.0);
+                    s.dedup_by(|a, b| a.0 == b.0);
+                    s.shrink_to_fit();
+                    Arc::new(s)
+                })
+                .collect(),
+        }
     }
 }
 
@@ -283,6 +341,19 @@ mod tests {
         let a = t1.get(&ids[0]).expect("present");
         let b = t1.get(&ids[1]).expect("present");
         assert!(Arc::ptr_eq(&a.tenant_id, &b.tenant_id));
+        // A new key lands in order and is found.
+        let t3 = t2
+            .apply(
+                7,
+                &[
+                    rec("000000000000", "t", false),
+                    rec("zzzzzzzzzzzz", "u", false),
+                ],
+                &[],
+            )
+            .expect("valid");
+        assert!(t3.get("zzzzzzzzzzzz").is_some());
+        assert_eq!(t3.len(), 1000);
     }
 
     #[test]
