@@ -133,6 +133,9 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         node_id: Some("bench".into()),
         environments: vec!["production".into()],
         max_stale: Duration::ZERO,
+        snapshot_file: None,
+        seal_key_env: "AIGW_SEAL_KEY".into(),
+        seal_key_file: None,
     });
     let gw = dataplane::server::start(c)?;
     let admin = gw.admin_addr();

@@ -56,6 +56,32 @@ pub struct ControlPlaneConfig {
     /// (the config's age is exported either way).
     #[serde(default, with = "humantime_serde")]
     pub max_stale: Duration,
+    /// Where the last applied key table is kept, sealed with AES-256-GCM, so the node can
+    /// restart while the control plane is down. Unset: nothing is written.
+    #[serde(default)]
+    pub snapshot_file: Option<std::path::PathBuf>,
+    /// The key-encryption key (64 hex digits) for the sealed snapshot: this environment
+    /// variable, or `seal_key_file`.
+    #[serde(default = "default_seal_key_env")]
+    pub seal_key_env: String,
+    #[serde(default)]
+    pub seal_key_file: Option<std::path::PathBuf>,
+}
+
+fn default_seal_key_env() -> String {
+    "AIGW_SEAL_KEY".into()
+}
+
+impl ControlPlaneConfig {
+    /// The key-encryption key, from `seal_key_file` or `seal_key_env`.
+    pub fn seal_key(&self) -> Result<crate::seal::Kek, String> {
+        let text = match &self.seal_key_file {
+            Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
+            None => std::env::var(&self.seal_key_env)
+                .map_err(|_| format!("environment variable {} is not set", self.seal_key_env))?,
+        };
+        crate::seal::Kek::from_hex(&text).map_err(|e| e.to_string())
+    }
 }
 
 fn default_token_env() -> String {
@@ -449,6 +475,11 @@ impl Config {
                     "control_plane.token_env",
                     format!("environment variable {} is not set", cp.token_env),
                 ));
+            }
+            if cp.snapshot_file.is_some() {
+                if let Err(e) = cp.seal_key() {
+                    return Err(("control_plane.seal_key_env", e));
+                }
             }
             for e in &cp.environments {
                 if aigw_wire::keys::Environment::from_name(e).is_none() {

@@ -27,11 +27,37 @@ use crate::shutdown::Shutdown;
 const READ_TIMEOUT: Duration = Duration::from_secs(16);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Where and how the applied table is kept on disk.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub path: std::path::PathBuf,
+    pub kek: crate::seal::Kek,
+}
+
+/// Boots from the sealed snapshot, if there is one: the node serves what it last applied
+/// even when the control plane is unreachable. A file that cannot be opened (wrong key,
+/// tampered) is ignored and the node waits for the control plane: it fails closed.
+pub fn boot_from_disk(persist: &Persist, keys: &SharedKeys) {
+    if !persist.path.exists() {
+        return;
+    }
+    match crate::snapshot_file::load(&persist.path, &persist.kek) {
+        Ok(table) => {
+            tracing::info!(revision = table.revision, keys = table.len(), path = %persist.path.display(), "booted from the sealed snapshot");
+            keys.publish(table);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %persist.path.display(), "sealed snapshot unusable; waiting for the control plane")
+        }
+    }
+}
+
 /// Starts the control thread.
 pub fn spawn(
     cfg: ControlPlaneConfig,
     keys: Arc<SharedKeys>,
     stop: Arc<Shutdown>,
+    persist: Option<Persist>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let tls = client_config(&cfg)?;
     let token = std::env::var(&cfg.token_env).unwrap_or_default();
@@ -42,7 +68,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new().name("aigw-control".into()).spawn(move || {
         let mut backoff = Duration::from_millis(50);
         while !stop.is_triggered() {
-            match session(&cfg, &tls, &token, &node_id, boot_epoch, &keys, &stop) {
+            match session(&cfg, &tls, &token, &node_id, boot_epoch, &keys, &stop, persist.as_ref()) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
@@ -83,6 +109,7 @@ fn session(
     boot_epoch: u64,
     keys: &SharedKeys,
     stop: &Shutdown,
+    persist: Option<&Persist>,
 ) -> anyhow::Result<()> {
     let addr = cfg
         .address
@@ -115,10 +142,14 @@ fn session(
     let mut snapshot: Option<KeyTableBuilder> = None;
     let mut snapshot_error: Option<String> = None;
     let mut last_heard = std::time::Instant::now();
+    let mut saved_revision = keys.revision();
+    let mut last_save = std::time::Instant::now() - SAVE_EVERY;
     loop {
         if stop.is_triggered() {
+            save_if_needed(persist, keys, &mut saved_revision, &mut last_save, true);
             return Ok(());
         }
+        save_if_needed(persist, keys, &mut saved_revision, &mut last_save, false);
         let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
             Some((frame, used)) => {
                 buf.drain(..used);
@@ -249,6 +280,34 @@ fn session(
             other => tracing::debug!(?other, "ignoring message"),
         }
     }
+}
+
+/// Most one sealed write per this interval while changes keep coming.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+fn save_if_needed(
+    persist: Option<&Persist>,
+    keys: &SharedKeys,
+    saved: &mut u64,
+    last: &mut std::time::Instant,
+    force: bool,
+) {
+    let Some(p) = persist else { return };
+    let current = keys.revision();
+    if current == *saved || !keys.loaded() || (!force && last.elapsed() < SAVE_EVERY) {
+        return;
+    }
+    let table = keys.load();
+    match crate::snapshot_file::save(&p.path, &p.kek, &table) {
+        Ok(()) => {
+            *saved = table.revision;
+            tracing::debug!(revision = table.revision, "sealed snapshot written");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %p.path.display(), "writing the sealed snapshot failed")
+        }
+    }
+    *last = std::time::Instant::now();
 }
 
 fn send(stream: &mut impl Write, m: &Message) -> anyhow::Result<()> {

@@ -177,6 +177,34 @@ impl KeyTable {
         self.shards.iter().map(|s| s.len()).sum()
     }
 
+    /// Every key as a wire record (for sealing the table to disk).
+    pub fn for_each_record(&self, mut f: impl FnMut(KeyRecord)) {
+        for shard in &self.shards {
+            for (id, e) in shard.iter() {
+                f(KeyRecord {
+                    key_id: String::from_utf8_lossy(id).into_owned(),
+                    tenant_id: e.tenant_id.to_string(),
+                    environment: e.environment.name().to_string(),
+                    sub_account_id: e.sub_account_id.as_ref().map(|s| s.to_string()),
+                    hash_version: aigw_wire::keys::HASH_VERSION,
+                    hash: e.hash,
+                    status: if e.revoked {
+                        KeyStatus::Revoked
+                    } else {
+                        KeyStatus::Active
+                    },
+                    expires_at: e.expires_at,
+                    grace_ends_at: e.grace_ends_at,
+                    allowed_models: e
+                        .allowed_models
+                        .iter()
+                        .flat_map(|m| m.iter().map(|s| s.to_string()))
+                        .collect(),
+                });
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -146,10 +146,21 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                 .iter()
                 .filter_map(|e| aigw_wire::keys::Environment::from_name(e))
                 .collect();
+            let persist = match &cp.snapshot_file {
+                Some(path) => Some(crate::control::Persist {
+                    path: path.clone(),
+                    kek: cp.seal_key().map_err(|e| anyhow!(e))?,
+                }),
+                None => None,
+            };
+            if let Some(p) = &persist {
+                crate::control::boot_from_disk(p, &shared);
+            }
             control = Some(crate::control::spawn(
                 cp.clone(),
                 Arc::clone(&shared),
                 Arc::clone(&admin_stop),
+                persist,
             )?);
             Some((shared, served, cp.max_stale))
         }

@@ -35,7 +35,27 @@ fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Value>
 }
 
 fn gateway(driver: DriverChoice, cp: &controlplane::Running, mock: &MockProvider) -> Gateway {
-    std::env::set_var(NODE_TOKEN_ENV, &cp.node_token);
+    gateway_with(
+        driver,
+        cp.push_addr,
+        &cp.node_token,
+        &cp.ca_file,
+        mock,
+        |_| {},
+    )
+}
+
+fn gateway_with(
+    driver: DriverChoice,
+    push: SocketAddr,
+    node_token: &str,
+    ca_file: &std::path::Path,
+    mock: &MockProvider,
+    tweak: impl FnOnce(&mut ControlPlaneConfig),
+) -> Gateway {
+    // One variable per control plane: tests run in parallel, each with its own.
+    let token_env = format!("{NODE_TOKEN_ENV}_{}", push.port());
+    std::env::set_var(&token_env, node_token);
     let toml = format!(
         "[[upstreams]]\nname = \"oa\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"oa\" }}]\n",
         mock.base_url()
@@ -44,15 +64,20 @@ fn gateway(driver: DriverChoice, cp: &controlplane::Running, mock: &MockProvider
     let mut c = test_config(driver);
     c.upstreams = parsed.upstreams;
     c.routes = parsed.routes;
-    c.control_plane = Some(ControlPlaneConfig {
-        address: cp.push_addr.to_string(),
+    let mut cp_config = ControlPlaneConfig {
+        address: push.to_string(),
         server_name: Some("localhost".into()),
-        ca_file: cp.ca_file.clone(),
-        token_env: NODE_TOKEN_ENV.into(),
+        ca_file: ca_file.to_path_buf(),
+        token_env,
         node_id: Some(format!("node-{driver:?}")),
         environments: vec!["production".into(), "staging".into(), "development".into()],
         max_stale: Duration::ZERO,
-    });
+        snapshot_file: None,
+        seal_key_env: "AIGW_SEAL_KEY".into(),
+        seal_key_file: None,
+    };
+    tweak(&mut cp_config);
+    c.control_plane = Some(cp_config);
     Gateway::start_with(c)
 }
 
@@ -361,3 +386,97 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
         .map(|c| c.unwrap())
         .collect()
 }
+
+both_drivers!(
+    a_node_restarted_while_the_control_plane_is_down_serves_its_sealed_snapshot,
+    |driver| {
+        let dir = scratch_dir(&format!("sealed-{driver:?}"));
+        let cp = cp_start(dir.join("cp"), "127.0.0.1:0");
+        let mock = MockProvider::start(MockOptions::default());
+        assert_eq!(
+            api(
+                &cp,
+                "POST",
+                "/v1/tenants",
+                Some(json!({"id": "acme", "name": "Acme", "tier": "pro"}))
+            )
+            .status,
+            201
+        );
+        let good = api(
+            &cp,
+            "POST",
+            "/v1/tenants/acme/keys",
+            Some(json!({"environment": "production"})),
+        )
+        .json();
+        let bad = api(
+            &cp,
+            "POST",
+            "/v1/tenants/acme/keys",
+            Some(json!({"environment": "production"})),
+        )
+        .json();
+        let bad_id = bad["info"]["key_id"].as_str().unwrap().to_string();
+        assert_eq!(
+            api(&cp, "POST", &format!("/v1/keys/{bad_id}/revoke"), None).status,
+            200
+        );
+        let (good, bad) = (
+            good["key"].as_str().unwrap().to_string(),
+            bad["key"].as_str().unwrap().to_string(),
+        );
+
+        std::env::set_var("AIGW_E2E_SEAL_KEY", "5e".repeat(32));
+        let snap = dir.join("node").join("keys.sealed");
+        std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+        let sealed = |c: &mut ControlPlaneConfig| {
+            c.snapshot_file = Some(snap.clone());
+            c.seal_key_env = "AIGW_E2E_SEAL_KEY".into();
+        };
+        let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
+        let gw = gateway_with(driver, push, &token, &ca, &mock, sealed);
+        wait_workers(&gw, revision(&cp));
+        assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 200);
+        gw.stop(); // an orderly stop writes the snapshot
+        assert!(snap.exists(), "sealed snapshot written");
+        let on_disk = std::fs::read(&snap).unwrap();
+        assert!(on_disk.starts_with(b"AIGWSEAL"));
+        assert!(
+            !on_disk
+                .windows(12)
+                .any(|w| good.as_bytes().windows(12).any(|g| g == w)),
+            "no key material in the clear"
+        );
+
+        cp.stop();
+        // The control plane is down; the node restarts and serves from the sealed snapshot.
+        let gw = gateway_with(driver, push, &token, &ca, &mock, sealed);
+        assert!(
+            wait_until(Duration::from_secs(5), || admin_get(
+                gw.admin_addr(),
+                "/readyz"
+            )
+            .status
+                == 200),
+            "ready from disk"
+        );
+        assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 200);
+        let r = chat_with_key(gw.addr(), Some(&bad), "m");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (401, Some("revoked_api_key"))
+        );
+        gw.stop();
+
+        // With the wrong seal key the snapshot is unusable: the node fails closed.
+        std::env::set_var("AIGW_E2E_SEAL_KEY_WRONG", "77".repeat(32));
+        let gw = gateway_with(driver, push, &token, &ca, &mock, |c| {
+            c.snapshot_file = Some(snap.clone());
+            c.seal_key_env = "AIGW_E2E_SEAL_KEY_WRONG".into();
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
+        assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 401);
+    }
+);
