@@ -94,22 +94,23 @@ pub fn presented_key<'a>(
     .filter(|k| !k.is_empty())
 }
 
-/// Presented key → the table revision it was verified against (an entry cannot change
-/// within a revision).
+/// Presented key → the publish generation of the table it was verified against (an entry
+/// cannot change within one published table).
 type VerifiedCache = HashMap<Box<str>, u64>;
 
 /// A worker's view of the key table.
 #[derive(Debug)]
 pub struct LocalKeys {
     shared: Arc<SharedKeys>,
-    table: RefCell<Arc<KeyTable>>,
+    /// The table this worker uses, and the publish generation it came from.
+    table: RefCell<(u64, Arc<KeyTable>)>,
     verified: RefCell<VerifiedCache>,
     served: Vec<Environment>,
 }
 
 impl LocalKeys {
     pub fn new(shared: Arc<SharedKeys>, served: Vec<Environment>) -> Self {
-        let table = RefCell::new(shared.load());
+        let table = RefCell::new((shared.generation(), shared.load()));
         Self {
             shared,
             table,
@@ -124,12 +125,13 @@ impl LocalKeys {
 
     /// Swaps to the published table if it moved; returns the revision now held.
     pub fn refresh(&self) -> u64 {
-        let published = self.shared.revision();
+        let published = self.shared.generation();
         let mut t = self.table.borrow_mut();
-        if t.revision != published || !Arc::ptr_eq(&t, &self.shared.load()) {
-            *t = self.shared.load();
+        if t.0 != published {
+            // Generation first, then the table: a publish in between is seen next time.
+            *t = (published, self.shared.load());
         }
-        t.revision
+        t.1.revision
     }
 
     /// Checks `presented` (format, existence, hash, status, expiry, environment).
@@ -141,13 +143,14 @@ impl LocalKeys {
         let presented = presented.ok_or(AuthError::Missing)?;
         let parsed = keys::parse(presented).map_err(|_| AuthError::Malformed)?;
         self.refresh();
-        let table = self.table.borrow();
+        let guard = self.table.borrow();
+        let table = &guard.1;
         let entry = table.get(parsed.key_id).ok_or(AuthError::Unknown)?;
         let cached = self
             .verified
             .borrow()
             .get(presented)
-            .is_some_and(|rev| *rev == table.revision);
+            .is_some_and(|g| *g == guard.0);
         if !cached {
             let ok: bool = keys::hash(presented).ct_eq(&entry.hash).into();
             if !ok {
@@ -157,7 +160,7 @@ impl LocalKeys {
             if cache.len() >= CACHE_CAP {
                 cache.clear();
             }
-            cache.insert(presented.into(), table.revision);
+            cache.insert(presented.into(), guard.0);
         }
         if entry.revoked {
             return Err(AuthError::Revoked);

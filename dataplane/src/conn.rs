@@ -115,7 +115,7 @@ pub(crate) async fn serve<S: Service>(
             return;
         }
 
-        let mut reservation = ctx.body_budget();
+        let mut reservation = ctx.body_budget(settings.body_budget_bytes);
         let body = read_body(&mut stream, &mut bufs, &settings, &mut reservation).await;
         let (body_range, consumed) = match body {
             BodyOutcome::Ready {
@@ -124,65 +124,36 @@ pub(crate) async fn serve<S: Service>(
                 chunked,
                 consumed,
             } => ((!chunked).then_some(start..end), consumed),
-            BodyOutcome::Invalid(e) => {
-                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(
-                    &mut stream,
-                    &mut bufs,
-                    &ctx,
-                    &settings,
-                    id,
-                    peer,
-                    started,
-                    e.into(),
-                    style,
-                )
-                .await;
-                return;
-            }
-            BodyOutcome::OverBudget => {
-                let err = ApiError::internal(
-                    503,
-                    "server_busy",
-                    "the gateway is at its memory limit for request bodies; retry shortly",
-                );
-                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(
-                    &mut stream,
-                    &mut bufs,
-                    &ctx,
-                    &settings,
-                    id,
-                    peer,
-                    started,
-                    err,
-                    style,
-                )
-                .await;
-                return;
-            }
-            BodyOutcome::TimedOut => {
-                let err = ApiError::downstream(
-                    408,
-                    "request_timeout",
-                    "request body not received in time",
-                );
-                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
-                reject(
-                    &mut stream,
-                    &mut bufs,
-                    &ctx,
-                    &settings,
-                    id,
-                    peer,
-                    started,
-                    err,
-                    style,
-                )
-                .await;
-                return;
-            }
             BodyOutcome::Io => return,
+            failed => {
+                let err = match failed {
+                    BodyOutcome::Invalid(e) => e.into(),
+                    BodyOutcome::OverBudget => ApiError::internal(
+                        503,
+                        "server_busy",
+                        "the gateway is at its memory limit for request bodies; retry shortly",
+                    ),
+                    _ => ApiError::downstream(
+                        408,
+                        "request_timeout",
+                        "request body not received in time",
+                    ),
+                };
+                let style = ApiStyle::for_path(path_of(&bufs.index, &bufs.read));
+                reject(
+                    &mut stream,
+                    &mut bufs,
+                    &ctx,
+                    &settings,
+                    id,
+                    peer,
+                    started,
+                    err,
+                    style,
+                )
+                .await;
+                return;
+            }
         };
 
         // The request's bytes leave the read buffer as shared `Bytes`: services forward
@@ -223,7 +194,7 @@ pub(crate) async fn serve<S: Service>(
             )
         };
         drop(reservation);
-        ctx.finish_request();
+        ctx.finish_request(settings.generation);
         if settings.access_log {
             access_log(
                 id,
@@ -271,7 +242,7 @@ async fn reject(
         let mut resp = Responder::new(stream, &mut bufs.out, ctx, id, false, false, timeout);
         resp.send(r).await;
     }
-    ctx.finish_request();
+    ctx.finish_request(settings.generation);
     if settings.access_log {
         tracing::info!(
             target: "access",

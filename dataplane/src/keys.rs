@@ -267,6 +267,9 @@ impl KeyTableBuilder {
 #[derive(Debug)]
 pub struct SharedKeys {
     revision: AtomicU64,
+    /// Bumped on every publish (a republished revision included), so a worker can tell
+    /// with one atomic load whether its copy is current.
+    generation: AtomicU64,
     loaded: AtomicBool,
     current: ArcSwap<KeyTable>,
     /// Woken on every publish: each worker's watcher swaps its copy at once, so idle
@@ -280,6 +283,7 @@ impl Default for SharedKeys {
     fn default() -> Self {
         Self {
             revision: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             current: ArcSwap::from_pointee(KeyTable::empty()),
             changed: Event::new(),
@@ -293,12 +297,17 @@ impl SharedKeys {
         let revision = table.revision;
         self.current.store(Arc::new(table));
         self.revision.store(revision, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.loaded.store(true, Ordering::Release);
         self.changed.notify(usize::MAX);
     }
 
     pub fn revision(&self) -> u64 {
         self.revision.load(Ordering::Acquire)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether any table (snapshot or sealed copy) has been published.

@@ -117,9 +117,9 @@ impl WorkerCtx {
         d
     }
 
-    pub(crate) fn finish_request(&self) {
+    /// Counts a finished request served under settings `generation`.
+    pub(crate) fn finish_request(&self, generation: u64) {
         self.status.requests.fetch_add(1, Ordering::Relaxed);
-        let generation = self.settings.current().generation;
         self.status
             .settings_generation
             .store(generation, Ordering::Relaxed);
@@ -140,11 +140,11 @@ impl WorkerCtx {
     }
 
     /// A reservation against this worker's memory budget for request bodies.
-    pub(crate) fn body_budget(&self) -> BodyBudget<'_> {
+    pub(crate) fn body_budget(&self, limit: u64) -> BodyBudget<'_> {
         BodyBudget {
             ctx: self,
             held: 0,
-            limit: self.settings.current().body_budget_bytes,
+            limit,
         }
     }
 }
