@@ -423,12 +423,11 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
     );
     for round in 0..opts.rounds {
         for (i, (name, addr, pid)) in targets.iter().enumerate() {
-            let split_before = pid.map(cpu_split).transpose()?;
-            let proxy_before = pid.map(cpu_seconds).transpose()?;
+            // One read of the proxy's /proc stat on each side of the run: (user, system).
+            let proxy_before = pid.map(cpu_split).transpose()?;
             let mock_before = cpu_seconds(mock.0.id())?;
             let (requests, rps, p50, p99) = run_wrk(opts, *addr)?;
-            let proxy_after = pid.map(cpu_seconds).transpose()?;
-            let split_after = pid.map(cpu_split).transpose()?;
+            let proxy_after = pid.map(cpu_split).transpose()?;
             let mock_after = cpu_seconds(mock.0.id())?;
             let per_req = |a: f64, b: f64| (b - a) * 1e6 / requests as f64;
             let s = Sample {
@@ -436,9 +435,11 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
                 rps,
                 p50_us: p50,
                 p99_us: p99,
-                proxy_cpu_us_per_req: proxy_before.zip(proxy_after).map(|(a, b)| per_req(a, b)),
-                proxy_user_us_per_req: split_before
-                    .zip(split_after)
+                proxy_cpu_us_per_req: proxy_before
+                    .zip(proxy_after)
+                    .map(|(a, b)| per_req(a.0 + a.1, b.0 + b.1)),
+                proxy_user_us_per_req: proxy_before
+                    .zip(proxy_after)
                     .map(|(a, b)| per_req(a.0, b.0)),
                 mock_cpu_us_per_req: per_req(mock_before, mock_after),
             };

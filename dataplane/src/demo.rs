@@ -92,8 +92,8 @@ fn last_user_text(messages: Option<&Value>) -> Option<String> {
     }
 }
 
-fn missing(field: &'static str, message: &'static str, style: ApiStyle) -> Response {
-    let _ = field;
+/// A 400 for a required field the request lacks; the message names it.
+fn missing(message: &'static str, style: ApiStyle) -> Response {
     Response::error(ApiError::downstream(400, "invalid_request", message), style)
 }
 
@@ -103,18 +103,10 @@ fn chat_completion(req: &Request<'_>) -> Response {
         Err(r) => return r,
     };
     let Some(model) = body["model"].as_str() else {
-        return missing(
-            "model",
-            "`model` is required and must be a string",
-            ApiStyle::OpenAi,
-        );
+        return missing("`model` is required and must be a string", ApiStyle::OpenAi);
     };
     let Some(text) = last_user_text(body.get("messages")) else {
-        return missing(
-            "messages",
-            "`messages` must contain a user message",
-            ApiStyle::OpenAi,
-        );
+        return missing("`messages` must contain a user message", ApiStyle::OpenAi);
     };
     let reply = format!("(demo) You said: {text}");
     let prompt_tokens = approx_tokens(&text);
@@ -155,21 +147,13 @@ fn anthropic_message(req: &Request<'_>) -> Response {
         Err(r) => return r,
     };
     let Some(model) = body["model"].as_str() else {
-        return missing("model", "model: field required", ApiStyle::Anthropic);
+        return missing("model: field required", ApiStyle::Anthropic);
     };
     if !body["max_tokens"].is_u64() {
-        return missing(
-            "max_tokens",
-            "max_tokens: field required",
-            ApiStyle::Anthropic,
-        );
+        return missing("max_tokens: field required", ApiStyle::Anthropic);
     }
     let Some(text) = last_user_text(body.get("messages")) else {
-        return missing(
-            "messages",
-            "messages: must contain a user message",
-            ApiStyle::Anthropic,
-        );
+        return missing("messages: must contain a user message", ApiStyle::Anthropic);
     };
     let reply = format!("(demo) You said: {text}");
     if body["stream"] == true {

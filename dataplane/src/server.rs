@@ -217,27 +217,15 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         settings: Arc::clone(&settings),
         keys: keys.as_ref().map(|(k, _, s)| (Arc::clone(k), *s)),
     };
-    let (atx, arx) = mpsc::channel();
-    let admin_spec = WorkerSpec {
-        index: usize::MAX,
-        core: None,
-        listener: admin_listener,
-        driver: DriverChoice::Epoll,
-        settings: Arc::clone(&settings),
-        shutdown: Arc::clone(&admin_stop),
-        status: Arc::new(WorkerStatus::default()),
-        drain: Duration::from_millis(200),
-        keys: None,
-    };
-    let admin = std::thread::Builder::new()
-        .name("aigw-admin".into())
-        .spawn(move || worker::run(admin_spec, move |_| AdminService::new(admin_state), atx))
-        .context("spawning the admin thread")?;
-    match arx.recv() {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(anyhow!(e)),
-        Err(_) => return Err(anyhow!("the admin thread exited during start")),
-    }
+    let admin_spec = side_worker(
+        admin_listener,
+        DriverChoice::Epoll,
+        Arc::clone(&settings),
+        Arc::clone(&admin_stop),
+    );
+    let admin = spawn_side_worker("aigw-admin", admin_spec, move |_| {
+        AdminService::new(admin_state)
+    })?;
     let drivers: Vec<DriverKind> = statuses.iter().filter_map(|s| s.driver()).collect();
     tracing::info!(
         addr = %addr,
@@ -270,6 +258,61 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     })
 }
 
+/// A worker that serves one side job (admin listener, demo provider) off the worker cores.
+fn side_worker(
+    listener: std::net::TcpListener,
+    driver: DriverChoice,
+    settings: Arc<SharedSettings>,
+    shutdown: Arc<Shutdown>,
+) -> WorkerSpec {
+    WorkerSpec {
+        index: usize::MAX,
+        core: None,
+        listener,
+        driver,
+        settings,
+        shutdown,
+        status: Arc::new(WorkerStatus::default()),
+        drain: Duration::from_millis(200),
+        keys: None,
+    }
+}
+
+/// Runs `spec` on a thread named `name`; returns once it is accepting, or with its error.
+fn spawn_side_worker<S, F>(
+    name: &str,
+    spec: WorkerSpec,
+    make_service: F,
+) -> anyhow::Result<JoinHandle<()>>
+where
+    S: crate::service::Service + 'static,
+    F: FnOnce(&std::rc::Rc<crate::worker::WorkerCtx>) -> S + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || worker::run(spec, make_service, tx))
+        .with_context(|| format!("spawning {name}"))?;
+    match rx.recv() {
+        Ok(Ok(_)) => Ok(handle),
+        Ok(Err(e)) => Err(anyhow!(e)),
+        Err(_) => Err(anyhow!("{name} exited during start")),
+    }
+}
+
+/// Settings for the demo provider: the node's, without its upstreams and access log.
+fn demo_settings(config: &Config) -> anyhow::Result<Arc<SharedSettings>> {
+    let mut demo = Config {
+        upstreams: Vec::new(),
+        routes: Vec::new(),
+        ..config.clone()
+    };
+    demo.log.access = false;
+    Ok(Arc::new(
+        SharedSettings::new(&demo).map_err(|e| anyhow!(e))?,
+    ))
+}
+
 /// Runs the demo provider on its own thread, on a loopback port of its own.
 pub(crate) fn start_demo(
     config: &Config,
@@ -278,34 +321,13 @@ pub(crate) fn start_demo(
     let listener = listener::bind_single(SocketAddr::from(([127, 0, 0, 1], 0)), 1024)
         .context("binding the demo provider")?;
     let addr = listener.local_addr()?;
-    let mut demo_config = Config {
-        upstreams: Vec::new(),
-        routes: Vec::new(),
-        ..config.clone()
-    };
-    demo_config.log.access = false;
-    let settings = Arc::new(SharedSettings::new(&demo_config).map_err(|e| anyhow!(e))?);
-    let spec = WorkerSpec {
-        index: usize::MAX - 1,
-        core: None,
+    let spec = side_worker(
         listener,
-        driver: DriverChoice::Epoll,
-        settings,
-        shutdown: Arc::clone(stop),
-        status: Arc::new(WorkerStatus::default()),
-        drain: Duration::from_millis(200),
-        keys: None,
-    };
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name("aigw-demo".into())
-        .spawn(move || worker::run(spec, |_| DemoService, tx))
-        .context("spawning the demo provider")?;
-    match rx.recv() {
-        Ok(Ok(_)) => Ok((handle, addr)),
-        Ok(Err(e)) => Err(anyhow!(e)),
-        Err(_) => Err(anyhow!("the demo provider exited during start")),
-    }
+        DriverChoice::Epoll,
+        demo_settings(config)?,
+        Arc::clone(stop),
+    );
+    Ok((spawn_side_worker("aigw-demo", spec, |_| DemoService)?, addr))
 }
 
 /// Runs only the demo provider (no gateway) on `listen`, on the calling thread, until the
@@ -313,28 +335,13 @@ pub(crate) fn start_demo(
 pub fn run_demo_provider(listen: SocketAddr, driver: DriverChoice) -> anyhow::Result<()> {
     let listener =
         listener::bind_single(listen, 4096).with_context(|| format!("binding {listen}"))?;
-    let mut config = Config::default();
-    config.log.access = false;
-    let settings = Arc::new(SharedSettings::new(&config).map_err(|e| anyhow!(e))?);
-    let spec = WorkerSpec {
-        index: 0,
-        core: None,
+    let spec = side_worker(
         listener,
         driver,
-        settings,
-        shutdown: Arc::new(Shutdown::default()),
-        status: Arc::new(WorkerStatus::default()),
-        drain: Duration::from_millis(100),
-        keys: None,
-    };
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || worker::run(spec, |_| DemoService, tx));
-    match rx.recv() {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(anyhow!(e)),
-        Err(_) => return Err(anyhow!("the demo provider exited during start")),
-    }
-    let _ = handle.join();
+        demo_settings(&Config::default())?,
+        Arc::new(Shutdown::default()),
+    );
+    let _ = spawn_side_worker("aigw-demo", spec, |_| DemoService)?.join();
     Ok(())
 }
 

@@ -35,6 +35,17 @@ async fn blocking<T: Send + 'static>(
     Ok(out)
 }
 
+/// A requested environment, or a 400 naming the field.
+fn parse_environment(name: &str) -> Result<Environment> {
+    Environment::from_name(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "environment: must be production, staging or development",
+        )
+    })
+}
+
 fn rng_error(_: getrandom::Error) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,13 +143,7 @@ pub(super) async fn create_key(
     Path(tenant_id): Path<String>,
     ApiJson(body): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let environment = Environment::from_name(&body.environment).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "environment: must be production, staging or development",
-        )
-    })?;
+    let environment = parse_environment(&body.environment)?;
     let expires_at = body.expires_at.unwrap_or(0);
     if expires_at < 0 || (expires_at != 0 && expires_at <= crate::store::now()) {
         return Err(ApiError::new(
@@ -295,13 +300,7 @@ pub(super) async fn import_keys(
     Path(tenant_id): Path<String>,
     ApiJson(body): ApiJson<ImportKeys>,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let environment = Environment::from_name(&body.environment).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "environment: must be production, staging or development",
-        )
-    })?;
+    let environment = parse_environment(&body.environment)?;
     if body.count == 0 || body.count > 2_000_000 || body.return_keys > body.count.min(1000) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

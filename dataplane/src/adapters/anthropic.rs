@@ -2,9 +2,10 @@
 //! named SSE events ending with `message_stop`, input tokens in `message_start` and output
 //! tokens in `message_delta`.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::Usage;
+use super::{Usage, UsageFields};
+use crate::config::ProviderKind;
 
 /// Sent when the client did not say which API version it speaks.
 pub const DEFAULT_VERSION: &str = "2023-06-01";
@@ -15,34 +16,39 @@ pub fn write_credential(credential: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn usage_from_value(u: &Value) -> Usage {
-    let input = u["input_tokens"].as_u64();
-    let output = u["output_tokens"].as_u64();
-    Usage {
-        input_tokens: input.unwrap_or(0),
-        output_tokens: output.unwrap_or(0),
-        reported: input.is_some() || output.is_some(),
-    }
-}
-
 pub fn usage_from_event(event: &[u8], data: &[u8], usage: &mut Usage) {
-    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+    #[derive(serde::Deserialize)]
+    struct Message {
+        usage: Option<UsageFields>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Event {
+        message: Option<Message>,
+        usage: Option<UsageFields>,
+    }
+    let Ok(e) = serde_json::from_slice::<Event>(data) else {
         return;
     };
     match event {
+        // The input count (and a first output count) arrive with the message.
         b"message_start" => {
-            let u = usage_from_value(&v["message"]["usage"]);
-            if u.reported {
-                *usage = u;
+            if let Some(u) = e.message.and_then(|m| m.usage) {
+                let got = u.into_usage(ProviderKind::Anthropic);
+                if got.reported {
+                    *usage = got;
+                }
             }
         }
+        // Deltas update the counts they carry, typically only the output.
         b"message_delta" => {
-            if let Some(out) = v["usage"]["output_tokens"].as_u64() {
-                usage.output_tokens = out;
-                usage.reported = true;
-            }
-            if let Some(inp) = v["usage"]["input_tokens"].as_u64() {
-                usage.input_tokens = inp;
+            if let Some(u) = e.usage {
+                if let Some(out) = u.output_tokens {
+                    usage.output_tokens = out;
+                    usage.reported = true;
+                }
+                if let Some(inp) = u.input_tokens {
+                    usage.input_tokens = inp;
+                }
             }
         }
         _ => {}

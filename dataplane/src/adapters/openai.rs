@@ -2,9 +2,10 @@
 //! in `data: [DONE]`, usage as `prompt_tokens` / `completion_tokens` (in the last stream
 //! chunk when `stream_options.include_usage` is set).
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::Usage;
+use super::{Usage, UsageFields};
+use crate::config::ProviderKind;
 
 pub fn write_credential(credential: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"authorization: Bearer ");
@@ -12,30 +13,23 @@ pub fn write_credential(credential: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn usage_from_value(u: &Value) -> Usage {
-    // Chat and completions say prompt/completion; the Responses API says input/output.
-    let input = u["prompt_tokens"]
-        .as_u64()
-        .or_else(|| u["input_tokens"].as_u64());
-    let output = u["completion_tokens"]
-        .as_u64()
-        .or_else(|| u["output_tokens"].as_u64());
-    Usage {
-        input_tokens: input.unwrap_or(0),
-        output_tokens: output.unwrap_or(0),
-        reported: input.is_some() || output.is_some(),
-    }
-}
-
 pub fn usage_from_event(data: &[u8], usage: &mut Usage) {
-    if let Ok(v) = serde_json::from_slice::<Value>(data) {
-        // Chat chunks carry `usage`; Responses API events carry `response.usage`.
-        let u = if v["usage"].is_object() {
-            &v["usage"]
-        } else {
-            &v["response"]["usage"]
-        };
-        let got = usage_from_value(u);
+    // Chat chunks carry `usage` (null until the last one); Responses API events carry
+    // `response.usage`.
+    #[derive(serde::Deserialize)]
+    struct Response {
+        usage: Option<UsageFields>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Event {
+        usage: Option<UsageFields>,
+        response: Option<Response>,
+    }
+    let Ok(e) = serde_json::from_slice::<Event>(data) else {
+        return;
+    };
+    if let Some(u) = e.usage.or(e.response.and_then(|r| r.usage)) {
+        let got = u.into_usage(ProviderKind::Openai);
         if got.reported {
             *usage = got;
         }
