@@ -200,7 +200,7 @@ fn session(
                     .into_iter()
                     .filter_map(|r| match r {
                         Record::Key(k) => Some(k),
-                        Record::Unknown { .. } => None,
+                        _ => None,
                     })
                     .collect();
                 if let (Some(b), None) = (snapshot.as_mut(), &snapshot_error) {

@@ -26,7 +26,7 @@ pub mod request_id;
 pub mod respond;
 pub mod routes;
 pub mod runtime;
-pub mod seal;
+pub use aigw_seal as seal;
 pub mod server;
 pub mod service;
 pub mod settings;

@@ -95,7 +95,7 @@ pub fn load(path: &Path, kek: &Kek) -> anyhow::Result<KeyTable> {
             .into_iter()
             .filter_map(|r| match r {
                 Record::Key(k) => Some(k),
-                Record::Unknown { .. } => None,
+                _ => None,
             })
             .collect();
         builder

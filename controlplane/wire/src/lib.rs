@@ -8,11 +8,15 @@ pub mod codec;
 pub mod frame;
 pub mod keys;
 pub mod messages;
+pub mod routing;
 
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
 pub use messages::{
     Change, KeyRecord, KeyStatus, Message, Record, Tombstone, UsageEntry, PROTOCOL_VERSION,
+};
+pub use routing::{
+    NonRetentionRecord, PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord,
 };
 
 #[cfg(test)]
@@ -53,6 +57,109 @@ mod tests {
             )
     }
 
+    fn upstream() -> impl Strategy<Value = UpstreamRecord> {
+        (
+            ("[a-z0-9/-]{1,24}", "[a-z0-9-]{1,12}", "[a-z0-9-]{1,12}"),
+            prop_oneof![Just("openai"), Just("anthropic")],
+            "https?://[a-z0-9.]{1,20}(:[0-9]{1,5})?",
+            proptest::option::of("[ -~]{1,40}"),
+            prop_oneof![
+                Just(NonRetentionRecord::None),
+                Just(NonRetentionRecord::AccountAgreement),
+                ("[a-z-]{1,12}", "[ -~]{0,12}")
+                    .prop_map(|(name, value)| NonRetentionRecord::Header { name, value }),
+                (
+                    "[a-z_]{1,12}",
+                    prop_oneof![Just("false"), Just("true"), Just("\"x\"")]
+                )
+                    .prop_map(|(name, v)| NonRetentionRecord::BodyField {
+                        name,
+                        value_json: v.to_string()
+                    }),
+            ],
+            (any::<bool>(), "[a-z]{0,4}", any::<bool>()),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        )
+            .prop_map(
+                |(
+                    (id, tenant_id, name),
+                    provider,
+                    base_url,
+                    credential,
+                    non_retention,
+                    (stream_options, region, baa),
+                    (mc, ct, fb, ri),
+                )| {
+                    UpstreamRecord {
+                        id,
+                        tenant_id,
+                        environment: "staging".into(),
+                        name,
+                        provider: provider.into(),
+                        base_url,
+                        credential,
+                        non_retention,
+                        stream_options,
+                        region,
+                        baa,
+                        max_connections: mc,
+                        connect_timeout_ms: ct,
+                        first_byte_timeout_ms: fb,
+                        read_idle_timeout_ms: ri,
+                    }
+                },
+            )
+    }
+
+    fn route() -> impl Strategy<Value = RouteRecord> {
+        (
+            "[a-z0-9/-]{1,24}",
+            prop_oneof![
+                "[a-z0-9.-]{1,12}".prop_map(|m| (Some(m), None)),
+                "[a-z0-9.-]{0,12}".prop_map(|p| (None, Some(p))),
+            ],
+            proptest::collection::vec(
+                ("[a-z0-9-]{1,12}", proptest::option::of("[a-z0-9.-]{1,12}"))
+                    .prop_map(|(upstream, model)| RouteTargetRecord { upstream, model }),
+                0..4,
+            ),
+        )
+            .prop_map(|(id, (model, prefix), targets)| RouteRecord {
+                id,
+                tenant_id: "t".into(),
+                environment: "production".into(),
+                model,
+                prefix,
+                targets,
+            })
+    }
+
+    fn policy() -> impl Strategy<Value = PolicyRecord> {
+        (
+            "[a-z0-9/-]{1,24}",
+            any::<bool>(),
+            "[a-z]{0,4}",
+            any::<bool>(),
+        )
+            .prop_map(|(id, zero_retention, region, hipaa)| PolicyRecord {
+                id,
+                tenant_id: "t".into(),
+                environment: "development".into(),
+                zero_retention,
+                region,
+                hipaa,
+            })
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            key().prop_map(Record::Key),
+            upstream().prop_map(Record::Upstream),
+            route().prop_map(Record::Route),
+            policy().prop_map(Record::Policy),
+        ]
+    }
+
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
             (
@@ -75,8 +182,9 @@ mod tests {
                 any::<u64>(),
                 proptest::collection::vec(
                     prop_oneof![
-                        key().prop_map(|k| Change::Upsert(Record::Key(k))),
-                        "[a-z0-9]{1,10}".prop_map(|id| Change::Delete(Tombstone { kind: 1, id })),
+                        record().prop_map(Change::Upsert),
+                        (1u64..5, "[a-z0-9]{1,10}")
+                            .prop_map(|(kind, id)| Change::Delete(Tombstone { kind, id })),
                     ],
                     0..8
                 )
@@ -90,7 +198,7 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 1u64..10,
-                proptest::collection::vec(key().prop_map(Record::Key), 0..8)
+                proptest::collection::vec(record(), 0..8)
             )
                 .prop_map(|(revision, part, parts, records)| Message::Snapshot {
                     revision,
@@ -175,6 +283,9 @@ mod tests {
             let _ = Message::decode_body(2, &bytes);
             let _ = Message::decode_body(3, &bytes);
             let _ = KeyRecord::from_bytes(&bytes);
+            let _ = UpstreamRecord::from_bytes(&bytes);
+            let _ = RouteRecord::from_bytes(&bytes);
+            let _ = PolicyRecord::from_bytes(&bytes);
         }
     }
 

@@ -7,6 +7,7 @@
 use crate::codec::{
     get_str, get_u64, put_bytes, put_field, put_str, put_u64, Codec, InvalidMessage, Reader,
 };
+use crate::routing::{PolicyRecord, RouteRecord, UpstreamRecord};
 
 /// Bumped only for changes an older peer cannot skip over.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -43,6 +44,9 @@ pub struct KeyRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Key(KeyRecord),
+    Upstream(UpstreamRecord),
+    Route(RouteRecord),
+    Policy(PolicyRecord),
     /// A record kind from a newer peer: kept opaque (and re-encoded verbatim), ignored.
     Unknown {
         kind: u64,
@@ -147,6 +151,9 @@ pub mod types {
 /// Record kind codes.
 pub mod kinds {
     pub const KEY: u64 = 1;
+    pub const UPSTREAM: u64 = 2;
+    pub const ROUTE: u64 = 3;
+    pub const POLICY: u64 = 4;
 }
 
 impl Codec for KeyStatus {
@@ -232,10 +239,26 @@ impl Codec for KeyRecord {
     }
 }
 
+impl Record {
+    /// The record's kind code.
+    pub fn kind(&self) -> u64 {
+        match self {
+            Self::Key(_) => kinds::KEY,
+            Self::Upstream(_) => kinds::UPSTREAM,
+            Self::Route(_) => kinds::ROUTE,
+            Self::Policy(_) => kinds::POLICY,
+            Self::Unknown { kind, .. } => *kind,
+        }
+    }
+}
+
 impl Codec for Record {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Self::Key(k) => put_field(out, kinds::KEY, |o| k.encode(o)),
+            Self::Upstream(u) => put_field(out, kinds::UPSTREAM, |o| u.encode(o)),
+            Self::Route(rt) => put_field(out, kinds::ROUTE, |o| rt.encode(o)),
+            Self::Policy(p) => put_field(out, kinds::POLICY, |o| p.encode(o)),
             Self::Unknown { kind, body } => put_field(out, *kind, |o| o.extend_from_slice(body)),
         }
     }
@@ -244,6 +267,9 @@ impl Codec for Record {
         let (kind, body) = r.field()?;
         Ok(match kind {
             kinds::KEY => Self::Key(KeyRecord::from_bytes(body)?),
+            kinds::UPSTREAM => Self::Upstream(UpstreamRecord::from_bytes(body)?),
+            kinds::ROUTE => Self::Route(RouteRecord::from_bytes(body)?),
+            kinds::POLICY => Self::Policy(PolicyRecord::from_bytes(body)?),
             other => Self::Unknown {
                 kind: other,
                 body: body.to_vec(),

@@ -1,0 +1,311 @@
+//! Records for what an environment routes: its upstreams (with their credentials), its
+//! routes, and its policy. Every one belongs to one (tenant, environment); ids are unique
+//! per kind across the control plane.
+
+use crate::codec::{get_str, get_u64, put_field, put_str, put_u64, Codec, InvalidMessage, Reader};
+
+/// How a provider is told not to retain a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NonRetentionRecord {
+    /// The provider offers no way.
+    None,
+    /// A request header.
+    Header { name: String, value: String },
+    /// A top-level JSON body field; `value_json` is the JSON text of its value.
+    BodyField { name: String, value_json: String },
+    /// An account-level zero-retention agreement covers every request.
+    AccountAgreement,
+}
+
+/// One upstream of one environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    /// Unique within the environment; routes name it.
+    pub name: String,
+    /// `openai` or `anthropic`.
+    pub provider: String,
+    pub base_url: String,
+    /// The provider credential; the link is TLS and nodes keep it sealed on disk.
+    pub credential: Option<String>,
+    pub non_retention: NonRetentionRecord,
+    pub stream_options: bool,
+    /// Where the provider processes data; empty when unknown.
+    pub region: String,
+    /// A business associate agreement covers it (PHI allowed).
+    pub baa: bool,
+    /// Connections per worker; 0 = the node's default.
+    pub max_connections: u64,
+    /// Milliseconds; 0 = the node's default.
+    pub connect_timeout_ms: u64,
+    pub first_byte_timeout_ms: u64,
+    pub read_idle_timeout_ms: u64,
+}
+
+/// Where one route sends a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTargetRecord {
+    /// An upstream's name in the same environment.
+    pub upstream: String,
+    /// Model name to send instead of the client's.
+    pub model: Option<String>,
+}
+
+/// One route of one environment: an exact model name or a prefix, to upstreams in
+/// failover order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    /// Exactly one of `model` and `prefix` is set.
+    pub model: Option<String>,
+    pub prefix: Option<String>,
+    pub targets: Vec<RouteTargetRecord>,
+}
+
+/// What an environment's requests must never do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    /// Never route to an upstream that cannot be told not to retain.
+    pub zero_retention: bool,
+    /// Only upstreams in this region; empty = any.
+    pub region: String,
+    /// Only upstreams under a BAA.
+    pub hipaa: bool,
+}
+
+fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
+    match get_u64(tag, body)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(InvalidMessage::BadField { tag }),
+    }
+}
+
+fn put_nonzero(out: &mut Vec<u8>, tag: u64, v: u64) {
+    if v != 0 {
+        put_u64(out, tag, v);
+    }
+}
+
+fn put_nonempty(out: &mut Vec<u8>, tag: u64, v: &str) {
+    if !v.is_empty() {
+        put_str(out, tag, v);
+    }
+}
+
+fn required(v: Option<String>, tag: u64) -> Result<String, InvalidMessage> {
+    v.ok_or(InvalidMessage::MissingField { tag })
+}
+
+impl Codec for UpstreamRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.id);
+        put_str(out, 2, &self.tenant_id);
+        put_str(out, 3, &self.environment);
+        put_str(out, 4, &self.name);
+        put_str(out, 5, &self.provider);
+        put_str(out, 6, &self.base_url);
+        if let Some(c) = &self.credential {
+            put_str(out, 7, c);
+        }
+        match &self.non_retention {
+            NonRetentionRecord::None => {}
+            NonRetentionRecord::Header { name, value } => {
+                put_str(out, 8, "header");
+                put_str(out, 9, name);
+                put_str(out, 10, value);
+            }
+            NonRetentionRecord::BodyField { name, value_json } => {
+                put_str(out, 8, "body_field");
+                put_str(out, 9, name);
+                put_str(out, 10, value_json);
+            }
+            NonRetentionRecord::AccountAgreement => put_str(out, 8, "account_agreement"),
+        }
+        put_nonzero(out, 11, u64::from(self.stream_options));
+        put_nonempty(out, 12, &self.region);
+        put_nonzero(out, 13, u64::from(self.baa));
+        put_nonzero(out, 14, self.max_connections);
+        put_nonzero(out, 15, self.connect_timeout_ms);
+        put_nonzero(out, 16, self.first_byte_timeout_ms);
+        put_nonzero(out, 17, self.read_idle_timeout_ms);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut id, mut tenant_id, mut environment, mut name) = (None, None, None, None);
+        let (mut provider, mut base_url, mut credential) = (None, None, None);
+        let (mut nr_mode, mut nr_name, mut nr_value) =
+            (String::new(), String::new(), String::new());
+        let mut rec = UpstreamRecord {
+            id: String::new(),
+            tenant_id: String::new(),
+            environment: String::new(),
+            name: String::new(),
+            provider: String::new(),
+            base_url: String::new(),
+            credential: None,
+            non_retention: NonRetentionRecord::None,
+            stream_options: false,
+            region: String::new(),
+            baa: false,
+            max_connections: 0,
+            connect_timeout_ms: 0,
+            first_byte_timeout_ms: 0,
+            read_idle_timeout_ms: 0,
+        };
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => id = Some(get_str(body)?),
+                2 => tenant_id = Some(get_str(body)?),
+                3 => environment = Some(get_str(body)?),
+                4 => name = Some(get_str(body)?),
+                5 => provider = Some(get_str(body)?),
+                6 => base_url = Some(get_str(body)?),
+                7 => credential = Some(get_str(body)?),
+                8 => nr_mode = get_str(body)?,
+                9 => nr_name = get_str(body)?,
+                10 => nr_value = get_str(body)?,
+                11 => rec.stream_options = flag(tag, body)?,
+                12 => rec.region = get_str(body)?,
+                13 => rec.baa = flag(tag, body)?,
+                14 => rec.max_connections = get_u64(tag, body)?,
+                15 => rec.connect_timeout_ms = get_u64(tag, body)?,
+                16 => rec.first_byte_timeout_ms = get_u64(tag, body)?,
+                17 => rec.read_idle_timeout_ms = get_u64(tag, body)?,
+                _ => {}
+            }
+        }
+        rec.non_retention = match nr_mode.as_str() {
+            "" => NonRetentionRecord::None,
+            "header" => NonRetentionRecord::Header {
+                name: nr_name,
+                value: nr_value,
+            },
+            "body_field" => NonRetentionRecord::BodyField {
+                name: nr_name,
+                value_json: nr_value,
+            },
+            "account_agreement" => NonRetentionRecord::AccountAgreement,
+            _ => return Err(InvalidMessage::BadField { tag: 8 }),
+        };
+        rec.id = required(id, 1)?;
+        rec.tenant_id = required(tenant_id, 2)?;
+        rec.environment = required(environment, 3)?;
+        rec.name = required(name, 4)?;
+        rec.provider = required(provider, 5)?;
+        rec.base_url = required(base_url, 6)?;
+        rec.credential = credential;
+        Ok(rec)
+    }
+}
+
+impl Codec for RouteTargetRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.upstream);
+        if let Some(m) = &self.model {
+            put_str(out, 2, m);
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut upstream, mut model) = (None, None);
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => upstream = Some(get_str(body)?),
+                2 => model = Some(get_str(body)?),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            upstream: required(upstream, 1)?,
+            model,
+        })
+    }
+}
+
+impl Codec for RouteRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.id);
+        put_str(out, 2, &self.tenant_id);
+        put_str(out, 3, &self.environment);
+        if let Some(m) = &self.model {
+            put_str(out, 4, m);
+        }
+        if let Some(p) = &self.prefix {
+            put_str(out, 5, p);
+        }
+        for t in &self.targets {
+            put_field(out, 6, |o| t.encode(o));
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut id, mut tenant_id, mut environment) = (None, None, None);
+        let (mut model, mut prefix, mut targets) = (None, None, Vec::new());
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => id = Some(get_str(body)?),
+                2 => tenant_id = Some(get_str(body)?),
+                3 => environment = Some(get_str(body)?),
+                4 => model = Some(get_str(body)?),
+                5 => prefix = Some(get_str(body)?),
+                6 => targets.push(RouteTargetRecord::from_bytes(body)?),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            id: required(id, 1)?,
+            tenant_id: required(tenant_id, 2)?,
+            environment: required(environment, 3)?,
+            model,
+            prefix,
+            targets,
+        })
+    }
+}
+
+impl Codec for PolicyRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.id);
+        put_str(out, 2, &self.tenant_id);
+        put_str(out, 3, &self.environment);
+        put_nonzero(out, 4, u64::from(self.zero_retention));
+        put_nonempty(out, 5, &self.region);
+        put_nonzero(out, 6, u64::from(self.hipaa));
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut id, mut tenant_id, mut environment) = (None, None, None);
+        let (mut zero_retention, mut region, mut hipaa) = (false, String::new(), false);
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => id = Some(get_str(body)?),
+                2 => tenant_id = Some(get_str(body)?),
+                3 => environment = Some(get_str(body)?),
+                4 => zero_retention = flag(tag, body)?,
+                5 => region = get_str(body)?,
+                6 => hipaa = flag(tag, body)?,
+                _ => {}
+            }
+        }
+        Ok(Self {
+            id: required(id, 1)?,
+            tenant_id: required(tenant_id, 2)?,
+            environment: required(environment, 3)?,
+            zero_retention,
+            region,
+            hipaa,
+        })
+    }
+}
