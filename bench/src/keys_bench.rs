@@ -52,6 +52,7 @@ fn start_cp(dir: &std::path::Path) -> anyhow::Result<controlplane::Running> {
         api_listen: "127.0.0.1:0".parse()?,
         push_listen: "127.0.0.1:0".parse()?,
         tls_names: vec![],
+        ..Default::default()
     })
 }
 

@@ -13,8 +13,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+/// Changelog entries kept by default; a node further behind gets a snapshot.
+pub const DEFAULT_CHANGELOG_KEEP: u64 = 100_000;
+
+/// How often the changelog is compacted (and once at start).
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where a control plane keeps its data and listens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub data_dir: PathBuf,
     /// Admin REST API.
@@ -23,6 +29,37 @@ pub struct Options {
     pub push_listen: SocketAddr,
     /// Extra names for the generated server certificate.
     pub tls_names: Vec<String>,
+    /// The key sealing provider credentials at rest: 64 hex digits. `None`: the key in
+    /// `<data_dir>/seal.key`, generated (mode 0600) at first start.
+    pub seal_key: Option<String>,
+    /// Changelog entries kept by compaction (at start, then every minute).
+    pub changelog_keep: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./aigw-data"),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 9900)),
+            push_listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
+            tls_names: Vec::new(),
+            seal_key: None,
+            changelog_keep: DEFAULT_CHANGELOG_KEEP,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("data_dir", &self.data_dir)
+            .field("api_listen", &self.api_listen)
+            .field("push_listen", &self.push_listen)
+            .field("tls_names", &self.tls_names)
+            .field("seal_key", &self.seal_key.as_ref().map(|_| "(redacted)"))
+            .field("changelog_keep", &self.changelog_keep)
+            .finish()
+    }
 }
 
 /// A running control plane.
@@ -81,6 +118,32 @@ pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The key sealing provider credentials: `configured` (64 hex digits) when given, else
+/// `<data_dir>/seal.key`, generated (random, mode 0600) at first start. Losing that file
+/// loses the stored credentials: back it up with the database, or pass the key in.
+pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aigw_seal::Kek> {
+    if let Some(hex) = configured {
+        return aigw_seal::Kek::from_hex(hex).map_err(|e| anyhow::anyhow!("seal_key: {e}"));
+    }
+    let path = data_dir.join("seal.key");
+    match std::fs::read_to_string(&path) {
+        Ok(hex) => {
+            return aigw_seal::Kek::from_hex(&hex)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(anyhow::anyhow!("reading {}: {e}", path.display()))
+        }
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let kek = aigw_seal::Kek::generate().map_err(|e| anyhow::anyhow!("seal key: {e}"))?;
+    write_private(&path, &format!("{}\n", kek.to_hex()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    tracing::warn!(path = %path.display(), "generated the key sealing provider credentials; back it up with the database");
+    Ok(kek)
+}
+
 pub(crate) fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -94,7 +157,9 @@ pub(crate) fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 
 /// Opens the store and serves the admin API and the node link from a thread of its own.
 pub fn start(opts: Options) -> anyhow::Result<Running> {
-    let store = Arc::new(store::Store::open(&opts.data_dir)?);
+    let kek = seal_key(&opts.data_dir, opts.seal_key.as_deref())?;
+    let store = Arc::new(store::Store::open(&opts.data_dir, kek)?);
+    let keep = i64::try_from(opts.changelog_keep).unwrap_or(i64::MAX);
     let token = admin_token(&opts.data_dir)?;
     let node_token = pki::node_token(&opts.data_dir)?;
     let pki = pki::Pki::under(&opts.data_dir);
@@ -107,6 +172,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         nodes: std::sync::Mutex::new(Default::default()),
         node_token: node_token.clone(),
     });
+    let compact_store = Arc::clone(&store);
     let state = Arc::new(api::AppState {
         store,
         admin_token: token.clone(),
@@ -149,6 +215,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 };
                 let _ = ready_tx.send(Ok(()));
                 let link_task = tokio::spawn(push::serve(link, tls, push));
+                let compact_task = tokio::spawn(compact_periodically(compact_store, keep));
                 let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
                 let served = axum::serve(api, app).with_graceful_shutdown(async {
                     let _ = rx.await;
@@ -157,6 +224,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                     tracing::error!(error = %e, "admin API stopped");
                 }
                 link_task.abort();
+                compact_task.abort();
             });
         })?;
     ready_rx
@@ -172,4 +240,25 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         shutdown: Some(tx),
         thread: Some(thread),
     })
+}
+
+/// Compacts the changelog at start and then every [`COMPACT_EVERY`], keeping `keep` entries.
+async fn compact_periodically(store: Arc<store::Store>, keep: i64) {
+    let mut tick = tokio::time::interval(COMPACT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || store.compact_periodic(keep)).await {
+            Ok(Ok(c)) if c.deleted > 0 => tracing::info!(
+                deleted = c.deleted,
+                compacted_through = c.compacted_through,
+                revision = c.revision,
+                "changelog compacted"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "changelog compaction failed"),
+            Err(e) => tracing::warn!(error = %e, "changelog compaction task failed"),
+        }
+    }
 }

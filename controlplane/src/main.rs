@@ -29,6 +29,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the control plane.
+    ///
+    /// Provider credentials are sealed at rest with the key in AIGW_SEAL_KEY (64 hex digits),
+    /// else with `<data-dir>/seal.key`, generated at first start.
     Serve {
         #[arg(long, default_value = "./aigw-data")]
         data_dir: PathBuf,
@@ -41,6 +44,9 @@ enum Cmd {
         /// Extra DNS names or addresses for the generated link certificate.
         #[arg(long)]
         tls_name: Vec<String>,
+        /// Changelog entries kept by compaction; a node further behind gets a snapshot.
+        #[arg(long, default_value_t = controlplane::DEFAULT_CHANGELOG_KEEP)]
+        changelog_keep: u64,
     },
     /// Nodes and the revision each has applied.
     Nodes,
@@ -80,6 +86,116 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         after: i64,
     },
+    /// Create or replace an upstream of an environment.
+    ///
+    /// The credential is read from the environment variable named by --credential-env (never
+    /// from the command line); without it the stored credential is kept.
+    UpstreamPut {
+        tenant: String,
+        /// production, staging or development.
+        env: String,
+        name: String,
+        /// openai or anthropic.
+        #[arg(long)]
+        provider: String,
+        /// http:// or https://, host, optional port and path.
+        #[arg(long)]
+        base_url: String,
+        /// Name of the environment variable holding the provider credential.
+        #[arg(long, value_name = "VAR", conflicts_with = "remove_credential")]
+        credential_env: Option<String>,
+        /// Remove the stored credential.
+        #[arg(long)]
+        remove_credential: bool,
+        /// Where the provider processes data.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// A business associate agreement covers this upstream.
+        #[arg(long)]
+        baa: bool,
+        /// Tell the provider not to retain with this request header.
+        #[arg(long, value_name = "NAME=VALUE", conflicts_with_all = ["non_retention_body_field", "non_retention_agreement"])]
+        non_retention_header: Option<String>,
+        /// Tell the provider not to retain with this JSON body field.
+        #[arg(
+            long,
+            value_name = "NAME=JSON",
+            conflicts_with = "non_retention_agreement"
+        )]
+        non_retention_body_field: Option<String>,
+        /// An account-level zero-retention agreement covers every request.
+        #[arg(long)]
+        non_retention_agreement: bool,
+        /// Ask the provider for usage in streamed responses.
+        #[arg(long)]
+        stream_options: bool,
+        /// Connections per worker; 0 = the node's default.
+        #[arg(long, default_value_t = 0)]
+        max_connections: u64,
+        /// Milliseconds; 0 = the node's default.
+        #[arg(long, default_value_t = 0)]
+        connect_timeout_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        first_byte_timeout_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        read_idle_timeout_ms: u64,
+    },
+    UpstreamList {
+        tenant: String,
+        env: String,
+    },
+    UpstreamDelete {
+        tenant: String,
+        env: String,
+        name: String,
+    },
+    /// Create or replace a route: an exact --model or a --prefix, to upstreams in order.
+    ///
+    /// Repeat --target UPSTREAM (or UPSTREAM=MODEL, to send another model name) in failover
+    /// order. An empty --prefix "" routes every model.
+    RoutePut {
+        tenant: String,
+        env: String,
+        name: String,
+        #[arg(long, required_unless_present = "prefix", conflicts_with = "prefix")]
+        model: Option<String>,
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long = "target", value_name = "UPSTREAM[=MODEL]", required = true)]
+        targets: Vec<String>,
+    },
+    RouteList {
+        tenant: String,
+        env: String,
+    },
+    RouteDelete {
+        tenant: String,
+        env: String,
+        name: String,
+    },
+    /// Set an environment's policy (every flag not given is off).
+    PolicyPut {
+        tenant: String,
+        env: String,
+        /// Only upstreams that can be told not to retain.
+        #[arg(long)]
+        zero_retention: bool,
+        /// Only upstreams in this region.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Only upstreams under a business associate agreement.
+        #[arg(long)]
+        hipaa: bool,
+    },
+    PolicyGet {
+        tenant: String,
+        env: String,
+    },
+    /// Delete all but the newest --keep changelog entries.
+    Compact {
+        #[arg(long)]
+        keep: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         listen,
         link_listen,
         tls_name,
+        changelog_keep,
     } = cli.cmd
     {
         tracing_subscriber::fmt()
@@ -113,6 +230,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_listen: listen,
             push_listen: link_listen,
             tls_names: tls_name,
+            // From the environment only: a key on the command line is visible to every user.
+            seal_key: std::env::var("AIGW_SEAL_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            changelog_keep,
         })?;
         println!(
             "control plane: admin API http://{}, node link {} (CA {}); tokens in the data directory",
@@ -168,6 +290,137 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Audit { after } => ("GET", format!("/v1/audit?after={after}"), None),
         Cmd::Nodes => ("GET", "/v1/nodes".into(), None),
+        Cmd::UpstreamPut {
+            tenant,
+            env,
+            name,
+            provider,
+            base_url,
+            credential_env,
+            remove_credential,
+            region,
+            baa,
+            non_retention_header,
+            non_retention_body_field,
+            non_retention_agreement,
+            stream_options,
+            max_connections,
+            connect_timeout_ms,
+            first_byte_timeout_ms,
+            read_idle_timeout_ms,
+        } => {
+            let non_retention = if let Some(h) = non_retention_header {
+                let (n, v) = h.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--non-retention-header: expected NAME=VALUE")
+                })?;
+                json!({"mode": "header", "name": n, "value": v})
+            } else if let Some(f) = non_retention_body_field {
+                let (n, v) = f.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--non-retention-body-field: expected NAME=JSON")
+                })?;
+                let v: Value = serde_json::from_str(v).map_err(|e| {
+                    anyhow::anyhow!("--non-retention-body-field: the value is not JSON: {e}")
+                })?;
+                json!({"mode": "body_field", "name": n, "value": v})
+            } else if non_retention_agreement {
+                json!({"mode": "account_agreement"})
+            } else {
+                json!({"mode": "none"})
+            };
+            let mut body = json!({
+                "provider": provider,
+                "base_url": base_url,
+                "non_retention": non_retention,
+                "stream_options": stream_options,
+                "region": region,
+                "baa": baa,
+                "max_connections": max_connections,
+                "connect_timeout_ms": connect_timeout_ms,
+                "first_byte_timeout_ms": first_byte_timeout_ms,
+                "read_idle_timeout_ms": read_idle_timeout_ms,
+            });
+            if let Some(var) = credential_env {
+                let credential = std::env::var(&var).map_err(|_| {
+                    anyhow::anyhow!("--credential-env: the environment variable {var} is not set")
+                })?;
+                if credential.is_empty() {
+                    anyhow::bail!("--credential-env: the environment variable {var} is empty");
+                }
+                body["credential"] = json!(credential);
+            } else if remove_credential {
+                body["credential"] = json!("");
+            }
+            (
+                "PUT",
+                format!("{}/upstreams/{name}", env_path(&tenant, &env)),
+                Some(body),
+            )
+        }
+        Cmd::UpstreamList { tenant, env } => (
+            "GET",
+            format!("{}/upstreams", env_path(&tenant, &env)),
+            None,
+        ),
+        Cmd::UpstreamDelete { tenant, env, name } => (
+            "DELETE",
+            format!("{}/upstreams/{name}", env_path(&tenant, &env)),
+            None,
+        ),
+        Cmd::RoutePut {
+            tenant,
+            env,
+            name,
+            model,
+            prefix,
+            targets,
+        } => {
+            let targets: Vec<Value> = targets
+                .iter()
+                .map(|t| match t.split_once('=') {
+                    Some((upstream, model)) => json!({"upstream": upstream, "model": model}),
+                    None => json!({"upstream": t}),
+                })
+                .collect();
+            let mut body = json!({"targets": targets});
+            if let Some(m) = model {
+                body["model"] = json!(m);
+            }
+            if let Some(p) = prefix {
+                body["prefix"] = json!(p);
+            }
+            (
+                "PUT",
+                format!("{}/routes/{name}", env_path(&tenant, &env)),
+                Some(body),
+            )
+        }
+        Cmd::RouteList { tenant, env } => {
+            ("GET", format!("{}/routes", env_path(&tenant, &env)), None)
+        }
+        Cmd::RouteDelete { tenant, env, name } => (
+            "DELETE",
+            format!("{}/routes/{name}", env_path(&tenant, &env)),
+            None,
+        ),
+        Cmd::PolicyPut {
+            tenant,
+            env,
+            zero_retention,
+            region,
+            hipaa,
+        } => (
+            "PUT",
+            format!("{}/policy", env_path(&tenant, &env)),
+            Some(json!({"zero_retention": zero_retention, "region": region, "hipaa": hipaa})),
+        ),
+        Cmd::PolicyGet { tenant, env } => {
+            ("GET", format!("{}/policy", env_path(&tenant, &env)), None)
+        }
+        Cmd::Compact { keep } => (
+            "POST",
+            "/v1/admin/compact".into(),
+            Some(json!({"keep": keep})),
+        ),
     };
     let url = format!("{}{path}", cli.url.trim_end_matches('/'));
     let req = ureq::request(method, &url).set("authorization", &format!("Bearer {token}"));
@@ -190,6 +443,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The API path of a tenant's environment.
+fn env_path(tenant: &str, env: &str) -> String {
+    format!("/v1/tenants/{tenant}/environments/{env}")
 }
 
 fn unreachable_serve() -> ! {

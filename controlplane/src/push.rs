@@ -1,10 +1,11 @@
 //! Pushing configuration to data-plane nodes over the wire protocol, on TLS 1.3.
 //!
-//! A node says which revision it holds; it gets the changes since then (the changelog keeps
-//! every entry, so any revision the control plane ever issued can be caught up from), or a
-//! full snapshot when it holds nothing or a revision this control plane never issued. After
-//! that every committed mutation is pushed the moment it commits — revocations reach nodes
-//! in milliseconds, not at the next poll.
+//! A node says which revision it holds; it gets the changes since then — every record changed
+//! since, as it is now, or a tombstone when it was deleted — or a full snapshot (keys,
+//! upstreams, routes and policies) when it holds nothing, a revision this control plane never
+//! issued, or one older than what compaction kept of the changelog. After that every
+//! committed mutation is pushed the moment it commits — revocations reach nodes in
+//! milliseconds, not at the next poll.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,9 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
-/// Keys per snapshot part.
+/// Records per snapshot part. A change set larger than this is sent as a snapshot instead,
+/// which is split into parts, so no frame grows with the size of the change.
 const SNAPSHOT_PART: usize = 20_000;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -201,20 +203,8 @@ where
 {
     let mut rx = state.revision.subscribe();
     let store = Arc::clone(&state.store);
-    let current = tokio::task::spawn_blocking({
-        let store = Arc::clone(&store);
-        move || store.revision()
-    })
-    .await??;
-    let mut sent = held as i64;
-    if held == 0 || sent > current {
-        send_snapshot(conn, &store, current).await?;
-        state.update(node, |n| n.snapshots_sent += 1);
-        sent = current;
-    } else if sent < current {
-        sent = send_changes(conn, &store, sent).await?;
-        state.update(node, |n| n.changes_sent += 1);
-    }
+    let held = i64::try_from(held).unwrap_or(i64::MAX);
+    let mut sent = sync(conn, state, &store, node, held).await?;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {
@@ -222,8 +212,7 @@ where
                 changed?;
                 let newest = *rx.borrow_and_update();
                 if newest > sent {
-                    sent = send_changes(conn, &store, sent).await?;
-                    state.update(node, |n| n.changes_sent += 1);
+                    sent = sync(conn, state, &store, node, sent).await?;
                 }
             }
             msg = conn.next() => match msg? {
@@ -246,21 +235,77 @@ where
     }
 }
 
+/// What a node holding some revision needs.
+enum Update {
+    Snapshot(Vec<Record>, i64),
+    Changes(Vec<Change>, i64),
+    UpToDate,
+}
+
+/// Decides, in one read of the store, whether a node holding `held` gets the changes since or
+/// a snapshot: a snapshot when it holds nothing (0), a revision never issued (newer than the
+/// newest), one compaction overtook, or so many changes that one frame would not hold them.
+fn plan(store: &Store, held: i64) -> Result<Update, StoreError> {
+    if held > 0 {
+        if let Some((changes, newest)) = store.changes_since_at_most(held, SNAPSHOT_PART)? {
+            if held == newest {
+                return Ok(Update::UpToDate);
+            }
+            if held < newest {
+                return Ok(Update::Changes(changes, newest));
+            }
+        }
+    }
+    let (records, revision) = store.snapshot()?;
+    Ok(Update::Snapshot(records, revision))
+}
+
+/// Brings a node holding `held` to the newest revision; returns the revision it was sent.
+async fn sync<S>(
+    conn: &mut Conn<S>,
+    state: &PushState,
+    store: &Arc<Store>,
+    node: &str,
+    held: i64,
+) -> anyhow::Result<i64>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let update = tokio::task::spawn_blocking({
+        let store = Arc::clone(store);
+        move || plan(&store, held)
+    })
+    .await??;
+    match update {
+        Update::UpToDate => Ok(held),
+        Update::Changes(changes, to) => {
+            conn.send(&Message::Changes {
+                from_revision: held as u64,
+                to_revision: to as u64,
+                changes,
+            })
+            .await?;
+            state.update(node, |n| n.changes_sent += 1);
+            Ok(to)
+        }
+        Update::Snapshot(records, revision) => {
+            send_snapshot(conn, records, revision).await?;
+            state.update(node, |n| n.snapshots_sent += 1);
+            Ok(revision)
+        }
+    }
+}
+
 async fn send_snapshot<S>(
     conn: &mut Conn<S>,
-    store: &Arc<Store>,
+    records: Vec<Record>,
     revision: i64,
 ) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let records = tokio::task::spawn_blocking({
-        let store = Arc::clone(store);
-        move || store.key_records(None)
-    })
-    .await??;
     let parts = records.len().div_ceil(SNAPSHOT_PART).max(1);
-    let mut it = records.into_iter().map(Record::Key);
+    let mut it = records.into_iter();
     for part in 0..parts {
         let chunk: Vec<Record> = it.by_ref().take(SNAPSHOT_PART).collect();
         conn.send(&Message::Snapshot {
@@ -274,28 +319,249 @@ where
     Ok(())
 }
 
-/// Sends the changes after `from`; returns the revision they bring the node to.
-async fn send_changes<S>(conn: &mut Conn<S>, store: &Arc<Store>, from: i64) -> anyhow::Result<i64>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (records, to) = tokio::task::spawn_blocking({
-        let store = Arc::clone(store);
-        move || {
-            let (ids, to) = store.keys_changed_since(from)?;
-            Ok::<_, crate::store::StoreError>((store.key_records(Some(&ids))?, to))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Actor, RouteSpec, RouteTarget, UpstreamSpec};
+    use aigw_wire::keys::Environment;
+    use aigw_wire::messages::kinds;
+    use aigw_wire::Tombstone;
+    use tokio::io::DuplexStream;
+
+    const TOKEN: &str = "node-token";
+    const SECRET: &str = "sk-push-PLAINTEXT";
+
+    fn actor() -> Actor {
+        Actor {
+            principal: "admin".into(),
+            source: "test".into(),
         }
-    })
-    .await??;
-    let changes = records
-        .into_iter()
-        .map(|k| Change::Upsert(Record::Key(k)))
-        .collect();
-    conn.send(&Message::Changes {
-        from_revision: from as u64,
-        to_revision: to as u64,
-        changes,
-    })
-    .await?;
-    Ok(to)
+    }
+
+    fn store() -> (Arc<Store>, std::path::PathBuf) {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        let dir = std::env::temp_dir().join(format!(
+            "aigw-push-{}-{}",
+            std::process::id(),
+            u64::from_le_bytes(b)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let kek = aigw_seal::Kek::generate().expect("key");
+        let s = Store::open(&dir, kek).expect("store");
+        s.create_tenant(&actor(), "t", "T", "pro").expect("tenant");
+        let up = UpstreamSpec {
+            provider: "openai".into(),
+            base_url: "http://127.0.0.1:9000".into(),
+            credential: Some(SECRET.into()),
+            non_retention: Default::default(),
+            stream_options: false,
+            region: String::new(),
+            baa: false,
+            max_connections: 0,
+            connect_timeout_ms: 0,
+            first_byte_timeout_ms: 0,
+            read_idle_timeout_ms: 0,
+        };
+        s.put_upstream(&actor(), "t", Environment::Production, "oa", &up)
+            .expect("upstream");
+        s.put_route(&actor(), "t", Environment::Production, "r", &route("m"))
+            .expect("route");
+        (Arc::new(s), dir)
+    }
+
+    fn route(model: &str) -> RouteSpec {
+        RouteSpec {
+            model: Some(model.into()),
+            prefix: None,
+            targets: vec![RouteTarget {
+                upstream: "oa".into(),
+                model: None,
+            }],
+        }
+    }
+
+    fn push_state(store: &Arc<Store>) -> Arc<PushState> {
+        let (tx, _) = watch::channel(store.revision().expect("rev"));
+        Arc::new(PushState {
+            store: Arc::clone(store),
+            revision: tx,
+            nodes: Mutex::new(HashMap::new()),
+            node_token: TOKEN.into(),
+        })
+    }
+
+    struct Node {
+        conn: Conn<DuplexStream>,
+    }
+
+    impl Node {
+        async fn connect(state: &Arc<PushState>, id: &str, held: u64) -> Self {
+            let (ours, theirs) = tokio::io::duplex(1 << 20);
+            let state = Arc::clone(state);
+            tokio::spawn(async move {
+                let _ = session(theirs, &state).await;
+            });
+            let mut conn = Conn {
+                stream: ours,
+                buf: Vec::new(),
+            };
+            conn.send(&Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: id.into(),
+                boot_epoch: 1,
+                revision_held: held,
+                token: TOKEN.into(),
+            })
+            .await
+            .expect("hello");
+            Self { conn }
+        }
+
+        /// The next message that is not a heartbeat.
+        async fn next(&mut self) -> Message {
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(10), self.conn.next())
+                    .await
+                    .expect("a message in time")
+                    .expect("a message");
+                if !matches!(m, Message::Heartbeat { .. }) {
+                    return m;
+                }
+            }
+        }
+    }
+
+    fn credential_of(records: &[Record]) -> Option<String> {
+        records.iter().find_map(|r| match r {
+            Record::Upstream(u) => u.credential.clone(),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn nodes_get_snapshots_changes_and_tombstones() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        let newest = store.revision().expect("rev");
+
+        // Holding nothing: a snapshot of every kind, the credential in the clear (the link is TLS).
+        let mut fresh = Node::connect(&state, "fresh", 0).await;
+        match fresh.next().await {
+            Message::Snapshot {
+                revision,
+                part,
+                parts,
+                records,
+            } => {
+                assert_eq!((revision, part, parts), (newest as u64, 0, 1));
+                assert_eq!(credential_of(&records).as_deref(), Some(SECRET));
+                assert!(records.iter().any(|r| r.kind() == kinds::ROUTE));
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+
+        // Up to date: nothing until the next commit, which arrives as changes.
+        let mut current = Node::connect(&state, "current", newest as u64).await;
+        // A node behind: the changes since its revision.
+        let mut behind = Node::connect(&state, "behind", (newest - 1) as u64).await;
+        match behind.next().await {
+            Message::Changes {
+                from_revision,
+                to_revision,
+                changes,
+            } => {
+                assert_eq!(
+                    (from_revision, to_revision),
+                    ((newest - 1) as u64, newest as u64)
+                );
+                assert!(matches!(&changes[..], [Change::Upsert(Record::Route(_))]));
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+        let d = store
+            .delete_route(&actor(), "t", Environment::Production, "r")
+            .expect("delete");
+        state.notify();
+        let tombstone = Change::Delete(Tombstone {
+            kind: kinds::ROUTE,
+            id: "t/production/r".into(),
+        });
+        for node in [&mut fresh, &mut current, &mut behind] {
+            match node.next().await {
+                Message::Changes {
+                    from_revision,
+                    to_revision,
+                    changes,
+                } => {
+                    assert_eq!(
+                        (from_revision, to_revision),
+                        (newest as u64, d.revision as u64)
+                    );
+                    assert_eq!(changes, vec![tombstone.clone()]);
+                }
+                other => panic!("expected the tombstone, got {other:?}"),
+            }
+        }
+
+        // Compaction overtakes a node that was away: it gets a snapshot; so does one holding a
+        // revision never issued.
+        store.compact(&actor(), 0).expect("compact");
+        for held in [1, 9_999] {
+            let mut node = Node::connect(&state, &format!("held-{held}"), held).await;
+            match node.next().await {
+                Message::Snapshot {
+                    revision, records, ..
+                } => {
+                    assert_eq!(revision, d.revision as u64);
+                    assert!(!records.iter().any(|r| r.kind() == kinds::ROUTE));
+                }
+                other => panic!("held {held}: expected a snapshot, got {other:?}"),
+            }
+        }
+        // Connected nodes keep getting changes after compaction.
+        let w = store
+            .put_route(&actor(), "t", Environment::Production, "r2", &route("m2"))
+            .expect("route");
+        state.notify();
+        match current.next().await {
+            Message::Changes {
+                from_revision,
+                changes,
+                ..
+            } => {
+                assert_eq!(from_revision, d.revision as u64);
+                assert!(
+                    matches!(&changes[..], [Change::Upsert(Record::Route(r))] if r.id == "t/production/r2")
+                );
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+        assert!(w.revision > d.revision);
+
+        // Counters move just after each send: wait for them to settle. (`held-1` hung up.)
+        let counts = |id: &str| {
+            state
+                .nodes()
+                .into_iter()
+                .find(|n| n.node_id == id)
+                .map(|n| (n.snapshots_sent, n.changes_sent))
+        };
+        let expected = [
+            ("fresh", (1, 2)),
+            ("current", (0, 2)),
+            ("behind", (0, 3)),
+            ("held-1", (1, 0)),
+        ];
+        for _ in 0..200 {
+            if expected.iter().all(|(id, c)| counts(id) == Some(*c)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (id, c) in expected {
+            assert_eq!(counts(id), Some(c), "{id}: (snapshots, changes) sent");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,17 +5,32 @@
 //! from where). Either all three are written or none is. The SQL is kept portable (no
 //! SQLite-only features beyond `INSERT OR IGNORE`-free plain statements) so a PostgreSQL
 //! store can share it.
+//!
+//! The revision is a counter of its own (in `meta`), not the changelog's largest entry, so it
+//! keeps increasing after old changelog entries are compacted away. `compacted_through` is the
+//! newest revision deleted by compaction: a node holding an older revision cannot be caught up
+//! from the changelog and gets a snapshot instead.
+
+mod routing;
 
 use std::path::Path;
 use std::sync::Mutex;
 
+use aigw_seal::Kek;
 use aigw_wire::keys::Environment;
-use aigw_wire::{KeyRecord, KeyStatus};
+use aigw_wire::messages::kinds;
+use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
+pub use routing::{
+    Deleted, NonRetention, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream,
+    UpstreamSpec, Written, NAME_RULE,
+};
+
 /// Migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -63,7 +78,60 @@ CREATE TABLE audit_log (
     target TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (name, value) SELECT 'revision', COALESCE(MAX(revision), 0) FROM changelog;
+INSERT INTO meta (name, value) VALUES ('compacted_through', 0);
+CREATE INDEX changelog_record ON changelog(kind, record_id);
+CREATE TABLE upstreams (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    environment TEXT NOT NULL,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    credential_sealed BLOB,
+    non_retention TEXT NOT NULL,
+    stream_options INTEGER NOT NULL,
+    region TEXT NOT NULL,
+    baa INTEGER NOT NULL,
+    max_connections INTEGER NOT NULL,
+    connect_timeout_ms INTEGER NOT NULL,
+    first_byte_timeout_ms INTEGER NOT NULL,
+    read_idle_timeout_ms INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX upstreams_environment ON upstreams(tenant_id, environment);
+CREATE TABLE routes (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    environment TEXT NOT NULL,
+    name TEXT NOT NULL,
+    model TEXT,
+    prefix TEXT,
+    targets TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX routes_environment ON routes(tenant_id, environment);
+CREATE TABLE policies (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    environment TEXT NOT NULL,
+    zero_retention INTEGER NOT NULL,
+    region TEXT NOT NULL,
+    hipaa INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#,
+];
+
+/// `meta` rows.
+const META_REVISION: &str = "revision";
+const META_COMPACTED: &str = "compacted_through";
 
 /// Longest chain of nested sub-accounts.
 pub const MAX_SUB_ACCOUNT_DEPTH: i64 = 8;
@@ -85,6 +153,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// Sealing or opening a stored secret failed (a wrong seal key, a damaged value).
+    #[error("seal: {0}")]
+    Seal(String),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,9 +217,22 @@ pub struct NewKey {
     pub expires_at: i64,
 }
 
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Compaction {
+    /// The newest revision no longer in the changelog (0 = nothing was ever compacted).
+    pub compacted_through: i64,
+    /// The newest revision.
+    pub revision: i64,
+    /// Changelog entries deleted by this compaction.
+    pub deleted: i64,
+}
+
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Seals provider credentials at rest.
+    kek: Kek,
 }
 
 pub fn now() -> i64 {
@@ -158,8 +242,10 @@ pub fn now() -> i64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) `<data_dir>/controlplane.db` and migrates it.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating if needed) `<data_dir>/controlplane.db` and migrates it. `kek` seals
+    /// provider credentials; a key that does not open the credentials already stored is
+    /// refused here rather than at the first snapshot.
+    pub fn open(data_dir: &Path, kek: Kek) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Invalid(format!("data directory {}: {e}", data_dir.display()))
         })?;
@@ -186,8 +272,10 @@ impl Store {
             )?;
             tx.commit()?;
         }
+        routing::check_seal_key(&conn, &kek)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            kek,
         })
     }
 
@@ -212,13 +300,13 @@ impl Store {
 
     /// The newest revision (0 when nothing was ever changed).
     pub fn revision(&self) -> Result<i64, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
-                "SELECT COALESCE(MAX(revision), 0) FROM changelog",
-                [],
-                |r| r.get(0),
-            )?)
-        })
+        self.read(|c| meta(c, META_REVISION))
+    }
+
+    /// The newest revision compaction deleted from the changelog (0 = none): a node holding
+    /// an older revision must be sent a snapshot.
+    pub fn compacted_through(&self) -> Result<i64, StoreError> {
+        self.read(|c| meta(c, META_COMPACTED))
     }
 
     pub fn create_tenant(
@@ -394,66 +482,150 @@ impl Store {
         })
     }
 
-    /// Key records as nodes hold them, for every key (a snapshot) or the given ids.
+    /// Key records as nodes hold them, for every key or the given ids.
     pub fn key_records(&self, ids: Option<&[String]>) -> Result<Vec<KeyRecord>, StoreError> {
-        self.read(|c| {
-            let sql = "SELECT key_id, tenant_id, environment, sub_account_id, hash_version, hash, status, expires_at, grace_ends_at, allowed_models FROM api_keys";
-            let mut out = Vec::new();
-            let mut push_row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
-                let hash: Vec<u8> = r.get(5)?;
-                let status: String = r.get(6)?;
-                let models: String = r.get(9)?;
-                out.push(KeyRecord {
-                    key_id: r.get(0)?,
-                    tenant_id: r.get(1)?,
-                    environment: r.get(2)?,
-                    sub_account_id: r.get(3)?,
-                    hash_version: r.get::<_, i64>(4)? as u64,
-                    hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0; 32]),
-                    status: if status == "active" { KeyStatus::Active } else { KeyStatus::Revoked },
-                    expires_at: r.get::<_, i64>(7)?.max(0) as u64,
-                    grace_ends_at: r.get::<_, i64>(8)?.max(0) as u64,
-                    allowed_models: serde_json::from_str(&models).unwrap_or_default(),
-                });
-                Ok(())
-            };
-            match ids {
-                None => {
-                    let mut st = c.prepare(sql)?;
-                    let mut rows = st.query([])?;
-                    while let Some(r) = rows.next()? {
-                        push_row(r)?;
-                    }
-                }
-                Some(ids) => {
-                    let mut st = c.prepare(&format!("{sql} WHERE key_id = ?1"))?;
-                    for id in ids {
-                        let mut rows = st.query(params![id])?;
-                        while let Some(r) = rows.next()? {
-                            push_row(r)?;
-                        }
-                    }
-                }
+        self.read(|c| key_records(c, ids))
+    }
+
+    /// What changed after `revision`, as nodes apply it, and the newest revision — read
+    /// together, so the records are exactly those of the newest revision. `None` when entries
+    /// after `revision` were compacted away: the caller sends a snapshot instead.
+    ///
+    /// Every record changed since is sent once: its current state if it exists, a tombstone
+    /// if it does not. Changes to what nodes do not hold (tenants, sub-accounts) send nothing
+    /// but still move the revision. The changes are ordered so a node applying them one by
+    /// one never holds a route naming an upstream it lacks: upserts of everything but routes
+    /// first, then routes, then deletions of everything but routes.
+    pub fn changes_since(&self, revision: i64) -> Result<Option<(Vec<Change>, i64)>, StoreError> {
+        self.changes_since_at_most(revision, usize::MAX)
+    }
+
+    /// [`Store::changes_since`], but `None` also when more than `max` records changed: a
+    /// snapshot (sent in parts) is then the smaller message. Counted before any record is
+    /// read, in the same read.
+    pub fn changes_since_at_most(
+        &self,
+        revision: i64,
+        max: usize,
+    ) -> Result<Option<(Vec<Change>, i64)>, StoreError> {
+        self.with_tx(|tx| {
+            if revision < meta(tx, META_COMPACTED)? {
+                return Ok(None);
             }
-            Ok(out)
+            let newest = meta(tx, META_REVISION)?;
+            let count: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT kind, record_id FROM changelog
+                 WHERE revision > ?1 AND kind IN ('key', 'upstream', 'route', 'policy')) AS changed",
+                params![revision],
+                |r| r.get(0),
+            )?;
+            if usize::try_from(count).map_or(true, |n| n > max) {
+                return Ok(None);
+            }
+            let changed: Vec<(String, String)> = {
+                let mut st = tx.prepare(
+                    "SELECT kind, record_id FROM changelog WHERE revision > ?1
+                     GROUP BY kind, record_id ORDER BY MAX(revision)",
+                )?;
+                let rows = st.query_map(params![revision], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut changes = Vec::with_capacity(changed.len());
+            for (kind, id) in changed {
+                let Some(code) = wire_kind(&kind) else {
+                    continue;
+                };
+                changes.push(match current_record(tx, &self.kek, code, &id)? {
+                    Some(record) => Change::Upsert(record),
+                    None => Change::Delete(Tombstone { kind: code, id }),
+                });
+            }
+            changes.sort_by_key(apply_phase);
+            Ok(Some((changes, newest)))
         })
     }
 
-    /// Ids of the keys changed after `revision`, and the newest revision.
-    pub fn keys_changed_since(&self, revision: i64) -> Result<(Vec<String>, i64), StoreError> {
-        self.read(|c| {
-            let mut st = c.prepare(
-                "SELECT DISTINCT record_id FROM changelog WHERE kind = 'key' AND revision > ?1",
-            )?;
-            let ids = st
-                .query_map(params![revision], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()?;
-            let newest: i64 = c.query_row(
-                "SELECT COALESCE(MAX(revision), 0) FROM changelog",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok((ids, newest))
+    /// Every record nodes hold (credentials opened), and the revision they are at, read
+    /// together. Upstreams come before the routes that name them.
+    pub fn snapshot(&self) -> Result<(Vec<Record>, i64), StoreError> {
+        self.with_tx(|tx| {
+            let mut records: Vec<Record> = key_records(tx, None)?
+                .into_iter()
+                .map(Record::Key)
+                .collect();
+            records.extend(
+                routing::upstream_records(tx, &self.kek, None)?
+                    .into_iter()
+                    .map(Record::Upstream),
+            );
+            records.extend(
+                routing::route_records(tx, None)?
+                    .into_iter()
+                    .map(Record::Route),
+            );
+            records.extend(
+                routing::policy_records(tx, None)?
+                    .into_iter()
+                    .map(Record::Policy),
+            );
+            Ok((records, meta(tx, META_REVISION)?))
+        })
+    }
+
+    /// Deletes every changelog entry but the newest `keep`, as an operator asked (always
+    /// audited as `changelog.compact`).
+    pub fn compact(&self, actor: &Actor, keep: i64) -> Result<Compaction, StoreError> {
+        self.compact_as(actor, keep, true)
+    }
+
+    /// The control plane's own periodic compaction: audited only when it deleted entries.
+    pub fn compact_periodic(&self, keep: i64) -> Result<Compaction, StoreError> {
+        let actor = Actor {
+            principal: "control-plane".into(),
+            source: "periodic compaction".into(),
+        };
+        self.compact_as(&actor, keep, false)
+    }
+
+    fn compact_as(
+        &self,
+        actor: &Actor,
+        keep: i64,
+        always_audit: bool,
+    ) -> Result<Compaction, StoreError> {
+        if keep < 0 {
+            return Err(StoreError::Invalid("keep: must be 0 or more".into()));
+        }
+        self.with_tx(|tx| {
+            // The newest entry to delete: the one just older than the `keep` newest.
+            let cut: Option<i64> = tx
+                .query_row(
+                    "SELECT revision FROM changelog ORDER BY revision DESC LIMIT 1 OFFSET ?1",
+                    params![keep],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let mut through = meta(tx, META_COMPACTED)?;
+            let mut deleted = 0;
+            if let Some(cut) = cut {
+                deleted = tx.execute("DELETE FROM changelog WHERE revision <= ?1", params![cut])? as i64;
+                through = through.max(cut);
+                set_meta(tx, META_COMPACTED, through)?;
+            }
+            if always_audit || deleted > 0 {
+                audit(
+                    tx,
+                    actor,
+                    "changelog.compact",
+                    "changelog",
+                    serde_json::json!({"keep": keep, "deleted": deleted, "compacted_through": through}),
+                )?;
+            }
+            Ok(Compaction {
+                compacted_through: through,
+                revision: meta(tx, META_REVISION)?,
+                deleted,
+            })
         })
     }
 
@@ -498,6 +670,115 @@ impl Store {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+}
+
+fn key_records(c: &Connection, ids: Option<&[String]>) -> Result<Vec<KeyRecord>, StoreError> {
+    let sql = "SELECT key_id, tenant_id, environment, sub_account_id, hash_version, hash, status, expires_at, grace_ends_at, allowed_models FROM api_keys";
+    let mut out = Vec::new();
+    let mut push_row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+        let hash: Vec<u8> = r.get(5)?;
+        let status: String = r.get(6)?;
+        let models: String = r.get(9)?;
+        out.push(KeyRecord {
+            key_id: r.get(0)?,
+            tenant_id: r.get(1)?,
+            environment: r.get(2)?,
+            sub_account_id: r.get(3)?,
+            hash_version: r.get::<_, i64>(4)? as u64,
+            hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0; 32]),
+            status: if status == "active" {
+                KeyStatus::Active
+            } else {
+                KeyStatus::Revoked
+            },
+            expires_at: r.get::<_, i64>(7)?.max(0) as u64,
+            grace_ends_at: r.get::<_, i64>(8)?.max(0) as u64,
+            allowed_models: serde_json::from_str(&models).unwrap_or_default(),
+        });
+        Ok(())
+    };
+    match ids {
+        None => {
+            let mut st = c.prepare(sql)?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                push_row(r)?;
+            }
+        }
+        Some(ids) => {
+            let mut st = c.prepare(&format!("{sql} WHERE key_id = ?1"))?;
+            for id in ids {
+                let mut rows = st.query(params![id])?;
+                while let Some(r) = rows.next()? {
+                    push_row(r)?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The wire kind of a changelog kind; `None` for what nodes do not hold. (The count in
+/// `changes_since_at_most` lists the same kinds.)
+fn wire_kind(kind: &str) -> Option<u64> {
+    match kind {
+        "key" => Some(kinds::KEY),
+        "upstream" => Some(kinds::UPSTREAM),
+        "route" => Some(kinds::ROUTE),
+        "policy" => Some(kinds::POLICY),
+        _ => None,
+    }
+}
+
+/// A record as it is now, by wire kind and id; `None` when it no longer exists.
+fn current_record(
+    c: &Connection,
+    kek: &Kek,
+    kind: u64,
+    id: &str,
+) -> Result<Option<Record>, StoreError> {
+    let ids = [id.to_string()];
+    Ok(match kind {
+        kinds::KEY => key_records(c, Some(&ids))?.pop().map(Record::Key),
+        kinds::UPSTREAM => routing::upstream_records(c, kek, Some(id))?
+            .pop()
+            .map(Record::Upstream),
+        kinds::ROUTE => routing::route_records(c, Some(id))?
+            .pop()
+            .map(Record::Route),
+        kinds::POLICY => routing::policy_records(c, Some(id))?
+            .pop()
+            .map(Record::Policy),
+        _ => None,
+    })
+}
+
+/// Where a change goes in a change set: upserts (routes excepted), routes, deletions.
+fn apply_phase(c: &Change) -> u8 {
+    match c {
+        Change::Upsert(Record::Route(_)) => 1,
+        Change::Delete(t) if t.kind == kinds::ROUTE => 1,
+        Change::Upsert(_) => 0,
+        Change::Delete(_) => 2,
+    }
+}
+
+fn meta(c: &Connection, name: &str) -> Result<i64, StoreError> {
+    Ok(c.query_row(
+        "SELECT value FROM meta WHERE name = ?1",
+        params![name],
+        |r| r.get(0),
+    )
+    .optional()?
+    .unwrap_or(0))
+}
+
+fn set_meta(c: &Connection, name: &str, value: i64) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE meta SET value = ?2 WHERE name = ?1",
+        params![name, value],
+    )?;
+    Ok(())
 }
 
 const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by FROM api_keys";
@@ -576,13 +857,14 @@ fn insert_key_tx(tx: &Transaction<'_>, k: &NewKey) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Appends a changelog entry; returns the new revision.
+/// Appends a changelog entry (`op` is `upsert` or `delete`); returns the new revision,
+/// issued from the counter in `meta` so it never repeats one compaction deleted.
 fn change(tx: &Transaction<'_>, kind: &str, id: &str, op: &str) -> Result<i64, StoreError> {
-    let revision: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(revision), 0) + 1 FROM changelog",
-        [],
-        |r| r.get(0),
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE name = ?1",
+        params![META_REVISION],
     )?;
+    let revision = meta(tx, META_REVISION)?;
     tx.execute(
         "INSERT INTO changelog (revision, kind, record_id, op, at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![revision, kind, id, op, now()],
@@ -608,14 +890,19 @@ fn audit(
 mod tests {
     use super::*;
 
-    fn actor() -> Actor {
+    pub(super) fn actor() -> Actor {
         Actor {
             principal: "admin".into(),
             source: "127.0.0.1".into(),
         }
     }
 
-    fn temp() -> std::path::PathBuf {
+    /// A fixed key, so a store can be reopened with it.
+    pub(super) fn kek() -> Kek {
+        Kek::from_hex(&"ab".repeat(32)).expect("hex")
+    }
+
+    pub(super) fn temp() -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!(
             "aigw-store-{}-{}",
             std::process::id(),
@@ -634,7 +921,7 @@ mod tests {
     #[test]
     fn mutations_write_changelog_and_audit_together() {
         let dir = temp();
-        let s = Store::open(&dir).expect("opens");
+        let s = Store::open(&dir, kek()).expect("opens");
         assert_eq!(s.revision().expect("rev"), 0);
         s.create_tenant(&actor(), "t1", "Acme", "pro")
             .expect("tenant");
@@ -654,7 +941,7 @@ mod tests {
         assert_eq!(audit[0].actor, "admin");
         // Reopening keeps everything (and does not re-run migrations).
         drop(s);
-        let s = Store::open(&dir).expect("reopens");
+        let s = Store::open(&dir, kek()).expect("reopens");
         assert_eq!(s.tenants().expect("list").len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -662,7 +949,7 @@ mod tests {
     #[test]
     fn sub_accounts_nest_to_a_bounded_depth() {
         let dir = temp();
-        let s = Store::open(&dir).expect("opens");
+        let s = Store::open(&dir, kek()).expect("opens");
         s.create_tenant(&actor(), "t", "T", "enterprise")
             .expect("tenant");
         let mut parent: Option<String> = None;
@@ -678,6 +965,30 @@ mod tests {
             .create_sub_account(&actor(), "too-deep", "t", parent.as_deref(), "x")
             .expect_err("depth");
         assert!(e.to_string().contains("at most 8"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_store_of_the_first_schema_keeps_its_revision_when_migrated() {
+        let dir = temp();
+        std::fs::create_dir_all(&dir).expect("dir");
+        {
+            let c = Connection::open(dir.join("controlplane.db")).expect("db");
+            c.execute_batch(MIGRATIONS[0]).expect("first schema");
+            c.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version (version) VALUES (1);
+                 INSERT INTO changelog (revision, kind, record_id, op, at) VALUES (1, 'tenant', 't', 'upsert', 0);
+                 INSERT INTO changelog (revision, kind, record_id, op, at) VALUES (7, 'tenant', 't', 'upsert', 0);",
+            )
+            .expect("rows");
+        }
+        let s = Store::open(&dir, kek()).expect("migrates");
+        assert_eq!(s.revision().expect("rev"), 7);
+        assert_eq!(s.compacted_through().expect("compacted"), 0);
+        s.create_tenant(&actor(), "t2", "T", "free")
+            .expect("tenant");
+        assert_eq!(s.revision().expect("rev"), 8);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

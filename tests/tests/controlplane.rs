@@ -15,6 +15,7 @@ fn cp_start(dir: std::path::PathBuf) -> controlplane::Running {
         api_listen: "127.0.0.1:0".parse().unwrap(),
         push_listen: "127.0.0.1:0".parse().unwrap(),
         tls_names: vec![],
+        ..Default::default()
     })
     .unwrap()
 }

@@ -15,7 +15,7 @@ use crate::store::{NewKey, Store};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     state: &Arc<AppState>,
     f: impl FnOnce(&Store) -> std::result::Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T> {
@@ -36,7 +36,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A requested environment, or a 400 naming the field.
-fn parse_environment(name: &str) -> Result<Environment> {
+pub(super) fn parse_environment(name: &str) -> Result<Environment> {
     Environment::from_name(name).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

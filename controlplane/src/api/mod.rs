@@ -6,6 +6,7 @@
 
 mod handlers;
 pub mod openapi;
+mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
@@ -52,6 +53,31 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/tenants/{tenant_id}/keys/import",
             post(handlers::import_keys),
         )
+        .route(
+            "/v1/tenants/{tenant_id}/environments/{environment}/upstreams",
+            get(routing::list_upstreams),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/environments/{environment}/upstreams/{name}",
+            put(routing::put_upstream)
+                .get(routing::get_upstream)
+                .delete(routing::delete_upstream),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/environments/{environment}/routes",
+            get(routing::list_routes),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/environments/{environment}/routes/{name}",
+            put(routing::put_route)
+                .get(routing::get_route)
+                .delete(routing::delete_route),
+        )
+        .route(
+            "/v1/tenants/{tenant_id}/environments/{environment}/policy",
+            put(routing::put_policy).get(routing::get_policy),
+        )
+        .route("/v1/admin/compact", post(routing::compact))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -166,6 +192,17 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "store error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "store error")
             }
+            StoreError::Seal(e) => {
+                tracing::error!(error = %e, "sealing error");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "stored credentials could not be sealed or opened",
+                )
+            }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,8 +20,16 @@ fn op(summary: &str, body: Option<&str>, ok: &str) -> Value {
     o
 }
 
+/// Upstream and route names.
+const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,63}$";
+/// Regions; empty = none.
+const REGION_PATTERN: &str = "^([a-z0-9][a-z0-9-]{0,31})?$";
+
 pub fn document() -> Value {
     let path_param = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+    let env_param = json!({"name": "environment", "in": "path", "required": true, "schema": {"enum": ["production", "staging", "development"]}});
+    let name_param = json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string", "pattern": NAME_PATTERN}});
+    let millis = json!({"type": "integer", "minimum": 0, "maximum": 86_400_000, "default": 0, "description": "milliseconds; 0 = the node's default"});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "aigateway control plane", "version": env!("CARGO_PKG_VERSION")},
@@ -47,7 +55,35 @@ pub fn document() -> Value {
                 "post": op("Issue a replacement; the old key works until the grace period ends", Some("RotateKey"), "201")
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
-            "/v1/revision": {"get": op("The newest configuration revision", None, "200")}
+            "/v1/revision": {"get": op("The newest configuration revision", None, "200")},
+            "/v1/tenants/{tenant_id}/environments/{environment}/upstreams": {
+                "parameters": [path_param("tenant_id"), env_param.clone()],
+                "get": op("List an environment's upstreams (never their credentials)", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/environments/{environment}/upstreams/{name}": {
+                "parameters": [path_param("tenant_id"), env_param.clone(), name_param.clone()],
+                "put": op("Create or replace an upstream; without credential the stored one is kept, an empty one removes it", Some("PutUpstream"), "200"),
+                "get": op("Get an upstream (has_credential, never the credential)", None, "200"),
+                "delete": op("Delete an upstream; 409 while a route names it", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/environments/{environment}/routes": {
+                "parameters": [path_param("tenant_id"), env_param.clone()],
+                "get": op("List an environment's routes", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/environments/{environment}/routes/{name}": {
+                "parameters": [path_param("tenant_id"), env_param.clone(), name_param],
+                "put": op("Create or replace a route: an exact model or a prefix, to upstreams of the same environment in failover order", Some("PutRoute"), "200"),
+                "get": op("Get a route", None, "200"),
+                "delete": op("Delete a route", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/environments/{environment}/policy": {
+                "parameters": [path_param("tenant_id"), env_param],
+                "put": op("Set an environment's policy", Some("PutPolicy"), "200"),
+                "get": op("Get an environment's policy (every field off when never set)", None, "200")
+            },
+            "/v1/admin/compact": {
+                "post": op("Delete all but the newest `keep` changelog entries; nodes further behind get a snapshot", Some("Compact"), "200")
+            }
         },
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
@@ -65,7 +101,42 @@ pub fn document() -> Value {
                     "allowed_models": {"type": "array", "items": {"type": "string"}},
                     "expires_at": {"type": "integer", "description": "Unix seconds, UTC"}}},
                 "RotateKey": {"type": "object", "additionalProperties": false, "properties": {
-                    "grace_seconds": {"type": "integer", "minimum": 0, "default": 86400}}}
+                    "grace_seconds": {"type": "integer", "minimum": 0, "default": 86400}}},
+                "NonRetention": {"description": "How the provider is told not to retain a request", "oneOf": [
+                    {"type": "object", "required": ["mode"], "additionalProperties": false, "properties": {"mode": {"const": "none"}}},
+                    {"type": "object", "required": ["mode", "name", "value"], "additionalProperties": false, "properties": {
+                        "mode": {"const": "header"}, "name": {"type": "string"}, "value": {"type": "string"}}},
+                    {"type": "object", "required": ["mode", "name", "value"], "additionalProperties": false, "properties": {
+                        "mode": {"const": "body_field"}, "name": {"type": "string"}, "value": {"description": "any JSON value"}}},
+                    {"type": "object", "required": ["mode"], "additionalProperties": false, "properties": {"mode": {"const": "account_agreement"}}}
+                ]},
+                "PutUpstream": {"type": "object", "required": ["provider", "base_url"], "additionalProperties": false, "properties": {
+                    "provider": {"enum": ["openai", "anthropic"]},
+                    "base_url": {"type": "string", "description": "http:// or https://, a host, optional port and path; no query, fragment or user info"},
+                    "credential": {"type": ["string", "null"], "writeOnly": true, "description": "absent or null: keep the stored credential; empty: remove it"},
+                    "non_retention": {"$ref": "#/components/schemas/NonRetention"},
+                    "stream_options": {"type": "boolean", "default": false},
+                    "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
+                    "baa": {"type": "boolean", "default": false},
+                    "max_connections": {"type": "integer", "minimum": 0, "maximum": 100_000, "default": 0},
+                    "connect_timeout_ms": millis.clone(),
+                    "first_byte_timeout_ms": millis.clone(),
+                    "read_idle_timeout_ms": millis}},
+                "PutRoute": {"type": "object", "required": ["targets"], "additionalProperties": false,
+                    "description": "exactly one of model and prefix",
+                    "properties": {
+                        "model": {"type": "string"},
+                        "prefix": {"type": "string", "description": "routes every model starting with it; empty routes every model"},
+                        "targets": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+                            "type": "object", "required": ["upstream"], "additionalProperties": false, "properties": {
+                                "upstream": {"type": "string", "pattern": NAME_PATTERN},
+                                "model": {"type": "string", "description": "model name to send instead of the client's"}}}}}},
+                "PutPolicy": {"type": "object", "additionalProperties": false, "properties": {
+                    "zero_retention": {"type": "boolean", "default": false},
+                    "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
+                    "hipaa": {"type": "boolean", "default": false}}},
+                "Compact": {"type": "object", "required": ["keep"], "additionalProperties": false, "properties": {
+                    "keep": {"type": "integer", "minimum": 0}}}
             }
         }
     })

@@ -61,6 +61,9 @@ pub struct Tombstone {
     pub id: String,
 }
 
+// Most changes are upserts; boxing every record to shrink the rarer tombstone would cost an
+// allocation per change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Upsert(Record),

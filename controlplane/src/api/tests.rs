@@ -1,0 +1,396 @@
+//! The admin API over a real socket, on a real store.
+
+use serde_json::{json, Value};
+
+use crate::{start, Options, Running};
+
+const SECRET: &str = "sk-api-test-PLAINTEXT-0123456789";
+
+fn temp() -> std::path::PathBuf {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    let d = std::env::temp_dir().join(format!(
+        "aigw-api-{}-{}",
+        std::process::id(),
+        u64::from_le_bytes(b)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn cp(dir: &std::path::Path) -> Running {
+    start(Options {
+        data_dir: dir.to_path_buf(),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Options::default()
+    })
+    .expect("starts")
+}
+
+/// Status and body (as text, to look for what must not be there).
+fn raw(cp: &Running, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let req = ureq::request(method, &format!("http://{}{path}", cp.addr))
+        .set("authorization", &format!("Bearer {}", cp.admin_token));
+    let resp = match body {
+        Some(b) => req.set("content-type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    match resp {
+        Ok(r) => (r.status(), r.into_string().expect("body")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+fn call(cp: &Running, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (code, text) = raw(cp, method, path, body.as_deref());
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or("")
+}
+
+const ENV: &str = "/v1/tenants/acme/environments/production";
+
+#[test]
+fn upstreams_routes_and_policies_over_the_api() {
+    let dir = temp();
+    let cp = cp(&dir);
+    let (code, _) = call(
+        &cp,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "name": "Acme", "tier": "pro"})),
+    );
+    assert_eq!(code, 201);
+    assert!(
+        std::fs::metadata(dir.join("seal.key")).is_ok(),
+        "seal key generated"
+    );
+
+    // An upstream; the credential goes in and never comes out.
+    let up = json!({
+        "provider": "openai",
+        "base_url": "http://127.0.0.1:9000",
+        "credential": SECRET,
+        "non_retention": {"mode": "header", "name": "x-no-retain", "value": "1"},
+        "region": "eu",
+        "connect_timeout_ms": 500
+    });
+    let (code, text) = raw(
+        &cp,
+        "PUT",
+        &format!("{ENV}/upstreams/oa"),
+        Some(&up.to_string()),
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(!text.contains(SECRET));
+    let v: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["id"], "acme/production/oa");
+    assert_eq!(v["has_credential"], true);
+    assert_eq!(
+        v["non_retention"],
+        json!({"mode": "header", "name": "x-no-retain", "value": "1"})
+    );
+    assert_eq!(v["connect_timeout_ms"], 500);
+    assert!(v["revision"].as_i64().expect("revision") > 1);
+    for path in [
+        format!("{ENV}/upstreams"),
+        format!("{ENV}/upstreams/oa"),
+        "/v1/audit".into(),
+    ] {
+        let (code, text) = raw(&cp, "GET", &path, None);
+        assert_eq!(code, 200, "{path}");
+        assert!(!text.contains(SECRET), "{path} leaks the credential");
+        assert!(text.contains("oa"), "{path}: {text}");
+    }
+    let (_, list) = call(&cp, "GET", &format!("{ENV}/upstreams"), None);
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+    for mode in ["none", "account_agreement"] {
+        let (code, v) = call(
+            &cp,
+            "PUT",
+            &format!("{ENV}/upstreams/m"),
+            Some(
+                json!({"provider": "openai", "base_url": "http://h", "non_retention": {"mode": mode}}),
+            ),
+        );
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["non_retention"], json!({"mode": mode}));
+    }
+    let (_, v) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/upstreams/m"),
+        Some(json!({"provider": "openai", "base_url": "http://h"})),
+    );
+    assert_eq!(v["non_retention"], json!({"mode": "none"}), "the default");
+    let (code, _) = call(&cp, "DELETE", &format!("{ENV}/upstreams/m"), None);
+    assert_eq!(code, 200);
+
+    // Field-naming refusals.
+    let cases: &[(&str, Value, u16, &str)] = &[
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "credentials": "x"}),
+            400,
+            "credentials",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "azure", "base_url": "http://h"}),
+            400,
+            "provider",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "h"}),
+            400,
+            "base_url",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai"}),
+            400,
+            "base_url",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "non_retention": {"mode": "maybe"}}),
+            400,
+            "non_retention",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "non_retention": {"mode": "header", "name": "x"}}),
+            400,
+            "non_retention",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "non_retention": {"mode": "none", "name": "x"}}),
+            400,
+            "name",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "non_retention": {"mode": "account_agreement", "value": 1}}),
+            400,
+            "value",
+        ),
+        (
+            "upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://h", "max_connections": -1}),
+            400,
+            "max_connections",
+        ),
+        (
+            "upstreams/Bad",
+            json!({"provider": "openai", "base_url": "http://h"}),
+            400,
+            "name",
+        ),
+        (
+            "routes/r",
+            json!({"model": "m", "targets": [{"upstream": "nope"}]}),
+            400,
+            "targets[0].upstream",
+        ),
+        (
+            "routes/r",
+            json!({"model": "m", "targets": [{"upstream": "oa", "weight": 2}]}),
+            400,
+            "weight",
+        ),
+        (
+            "routes/r",
+            json!({"model": "m", "prefix": "p", "targets": [{"upstream": "oa"}]}),
+            400,
+            "prefix",
+        ),
+        (
+            "routes/r",
+            json!({"model": "m", "targets": []}),
+            400,
+            "targets",
+        ),
+        (
+            "policy",
+            json!({"zero_retention": true, "hippa": true}),
+            400,
+            "hippa",
+        ),
+        ("policy", json!({"region": "Europe!"}), 400, "region"),
+    ];
+    for (path, body, status, field) in cases {
+        let (code, v) = call(&cp, "PUT", &format!("{ENV}/{path}"), Some(body.clone()));
+        assert_eq!(code, *status, "{path} {body}: {v}");
+        assert!(message(&v).contains(field), "{path} {body}: {v}");
+    }
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        "/v1/tenants/acme/environments/prod/policy",
+        Some(json!({})),
+    );
+    assert_eq!(code, 400);
+    assert!(message(&v).starts_with("environment:"), "{v}");
+    let (code, _) = call(
+        &cp,
+        "PUT",
+        "/v1/tenants/nobody/environments/production/upstreams/oa",
+        Some(json!({"provider": "openai", "base_url": "http://h"})),
+    );
+    assert_eq!(code, 404);
+
+    // Routes.
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/routes/gpt"),
+        Some(json!({"model": "gpt-4o", "targets": [{"upstream": "oa", "model": "gpt-4o-2024"}]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["id"], "acme/production/gpt");
+    assert_eq!(v["targets"][0]["model"], "gpt-4o-2024");
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/routes/other"),
+        Some(json!({"model": "gpt-4o", "targets": [{"upstream": "oa"}]})),
+    );
+    assert_eq!(code, 409, "{v}");
+    let (_, v) = call(&cp, "GET", &format!("{ENV}/routes"), None);
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1));
+    let (code, v) = call(&cp, "DELETE", &format!("{ENV}/upstreams/oa"), None);
+    assert_eq!(code, 409, "{v}");
+    assert!(message(&v).contains("gpt"), "{v}");
+    let (code, v) = call(&cp, "DELETE", &format!("{ENV}/routes/gpt"), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["deleted"], "acme/production/gpt");
+    assert!(v["revision"].as_i64().is_some());
+    let (code, _) = call(&cp, "DELETE", &format!("{ENV}/routes/gpt"), None);
+    assert_eq!(code, 404);
+    let (code, _) = call(&cp, "GET", &format!("{ENV}/routes/gpt"), None);
+    assert_eq!(code, 404);
+    let (code, v) = call(&cp, "DELETE", &format!("{ENV}/upstreams/oa"), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["deleted"], "acme/production/oa");
+
+    // The policy.
+    let (code, v) = call(&cp, "GET", &format!("{ENV}/policy"), None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        (v["zero_retention"].clone(), v["region"].clone()),
+        (json!(false), json!(""))
+    );
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/policy"),
+        Some(json!({"zero_retention": true, "region": "eu", "hipaa": false})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(v["revision"].as_i64().is_some());
+    let (_, v) = call(&cp, "GET", &format!("{ENV}/policy"), None);
+    assert_eq!(
+        (v["zero_retention"].clone(), v["region"].clone()),
+        (json!(true), json!("eu"))
+    );
+
+    // Compaction.
+    let (_, rev) = call(&cp, "GET", "/v1/revision", None);
+    let (code, v) = call(&cp, "POST", "/v1/admin/compact", Some(json!({"keep": 0})));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["compacted_through"], rev["revision"]);
+    assert_eq!(v["revision"], rev["revision"]);
+    for (body, field) in [(json!({"keep": -1}), "keep"), (json!({"kep": 1}), "kep")] {
+        let (code, v) = call(&cp, "POST", "/v1/admin/compact", Some(body));
+        assert_eq!(code, 400);
+        assert!(message(&v).contains(field), "{v}");
+    }
+    let (_, audit) = call(&cp, "GET", "/v1/audit", None);
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    for a in [
+        "upstream.put",
+        "route.put",
+        "route.delete",
+        "upstream.delete",
+        "policy.put",
+        "changelog.compact",
+    ] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+
+    // Every new path needs the token and is described.
+    let r = ureq::get(&format!("http://{}{ENV}/upstreams", cp.addr)).call();
+    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+    let (_, doc) = call(&cp, "GET", "/openapi.json", None);
+    for p in [
+        "/v1/tenants/{tenant_id}/environments/{environment}/upstreams/{name}",
+        "/v1/tenants/{tenant_id}/environments/{environment}/routes/{name}",
+        "/v1/tenants/{tenant_id}/environments/{environment}/policy",
+        "/v1/admin/compact",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} in the OpenAPI document");
+    }
+    cp.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_configured_seal_key_must_be_valid_and_match_the_stored_credentials() {
+    let dir = temp();
+    let key = "0f".repeat(32);
+    let running = start(Options {
+        data_dir: dir.clone(),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        seal_key: Some(key.clone()),
+        ..Options::default()
+    })
+    .expect("starts");
+    assert!(
+        std::fs::metadata(dir.join("seal.key")).is_err(),
+        "no key file when configured"
+    );
+    call(
+        &running,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "name": "A", "tier": "pro"})),
+    );
+    let (code, _) = call(
+        &running,
+        "PUT",
+        &format!("{ENV}/upstreams/oa"),
+        Some(json!({"provider": "anthropic", "base_url": "https://h", "credential": SECRET})),
+    );
+    assert_eq!(code, 200);
+    running.stop();
+    let again = |seal_key: Option<String>| {
+        start(Options {
+            data_dir: dir.clone(),
+            api_listen: "127.0.0.1:0".parse().expect("addr"),
+            push_listen: "127.0.0.1:0".parse().expect("addr"),
+            seal_key,
+            ..Options::default()
+        })
+    };
+    let e = again(Some("nothex".into())).expect_err("bad key");
+    assert!(e.to_string().contains("seal_key"), "{e}");
+    let e = again(Some("1f".repeat(32))).expect_err("wrong key");
+    assert!(e.to_string().contains("seal key"), "{e}");
+    // Without a configured key a fresh key file is generated, which does not open them either.
+    assert!(again(None).is_err());
+    again(Some(key)).expect("the right key").stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
