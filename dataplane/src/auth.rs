@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::config::ProviderKind;
 use crate::errors::ApiError;
 use crate::keys::{KeyTable, SharedKeys};
+use crate::routing::{EnvRoutes, Routing};
 
 /// Verified keys remembered per worker.
 const CACHE_CAP: usize = 4096;
@@ -134,6 +135,14 @@ impl LocalKeys {
         t.1.revision
     }
 
+    /// The routing generation of the table this worker holds, and the routing itself when
+    /// it differs from `seen`.
+    pub fn routing_if_changed(&self, seen: u64) -> Option<Arc<Routing>> {
+        self.refresh();
+        let t = self.table.borrow();
+        (t.1.routing.generation != seen).then(|| Arc::clone(&t.1.routing))
+    }
+
     /// Checks `presented` (format, existence, hash, status, expiry, environment).
     pub fn authenticate(
         &self,
@@ -176,6 +185,10 @@ impl LocalKeys {
         }
         Ok(AuthOk {
             allowed_models: entry.allowed_models.clone(),
+            routes: table
+                .routing
+                .env(&entry.tenant_id, entry.environment)
+                .cloned(),
         })
     }
 }
@@ -185,6 +198,8 @@ impl LocalKeys {
 pub struct AuthOk {
     /// `None`: every model (cloning it costs nothing for unrestricted keys).
     pub allowed_models: Option<Arc<[Box<str>]>>,
+    /// The routing of the key's environment; `None` when it has none.
+    pub routes: Option<Arc<EnvRoutes>>,
 }
 
 /// Whether the key may use `model`.

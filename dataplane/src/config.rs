@@ -166,19 +166,34 @@ pub struct UpstreamConfig {
     pub baa: bool,
 }
 
-fn default_max_connections() -> usize {
+impl UpstreamConfig {
+    /// A non-retention header must be a valid header field.
+    pub fn check_header_names(&self) -> Result<(), String> {
+        if let NonRetention::Header { name, value } = &self.non_retention {
+            let ok = !name.is_empty()
+                && name.bytes().all(crate::h1::is_tchar)
+                && value.bytes().all(crate::h1::is_field_value_byte);
+            if !ok {
+                return Err("non-retention header name must be a token and value printable".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn default_max_connections() -> usize {
     256
 }
-fn default_connect_timeout() -> Duration {
+pub(crate) fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_first_byte_timeout() -> Duration {
+pub(crate) fn default_first_byte_timeout() -> Duration {
     Duration::from_secs(600)
 }
-fn default_read_idle_timeout() -> Duration {
+pub(crate) fn default_read_idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
-fn default_pool_idle_timeout() -> Duration {
+pub(crate) fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
 fn default_non_retention() -> NonRetention {
@@ -458,6 +473,12 @@ impl Config {
         )?;
         self.validate_upstreams()?;
         if let Some(cp) = &self.control_plane {
+            if !self.upstreams.is_empty() || !self.routes.is_empty() {
+                return Err((
+                    "upstreams",
+                    "upstreams and routes come from the control plane when [control_plane] is set; remove them from this file".into(),
+                ));
+            }
             if !cp.address.contains(':') {
                 return Err((
                     "control_plane.address",
@@ -531,16 +552,8 @@ impl Config {
             if u.max_connections == 0 {
                 return Err(("upstreams.max_connections", at("must be at least 1")));
             }
-            if let NonRetention::Header { name, value } = &u.non_retention {
-                let ok = !name.is_empty()
-                    && name.bytes().all(crate::h1::is_tchar)
-                    && value.bytes().all(crate::h1::is_field_value_byte);
-                if !ok {
-                    return Err((
-                        "upstreams.non_retention",
-                        at("header name must be a token and value printable"),
-                    ));
-                }
+            if let Err(e) = u.check_header_names() {
+                return Err(("upstreams.non_retention", at(&e)));
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
@@ -723,6 +736,17 @@ mod tests {
             e.to_string().contains("AIGW_TEST_SURELY_UNSET is not set"),
             "{e}"
         );
+        // With a control plane, routing comes from it: a static table is refused.
+        let ca = std::env::temp_dir().join(format!("aigw-config-ca-{}", std::process::id()));
+        std::fs::write(&ca, "").expect("write");
+        std::env::set_var("AIGW_TEST_NODE_TOKEN", "t");
+        let with_cp = format!(
+            "{ok}\n[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\ntoken_env = \"AIGW_TEST_NODE_TOKEN\"\n",
+            ca.display()
+        );
+        let e = Config::parse(&with_cp, "t").expect_err("static routes with a control plane");
+        assert!(e.to_string().contains("come from the control plane"), "{e}");
+        let _ = std::fs::remove_file(&ca);
     }
 
     #[test]

@@ -12,10 +12,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aigw_wire::{
-    decode_frame, encode_frame, Change, Frame, KeyRecord, Message, Record, DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
-};
+use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
 
@@ -196,36 +193,33 @@ fn session(
                     snapshot = Some(KeyTableBuilder::new(revision));
                     snapshot_error = None;
                 }
-                let keys_only: Vec<KeyRecord> = records
-                    .into_iter()
-                    .filter_map(|r| match r {
-                        Record::Key(k) => Some(k),
-                        _ => None,
-                    })
-                    .collect();
                 if let (Some(b), None) = (snapshot.as_mut(), &snapshot_error) {
-                    if let Err(e) = b.add(&keys_only) {
+                    if let Err(e) = b.add_records(records) {
                         snapshot_error = Some(e.to_string());
                     }
                 }
                 if part + 1 == parts {
-                    let reply = match (snapshot.take(), snapshot_error.take()) {
-                        (Some(b), None) => {
-                            let t = b.finish();
+                    let built = match (snapshot.take(), snapshot_error.take()) {
+                        (Some(b), None) => b.finish().map_err(|e| e.to_string()),
+                        (_, Some(e)) => Err(e),
+                        (None, None) => Err("snapshot parts out of order".into()),
+                    };
+                    let reply = match built {
+                        Ok(t) => {
                             let n = t.len();
                             keys.publish(t);
                             tracing::info!(revision, keys = n, "applied snapshot");
                             Message::Ack { revision }
                         }
-                        (_, Some(e)) => Message::Nack { revision, error: e },
-                        (None, None) => Message::Nack {
-                            revision,
-                            error: "snapshot parts out of order".into(),
-                        },
+                        Err(e) => {
+                            tracing::error!(revision, error = %e, "refusing a snapshot; keeping the previous configuration");
+                            Message::Nack { revision, error: e }
+                        }
                     };
                     send(&mut stream, &reply)?;
                 }
             }
+
             Message::Changes {
                 from_revision,
                 to_revision,
@@ -238,31 +232,17 @@ fn session(
                         current.revision
                     );
                 }
-                let mut upserts = Vec::new();
-                let mut deletes = Vec::new();
-                for c in changes {
-                    match c {
-                        Change::Upsert(Record::Key(k)) => upserts.push(k),
-                        Change::Delete(t) if t.kind == aigw_wire::messages::kinds::KEY => {
-                            deletes.push(t.id)
-                        }
-                        _ => {}
-                    }
-                }
-                let reply = match current.apply(to_revision, &upserts, &deletes) {
+                let n = changes.len();
+                let reply = match current.apply_changes(to_revision, changes) {
                     Ok(t) => {
                         keys.publish(t);
-                        tracing::debug!(
-                            revision = to_revision,
-                            upserts = upserts.len(),
-                            "applied changes"
-                        );
+                        tracing::debug!(revision = to_revision, changes = n, "applied changes");
                         Message::Ack {
                             revision: to_revision,
                         }
                     }
                     Err(e) => {
-                        tracing::error!(revision = to_revision, error = %e, "refusing a revision; keeping the previous one");
+                        tracing::error!(revision = to_revision, error = %e, "refusing a revision; keeping the previous configuration");
                         Message::Nack {
                             revision: to_revision,
                             error: e.to_string(),

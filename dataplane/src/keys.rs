@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aigw_wire::keys::{Environment, KEY_ID_LEN};
-use aigw_wire::{KeyRecord, KeyStatus};
+use aigw_wire::{Change, KeyRecord, KeyStatus, Record};
 use arc_swap::ArcSwap;
+
+use crate::routing::Routing;
 use event_listener::Event;
 
 const SHARDS: usize = 256;
@@ -39,11 +41,14 @@ pub struct KeyEntry {
 type KeyId = [u8; KEY_ID_LEN];
 type Shard = Vec<(KeyId, Arc<KeyEntry>)>;
 
-/// An immutable table at one revision.
+/// An immutable table at one revision, with the environments' routing at that revision.
 #[derive(Debug, Clone)]
 pub struct KeyTable {
     pub revision: u64,
     shards: Vec<Arc<Shard>>,
+    /// Upstreams, routes and policies per tenant environment (shared across revisions that
+    /// do not change them).
+    pub routing: Arc<Routing>,
 }
 
 /// Why records could not be applied (the node answers NACK and keeps its table).
@@ -55,6 +60,8 @@ pub enum TableError {
     BadEnvironment(String, String),
     #[error("key {0:?}: unsupported hash version {1}")]
     BadHashVersion(String, u64),
+    #[error("{0}")]
+    Routing(String),
 }
 
 fn shard_of(id: &KeyId) -> usize {
@@ -113,6 +120,7 @@ impl KeyTable {
         Self {
             revision: 0,
             shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
+            routing: Arc::new(Routing::empty()),
         }
     }
 
@@ -120,7 +128,7 @@ impl KeyTable {
     pub fn from_records(revision: u64, records: &[KeyRecord]) -> Result<Self, TableError> {
         let mut b = KeyTableBuilder::new(revision);
         b.add(records)?;
-        Ok(b.finish())
+        b.finish()
     }
 
     /// A new table with `upserts` applied and `deletes` removed; `self` is untouched.
@@ -158,7 +166,43 @@ impl KeyTable {
                 }
             }
         }
-        Ok(Self { revision, shards })
+        Ok(Self {
+            revision,
+            shards,
+            routing: Arc::clone(&self.routing),
+        })
+    }
+
+    /// A new table with a change set applied: keys, and the routing when the set touches
+    /// it. Validated as a whole; `self` is untouched.
+    pub fn apply_changes(&self, revision: u64, changes: Vec<Change>) -> Result<Self, TableError> {
+        let mut key_upserts = Vec::new();
+        let mut key_deletes = Vec::new();
+        let mut routing_upserts = Vec::new();
+        let mut routing_deletes = Vec::new();
+        for c in changes {
+            match c {
+                Change::Upsert(Record::Key(k)) => key_upserts.push(k),
+                Change::Upsert(Record::Unknown { .. }) => {}
+                Change::Upsert(r) => routing_upserts.push(r),
+                Change::Delete(t) if t.kind == aigw_wire::messages::kinds::KEY => {
+                    key_deletes.push(t.id)
+                }
+                Change::Delete(t) if crate::routing::is_routing_kind(t.kind) => {
+                    routing_deletes.push(t)
+                }
+                Change::Delete(_) => {}
+            }
+        }
+        let mut next = self.apply(revision, &key_upserts, &key_deletes)?;
+        if !routing_upserts.is_empty() || !routing_deletes.is_empty() {
+            next.routing = Arc::new(
+                self.routing
+                    .apply(routing_upserts, &routing_deletes)
+                    .map_err(TableError::Routing)?,
+            );
+        }
+        Ok(next)
     }
 
     fn get_raw(&self, id: &KeyId) -> Option<&KeyEntry> {
@@ -217,6 +261,7 @@ pub struct KeyTableBuilder {
     revision: u64,
     interner: Interner,
     shards: Vec<Shard>,
+    routing: Vec<Record>,
 }
 
 impl std::fmt::Debug for KeyTableBuilder {
@@ -233,7 +278,23 @@ impl KeyTableBuilder {
             revision,
             interner: Interner::default(),
             shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            routing: Vec::new(),
         }
+    }
+
+    /// Takes a snapshot part's records: keys go into the table, upstreams, routes and
+    /// policies into the routing (built once, in [`Self::finish`]); unknown kinds are
+    /// skipped.
+    pub fn add_records(&mut self, records: Vec<Record>) -> Result<(), TableError> {
+        let mut keys = Vec::new();
+        for r in records {
+            match r {
+                Record::Key(k) => keys.push(k),
+                Record::Unknown { .. } => {}
+                other => self.routing.push(other),
+            }
+        }
+        self.add(&keys)
     }
 
     pub fn add(&mut self, records: &[KeyRecord]) -> Result<(), TableError> {
@@ -244,9 +305,12 @@ impl KeyTableBuilder {
         Ok(())
     }
 
-    pub fn finish(self) -> KeyTable {
-        KeyTable {
+    /// The table; fails when the routing records do not form a valid routing.
+    pub fn finish(self) -> Result<KeyTable, TableError> {
+        let routing = Routing::from_records(self.routing).map_err(TableError::Routing)?;
+        Ok(KeyTable {
             revision: self.revision,
+            routing: Arc::new(routing),
             shards: self
                 .shards
                 .into_iter()
@@ -259,7 +323,7 @@ impl KeyTableBuilder {
                     Arc::new(s)
                 })
                 .collect(),
-        }
+        })
     }
 }
 

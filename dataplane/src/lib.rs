@@ -25,6 +25,7 @@ pub mod relay;
 pub mod request_id;
 pub mod respond;
 pub mod routes;
+pub mod routing;
 pub mod runtime;
 pub use aigw_seal as seal;
 pub mod server;

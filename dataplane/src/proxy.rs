@@ -8,8 +8,9 @@
 //! reached the client. A first-byte timeout is never retried: the provider may still be
 //! generating, and billing, the first attempt.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::json;
@@ -22,6 +23,7 @@ use crate::iovec::IoVecs;
 use crate::relay::{self, Attempt};
 use crate::respond::Responder;
 use crate::routes::Target;
+use crate::routing::{NoTarget, Routing};
 use crate::service::{Request, Response, Service};
 use crate::upstream::pool::{CheckoutError, Pool};
 use crate::worker::WorkerCtx;
@@ -32,6 +34,8 @@ pub struct Gateway {
     ctx: Rc<WorkerCtx>,
     pool: Pool,
     pool_generation: Cell<u64>,
+    /// The pushed routing the pools were last trimmed to.
+    routing: RefCell<Arc<Routing>>,
 }
 
 impl Gateway {
@@ -40,6 +44,7 @@ impl Gateway {
             ctx: Rc::clone(ctx),
             pool: Pool::new(),
             pool_generation: Cell::new(0),
+            routing: RefCell::new(Arc::new(Routing::empty())),
         }
     }
 }
@@ -47,8 +52,23 @@ impl Gateway {
 impl Service for Gateway {
     async fn call(&self, req: &Request<'_>, resp: &mut Responder<'_>) {
         let settings = self.ctx.settings.current();
-        if settings.generation != self.pool_generation.get() {
-            self.pool.retain(settings.routes.upstreams());
+        let pushed = self
+            .ctx
+            .keys
+            .as_ref()
+            .and_then(|k| k.routing_if_changed(self.routing.borrow().generation));
+        if settings.generation != self.pool_generation.get() || pushed.is_some() {
+            if let Some(r) = pushed {
+                *self.routing.borrow_mut() = r;
+            }
+            let routing = self.routing.borrow();
+            self.pool.retain(
+                settings
+                    .routes
+                    .upstreams()
+                    .iter()
+                    .chain(routing.upstreams()),
+            );
             self.pool_generation.set(settings.generation);
         }
         let style = req.api_style();
@@ -108,7 +128,12 @@ impl Service for Gateway {
             }
         };
         if endpoint == Endpoint::Models {
-            return resp.send(models(&settings.routes)).await;
+            let table = match &key {
+                // With a control plane, the key's environment decides what is routable.
+                Some(k) => k.routes.as_ref().map(|r| &r.table),
+                None => Some(&*settings.routes),
+            };
+            return resp.send(models(table)).await;
         }
         if !is_json(req) {
             let err = ApiError::downstream(
@@ -146,15 +171,41 @@ impl Service for Gateway {
                 return resp.send(Response::error(e.to_api(), style)).await;
             }
         }
-        let targets = settings.routes.lookup(&model, family);
-        if targets.is_empty() {
-            let err = ApiError::downstream(
-                404,
-                "model_not_found",
-                format!("no route for model `{model}` on this API"),
-            );
-            return resp.send(Response::error(err, style)).await;
-        }
+        let targets = match &key {
+            Some(k) => match &k.routes {
+                Some(env) => env.lookup(&model, family),
+                None => Err(NoTarget::NoRoute),
+            },
+            None => {
+                let t = settings.routes.lookup(&model, family);
+                if t.is_empty() {
+                    Err(NoTarget::NoRoute)
+                } else {
+                    Ok(t)
+                }
+            }
+        };
+        let targets = match targets {
+            Ok(t) => t,
+            Err(NoTarget::NoRoute) => {
+                let err = ApiError::downstream(
+                    404,
+                    "model_not_found",
+                    format!("no route for model `{model}` on this API"),
+                );
+                return resp.send(Response::error(err, style)).await;
+            }
+            Err(NoTarget::Policy(why)) => {
+                let err = ApiError::downstream(
+                    403,
+                    "policy_blocked",
+                    format!(
+                        "no upstream for model `{model}` meets this environment's {why} policy"
+                    ),
+                );
+                return resp.send(Response::error(err, style)).await;
+            }
+        };
         self.forward(req, resp, &parsed, &targets, family).await;
     }
 }
@@ -343,9 +394,10 @@ fn is_json(req: &Request<'_>) -> bool {
     })
 }
 
-fn models(routes: &crate::routes::RouteTable) -> Response {
+fn models(routes: Option<&crate::routes::RouteTable>) -> Response {
     let data: Vec<_> = routes
-        .model_names()
+        .map(|r| r.model_names())
+        .unwrap_or_default()
         .into_iter()
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "aigateway"}))
         .collect();

@@ -30,40 +30,56 @@ impl RouteTable {
     /// Builds from a validated config. Fails only on what validation cannot know in
     /// advance (a CA file that does not parse, a TLS name that is not valid).
     pub fn build(c: &Config) -> Result<Self, String> {
-        let mut by_name = HashMap::new();
         let mut upstreams = Vec::with_capacity(c.upstreams.len());
         for u in &c.upstreams {
-            let built = Upstream::build(u).map_err(|e| format!("upstream {:?}: {e}", u.name))?;
-            by_name.insert(u.name.clone(), Arc::clone(&built));
-            upstreams.push(built);
+            upstreams.push(Upstream::build(u).map_err(|e| format!("upstream {:?}: {e}", u.name))?);
         }
-        let mut exact = HashMap::new();
-        let mut prefixes = Vec::new();
-        for r in &c.routes {
-            let targets: Vec<Target> = r
+        let by_name: HashMap<&str, &Arc<Upstream>> = c
+            .upstreams
+            .iter()
+            .zip(&upstreams)
+            .map(|(c, u)| (c.name.as_str(), u))
+            .collect();
+        let routes = c.routes.iter().map(|r| {
+            let targets = r
                 .targets
                 .iter()
                 .filter_map(|t| {
-                    by_name.get(&t.upstream).map(|u| Target {
+                    by_name.get(t.upstream.as_str()).map(|u| Target {
                         upstream: Arc::clone(u),
                         model: t.model.clone(),
                     })
                 })
                 .collect();
-            match (&r.model, &r.prefix) {
+            (r.model.clone(), r.prefix.clone(), targets)
+        });
+        let routes: Vec<_> = routes.collect();
+        Ok(Self::from_parts(upstreams, routes))
+    }
+
+    /// A table over `upstreams` with routes given as (exact model, prefix, targets); a route
+    /// with neither is ignored, and the first route for an exact name wins.
+    pub fn from_parts(
+        upstreams: Vec<Arc<Upstream>>,
+        routes: impl IntoIterator<Item = (Option<String>, Option<String>, Vec<Target>)>,
+    ) -> Self {
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        for (model, prefix, targets) in routes {
+            match (model, prefix) {
                 (Some(m), _) => {
-                    exact.entry(m.clone()).or_insert(targets);
+                    exact.entry(m).or_insert(targets);
                 }
-                (None, Some(p)) => prefixes.push((p.clone(), targets)),
+                (None, Some(p)) => prefixes.push((p, targets)),
                 (None, None) => {}
             }
         }
-        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        Ok(Self {
+        prefixes.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        Self {
             upstreams,
             exact,
             prefixes,
-        })
+        }
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {

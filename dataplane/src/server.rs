@@ -108,7 +108,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let admin_stop = Arc::new(Shutdown::default());
     // No provider configured: start the built-in demo provider and route everything there,
     // through the same proxy path real providers take.
-    let (config, demo, demo_addr) = if config.upstreams.is_empty() {
+    // (With a control plane, routing comes from it instead.)
+    let (config, demo, demo_addr) = if config.upstreams.is_empty() && config.control_plane.is_none()
+    {
         let (handle, addr) = start_demo(&config, &admin_stop)?;
         (with_demo_upstreams(config, addr), Some(handle), Some(addr))
     } else {

@@ -1,4 +1,4 @@
-//! The node's last applied key table, sealed on disk (AES-256-GCM, envelope-encrypted) so
+//! The node's last applied key table and routing (provider credentials included), sealed on disk (AES-256-GCM, envelope-encrypted) so
 //! the node can restart and serve while the control plane is unreachable.
 //!
 //! Written by the control thread (never a worker) at most once a second while changes keep
@@ -10,7 +10,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 
-use aigw_wire::{decode_frame, encode_frame, Frame, KeyRecord, Message, Record, DEFAULT_MAX_FRAME};
+use aigw_wire::{decode_frame, encode_frame, Frame, Message, Record, DEFAULT_MAX_FRAME};
 
 use crate::keys::{KeyTable, KeyTableBuilder};
 use crate::seal::{Kek, Opener, Sealer};
@@ -26,7 +26,7 @@ pub fn save(path: &Path, kek: &Kek, table: &KeyTable) -> anyhow::Result<()> {
         let mut w = BufWriter::new(file);
         let (mut sealer, head) = Sealer::new(kek, PURPOSE)?;
         w.write_all(&head)?;
-        let total = table.len();
+        let total = table.len() + table.routing.records().count();
         let parts = total.div_ceil(PART).max(1);
         let mut part = 0usize;
         let mut batch: Vec<Record> = Vec::with_capacity(PART.min(total));
@@ -61,6 +61,18 @@ pub fn save(path: &Path, kek: &Kek, table: &KeyTable) -> anyhow::Result<()> {
                 part += 1;
             }
         });
+        for r in table.routing.records() {
+            if err.is_some() {
+                break;
+            }
+            batch.push(r);
+            if batch.len() == PART && part + 1 < parts {
+                if let Err(e) = flush(&mut batch, part, &mut w) {
+                    err = Some(e);
+                }
+                part += 1;
+            }
+        }
         if let Some(e) = err {
             return Err(e);
         }
@@ -91,26 +103,20 @@ pub fn load(path: &Path, kek: &Kek) -> anyhow::Result<KeyTable> {
         else {
             anyhow::bail!("sealed snapshot holds something other than a snapshot part");
         };
-        let keys: Vec<KeyRecord> = records
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Key(k) => Some(k),
-                _ => None,
-            })
-            .collect();
         builder
             .get_or_insert_with(|| KeyTableBuilder::new(revision))
-            .add(&keys)?;
+            .add_records(records)?;
     }
-    Ok(builder
-        .map(KeyTableBuilder::finish)
-        .unwrap_or_else(KeyTable::empty))
+    match builder {
+        Some(b) => Ok(b.finish()?),
+        None => Ok(KeyTable::empty()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aigw_wire::KeyStatus;
+    use aigw_wire::{KeyRecord, KeyStatus};
 
     #[test]
     fn a_saved_table_loads_back_identically() {
@@ -155,6 +161,68 @@ mod tests {
         }
         let wrong = Kek::from_hex(&"22".repeat(32)).expect("kek");
         assert!(load(&path, &wrong).is_err(), "the wrong key opens nothing");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn routing_and_credentials_are_sealed_with_the_keys() {
+        use aigw_wire::{NonRetentionRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
+        let up = UpstreamRecord {
+            id: "t/production/oa".into(),
+            tenant_id: "t".into(),
+            environment: "production".into(),
+            name: "oa".into(),
+            provider: "openai".into(),
+            base_url: "http://127.0.0.1:9".into(),
+            credential: Some("sk-live-credential-0123456789".into()),
+            non_retention: NonRetentionRecord::AccountAgreement,
+            stream_options: true,
+            region: "eu".into(),
+            baa: false,
+            max_connections: 4,
+            connect_timeout_ms: 0,
+            first_byte_timeout_ms: 0,
+            read_idle_timeout_ms: 0,
+        };
+        let route = RouteRecord {
+            id: "t/production/all".into(),
+            tenant_id: "t".into(),
+            environment: "production".into(),
+            model: None,
+            prefix: Some(String::new()),
+            targets: vec![RouteTargetRecord {
+                upstream: "oa".into(),
+                model: None,
+            }],
+        };
+        let mut b = KeyTableBuilder::new(7);
+        b.add_records(vec![Record::Upstream(up), Record::Route(route)])
+            .expect("valid");
+        let table = b.finish().expect("valid");
+        let dir = std::env::temp_dir().join(format!("aigw-snap-routing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keys.sealed");
+        let kek = Kek::from_hex(&"33".repeat(32)).expect("kek");
+        save(&path, &kek, &table).expect("saves");
+        let raw = std::fs::read(&path).expect("read");
+        assert!(
+            !raw.windows(14).any(|w| w == b"sk-live-creden"),
+            "the provider credential is not on disk in the clear"
+        );
+        let back = load(&path, &kek).expect("loads");
+        assert_eq!(back.revision, 7);
+        let env = back
+            .routing
+            .env("t", aigw_wire::keys::Environment::Production)
+            .expect("routing came back");
+        let targets = env
+            .lookup("gpt-4o", crate::config::ProviderKind::Openai)
+            .expect("routes");
+        assert_eq!(
+            targets[0].upstream.credential.as_ref().map(|c| c.expose()),
+            Some("sk-live-credential-0123456789")
+        );
+        assert_eq!(back.routing.records().count(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cp;
 pub mod mock;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

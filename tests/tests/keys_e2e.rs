@@ -3,119 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
+use dataplane::config::ControlPlaneConfig;
+use e2e::cp::*;
 use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
-use serde_json::{json, Value};
-
-const NODE_TOKEN_ENV: &str = "AIGW_E2E_NODE_TOKEN";
-
-fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
-    controlplane::start(controlplane::Options {
-        data_dir: dir,
-        api_listen: "127.0.0.1:0".parse().unwrap(),
-        push_listen: push.parse().unwrap(),
-        tls_names: vec![],
-    })
-    .unwrap()
-}
-
-fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Value>) -> Resp {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        cp.admin_token,
-        body.len()
-    );
-    exchange(cp.addr, raw.as_bytes())
-}
-
-fn gateway(driver: DriverChoice, cp: &controlplane::Running, mock: &MockProvider) -> Gateway {
-    gateway_with(
-        driver,
-        cp.push_addr,
-        &cp.node_token,
-        &cp.ca_file,
-        mock,
-        |_| {},
-    )
-}
-
-fn gateway_with(
-    driver: DriverChoice,
-    push: SocketAddr,
-    node_token: &str,
-    ca_file: &std::path::Path,
-    mock: &MockProvider,
-    tweak: impl FnOnce(&mut ControlPlaneConfig),
-) -> Gateway {
-    // One variable per control plane: tests run in parallel, each with its own.
-    let token_env = format!("{NODE_TOKEN_ENV}_{}", push.port());
-    std::env::set_var(&token_env, node_token);
-    let toml = format!(
-        "[[upstreams]]\nname = \"oa\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"oa\" }}]\n",
-        mock.base_url()
-    );
-    let parsed = Config::parse(&toml, "t").unwrap();
-    let mut c = test_config(driver);
-    c.upstreams = parsed.upstreams;
-    c.routes = parsed.routes;
-    let mut cp_config = ControlPlaneConfig {
-        address: push.to_string(),
-        server_name: Some("localhost".into()),
-        ca_file: ca_file.to_path_buf(),
-        token_env,
-        node_id: Some(format!("node-{driver:?}")),
-        environments: vec!["production".into(), "staging".into(), "development".into()],
-        max_stale: Duration::ZERO,
-        snapshot_file: None,
-        seal_key_env: "AIGW_SEAL_KEY".into(),
-        seal_key_file: None,
-    };
-    tweak(&mut cp_config);
-    c.control_plane = Some(cp_config);
-    Gateway::start_with(c)
-}
-
-fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
-    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
-}
-
-/// Waits until every worker reports at least `revision`.
-fn wait_workers(gw: &Gateway, revision: i64) -> Duration {
-    let start = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let v = admin_get(gw.admin_addr(), "/workers").json();
-            v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|w| w["key_revision"].as_i64().unwrap_or(0) >= revision)
-        }),
-        "workers never reached revision {revision}: {}",
-        admin_get(gw.admin_addr(), "/workers").json()
-    );
-    start.elapsed()
-}
-
-fn revision(cp: &controlplane::Running) -> i64 {
-    api(cp, "GET", "/v1/revision", None).json()["revision"]
-        .as_i64()
-        .unwrap()
-}
+use serde_json::json;
 
 both_drivers!(
     keys_are_enforced_revoked_and_rotated_on_every_worker,
@@ -133,6 +28,7 @@ both_drivers!(
             .status,
             201
         );
+        route_env(&cp, "acme", "production", &mock);
         let created = api(
             &cp,
             "POST",
@@ -143,7 +39,7 @@ both_drivers!(
         let key = created["key"].as_str().unwrap().to_string();
         let key_id = created["info"]["key_id"].as_str().unwrap().to_string();
 
-        let gw = gateway(driver, &cp, &mock);
+        let gw = gateway(driver, &cp);
         assert!(
             wait_until(Duration::from_secs(10), || admin_get(
                 gw.admin_addr(),
@@ -403,6 +299,7 @@ both_drivers!(
             .status,
             201
         );
+        route_env(&cp, "acme", "production", &mock);
         let good = api(
             &cp,
             "POST",
@@ -435,7 +332,7 @@ both_drivers!(
             c.seal_key_env = "AIGW_E2E_SEAL_KEY".into();
         };
         let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
-        let gw = gateway_with(driver, push, &token, &ca, &mock, sealed);
+        let gw = gateway_with(driver, push, &token, &ca, sealed);
         wait_workers(&gw, revision(&cp));
         assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 200);
         gw.stop(); // an orderly stop writes the snapshot
@@ -451,7 +348,7 @@ both_drivers!(
 
         cp.stop();
         // The control plane is down; the node restarts and serves from the sealed snapshot.
-        let gw = gateway_with(driver, push, &token, &ca, &mock, sealed);
+        let gw = gateway_with(driver, push, &token, &ca, sealed);
         assert!(
             wait_until(Duration::from_secs(5), || admin_get(
                 gw.admin_addr(),
@@ -471,7 +368,7 @@ both_drivers!(
 
         // With the wrong seal key the snapshot is unusable: the node fails closed.
         std::env::set_var("AIGW_E2E_SEAL_KEY_WRONG", "77".repeat(32));
-        let gw = gateway_with(driver, push, &token, &ca, &mock, |c| {
+        let gw = gateway_with(driver, push, &token, &ca, |c| {
             c.snapshot_file = Some(snap.clone());
             c.seal_key_env = "AIGW_E2E_SEAL_KEY_WRONG".into();
         });

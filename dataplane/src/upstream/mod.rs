@@ -82,6 +82,10 @@ impl BaseUrl {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -96,6 +100,9 @@ impl fmt::Debug for Secret {
 /// An upstream ready for use.
 #[derive(Debug)]
 pub struct Upstream {
+    /// Unique for the life of the process: per-worker pools key on it, so connections made
+    /// to one upstream are never handed out for another built later.
+    pub uid: u64,
     pub name: String,
     pub kind: ProviderKind,
     pub url: BaseUrl,
@@ -114,9 +121,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds from a validated config entry.
+    /// Builds from a validated config entry (its credential read from its variable).
     pub fn build(c: &UpstreamConfig) -> Result<Arc<Self>, String> {
-        let url = BaseUrl::parse(&c.base_url)?;
         let credential = match &c.credential_env {
             Some(var) => {
                 Some(Secret(std::env::var(var).map_err(|_| {
@@ -125,6 +131,13 @@ impl Upstream {
             }
             None => None,
         };
+        Self::build_with(c, credential)
+    }
+
+    /// Builds from a config entry with the credential given (pushed by the control plane).
+    pub fn build_with(c: &UpstreamConfig, credential: Option<Secret>) -> Result<Arc<Self>, String> {
+        static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let url = BaseUrl::parse(&c.base_url)?;
         let tls = if url.tls {
             Some(tls::TlsClient::new(
                 &url.host,
@@ -135,6 +148,7 @@ impl Upstream {
             None
         };
         Ok(Arc::new(Self {
+            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             name: c.name.clone(),
             kind: c.kind,
             host_header: url.host_header(),

@@ -25,9 +25,9 @@ struct Slot {
 
 #[derive(Default)]
 struct Inner {
-    /// Keyed by the `Arc<Upstream>`'s address: a reload builds new upstreams, so
-    /// connections made under an old configuration are never handed out under a new one.
-    slots: HashMap<usize, Slot>,
+    /// Keyed by [`Upstream::uid`]: a reload builds new upstreams, so connections made under
+    /// an old configuration are never handed out under a new one.
+    slots: HashMap<u64, Slot>,
 }
 
 /// A worker's pools.
@@ -57,7 +57,7 @@ pub struct Lease {
 
 struct Permit {
     inner: Rc<RefCell<Inner>>,
-    key: usize,
+    key: u64,
 }
 
 impl std::fmt::Debug for Permit {
@@ -86,8 +86,8 @@ pub enum CheckoutError {
     Exhausted(String),
 }
 
-fn key(up: &Arc<Upstream>) -> usize {
-    Arc::as_ptr(up) as usize
+fn key(up: &Upstream) -> u64 {
+    up.uid
 }
 
 impl Pool {
@@ -157,8 +157,8 @@ impl Pool {
 
     /// Closes the idle connections of upstreams that are no longer configured; their slots
     /// go once the last connection in use comes back.
-    pub fn retain(&self, live: &[Arc<Upstream>]) {
-        let keep: Vec<usize> = live.iter().map(key).collect();
+    pub fn retain<'a>(&self, live: impl IntoIterator<Item = &'a Arc<Upstream>>) {
+        let keep: std::collections::HashSet<u64> = live.into_iter().map(|u| key(u)).collect();
         let mut inner = self.inner.borrow_mut();
         inner.slots.retain(|k, slot| {
             if keep.contains(k) {
