@@ -204,6 +204,8 @@ where
     let mut rx = state.revision.subscribe();
     let store = Arc::clone(&state.store);
     let held = i64::try_from(held).unwrap_or(i64::MAX);
+    // What the node holds for certain: its revision at hello, then what it acknowledged.
+    let mut acked = held;
     let mut sent = sync(conn, state, &store, node, held).await?;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
@@ -216,13 +218,20 @@ where
                 }
             }
             msg = conn.next() => match msg? {
-                Message::Ack { revision } => state.update(node, |n| {
-                    n.applied_revision = n.applied_revision.max(revision);
-                    n.last_error = None;
-                }),
+                Message::Ack { revision } => {
+                    acked = acked.max(i64::try_from(revision).unwrap_or(i64::MAX));
+                    state.update(node, |n| {
+                        n.applied_revision = n.applied_revision.max(revision);
+                        n.last_error = None;
+                    });
+                }
                 Message::Nack { revision, error } => {
                     tracing::warn!(node, revision, error = %error, "node refused a revision");
                     state.update(node, |n| n.last_error = Some(format!("revision {revision}: {error}")));
+                    // The node kept its previous configuration: the next push starts from
+                    // what it holds, so the link stays up and it catches up once the
+                    // control plane's state is acceptable again.
+                    sent = acked;
                 }
                 Message::Heartbeat { .. } => {}
                 other => tracing::debug!(node, ?other, "ignoring message"),
@@ -561,6 +570,60 @@ mod tests {
         }
         for (id, c) in expected {
             assert_eq!(counts(id), Some(c), "{id}: (snapshots, changes) sent");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn after_a_nack_the_next_push_starts_from_what_the_node_holds() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        let held = store.revision().expect("rev");
+        let mut node = Node::connect(&state, "picky", held as u64).await;
+        let first = store
+            .put_route(&actor(), "t", Environment::Production, "r2", &route("m2"))
+            .expect("route");
+        state.notify();
+        match node.next().await {
+            Message::Changes { from_revision, .. } => assert_eq!(from_revision, held as u64),
+            other => panic!("expected changes, got {other:?}"),
+        }
+        node.conn
+            .send(&Message::Nack {
+                revision: first.revision as u64,
+                error: "refused".into(),
+            })
+            .await
+            .expect("nack");
+        // Let the session take the NACK in before the next commit.
+        for _ in 0..100 {
+            let seen = state
+                .nodes()
+                .into_iter()
+                .any(|n| n.node_id == "picky" && n.last_error.is_some());
+            if seen {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let second = store
+            .put_route(&actor(), "t", Environment::Production, "r3", &route("m3"))
+            .expect("route");
+        state.notify();
+        match node.next().await {
+            Message::Changes {
+                from_revision,
+                to_revision,
+                changes,
+            } => {
+                assert_eq!(
+                    (from_revision, to_revision),
+                    (held as u64, second.revision as u64),
+                    "resent from the node's own revision, the refused change included"
+                );
+                assert_eq!(changes.len(), 2);
+            }
+            other => panic!("expected changes, got {other:?}"),
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

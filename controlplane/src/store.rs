@@ -86,7 +86,6 @@ CREATE TABLE meta (
 );
 INSERT INTO meta (name, value) SELECT 'revision', COALESCE(MAX(revision), 0) FROM changelog;
 INSERT INTO meta (name, value) VALUES ('compacted_through', 0);
-CREATE INDEX changelog_record ON changelog(kind, record_id);
 CREATE TABLE upstreams (
     id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL REFERENCES tenants(id),
@@ -501,8 +500,8 @@ impl Store {
     }
 
     /// [`Store::changes_since`], but `None` also when more than `max` records changed: a
-    /// snapshot (sent in parts) is then the smaller message. Counted before any record is
-    /// read, in the same read.
+    /// snapshot (sent in parts) is then the smaller message. Counted while the changelog is
+    /// read, before any record is.
     pub fn changes_since_at_most(
         &self,
         revision: i64,
@@ -513,23 +512,33 @@ impl Store {
                 return Ok(None);
             }
             let newest = meta(tx, META_REVISION)?;
-            let count: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM (SELECT DISTINCT kind, record_id FROM changelog
-                 WHERE revision > ?1 AND kind IN ('key', 'upstream', 'route', 'policy')) AS changed",
-                params![revision],
-                |r| r.get(0),
-            )?;
-            if usize::try_from(count).map_or(true, |n| n > max) {
-                return Ok(None);
-            }
-            let changed: Vec<(String, String)> = {
+            // A range scan of the primary key (bounded by what the node lacks), deduplicated
+            // here: each record once, in the order of its latest change.
+            let mut changed: Vec<(String, String)> = Vec::new();
+            {
+                let mut latest: std::collections::HashMap<(String, String), usize> =
+                    std::collections::HashMap::new();
                 let mut st = tx.prepare(
-                    "SELECT kind, record_id FROM changelog WHERE revision > ?1
-                     GROUP BY kind, record_id ORDER BY MAX(revision)",
+                    "SELECT kind, record_id FROM changelog WHERE revision > ?1 ORDER BY revision",
                 )?;
-                let rows = st.query_map(params![revision], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
+                let mut rows = st.query(params![revision])?;
+                let mut order: Vec<Option<(String, String)>> = Vec::new();
+                while let Some(r) = rows.next()? {
+                    let kind: String = r.get(0)?;
+                    if wire_kind(&kind).is_none() {
+                        continue;
+                    }
+                    let entry = (kind, r.get::<_, String>(1)?);
+                    if let Some(prev) = latest.insert(entry.clone(), order.len()) {
+                        order[prev] = None;
+                    }
+                    order.push(Some(entry));
+                    if latest.len() > max {
+                        return Ok(None);
+                    }
+                }
+                changed.extend(order.into_iter().flatten());
+            }
             let mut changes = Vec::with_capacity(changed.len());
             for (kind, id) in changed {
                 let Some(code) = wire_kind(&kind) else {

@@ -136,8 +136,7 @@ fn session(
     )?;
     tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
     let mut buf = Vec::new();
-    let mut snapshot: Option<KeyTableBuilder> = None;
-    let mut snapshot_error: Option<String> = None;
+    let mut snapshot: Option<Incoming> = None;
     let mut last_heard = std::time::Instant::now();
     let mut saved_revision = keys.revision();
     let mut last_save = std::time::Instant::now() - SAVE_EVERY;
@@ -189,20 +188,48 @@ fn session(
                 parts,
                 records,
             } => {
-                if part == 0 {
-                    snapshot = Some(KeyTableBuilder::new(revision));
-                    snapshot_error = None;
+                if parts == 0 || part >= parts {
+                    snapshot = None;
+                    let error = format!("snapshot part {part} of {parts}");
+                    tracing::error!(revision, error = %error, "refusing a malformed snapshot");
+                    send(&mut stream, &Message::Nack { revision, error })?;
+                    continue;
                 }
-                if let (Some(b), None) = (snapshot.as_mut(), &snapshot_error) {
-                    if let Err(e) = b.add_records(records) {
-                        snapshot_error = Some(e.to_string());
+                if part == 0 {
+                    snapshot = Some(Incoming {
+                        builder: KeyTableBuilder::new(revision),
+                        revision,
+                        parts,
+                        next: 0,
+                        error: None,
+                    });
+                }
+                let s = snapshot.get_or_insert_with(|| Incoming {
+                    builder: KeyTableBuilder::new(revision),
+                    revision,
+                    parts,
+                    next: 0,
+                    error: Some("a snapshot part arrived without its first part".into()),
+                });
+                if s.error.is_none() && (s.revision, s.parts, s.next) != (revision, parts, part) {
+                    s.error = Some(format!(
+                        "snapshot part {part}/{parts} of revision {revision} arrived, expected part {}/{} of revision {}",
+                        s.next, s.parts, s.revision
+                    ));
+                }
+                if s.error.is_none() {
+                    if let Err(e) = s.builder.add_records(records) {
+                        s.error = Some(e.to_string());
                     }
                 }
+                s.next = part + 1;
                 if part + 1 == parts {
-                    let built = match (snapshot.take(), snapshot_error.take()) {
-                        (Some(b), None) => b.finish().map_err(|e| e.to_string()),
-                        (_, Some(e)) => Err(e),
-                        (None, None) => Err("snapshot parts out of order".into()),
+                    let Some(done) = snapshot.take() else {
+                        continue;
+                    };
+                    let built = match done.error {
+                        None => done.builder.finish().map_err(|e| e.to_string()),
+                        Some(e) => Err(e),
                     };
                     let reply = match built {
                         Ok(t) => {
@@ -219,7 +246,6 @@ fn session(
                     send(&mut stream, &reply)?;
                 }
             }
-
             Message::Changes {
                 from_revision,
                 to_revision,
@@ -231,6 +257,28 @@ fn session(
                         "changes start at {from_revision} but this node holds {}",
                         current.revision
                     );
+                }
+                let refuse = if snapshot.is_some() {
+                    Some("changes arrived in the middle of a snapshot".to_string())
+                } else if to_revision <= current.revision || to_revision < from_revision {
+                    Some(format!(
+                        "changes {from_revision}..{to_revision} do not move this node past {}",
+                        current.revision
+                    ))
+                } else {
+                    None
+                };
+                if let Some(error) = refuse {
+                    snapshot = None;
+                    tracing::error!(revision = to_revision, error = %error, "refusing a revision");
+                    send(
+                        &mut stream,
+                        &Message::Nack {
+                            revision: to_revision,
+                            error,
+                        },
+                    )?;
+                    continue;
                 }
                 let n = changes.len();
                 let reply = match current.apply_changes(to_revision, changes) {
@@ -260,6 +308,16 @@ fn session(
             other => tracing::debug!(?other, "ignoring message"),
         }
     }
+}
+
+/// A snapshot whose parts are arriving: they must come in order, all of one revision.
+struct Incoming {
+    builder: KeyTableBuilder,
+    revision: u64,
+    parts: u64,
+    next: u64,
+    /// Set at the first problem; the snapshot is refused once its last part arrives.
+    error: Option<String>,
 }
 
 /// Most one sealed write per this interval while changes keep coming.
