@@ -286,22 +286,23 @@ impl KeyTableBuilder {
     /// policies into the routing (built once, in [`Self::finish`]); unknown kinds are
     /// skipped.
     pub fn add_records(&mut self, records: Vec<Record>) -> Result<(), TableError> {
-        let mut keys = Vec::new();
         for r in records {
             match r {
-                Record::Key(k) => keys.push(k),
+                Record::Key(k) => self.add_one(&k)?,
                 Record::Unknown { .. } => {}
                 other => self.routing.push(other),
             }
         }
-        self.add(&keys)
+        Ok(())
     }
 
     pub fn add(&mut self, records: &[KeyRecord]) -> Result<(), TableError> {
-        for r in records {
-            let (id, e) = entry(r, &mut self.interner)?;
-            self.shards[shard_of(&id)].push((id, Arc::new(e)));
-        }
+        records.iter().try_for_each(|r| self.add_one(r))
+    }
+
+    fn add_one(&mut self, r: &KeyRecord) -> Result<(), TableError> {
+        let (id, e) = entry(r, &mut self.interner)?;
+        self.shards[shard_of(&id)].push((id, Arc::new(e)));
         Ok(())
     }
 
