@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod admin;
 pub mod auth;
 pub mod body;
+mod client_watch;
 pub mod config;
 mod conn;
 pub mod control;

@@ -39,6 +39,10 @@ pub enum Attempt {
     Fail(ApiError),
 }
 
+/// How long after its arrival a request waiting on its upstream has its client's connection
+/// watched for a close.
+const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most bytes of a JSON response kept to read its usage figures from.
 const MAX_JSON_OBSERVED: usize = 4 << 20;
 /// Largest single SSE event the observer buffers.
@@ -67,7 +71,18 @@ pub async fn exchange(
             "sending the request to the upstream failed",
         ));
     }
-    let head = match read_head(&mut lease.conn, up).await {
+    let waited = monoio::select! {
+        h = read_head(&mut lease.conn, up) => Some(h),
+        _ = resp.client_closed(req.started + WATCH_CLIENT_AFTER) => None,
+    };
+    let Some(head) = waited else {
+        // The upstream connection has a response in flight: it is dropped (closed), never
+        // pooled, which also tells the provider to stop.
+        tracing::info!(id = %req.id, upstream = %up.name, "client closed the connection while waiting for the upstream; abandoning the request");
+        resp.client_gone();
+        return Attempt::Done;
+    };
+    let head = match head {
         Ok(h) => h,
         Err(HeadError::TimedOut) => {
             return Attempt::Fail(ApiError::upstream(

@@ -219,6 +219,21 @@ impl<'a> Responder<'a> {
     pub fn abort(&mut self) {
         self.state = State::Aborted;
     }
+
+    /// Resolves once the client closed its connection (watched only from `from` on; see
+    /// [`crate::client_watch`]).
+    pub async fn client_closed(&self, from: std::time::Instant) {
+        crate::client_watch::closed(self.stream, from).await;
+    }
+
+    /// The client left before any response: nothing is written, the connection is closed,
+    /// and the access log shows 499 (the status nginx uses for it).
+    pub fn client_gone(&mut self) {
+        if self.state == State::NotStarted {
+            self.status = 499;
+        }
+        self.state = State::Aborted;
+    }
 }
 
 fn hex(mut n: usize, out: &mut [u8; 16]) -> usize {

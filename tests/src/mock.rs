@@ -50,6 +50,9 @@ pub enum Behavior {
     },
     /// Read the request, never answer; the socket stays open until the provider is dropped.
     Stall,
+    /// Read the request, never answer, and wait for the peer to close the connection; each
+    /// such close is counted ([`MockProvider::closed_by_peer`]).
+    Hold,
     /// Send the head and `events` OpenAI SSE events (chunked), then stall until dropped.
     StallAfterEvents { events: usize },
     /// Send the head and `events` OpenAI SSE events (chunked), then reset the connection (RST).
@@ -121,6 +124,8 @@ struct Shared {
     queue: Mutex<VecDeque<Behavior>>,
     default: Mutex<Behavior>,
     connections: AtomicUsize,
+    /// Connections held by [`Behavior::Hold`] that the peer closed.
+    closed_by_peer: AtomicUsize,
     next_conn_key: AtomicU64,
     /// Clones of the open connections' sockets, shut down on drop to unblock their threads.
     open: Mutex<HashMap<u64, TcpStream>>,
@@ -157,6 +162,7 @@ impl MockProvider {
             queue: Mutex::new(VecDeque::new()),
             default: Mutex::new(opts.default),
             connections: AtomicUsize::new(0),
+            closed_by_peer: AtomicUsize::new(0),
             next_conn_key: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
         });
@@ -210,6 +216,11 @@ impl MockProvider {
     /// How many requests have been received so far.
     pub fn request_count(&self) -> usize {
         self.shared.requests.lock().unwrap().len()
+    }
+
+    /// How many connections held by [`Behavior::Hold`] the peer has closed.
+    pub fn closed_by_peer(&self) -> usize {
+        self.shared.closed_by_peer.load(Ordering::SeqCst)
     }
 
     /// How many TCP connections have been accepted so far.
@@ -845,6 +856,16 @@ fn respond(
         }
         Behavior::Stall => {
             stall(shared);
+            Ok(After::Drop)
+        }
+        Behavior::Hold => {
+            let mut sink = Vec::new();
+            while !shared.stopped() && matches!(fill(conn, &mut sink), Ok(n) if n > 0) {
+                sink.clear();
+            }
+            if !shared.stopped() {
+                shared.closed_by_peer.fetch_add(1, Ordering::SeqCst);
+            }
             Ok(After::Drop)
         }
         Behavior::StallAfterEvents { events } => {

@@ -851,3 +851,52 @@ fn demo_provider_streams_through_the_proxy() {
         "{text}"
     );
 }
+
+both_drivers!(
+    a_client_that_leaves_while_its_request_waits_upstream_releases_it,
+    |driver| {
+        let mock = MockProvider::start(MockOptions {
+            tls: false,
+            default: Behavior::Hold,
+        });
+        let gw = gateway(
+            driver,
+            &[("oa", "openai", mock.base_url(), "")],
+            "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"oa\" }]\n",
+            |c| c.server.workers = 1,
+        );
+        // A client that stays, and sends its next request pipelined while the first waits,
+        // is not taken for gone.
+        let mut staying = gw.connect();
+        staying
+            .write_all(&post("/v1/chat/completions", &chat("m", false), ""))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1300));
+        staying
+            .write_all(&post("/v1/chat/completions", &chat("m", false), ""))
+            .unwrap();
+        // A client that leaves: once the request has waited a second, the gateway notices and
+        // closes the upstream connection (the provider stops generating for nobody).
+        let mut leaving = gw.connect();
+        leaving
+            .write_all(&post("/v1/chat/completions", &chat("m", false), ""))
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || mock.request_count() == 2));
+        drop(leaving);
+        assert!(
+            wait_until(Duration::from_secs(5), || mock.closed_by_peer() == 1),
+            "the abandoned upstream connection was closed"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(
+            mock.closed_by_peer(),
+            1,
+            "the staying client's upstream connection is still held"
+        );
+        drop(staying);
+        assert!(
+            wait_until(Duration::from_secs(5), || mock.closed_by_peer() == 2),
+            "and released once that client leaves too"
+        );
+    }
+);
