@@ -34,7 +34,11 @@ impl<'a> JsonBody<'a> {
     /// Parses `bytes`. Duplicate top-level keys are refused: parsers disagree on which one
     /// wins, so the gateway and the provider could act on different values.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, BodyError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+        // UTF-8 is checked once for the whole body (SIMD), so serde_json reads it as text
+        // and does not check each member's raw text again.
+        let text = simdutf8::basic::from_utf8(bytes)
+            .map_err(|_| BodyError::Invalid("the body is not UTF-8".into()))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         let fields = de.deserialize_any(FieldsVisitor).map_err(|e| {
             if e.to_string().starts_with(NOT_OBJECT) {
                 BodyError::NotAnObject
@@ -246,6 +250,17 @@ mod tests {
             Err(BodyError::Invalid(_))
         ));
         assert!(matches!(JsonBody::parse(b""), Err(BodyError::Invalid(_))));
+        // Invalid UTF-8 anywhere, in a key, a nested string or a value, is refused.
+        for bad in [
+            &b"{\"a\xff\":1}"[..],
+            b"{\"m\":[{\"c\":\"x\xc3\"}]}",
+            b"{\"m\":\"\xed\xa0\x80\"}",
+        ] {
+            assert!(
+                matches!(JsonBody::parse(bad), Err(BodyError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             JsonBody::parse(br#"{"model":"a","model":"b"}"#).map(|_| ()),
             Err(BodyError::DuplicateKey("model".into()))

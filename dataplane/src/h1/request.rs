@@ -5,7 +5,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::{is_field_value_byte, is_tchar, list_contains, trim_ows, H1Error, Limits};
+use super::{is_tchar, list_contains, trim_ows, H1Error, Limits};
 
 /// HTTP versions we speak. httparse only recognises 1.0 and 1.1; anything else is answered
 /// with 505 (RFC 9110 §15.6.6).
@@ -341,12 +341,11 @@ fn scan_fields<'b>(headers: &[httparse::Header<'b>]) -> Result<Fields<'b>, H1Err
     let mut f = Fields::default();
     let mut te = TeState::default();
     for h in headers {
-        // httparse lets obs-text and some controls through in values; RFC 9110 §5.5 does
-        // not (NUL, CR and LF in particular must never reach the next hop).
-        if !h.value.iter().all(|&b| is_field_value_byte(b)) {
-            return Err(H1Error::BadHeader);
-        }
-        if !h.name.bytes().all(is_tchar) || h.name.is_empty() {
+        // Names are tokens and values hold only HTAB, SP, VCHAR and obs-text (RFC 9110 §5.1,
+        // §5.5): httparse's default parser already refuses anything else (NUL, CR, LF, DEL,
+        // controls), which `every_byte_in_names_and_values_is_judged_like_rfc_9110` checks
+        // byte by byte, so the bytes are not scanned a second time here.
+        if h.name.is_empty() {
             return Err(H1Error::BadHeader);
         }
         let name = h.name.as_bytes();
@@ -446,6 +445,7 @@ impl TeState {
 
 #[cfg(test)]
 mod tests {
+    use super::super::is_field_value_byte;
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<(BodyFraming, bool, usize)>, H1Error> {
@@ -628,6 +628,32 @@ mod tests {
             err(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n"),
             H1Error::BadHeader
         );
+    }
+
+    #[test]
+    fn every_byte_in_names_and_values_is_judged_like_rfc_9110() {
+        for b in 0..=255u8 {
+            let mut value = b"GET / HTTP/1.1\r\nHost: a\r\nX: a".to_vec();
+            value.extend_from_slice(&[b, b'b']);
+            value.extend_from_slice(b"\r\n\r\n");
+            let got = parse(&value);
+            if b == b'\r' || b == b'\n' {
+                assert!(got.is_err(), "a bare {b:#x} in a value is refused");
+            } else {
+                assert_eq!(
+                    got.is_ok(),
+                    is_field_value_byte(b),
+                    "value byte {b:#x}: {got:?}"
+                );
+            }
+            let mut name = b"GET / HTTP/1.1\r\nHost: a\r\nX".to_vec();
+            name.extend_from_slice(&[b, b'Y']);
+            name.extend_from_slice(b": v\r\n\r\n");
+            let got = parse(&name);
+            if b != b':' {
+                assert_eq!(got.is_ok(), is_tchar(b), "name byte {b:#x}: {got:?}");
+            }
+        }
     }
 
     #[test]
