@@ -1,0 +1,229 @@
+//! The quick start with the real binaries: `controlplane serve`, the operator CLI (tenant,
+//! key, upstream with its credential from a variable, route, policy, revocation, nodes) and a
+//! `dataplane` process linked to it, with requests through to a mock provider.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use e2e::mock::{MockOptions, MockProvider};
+use e2e::*;
+use serde_json::Value;
+
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Runs one CLI command against the control plane at `url`; returns its JSON output.
+fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let out = Command::new(bin_path("controlplane"))
+        .args(["--url", url])
+        .args(args)
+        .env("AIGW_ADMIN_TOKEN", token)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "controlplane {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "controlplane {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+fn chat(gw: SocketAddr, key: &str) -> Resp {
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(gw, raw.as_bytes())
+}
+
+#[test]
+fn the_operator_cli_drives_a_node_through_the_control_plane() {
+    let dir = scratch_dir("cli-e2e");
+    let data = dir.join("cp");
+    let (api, link) = (free_addr(), free_addr());
+    let _cp = Served(
+        Command::new(bin_path("controlplane"))
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &api.to_string()])
+            .args(["--link-listen", &link.to_string()])
+            .env_remove("AIGW_SEAL_KEY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("cp.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || data
+            .join("admin-token")
+            .exists()
+            && std::net::TcpStream::connect(api).is_ok()),
+        "control plane up: {}",
+        std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default()
+    );
+    let url = format!("http://{api}");
+    let token = read(&data.join("admin-token"));
+
+    let tenant = cli(
+        &url,
+        &token,
+        &["tenant-create", "--name", "Acme", "--tier", "pro"],
+        &[],
+    );
+    let tenant = tenant["id"].as_str().unwrap().to_string();
+    let created = cli(
+        &url,
+        &token,
+        &[
+            "key-create",
+            "--tenant",
+            &tenant,
+            "--environment",
+            "production",
+        ],
+        &[],
+    );
+    let key = created["key"].as_str().unwrap().to_string();
+    let key_id = created["info"]["key_id"].as_str().unwrap().to_string();
+
+    let provider = MockProvider::start(MockOptions::default());
+    let up = cli(
+        &url,
+        &token,
+        &[
+            "upstream-put",
+            &tenant,
+            "production",
+            "oa",
+            "--provider",
+            "openai",
+            "--base-url",
+            &provider.base_url(),
+            "--credential-env",
+            "AIGW_CLI_E2E_PROVIDER_KEY",
+        ],
+        &[("AIGW_CLI_E2E_PROVIDER_KEY", "sk-from-the-cli")],
+    );
+    assert_eq!(up["has_credential"], true);
+    cli(
+        &url,
+        &token,
+        &[
+            "route-put",
+            &tenant,
+            "production",
+            "all",
+            "--prefix",
+            "",
+            "--target",
+            "oa",
+        ],
+        &[],
+    );
+    let routes = cli(&url, &token, &["route-list", &tenant, "production"], &[]);
+    assert_eq!(routes["data"].as_array().unwrap().len(), 1);
+
+    // The node: its config names the control plane, nothing else.
+    std::env::set_var("AIGW_CLI_E2E_NODE_TOKEN", read(&data.join("node-token")));
+    let node_dir = dir.join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{link}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ntoken_env = \"AIGW_CLI_E2E_NODE_TOKEN\"\nnode_id = \"cli-node\"\n",
+        data.join("pki").join("ca.pem").display()
+    );
+    let gw = GatewayProcess::start(&config, &node_dir);
+    assert!(
+        wait_until(Duration::from_secs(10), || admin_get(
+            gw.admin_addr,
+            "/readyz"
+        )
+        .status
+            == 200),
+        "node ready: {}",
+        gw.log()
+    );
+    let r = chat(gw.addr, &key);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        provider.requests()[0].header("authorization"),
+        Some("Bearer sk-from-the-cli")
+    );
+
+    // `nodes` shows the node and the revision it applied.
+    let newest = cli(&url, &token, &["nodes"], &[]);
+    let node = newest["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == "cli-node")
+        .cloned()
+        .unwrap();
+    assert_eq!(node["connected"], true);
+    assert!(node["applied_revision"].as_u64().unwrap() > 0);
+
+    // A policy the upstream breaks keeps requests from leaving.
+    cli(
+        &url,
+        &token,
+        &["policy-put", &tenant, "production", "--zero-retention"],
+        &[],
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || chat(gw.addr, &key).status == 403),
+        "policy applied"
+    );
+    assert_eq!(provider.request_count(), 1);
+
+    // Revocation from the CLI.
+    cli(&url, &token, &["key-revoke", &key_id], &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || chat(gw.addr, &key).status == 401),
+        "revoked"
+    );
+    let audit = cli(&url, &token, &["audit"], &[]);
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    for a in [
+        "tenant.create",
+        "key.create",
+        "upstream.put",
+        "route.put",
+        "policy.put",
+        "key.revoke",
+    ] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    assert!(!audit.to_string().contains("sk-from-the-cli"));
+}
