@@ -190,17 +190,26 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     assert!(node["applied_revision"].as_u64().unwrap() > 0);
 
     // A policy the upstream breaks keeps requests from leaving.
-    cli(
+    let policy = cli(
         &url,
         &token,
         &["policy-put", &tenant, "production", "--zero-retention"],
         &[],
     );
+    let revision = policy["revision"].as_i64().unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || chat(gw.addr, &key).status == 403),
-        "policy applied"
+        wait_until(Duration::from_secs(5), || {
+            admin_get(gw.admin_addr, "/workers").json()["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["key_revision"].as_i64().unwrap_or(0) >= revision)
+        }),
+        "every worker applied the policy"
     );
-    assert_eq!(provider.request_count(), 1);
+    let r = chat(gw.addr, &key);
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(provider.request_count(), 1, "nothing left for the provider");
 
     // Revocation from the CLI.
     cli(&url, &token, &["key-revoke", &key_id], &[]);
