@@ -135,10 +135,10 @@ impl LocalKeys {
         t.1.revision
     }
 
-    /// The routing generation of the table this worker holds, and the routing itself when
-    /// it differs from `seen`.
+    /// The routing of the table this worker holds, when its generation differs from `seen`.
+    /// It does not look for a newer table: [`Self::authenticate`] does, once per request, and
+    /// a change it picks up is seen here at the next request.
     pub fn routing_if_changed(&self, seen: u64) -> Option<Arc<Routing>> {
-        self.refresh();
         let t = self.table.borrow();
         (t.1.routing.generation != seen).then(|| Arc::clone(&t.1.routing))
     }

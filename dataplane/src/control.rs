@@ -196,20 +196,14 @@ fn session(
                     continue;
                 }
                 if part == 0 {
-                    snapshot = Some(Incoming {
-                        builder: KeyTableBuilder::new(revision),
+                    snapshot = Some(Incoming::new(revision, parts, None));
+                }
+                let s = snapshot.get_or_insert_with(|| {
+                    Incoming::new(
                         revision,
                         parts,
-                        next: 0,
-                        error: None,
-                    });
-                }
-                let s = snapshot.get_or_insert_with(|| Incoming {
-                    builder: KeyTableBuilder::new(revision),
-                    revision,
-                    parts,
-                    next: 0,
-                    error: Some("a snapshot part arrived without its first part".into()),
+                        Some("a snapshot part arrived without its first part".into()),
+                    )
                 });
                 if s.error.is_none() && (s.revision, s.parts, s.next) != (revision, parts, part) {
                     s.error = Some(format!(
@@ -318,6 +312,18 @@ struct Incoming {
     next: u64,
     /// Set at the first problem; the snapshot is refused once its last part arrives.
     error: Option<String>,
+}
+
+impl Incoming {
+    fn new(revision: u64, parts: u64, error: Option<String>) -> Self {
+        Self {
+            builder: KeyTableBuilder::new(revision),
+            revision,
+            parts,
+            next: 0,
+            error,
+        }
+    }
 }
 
 /// Most one sealed write per this interval while changes keep coming.

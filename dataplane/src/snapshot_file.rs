@@ -49,21 +49,10 @@ pub fn save(path: &Path, kek: &Kek, table: &KeyTable) -> anyhow::Result<()> {
             Ok(())
         };
         let mut err = None;
-        table.for_each_record(|r| {
+        // Keys, then the routing, in parts of at most PART records.
+        let mut add = |r: Record| {
             if err.is_some() {
                 return;
-            }
-            batch.push(Record::Key(r));
-            if batch.len() == PART && part + 1 < parts {
-                if let Err(e) = flush(&mut batch, part, &mut w) {
-                    err = Some(e);
-                }
-                part += 1;
-            }
-        });
-        for r in table.routing.records() {
-            if err.is_some() {
-                break;
             }
             batch.push(r);
             if batch.len() == PART && part + 1 < parts {
@@ -72,7 +61,9 @@ pub fn save(path: &Path, kek: &Kek, table: &KeyTable) -> anyhow::Result<()> {
                 }
                 part += 1;
             }
-        }
+        };
+        table.for_each_record(|k| add(Record::Key(k)));
+        table.routing.records().for_each(&mut add);
         if let Some(e) = err {
             return Err(e);
         }

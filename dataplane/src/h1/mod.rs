@@ -55,3 +55,27 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     }
     s
 }
+
+/// Checks, for every byte, that a head with it inside a header value (`X: a<b>b`) or name
+/// (`X<b>Y: v`) between `start` and `end` is accepted exactly when RFC 9110 allows the byte
+/// there (a bare CR or LF in a value is always refused). Request and response parsing rely
+/// on httparse for these byte sets; this guards that they match.
+#[cfg(test)]
+pub(crate) fn assert_field_bytes_judged_like_rfc_9110(
+    accepts: impl Fn(&[u8]) -> bool,
+    start: &[u8],
+    end: &[u8],
+) {
+    for b in 0..=255u8 {
+        let value = [start, b"X: a", &[b, b'b'], end].concat();
+        if b == b'\r' || b == b'\n' {
+            assert!(!accepts(&value), "a bare {b:#x} in a value is refused");
+        } else {
+            assert_eq!(accepts(&value), is_field_value_byte(b), "value byte {b:#x}");
+        }
+        if b != b':' {
+            let name = [start, b"X", &[b, b'Y'], b": v", end].concat();
+            assert_eq!(accepts(&name), is_tchar(b), "name byte {b:#x}");
+        }
+    }
+}

@@ -168,33 +168,15 @@ pub fn parse_response_head<'h, 'b>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{is_field_value_byte, is_tchar};
     use super::*;
 
     #[test]
     fn every_byte_in_names_and_values_is_judged_like_rfc_9110() {
-        for b in 0..=255u8 {
-            let mut value = b"HTTP/1.1 200 OK\r\nX: a".to_vec();
-            value.extend_from_slice(&[b, b'b']);
-            value.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
-            let got = parse(&value);
-            if b == b'\r' || b == b'\n' {
-                assert!(got.is_err(), "a bare {b:#x} in a value is refused");
-            } else {
-                assert_eq!(
-                    got.is_ok(),
-                    is_field_value_byte(b),
-                    "value byte {b:#x}: {got:?}"
-                );
-            }
-            let mut name = b"HTTP/1.1 200 OK\r\nX".to_vec();
-            name.extend_from_slice(&[b, b'Y']);
-            name.extend_from_slice(b": v\r\nContent-Length: 0\r\n\r\n");
-            let got = parse(&name);
-            if b != b':' {
-                assert_eq!(got.is_ok(), is_tchar(b), "name byte {b:#x}: {got:?}");
-            }
-        }
+        super::super::assert_field_bytes_judged_like_rfc_9110(
+            |head| parse(head).is_ok(),
+            b"HTTP/1.1 200 OK\r\n",
+            b"\r\nContent-Length: 0\r\n\r\n",
+        );
     }
 
     fn parse(raw: &[u8]) -> Result<Option<(u16, ResponseFraming, bool)>, ResponseError> {
