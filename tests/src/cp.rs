@@ -24,32 +24,75 @@ pub fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
 }
 
 pub fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Value>) -> Resp {
+    call(cp.addr, &cp.admin_token, method, path, body)
+}
+
+/// A request to the admin API at `addr` presenting `token` (any token, to test refusals).
+pub fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        cp.admin_token,
+        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    exchange(cp.addr, raw.as_bytes())
+    exchange(addr, raw.as_bytes())
+}
+
+/// Creates tenant `id` (asserting 201).
+pub fn tenant(cp: &controlplane::Running, id: &str, tier: &str) {
+    let r = api(
+        cp,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": id, "name": id, "tier": tier})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Creates a key of `tenant` from `body` (asserting 201); returns the answer (`key`, `info`).
+pub fn create_key(cp: &controlplane::Running, tenant: &str, body: Value) -> Value {
+    let r = api(
+        cp,
+        "POST",
+        &format!("/v1/tenants/{tenant}/keys"),
+        Some(body),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// A new key of `tenant`'s `env`, in full.
+pub fn key(cp: &controlplane::Running, tenant: &str, env: &str) -> String {
+    create_key(cp, tenant, json!({"environment": env}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A PUT to the admin API that must succeed.
+pub fn put(cp: &controlplane::Running, path: &str, body: Value) -> Resp {
+    let r = api(cp, "PUT", path, Some(body));
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r
 }
 
 /// Gives `tenant`'s `env` an upstream on the mock provider and a route of every model to it.
 pub fn route_env(cp: &controlplane::Running, tenant: &str, env: &str, mock: &MockProvider) {
     let base = format!("/v1/tenants/{tenant}/environments/{env}");
-    let r = api(
+    put(
         cp,
-        "PUT",
         &format!("{base}/upstreams/oa"),
-        Some(json!({"provider": "openai", "base_url": mock.base_url()})),
+        json!({"provider": "openai", "base_url": mock.base_url()}),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let r = api(
+    put(
         cp,
-        "PUT",
         &format!("{base}/routes/all"),
-        Some(json!({"prefix": "", "targets": [{"upstream": "oa"}]})),
+        json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
 pub fn gateway(driver: DriverChoice, cp: &controlplane::Running) -> Gateway {

@@ -4,35 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-
+use e2e::cp::{call, cp_start};
 use e2e::*;
-use serde_json::{json, Value};
-
-fn cp_start(dir: std::path::PathBuf) -> controlplane::Running {
-    controlplane::start(controlplane::Options {
-        data_dir: dir,
-        api_listen: "127.0.0.1:0".parse().unwrap(),
-        push_listen: "127.0.0.1:0".parse().unwrap(),
-        tls_names: vec![],
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(addr, raw.as_bytes())
-}
+use serde_json::json;
 
 #[test]
 fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     let dir = scratch_dir("controlplane-keys");
-    let cp = cp_start(dir.clone());
+    let cp = cp_start(dir.clone(), "127.0.0.1:0");
     let (addr, token) = (cp.addr, cp.admin_token.clone());
 
     // Without the admin token: 401, and nothing is recorded.
@@ -220,7 +199,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
 
     // Restart on the same data directory: everything is still there (real SQLite on disk).
     cp.stop();
-    let cp = cp_start(dir);
+    let cp = cp_start(dir, "127.0.0.1:0");
     let r = call(cp.addr, &token, "GET", "/v1/tenants/acme/keys", None);
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
     assert_eq!(
@@ -234,7 +213,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
 #[test]
 fn openapi_document_and_health_need_no_token() {
     let dir = scratch_dir("controlplane-openapi");
-    let cp = cp_start(dir);
+    let cp = cp_start(dir, "127.0.0.1:0");
     let r = exchange(
         cp.addr,
         b"GET /openapi.json HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n",

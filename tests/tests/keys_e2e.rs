@@ -18,24 +18,13 @@ both_drivers!(
         let dir = scratch_dir(&format!("keys-e2e-{driver:?}"));
         let cp = cp_start(dir.clone(), "127.0.0.1:0");
         let mock = MockProvider::start(MockOptions::default());
-        assert_eq!(
-            api(
-                &cp,
-                "POST",
-                "/v1/tenants",
-                Some(json!({"id": "acme", "name": "Acme", "tier": "pro"}))
-            )
-            .status,
-            201
-        );
+        tenant(&cp, "acme", "pro");
         route_env(&cp, "acme", "production", &mock);
-        let created = api(
+        let created = create_key(
             &cp,
-            "POST",
-            "/v1/tenants/acme/keys",
-            Some(json!({"environment": "production", "allowed_models": ["gpt-ok", "gpt-other"]})),
-        )
-        .json();
+            "acme",
+            json!({"environment": "production", "allowed_models": ["gpt-ok", "gpt-other"]}),
+        );
         let key = created["key"].as_str().unwrap().to_string();
         let key_id = created["info"]["key_id"].as_str().unwrap().to_string();
 
@@ -147,13 +136,7 @@ both_drivers!(
         }));
 
         // Control plane down: the node keeps serving with what it holds.
-        let third = api(
-            &cp,
-            "POST",
-            "/v1/tenants/acme/keys",
-            Some(json!({"environment": "production"})),
-        )
-        .json();
+        let third = create_key(&cp, "acme", json!({"environment": "production"}));
         let third_key = third["key"].as_str().unwrap().to_string();
         let rev_before_stop = revision(&cp);
         wait_workers(&gw, rev_before_stop);
@@ -203,23 +186,8 @@ fn a_node_one_protocol_version_behind_still_syncs() {
     use std::io::{Read, Write};
     let dir = scratch_dir("keys-e2e-old-node");
     let cp = cp_start(dir, "127.0.0.1:0");
-    assert_eq!(
-        api(
-            &cp,
-            "POST",
-            "/v1/tenants",
-            Some(json!({"id": "t", "name": "T", "tier": "free"}))
-        )
-        .status,
-        201
-    );
-    let k = api(
-        &cp,
-        "POST",
-        "/v1/tenants/t/keys",
-        Some(json!({"environment": "staging"})),
-    )
-    .json();
+    tenant(&cp, "t", "free");
+    let k = create_key(&cp, "t", json!({"environment": "staging"}));
 
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(&cp.ca_file).unwrap();
@@ -289,31 +257,10 @@ both_drivers!(
         let dir = scratch_dir(&format!("sealed-{driver:?}"));
         let cp = cp_start(dir.join("cp"), "127.0.0.1:0");
         let mock = MockProvider::start(MockOptions::default());
-        assert_eq!(
-            api(
-                &cp,
-                "POST",
-                "/v1/tenants",
-                Some(json!({"id": "acme", "name": "Acme", "tier": "pro"}))
-            )
-            .status,
-            201
-        );
+        tenant(&cp, "acme", "pro");
         route_env(&cp, "acme", "production", &mock);
-        let good = api(
-            &cp,
-            "POST",
-            "/v1/tenants/acme/keys",
-            Some(json!({"environment": "production"})),
-        )
-        .json();
-        let bad = api(
-            &cp,
-            "POST",
-            "/v1/tenants/acme/keys",
-            Some(json!({"environment": "production"})),
-        )
-        .json();
+        let good = create_key(&cp, "acme", json!({"environment": "production"}));
+        let bad = create_key(&cp, "acme", json!({"environment": "production"}));
         let bad_id = bad["info"]["key_id"].as_str().unwrap().to_string();
         assert_eq!(
             api(&cp, "POST", &format!("/v1/keys/{bad_id}/revoke"), None).status,

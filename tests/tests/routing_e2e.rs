@@ -12,38 +12,6 @@ use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
 use serde_json::json;
 
-fn tenant(cp: &controlplane::Running, id: &str) {
-    let r = api(
-        cp,
-        "POST",
-        "/v1/tenants",
-        Some(json!({"id": id, "name": id, "tier": "enterprise"})),
-    );
-    assert_eq!(r.status, 201);
-}
-
-fn key(cp: &controlplane::Running, tenant: &str, env: &str) -> String {
-    let r = api(
-        cp,
-        "POST",
-        &format!("/v1/tenants/{tenant}/keys"),
-        Some(json!({"environment": env})),
-    );
-    assert_eq!(r.status, 201);
-    r.json()["key"].as_str().unwrap().to_string()
-}
-
-fn put(cp: &controlplane::Running, path: &str, body: serde_json::Value) -> Resp {
-    let r = api(cp, "PUT", path, Some(body));
-    assert_eq!(
-        r.status,
-        200,
-        "{path}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    r
-}
-
 fn authorization(m: &MockProvider) -> Option<String> {
     m.requests()
         .last()
@@ -62,8 +30,8 @@ both_drivers!(
         let cp = cp_start(dir, "127.0.0.1:0");
         let prod_provider = MockProvider::start(MockOptions::default());
         let stg_provider = MockProvider::start(MockOptions::default());
-        tenant(&cp, "acme");
-        tenant(&cp, "beta");
+        tenant(&cp, "acme", "enterprise");
+        tenant(&cp, "beta", "enterprise");
         let base = "/v1/tenants/acme/environments";
         let up = put(
             &cp,
@@ -203,7 +171,7 @@ both_drivers!(
         let dir = scratch_dir(&format!("policy-e2e-{driver:?}"));
         let cp = cp_start(dir, "127.0.0.1:0");
         let provider = MockProvider::start(MockOptions::default());
-        tenant(&cp, "clinic");
+        tenant(&cp, "clinic", "enterprise");
         let base = "/v1/tenants/clinic/environments/production";
         put(
             &cp,
@@ -274,7 +242,7 @@ both_drivers!(
         let dir = scratch_dir(&format!("compact-e2e-{driver:?}"));
         let cp = cp_start(dir.join("cp"), "127.0.0.1:0");
         let provider = MockProvider::start(MockOptions::default());
-        tenant(&cp, "acme");
+        tenant(&cp, "acme", "enterprise");
         route_env(&cp, "acme", "production", &provider);
         let k = key(&cp, "acme", "production");
 
