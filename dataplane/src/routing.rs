@@ -370,14 +370,8 @@ mod tests {
             provider: "openai".into(),
             base_url: format!("http://127.0.0.1:{port}"),
             credential: Some(format!("sk-{name}")),
-            non_retention: NonRetentionRecord::None,
-            stream_options: false,
             region: "us".into(),
-            baa: false,
-            max_connections: 0,
-            connect_timeout_ms: 0,
-            first_byte_timeout_ms: 0,
-            read_idle_timeout_ms: 0,
+            ..Default::default()
         })
     }
 

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 use aigw_wire::keys::{assemble, hash, Environment, HASH_VERSION};
 use aigw_wire::messages::kinds;
 use aigw_wire::{
-    decode_frame, encode_frame, Change, Frame, KeyRecord, KeyStatus, Message, NonRetentionRecord,
-    Record, RouteRecord, RouteTargetRecord, Tombstone, UpstreamRecord, DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
+    decode_frame, encode_frame, Change, Frame, KeyRecord, KeyStatus, Message, Record, RouteRecord,
+    RouteTargetRecord, Tombstone, UpstreamRecord, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use e2e::cp::{chat_with_key, gateway_with, wait_workers};
 use e2e::mock::{MockOptions, MockProvider};
@@ -154,14 +153,7 @@ fn upstream_record(base_url: &str) -> Record {
         provider: "openai".into(),
         base_url: base_url.into(),
         credential: Some("sk-upstream".into()),
-        non_retention: NonRetentionRecord::None,
-        stream_options: false,
-        region: String::new(),
-        baa: false,
-        max_connections: 0,
-        connect_timeout_ms: 0,
-        first_byte_timeout_ms: 0,
-        read_idle_timeout_ms: 0,
+        ..Default::default()
     })
 }
 

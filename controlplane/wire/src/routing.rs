@@ -5,9 +5,10 @@
 use crate::codec::{get_str, get_u64, put_field, put_str, put_u64, Codec, InvalidMessage, Reader};
 
 /// How a provider is told not to retain a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum NonRetentionRecord {
     /// The provider offers no way.
+    #[default]
     None,
     /// A request header.
     Header { name: String, value: String },
@@ -17,8 +18,9 @@ pub enum NonRetentionRecord {
     AccountAgreement,
 }
 
-/// One upstream of one environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One upstream of one environment. `Default` is an empty record: every optional field
+/// absent, every setting the node's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamRecord {
     pub id: String,
     pub tenant_id: String,
@@ -143,23 +145,7 @@ impl Codec for UpstreamRecord {
         let (mut provider, mut base_url, mut credential) = (None, None, None);
         let (mut nr_mode, mut nr_name, mut nr_value) =
             (String::new(), String::new(), String::new());
-        let mut rec = UpstreamRecord {
-            id: String::new(),
-            tenant_id: String::new(),
-            environment: String::new(),
-            name: String::new(),
-            provider: String::new(),
-            base_url: String::new(),
-            credential: None,
-            non_retention: NonRetentionRecord::None,
-            stream_options: false,
-            region: String::new(),
-            baa: false,
-            max_connections: 0,
-            connect_timeout_ms: 0,
-            first_byte_timeout_ms: 0,
-            read_idle_timeout_ms: 0,
-        };
+        let mut rec = UpstreamRecord::default();
         while !r.is_empty() {
             let (tag, body) = r.field()?;
             match tag {
