@@ -8,38 +8,8 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dataplane::h1::{parse_request_head, ChunkedDecoder, HeadIndex, Limits};
 
-/// The head of a typical OpenAI SDK chat completion request (~1 KiB).
-fn openai_chat_head() -> Vec<u8> {
-    let head = concat!(
-        "POST /v1/chat/completions HTTP/1.1\r\n",
-        "Host: api.openai.com\r\n",
-        "Authorization: Bearer sk-proj-4f9b2c7e1a8d3f6b0e5c9a2d7f1b4e8c3a6d9f2b5e8c1a4d7f0b3e6c9a2d5f8b1e4c7a0d3f6b9e2c5a8d1f4b7e0c3a6d9f2b5e8c1a4d\r\n",
-        "Content-Type: application/json\r\n",
-        "Content-Length: 16384\r\n",
-        "User-Agent: OpenAI/Python 1.54.3\r\n",
-        "Accept: application/json\r\n",
-        "Accept-Encoding: gzip, deflate, br\r\n",
-        "Connection: keep-alive\r\n",
-        "OpenAI-Organization: org-Zq3xT9vW2kLmN8pR4sY6uB1c\r\n",
-        "OpenAI-Project: proj_a1B2c3D4e5F6g7H8i9J0k1L2\r\n",
-        "X-Stainless-Lang: python\r\n",
-        "X-Stainless-Package-Version: 1.54.3\r\n",
-        "X-Stainless-OS: Linux\r\n",
-        "X-Stainless-Arch: x64\r\n",
-        "X-Stainless-Runtime: CPython\r\n",
-        "X-Stainless-Runtime-Version: 3.12.7\r\n",
-        "X-Stainless-Async: false\r\n",
-        "X-Stainless-Retry-Count: 0\r\n",
-        "X-Stainless-Read-Timeout: 600\r\n",
-        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n",
-        "tracestate: rojo=00f067aa0ba902b7,congo=t61rcWkgMzE\r\n",
-        "X-Request-Id: 7b2e4c1a-9f3d-4e8b-a6c5-1d0f2e3b4a59\r\n",
-        "Idempotency-Key: stainless-python-retry-2d8f6a1c-4b3e-4f7a-9c2d-8e1b5a7f3c60\r\n",
-        "Cookie: __cf_bm=Qm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0Z2FycGx5d2FsZG8.1731000000-1.0.1.1-abcdefghijklmnop\r\n",
-        "\r\n",
-    );
-    head.as_bytes().to_vec()
-}
+#[path = "../tests/fixtures/heads.rs"]
+mod heads;
 
 fn minimal_head() -> Vec<u8> {
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()
@@ -77,7 +47,7 @@ fn chunked_body(body_len: usize, chunk: usize) -> Vec<u8> {
 fn bench_parse(c: &mut Criterion) {
     let limits = Limits::default();
     let cases = [
-        ("openai_chat_1k", openai_chat_head()),
+        ("openai_chat_1k", heads::OPENAI_CHAT_HEAD.to_vec()),
         ("minimal", minimal_head()),
         ("40_headers", forty_header_head()),
     ];
