@@ -11,7 +11,7 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::net::TcpStream;
 
@@ -31,15 +31,15 @@ fn hung_up(fd: RawFd) -> bool {
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
-/// Resolves once the client has closed or reset its connection, looking from `from` on
-/// (requests answered sooner cost one timer) and then every second.
-pub(crate) async fn closed(stream: &TcpStream, from: Instant) {
-    let mut at = from;
+/// Resolves once the client has closed or reset its connection, looking `after` from now
+/// (requests answered sooner cost one coarse deadline) and then every second.
+pub(crate) async fn closed(stream: &TcpStream, after: Duration) {
+    let mut wait = after;
     loop {
-        monoio::time::sleep_until(at.into()).await;
+        crate::deadline::sleep(wait).await;
         if hung_up(stream.as_raw_fd()) {
             return;
         }
-        at = Instant::now() + CHECK_EVERY;
+        wait = CHECK_EVERY;
     }
 }

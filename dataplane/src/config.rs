@@ -147,7 +147,8 @@ pub struct UpstreamConfig {
     /// think for minutes before the first byte.
     #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
     pub first_byte_timeout: Duration,
-    /// Longest silence between two reads of a response body (streams included).
+    /// Longest the upstream may stall: between two reads of a response body (streams
+    /// included), or while taking none of a request being sent.
     #[serde(default = "default_read_idle_timeout", with = "humantime_serde")]
     pub read_idle_timeout: Duration,
     /// How long an unused pooled connection is kept.

@@ -490,7 +490,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration
     let owned = std::mem::take(buf);
     let len = owned.len();
     let cap = owned.capacity();
-    match monoio::time::timeout(timeout, stream.read(owned.slice_mut(len..cap))).await {
+    match crate::deadline::timeout(timeout, stream.read(owned.slice_mut(len..cap))).await {
         Ok((res, slice)) => {
             *buf = slice.into_inner();
             match res {

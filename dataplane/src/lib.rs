@@ -14,6 +14,7 @@ pub mod config;
 mod conn;
 pub mod control;
 pub mod date;
+pub mod deadline;
 pub mod demo;
 pub mod errors;
 pub mod h1;

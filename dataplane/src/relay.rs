@@ -39,8 +39,8 @@ pub enum Attempt {
     Fail(ApiError),
 }
 
-/// How long after its arrival a request waiting on its upstream has its client's connection
-/// watched for a close.
+/// How long after it was sent upstream a request still waiting for its answer has its
+/// client's connection watched for a close.
 const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most bytes of a JSON response kept to read its usage figures from.
@@ -60,7 +60,19 @@ pub async fn exchange(
     can_fail_over: bool,
 ) -> Attempt {
     lease.conn.uses += 1;
-    if let Err(e) = lease.conn.write_all(head).await {
+    if let Err(e) = lease.conn.write_all(head, up.read_idle_timeout).await {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            // Part of the request may have gone: never resent.
+            tracing::warn!(id = %req.id, upstream = %up.name, "upstream stopped taking the request");
+            return Attempt::Fail(ApiError::upstream(
+                504,
+                "upstream_timeout",
+                format!(
+                    "the upstream took none of the request for {}s",
+                    up.read_idle_timeout.as_secs()
+                ),
+            ));
+        }
         if lease.reused {
             return Attempt::Stale;
         }
@@ -73,7 +85,7 @@ pub async fn exchange(
     }
     let waited = monoio::select! {
         h = read_head(&mut lease.conn, up) => Some(h),
-        _ = resp.client_closed(req.started + WATCH_CLIENT_AFTER) => None,
+        _ = resp.client_closed(WATCH_CLIENT_AFTER) => None,
     };
     let Some(head) = waited else {
         // The upstream connection has a response in flight: it is dropped (closed), never

@@ -220,10 +220,10 @@ impl<'a> Responder<'a> {
         self.state = State::Aborted;
     }
 
-    /// Resolves once the client closed its connection (watched only from `from` on; see
-    /// [`crate::client_watch`]).
-    pub async fn client_closed(&self, from: std::time::Instant) {
-        crate::client_watch::closed(self.stream, from).await;
+    /// Resolves once the client closed its connection (watched only `after` from now on;
+    /// see [`crate::client_watch`]).
+    pub async fn client_closed(&self, after: Duration) {
+        crate::client_watch::closed(self.stream, after).await;
     }
 
     /// The client left before any response: nothing is written, the connection is closed,
@@ -261,7 +261,7 @@ pub(crate) async fn write_out(
     timeout: Duration,
 ) -> io::Result<()> {
     let owned = std::mem::take(out);
-    match monoio::time::timeout(timeout, stream.write_all(owned)).await {
+    match crate::deadline::timeout(timeout, stream.write_all(owned)).await {
         Ok((res, mut back)) => {
             back.clear();
             *out = back;

@@ -250,6 +250,7 @@ pub fn run<S, F>(
     let drain = spec.drain;
     let index = spec.index;
     rt.block_on(async move {
+        crate::deadline::start();
         let listener = match monoio::net::TcpListener::from_std(spec.listener) {
             Ok(l) => l,
             Err(e) => {

@@ -458,6 +458,44 @@ both_drivers!(first_byte_timeout_is_504_and_never_retried, |driver| {
     );
 });
 
+both_drivers!(an_upstream_that_stops_taking_the_request_is_504, |driver| {
+    // Accepts, then never reads: once the socket buffers are full the upload stalls.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", sink.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let (conn, _) = sink.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(conn);
+    });
+    let b = MockProvider::start(MockOptions::default());
+    let gw = gateway(
+        driver,
+        &[
+            ("sink", "openai", url, "read_idle_timeout = \"300ms\""),
+            ("b", "openai", b.base_url(), ""),
+        ],
+        "[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"sink\" }, { upstream = \"b\" }]\n",
+        |c| c.limits.max_body_bytes = 64 << 20,
+    );
+    let content = "QUJD".repeat(6 << 20); // 24 MiB: more than loopback socket buffers hold
+    let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    let started = std::time::Instant::now();
+    let r = exchange(gw.addr(), &post("/v1/chat/completions", &body, ""));
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        b.request_count(),
+        0,
+        "a partly sent request is never sent again"
+    );
+    held.join().unwrap();
+});
+
 both_drivers!(upstream_auth_failures_are_not_relayed, |driver| {
     let mock = MockProvider::start(MockOptions::default());
     let gw = one_openai(driver, &mock);

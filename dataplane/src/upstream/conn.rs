@@ -118,12 +118,17 @@ impl UpConn {
     }
 
     /// Writes all of `parts`: one `writev` per round trip on plain TCP; flattened into one
-    /// buffer for TLS, which encrypts into its own buffer anyway.
-    pub async fn write_all(&mut self, mut parts: IoVecs) -> io::Result<()> {
+    /// buffer for TLS, which encrypts into its own buffer anyway. An upstream that takes
+    /// nothing for `idle` (per `writev`; for TLS, for the whole request) fails it with
+    /// `TimedOut`, and the connection must then be dropped.
+    pub async fn write_all(&mut self, mut parts: IoVecs, idle: Duration) -> io::Result<()> {
+        let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
         match &mut self.io {
             Io::Plain(s) => {
                 while !parts.is_empty() {
-                    let (res, back) = s.writev(parts).await;
+                    let (res, back) = crate::deadline::timeout(idle, s.writev(parts))
+                        .await
+                        .map_err(timed_out)?;
                     parts = back;
                     match res {
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -138,11 +143,19 @@ impl UpConn {
                 let mut flat = std::mem::take(&mut self.scratch);
                 flat.clear();
                 parts.flatten_into(&mut flat);
-                let (res, mut back) = s.write_all(flat).await;
-                back.clear();
+                let write = async {
+                    let (res, mut back) = s.write_all(flat).await;
+                    back.clear();
+                    (res, back)
+                };
+                let (res, back) = crate::deadline::timeout(idle, write)
+                    .await
+                    .map_err(timed_out)?;
                 self.scratch = back;
                 res?;
-                s.flush().await
+                crate::deadline::timeout(idle, s.flush())
+                    .await
+                    .map_err(timed_out)?
             }
         }
     }
@@ -158,8 +171,8 @@ impl UpConn {
         let cap = owned.capacity();
         let slice = owned.slice_mut(len..cap);
         let result = match &mut self.io {
-            Io::Plain(s) => monoio::time::timeout(timeout, s.read(slice)).await,
-            Io::Tls(s) => monoio::time::timeout(timeout, s.read(slice)).await,
+            Io::Plain(s) => crate::deadline::timeout(timeout, s.read(slice)).await,
+            Io::Tls(s) => crate::deadline::timeout(timeout, s.read(slice)).await,
         };
         match result {
             Ok((res, slice)) => {
