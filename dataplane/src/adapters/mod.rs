@@ -93,8 +93,11 @@ pub fn write_credential(kind: ProviderKind, credential: &str, out: &mut Vec<u8>)
 
 /// Usage from a complete JSON response body.
 pub fn usage_from_json(kind: ProviderKind, body: &[u8]) -> Usage {
-    // Providers put `usage` last: find it from the end and parse only that member.
-    if let Some(raw) = last_top_level_member(body, b"\"usage\"") {
+    // Providers put `usage` last: find it from the end and read only that member.
+    if let Some(raw) = last_top_level_usage(body) {
+        if let Some(f) = UsageFields::read_plain(raw) {
+            return f.into_usage(kind);
+        }
         if let Ok(f) = serde_json::from_slice::<UsageFields>(raw) {
             return f.into_usage(kind);
         }
@@ -116,7 +119,7 @@ pub fn usage_from_json(kind: ProviderKind, body: &[u8]) -> Usage {
 
 /// The token counts of either family's `usage` object (other members are skipped): the one
 /// place that knows which names each family uses.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize)]
 pub(crate) struct UsageFields {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -125,6 +128,77 @@ pub(crate) struct UsageFields {
 }
 
 impl UsageFields {
+    /// Reads a `usage` object of the usual shape without serde: keys without escapes, each
+    /// count at most once and a plain integer (or absent). Anything else is `None`, and the
+    /// caller asks serde. Members other than the four counts are skipped, not validated.
+    fn read_plain(b: &[u8]) -> Option<Self> {
+        let ws = |mut i: usize| {
+            while b.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            i
+        };
+        let mut f = Self::default();
+        let mut i = ws(0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = ws(i + 1);
+        if b.get(i) == Some(&b'}') {
+            return (ws(i + 1) == b.len()).then_some(f);
+        }
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let after_key = skip_string(b, i)?;
+            let key = &b[i + 1..after_key - 1];
+            if key.contains(&b'\\') {
+                return None;
+            }
+            i = ws(after_key);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = ws(i + 1);
+            let count = match key {
+                b"prompt_tokens" => Some(&mut f.prompt_tokens),
+                b"completion_tokens" => Some(&mut f.completion_tokens),
+                b"input_tokens" => Some(&mut f.input_tokens),
+                b"output_tokens" => Some(&mut f.output_tokens),
+                _ => None,
+            };
+            match count {
+                // A second copy of a count: serde decides (it refuses duplicates).
+                Some(Some(_)) => return None,
+                Some(slot) => {
+                    let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+                    // Empty, a leading zero, 20+ digits (may not fit), or a fraction or
+                    // exponent next: serde decides.
+                    if digits == 0
+                        || digits > 19
+                        || (digits > 1 && b[i] == b'0')
+                        || matches!(b.get(i + digits), Some(b'.' | b'e' | b'E'))
+                    {
+                        return None;
+                    }
+                    let n = b[i..i + digits]
+                        .iter()
+                        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    *slot = Some(n);
+                    i += digits;
+                }
+                None => i = skip_value(b, i)?,
+            }
+            i = ws(i);
+            match b.get(i) {
+                Some(b',') => i = ws(i + 1),
+                Some(b'}') => return (ws(i + 1) == b.len()).then_some(f),
+                _ => return None,
+            }
+        }
+    }
+
     pub(crate) fn into_usage(self, kind: ProviderKind) -> Usage {
         let (input, output) = match kind {
             // Chat and completions say prompt/completion; the Responses API says input/output.
@@ -142,16 +216,19 @@ impl UsageFields {
     }
 }
 
-/// The raw value of the last member named `quoted_key` (with its quotes) when it belongs to
-/// the top-level object, found by scanning from the end; `None` when that cannot be
+/// The raw value of the last member named `usage` when it belongs to the top-level object, found by scanning from the end; `None` when that cannot be
 /// confirmed cheaply (the caller then parses the whole document).
 ///
-/// In JSON a quote inside a string is always escaped, so `"key"` followed by a colon only
+/// In JSON a quote inside a string is always escaped, so `"usage"` followed by a colon only
 /// ever occurs as an object key; whether that object is the top-level one is checked by
 /// scanning the (short) rest of the document: it must close exactly one level.
-fn last_top_level_member<'a>(body: &'a [u8], quoted_key: &[u8]) -> Option<&'a [u8]> {
-    let at = memchr::memmem::rfind(body, quoted_key)?;
-    let mut i = at + quoted_key.len();
+fn last_top_level_usage(body: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    // Built once, not per response.
+    static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
+    let at = FINDER.rfind(body)?;
+    let mut i = at + KEY.len();
     while body.get(i)?.is_ascii_whitespace() {
         i += 1;
     }
@@ -269,6 +346,7 @@ pub fn stream_error_event(kind: ProviderKind, code: &str, message: &str) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn endpoints() {
@@ -295,11 +373,11 @@ mod tests {
     fn usage_is_found_from_the_end_only_at_the_top_level() {
         let top = br#"{"choices":[{"message":{"content":"say \"usage\": {}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
         assert_eq!(
-            last_top_level_member(top, b"\"usage\""),
+            last_top_level_usage(top),
             Some(&br#"{"prompt_tokens":3,"completion_tokens":4}"#[..])
         );
         let nested = br#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":9}}}"#;
-        assert_eq!(last_top_level_member(nested, b"\"usage\""), None);
+        assert_eq!(last_top_level_usage(nested), None);
         // The full parse still finds the top-level one.
         let u = usage_from_json(ProviderKind::Openai, nested);
         assert_eq!(u.input_tokens, 1);
@@ -330,6 +408,82 @@ mod tests {
             let fast = usage_from_json(ProviderKind::Openai, &body);
             let expected = usage.map_or(Usage::default(), |(i, o)| Usage { input_tokens: i, output_tokens: o, reported: true });
             proptest::prop_assert_eq!(fast, expected);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reading_usage_without_serde_agrees_with_serde(
+            members in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+                        "total_tokens", "prompt_tokens_details", "cache_creation_input_tokens",
+                    ]),
+                    proptest::prop_oneof![
+                        (0u64..u64::MAX).prop_map(|n| n.to_string()),
+                        proptest::strategy::Just("null".to_string()),
+                        proptest::strategy::Just("1.5".to_string()),
+                        proptest::strategy::Just("1e3".to_string()),
+                        proptest::strategy::Just("-4".to_string()),
+                        proptest::strategy::Just(r#"{"cached_tokens":3,"audio":[1,{"x":"}"}]}"#.to_string()),
+                        proptest::strategy::Just(r#""a \" quote""#.to_string()),
+                    ],
+                ),
+                0..6,
+            ),
+            spaced in proptest::bool::ANY,
+        ) {
+            let sep = if spaced { " , " } else { "," };
+            let colon = if spaced { " : " } else { ":" };
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(k, v)| format!("\"{k}\"{colon}{v}"))
+                .collect();
+            let raw = format!("{{{}}}", inner.join(sep));
+            let by_serde = serde_json::from_slice::<UsageFields>(raw.as_bytes()).ok();
+            if let Some(plain) = UsageFields::read_plain(raw.as_bytes()) {
+                let serde = by_serde.as_ref();
+                proptest::prop_assert!(serde.is_some(), "{raw}: read without serde, refused by it");
+                for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+                    proptest::prop_assert_eq!(
+                        plain.clone().into_usage(kind),
+                        serde.cloned().map(|u| u.into_usage(kind)).unwrap_or_default(),
+                        "{}", raw
+                    );
+                }
+            }
+            // Through the whole path, the answer is serde's.
+            let body = format!("{{\"id\":\"x\",\"usage\":{raw}}}");
+            let expected = by_serde.map(|f| f.into_usage(ProviderKind::Openai)).unwrap_or_default();
+            proptest::prop_assert_eq!(usage_from_json(ProviderKind::Openai, body.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn usual_usage_objects_are_read_without_serde() {
+        let f = UsageFields::read_plain(
+            br#"{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0}}"#,
+        )
+        .expect("the usual OpenAI shape");
+        assert_eq!((f.prompt_tokens, f.completion_tokens), (Some(19), Some(10)));
+        let f = UsageFields::read_plain(
+            br#"{ "input_tokens": 25, "cache_creation_input_tokens": null, "output_tokens": 7 }"#,
+        )
+        .expect("the usual Anthropic shape");
+        assert_eq!((f.input_tokens, f.output_tokens), (Some(25), Some(7)));
+        for unusual in [
+            &br#"{"prompt_tokens":1,"prompt_tokens":2}"#[..],
+            br#"{"prompt_tokens":1.0}"#,
+            br#"{"prompt\u005ftokens":1}"#,
+            br#"{"prompt_tokens":012}"#,
+            br#"{"prompt_tokens":1} x"#,
+        ] {
+            assert!(
+                UsageFields::read_plain(unusual).is_none(),
+                "{}",
+                String::from_utf8_lossy(unusual)
+            );
         }
     }
 
