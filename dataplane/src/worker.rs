@@ -14,7 +14,7 @@ use crate::request_id::{RequestId, RequestIdGen};
 use crate::runtime::{self, DriverKind};
 use crate::service::Service;
 use crate::settings::{LocalSettings, SharedSettings};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{LocalShutdown, Shutdown};
 
 /// A worker's state as the admin listener sees it. Written only by its worker.
 #[derive(Debug, Default)]
@@ -74,7 +74,7 @@ impl WorkerStatus {
 pub struct WorkerCtx {
     pub index: usize,
     pub settings: LocalSettings,
-    pub shutdown: Arc<Shutdown>,
+    pub shutdown: LocalShutdown,
     pub status: Arc<WorkerStatus>,
     /// The pushed key table, when a control plane is configured.
     pub keys: Option<crate::auth::LocalKeys>,
@@ -96,7 +96,7 @@ impl WorkerCtx {
         Self {
             index,
             settings: LocalSettings::new(settings),
-            shutdown,
+            shutdown: LocalShutdown::new(shutdown),
             status,
             keys: None,
             max_stale: Duration::ZERO,
