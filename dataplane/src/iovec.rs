@@ -24,6 +24,15 @@ impl IoVecs {
         Self::default()
     }
 
+    /// Room for `n` pieces before any reallocation.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            parts: Vec::with_capacity(n),
+            iov: Vec::with_capacity(n),
+            first: 0,
+        }
+    }
+
     /// Appends a piece. Empty pieces are skipped.
     pub fn push(&mut self, b: Bytes) {
         if b.is_empty() {

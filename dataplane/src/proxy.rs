@@ -349,7 +349,8 @@ fn build_head(
 
     // Tokens named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     let connection = req.header("connection").unwrap_or_default();
-    let mut parts = IoVecs::new();
+    // The request line, a few runs of kept header lines, the generated lines and the body.
+    let mut parts = IoVecs::with_capacity(8);
     parts.push(generated.slice(..first));
     let mut run: Option<(usize, usize)> = None;
     for f in &index.fields {

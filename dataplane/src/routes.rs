@@ -5,6 +5,8 @@
 //! that speak the request's API (no translation between API families).
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::config::{Config, ProviderKind};
@@ -21,7 +23,9 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     upstreams: Vec<Arc<Upstream>>,
-    exact: HashMap<String, Vec<Target>>,
+    /// Read-only once built (nothing a client sends is inserted), so a fast non-keyed hash
+    /// is enough.
+    exact: FxHashMap<String, Vec<Target>>,
     /// Longest prefix first.
     prefixes: Vec<(String, Vec<Target>)>,
 }
@@ -63,7 +67,7 @@ impl RouteTable {
         upstreams: Vec<Arc<Upstream>>,
         routes: impl IntoIterator<Item = (Option<String>, Option<String>, Vec<Target>)>,
     ) -> Self {
-        let mut exact = HashMap::new();
+        let mut exact = FxHashMap::default();
         let mut prefixes = Vec::new();
         for (model, prefix, targets) in routes {
             match (model, prefix) {

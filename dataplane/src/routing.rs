@@ -10,6 +10,8 @@
 //! connection pools to it survive unrelated edits.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +101,7 @@ pub struct Routing {
     upstreams: BTreeMap<String, (UpstreamRecord, Arc<Upstream>)>,
     routes: BTreeMap<String, RouteRecord>,
     policies: BTreeMap<String, PolicyRecord>,
-    envs: HashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
+    envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
     all: Vec<Arc<Upstream>>,
 }
 
@@ -305,7 +307,7 @@ impl Routing {
         }
 
         // Every environment that has upstreams, routes or a policy.
-        let mut envs: HashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]> = HashMap::new();
+        let mut envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]> = FxHashMap::default();
         let mut keys: Vec<(String, Environment)> = by_env.keys().cloned().collect();
         keys.extend(env_routes.keys().cloned());
         keys.extend(env_policies.keys().cloned());

@@ -6,7 +6,9 @@
 //! the cap reached waits, up to the connect timeout, for one to come back.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,8 +28,9 @@ struct Slot {
 #[derive(Default)]
 struct Inner {
     /// Keyed by [`Upstream::uid`]: a reload builds new upstreams, so connections made under
-    /// an old configuration are never handed out under a new one.
-    slots: HashMap<u64, Slot>,
+    /// an old configuration are never handed out under a new one. The ids are the process's
+    /// own, so a fast non-keyed hash is enough.
+    slots: FxHashMap<u64, Slot>,
 }
 
 /// A worker's pools.
