@@ -68,8 +68,8 @@ pub async fn exchange(
                 504,
                 "upstream_timeout",
                 format!(
-                    "the upstream took none of the request for {}s",
-                    up.read_idle_timeout.as_secs()
+                    "the upstream took none of the request for {:?}",
+                    up.read_idle_timeout
                 ),
             ));
         }
