@@ -10,8 +10,9 @@
 //! wakes the operations whose deadline has passed.
 //!
 //! Precision: a deadline fires after its duration has fully elapsed, never before, and at
-//! most one sweep interval plus one coarse clock tick (together under 20 ms) after. Every
-//! bound that goes through here is a second or more; finer timers use monoio's.
+//! most one sweep interval plus one coarse clock tick (together under 20 ms) after. The
+//! bounds that go through here are configured in seconds to minutes, for which that is
+//! immaterial; finer timers (the accept back-off, the drain poll) stay on monoio's.
 
 #![allow(unsafe_code)]
 
