@@ -305,16 +305,18 @@ async fn read_head(
     ctx: &WorkerCtx,
 ) -> (HeadOutcome, Instant) {
     let limits = &settings.limits;
-    let mut started = Instant::now();
-    // Pipelined bytes already here: the head clock runs from now.
-    let mut deadline = (!bufs.read.is_empty()).then(|| started + settings.head_read_timeout);
+    // The clock is read when the head's first bytes are here (now, if pipelined bytes are);
+    // a connection that closes while idle never reads it.
+    let mut started = (!bufs.read.is_empty()).then(Instant::now);
+    let mut deadline = started.map(|s| s + settings.head_read_timeout);
     let mut scanned = 0;
+    let started_at = |s: Option<Instant>| s.unwrap_or_else(Instant::now);
     loop {
         if !bufs.read.is_empty() {
             match try_parse(&bufs.read, &mut scanned, limits, &mut bufs.index) {
-                Ok(true) => return (HeadOutcome::Ready, started),
+                Ok(true) => return (HeadOutcome::Ready, started_at(started)),
                 Ok(false) => {}
-                Err(e) => return (HeadOutcome::Invalid(e), started),
+                Err(e) => return (HeadOutcome::Invalid(e), started_at(started)),
             }
         }
         let n = match deadline {
@@ -323,7 +325,7 @@ async fn read_head(
                 let read = read_more(stream, &mut bufs.read, settings.keepalive_idle_timeout);
                 monoio::select! {
                     r = read => r,
-                    _ = ctx.shutdown.wait() => return (HeadOutcome::Closed, started),
+                    _ = ctx.shutdown.wait() => return (HeadOutcome::Closed, started_at(started)),
                 }
             }
             Some(d) => {
@@ -334,16 +336,19 @@ async fn read_head(
         match n {
             ReadResult::Data => {
                 if deadline.is_none() {
-                    started = Instant::now();
-                    deadline = Some(started + settings.head_read_timeout);
+                    let now = Instant::now();
+                    started = Some(now);
+                    deadline = Some(now + settings.head_read_timeout);
                 }
             }
-            ReadResult::Eof | ReadResult::Io => return (HeadOutcome::Closed, started),
-            ReadResult::TimedOut if deadline.is_none() => return (HeadOutcome::Closed, started),
-            ReadResult::TimedOut => return (HeadOutcome::TimedOut, started),
+            ReadResult::Eof | ReadResult::Io => return (HeadOutcome::Closed, started_at(started)),
+            ReadResult::TimedOut if deadline.is_none() => {
+                return (HeadOutcome::Closed, started_at(started))
+            }
+            ReadResult::TimedOut => return (HeadOutcome::TimedOut, started_at(started)),
         }
         if bufs.read.is_empty() {
-            return (HeadOutcome::Io, started);
+            return (HeadOutcome::Io, started_at(started));
         }
     }
 }

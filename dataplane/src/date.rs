@@ -1,7 +1,7 @@
 //! The `Date` header (RFC 9110 §6.6.1: an origin server with a clock MUST send it), formatted
 //! at most once per second per worker.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Debug)]
 pub struct DateCache {
@@ -21,10 +21,11 @@ impl DateCache {
 
     /// e.g. `Sun, 06 Nov 1994 08:49:37 GMT` (IMF-fixdate, always 29 bytes).
     pub fn get(&mut self) -> &[u8] {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        // The coarse wall clock: the header has whole seconds, and a precise clock read per
+        // response costs more than the rest of this function.
+        let second = crate::deadline::coarse_unix_secs();
         if second != self.second {
-            let s = httpdate::fmt_http_date(now);
+            let s = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
             if s.len() == self.value.len() {
                 self.value.copy_from_slice(s.as_bytes());
             }

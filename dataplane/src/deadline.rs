@@ -30,8 +30,9 @@ const SWEEP_EVERY: Duration = Duration::from_millis(10);
 pub struct Elapsed;
 
 /// Milliseconds on the kernel's coarse monotonic clock (the time of the last clock tick:
-/// read from the vDSO without touching the TSC).
-fn coarse_now_ms() -> u64 {
+/// read from the vDSO without touching the TSC). For bounds and ages measured in tens of
+/// milliseconds or more; latency figures use `Instant`.
+pub fn coarse_now_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -40,6 +41,19 @@ fn coarse_now_ms() -> u64 {
     // Linux the gateway runs on (2.6.32+), so the call cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Seconds since the Unix epoch on the kernel's coarse wall clock (read like
+/// [`coarse_now_ms`]; at most one clock tick behind). For the `Date` header and expiry times,
+/// which count whole seconds.
+pub fn coarse_unix_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as above; CLOCK_REALTIME_COARSE exists since Linux 2.6.32.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0)
 }
 
 /// The coarse clock's resolution in whole milliseconds, rounded up (one tick: 1 to 10 ms).

@@ -381,10 +381,9 @@ fn build_head(
     parts
 }
 
+/// Whole seconds are what key expiry compares.
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::deadline::coarse_unix_secs()
 }
 
 fn is_json(req: &Request<'_>) -> bool {

@@ -241,17 +241,60 @@ fn classify_httparse_error(buf: &[u8], e: httparse::Error, limits: &Limits) -> H
 }
 
 /// RFC 9112 §2.2: every line ends in CRLF. A bare LF or a bare CR is refused.
+///
+/// Equivalently, the LFs sit exactly one byte after the CRs: both positions are compared as
+/// bit masks, 16 bytes at a time, carrying a CR in a block's last byte into the next block.
+/// A head has a dozen or more line ends, and one search per line end cost more than the
+/// parse itself.
 pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), H1Error> {
-    for i in memchr::memchr2_iter(b'\r', b'\n', head) {
-        let ok = match head[i] {
-            b'\r' => head.get(i + 1) == Some(&b'\n'),
-            _ => i > 0 && head[i - 1] == b'\r',
-        };
-        if !ok {
+    let mut carry = 0u32; // 1 when the byte before this block is a CR
+    let mut blocks = head.chunks_exact(16);
+    for block in &mut blocks {
+        let (cr, lf) = cr_lf_masks(block.try_into().expect("16 bytes"));
+        if lf != ((cr << 1) | carry) & 0xffff {
             return Err(H1Error::BareLineEnding);
         }
+        carry = cr >> 15;
+    }
+    for &b in blocks.remainder() {
+        let cr = u32::from(b == b'\r');
+        if u32::from(b == b'\n') != carry {
+            return Err(H1Error::BareLineEnding);
+        }
+        carry = cr;
+    }
+    // A CR in the last byte has no LF after it.
+    if carry != 0 {
+        return Err(H1Error::BareLineEnding);
     }
     Ok(())
+}
+
+/// Bit i of the first mask is set when `block[i]` is a CR, of the second when it is a LF.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(unsafe_code)]
+fn cr_lf_masks(block: &[u8; 16]) -> (u32, u32) {
+    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+    // SAFETY: SSE2 is part of the x86_64 baseline; the load reads exactly the 16 bytes of
+    // `block` and has no alignment requirement.
+    unsafe {
+        let v = _mm_loadu_si128(block.as_ptr().cast());
+        let cr = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8))) as u32;
+        let lf = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8))) as u32;
+        (cr, lf)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn cr_lf_masks(block: &[u8; 16]) -> (u32, u32) {
+    let (mut cr, mut lf) = (0u32, 0u32);
+    for (i, &b) in block.iter().enumerate() {
+        cr |= u32::from(b == b'\r') << i;
+        lf |= u32::from(b == b'\n') << i;
+    }
+    (cr, lf)
 }
 
 /// Splits the request-target into the path we route on and, in absolute-form, the authority.
@@ -866,6 +909,28 @@ mod tests {
                 for f in head.headers {
                     proptest::prop_assert!(f.value.iter().all(|&b| is_field_value_byte(b)));
                 }
+            }
+        }
+
+        /// The block-wise check agrees with the rule read byte by byte, on inputs dense in
+        /// CR and LF (and long enough to cross several 16-byte blocks).
+        #[test]
+        fn line_endings_agree_with_the_bytewise_rule(
+            bytes in proptest::collection::vec(proptest::sample::select(vec![b'\r', b'\n', b'a', b' ']), 0..80),
+            crlf_every in 1usize..20,
+        ) {
+            // Also a well-formed variant of the same length, so the accepted side is covered.
+            let mut good = bytes.clone();
+            for (i, b) in good.iter_mut().enumerate() {
+                *b = if i % (crlf_every + 1) == crlf_every - 1 { b'\r' } else if i % (crlf_every + 1) == crlf_every { b'\n' } else { b'x' };
+            }
+            for input in [&bytes, &good] {
+                let bytewise = input.iter().enumerate().all(|(i, &b)| match b {
+                    b'\r' => input.get(i + 1) == Some(&b'\n'),
+                    b'\n' => i > 0 && input[i - 1] == b'\r',
+                    _ => true,
+                });
+                proptest::prop_assert_eq!(check_line_endings(input).is_ok(), bytewise, "{:?}", input);
             }
         }
 

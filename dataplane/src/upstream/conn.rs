@@ -1,7 +1,7 @@
 //! One connection to an upstream, plain or TLS, with the read buffer that belongs to it.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use monoio::buf::IoBufMut;
@@ -24,7 +24,8 @@ pub struct UpConn {
     io: Io,
     /// Bytes read and not yet consumed.
     pub buf: BytesMut,
-    pub idle_since: Instant,
+    /// When it went back to the pool, on the coarse clock (a tick is a few ms; idle timeouts are far longer).
+    pub idle_since_ms: u64,
     /// Requests sent on this connection so far.
     pub uses: u32,
     scratch: Vec<u8>,
@@ -111,7 +112,7 @@ impl UpConn {
         Ok(Self {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
-            idle_since: Instant::now(),
+            idle_since_ms: crate::deadline::coarse_now_ms(),
             uses: 0,
             scratch: Vec::new(),
         })

@@ -106,7 +106,9 @@ impl Pool {
                 let mut inner = self.inner.borrow_mut();
                 let slot = inner.slots.entry(k).or_default();
                 while let Some(conn) = slot.idle.pop() {
-                    if conn.idle_since.elapsed() < up.pool_idle_timeout {
+                    let idle_ms =
+                        crate::deadline::coarse_now_ms().saturating_sub(conn.idle_since_ms);
+                    if u128::from(idle_ms) < up.pool_idle_timeout.as_millis() {
                         slot.in_use += 1;
                         return Poll::Ready(Some(conn));
                     }
@@ -120,7 +122,7 @@ impl Pool {
             })
             .await
         };
-        let got = monoio::time::timeout(up.connect_timeout, wait)
+        let got = crate::deadline::timeout(up.connect_timeout, wait)
             .await
             .map_err(|_| CheckoutError::Exhausted(up.name.clone()))?;
         let permit = Permit {
@@ -147,7 +149,7 @@ impl Pool {
 
     /// Returns a connection that finished a response cleanly and may be reused.
     pub fn checkin(&self, up: &Arc<Upstream>, mut lease: Lease) {
-        lease.conn.idle_since = std::time::Instant::now();
+        lease.conn.idle_since_ms = crate::deadline::coarse_now_ms();
         let mut inner = self.inner.borrow_mut();
         if let Some(slot) = inner.slots.get_mut(&key(up)) {
             slot.idle.push(lease.conn);
