@@ -36,6 +36,14 @@ fn json(c: &mut Criterion) {
             black_box(body.get_str("model"));
         })
     });
+    // Baseline: serde_json validating the same bytes without building anything.
+    g.bench_function("request_serde_validate_1k_baseline", |b| {
+        b.iter(|| {
+            black_box(
+                serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&req)).expect("valid"),
+            )
+        })
+    });
     g.throughput(Throughput::Bytes(resp.len() as u64));
     g.bench_function("response_usage_1k", |b| {
         b.iter(|| black_box(usage_from_json(ProviderKind::Openai, black_box(&resp))))

@@ -5,6 +5,12 @@
 //! allocate a node per value; instead the top-level object is split into its members with
 //! each value kept as raw JSON text borrowed from the body (validated by serde_json), and
 //! re-serialised by concatenation. Nested values are parsed only by edits that need them.
+//!
+//! The usual body is read by [`scan`], a validating scan of the top level; serde_json reads
+//! what the scan leaves to it (escaped or repeated keys, deep nesting, every invalid body,
+//! whose error it names).
+
+mod scan;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -23,10 +29,10 @@ pub enum BodyError {
     DuplicateKey(String),
 }
 
-/// A top-level JSON object.
+/// A top-level JSON object: each member's key and its value's raw JSON text.
 #[derive(Debug, Clone)]
 pub struct JsonBody<'a> {
-    fields: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
+    fields: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     edited: bool,
 }
 
@@ -38,6 +44,20 @@ impl<'a> JsonBody<'a> {
         // and does not check each member's raw text again.
         let text = simdutf8::basic::from_utf8(bytes)
             .map_err(|_| BodyError::Invalid("the body is not UTF-8".into()))?;
+        if let Some(members) = scan::top_level(text) {
+            return Ok(Self {
+                fields: members
+                    .into_iter()
+                    .map(|(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v)))
+                    .collect(),
+                edited: false,
+            });
+        }
+        Self::parse_with_serde(text)
+    }
+
+    /// The general case: serde_json accepts the body or says what is wrong with it.
+    fn parse_with_serde(text: &'a str) -> Result<Self, BodyError> {
         let mut de = serde_json::Deserializer::from_str(text);
         let fields = de.deserialize_any(FieldsVisitor).map_err(|e| {
             if e.to_string().starts_with(NOT_OBJECT) {
@@ -55,7 +75,8 @@ impl<'a> JsonBody<'a> {
         })
     }
 
-    pub fn get(&self, key: &str) -> Option<&RawValue> {
+    /// A member's value as raw JSON text.
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.fields
             .iter()
             .find(|(k, _)| k == key)
@@ -64,7 +85,7 @@ impl<'a> JsonBody<'a> {
 
     /// A string member (`None` when absent or not a string).
     pub fn get_str(&self, key: &str) -> Option<Cow<'_, str>> {
-        let raw = self.get(key)?.get();
+        let raw = self.get(key)?;
         if !raw.starts_with('"') {
             return None;
         }
@@ -72,7 +93,7 @@ impl<'a> JsonBody<'a> {
     }
 
     pub fn get_bool(&self, key: &str) -> Option<bool> {
-        match self.get(key)?.get() {
+        match self.get(key)? {
             "true" => Some(true),
             "false" => Some(false),
             _ => None,
@@ -81,7 +102,7 @@ impl<'a> JsonBody<'a> {
 
     /// Sets a member to a JSON value, replacing it in place or appending it.
     pub fn set(&mut self, key: &str, value: &serde_json::Value) {
-        let raw = match serde_json::value::to_raw_value(value) {
+        let raw = match serde_json::to_string(value) {
             Ok(r) => r,
             Err(_) => return, // a Value always serialises
         };
@@ -114,7 +135,7 @@ impl<'a> JsonBody<'a> {
             }
             let _ = serde_json::to_writer(&mut *out, k.as_ref());
             out.push(b':');
-            out.extend_from_slice(v.get().as_bytes());
+            out.extend_from_slice(v.as_bytes());
         }
         out.push(b'}');
     }
@@ -126,7 +147,7 @@ const DUPLICATE: &str = "duplicate key ";
 struct FieldsVisitor;
 
 impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = Vec<(Cow<'de, str>, Cow<'de, RawValue>)>;
+    type Value = Vec<(Cow<'de, str>, Cow<'de, str>)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(NOT_OBJECT)
@@ -139,7 +160,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 return Err(de::Error::custom(format!("{DUPLICATE}{k}")));
             }
             let v: &'de RawValue = map.next_value()?;
-            fields.push((k, Cow::Borrowed(v)));
+            fields.push((k, Cow::Borrowed(v.get())));
         }
         Ok(fields)
     }
