@@ -36,7 +36,8 @@ impl fmt::Debug for RequestId {
 /// One per worker; not shared, so no atomics.
 #[derive(Debug)]
 pub struct RequestIdGen {
-    prefix: u64,
+    /// The random half, in hex (formatted once).
+    prefix: [u8; 16],
     counter: u64,
 }
 
@@ -51,16 +52,15 @@ impl RequestIdGen {
                 .map_or(0, |d| d.as_nanos() as u64);
             seed = t.to_le_bytes();
         }
-        Self {
-            prefix: u64::from_le_bytes(seed),
-            counter: 0,
-        }
+        let mut prefix = [0u8; 16];
+        hex64(u64::from_le_bytes(seed), &mut prefix);
+        Self { prefix, counter: 0 }
     }
 
     pub fn next_id(&mut self) -> RequestId {
         self.counter = self.counter.wrapping_add(1);
         let mut out = [0u8; 32];
-        hex64(self.prefix, &mut out[..16]);
+        out[..16].copy_from_slice(&self.prefix);
         hex64(self.counter, &mut out[16..]);
         RequestId(out)
     }

@@ -265,17 +265,10 @@ fn last_top_level_usage(body: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Index just past the string starting at `i` (which is a quote).
+/// Index just past the string starting at `i` (which is a quote); `None` if it is not a
+/// valid JSON string.
 fn skip_string(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        let k = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
-        if b[k] == b'\\' {
-            j = k + 2;
-        } else {
-            return Some(k + 1);
-        }
-    }
+    crate::body::scan::string(b, i).map(|(end, _)| end)
 }
 
 /// Index just past the JSON value starting at or after `i`.

@@ -175,7 +175,7 @@ fn number(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// The string starting at `i` (a quote): index just past its closing quote, and whether it
 /// has escapes. Control characters and malformed escapes are refused.
-fn string(b: &[u8], i: usize) -> Option<(usize, bool)> {
+pub(crate) fn string(b: &[u8], i: usize) -> Option<(usize, bool)> {
     let mut j = i + 1;
     let mut escaped = false;
     loop {
