@@ -20,7 +20,7 @@ impl ApiStyle {
     /// `/v1/messages` (and below) is Anthropic's; everything else answers in OpenAI's shape,
     /// the de-facto default of the ecosystem.
     pub fn for_path(path: &str) -> Self {
-        let p = path.split('?').next().unwrap_or(path);
+        let p = memchr::memchr(b'?', path.as_bytes()).map_or(path, |q| &path[..q]);
         if p == "/v1/messages" || p.starts_with("/v1/messages/") {
             Self::Anthropic
         } else {

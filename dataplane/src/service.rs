@@ -22,6 +22,9 @@ pub struct Request<'a> {
     index: &'a HeadIndex,
     raw: &'a Bytes,
     buf: &'a [u8],
+    /// Path and query, and where the query starts (read once; asked for several times).
+    path: &'a str,
+    query_at: usize,
     pub body: &'a Bytes,
 }
 
@@ -34,6 +37,9 @@ impl<'a> Request<'a> {
         raw: &'a Bytes,
         body: &'a Bytes,
     ) -> Self {
+        // The parser only accepts visible ASCII in the target.
+        let path = std::str::from_utf8(index.path.get(raw)).unwrap_or("");
+        let query_at = memchr::memchr(b'?', path.as_bytes()).unwrap_or(path.len());
         Self {
             id,
             peer,
@@ -41,6 +47,8 @@ impl<'a> Request<'a> {
             index,
             raw,
             buf: raw,
+            path,
+            query_at,
             body,
         }
     }
@@ -61,13 +69,12 @@ impl<'a> Request<'a> {
 
     /// Path and query.
     pub fn path(&self) -> &'a str {
-        // The parser only accepts visible ASCII in the target.
-        std::str::from_utf8(self.index.path.get(self.buf)).unwrap_or("")
+        self.path
     }
 
+    /// The path without the query.
     pub fn path_only(&self) -> &'a str {
-        let p = self.path();
-        p.split('?').next().unwrap_or(p)
+        &self.path[..self.query_at]
     }
 
     pub fn version(&self) -> Version {
@@ -91,7 +98,7 @@ impl<'a> Request<'a> {
     }
 
     pub fn api_style(&self) -> ApiStyle {
-        ApiStyle::for_path(self.path())
+        ApiStyle::for_path(self.path_only())
     }
 }
 
