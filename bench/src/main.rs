@@ -493,6 +493,24 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
             "\ndataplane / nginx CPU per request: {:.2}",
             medians[2] / medians[1]
         );
+        // The same ratio taken within each round, where both proxies ran seconds apart: a
+        // shared machine drifts between slower and faster phases, and a round's pair mostly
+        // sees the same phase.
+        let mut paired: Vec<f64> = samples[1]
+            .iter()
+            .zip(&samples[2])
+            .filter_map(|(n, d)| Some(d.proxy_cpu_us_per_req? / n.proxy_cpu_us_per_req?))
+            .collect();
+        if !paired.is_empty() {
+            let listed: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
+            let (lo, hi) = spread(&paired);
+            let _ = writeln!(
+                report,
+                "within each round: median {:.2} [{lo:.2}–{hi:.2}] ({})",
+                median(&mut paired),
+                listed.join(", ")
+            );
+        }
     }
     println!("{report}");
     if let Some(path) = &opts.json {
