@@ -5,6 +5,8 @@
 //! injected fields, cost reservation) is adding a line to [`EDITS`]. When no edit changes
 //! anything the original bytes go out untouched, shared rather than copied.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::body::JsonBody;
@@ -19,15 +21,16 @@ pub struct Outgoing {
     pub headers: Vec<u8>,
 }
 
-/// One edit: may change the body and add header lines for this target.
-type Edit = fn(&mut JsonBody<'_>, &mut Vec<u8>, &Target);
+/// One edit: may change the body (`to_mut` copies the parsed members on the first change)
+/// and add header lines for this target.
+type Edit = fn(&mut Cow<'_, JsonBody<'_>>, &mut Vec<u8>, &Target);
 
 /// Applied in order to every forwarded request.
 const EDITS: &[Edit] = &[route_model, non_retention];
 
-/// Runs the edits for `target` on a copy of the parsed body.
+/// Runs the edits for `target`; the parsed body is copied only if one of them changes it.
 pub fn prepare(parsed: &JsonBody<'_>, original: &Bytes, target: &Target) -> Outgoing {
-    let mut body = parsed.clone();
+    let mut body = Cow::Borrowed(parsed);
     let mut headers = Vec::new();
     for edit in EDITS {
         edit(&mut body, &mut headers, target);
@@ -44,14 +47,15 @@ pub fn prepare(parsed: &JsonBody<'_>, original: &Bytes, target: &Target) -> Outg
 
 /// A route may send another model name than the client's (a deployment name, a pinned
 /// version).
-fn route_model(body: &mut JsonBody<'_>, _: &mut Vec<u8>, target: &Target) {
+fn route_model(body: &mut Cow<'_, JsonBody<'_>>, _: &mut Vec<u8>, target: &Target) {
     if let Some(m) = &target.model {
-        body.set("model", &serde_json::Value::String(m.clone()));
+        body.to_mut()
+            .set("model", &serde_json::Value::String(m.clone()));
     }
 }
 
 /// Tells the provider not to retain the request, in the way this upstream understands.
-fn non_retention(body: &mut JsonBody<'_>, headers: &mut Vec<u8>, target: &Target) {
+fn non_retention(body: &mut Cow<'_, JsonBody<'_>>, headers: &mut Vec<u8>, target: &Target) {
     match &target.upstream.non_retention {
         NonRetention::Header { name, value } => {
             headers.extend_from_slice(name.as_bytes());
@@ -59,7 +63,7 @@ fn non_retention(body: &mut JsonBody<'_>, headers: &mut Vec<u8>, target: &Target
             headers.extend_from_slice(value.as_bytes());
             headers.extend_from_slice(b"\r\n");
         }
-        NonRetention::BodyField { name, value } => body.set(name, value),
+        NonRetention::BodyField { name, value } => body.to_mut().set(name, value),
         NonRetention::AccountAgreement | NonRetention::None => {}
     }
 }
