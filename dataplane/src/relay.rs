@@ -223,24 +223,21 @@ async fn read_head(conn: &mut UpConn, up: &Upstream) -> Result<UpHead, HeadError
 /// its own), the provider's rate-limit figures (they describe the gateway's shared account,
 /// not the client), and account details and cookies of the provider account.
 fn is_dropped_response_header(name: &[u8]) -> bool {
-    const DROPPED: &[&[u8]] = &[
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"content-length",
-        b"date",
-        b"openai-organization",
-        b"openai-project",
-        b"set-cookie",
-        b"alt-svc",
-        b"strict-transport-security",
-    ];
+    // Dispatch on length first: this runs for every header of every response.
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        4 => &[b"date"],
+        7 => &[b"trailer", b"upgrade", b"alt-svc"],
+        10 => &[b"connection", b"keep-alive", b"set-cookie"],
+        14 => &[b"content-length", b"openai-project"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        19 => &[b"openai-organization"],
+        25 => &[b"strict-transport-security"],
+        _ => &[],
+    };
     const DROPPED_PREFIXES: &[&[u8]] = &[b"x-ratelimit-", b"anthropic-ratelimit-"];
-    DROPPED.iter().any(|d| d.eq_ignore_ascii_case(name))
+    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
         || DROPPED_PREFIXES
             .iter()
             .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p))
@@ -446,6 +443,46 @@ async fn pump(
             Read::Failed(_) => {
                 return BodyEnd::UpstreamFailed("upstream connection failed mid-body")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dropped_response_header;
+
+    #[test]
+    fn dropped_response_headers_in_any_case() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Connection",
+            "transfer-encoding",
+            "TE",
+            "trailer",
+            "Upgrade",
+            "content-length",
+            "Date",
+            "OpenAI-Organization",
+            "openai-project",
+            "Set-Cookie",
+            "alt-svc",
+            "Strict-Transport-Security",
+            "x-ratelimit-remaining-requests",
+            "Anthropic-RateLimit-Tokens-Limit",
+        ] {
+            assert!(is_dropped_response_header(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "content-type",
+            "x-request-id",
+            "openai-processing-ms",
+            "x-ratelimit",
+            "cache-control",
+            "dates",
+            "",
+        ] {
+            assert!(!is_dropped_response_header(name.as_bytes()), "{name}");
         }
     }
 }
