@@ -28,7 +28,8 @@ pub struct UpConn {
     io: Io,
     /// Bytes read and not yet consumed.
     pub buf: BytesMut,
-    /// When it went back to the pool, on the coarse clock (a tick is a few ms; idle timeouts are far longer).
+    /// When it went back to the pool, on the coarse clock (a tick is a few milliseconds;
+    /// idle timeouts are far longer).
     pub idle_since_ms: u64,
     /// Requests sent on this connection so far.
     pub uses: u32,
@@ -122,10 +123,11 @@ impl UpConn {
         })
     }
 
-    /// Writes all of `parts`: one `writev` per round trip on plain TCP; flattened into one
-    /// buffer for TLS, which encrypts into its own buffer anyway. An upstream that takes
-    /// nothing for `idle` (per `writev`; for TLS, for the whole request) fails it with
-    /// `TimedOut`, and the connection must then be dropped.
+    /// Writes all of `parts`: flattened into one buffer for a request of at most
+    /// [`FLATTEN_UP_TO`] bytes and for TLS (which encrypts into its own buffer anyway), else
+    /// one `writev` per round trip. An upstream that takes nothing for `idle` (per `writev`;
+    /// for a flattened request, for the whole of it) fails it with `TimedOut`, and the
+    /// connection must then be dropped.
     pub async fn write_all(&mut self, mut parts: IoVecs, idle: Duration) -> io::Result<()> {
         let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
         match &mut self.io {
