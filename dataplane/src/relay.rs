@@ -68,7 +68,7 @@ pub async fn exchange(
                 504,
                 "upstream_timeout",
                 format!(
-                    "the upstream took none of the request for {:?}",
+                    "the upstream stopped taking the request for {:?}",
                     up.read_idle_timeout
                 ),
             ));
