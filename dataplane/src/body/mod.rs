@@ -3,7 +3,7 @@
 //! The pipeline reads a few top-level fields (`model`, `stream`) and sets or removes a few
 //! (a routed model name, a non-retention field). Parsing the whole tree for that would
 //! allocate a node per value; instead the top-level object is split into its members with
-//! each value kept as raw JSON text borrowed from the body (validated by serde_json), and
+//! each value kept as raw JSON text borrowed from the body (validated, whole), and
 //! re-serialised by concatenation. Nested values are parsed only by edits that need them.
 //!
 //! The usual body is read by [`scan`], a validating scan of the top level; serde_json reads
