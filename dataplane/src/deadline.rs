@@ -33,13 +33,7 @@ pub struct Elapsed;
 /// read from the vDSO without touching the TSC). For bounds and ages measured in tens of
 /// milliseconds or more; latency figures use `Instant`.
 pub fn coarse_now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE exists on every
-    // Linux the gateway runs on (2.6.32+), so the call cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ts = coarse_clock(libc::CLOCK_MONOTONIC_COARSE);
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
@@ -47,13 +41,19 @@ pub fn coarse_now_ms() -> u64 {
 /// [`coarse_now_ms`]; at most one clock tick behind). For the `Date` header and expiry times,
 /// which count whole seconds.
 pub fn coarse_unix_secs() -> u64 {
+    u64::try_from(coarse_clock(libc::CLOCK_REALTIME_COARSE).tv_sec).unwrap_or(0)
+}
+
+/// Reads one of the kernel's coarse clocks.
+fn coarse_clock(clock: libc::clockid_t) -> libc::timespec {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: as above; CLOCK_REALTIME_COARSE exists since Linux 2.6.32.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0)
+    // SAFETY: `ts` is a valid, writable timespec; the coarse clocks exist on every Linux the
+    // gateway runs on (2.6.32+), so the call cannot fail.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts
 }
 
 /// The coarse clock's resolution in whole milliseconds, rounded up (one tick: 1 to 10 ms).

@@ -23,6 +23,29 @@ enum Io {
 /// bodies with base64 media, go out with `writev` without being copied.
 const FLATTEN_UP_TO: usize = 16 * 1024;
 
+/// Copies `parts` into `scratch` and writes it whole, bounded by `idle` for the whole write
+/// (`TimedOut` past it); `scratch` keeps its capacity for the next request.
+async fn write_flat<S: AsyncWriteRent>(
+    s: &mut S,
+    scratch: &mut Vec<u8>,
+    parts: &IoVecs,
+    idle: Duration,
+) -> io::Result<()> {
+    let mut flat = std::mem::take(scratch);
+    flat.clear();
+    parts.flatten_into(&mut flat);
+    let write = async {
+        let (res, mut back) = s.write_all(flat).await;
+        back.clear();
+        (res, back)
+    };
+    let (res, back) = crate::deadline::timeout(idle, write)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
+    *scratch = back;
+    res.map(|_| ())
+}
+
 /// A live connection. Dropping it closes it.
 pub struct UpConn {
     io: Io,
@@ -134,19 +157,7 @@ impl UpConn {
             // A small request is copied into one buffer and sent with `send`: cheaper in the
             // kernel than importing an iovec for `writev`.
             Io::Plain(s) if parts.remaining() <= FLATTEN_UP_TO => {
-                let mut flat = std::mem::take(&mut self.scratch);
-                flat.clear();
-                parts.flatten_into(&mut flat);
-                let write = async {
-                    let (res, mut back) = s.write_all(flat).await;
-                    back.clear();
-                    (res, back)
-                };
-                let (res, back) = crate::deadline::timeout(idle, write)
-                    .await
-                    .map_err(timed_out)?;
-                self.scratch = back;
-                res.map(|_| ())
+                write_flat(s, &mut self.scratch, &parts, idle).await
             }
             Io::Plain(s) => {
                 while !parts.is_empty() {
@@ -164,19 +175,7 @@ impl UpConn {
                 Ok(())
             }
             Io::Tls(s) => {
-                let mut flat = std::mem::take(&mut self.scratch);
-                flat.clear();
-                parts.flatten_into(&mut flat);
-                let write = async {
-                    let (res, mut back) = s.write_all(flat).await;
-                    back.clear();
-                    (res, back)
-                };
-                let (res, back) = crate::deadline::timeout(idle, write)
-                    .await
-                    .map_err(timed_out)?;
-                self.scratch = back;
-                res?;
+                write_flat(&mut **s, &mut self.scratch, &parts, idle).await?;
                 crate::deadline::timeout(idle, s.flush())
                     .await
                     .map_err(timed_out)?
