@@ -284,7 +284,7 @@ fn access_log(
         bytes_in,
         bytes_out,
         latency_us = started.elapsed().as_micros() as u64,
-        upstream = log.upstream.as_deref(),
+        upstream = log.upstream.as_ref().map(|u| u.name.as_str()),
         attempts = log.attempts,
         input_tokens = log.input_tokens,
         output_tokens = log.output_tokens,

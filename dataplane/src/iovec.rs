@@ -2,9 +2,9 @@
 //!
 //! io_uring needs the memory of a write to stay put and alive until the kernel is done with
 //! it, so a write takes its buffers by value. [`IoVecs`] owns the pieces of a message as
-//! `Bytes` (slices of the client's read buffer, a re-serialised body, a few generated
-//! lines), keeps the `iovec` table that points into them, and is handed to `writev`
-//! whole: the request head goes upstream from the buffer it was read into, uncopied.
+//! `Bytes` (for a large request: the built head, and the body as the client sent it or as
+//! re-serialised), keeps the `iovec` table that points into them, and is handed to
+//! `writev` whole: a large body goes upstream without being copied.
 
 #![allow(unsafe_code)]
 
@@ -45,10 +45,6 @@ impl IoVecs {
         self.parts.push(b);
     }
 
-    pub fn push_static(&mut self, b: &'static [u8]) {
-        self.push(Bytes::from_static(b));
-    }
-
     /// Bytes not yet written.
     pub fn remaining(&self) -> usize {
         self.iov[self.first..].iter().map(|v| v.iov_len).sum()
@@ -74,24 +70,6 @@ impl IoVecs {
             }
         }
     }
-
-    /// Copies what is left into one buffer (for streams, such as TLS, that encrypt into a
-    /// buffer of their own anyway).
-    pub fn flatten_into(&self, out: &mut Vec<u8>) {
-        for v in &self.iov[self.first..] {
-            // SAFETY: every iovec points into a `Bytes` held in `self.parts`, and `advance`
-            // keeps base + len inside it.
-            out.extend_from_slice(unsafe {
-                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-            });
-        }
-    }
-
-    pub fn clear(&mut self) {
-        self.parts.clear();
-        self.iov.clear();
-        self.first = 0;
-    }
 }
 
 // SAFETY: the iovecs point into `Bytes` owned by `self.parts`; `Bytes` never moves or frees
@@ -113,17 +91,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn advance_and_flatten() {
+    fn advance_moves_through_pieces() {
         let mut v = IoVecs::new();
         v.push(Bytes::from_static(b"hello "));
         v.push(Bytes::new());
         v.push(Bytes::from_static(b"wide "));
-        v.push_static(b"world");
+        v.push(Bytes::from_static(b"world"));
         assert_eq!(v.remaining(), 16);
         v.advance(8);
-        let mut out = Vec::new();
-        v.flatten_into(&mut out);
-        assert_eq!(out, b"de world");
+        assert_eq!(v.remaining(), 8);
+        assert_eq!(v.read_iovec_len(), 2);
+        // SAFETY: the first iovec points into a live piece of `v`.
+        let first = unsafe {
+            let iov = &*v.read_iovec_ptr();
+            std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+        };
+        assert_eq!(first, b"de ");
         v.advance(8);
         assert!(v.is_empty());
     }

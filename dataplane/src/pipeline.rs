@@ -84,7 +84,8 @@ mod tests {
         )
         .expect("valid");
         let t = RouteTable::build(&c).expect("builds");
-        t.lookup("x", ProviderKind::Openai)[0].clone()
+        let target = t.lookup("x", ProviderKind::Openai)[0].clone();
+        target
     }
 
     #[test]

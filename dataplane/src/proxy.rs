@@ -12,14 +12,12 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde_json::json;
 
 use crate::adapters::{self, Endpoint};
 use crate::body::{BodyError, JsonBody};
 use crate::config::ProviderKind;
 use crate::errors::ApiError;
-use crate::iovec::IoVecs;
 use crate::relay::{self, Attempt};
 use crate::respond::Responder;
 use crate::routes::Target;
@@ -158,7 +156,7 @@ impl Service for Gateway {
                     .await;
             }
         };
-        let Some(model) = parsed.get_str("model").map(|m| m.into_owned()) else {
+        let Some(model) = parsed.get_str("model") else {
             let err = ApiError::downstream(
                 400,
                 "missing_model",
@@ -232,7 +230,7 @@ impl Gateway {
             loop {
                 attempts += 1;
                 resp.log.attempts = attempts;
-                resp.log.upstream = Some(up.name.clone());
+                resp.log.upstream = Some(Arc::clone(up));
                 let lease = match self.pool.checkout(up).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -257,9 +255,26 @@ impl Gateway {
                     drop(lease);
                     continue;
                 }
-                let head = build_head(req, target, &outgoing.body, &outgoing.headers, family);
-                let outcome =
-                    relay::exchange(&self.pool, up, lease, head, req, resp, family, !is_last).await;
+                let body = &outgoing.body;
+                let mut lease = lease;
+                let reserve = if lease.conn.sends_from_one_buffer(body.len()) {
+                    body.len()
+                } else {
+                    0
+                };
+                let head = build_head(
+                    req,
+                    target,
+                    body.len(),
+                    &outgoing.headers,
+                    family,
+                    reserve,
+                    lease.conn.take_send_buffer(),
+                );
+                let outcome = relay::exchange(
+                    &self.pool, up, lease, head, body, req, resp, family, !is_last,
+                )
+                .await;
                 match outcome {
                     Attempt::Done => return,
                     Attempt::Stale => {
@@ -309,49 +324,38 @@ fn is_dropped_request_header(name: &[u8]) -> bool {
         19 => &[b"proxy-authorization"],
         _ => return false,
     };
-    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
+    candidates.iter().any(|c| crate::h1::name_eq(name, c))
 }
 
-/// The forwarded head: generated request line and Host, then the client's kept header lines
-/// as runs of the original bytes, then the gateway's own fields, then the body.
+/// Writes the forwarded head into `out` (cleared first; it is the connection's send buffer,
+/// so its capacity carries over between requests): the generated request line and Host,
+/// then the client's kept header lines copied as runs of the original bytes, then the
+/// gateway's own fields. `reserve` more bytes are reserved behind it for the body when the
+/// request will be sent from one buffer.
 fn build_head(
     req: &Request<'_>,
     target: &Target,
-    body: &Bytes,
+    body_len: usize,
     extra: &[u8],
     family: ProviderKind,
-) -> IoVecs {
+    reserve: usize,
+    mut out: Vec<u8>,
+) -> Vec<u8> {
     let up = &target.upstream;
     let raw = req.raw();
     let index = req.index();
-    let mut generated = Vec::with_capacity(192 + extra.len());
-    generated.extend_from_slice(req.method().as_bytes());
-    generated.push(b' ');
-    generated.extend_from_slice(up.url.path_prefix.as_bytes());
-    generated.extend_from_slice(req.path().as_bytes());
-    generated.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    generated.extend_from_slice(up.host_header.as_bytes());
-    generated.extend_from_slice(b"\r\n");
-    let first = generated.len();
-    if let Some(cred) = &up.credential {
-        adapters::write_credential(up.kind, cred.expose(), &mut generated);
-    }
-    if family == ProviderKind::Anthropic && req.header("anthropic-version").is_none() {
-        generated.extend_from_slice(b"anthropic-version: ");
-        generated.extend_from_slice(adapters::anthropic::DEFAULT_VERSION.as_bytes());
-        generated.extend_from_slice(b"\r\n");
-    }
-    generated.extend_from_slice(extra);
-    generated.extend_from_slice(b"content-length: ");
-    generated.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-    generated.extend_from_slice(b"\r\n\r\n");
-    let generated = Bytes::from(generated);
+    out.clear();
+    out.reserve(raw.len() + 256 + extra.len() + reserve);
+    out.extend_from_slice(req.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(up.url.path_prefix.as_bytes());
+    out.extend_from_slice(req.path().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(up.host_header.as_bytes());
+    out.extend_from_slice(b"\r\n");
 
     // Tokens named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     let connection = req.header("connection").unwrap_or_default();
-    // The request line, a few runs of kept header lines, the generated lines and the body.
-    let mut parts = IoVecs::with_capacity(8);
-    parts.push(generated.slice(..first));
     let mut run: Option<(usize, usize)> = None;
     for f in &index.fields {
         let name = f.name.get(raw);
@@ -362,23 +366,34 @@ fn build_head(
         match (keep, run) {
             (true, Some((s, e))) if e == line_start => run = Some((s, line_end)),
             (true, Some((s, e))) => {
-                parts.push(raw.slice(s..e));
+                out.extend_from_slice(&raw[s..e]);
                 run = Some((line_start, line_end));
             }
             (true, None) => run = Some((line_start, line_end)),
             (false, Some((s, e))) => {
-                parts.push(raw.slice(s..e));
+                out.extend_from_slice(&raw[s..e]);
                 run = None;
             }
             (false, None) => {}
         }
     }
     if let Some((s, e)) = run {
-        parts.push(raw.slice(s..e));
+        out.extend_from_slice(&raw[s..e]);
     }
-    parts.push(generated.slice(first..));
-    parts.push(body.clone());
-    parts
+
+    if let Some(cred) = &up.credential {
+        adapters::write_credential(up.kind, cred.expose(), &mut out);
+    }
+    if family == ProviderKind::Anthropic && req.header("anthropic-version").is_none() {
+        out.extend_from_slice(b"anthropic-version: ");
+        out.extend_from_slice(adapters::anthropic::DEFAULT_VERSION.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out
 }
 
 /// Whole seconds are what key expiry compares.

@@ -16,10 +16,9 @@ use crate::config::ProviderKind;
 use crate::errors::ApiError;
 use crate::h1::sse::SseParser;
 use crate::h1::{
-    list_contains, parse_response_head, ChunkedDecoder, Limits, ResponseError, ResponseFraming,
-    Span,
+    list_contains, name_eq, parse_response_head, ChunkedDecoder, Limits, ResponseError,
+    ResponseFraming, Span,
 };
-use crate::iovec::IoVecs;
 use crate::respond::Responder;
 use crate::service::Request;
 use crate::upstream::conn::{Read, UpConn};
@@ -53,14 +52,19 @@ pub async fn exchange(
     pool: &Pool,
     up: &Arc<Upstream>,
     mut lease: Lease,
-    head: IoVecs,
+    head: Vec<u8>,
+    body: &bytes::Bytes,
     req: &Request<'_>,
     resp: &mut Responder<'_>,
     family: ProviderKind,
     can_fail_over: bool,
 ) -> Attempt {
     lease.conn.uses += 1;
-    if let Err(e) = lease.conn.write_all(head, up.read_idle_timeout).await {
+    if let Err(e) = lease
+        .conn
+        .send_request(head, body, up.read_idle_timeout)
+        .await
+    {
         if e.kind() == std::io::ErrorKind::TimedOut {
             // Part of the request may have gone: never resent.
             tracing::warn!(id = %req.id, upstream = %up.name, "upstream stopped taking the request");
@@ -237,10 +241,10 @@ fn is_dropped_response_header(name: &[u8]) -> bool {
         _ => &[],
     };
     const DROPPED_PREFIXES: &[&[u8]] = &[b"x-ratelimit-", b"anthropic-ratelimit-"];
-    candidates.iter().any(|c| c.eq_ignore_ascii_case(name))
+    candidates.iter().any(|c| name_eq(name, c))
         || DROPPED_PREFIXES
             .iter()
-            .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p))
+            .any(|p| name.len() >= p.len() && name_eq(&name[..p.len()], p))
 }
 
 /// Watches the relayed body for usage figures and the end-of-stream marker.
@@ -309,15 +313,13 @@ async fn relay_response(
         let connection = head
             .fields
             .iter()
-            .find(|(n, _)| n.get(buf).eq_ignore_ascii_case(b"connection"))
+            .find(|(n, _)| name_eq(n.get(buf), b"connection"))
             .map(|(_, v)| v.get(buf))
             .unwrap_or_default();
         resp.begin(head.status, length, |mut h| {
             for (n, v) in &head.fields {
                 let (name, value) = (n.get(buf), v.get(buf));
-                if name.eq_ignore_ascii_case(b"x-request-id")
-                    || name.eq_ignore_ascii_case(b"request-id")
-                {
+                if name_eq(name, b"x-request-id") || name_eq(name, b"request-id") {
                     h = h.header("x-upstream-request-id", value);
                 } else if !is_dropped_response_header(name) && !list_contains(connection, name) {
                     h = h.header(name, value);

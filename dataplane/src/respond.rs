@@ -32,7 +32,8 @@ enum State {
 /// Facts about the request worth a field on its access log line.
 #[derive(Debug, Default, Clone)]
 pub struct LogExtra {
-    pub upstream: Option<String>,
+    /// The upstream of the last attempt (shared, not copied: this is set per attempt).
+    pub upstream: Option<std::sync::Arc<crate::upstream::Upstream>>,
     pub attempts: u32,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,

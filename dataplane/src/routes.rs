@@ -30,6 +30,10 @@ pub struct RouteTable {
     prefixes: Vec<(String, Vec<Target>)>,
 }
 
+/// A route's targets for one API family, in failover order: held inline (routes rarely
+/// have more than a few), so a lookup does not allocate.
+pub type Targets<'a> = smallvec::SmallVec<[&'a Target; 4]>;
+
 impl RouteTable {
     /// Builds from a validated config. Fails only on what validation cannot know in
     /// advance (a CA file that does not parse, a TLS name that is not valid).
@@ -91,7 +95,7 @@ impl RouteTable {
     }
 
     /// Targets for `model` that speak `kind`, in failover order. Empty when nothing routes.
-    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Vec<&Target> {
+    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Targets<'_> {
         let targets = self.exact.get(model).or_else(|| {
             self.prefixes
                 .iter()
@@ -149,7 +153,7 @@ mod tests {
         RouteTable::build(&c).expect("builds")
     }
 
-    fn names(t: Vec<&Target>) -> Vec<String> {
+    fn names(t: Targets<'_>) -> Vec<String> {
         t.iter().map(|t| t.upstream.name.clone()).collect()
     }
 

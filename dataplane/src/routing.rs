@@ -21,7 +21,7 @@ use aigw_wire::messages::kinds;
 use aigw_wire::{NonRetentionRecord, PolicyRecord, Record, RouteRecord, Tombstone, UpstreamRecord};
 
 use crate::config::{self, NonRetention, ProviderKind, UpstreamConfig};
-use crate::routes::{RouteTable, Target};
+use crate::routes::{RouteTable, Target, Targets};
 use crate::upstream::{Secret, Upstream};
 
 /// What an environment's requests must never do.
@@ -69,13 +69,13 @@ pub enum NoTarget {
 
 impl EnvRoutes {
     /// Targets for `model` on `kind` that the policy allows, in failover order.
-    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Result<Vec<&Target>, NoTarget> {
+    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Result<Targets<'_>, NoTarget> {
         let all = self.table.lookup(model, kind);
         if all.is_empty() {
             return Err(NoTarget::NoRoute);
         }
         let mut refused = None;
-        let allowed: Vec<&Target> = all
+        let allowed: Targets<'_> = all
             .into_iter()
             .filter(|t| match self.policy.refuses(&t.upstream) {
                 None => true,
@@ -394,7 +394,7 @@ mod tests {
         })
     }
 
-    fn names(t: Result<Vec<&Target>, NoTarget>) -> Vec<String> {
+    fn names(t: Result<Targets<'_>, NoTarget>) -> Vec<String> {
         t.map(|v| v.iter().map(|t| t.upstream.name.clone()).collect())
             .unwrap_or_default()
     }

@@ -22,7 +22,9 @@ pub struct Request<'a> {
     index: &'a HeadIndex,
     raw: &'a Bytes,
     buf: &'a [u8],
-    /// Path and query, and where the query starts (read once; asked for several times).
+    /// Method, path and query, and where the query starts (read once; asked for several
+    /// times).
+    method: &'a str,
     path: &'a str,
     query_at: usize,
     pub body: &'a Bytes,
@@ -37,7 +39,9 @@ impl<'a> Request<'a> {
         raw: &'a Bytes,
         body: &'a Bytes,
     ) -> Self {
-        // The parser only accepts visible ASCII in the target.
+        // The parser only accepts token characters (ASCII) in the method and visible ASCII
+        // in the target.
+        let method = std::str::from_utf8(index.method.get(raw)).unwrap_or("");
         let path = std::str::from_utf8(index.path.get(raw)).unwrap_or("");
         let query_at = memchr::memchr(b'?', path.as_bytes()).unwrap_or(path.len());
         Self {
@@ -47,6 +51,7 @@ impl<'a> Request<'a> {
             index,
             raw,
             buf: raw,
+            method,
             path,
             query_at,
             body,
@@ -63,8 +68,7 @@ impl<'a> Request<'a> {
     }
 
     pub fn method(&self) -> &'a str {
-        // The parser only accepts token characters (ASCII) in the method.
-        std::str::from_utf8(self.index.method.get(self.buf)).unwrap_or("")
+        self.method
     }
 
     /// Path and query.
@@ -85,7 +89,7 @@ impl<'a> Request<'a> {
         self.index
             .fields
             .iter()
-            .find(|f| f.name.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .find(|f| crate::h1::name_eq(f.name.get(self.buf), name.as_bytes()))
             .map(|f| f.value.get(self.buf))
     }
 

@@ -44,12 +44,9 @@ impl<'a> JsonBody<'a> {
         // and does not check each member's raw text again.
         let text = simdutf8::basic::from_utf8(bytes)
             .map_err(|_| BodyError::Invalid("the body is not UTF-8".into()))?;
-        if let Some(members) = scan::top_level(text) {
+        if let Some(fields) = scan::top_level(text) {
             return Ok(Self {
-                fields: members
-                    .into_iter()
-                    .map(|(k, v)| (Cow::Borrowed(k), Cow::Borrowed(v)))
-                    .collect(),
+                fields,
                 edited: false,
             });
         }

@@ -10,14 +10,17 @@
 //! Strings, nearly all of a chat request, are scanned 16 bytes at a time for the three bytes
 //! that end a run of plain text: a quote, a backslash, or a control character.
 
+use std::borrow::Cow;
+
 /// Deeper nesting goes to serde_json (whose own limit is 128).
 pub(super) const MAX_DEPTH: usize = 64;
 
 /// The members of the top-level object, in order, or `None` when serde_json must decide.
-/// `text` must be valid UTF-8 (checked by the caller), so every slice returned is too.
-pub(super) fn top_level(text: &str) -> Option<Vec<(&str, &str)>> {
+/// `text` must be valid UTF-8 (checked by the caller), so every slice returned is too. The
+/// members come borrowed, in the form [`super::JsonBody`] keeps them.
+pub(super) fn top_level(text: &str) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> {
     let b = text.as_bytes();
-    let mut fields: Vec<(&str, &str)> = Vec::with_capacity(8);
+    let mut fields: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(8);
     let mut i = ws(b, 0);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -35,7 +38,7 @@ pub(super) fn top_level(text: &str) -> Option<Vec<(&str, &str)>> {
             return None;
         }
         let key = text.get(i + 1..end - 1)?;
-        if fields.iter().any(|(k, _)| *k == key) {
+        if fields.iter().any(|(k, _)| k == key) {
             return None;
         }
         i = ws(b, end);
@@ -44,7 +47,7 @@ pub(super) fn top_level(text: &str) -> Option<Vec<(&str, &str)>> {
         }
         let start = ws(b, i + 1);
         let end = value(b, start)?;
-        fields.push((key, text.get(start..end)?));
+        fields.push((Cow::Borrowed(key), Cow::Borrowed(text.get(start..end)?)));
         i = ws(b, end);
         match b.get(i) {
             Some(b',') => i = ws(b, i + 1),

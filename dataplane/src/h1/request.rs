@@ -62,7 +62,7 @@ impl RequestHead<'_, '_> {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .find(|h| super::name_eq(h.name.as_bytes(), name.as_bytes()))
             .map(|h| h.value)
     }
 
@@ -394,21 +394,21 @@ fn scan_fields<'b>(headers: &[httparse::Header<'b>]) -> Result<Fields<'b>, H1Err
             return Err(H1Error::BadHeader);
         }
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"host") {
+        if super::name_eq(name, b"host") {
             f.host_count += 1;
             f.host = Some(trim_ows(h.value));
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        } else if super::name_eq(name, b"content-length") {
             // RFC 9112 §6.3 rule 5: duplicates or invalid values are unrecoverable.
             if f.content_length.is_some() {
                 return Err(H1Error::DuplicateContentLength);
             }
             f.content_length = Some(parse_content_length(h.value)?);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if super::name_eq(name, b"transfer-encoding") {
             te.add(h.value);
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if super::name_eq(name, b"connection") {
             f.connection_close |= list_contains(h.value, b"close");
             f.connection_keep_alive |= list_contains(h.value, b"keep-alive");
-        } else if name.eq_ignore_ascii_case(b"expect") {
+        } else if super::name_eq(name, b"expect") {
             if f.expect.is_some() {
                 return Err(H1Error::UnsupportedExpectation);
             }

@@ -65,7 +65,7 @@ impl UpstreamResponseHead<'_, '_> {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .find(|h| super::name_eq(h.name.as_bytes(), name.as_bytes()))
             .map(|h| h.value)
     }
 }
@@ -129,15 +129,15 @@ pub fn parse_response_head<'h, 'b>(
         if h.name.is_empty() {
             return Err(ResponseError::BadHeader);
         }
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if super::name_eq(h.name.as_bytes(), b"content-length") {
             if content_length.is_some() {
                 return Err(ResponseError::BadContentLength);
             }
             content_length =
                 Some(parse_content_length(h.value).map_err(|_| ResponseError::BadContentLength)?);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if super::name_eq(h.name.as_bytes(), b"transfer-encoding") {
             te.add(h.value);
-        } else if h.name.eq_ignore_ascii_case("connection") {
+        } else if super::name_eq(h.name.as_bytes(), b"connection") {
             close |= list_contains(h.value, b"close");
             keep_alive_token |= list_contains(h.value, b"keep-alive");
         }

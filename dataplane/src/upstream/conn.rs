@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -19,21 +19,18 @@ enum Io {
     Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
 }
 
-/// Requests up to this size are sent from one buffer (see `write_all`); larger ones, such as
-/// bodies with base64 media, go out with `writev` without being copied.
+/// Requests up to this size are sent from one buffer (see `send_request`); larger ones,
+/// such as bodies with base64 media, go out with `writev`, the body uncopied.
 const FLATTEN_UP_TO: usize = 16 * 1024;
 
-/// Copies `parts` into `scratch` and writes it whole, bounded by `idle` for the whole write
-/// (`TimedOut` past it); `scratch` keeps its capacity for the next request.
+/// Writes `flat` whole, bounded by `idle` for the whole write (`TimedOut` past it); the
+/// buffer goes back to `send_buf`, keeping its capacity for the next request.
 async fn write_flat<S: AsyncWriteRent>(
     s: &mut S,
-    scratch: &mut Vec<u8>,
-    parts: &IoVecs,
+    send_buf: &mut Vec<u8>,
+    flat: Vec<u8>,
     idle: Duration,
 ) -> io::Result<()> {
-    let mut flat = std::mem::take(scratch);
-    flat.clear();
-    parts.flatten_into(&mut flat);
     let write = async {
         let (res, mut back) = s.write_all(flat).await;
         back.clear();
@@ -42,7 +39,7 @@ async fn write_flat<S: AsyncWriteRent>(
     let (res, back) = crate::deadline::timeout(idle, write)
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
-    *scratch = back;
+    *send_buf = back;
     res.map(|_| ())
 }
 
@@ -56,7 +53,8 @@ pub struct UpConn {
     pub idle_since_ms: u64,
     /// Requests sent on this connection so far.
     pub uses: u32,
-    scratch: Vec<u8>,
+    /// The buffer requests are written from (see `take_send_buffer`).
+    send_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for UpConn {
@@ -142,24 +140,46 @@ impl UpConn {
             buf: BytesMut::with_capacity(READ_BUF),
             idle_since_ms: crate::deadline::coarse_now_ms(),
             uses: 0,
-            scratch: Vec::new(),
+            send_buf: Vec::new(),
         })
     }
 
-    /// Writes all of `parts`: flattened into one buffer for a request of at most
-    /// [`FLATTEN_UP_TO`] bytes and for TLS (which encrypts into its own buffer anyway), else
-    /// one `writev` per round trip. An upstream that takes nothing for `idle` (per `writev`;
-    /// for a flattened request, for the whole of it) fails it with `TimedOut`, and the
-    /// connection must then be dropped.
-    pub async fn write_all(&mut self, mut parts: IoVecs, idle: Duration) -> io::Result<()> {
+    /// The buffer to build the next request's head in; it comes back through
+    /// [`Self::send_request`] with its capacity.
+    pub fn take_send_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.send_buf)
+    }
+
+    /// Whether a request with a body of `body_len` bytes is sent from one buffer, the body
+    /// copied in behind the head: small requests (one `send` is cheaper in the kernel than
+    /// importing an iovec for `writev`), and every request over TLS (which encrypts into a
+    /// buffer of its own anyway).
+    pub fn sends_from_one_buffer(&self, body_len: usize) -> bool {
+        matches!(self.io, Io::Tls(_)) || body_len <= FLATTEN_UP_TO
+    }
+
+    /// Sends a request: `head` (from [`Self::take_send_buffer`]) then `body`. Sent from one
+    /// buffer when [`Self::sends_from_one_buffer`] says so, else with one `writev` per round
+    /// trip, the body uncopied. An upstream that takes nothing for `idle` (per `writev`;
+    /// for a request sent from one buffer, for the whole of it) fails it with `TimedOut`,
+    /// and the connection must then be dropped.
+    pub async fn send_request(
+        &mut self,
+        mut head: Vec<u8>,
+        body: &Bytes,
+        idle: Duration,
+    ) -> io::Result<()> {
         let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
+        let one_buffer = self.sends_from_one_buffer(body.len());
         match &mut self.io {
-            // A small request is copied into one buffer and sent with `send`: cheaper in the
-            // kernel than importing an iovec for `writev`.
-            Io::Plain(s) if parts.remaining() <= FLATTEN_UP_TO => {
-                write_flat(s, &mut self.scratch, &parts, idle).await
+            Io::Plain(s) if one_buffer => {
+                head.extend_from_slice(body);
+                write_flat(s, &mut self.send_buf, head, idle).await
             }
             Io::Plain(s) => {
+                let mut parts = IoVecs::with_capacity(2);
+                parts.push(Bytes::from(head));
+                parts.push(body.clone());
                 while !parts.is_empty() {
                     let (res, back) = crate::deadline::timeout(idle, s.writev(parts))
                         .await
@@ -175,7 +195,8 @@ impl UpConn {
                 Ok(())
             }
             Io::Tls(s) => {
-                write_flat(&mut **s, &mut self.scratch, &parts, idle).await?;
+                head.extend_from_slice(body);
+                write_flat(&mut **s, &mut self.send_buf, head, idle).await?;
                 crate::deadline::timeout(idle, s.flush())
                     .await
                     .map_err(timed_out)?

@@ -136,8 +136,10 @@ impl Pool {
                 permit,
             }),
             None => {
-                // On failure the permit drops here and frees the place.
-                let conn = UpConn::connect(up, &self.dns).await?;
+                // On failure the permit drops here and frees the place. Connecting is the
+                // rare path and its future is large (resolve, connect, TLS handshake): boxed,
+                // it does not grow the checkout future that every request moves.
+                let conn = Box::pin(UpConn::connect(up, &self.dns)).await?;
                 Ok(Lease {
                     conn,
                     reused: false,
