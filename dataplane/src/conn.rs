@@ -156,8 +156,9 @@ pub(crate) async fn serve<S: Service>(
             }
         };
 
-        // The request's bytes leave the read buffer as shared `Bytes`: services forward
-        // slices of them without copying; pipelined bytes stay behind for the next round.
+        // The request's bytes leave the read buffer as shared `Bytes`: the body is a slice
+        // of them (a large one goes upstream without a copy); pipelined bytes stay behind
+        // for the next round.
         let raw = bufs.read.split_to(consumed).freeze();
         let body = match body_range {
             Some(r) => raw.slice(r),
