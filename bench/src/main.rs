@@ -422,7 +422,11 @@ fn run(opts: &RunOpts) -> anyhow::Result<()> {
         opts.load_core
     );
     for round in 0..opts.rounds {
-        for (i, (name, addr, pid)) in targets.iter().enumerate() {
+        // The proxies swap places every round, so neither always runs right after the other
+        // (or always first after the direct run).
+        let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
+        for i in order {
+            let (name, addr, pid) = &targets[i];
             // One read of the proxy's /proc stat on each side of the run: (user, system).
             let proxy_before = pid.map(cpu_split).transpose()?;
             let mock_before = cpu_seconds(mock.0.id())?;
