@@ -23,8 +23,13 @@ enum Io {
 /// such as bodies with base64 media, go out with `writev`, the body uncopied.
 const FLATTEN_UP_TO: usize = 16 * 1024;
 
+/// A send buffer larger than this (grown by one large request over TLS) is not kept on a
+/// pooled connection.
+const KEEP_SEND_BUF_UP_TO: usize = 64 * 1024;
+
 /// Writes `flat` whole, bounded by `idle` for the whole write (`TimedOut` past it); the
-/// buffer goes back to `send_buf`, keeping its capacity for the next request.
+/// buffer goes back to `send_buf`, keeping its capacity for the next request unless it grew
+/// past [`KEEP_SEND_BUF_UP_TO`].
 async fn write_flat<S: AsyncWriteRent>(
     s: &mut S,
     send_buf: &mut Vec<u8>,
@@ -33,6 +38,9 @@ async fn write_flat<S: AsyncWriteRent>(
 ) -> io::Result<()> {
     let write = async {
         let (res, mut back) = s.write_all(flat).await;
+        if back.capacity() > KEEP_SEND_BUF_UP_TO {
+            back = Vec::new();
+        }
         back.clear();
         (res, back)
     };
@@ -230,5 +238,48 @@ impl UpConn {
             }
             Err(_) => Read::TimedOut,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monoio::io::AsyncReadRentExt;
+    use monoio::net::TcpListener;
+
+    #[test]
+    fn the_send_buffer_is_kept_unless_a_large_request_grew_it() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut client = TcpStream::connect_addr(addr).await.expect("connect");
+            let (mut server, _) = listener.accept().await.expect("accept");
+            let idle = Duration::from_secs(5);
+            let mut send_buf = Vec::new();
+
+            for (len, kept) in [(1000usize, true), (KEEP_SEND_BUF_UP_TO + 1, false)] {
+                let flat = vec![b'x'; len];
+                let cap = flat.capacity();
+                let read = async {
+                    let (res, got) = server.read_exact(vec![0u8; len]).await;
+                    res.expect("read");
+                    got
+                };
+                let (sent, got) =
+                    monoio::join!(write_flat(&mut client, &mut send_buf, flat, idle), read);
+                sent.expect("write");
+                assert_eq!(got, vec![b'x'; len], "the whole request arrived");
+                assert!(send_buf.is_empty());
+                if kept {
+                    assert_eq!(send_buf.capacity(), cap, "{len} bytes: buffer kept");
+                } else {
+                    assert_eq!(send_buf.capacity(), 0, "{len} bytes: buffer dropped");
+                }
+            }
+        });
     }
 }
