@@ -268,7 +268,7 @@ fn side_worker(
     shutdown: Arc<Shutdown>,
 ) -> WorkerSpec {
     WorkerSpec {
-        index: usize::MAX,
+        index: crate::worker::SIDE_WORKER,
         core: None,
         listener,
         driver,

@@ -185,6 +185,24 @@ impl Drop for BodyBudget<'_> {
     }
 }
 
+/// The index of a side worker (the admin listener, the demo provider): it serves off the
+/// worker cores.
+pub const SIDE_WORKER: usize = usize::MAX;
+
+/// A worker's index as logs and errors show it: its number, or `side` for a side worker.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerName(pub usize);
+
+impl std::fmt::Display for WorkerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == SIDE_WORKER {
+            f.write_str("side")
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
 /// Everything a worker thread needs; built on the main thread, moved into the worker.
 #[derive(Debug)]
 pub struct WorkerSpec {
@@ -217,7 +235,7 @@ pub fn run<S, F>(
     if let Some(core) = spec.core {
         if !core_affinity::set_for_current(core) {
             tracing::warn!(
-                worker = spec.index,
+                worker = %WorkerName(spec.index),
                 core = core.id,
                 "could not pin worker to its core"
             );
@@ -228,13 +246,13 @@ pub fn run<S, F>(
         Err(e) => {
             let _ = started.send(Err(format!(
                 "worker {}: cannot build runtime: {e}",
-                spec.index
+                WorkerName(spec.index)
             )));
             return;
         }
     };
     spec.status.set_driver(driver);
-    tracing::info!(worker = spec.index, driver = %driver, core = spec.core.map(|c| c.id), "worker started");
+    tracing::info!(worker = %WorkerName(spec.index), driver = %driver, core = spec.core.map(|c| c.id), "worker started");
     let mut ctx = WorkerCtx::new(
         spec.index,
         Arc::clone(&spec.settings),
@@ -248,7 +266,7 @@ pub fn run<S, F>(
     let ctx = Rc::new(ctx);
     let service = Rc::new(make_service(&ctx));
     let drain = spec.drain;
-    let index = spec.index;
+    let index = WorkerName(spec.index);
     rt.block_on(async move {
         crate::deadline::start();
         let listener = match monoio::net::TcpListener::from_std(spec.listener) {
@@ -270,7 +288,7 @@ pub fn run<S, F>(
         drain_connections(&ctx, drain).await;
         ctx.status.running.store(false, Ordering::Release);
     });
-    tracing::info!(worker = index, "worker stopped");
+    tracing::info!(worker = %index, "worker stopped");
 }
 
 async fn accept_loop<S: Service + 'static>(
@@ -292,7 +310,7 @@ async fn accept_loop<S: Service + 'static>(
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
-                    tracing::warn!(worker = ctx.index, error = %e, "accept failed");
+                    tracing::warn!(worker = %WorkerName(ctx.index), error = %e, "accept failed");
                     monoio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -326,9 +344,21 @@ async fn drain_connections(ctx: &WorkerCtx, drain: Duration) {
     }
     if ctx.open.get() > 0 {
         tracing::warn!(
-            worker = ctx.index,
+            worker = %WorkerName(ctx.index),
             open = ctx.open.get(),
             "drain deadline passed with connections open"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_workers_are_named_side_in_logs() {
+        assert_eq!(WorkerName(0).to_string(), "0");
+        assert_eq!(WorkerName(17).to_string(), "17");
+        assert_eq!(WorkerName(SIDE_WORKER).to_string(), "side");
     }
 }
