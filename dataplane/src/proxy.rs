@@ -231,7 +231,7 @@ impl Gateway {
                 attempts += 1;
                 resp.log.attempts = attempts;
                 resp.log.upstream = Some(Arc::clone(up));
-                let lease = match self.pool.checkout(up).await {
+                let mut lease = match self.pool.checkout(up).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::warn!(id = %req.id, upstream = %up.name, error = %e, "upstream unavailable");
@@ -256,7 +256,6 @@ impl Gateway {
                     continue;
                 }
                 let body = &outgoing.body;
-                let mut lease = lease;
                 let reserve = if lease.conn.sends_from_one_buffer(body.len()) {
                     body.len()
                 } else {

@@ -19,8 +19,8 @@ enum Io {
     Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
 }
 
-/// Requests up to this size are sent from one buffer (see `send_request`); larger ones,
-/// such as bodies with base64 media, go out with `writev`, the body uncopied.
+/// A request whose body is at most this size is sent from one buffer (see `send_request`);
+/// larger bodies, such as base64 media, go out with `writev`, uncopied.
 const FLATTEN_UP_TO: usize = 16 * 1024;
 
 /// A send buffer larger than this (grown by one large request over TLS) is not kept on a
