@@ -85,6 +85,8 @@ impl<'a> Request<'a> {
         self.index.version
     }
 
+    /// The value of the first header named `name`, matched ignoring ASCII case. `name` is
+    /// written in lowercase letters, digits and `-` (see [`crate::h1::name_eq`]).
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.index
             .fields

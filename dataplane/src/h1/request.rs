@@ -58,7 +58,8 @@ pub struct RequestHead<'h, 'b> {
 }
 
 impl RequestHead<'_, '_> {
-    /// The value of the first header named `name` (ASCII case-insensitive).
+    /// The value of the first header named `name`, matched ignoring ASCII case. `name` is
+    /// written in lowercase letters, digits and `-` (see [`super::name_eq`]).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()

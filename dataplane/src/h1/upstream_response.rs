@@ -62,6 +62,8 @@ impl UpstreamResponseHead<'_, '_> {
         (100..200).contains(&self.status)
     }
 
+    /// The value of the first header named `name`, matched ignoring ASCII case. `name` is
+    /// written in lowercase letters, digits and `-` (see [`super::name_eq`]).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
