@@ -5,6 +5,10 @@
 //! the response. [`server`] starts the workers and the [`admin`] listener; [`settings`]
 //! carries reloadable settings to the workers without locks.
 
+// The crate is the data plane's own code, not a library for others: its docs are read with
+// `cargo doc --document-private-items`, where links to private modules resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod adapters;
 pub mod admin;
 pub mod auth;
