@@ -249,15 +249,16 @@ fn classify_httparse_error(buf: &[u8], e: httparse::Error, limits: &Limits) -> H
 /// parse itself.
 pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), H1Error> {
     let mut carry = 0u32; // 1 when the byte before this block is a CR
-    let mut blocks = head.chunks_exact(16);
-    for block in &mut blocks {
+    let mut rest = head;
+    while let Some((block, tail)) = rest.split_first_chunk::<16>() {
         let (cr, lf) = cr_lf_masks(block);
         if lf != ((cr << 1) | carry) & 0xffff {
             return Err(H1Error::BareLineEnding);
         }
         carry = cr >> 15;
+        rest = tail;
     }
-    for &b in blocks.remainder() {
+    for &b in rest {
         let cr = u32::from(b == b'\r');
         if u32::from(b == b'\n') != carry {
             return Err(H1Error::BareLineEnding);
@@ -272,15 +273,13 @@ pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), H1Error> {
 }
 
 /// Bit i of the first mask is set when `block[i]` is a CR, of the second when it is a LF.
-/// `block` is one of `chunks_exact(16)`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(unsafe_code)]
-fn cr_lf_masks(block: &[u8]) -> (u32, u32) {
+fn cr_lf_masks(block: &[u8; 16]) -> (u32, u32) {
     use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
-    debug_assert_eq!(block.len(), 16);
-    // SAFETY: SSE2 is part of the x86_64 baseline; the load reads 16 bytes, which `block`
-    // holds (a `chunks_exact(16)` item), and has no alignment requirement.
+    // SAFETY: SSE2 is part of the x86_64 baseline; the load reads exactly the 16 bytes of
+    // `block` and has no alignment requirement.
     unsafe {
         let v = _mm_loadu_si128(block.as_ptr().cast());
         let cr = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8))) as u32;
@@ -291,7 +290,7 @@ fn cr_lf_masks(block: &[u8]) -> (u32, u32) {
 
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
-fn cr_lf_masks(block: &[u8]) -> (u32, u32) {
+fn cr_lf_masks(block: &[u8; 16]) -> (u32, u32) {
     let (mut cr, mut lf) = (0u32, 0u32);
     for (i, &b) in block.iter().enumerate() {
         cr |= u32::from(b == b'\r') << i;
