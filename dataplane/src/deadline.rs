@@ -304,12 +304,7 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    fn rt() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"))
-    }
+    use crate::runtime::for_tests as rt;
 
     #[test]
     fn fires_after_its_duration_never_before() {

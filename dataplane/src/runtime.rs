@@ -84,3 +84,13 @@ pub fn build(choice: DriverChoice) -> std::io::Result<(WorkerRuntime, DriverKind
         .build()?;
     Ok((rt.into(), DriverKind::Epoll))
 }
+
+/// A single-threaded epoll runtime with timers, for unit tests that need real sockets or
+/// time (every build of the kernel has it, unlike the io_uring flags probed above).
+#[cfg(test)]
+pub(crate) fn for_tests() -> monoio::Runtime<TimeDriver<LegacyDriver>> {
+    RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"))
+}

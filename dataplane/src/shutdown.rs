@@ -174,10 +174,7 @@ mod tests {
 
     #[test]
     fn local_waiters_wake_on_the_process_signal_and_leave_no_slot_behind() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let mut rt = crate::runtime::for_tests();
         rt.block_on(async {
             let global = Arc::new(Shutdown::default());
             let local = Rc::new(LocalShutdown::new(Arc::clone(&global)));

@@ -249,10 +249,7 @@ mod tests {
 
     #[test]
     fn the_send_buffer_is_kept_unless_a_large_request_grew_it() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let mut rt = crate::runtime::for_tests();
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
