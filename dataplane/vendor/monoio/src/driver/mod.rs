@@ -266,3 +266,70 @@ impl UnparkHandle {
         })
     }
 }
+
+/// Multishot receives (io_uring only): see `TcpStream::read`.
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub(crate) mod multi {
+    use std::task::{Context, Poll};
+
+    use super::{Inner, UringInner, CURRENT};
+
+    pub(crate) fn submit(fd: std::os::unix::io::RawFd) -> Option<usize> {
+        if !CURRENT.is_set() {
+            return None;
+        }
+        CURRENT.with(|inner| match inner {
+            Inner::Uring(this) => UringInner::multi_submit(this, fd),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        })
+    }
+
+    pub(crate) fn poll(index: usize, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
+        CURRENT.with(|inner| match inner {
+            Inner::Uring(this) => UringInner::multi_poll(this, index, cx),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!(),
+        })
+    }
+
+    pub(crate) fn drop_recv(index: usize) {
+        if !CURRENT.is_set() {
+            return;
+        }
+        CURRENT.with(|inner| {
+            if let Inner::Uring(this) = inner {
+                UringInner::multi_drop(this, index)
+            }
+        })
+    }
+
+    /// Copies `dst.len()` bytes of buffer `bid` from `off`.
+    pub(crate) fn copy(bid: u16, off: usize, dst: &mut [u8]) {
+        CURRENT.with(|inner| {
+            if let Inner::Uring(this) = inner {
+                let b = UringInner::multi_buf(this, bid);
+                dst.copy_from_slice(&b[off..off + dst.len()]);
+            }
+        })
+    }
+
+    pub(crate) fn disable() {
+        CURRENT.with(|inner| {
+            if let Inner::Uring(this) = inner {
+                UringInner::multi_disable(this)
+            }
+        })
+    }
+
+    pub(crate) fn recycle(bid: u16) {
+        if !CURRENT.is_set() {
+            return;
+        }
+        CURRENT.with(|inner| {
+            if let Inner::Uring(this) = inner {
+                UringInner::multi_recycle(this, bid)
+            }
+        })
+    }
+}

@@ -22,6 +22,21 @@ pub(crate) enum Lifecycle {
 
     /// The operation has completed.
     Completed(io::Result<u32>, u32),
+
+    /// A multishot receive: completions queue up until the stream takes them.
+    Multi(MultiState),
+}
+
+/// The state of a multishot receive.
+pub(crate) struct MultiState {
+    pub(crate) queue: std::collections::VecDeque<(i32, u32)>,
+    pub(crate) waker: Option<Waker>,
+    /// The kernel posted the final completion (no `IORING_CQE_F_MORE`).
+    pub(crate) ended: bool,
+    /// The stream is gone: buffers are given back as they arrive.
+    pub(crate) orphan: bool,
+    /// A cancel was asked for (too many unread buffers, or the stream is gone).
+    pub(crate) cancelling: bool,
 }
 
 impl<'a> Ref<'a, Lifecycle> {
@@ -43,7 +58,9 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Ignored(..) => {
                 self.remove();
             }
-            Lifecycle::Completed(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Completed(..) | Lifecycle::Multi(_) => unsafe {
+                std::hint::unreachable_unchecked()
+            },
         }
     }
 
@@ -86,7 +103,9 @@ impl<'a> Ref<'a, Lifecycle> {
             Lifecycle::Completed(..) => {
                 self.remove();
             }
-            Lifecycle::Ignored(..) => unsafe { std::hint::unreachable_unchecked() },
+            Lifecycle::Ignored(..) | Lifecycle::Multi(_) => unsafe {
+                std::hint::unreachable_unchecked()
+            },
         }
         true
     }

@@ -82,6 +82,111 @@ pub(crate) struct UringInner {
 
     // Uring support ext_arg
     ext_arg: bool,
+
+    /// Provided buffers for multishot receives (`None`: not set up yet).
+    bufs: Option<BufRing>,
+    /// Multishot receives are off (the kernel refused the buffer ring).
+    multi_off: bool,
+    /// Multishot receives to cancel once the completion queue is processed.
+    cancels: Vec<u64>,
+}
+
+/// Buffer group of the provided-buffer ring.
+const BGID: u16 = 0;
+/// Buffers in the ring (a power of two), and the size of each: 4 MiB per driver, allocated
+/// at the first multishot receive.
+const RING_ENTRIES: u16 = 256;
+const BUF_SIZE: usize = 16 * 1024;
+/// Completions a multishot receive may hold unread before it is cancelled (the next read
+/// arms it again): with the socket's own buffer, what one stream can have received ahead
+/// of its reader.
+const MAX_QUEUED: usize = 4;
+
+/// A ring of provided buffers (IORING_REGISTER_PBUF_RING) that multishot receives fill.
+pub(crate) struct BufRing {
+    ring: *mut io_uring::types::BufRingEntry,
+    ring_layout: std::alloc::Layout,
+    mem: Box<[u8]>,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(uring: &IoUring) -> io::Result<Self> {
+        let ring_layout = std::alloc::Layout::from_size_align(
+            RING_ENTRIES as usize * std::mem::size_of::<io_uring::types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the layout has a non-zero size.
+        let ring =
+            unsafe { std::alloc::alloc_zeroed(ring_layout) } as *mut io_uring::types::BufRingEntry;
+        if ring.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        let mem = vec![0u8; RING_ENTRIES as usize * BUF_SIZE].into_boxed_slice();
+        let mut me = BufRing {
+            ring,
+            ring_layout,
+            mem,
+            tail: 0,
+        };
+        // SAFETY: the ring memory is page aligned, zeroed, sized for RING_ENTRIES entries and
+        // stays allocated until it is unregistered (see `UringInner::drop`).
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring(ring as u64, RING_ENTRIES, BGID)?
+        };
+        for bid in 0..RING_ENTRIES {
+            me.push(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    /// Writes buffer `bid` into the next ring slot (the kernel sees it once published).
+    fn push(&mut self, bid: u16) {
+        let mask = RING_ENTRIES - 1;
+        // SAFETY: the slot index is below RING_ENTRIES, and `bid` below RING_ENTRIES names a
+        // buffer inside `mem`. The setters leave the slot's `resv` field, which in slot 0 is
+        // the ring's tail, alone.
+        unsafe {
+            let e = &mut *self.ring.add((self.tail & mask) as usize);
+            e.set_addr(self.mem.as_ptr().add(bid as usize * BUF_SIZE) as u64);
+            e.set_len(BUF_SIZE as u32);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes every pushed slot visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `tail` points at the ring's tail, a u16 the kernel reads atomically; the
+        // release store orders the slot writes before it.
+        unsafe {
+            let tail = io_uring::types::BufRingEntry::tail(self.ring)
+                as *const std::sync::atomic::AtomicU16;
+            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    pub(crate) fn recycle(&mut self, bid: u16) {
+        self.push(bid);
+        self.publish();
+    }
+
+    pub(crate) fn buf(&self, bid: u16) -> &[u8] {
+        &self.mem[bid as usize * BUF_SIZE..(bid as usize + 1) * BUF_SIZE]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`. Only dropped once unregistered (see
+        // `UringInner::drop`): the kernel no longer reads the ring or fills the buffers.
+        unsafe { std::alloc::dealloc(self.ring as *mut u8, self.ring_layout) };
+    }
 }
 
 // When dropping the driver, all in-flight operations must have completed. This
@@ -111,6 +216,9 @@ impl IoUringDriver {
             poller_installed: false,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            bufs: None,
+            multi_off: false,
+            cancels: Vec::new(),
             uring,
         }));
 
@@ -145,6 +253,9 @@ impl IoUringDriver {
             poll: super::poll::Poll::with_capacity(entries as usize)?,
             ops: Ops::new(),
             ext_arg: uring.params().is_feature_ext_arg(),
+            bufs: None,
+            multi_off: false,
+            cancels: Vec::new(),
             uring,
             shared_waker: std::sync::Arc::new(waker::EventWaker::new(waker)),
             eventfd_installed: false,
@@ -377,6 +488,20 @@ impl Driver for IoUringDriver {
 }
 
 impl UringInner {
+    /// Queues a cancel of operation `index` (submitted with the next batch).
+    fn push_cancel(uring: &mut IoUring, index: u64) {
+        let cancel = opcode::AsyncCancel::new(index)
+            .build()
+            .user_data(CANCEL_USERDATA);
+        // SAFETY: a cancel entry refers to no memory.
+        unsafe {
+            if uring.submission().push(&cancel).is_err() {
+                let _ = uring.submit();
+                let _ = uring.submission().push(&cancel);
+            }
+        }
+    }
+
     fn tick(&mut self) -> io::Result<()> {
         let cq = self.uring.completion();
 
@@ -391,8 +516,42 @@ impl UringInner {
                     self.poll.tick(Some(Duration::ZERO))?;
                 }
                 _ if index >= MIN_REVERSED_USERDATA => (),
-                _ => self.ops.complete(index as _, resultify(&cqe), cqe.flags()),
+                _ => {
+                    let mut lc = unsafe { self.ops.slab.get(index as usize).unwrap_unchecked() };
+                    if let Lifecycle::Multi(m) = &mut *lc {
+                        let flags = cqe.flags();
+                        let more = cqueue::more(flags);
+                        if m.orphan {
+                            if let (Some(bid), Some(bufs)) =
+                                (cqueue::buffer_select(flags), self.bufs.as_mut())
+                            {
+                                bufs.recycle(bid);
+                            }
+                            if !more {
+                                lc.remove();
+                            }
+                        } else {
+                            m.queue.push_back((cqe.result(), flags));
+                            if !more {
+                                m.ended = true;
+                            } else if m.queue.len() >= MAX_QUEUED && !m.cancelling {
+                                m.cancelling = true;
+                                self.cancels.push(index);
+                            }
+                            if let Some(w) = m.waker.take() {
+                                w.wake();
+                            }
+                        }
+                    } else {
+                        lc.complete(resultify(&cqe), cqe.flags())
+                    }
+                }
             }
+        }
+        // Multishot receives holding too many unread buffers (queued while the completion
+        // queue was borrowed).
+        while let Some(index) = self.cancels.pop() {
+            Self::push_cancel(&mut self.uring, index);
         }
         Ok(())
     }
@@ -534,6 +693,117 @@ impl UringInner {
         }
     }
 
+    /// Arms a multishot receive on `fd`; `None` if multishot receives are unavailable.
+    pub(crate) fn multi_submit(this: &Rc<UnsafeCell<UringInner>>, fd: RawFd) -> Option<usize> {
+        let inner = unsafe { &mut *this.get() };
+        if inner.multi_off {
+            return None;
+        }
+        if inner.bufs.is_none() {
+            match BufRing::new(&inner.uring) {
+                Ok(b) => inner.bufs = Some(b),
+                Err(_) => {
+                    inner.multi_off = true;
+                    return None;
+                }
+            }
+        }
+        if inner.uring.submission().is_full() {
+            inner.submit().ok()?;
+        }
+        let index = inner
+            .ops
+            .slab
+            .insert(Lifecycle::Multi(lifecycle::MultiState {
+                queue: std::collections::VecDeque::new(),
+                waker: None,
+                ended: false,
+                orphan: false,
+                cancelling: false,
+            }));
+        let sqe = opcode::RecvMulti::new(io_uring::types::Fd(fd), BGID)
+            .build()
+            .user_data(index as _);
+        if unsafe { inner.uring.submission().push(&sqe).is_err() } {
+            let _ = inner.ops.slab.remove(index);
+            return None;
+        }
+        Some(index)
+    }
+
+    /// The next completion of multishot receive `index`. After one without
+    /// `IORING_CQE_F_MORE`, `index` is gone.
+    pub(crate) fn multi_poll(
+        this: &Rc<UnsafeCell<UringInner>>,
+        index: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<(i32, u32)> {
+        let inner = unsafe { &mut *this.get() };
+        let mut lc = unsafe { inner.ops.slab.get(index).unwrap_unchecked() };
+        let Lifecycle::Multi(m) = &mut *lc else {
+            unreachable!()
+        };
+        match m.queue.pop_front() {
+            Some((res, flags)) => {
+                if !cqueue::more(flags) {
+                    lc.remove();
+                }
+                Poll::Ready((res, flags))
+            }
+            None => {
+                match &m.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => m.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The stream of multishot receive `index` is gone.
+    pub(crate) fn multi_drop(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
+        let inner = unsafe { &mut *this.get() };
+        let Some(mut lc) = inner.ops.slab.get(index) else {
+            return;
+        };
+        let Lifecycle::Multi(m) = &mut *lc else {
+            return;
+        };
+        for (_, flags) in m.queue.drain(..) {
+            if let (Some(bid), Some(bufs)) = (cqueue::buffer_select(flags), inner.bufs.as_mut()) {
+                bufs.recycle(bid);
+            }
+        }
+        if m.ended {
+            lc.remove();
+            return;
+        }
+        m.orphan = true;
+        m.waker = None;
+        if !m.cancelling {
+            m.cancelling = true;
+            UringInner::push_cancel(&mut inner.uring, index as u64);
+        }
+    }
+
+    /// Multishot receives are not supported by this kernel.
+    pub(crate) fn multi_disable(this: &Rc<UnsafeCell<UringInner>>) {
+        let inner = unsafe { &mut *this.get() };
+        inner.multi_off = true;
+    }
+
+    pub(crate) fn multi_buf(this: &Rc<UnsafeCell<UringInner>>, bid: u16) -> &[u8] {
+        let inner = unsafe { &*this.get() };
+        unsafe { inner.bufs.as_ref().unwrap_unchecked() }.buf(bid)
+    }
+
+    pub(crate) fn multi_recycle(this: &Rc<UnsafeCell<UringInner>>, bid: u16) {
+        let inner = unsafe { &mut *this.get() };
+        if let Some(b) = inner.bufs.as_mut() {
+            b.recycle(bid);
+        }
+    }
+
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
         let inner = &mut *this.get();
         let cancel = opcode::AsyncCancel::new(index as u64)
@@ -585,6 +855,15 @@ impl Drop for UringInner {
     fn drop(&mut self) {
         // no need to wait for completion, as the kernel will clean up the ring asynchronically.
         let _ = self.uring.submitter().submit();
+        if let Some(bufs) = self.bufs.take() {
+            // The buffers may be freed only once the kernel lets go of them; if it refuses,
+            // they are leaked rather than freed under it.
+            if self.uring.submitter().unregister_buf_ring(BGID).is_ok() {
+                drop(bufs);
+            } else {
+                std::mem::forget(bufs);
+            }
+        }
         unsafe {
             ManuallyDrop::drop(&mut self.uring);
         }
@@ -599,11 +878,6 @@ impl Ops {
     // Insert a new operation
     pub(crate) fn insert(&mut self) -> usize {
         self.slab.insert(Lifecycle::Submitted)
-    }
-
-    fn complete(&mut self, index: usize, result: io::Result<u32>, flags: u32) {
-        let lifecycle = unsafe { self.slab.get(index).unwrap_unchecked() };
-        lifecycle.complete(result, flags);
     }
 }
 

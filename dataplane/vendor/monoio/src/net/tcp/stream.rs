@@ -68,12 +68,47 @@ impl TcpConnectOpts {
 }
 /// TcpStream
 pub struct TcpStream {
+    // Dropped first: cancels an armed multishot receive before the fd is closed.
+    multi: MultiRecv,
     pub(super) fd: SharedFd,
     meta: StreamMeta,
 }
 
 /// TcpStream is safe to split to two parts
 unsafe impl Split for TcpStream {}
+
+/// Multishot receiving (see [`TcpStream::enable_multishot_recv`]): the receive armed on
+/// the stream, and the part of a received buffer not yet handed out.
+#[derive(Default)]
+struct MultiRecv {
+    enabled: bool,
+    /// Slab index of the armed receive.
+    index: Option<usize>,
+    /// Buffer id, offset and length of received bytes not yet handed out.
+    pending: Option<(u16, u32, u32)>,
+}
+
+/// The error of a read that would go around a stream's multishot receive.
+fn multishot_unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "readv and cancelable reads are not supported with multishot receives",
+    )
+}
+
+impl Drop for MultiRecv {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", feature = "iouring"))]
+        {
+            if let Some((bid, _, _)) = self.pending.take() {
+                crate::driver::multi::recycle(bid);
+            }
+            if let Some(index) = self.index.take() {
+                crate::driver::multi::drop_recv(index);
+            }
+        }
+    }
+}
 
 impl TcpStream {
     pub(crate) fn from_shared_fd(fd: SharedFd) -> Self {
@@ -85,7 +120,27 @@ impl TcpStream {
         // enable SOCK_ZEROCOPY
         meta.set_zero_copy();
 
-        Self { fd, meta }
+        Self {
+            multi: MultiRecv::default(),
+            fd,
+            meta,
+        }
+    }
+
+    /// Receives through one multishot receive (io_uring, Linux 6.0+) into the driver's
+    /// provided buffers instead of one receive per read: the kernel keeps the socket's poll
+    /// armed between reads, so a read that finds no data does not cost a failed receive and
+    /// a poll arm and disarm. Each read copies out of a provided buffer into the caller's.
+    ///
+    /// Bounded like plain reads: once a few buffers wait unread, the receive is cancelled
+    /// and re-armed by the next read, so a reader that stops reading stops the peer through
+    /// TCP flow control as before. Where multishot receives are unavailable (epoll driver,
+    /// older kernels, no free buffer) reads fall back to single receives.
+    ///
+    /// `readv` and the cancelable reads are not supported on such a stream: they fail with
+    /// [`io::ErrorKind::Unsupported`] rather than read around the armed receive.
+    pub fn enable_multishot_recv(&mut self) {
+        self.multi.enabled = true;
     }
 
     /// Open a TCP connection to a remote host.
@@ -409,17 +464,87 @@ impl CancelableAsyncWriteRent for TcpStream {
 
 impl AsyncReadRent for TcpStream {
     #[inline]
-    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // Submit the read operation
-        let op = Op::recv(self.fd.clone(), buf).unwrap();
-        op.read()
+    fn read<T: IoBufMut>(&mut self, mut buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        async move {
+            #[cfg(all(target_os = "linux", feature = "iouring"))]
+            while self.multi.enabled {
+                if let Some((bid, off, len)) = self.multi.pending {
+                    let n = buf.bytes_total().min((len - off) as usize);
+                    // SAFETY: a read may write the first `bytes_total()` bytes at `write_ptr()`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(buf.write_ptr(), n) };
+                    crate::driver::multi::copy(bid, off as usize, dst);
+                    // SAFETY: the first `n` bytes were just written.
+                    unsafe { buf.set_init(n) };
+                    if off as usize + n == len as usize {
+                        self.multi.pending = None;
+                        crate::driver::multi::recycle(bid);
+                    } else {
+                        self.multi.pending = Some((bid, off + n as u32, len));
+                    }
+                    return (Ok(n), buf);
+                }
+                let index = match self.multi.index {
+                    Some(i) => i,
+                    None => match crate::driver::multi::submit(self.fd.raw_fd()) {
+                        Some(i) => {
+                            self.multi.index = Some(i);
+                            i
+                        }
+                        None => {
+                            // Not on io_uring, or the kernel lacks provided-buffer rings.
+                            self.multi.enabled = false;
+                            break;
+                        }
+                    },
+                };
+                let (res, flags) =
+                    std::future::poll_fn(|cx| crate::driver::multi::poll(index, cx)).await;
+                if !io_uring::cqueue::more(flags) {
+                    self.multi.index = None;
+                }
+                let bid = io_uring::cqueue::buffer_select(flags);
+                match res {
+                    1.. => {
+                        let Some(bid) = bid else {
+                            return (Err(io::ErrorKind::InvalidData.into()), buf);
+                        };
+                        self.multi.pending = Some((bid, 0, res as u32));
+                    }
+                    0 => {
+                        if let Some(bid) = bid {
+                            crate::driver::multi::recycle(bid);
+                        }
+                        return (Ok(0), buf);
+                    }
+                    // Cancelled with unread buffers queued, now read: arm again.
+                    _ if res == -libc::ECANCELED => {}
+                    // No free provided buffer: this read takes a single receive.
+                    _ if res == -libc::ENOBUFS => break,
+                    // The kernel has buffer rings but not multishot receives (5.19).
+                    _ if res == -libc::EINVAL => {
+                        crate::driver::multi::disable();
+                        self.multi.enabled = false;
+                        break;
+                    }
+                    _ => return (Err(io::Error::from_raw_os_error(-res)), buf),
+                }
+            }
+            let op = Op::recv(self.fd.clone(), buf).unwrap();
+            op.read().await
+        }
     }
 
-    #[inline]
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // Submit the read operation
-        let op = Op::readv(self.fd.clone(), buf).unwrap();
-        op.read()
+        let multishot = self.multi.enabled;
+        let fd = self.fd.clone();
+        async move {
+            if multishot {
+                return (Err(multishot_unsupported()), buf);
+            }
+            // Submit the read operation
+            let op = Op::readv(fd, buf).unwrap();
+            op.read().await
+        }
     }
 }
 
@@ -430,6 +555,9 @@ impl CancelableAsyncReadRent for TcpStream {
         buf: T,
         c: CancelHandle,
     ) -> crate::BufResult<usize, T> {
+        if self.multi.enabled {
+            return (Err(multishot_unsupported()), buf);
+        }
         let fd = self.fd.clone();
 
         if c.canceled() {
@@ -447,6 +575,9 @@ impl CancelableAsyncReadRent for TcpStream {
         buf: T,
         c: CancelHandle,
     ) -> crate::BufResult<usize, T> {
+        if self.multi.enabled {
+            return (Err(multishot_unsupported()), buf);
+        }
         let fd = self.fd.clone();
 
         if c.canceled() {
