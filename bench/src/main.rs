@@ -9,8 +9,13 @@
 //!
 //! ```sh
 //! cargo build --release -p dataplane -p bench
-//! target/release/aigw-bench run --rounds 5 --duration 10
+//! target/release/aigw-bench run
 //! ```
+//!
+//! The defaults (12 rounds of 4 s per target) favour many short rounds over few long ones:
+//! this kind of shared machine drifts between faster and slower phases lasting tens of
+//! seconds, and with five rounds a phase that caught three runs of one proxy moved its
+//! median by a fifth.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -56,10 +61,10 @@ enum Cmd {
     },
     /// Run the comparison and print a report.
     Run {
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 12)]
         rounds: usize,
         /// Seconds per wrk run.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 4)]
         duration: u64,
         #[arg(long, default_value_t = 32)]
         connections: usize,
