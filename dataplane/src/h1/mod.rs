@@ -77,12 +77,17 @@ pub fn name_eq(name: &[u8], lower: &[u8]) -> bool {
 /// as used by `Connection` (RFC 9110 §7.6.1).
 pub fn list_contains(value: &[u8], token: &[u8]) -> bool {
     // Usually there is no such header: asked once per header line, this is the common exit.
-    if value.is_empty() {
-        return false;
+    let mut rest = value;
+    while !rest.is_empty() {
+        let end = rest.iter().position(|&b| b == b',').unwrap_or(rest.len());
+        let item = trim_ows(&rest[..end]);
+        // Most items differ in length from the token: no byte compare then.
+        if item.len() == token.len() && item.eq_ignore_ascii_case(token) {
+            return true;
+        }
+        rest = rest.get(end + 1..).unwrap_or_default();
     }
-    value
-        .split(|&b| b == b',')
-        .any(|item| trim_ows(item).eq_ignore_ascii_case(token))
+    false
 }
 
 /// Strips optional whitespace (SP / HTAB, RFC 9110 §5.6.3) from both ends.
@@ -188,5 +193,31 @@ mod tests {
             }
             prop_assert_eq!(name_eq(&name, &lower), name.eq_ignore_ascii_case(&lower));
         }
+
+        #[test]
+        fn list_contains_agrees_with_splitting_the_list(
+            value in proptest::collection::vec(
+                proptest::sample::select(b"aAbB-, \t".as_slice()), 0..24),
+            // Tokens are field names or options, never empty.
+            token in proptest::collection::vec(proptest::sample::select(b"aAbB-".as_slice()), 1..4),
+        ) {
+            let split = value
+                .split(|&b| b == b',')
+                .any(|item| trim_ows(item).eq_ignore_ascii_case(&token));
+            prop_assert_eq!(list_contains(&value, &token), split);
+        }
+    }
+
+    #[test]
+    fn list_contains_finds_tokens_of_connection_lists() {
+        assert!(list_contains(b"keep-alive", b"keep-alive"));
+        assert!(list_contains(b"Keep-Alive, Upgrade", b"upgrade"));
+        assert!(list_contains(b" close ,\tX-Foo", b"x-foo"));
+        assert!(list_contains(b"a,,close", b"close"));
+        assert!(!list_contains(b"keep-alive", b"close"));
+        assert!(!list_contains(b"closed", b"close"));
+        assert!(!list_contains(b"", b"close"));
+        assert!(!list_contains(b"close-x,xclose", b"close"));
+        assert!(!list_contains(b",, ,", b"close"));
     }
 }
