@@ -92,33 +92,7 @@ fn default_environments() -> Vec<String> {
     vec!["production".into(), "staging".into(), "development".into()]
 }
 
-/// Which API family an upstream speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`,
-    /// `/v1/models`; key in `Authorization: Bearer`.
-    Openai,
-    /// `/v1/messages`; key in `x-api-key`, `anthropic-version` required.
-    Anthropic,
-}
-
-/// How the provider is told not to retain or train on a request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum NonRetention {
-    /// A request header, e.g. `{ header = { name = "x-no-retain", value = "1" } }`.
-    Header { name: String, value: String },
-    /// A top-level JSON body field, e.g. OpenAI's `{ body_field = { name = "store", value = false } }`.
-    BodyField {
-        name: String,
-        value: serde_json::Value,
-    },
-    /// Zero retention is guaranteed by an account-level agreement with the provider.
-    AccountAgreement,
-    /// The provider offers no way: requests requiring zero retention are never sent here.
-    None,
-}
+pub use aigw_wire::{NonRetention, ProviderKind};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,21 +141,6 @@ pub struct UpstreamConfig {
     pub baa: bool,
 }
 
-impl UpstreamConfig {
-    /// A non-retention header must be a valid header field.
-    pub fn check_header_names(&self) -> Result<(), String> {
-        if let NonRetention::Header { name, value } = &self.non_retention {
-            let ok = !name.is_empty()
-                && name.bytes().all(crate::h1::is_tchar)
-                && value.bytes().all(crate::h1::is_field_value_byte);
-            if !ok {
-                return Err("non-retention header name must be a token and value printable".into());
-            }
-        }
-        Ok(())
-    }
-}
-
 pub(crate) fn default_max_connections() -> usize {
     256
 }
@@ -198,7 +157,7 @@ pub(crate) fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
 fn default_non_retention() -> NonRetention {
-    NonRetention::None
+    NonRetention::None {}
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -534,8 +493,13 @@ impl Config {
                     ),
                 ));
             }
-            if let Err(e) = crate::upstream::BaseUrl::parse(&u.base_url) {
-                return Err(("upstreams.base_url", at(&e)));
+            if let Err(e) = aigw_wire::rules::check_upstream_fields(
+                u.kind.name(),
+                &u.base_url,
+                &u.non_retention,
+                &u.region,
+            ) {
+                return Err(("upstreams", at(&e.to_string())));
             }
             if let Some(var) = &u.credential_env {
                 if std::env::var(var).map_or(true, |v| v.is_empty()) {
@@ -552,9 +516,6 @@ impl Config {
             }
             if u.max_connections == 0 {
                 return Err(("upstreams.max_connections", at("must be at least 1")));
-            }
-            if let Err(e) = u.check_header_names() {
-                return Err(("upstreams.non_retention", at(&e)));
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
@@ -713,7 +674,7 @@ mod tests {
             name = "a"
             kind = "openai"
             base_url = "http://127.0.0.1:9000"
-            non_retention = { body_field = { name = "store", value = false } }
+            non_retention = { mode = "body_field", name = "store", value = false }
         "#;
         let ok = format!("{base}\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"a\", model = \"m\" }}]\n");
         let c = Config::parse(&ok, "t").expect("valid");

@@ -29,6 +29,15 @@ impl ApiStyle {
     }
 }
 
+impl From<aigw_wire::ProviderKind> for ApiStyle {
+    fn from(kind: aigw_wire::ProviderKind) -> Self {
+        match kind {
+            aigw_wire::ProviderKind::Openai => Self::OpenAi,
+            aigw_wire::ProviderKind::Anthropic => Self::Anthropic,
+        }
+    }
+}
+
 /// Where an error came from, as pingora classifies them: the client, the upstream, or us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorSource {

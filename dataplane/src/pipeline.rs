@@ -63,8 +63,8 @@ fn non_retention(body: &mut Cow<'_, JsonBody<'_>>, headers: &mut Vec<u8>, target
             headers.extend_from_slice(value.as_bytes());
             headers.extend_from_slice(b"\r\n");
         }
-        NonRetention::BodyField { name, value } => body.to_mut().set(name, value),
-        NonRetention::AccountAgreement | NonRetention::None => {}
+        NonRetention::BodyField { name, value } => body.to_mut().set_raw(name, value.as_str()),
+        NonRetention::AccountAgreement {} | NonRetention::None {} => {}
     }
 }
 
@@ -102,7 +102,7 @@ mod tests {
         let original = Bytes::from_static(br#"{"model":"x","messages":[]}"#);
         let parsed = JsonBody::parse(&original).expect("valid");
         let t = target(
-            "non_retention = { body_field = { name = \"store\", value = false } }",
+            "non_retention = { mode = \"body_field\", name = \"store\", value = false }",
             ", model = \"dep\"",
         );
         let out = prepare(&parsed, &original, &t);
@@ -117,7 +117,7 @@ mod tests {
         let original = Bytes::from_static(br#"{"model":"x"}"#);
         let parsed = JsonBody::parse(&original).expect("valid");
         let t = target(
-            "non_retention = { header = { name = \"x-no-retain\", value = \"1\" } }",
+            "non_retention = { mode = \"header\", name = \"x-no-retain\", value = \"1\" }",
             "",
         );
         let out = prepare(&parsed, &original, &t);

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::adapters::{self, Endpoint};
 use crate::body::{BodyError, JsonBody};
 use crate::config::ProviderKind;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, ApiStyle};
 use crate::relay::{self, Attempt};
 use crate::respond::Responder;
 use crate::routes::Target;
@@ -96,7 +96,7 @@ impl Service for Gateway {
                 .await;
         }
         let family = endpoint.family();
-        let style = family.style();
+        let style = ApiStyle::from(family);
         // Authenticate before reading the body: a request without a valid key costs us no
         // parsing.
         let key = match &self.ctx.keys {
@@ -217,7 +217,7 @@ impl Gateway {
         targets: &[&Target],
         family: ProviderKind,
     ) {
-        let style = family.style();
+        let style = ApiStyle::from(family);
         let mut last_err =
             ApiError::upstream(502, "upstream_unavailable", "no upstream could be reached");
         let mut attempts = 0;
@@ -303,29 +303,6 @@ impl Gateway {
     }
 }
 
-/// Request headers that are never forwarded: hop-by-hop fields (RFC 9110 §7.6.1), framing
-/// the gateway recomputes, the client's credentials, and `accept-encoding` (the gateway
-/// reads response bodies, so it asks for them uncompressed).
-fn is_dropped_request_header(name: &[u8]) -> bool {
-    // Dispatch on length first: this runs for every header of every request.
-    let candidates: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        4 => &[b"host"],
-        6 => &[b"expect", b"cookie"],
-        7 => &[b"trailer", b"upgrade", b"api-key"],
-        9 => &[b"x-api-key"],
-        10 => &[b"connection", b"keep-alive"],
-        13 => &[b"authorization"],
-        14 => &[b"content-length"],
-        15 => &[b"accept-encoding"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        19 => &[b"proxy-authorization"],
-        _ => return false,
-    };
-    candidates.iter().any(|c| crate::h1::name_eq(name, c))
-}
-
 /// Writes the forwarded head into `out` (cleared first; it is the connection's send buffer,
 /// so its capacity carries over between requests): the generated request line and Host,
 /// then the client's kept header lines copied as runs of the original bytes, then the
@@ -361,7 +338,8 @@ fn build_head(
         let line_start = f.name.start as usize;
         let line_end = memchr::memchr(b'\n', &raw[f.value.end as usize..])
             .map_or(raw.len(), |i| f.value.end as usize + i + 1);
-        let keep = !is_dropped_request_header(name) && !crate::h1::list_contains(connection, name);
+        let keep = !aigw_wire::rules::is_reserved_request_header(name)
+            && !crate::h1::list_contains(connection, name);
         match (keep, run) {
             (true, Some((s, e))) if e == line_start => run = Some((s, line_end)),
             (true, Some((s, e))) => {
@@ -421,54 +399,4 @@ fn models(routes: Option<&crate::routes::RouteTable>) -> Response {
             .to_string()
             .into_bytes(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_dropped_request_header;
-
-    #[test]
-    fn dropped_request_headers() {
-        for h in [
-            "Host",
-            "Content-Length",
-            "Transfer-Encoding",
-            "Connection",
-            "Keep-Alive",
-            "Proxy-Connection",
-            "TE",
-            "Trailer",
-            "Upgrade",
-            "Expect",
-            "Accept-Encoding",
-            "Authorization",
-            "X-Api-Key",
-            "Api-Key",
-            "Proxy-Authorization",
-            "Cookie",
-        ] {
-            assert!(is_dropped_request_header(h.as_bytes()), "{h}");
-        }
-        // Every client credential header of every family is among them.
-        for h in [
-            "authorization",
-            "x-api-key",
-            "api-key",
-            "proxy-authorization",
-            "cookie",
-        ] {
-            assert!(crate::adapters::is_client_credential(h.as_bytes()));
-            assert!(is_dropped_request_header(h.as_bytes()), "{h}");
-        }
-        for h in [
-            "traceparent",
-            "user-agent",
-            "anthropic-version",
-            "openai-beta",
-            "content-type",
-            "hosts",
-        ] {
-            assert!(!is_dropped_request_header(h.as_bytes()), "{h}");
-        }
-    }
 }

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use aigw_wire::keys::Environment;
 use aigw_wire::messages::kinds;
-use aigw_wire::{NonRetentionRecord, PolicyRecord, Record, RouteRecord, Tombstone, UpstreamRecord};
+use aigw_wire::{PolicyRecord, Record, RouteRecord, Tombstone, UpstreamRecord};
 
-use crate::config::{self, NonRetention, ProviderKind, UpstreamConfig};
+use crate::config::{self, ProviderKind, UpstreamConfig};
 use crate::routes::{RouteTable, Target, Targets};
 use crate::upstream::{Secret, Upstream};
 
@@ -38,7 +38,7 @@ pub struct Policy {
 impl Policy {
     /// Why `up` may not serve this environment, if it may not.
     pub fn refuses(&self, up: &Upstream) -> Option<&'static str> {
-        if self.zero_retention && up.non_retention == NonRetention::None {
+        if self.zero_retention && !up.non_retention.is_guaranteed() {
             return Some("zero retention");
         }
         if !self.region.is_empty() && up.region != self.region {
@@ -130,24 +130,7 @@ fn next_generation() -> u64 {
 
 fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
     let err = |e: String| format!("upstream {:?}: {e}", r.id);
-    let kind = match r.provider.as_str() {
-        "openai" => ProviderKind::Openai,
-        "anthropic" => ProviderKind::Anthropic,
-        other => return Err(err(format!("unknown provider {other:?}"))),
-    };
-    let non_retention = match &r.non_retention {
-        NonRetentionRecord::None => NonRetention::None,
-        NonRetentionRecord::AccountAgreement => NonRetention::AccountAgreement,
-        NonRetentionRecord::Header { name, value } => NonRetention::Header {
-            name: name.clone(),
-            value: value.clone(),
-        },
-        NonRetentionRecord::BodyField { name, value_json } => NonRetention::BodyField {
-            name: name.clone(),
-            value: serde_json::from_str(value_json)
-                .map_err(|e| err(format!("non-retention value is not JSON: {e}")))?,
-        },
-    };
+    let checked = aigw_wire::rules::check_upstream(r).map_err(|e| err(e.to_string()))?;
     let ms = |v: u64, default: Duration| {
         if v == 0 {
             default
@@ -157,7 +140,7 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
     };
     let c = UpstreamConfig {
         name: r.id.clone(),
-        kind,
+        kind: checked.kind,
         base_url: r.base_url.clone(),
         credential_env: None,
         ca_file: None,
@@ -174,19 +157,11 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
         ),
         read_idle_timeout: ms(r.read_idle_timeout_ms, config::default_read_idle_timeout()),
         pool_idle_timeout: config::default_pool_idle_timeout(),
-        non_retention,
+        non_retention: r.non_retention.clone(),
         stream_options: r.stream_options,
         region: r.region.clone(),
         baa: r.baa,
     };
-    c.check_header_names().map_err(err)?;
-    if let Some(cred) = &r.credential {
-        if cred.is_empty() || !cred.bytes().all(crate::h1::is_field_value_byte) {
-            return Err(err(
-                "credential must be printable text (it goes in a header)".into(),
-            ));
-        }
-    }
     Upstream::build_with(&c, r.credential.clone().map(Secret::new)).map_err(err)
 }
 

@@ -363,7 +363,7 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         first_byte_timeout: Duration::from_secs(60),
         read_idle_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(60),
-        non_retention: NonRetention::AccountAgreement,
+        non_retention: NonRetention::AccountAgreement {},
         stream_options: true,
         region: "local".into(),
         baa: false,

@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn routing_and_credentials_are_sealed_with_the_keys() {
-        use aigw_wire::{NonRetentionRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
+        use aigw_wire::{NonRetention, RouteRecord, RouteTargetRecord, UpstreamRecord};
         let up = UpstreamRecord {
             id: "t/production/oa".into(),
             tenant_id: "t".into(),
@@ -166,7 +166,7 @@ mod tests {
             provider: "openai".into(),
             base_url: "http://127.0.0.1:9".into(),
             credential: Some("sk-live-credential-0123456789".into()),
-            non_retention: NonRetentionRecord::AccountAgreement,
+            non_retention: NonRetention::AccountAgreement {},
             stream_options: true,
             region: "eu".into(),
             baa: false,

@@ -168,8 +168,8 @@ both_drivers!(routes_pick_upstreams_and_edit_the_body, |driver| {
     let gw = gateway(
         driver,
         &[
-            ("a", "openai", a.base_url(), "non_retention = { body_field = { name = \"store\", value = false } }"),
-            ("b", "openai", b.base_url(), "non_retention = { header = { name = \"x-zero-retention\", value = \"true\" } }"),
+            ("a", "openai", a.base_url(), "non_retention = { mode = \"body_field\", name = \"store\", value = false }"),
+            ("b", "openai", b.base_url(), "non_retention = { mode = \"header\", name = \"x-zero-retention\", value = \"true\" }"),
         ],
         "[[routes]]\nmodel = \"fast\"\ntargets = [{ upstream = \"b\", model = \"b-fast-2024\" }]\n[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }]\n",
         |_| {},

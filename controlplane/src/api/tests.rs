@@ -394,3 +394,60 @@ fn a_configured_seal_key_must_be_valid_and_match_the_stored_credentials() {
     again(Some(key)).expect("the right key").stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The control plane refuses at PUT what a node would refuse when applying the record, so
+/// one tenant's upstream can never stop a node applying the revisions that follow it.
+#[test]
+fn a_base_url_a_node_would_refuse_is_refused_at_put() {
+    let dir = temp();
+    let cp = cp(&dir);
+    let (code, _) = call(
+        &cp,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "name": "Acme", "tier": "pro"})),
+    );
+    assert_eq!(code, 201);
+    let revision_before = call(&cp, "GET", "/v1/revision", None).1["revision"].clone();
+    for url in [
+        "https://api..openai.com",
+        "https://-x.example.com",
+        "https://exa_mple-.com",
+        "http://[::zz]:80",
+    ] {
+        let record = aigw_wire::UpstreamRecord {
+            id: "acme/production/bad".into(),
+            tenant_id: "acme".into(),
+            environment: "production".into(),
+            name: "bad".into(),
+            provider: "openai".into(),
+            base_url: url.into(),
+            ..Default::default()
+        };
+        assert!(
+            aigw_wire::rules::check_upstream(&record).is_err(),
+            "{url}: a node would apply it"
+        );
+        let (code, v) = call(
+            &cp,
+            "PUT",
+            &format!("{ENV}/upstreams/bad"),
+            Some(json!({"provider": "openai", "base_url": url})),
+        );
+        assert_eq!(code, 400, "{url}: {v}");
+        assert!(message(&v).starts_with("base_url:"), "{url}: {v}");
+    }
+    assert_eq!(
+        call(&cp, "GET", "/v1/revision", None).1["revision"],
+        revision_before,
+        "nothing was committed"
+    );
+    let (code, _) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/upstreams/good"),
+        Some(json!({"provider": "openai", "base_url": "https://api.openai.com"})),
+    );
+    assert_eq!(code, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}

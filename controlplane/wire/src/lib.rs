@@ -9,15 +9,15 @@ pub mod frame;
 pub mod keys;
 pub mod messages;
 pub mod routing;
+pub mod rules;
 
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
 pub use messages::{
     Change, KeyRecord, KeyStatus, Message, Record, Tombstone, UsageEntry, PROTOCOL_VERSION,
 };
-pub use routing::{
-    NonRetentionRecord, PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord,
-};
+pub use routing::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
+pub use rules::{NonRetention, ProviderKind};
 
 #[cfg(test)]
 mod tests {
@@ -64,17 +64,17 @@ mod tests {
             "https?://[a-z0-9.]{1,20}(:[0-9]{1,5})?",
             proptest::option::of("[ -~]{1,40}"),
             prop_oneof![
-                Just(NonRetentionRecord::None),
-                Just(NonRetentionRecord::AccountAgreement),
+                Just(NonRetention::None {}),
+                Just(NonRetention::AccountAgreement {}),
                 ("[a-z-]{1,12}", "[ -~]{0,12}")
-                    .prop_map(|(name, value)| NonRetentionRecord::Header { name, value }),
+                    .prop_map(|(name, value)| NonRetention::Header { name, value }),
                 (
                     "[a-z_]{1,12}",
                     prop_oneof![Just("false"), Just("true"), Just("\"x\"")]
                 )
-                    .prop_map(|(name, v)| NonRetentionRecord::BodyField {
+                    .prop_map(|(name, v)| NonRetention::BodyField {
                         name,
-                        value_json: v.to_string()
+                        value: rules::JsonText(v.to_string())
                     }),
             ],
             (any::<bool>(), "[a-z]{0,4}", any::<bool>()),

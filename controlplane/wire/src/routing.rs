@@ -3,20 +3,7 @@
 //! per kind across the control plane.
 
 use crate::codec::{get_str, get_u64, put_field, put_str, put_u64, Codec, InvalidMessage, Reader};
-
-/// How a provider is told not to retain a request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum NonRetentionRecord {
-    /// The provider offers no way.
-    #[default]
-    None,
-    /// A request header.
-    Header { name: String, value: String },
-    /// A top-level JSON body field; `value_json` is the JSON text of its value.
-    BodyField { name: String, value_json: String },
-    /// An account-level zero-retention agreement covers every request.
-    AccountAgreement,
-}
+use crate::rules::{JsonText, NonRetention};
 
 /// One upstream of one environment. `Default` is an empty record: every optional field
 /// absent, every setting the node's default.
@@ -32,7 +19,7 @@ pub struct UpstreamRecord {
     pub base_url: String,
     /// The provider credential; the link is TLS and nodes keep it sealed on disk.
     pub credential: Option<String>,
-    pub non_retention: NonRetentionRecord,
+    pub non_retention: NonRetention,
     pub stream_options: bool,
     /// Where the provider processes data; empty when unknown.
     pub region: String,
@@ -118,18 +105,18 @@ impl Codec for UpstreamRecord {
             put_str(out, 7, c);
         }
         match &self.non_retention {
-            NonRetentionRecord::None => {}
-            NonRetentionRecord::Header { name, value } => {
+            NonRetention::None {} => {}
+            NonRetention::Header { name, value } => {
                 put_str(out, 8, "header");
                 put_str(out, 9, name);
                 put_str(out, 10, value);
             }
-            NonRetentionRecord::BodyField { name, value_json } => {
+            NonRetention::BodyField { name, value } => {
                 put_str(out, 8, "body_field");
                 put_str(out, 9, name);
-                put_str(out, 10, value_json);
+                put_str(out, 10, value.as_str());
             }
-            NonRetentionRecord::AccountAgreement => put_str(out, 8, "account_agreement"),
+            NonRetention::AccountAgreement {} => put_str(out, 8, "account_agreement"),
         }
         put_nonzero(out, 11, u64::from(self.stream_options));
         put_nonempty(out, 12, &self.region);
@@ -170,16 +157,16 @@ impl Codec for UpstreamRecord {
             }
         }
         rec.non_retention = match nr_mode.as_str() {
-            "" => NonRetentionRecord::None,
-            "header" => NonRetentionRecord::Header {
+            "" => NonRetention::None {},
+            "header" => NonRetention::Header {
                 name: nr_name,
                 value: nr_value,
             },
-            "body_field" => NonRetentionRecord::BodyField {
+            "body_field" => NonRetention::BodyField {
                 name: nr_name,
-                value_json: nr_value,
+                value: JsonText(nr_value),
             },
-            "account_agreement" => NonRetentionRecord::AccountAgreement,
+            "account_agreement" => NonRetention::AccountAgreement {},
             _ => return Err(InvalidMessage::BadField { tag: 8 }),
         };
         rec.id = required(id, 1)?;

@@ -9,7 +9,6 @@ pub mod anthropic;
 pub mod openai;
 
 use crate::config::ProviderKind;
-use crate::errors::ApiStyle;
 
 /// The endpoints the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,15 +50,6 @@ impl Endpoint {
     }
 }
 
-impl ProviderKind {
-    pub fn style(self) -> ApiStyle {
-        match self {
-            Self::Openai => ApiStyle::OpenAi,
-            Self::Anthropic => ApiStyle::Anthropic,
-        }
-    }
-}
-
 /// Token counts reported by the provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -67,20 +57,6 @@ pub struct Usage {
     pub output_tokens: u64,
     /// Whether the provider reported any figure at all.
     pub reported: bool,
-}
-
-/// Request headers that carry a client's key in either family, or that only make sense for
-/// the hop from the client. Never forwarded.
-pub fn is_client_credential(name: &[u8]) -> bool {
-    [
-        &b"authorization"[..],
-        b"x-api-key",
-        b"api-key",
-        b"proxy-authorization",
-        b"cookie",
-    ]
-    .iter()
-    .any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Appends the upstream credential header lines for `kind`.
@@ -352,14 +328,6 @@ mod tests {
             Some(ProviderKind::Openai)
         );
         assert_eq!(Endpoint::from_path("/v1/other"), None);
-    }
-
-    #[test]
-    fn client_credentials_are_recognised_in_any_case() {
-        for h in ["Authorization", "X-API-KEY", "api-key", "Cookie"] {
-            assert!(is_client_credential(h.as_bytes()), "{h}");
-        }
-        assert!(!is_client_credential(b"anthropic-version"));
     }
 
     #[test]

@@ -103,10 +103,13 @@ impl<'a> JsonBody<'a> {
 
     /// Sets a member to a JSON value, replacing it in place or appending it.
     pub fn set(&mut self, key: &str, value: &serde_json::Value) {
-        let raw = match serde_json::to_string(value) {
-            Ok(r) => r,
-            Err(_) => return, // a Value always serialises
-        };
+        self.set_raw(key, &value.to_string());
+    }
+
+    /// Sets a member to `raw`, the text of one valid JSON value (the caller's promise: it
+    /// is copied into the body as is).
+    pub fn set_raw(&mut self, key: &str, raw: &str) {
+        let raw = raw.to_string();
         self.edited = true;
         match self.fields.iter_mut().find(|(k, _)| k == key) {
             Some((_, v)) => *v = Cow::Owned(raw),

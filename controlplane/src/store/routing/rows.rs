@@ -1,0 +1,314 @@
+//! The SQL side: rows to the operators' view, and rows to the records nodes hold.
+
+use aigw_seal::Kek;
+use aigw_wire::keys::Environment;
+use aigw_wire::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::seal::open_credential;
+use super::types::{Policy, Route, Upstream};
+use super::{policy_id, record_id};
+use crate::store::{tenant_exists, Store, StoreError};
+
+fn conversion(col: usize, e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+}
+
+const UPSTREAM_SELECT: &str = "SELECT id, tenant_id, environment, name, provider, base_url, credential_sealed, non_retention, stream_options, region, baa, max_connections, connect_timeout_ms, first_byte_timeout_ms, read_idle_timeout_ms, updated_at FROM upstreams";
+
+/// An upstream as stored: the operators' view, and the credential still sealed.
+type StoredUpstream = (Upstream, Option<Vec<u8>>);
+
+fn upstream_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUpstream> {
+    let nr: String = r.get(7)?;
+    let sealed: Option<Vec<u8>> = r.get(6)?;
+    let u = Upstream {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        environment: r.get(2)?,
+        name: r.get(3)?,
+        provider: r.get(4)?,
+        base_url: r.get(5)?,
+        has_credential: sealed.is_some(),
+        non_retention: serde_json::from_str(&nr).map_err(|e| conversion(7, e))?,
+        stream_options: r.get::<_, i64>(8)? != 0,
+        region: r.get(9)?,
+        baa: r.get::<_, i64>(10)? != 0,
+        max_connections: r.get::<_, i64>(11)?.max(0) as u64,
+        connect_timeout_ms: r.get::<_, i64>(12)?.max(0) as u64,
+        first_byte_timeout_ms: r.get::<_, i64>(13)?.max(0) as u64,
+        read_idle_timeout_ms: r.get::<_, i64>(14)?.max(0) as u64,
+        updated_at: r.get(15)?,
+    };
+    Ok((u, sealed))
+}
+
+pub(super) fn upstream_by_id(
+    c: &Connection,
+    id: &str,
+) -> Result<Option<StoredUpstream>, StoreError> {
+    Ok(c.query_row(
+        &format!("{UPSTREAM_SELECT} WHERE id = ?1"),
+        params![id],
+        upstream_row,
+    )
+    .optional()?)
+}
+
+/// Upstream records as nodes hold them (credential opened): every one, or the one with `id`.
+pub(in crate::store) fn upstream_records(
+    c: &Connection,
+    kek: &Kek,
+    id: Option<&str>,
+) -> Result<Vec<UpstreamRecord>, StoreError> {
+    let rows: Vec<StoredUpstream> = match id {
+        Some(id) => upstream_by_id(c, id)?.into_iter().collect(),
+        None => {
+            let mut st = c.prepare(&format!("{UPSTREAM_SELECT} ORDER BY id"))?;
+            let rows = st.query_map([], upstream_row)?;
+            rows.collect::<Result<_, _>>()?
+        }
+    };
+    rows.into_iter()
+        .map(|(u, sealed)| {
+            let credential = match sealed {
+                Some(s) => Some(open_credential(kek, &u.id, &s)?),
+                None => None,
+            };
+            Ok(UpstreamRecord {
+                non_retention: u.non_retention,
+                id: u.id,
+                tenant_id: u.tenant_id,
+                environment: u.environment,
+                name: u.name,
+                provider: u.provider,
+                base_url: u.base_url,
+                credential,
+                stream_options: u.stream_options,
+                region: u.region,
+                baa: u.baa,
+                max_connections: u.max_connections,
+                connect_timeout_ms: u.connect_timeout_ms,
+                first_byte_timeout_ms: u.first_byte_timeout_ms,
+                read_idle_timeout_ms: u.read_idle_timeout_ms,
+            })
+        })
+        .collect()
+}
+
+const ROUTE_SELECT: &str =
+    "SELECT id, tenant_id, environment, name, model, prefix, targets, updated_at FROM routes";
+
+fn route_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Route> {
+    let targets: String = r.get(6)?;
+    Ok(Route {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        environment: r.get(2)?,
+        name: r.get(3)?,
+        model: r.get(4)?,
+        prefix: r.get(5)?,
+        targets: serde_json::from_str(&targets).map_err(|e| conversion(6, e))?,
+        updated_at: r.get(7)?,
+    })
+}
+
+pub(super) fn route_by_id(c: &Connection, id: &str) -> Result<Option<Route>, StoreError> {
+    Ok(c.query_row(
+        &format!("{ROUTE_SELECT} WHERE id = ?1"),
+        params![id],
+        route_row,
+    )
+    .optional()?)
+}
+
+pub(super) fn routes_of(
+    c: &Connection,
+    tenant_id: &str,
+    environment: Environment,
+) -> Result<Vec<Route>, StoreError> {
+    let mut st = c.prepare(&format!(
+        "{ROUTE_SELECT} WHERE tenant_id = ?1 AND environment = ?2 ORDER BY name"
+    ))?;
+    let rows = st.query_map(params![tenant_id, environment.name()], route_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Route records as nodes hold them: every one, or the one with `id`.
+pub(in crate::store) fn route_records(
+    c: &Connection,
+    id: Option<&str>,
+) -> Result<Vec<RouteRecord>, StoreError> {
+    let routes: Vec<Route> = match id {
+        Some(id) => route_by_id(c, id)?.into_iter().collect(),
+        None => {
+            let mut st = c.prepare(&format!("{ROUTE_SELECT} ORDER BY id"))?;
+            let rows = st.query_map([], route_row)?;
+            rows.collect::<Result<_, _>>()?
+        }
+    };
+    Ok(routes
+        .into_iter()
+        .map(|r| RouteRecord {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            environment: r.environment,
+            model: r.model,
+            prefix: r.prefix,
+            targets: r
+                .targets
+                .into_iter()
+                .map(|t| RouteTargetRecord {
+                    upstream: t.upstream,
+                    model: t.model,
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+const POLICY_SELECT: &str =
+    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at FROM policies";
+
+fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+    Ok(Policy {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        environment: r.get(2)?,
+        zero_retention: r.get::<_, i64>(3)? != 0,
+        region: r.get(4)?,
+        hipaa: r.get::<_, i64>(5)? != 0,
+        updated_at: r.get(6)?,
+    })
+}
+
+/// Policy records as nodes hold them: every one set, or the one with `id`.
+pub(in crate::store) fn policy_records(
+    c: &Connection,
+    id: Option<&str>,
+) -> Result<Vec<PolicyRecord>, StoreError> {
+    let policies: Vec<Policy> = match id {
+        Some(id) => c
+            .query_row(
+                &format!("{POLICY_SELECT} WHERE id = ?1"),
+                params![id],
+                policy_row,
+            )
+            .optional()?
+            .into_iter()
+            .collect(),
+        None => {
+            let mut st = c.prepare(&format!("{POLICY_SELECT} ORDER BY id"))?;
+            let rows = st.query_map([], policy_row)?;
+            rows.collect::<Result<_, _>>()?
+        }
+    };
+    Ok(policies
+        .into_iter()
+        .map(|p| PolicyRecord {
+            id: p.id,
+            tenant_id: p.tenant_id,
+            environment: p.environment,
+            zero_retention: p.zero_retention,
+            region: p.region,
+            hipaa: p.hipaa,
+        })
+        .collect())
+}
+
+pub(super) fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(super) fn policy_of(
+    c: &Connection,
+    tenant_id: &str,
+    environment: Environment,
+) -> Result<Policy, StoreError> {
+    let id = policy_id(tenant_id, environment);
+    Ok(c.query_row(
+        &format!("{POLICY_SELECT} WHERE id = ?1"),
+        params![id],
+        policy_row,
+    )
+    .optional()?
+    .unwrap_or(Policy {
+        id,
+        tenant_id: tenant_id.into(),
+        environment: environment.name().into(),
+        zero_retention: false,
+        region: String::new(),
+        hipaa: false,
+        updated_at: 0,
+    }))
+}
+
+/// Reads for the admin API.
+impl Store {
+    pub fn upstream(
+        &self,
+        tenant_id: &str,
+        environment: Environment,
+        name: &str,
+    ) -> Result<Upstream, StoreError> {
+        self.read(|c| {
+            tenant_exists(c, tenant_id)?;
+            Ok(upstream_by_id(c, &record_id(tenant_id, environment, name))?
+                .ok_or(StoreError::NotFound("upstream"))?
+                .0)
+        })
+    }
+
+    /// An environment's upstreams, by name.
+    pub fn upstreams(
+        &self,
+        tenant_id: &str,
+        environment: Environment,
+    ) -> Result<Vec<Upstream>, StoreError> {
+        self.read(|c| {
+            tenant_exists(c, tenant_id)?;
+            let mut st = c.prepare(&format!(
+                "{UPSTREAM_SELECT} WHERE tenant_id = ?1 AND environment = ?2 ORDER BY name"
+            ))?;
+            let rows = st.query_map(params![tenant_id, environment.name()], upstream_row)?;
+            Ok(rows.map(|r| r.map(|(u, _)| u)).collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn route(
+        &self,
+        tenant_id: &str,
+        environment: Environment,
+        name: &str,
+    ) -> Result<Route, StoreError> {
+        self.read(|c| {
+            tenant_exists(c, tenant_id)?;
+            route_by_id(c, &record_id(tenant_id, environment, name))?
+                .ok_or(StoreError::NotFound("route"))
+        })
+    }
+
+    /// An environment's routes, by name.
+    pub fn routes(
+        &self,
+        tenant_id: &str,
+        environment: Environment,
+    ) -> Result<Vec<Route>, StoreError> {
+        self.read(|c| {
+            tenant_exists(c, tenant_id)?;
+            routes_of(c, tenant_id, environment)
+        })
+    }
+
+    /// An environment's policy; every field off when it was never set.
+    pub fn get_policy(
+        &self,
+        tenant_id: &str,
+        environment: Environment,
+    ) -> Result<Policy, StoreError> {
+        self.read(|c| {
+            tenant_exists(c, tenant_id)?;
+            policy_of(c, tenant_id, environment)
+        })
+    }
+}

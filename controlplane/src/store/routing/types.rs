@@ -1,0 +1,166 @@
+//! The routing records as operators write them (the bodies of PUTs) and read them back:
+//! never a credential, only whether one is set.
+
+use aigw_wire::NonRetention;
+use serde::{Deserialize, Serialize};
+
+/// An upstream as an operator writes it (the body of a PUT).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    /// `openai` or `anthropic`.
+    pub provider: String,
+    /// `http://` or `https://`, a host, an optional port and path; no query, fragment or
+    /// user info.
+    pub base_url: String,
+    /// The provider credential. Absent (or null): keep the one stored; empty: remove it.
+    #[serde(default)]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub non_retention: NonRetention,
+    #[serde(default)]
+    pub stream_options: bool,
+    /// Where the provider processes data; empty when unknown.
+    #[serde(default)]
+    pub region: String,
+    /// A business associate agreement covers it.
+    #[serde(default)]
+    pub baa: bool,
+    /// Connections per worker; 0 = the node's default.
+    #[serde(default)]
+    pub max_connections: u64,
+    /// Milliseconds; 0 = the node's default.
+    #[serde(default)]
+    pub connect_timeout_ms: u64,
+    #[serde(default)]
+    pub first_byte_timeout_ms: u64,
+    #[serde(default)]
+    pub read_idle_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for UpstreamSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSpec")
+            .field("provider", &self.provider)
+            .field("base_url", &self.base_url)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|c| {
+                    if c.is_empty() {
+                        "(remove)"
+                    } else {
+                        "(redacted)"
+                    }
+                }),
+            )
+            .field("non_retention", &self.non_retention)
+            .field("stream_options", &self.stream_options)
+            .field("region", &self.region)
+            .field("baa", &self.baa)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("first_byte_timeout_ms", &self.first_byte_timeout_ms)
+            .field("read_idle_timeout_ms", &self.read_idle_timeout_ms)
+            .finish()
+    }
+}
+
+/// An upstream as operators see it: whether it has a credential, never the credential.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Upstream {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    pub name: String,
+    pub provider: String,
+    pub base_url: String,
+    pub has_credential: bool,
+    pub non_retention: NonRetention,
+    pub stream_options: bool,
+    pub region: String,
+    pub baa: bool,
+    pub max_connections: u64,
+    pub connect_timeout_ms: u64,
+    pub first_byte_timeout_ms: u64,
+    pub read_idle_timeout_ms: u64,
+    /// Unix seconds UTC.
+    pub updated_at: i64,
+}
+
+/// Where a route sends a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    /// An upstream's name in the same environment.
+    pub upstream: String,
+    /// The model name to send instead of the client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// A route as an operator writes it: exactly one of `model` and `prefix`, and the upstreams
+/// to try in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    pub name: String,
+    pub model: Option<String>,
+    pub prefix: Option<String>,
+    pub targets: Vec<RouteTarget>,
+    /// Unix seconds UTC.
+    pub updated_at: i64,
+}
+
+/// An environment's policy as an operator writes it; every field defaults to off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Never route to an upstream that cannot be told not to retain.
+    #[serde(default)]
+    pub zero_retention: bool,
+    /// Only upstreams in this region; empty = any.
+    #[serde(default)]
+    pub region: String,
+    /// Only upstreams under a business associate agreement.
+    #[serde(default)]
+    pub hipaa: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: String,
+    pub zero_retention: bool,
+    pub region: String,
+    pub hipaa: bool,
+    /// Unix seconds UTC; 0 = never set (every field off).
+    pub updated_at: i64,
+}
+
+/// A record as written, and the revision that wrote it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Written<T> {
+    #[serde(flatten)]
+    pub record: T,
+    pub revision: i64,
+}
+
+/// A deleted record's id, and the revision that deleted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deleted {
+    pub deleted: String,
+    pub revision: i64,
+}
