@@ -138,7 +138,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         seal_key_env: "AIGW_SEAL_KEY".into(),
         seal_key_file: None,
     });
-    let gw = dataplane::server::start(c)?;
+    let gw = dataplane::node::start(c)?;
     let admin = gw.admin_addr();
     let ready = Instant::now();
     while http(admin, "GET", "/readyz", None, None)?.0 != 200 {
@@ -171,7 +171,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
             let (_, w) = http(admin, "GET", "/workers", None, None)?;
             let all = w["workers"].as_array().is_some_and(|ws| {
                 ws.iter()
-                    .all(|x| x["key_revision"].as_i64().unwrap_or(0) >= expected)
+                    .all(|x| x["config_revision"].as_i64().unwrap_or(0) >= expected)
             });
             if all {
                 break;

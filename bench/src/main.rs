@@ -83,7 +83,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Mock { listen } => {
-            dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
+            dataplane::node::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
         }
         Cmd::Revocation { keys, revocations } => keys_bench::revocation(keys, revocations),
         Cmd::Snapshot { keys } => keys_bench::snapshot(keys),

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use aigw_wire::keys::{self, Environment};
 use aigw_wire::{KeyRecord, KeyStatus};
 use criterion::{criterion_group, criterion_main, Criterion};
-use dataplane::auth::LocalKeys;
-use dataplane::keys::{KeyTable, SharedKeys};
+use dataplane::config::pushed::{NodeConfig, SharedConfig};
+use dataplane::gateway::authenticate::LocalConfig;
 
-fn table(n: usize) -> (Arc<SharedKeys>, Vec<String>) {
+fn table(n: usize) -> (Arc<SharedConfig>, Vec<String>) {
     let mut plaintexts = Vec::new();
     let records: Vec<KeyRecord> = (0..n)
         .map(|i| {
@@ -39,14 +39,18 @@ fn table(n: usize) -> (Arc<SharedKeys>, Vec<String>) {
             }
         })
         .collect();
-    let shared = Arc::new(SharedKeys::default());
-    shared.publish(KeyTable::from_records(1, &records).unwrap());
+    let shared = Arc::new(SharedConfig::default());
+    shared.publish(NodeConfig::from_records(1, &records).unwrap());
     (shared, plaintexts)
 }
 
 fn auth(c: &mut Criterion) {
     let (shared, plaintexts) = table(100_000);
-    let local = LocalKeys::new(Arc::clone(&shared), Environment::ALL.to_vec());
+    let local = LocalConfig::new(
+        Arc::clone(&shared),
+        Environment::ALL.to_vec(),
+        std::time::Duration::ZERO,
+    );
     let key = plaintexts[7].clone();
     let mut g = c.benchmark_group("auth");
     g.bench_function("cached_key_100k_table", |b| {
@@ -56,7 +60,11 @@ fn auth(c: &mut Criterion) {
         // A fresh worker view each time: format, lookup, SHA-256, compare.
         let mut i = 0;
         b.iter(|| {
-            let l = LocalKeys::new(Arc::clone(&shared), Environment::ALL.to_vec());
+            let l = LocalConfig::new(
+                Arc::clone(&shared),
+                Environment::ALL.to_vec(),
+                std::time::Duration::ZERO,
+            );
             i = (i + 1) % plaintexts.len();
             black_box(l.authenticate(Some(&plaintexts[i]), 1).unwrap())
         })

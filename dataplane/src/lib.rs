@@ -1,43 +1,34 @@
 //! aigateway data plane.
 //!
-//! The hot path, in the order a request takes it: [`listener`] → [`worker`] (one per core)
-//! → [`conn`] (one connection's loop) → [`h1`] (the sans-I/O codec) → a [`service`] →
-//! the response. [`server`] starts the workers and the [`admin`] listener; [`settings`]
-//! carries reloadable settings to the workers without locks.
+//! A request crosses the modules top to bottom, and each module uses only those below it
+//! (`tests/layering.rs` holds the crate to that):
+//!
+//! - [`node`]: starts a node: the workers, the admin listener, the demo provider, the link;
+//! - [`gateway`]: the request's phases, in order: authenticate → admit → route → request
+//!   transforms → upstream exchange → response transforms → log;
+//! - [`server`]: listeners, one worker per core, a connection's loop, the responder;
+//! - [`config`]: the configuration file, reloadable settings, the pushed configuration (keys,
+//!   routing and policy) and the link that receives it, routing tables;
+//! - [`upstream`]: connections to providers, pooled per core;
+//! - [`adapters`]: what differs between the OpenAI and Anthropic API families;
+//! - [`errors`]: every error a client can receive, declared once;
+//! - [`runtime`]: the io_uring probe, timers, coarse clocks, shutdown signals;
+//! - [`body`]: request bodies as JSON, parsed once and edited;
+//! - [`h1`]: the HTTP/1.1 codec, no I/O.
 
 // The crate is the data plane's own code, not a library for others: its docs are read with
 // `cargo doc --document-private-items`, where links to private modules resolve.
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod adapters;
-pub mod admin;
-pub mod auth;
 pub mod body;
-mod client_watch;
 pub mod config;
-mod conn;
-pub mod control;
-pub mod date;
-pub mod deadline;
-pub mod demo;
 pub mod errors;
+pub mod gateway;
 pub mod h1;
-pub mod iovec;
-pub mod keys;
-pub mod listener;
-pub mod pipeline;
-pub mod proxy;
-pub mod relay;
-pub mod request_id;
-pub mod respond;
-pub mod routes;
-pub mod routing;
+pub mod node;
 pub mod runtime;
-pub use aigw_seal as seal;
 pub mod server;
-pub mod service;
-pub mod settings;
-pub mod shutdown;
-pub mod snapshot_file;
 pub mod upstream;
-pub mod worker;
+
+pub use aigw_seal as seal;

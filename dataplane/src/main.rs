@@ -53,7 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Register before starting so a signal that arrives during start is not lost.
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
-    let server = dataplane::server::start(config)?;
+    let server = dataplane::node::start(config)?;
     for signal in signals.forever() {
         match signal {
             SIGHUP => match load(&cli) {

@@ -158,7 +158,7 @@ pub fn wait_workers(gw: &Gateway, revision: i64) -> Duration {
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|w| w["key_revision"].as_i64().unwrap_or(0) >= revision)
+                .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
         }),
         "workers never reached revision {revision}: {}",
         admin_get(gw.admin_addr(), "/workers").json()

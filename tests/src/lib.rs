@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use dataplane::config::{Config, DriverChoice};
-use dataplane::server::ServerHandle;
+use dataplane::node::ServerHandle;
 
 /// Runs a test body once per I/O driver: `both_drivers!(name, |driver| { ... });` expands to
 /// `mod name { #[test] fn io_uring() ; #[test] fn epoll() }`.
@@ -63,7 +63,7 @@ impl Gateway {
     }
 
     pub fn start_with(config: Config) -> Self {
-        let handle = dataplane::server::start(config).expect("gateway starts");
+        let handle = dataplane::node::start(config).expect("gateway starts");
         Self {
             handle: Some(handle),
         }
@@ -140,10 +140,19 @@ impl Resp {
     }
 }
 
-/// Reads one response (Content-Length framed; 1xx responses are returned like any other).
-/// `pending` carries bytes read past the response into the next call.
+/// Reads one response: Content-Length framed, or chunked (decoded; the body is what the
+/// chunks carry); 1xx responses are returned like any other. `pending` carries bytes read
+/// past the response into the next call. `None` when the connection ends first.
 pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Resp> {
     let mut chunk = [0u8; 16 * 1024];
+    let mut more = |pending: &mut Vec<u8>| -> Option<()> {
+        let got = stream.read(&mut chunk).ok()?;
+        if got == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&chunk[..got]);
+        Some(())
+    };
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut r = httparse::Response::new(&mut headers);
@@ -159,17 +168,50 @@ pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Re
                     )
                 })
                 .collect();
+            let chunked = hs.iter().any(|(k, v)| {
+                k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+            });
+            if chunked && status >= 200 {
+                let mut body = Vec::new();
+                let mut at = n;
+                loop {
+                    let line_end = loop {
+                        match pending[at..].windows(2).position(|w| w == b"\r\n") {
+                            Some(i) => break at + i,
+                            None => more(pending)?,
+                        }
+                    };
+                    let size_text = std::str::from_utf8(&pending[at..line_end]).unwrap();
+                    let size = usize::from_str_radix(size_text.split(';').next().unwrap(), 16)
+                        .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
+                    at = line_end + 2;
+                    while pending.len() < at + size + 2 {
+                        more(pending)?;
+                    }
+                    if size == 0 {
+                        // No trailers from this gateway: the last chunk ends with CRLF.
+                        assert_eq!(&pending[at..at + 2], b"\r\n", "trailer section");
+                        at += 2;
+                        break;
+                    }
+                    body.extend_from_slice(&pending[at..at + size]);
+                    assert_eq!(&pending[at + size..at + size + 2], b"\r\n", "chunk framing");
+                    at += size + 2;
+                }
+                pending.drain(..at);
+                return Some(Resp {
+                    status,
+                    headers: hs,
+                    body,
+                });
+            }
             let len: usize = hs
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
                 .map_or(0, |(_, v)| v.parse().unwrap());
             let len = if status < 200 { 0 } else { len };
             while pending.len() < n + len {
-                let got = stream.read(&mut chunk).ok()?;
-                if got == 0 {
-                    return None;
-                }
-                pending.extend_from_slice(&chunk[..got]);
+                more(pending)?;
             }
             let body = pending[n..n + len].to_vec();
             pending.drain(..n + len);
@@ -179,11 +221,7 @@ pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Re
                 body,
             });
         }
-        let got = match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return None,
-            Ok(g) => g,
-        };
-        pending.extend_from_slice(&chunk[..got]);
+        more(pending)?;
     }
 }
 

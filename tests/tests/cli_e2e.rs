@@ -203,7 +203,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|w| w["key_revision"].as_i64().unwrap_or(0) >= revision)
+                .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
         }),
         "every worker applied the policy"
     );

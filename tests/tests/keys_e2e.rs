@@ -321,6 +321,13 @@ both_drivers!(
         });
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
-        assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 401);
+        // Not "unknown key": the node holds no configuration yet, and says so, so clients
+        // retry instead of discarding a good key.
+        let r = chat_with_key(gw.addr(), Some(&good), "m");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (503, Some("config_not_loaded"))
+        );
+        assert_eq!(r.header("retry-after"), Some("1"));
     }
 );

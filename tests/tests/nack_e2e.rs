@@ -179,9 +179,9 @@ fn revisions(gw: &Gateway) -> (i64, Vec<i64>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|w| w["key_revision"].as_i64().unwrap())
+        .map(|w| w["config_revision"].as_i64().unwrap())
         .collect();
-    (v["key_revision"].as_i64().unwrap(), workers)
+    (v["config_revision"].as_i64().unwrap(), workers)
 }
 
 /// After a refusal: nothing was published, on the control thread nor on any worker.

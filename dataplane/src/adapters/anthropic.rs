@@ -2,10 +2,8 @@
 //! named SSE events ending with `message_stop`, input tokens in `message_start` and output
 //! tokens in `message_delta`.
 
-use serde_json::json;
-
 use super::{Usage, UsageFields};
-use crate::config::ProviderKind;
+use aigw_wire::ProviderKind;
 
 /// Sent when the client did not say which API version it speaks.
 pub const DEFAULT_VERSION: &str = "2023-06-01";
@@ -55,8 +53,9 @@ pub fn usage_from_event(event: &[u8], data: &[u8], usage: &mut Usage) {
     }
 }
 
-pub fn stream_error_event(code: &str, message: &str) -> Vec<u8> {
-    let v =
-        json!({"type": "error", "error": {"type": "api_error", "message": message, "code": code}});
+/// The event that ends a stream the gateway had to cut short, as Anthropic's own
+/// mid-stream errors arrive.
+pub fn stream_error_event(error: &crate::errors::ApiError) -> Vec<u8> {
+    let v = error.body_value(crate::errors::Family::Anthropic);
     format!("event: error\ndata: {v}\n\n").into_bytes()
 }

@@ -8,7 +8,7 @@
 pub mod anthropic;
 pub mod openai;
 
-use crate::config::ProviderKind;
+use aigw_wire::ProviderKind;
 
 /// The endpoints the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +199,21 @@ impl UsageFields {
 /// ever occurs as an object key; whether that object is the top-level one is checked by
 /// scanning the (short) rest of the document: it must close exactly one level.
 fn last_top_level_usage(body: &[u8]) -> Option<&[u8]> {
+    last_top_level_usage_member(body).map(|m| &body[m.value])
+}
+
+/// Where a top-level member sits in a JSON object's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    /// The member's text with one of the commas around it (the one before it, or the one
+    /// after it when it is first): removing this range leaves a valid object.
+    pub removable: std::ops::Range<usize>,
+    pub value: std::ops::Range<usize>,
+}
+
+/// The last member named `usage` when it belongs to the top-level object (see
+/// [`last_top_level_usage`]).
+pub(crate) fn last_top_level_usage_member(body: &[u8]) -> Option<Member> {
     const KEY: &[u8] = b"\"usage\"";
     // Built once, not per response.
     static FINDER: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
@@ -226,10 +241,33 @@ fn last_top_level_usage(body: &[u8]) -> Option<&[u8]> {
             b'}' | b']' if depth == 0 => {
                 // The enclosing object closes here: it is the top level only if nothing
                 // but whitespace follows.
-                return body[j + 1..]
-                    .iter()
-                    .all(u8::is_ascii_whitespace)
-                    .then(|| &body[start..end]);
+                if !body[j + 1..].iter().all(u8::is_ascii_whitespace) {
+                    return None;
+                }
+                let value_start = start
+                    + body[start..end]
+                        .iter()
+                        .take_while(|b| b.is_ascii_whitespace())
+                        .count();
+                let before = body[..at].iter().rposition(|b| !b.is_ascii_whitespace())?;
+                let removable = match body[before] {
+                    b',' => before..end,
+                    // The first member: take the comma after it, if another member follows.
+                    b'{' => {
+                        let next =
+                            end + body[end..].iter().position(|b| !b.is_ascii_whitespace())?;
+                        if body[next] == b',' {
+                            at..next + 1
+                        } else {
+                            at..end
+                        }
+                    }
+                    _ => return None,
+                };
+                return Some(Member {
+                    removable,
+                    value: value_start..end,
+                });
             }
             b'}' | b']' => {
                 depth -= 1;
@@ -305,10 +343,10 @@ pub fn is_stream_end(kind: ProviderKind, event: &[u8], data: &[u8]) -> bool {
 }
 
 /// The SSE event that ends a stream the gateway had to cut short, in the family's grammar.
-pub fn stream_error_event(kind: ProviderKind, code: &str, message: &str) -> Vec<u8> {
+pub fn stream_error_event(kind: ProviderKind, error: &crate::errors::ApiError) -> Vec<u8> {
     match kind {
-        ProviderKind::Openai => openai::stream_error_event(code, message),
-        ProviderKind::Anthropic => anthropic::stream_error_event(code, message),
+        ProviderKind::Openai => openai::stream_error_event(error),
+        ProviderKind::Anthropic => anthropic::stream_error_event(error),
     }
 }
 

@@ -10,7 +10,7 @@ use monoio::net::TcpStream;
 
 use super::dns::DnsCache;
 use super::Upstream;
-use crate::iovec::IoVecs;
+use crate::upstream::iovec::IoVecs;
 
 const READ_BUF: usize = 16 * 1024;
 
@@ -44,7 +44,7 @@ async fn write_flat<S: AsyncWriteRent>(
         back.clear();
         (res, back)
     };
-    let (res, back) = crate::deadline::timeout(idle, write)
+    let (res, back) = crate::runtime::deadline::timeout(idle, write)
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
     *send_buf = back;
@@ -149,7 +149,7 @@ impl UpConn {
         Ok(Self {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
-            idle_since_ms: crate::deadline::coarse_now_ms(),
+            idle_since_ms: crate::runtime::deadline::coarse_now_ms(),
             uses: 0,
             send_buf: Vec::new(),
         })
@@ -192,7 +192,7 @@ impl UpConn {
                 parts.push(Bytes::from(head));
                 parts.push(body.clone());
                 while !parts.is_empty() {
-                    let (res, back) = crate::deadline::timeout(idle, s.writev(parts))
+                    let (res, back) = crate::runtime::deadline::timeout(idle, s.writev(parts))
                         .await
                         .map_err(timed_out)?;
                     parts = back;
@@ -208,7 +208,7 @@ impl UpConn {
             Io::Tls(s) => {
                 head.extend_from_slice(body);
                 write_flat(&mut **s, &mut self.send_buf, head, idle).await?;
-                crate::deadline::timeout(idle, s.flush())
+                crate::runtime::deadline::timeout(idle, s.flush())
                     .await
                     .map_err(timed_out)?
             }
@@ -226,8 +226,8 @@ impl UpConn {
         let cap = owned.capacity();
         let slice = owned.slice_mut(len..cap);
         let result = match &mut self.io {
-            Io::Plain(s) => crate::deadline::timeout(timeout, s.read(slice)).await,
-            Io::Tls(s) => crate::deadline::timeout(timeout, s.read(slice)).await,
+            Io::Plain(s) => crate::runtime::deadline::timeout(timeout, s.read(slice)).await,
+            Io::Tls(s) => crate::runtime::deadline::timeout(timeout, s.read(slice)).await,
         };
         match result {
             Ok((res, slice)) => {

@@ -1,16 +1,16 @@
-//! Upstreams: where requests go. Parsed once from config into [`Upstream`]s that every
+//! Upstreams: where requests go. Built once from configuration into [`Upstream`]s that every
 //! worker shares read-only; connections to them are per worker ([`pool`]).
 
 pub mod conn;
 pub mod dns;
+pub mod iovec;
 pub mod pool;
 pub mod tls;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{NonRetention, ProviderKind, UpstreamConfig};
+use aigw_wire::{NonRetention, ProviderKind};
 
 pub use aigw_wire::rules::BaseUrl;
 
@@ -58,49 +58,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds from a validated config entry (its credential read from its variable).
-    pub fn build(c: &UpstreamConfig) -> Result<Arc<Self>, String> {
-        let credential = match &c.credential_env {
-            Some(var) => {
-                Some(Secret(std::env::var(var).map_err(|_| {
-                    format!("environment variable {var} is not set")
-                })?))
-            }
-            None => None,
-        };
-        Self::build_with(c, credential)
-    }
-
-    /// Builds from a config entry with the credential given (pushed by the control plane).
-    pub fn build_with(c: &UpstreamConfig, credential: Option<Secret>) -> Result<Arc<Self>, String> {
+    /// A new id, never given to another upstream in this process.
+    pub fn next_uid() -> u64 {
         static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let url = BaseUrl::parse(&c.base_url).map_err(|e| e.to_string())?;
-        let tls = if url.tls {
-            Some(tls::TlsClient::new(
-                &url.host,
-                c.ca_file.as_deref(),
-                c.danger_accept_invalid_certs,
-            )?)
-        } else {
-            None
-        };
-        Ok(Arc::new(Self {
-            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            name: c.name.clone(),
-            kind: c.kind,
-            host_header: url.host_header(),
-            url,
-            credential,
-            tls,
-            max_connections: c.max_connections,
-            connect_timeout: c.connect_timeout,
-            first_byte_timeout: c.first_byte_timeout,
-            read_idle_timeout: c.read_idle_timeout,
-            pool_idle_timeout: c.pool_idle_timeout,
-            non_retention: c.non_retention.clone(),
-            stream_options: c.stream_options,
-            region: c.region.clone(),
-            baa: c.baa,
-        }))
+        NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }

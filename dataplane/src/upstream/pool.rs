@@ -106,8 +106,8 @@ impl Pool {
                 let mut inner = self.inner.borrow_mut();
                 let slot = inner.slots.entry(k).or_default();
                 while let Some(conn) = slot.idle.pop() {
-                    let idle_ms =
-                        crate::deadline::coarse_now_ms().saturating_sub(conn.idle_since_ms);
+                    let idle_ms = crate::runtime::deadline::coarse_now_ms()
+                        .saturating_sub(conn.idle_since_ms);
                     if u128::from(idle_ms) < up.pool_idle_timeout.as_millis() {
                         slot.in_use += 1;
                         return Poll::Ready(Some(conn));
@@ -122,7 +122,7 @@ impl Pool {
             })
             .await
         };
-        let got = crate::deadline::timeout(up.connect_timeout, wait)
+        let got = crate::runtime::deadline::timeout(up.connect_timeout, wait)
             .await
             .map_err(|_| CheckoutError::Exhausted(up.name.clone()))?;
         let permit = Permit {
@@ -151,7 +151,7 @@ impl Pool {
 
     /// Returns a connection that finished a response cleanly and may be reused.
     pub fn checkin(&self, up: &Arc<Upstream>, mut lease: Lease) {
-        lease.conn.idle_since_ms = crate::deadline::coarse_now_ms();
+        lease.conn.idle_since_ms = crate::runtime::deadline::coarse_now_ms();
         let mut inner = self.inner.borrow_mut();
         if let Some(slot) = inner.slots.get_mut(&key(up)) {
             slot.idle.push(lease.conn);

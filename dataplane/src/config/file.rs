@@ -1,0 +1,717 @@
+//! The data plane's configuration file (TOML), parsed and validated once.
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default), and every
+//! semantic error names the key it is about, e.g. `limits.max_headers: must be between 1 and
+//! 256 (got 0)`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::h1::limits::{Limits, MAX_HEADERS_CEILING};
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub limits: LimitsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub log: LogConfig,
+    /// Providers the gateway forwards to. None configured: the built-in demo provider.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Model → upstreams. Exact names win, then the longest matching prefix.
+    pub routes: Vec<RouteConfig>,
+    /// Per-worker memory for request bodies being processed (over → 503).
+    pub body_budget_bytes: u64,
+    /// Where keys (and later routes and policies) come from. Without it the node serves
+    /// unauthenticated (quick start and tests only; a warning says so).
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `host:port` of the control plane's node link.
+    pub address: String,
+    /// Name to verify in its certificate (default: the host part of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The CA that signed the link's certificate (the control plane writes it to
+    /// `<data>/pki/ca.pem` at first start).
+    pub ca_file: std::path::PathBuf,
+    /// Environment variable holding the node token.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    /// This node's name (default: the host name).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Environments whose keys this node accepts (default: all three).
+    #[serde(default = "default_environments")]
+    pub environments: Vec<String>,
+    /// How long the node keeps serving without hearing from the control plane; 0 = forever
+    /// (the config's age is exported either way).
+    #[serde(default, with = "humantime_serde")]
+    pub max_stale: Duration,
+    /// Where the last applied key table is kept, sealed with AES-256-GCM, so the node can
+    /// restart while the control plane is down. Unset: nothing is written.
+    #[serde(default)]
+    pub snapshot_file: Option<std::path::PathBuf>,
+    /// The key-encryption key (64 hex digits) for the sealed snapshot: this environment
+    /// variable, or `seal_key_file`.
+    #[serde(default = "default_seal_key_env")]
+    pub seal_key_env: String,
+    #[serde(default)]
+    pub seal_key_file: Option<std::path::PathBuf>,
+}
+
+fn default_seal_key_env() -> String {
+    "AIGW_SEAL_KEY".into()
+}
+
+impl ControlPlaneConfig {
+    /// The key-encryption key, from `seal_key_file` or `seal_key_env`.
+    pub fn seal_key(&self) -> Result<crate::seal::Kek, String> {
+        let text = match &self.seal_key_file {
+            Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
+            None => std::env::var(&self.seal_key_env)
+                .map_err(|_| format!("environment variable {} is not set", self.seal_key_env))?,
+        };
+        crate::seal::Kek::from_hex(&text).map_err(|e| e.to_string())
+    }
+}
+
+fn default_token_env() -> String {
+    "AIGW_NODE_TOKEN".into()
+}
+
+fn default_environments() -> Vec<String> {
+    vec!["production".into(), "staging".into(), "development".into()]
+}
+
+pub use crate::runtime::DriverChoice;
+pub use aigw_wire::{NonRetention, ProviderKind};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name routes refer to.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// `https://api.openai.com` or `http://127.0.0.1:9000`; a path is a prefix for every
+    /// request path (e.g. `https://host/openai` sends `/openai/v1/chat/completions`).
+    pub base_url: String,
+    /// Environment variable holding the provider credential (never the credential itself).
+    #[serde(default)]
+    pub credential_env: Option<String>,
+    /// PEM bundle of CAs to trust instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Accept any certificate. Tests only: this removes the protection TLS gives.
+    #[serde(default)]
+    pub danger_accept_invalid_certs: bool,
+    /// Connections per worker to this upstream (in use plus idle).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From the request's last byte to the response's first. Non-streamed reasoning models
+    /// think for minutes before the first byte.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest the upstream may stall: between two reads of a response body (streams
+    /// included), or while taking none of a request being sent.
+    #[serde(default = "default_read_idle_timeout", with = "humantime_serde")]
+    pub read_idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_non_retention")]
+    pub non_retention: NonRetention,
+    /// Whether the upstream accepts OpenAI's `stream_options`.
+    #[serde(default)]
+    pub stream_options: bool,
+    /// Where the provider processes data (e.g. `us`, `eu`); empty when unknown.
+    #[serde(default)]
+    pub region: String,
+    /// A business associate agreement covers this upstream (PHI allowed).
+    #[serde(default)]
+    pub baa: bool,
+}
+
+pub(crate) fn default_max_connections() -> usize {
+    256
+}
+pub(crate) fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+pub(crate) fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+pub(crate) fn default_read_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+pub(crate) fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_non_retention() -> NonRetention {
+    NonRetention::None {}
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact model name.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Model name prefix (`""` matches every model).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Upstreams in failover order. Only those speaking the request's API are used.
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    pub upstream: String,
+    /// Model name to send instead of the client's (e.g. a deployment name).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where clients connect. Port 0 picks a free port (tests).
+    pub listen: SocketAddr,
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
+    /// Pin worker N to core N.
+    pub pin_workers: bool,
+    /// `auto` probes io_uring (with COOP_TASKRUN | SINGLE_ISSUER, then plain) and falls back
+    /// to epoll; `io_uring` and `epoll` force one. The environment variable
+    /// `MONOIO_FORCE_LEGACY_DRIVER=1` also forces epoll.
+    pub driver: DriverChoice,
+    /// Listen backlog per worker socket.
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Health, readiness and worker state. Keep it off public interfaces.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_request_line_bytes: usize,
+    pub max_chunk_ext_bytes: usize,
+    pub max_trailer_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// From the first byte of a request head to its last (slowloris bound; 408 after).
+    #[serde(with = "humantime_serde")]
+    pub head_read: Duration,
+    /// How long an idle keep-alive connection is kept open.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+    /// Longest silence while a request body is arriving.
+    #[serde(with = "humantime_serde")]
+    pub body_read_idle: Duration,
+    /// Longest a single write to a client may block.
+    #[serde(with = "humantime_serde")]
+    pub write: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `dataplane=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// One line per request (method, path without query, status, bytes, latency, id).
+    pub access: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            admin: AdminConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            log: LogConfig::default(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+            body_budget_bytes: 256 * 1024 * 1024,
+            control_plane: None,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            workers: 0,
+            pin_workers: true,
+            driver: DriverChoice::Auto,
+            backlog: 4096,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        Self {
+            max_head_bytes: l.max_head_bytes,
+            max_headers: l.max_headers,
+            max_request_line_bytes: l.max_request_line_bytes,
+            max_chunk_ext_bytes: l.max_chunk_ext_bytes,
+            max_trailer_bytes: l.max_trailer_bytes,
+            max_body_bytes: l.max_body_bytes,
+        }
+    }
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            head_read: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(60),
+            body_read_idle: Duration::from_secs(30),
+            write: Duration::from_secs(30),
+            shutdown_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            access: true,
+        }
+    }
+}
+
+/// A configuration that could not be loaded. The message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates; `origin` only labels error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_string(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(
+            key: &'static str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), (&'static str, String)> {
+            if v < lo || v > hi {
+                return Err((key, format!("must be between {lo} and {hi} (got {v})")));
+            }
+            Ok(())
+        }
+        let l = &self.limits;
+        range("limits.max_head_bytes", l.max_head_bytes, 1024, 1 << 20)?;
+        range("limits.max_headers", l.max_headers, 1, MAX_HEADERS_CEILING)?;
+        range(
+            "limits.max_request_line_bytes",
+            l.max_request_line_bytes,
+            64,
+            l.max_head_bytes,
+        )?;
+        range(
+            "limits.max_chunk_ext_bytes",
+            l.max_chunk_ext_bytes,
+            0,
+            64 * 1024,
+        )?;
+        range("limits.max_trailer_bytes", l.max_trailer_bytes, 0, 1 << 20)?;
+        range("limits.max_body_bytes", l.max_body_bytes, 0, 1 << 30)?;
+        range("server.workers", self.server.workers, 0, 1024)?;
+        range("server.backlog", self.server.backlog, 1, 65535)?;
+        let t = &self.timeouts;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        range("timeouts.head_read", ms(t.head_read), 1, 3_600_000)?;
+        range(
+            "timeouts.keepalive_idle",
+            ms(t.keepalive_idle),
+            1,
+            86_400_000,
+        )?;
+        range(
+            "timeouts.body_read_idle",
+            ms(t.body_read_idle),
+            1,
+            3_600_000,
+        )?;
+        range("timeouts.write", ms(t.write), 1, 3_600_000)?;
+        range(
+            "timeouts.shutdown_drain",
+            ms(t.shutdown_drain),
+            0,
+            3_600_000,
+        )?;
+        if self.admin.listen == self.server.listen && self.server.listen.port() != 0 {
+            return Err(("admin.listen", "must differ from server.listen".into()));
+        }
+        range(
+            "body_budget_bytes",
+            self.body_budget_bytes,
+            l.max_body_bytes.max(1),
+            1 << 40,
+        )?;
+        self.validate_upstreams()?;
+        if let Some(cp) = &self.control_plane {
+            if !self.upstreams.is_empty() || !self.routes.is_empty() {
+                return Err((
+                    "upstreams",
+                    "upstreams and routes come from the control plane when [control_plane] is set; remove them from this file".into(),
+                ));
+            }
+            if !cp.address.contains(':') {
+                return Err((
+                    "control_plane.address",
+                    format!("must be host:port (got {:?})", cp.address),
+                ));
+            }
+            if let Err(e) = std::fs::metadata(&cp.ca_file) {
+                return Err((
+                    "control_plane.ca_file",
+                    format!("{}: {e}", cp.ca_file.display()),
+                ));
+            }
+            if std::env::var(&cp.token_env).map_or(true, |v| v.is_empty()) {
+                return Err((
+                    "control_plane.token_env",
+                    format!("environment variable {} is not set", cp.token_env),
+                ));
+            }
+            if cp.snapshot_file.is_some() {
+                if let Err(e) = cp.seal_key() {
+                    return Err(("control_plane.seal_key_env", e));
+                }
+            }
+            for e in &cp.environments {
+                if aigw_wire::keys::Environment::from_name(e).is_none() {
+                    return Err((
+                        "control_plane.environments",
+                        format!("unknown environment {e:?}"),
+                    ));
+                }
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err((
+                "log.level",
+                format!("not a valid filter: {:?}", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_upstreams(&self) -> Result<(), (&'static str, String)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = |what: &str| format!("upstreams[{i}] ({}): {what}", u.name);
+            if u.name.is_empty() || !names.insert(u.name.as_str()) {
+                return Err((
+                    "upstreams.name",
+                    format!(
+                        "upstreams[{i}]: name must be non-empty and unique (got {:?})",
+                        u.name
+                    ),
+                ));
+            }
+            if let Err(e) = aigw_wire::rules::check_upstream_fields(
+                u.kind.name(),
+                &u.base_url,
+                &u.non_retention,
+                &u.region,
+            ) {
+                return Err(("upstreams", at(&e.to_string())));
+            }
+            if let Some(var) = &u.credential_env {
+                if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                    return Err((
+                        "upstreams.credential_env",
+                        at(&format!("environment variable {var} is not set")),
+                    ));
+                }
+            }
+            if let Some(f) = &u.ca_file {
+                if let Err(e) = std::fs::metadata(f) {
+                    return Err(("upstreams.ca_file", at(&format!("{}: {e}", f.display()))));
+                }
+            }
+            if u.max_connections == 0 {
+                return Err(("upstreams.max_connections", at("must be at least 1")));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.model.is_some() == r.prefix.is_some() {
+                return Err((
+                    "routes",
+                    format!("routes[{i}]: set exactly one of `model` or `prefix`"),
+                ));
+            }
+            if r.targets.is_empty() {
+                return Err((
+                    "routes.targets",
+                    format!("routes[{i}]: needs at least one target"),
+                ));
+            }
+            for t in &r.targets {
+                if !names.contains(t.upstream.as_str()) {
+                    return Err((
+                        "routes.targets",
+                        format!("routes[{i}]: unknown upstream {:?}", t.upstream),
+                    ));
+                }
+            }
+        }
+        if !self.upstreams.is_empty() && self.routes.is_empty() {
+            return Err((
+                "routes",
+                "upstreams are configured but no route leads to them".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn h1_limits(&self) -> Limits {
+        let l = &self.limits;
+        Limits {
+            max_head_bytes: l.max_head_bytes,
+            max_headers: l.max_headers,
+            max_request_line_bytes: l.max_request_line_bytes,
+            max_chunk_ext_bytes: l.max_chunk_ext_bytes,
+            max_trailer_bytes: l.max_trailer_bytes,
+            max_body_bytes: l.max_body_bytes,
+        }
+    }
+
+    /// Settings that a running node cannot change without a restart, as (key, old, new).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<(&'static str, String, String)> {
+        let mut v = Vec::new();
+        let mut cmp = |key, a: String, b: String| {
+            if a != b {
+                v.push((key, a, b));
+            }
+        };
+        cmp(
+            "server.listen",
+            self.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
+        cmp(
+            "server.workers",
+            self.server.workers.to_string(),
+            new.server.workers.to_string(),
+        );
+        cmp(
+            "server.pin_workers",
+            self.server.pin_workers.to_string(),
+            new.server.pin_workers.to_string(),
+        );
+        cmp(
+            "server.driver",
+            format!("{:?}", self.server.driver),
+            format!("{:?}", new.server.driver),
+        );
+        cmp(
+            "server.backlog",
+            self.server.backlog.to_string(),
+            new.server.backlog.to_string(),
+        );
+        cmp(
+            "admin.listen",
+            self.admin.listen.to_string(),
+            new.admin.listen.to_string(),
+        );
+        cmp("log.level", self.log.level.clone(), new.log.level.clone());
+        cmp(
+            "body_budget_bytes",
+            self.body_budget_bytes.to_string(),
+            new.body_budget_bytes.to_string(),
+        );
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::parse("", "t").expect("valid"), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            [server]
+            listen = "0.0.0.0:8443"
+            workers = 2
+            driver = "epoll"
+            [limits]
+            max_body_bytes = 1048576
+            [timeouts]
+            head_read = "5s"
+            keepalive_idle = "2m"
+            [log]
+            access = false
+            "#,
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.server.workers, 2);
+        assert_eq!(c.server.driver, DriverChoice::Epoll);
+        assert_eq!(c.timeouts.head_read, Duration::from_secs(5));
+        assert_eq!(c.timeouts.keepalive_idle, Duration::from_secs(120));
+        assert_eq!(c.h1_limits().max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[limits]\nmax_head_byte = 10\n", "gw.toml").expect_err("typo");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("gw.toml") && msg.contains("max_head_byte"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let e = Config::parse("[limits]\nmax_headers = 0\n", "gw.toml").expect_err("zero");
+        assert_eq!(
+            e.to_string(),
+            "gw.toml: limits.max_headers: must be between 1 and 256 (got 0)"
+        );
+        let e = Config::parse("[timeouts]\nhead_read = \"soon\"\n", "gw.toml").expect_err("dur");
+        assert!(e.to_string().contains("head_read"), "{e}");
+        let e = Config::parse("[server]\ndriver = \"kqueue\"\n", "gw.toml").expect_err("drv");
+        assert!(e.to_string().contains("kqueue"), "{e}");
+    }
+
+    #[test]
+    fn upstreams_and_routes_are_checked() {
+        let base = r#"
+            [[upstreams]]
+            name = "a"
+            kind = "openai"
+            base_url = "http://127.0.0.1:9000"
+            non_retention = { mode = "body_field", name = "store", value = false }
+        "#;
+        let ok = format!("{base}\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"a\", model = \"m\" }}]\n");
+        let c = Config::parse(&ok, "t").expect("valid");
+        assert_eq!(c.upstreams[0].kind, ProviderKind::Openai);
+        assert_eq!(c.routes[0].targets[0].model.as_deref(), Some("m"));
+        let e = Config::parse(base, "t").expect_err("no route");
+        assert!(e.to_string().contains("routes"), "{e}");
+        let bad =
+            format!("{base}\n[[routes]]\nmodel = \"x\"\ntargets = [{{ upstream = \"b\" }}]\n");
+        let e = Config::parse(&bad, "t").expect_err("unknown upstream");
+        assert!(e.to_string().contains("unknown upstream \"b\""), "{e}");
+        let bad = ok.replace("http://127.0.0.1:9000", "ftp://x");
+        let e = Config::parse(&bad, "t").expect_err("scheme");
+        assert!(e.to_string().contains("upstreams[0] (a)"), "{e}");
+        let bad = ok.replace(
+            "non_retention",
+            "credential_env = \"AIGW_TEST_SURELY_UNSET\"\nnon_retention",
+        );
+        let e = Config::parse(&bad, "t").expect_err("env");
+        assert!(
+            e.to_string().contains("AIGW_TEST_SURELY_UNSET is not set"),
+            "{e}"
+        );
+        // With a control plane, routing comes from it: a static table is refused.
+        let ca = std::env::temp_dir().join(format!("aigw-config-ca-{}", std::process::id()));
+        std::fs::write(&ca, "").expect("write");
+        std::env::set_var("AIGW_TEST_NODE_TOKEN", "t");
+        let with_cp = format!(
+            "{ok}\n[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\ntoken_env = \"AIGW_TEST_NODE_TOKEN\"\n",
+            ca.display()
+        );
+        let e = Config::parse(&with_cp, "t").expect_err("static routes with a control plane");
+        assert!(e.to_string().contains("come from the control plane"), "{e}");
+        let _ = std::fs::remove_file(&ca);
+    }
+
+    #[test]
+    fn restart_only_changes_are_listed() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.server.workers = 3;
+        b.limits.max_headers = 50;
+        let changes = a.restart_only_changes(&b);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].0, "server.workers");
+    }
+}

@@ -1,0 +1,363 @@
+//! The control thread: the node's end of the wire protocol.
+//!
+//! It connects to the control plane over TLS 1.3, says which revision it holds, receives a
+//! snapshot or the changes since, validates them once into a new immutable key table, and
+//! publishes it to every worker (who swap at once); then it acknowledges the revision, or
+//! refuses it (NACK) and keeps the previous table. It reconnects with exponential backoff
+//! and resumes from its revision. Blocking I/O on its own thread: none of this is on a
+//! worker's path.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::pushed::{NodeConfigBuilder, SharedConfig};
+use crate::config::ControlPlaneConfig;
+use crate::runtime::shutdown::Shutdown;
+
+/// Three missed heartbeats (sent every 5 s) and the link is considered dead.
+const READ_TIMEOUT: Duration = Duration::from_secs(16);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Where and how the applied table is kept on disk.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub path: std::path::PathBuf,
+    pub kek: crate::seal::Kek,
+}
+
+/// Boots from the sealed snapshot, if there is one: the node serves what it last applied
+/// even when the control plane is unreachable. A file that cannot be opened (wrong key,
+/// tampered) is ignored and the node waits for the control plane: it fails closed.
+pub fn boot_from_disk(persist: &Persist, keys: &SharedConfig) {
+    if !persist.path.exists() {
+        return;
+    }
+    match crate::config::snapshot::load(&persist.path, &persist.kek) {
+        Ok(table) => {
+            tracing::info!(revision = table.revision, keys = table.len(), path = %persist.path.display(), "booted from the sealed snapshot");
+            keys.publish(table);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %persist.path.display(), "sealed snapshot unusable; waiting for the control plane")
+        }
+    }
+}
+
+/// Starts the control thread.
+pub fn spawn(
+    cfg: ControlPlaneConfig,
+    keys: Arc<SharedConfig>,
+    stop: Arc<Shutdown>,
+    persist: Option<Persist>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let tls = client_config(&cfg)?;
+    let token = std::env::var(&cfg.token_env).unwrap_or_default();
+    let node_id = cfg.node_id.clone().unwrap_or_else(hostname);
+    let boot_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let handle = std::thread::Builder::new().name("aigw-control".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(50);
+        while !stop.is_triggered() {
+            match session(&cfg, &tls, &token, &node_id, boot_epoch, &keys, &stop, persist.as_ref()) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    })?;
+    Ok(handle)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+fn client_config(cfg: &ControlPlaneConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&cfg.ca_file)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn session(
+    cfg: &ControlPlaneConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    token: &str,
+    node_id: &str,
+    boot_epoch: u64,
+    keys: &SharedConfig,
+    stop: &Shutdown,
+    persist: Option<&Persist>,
+) -> anyhow::Result<()> {
+    let addr = cfg
+        .address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{} has no address", cfg.address))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let host = cfg.server_name.clone().unwrap_or_else(|| {
+        cfg.address
+            .rsplit_once(':')
+            .map_or(cfg.address.clone(), |(h, _)| h.to_string())
+    });
+    let name = ServerName::try_from(host)?;
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), name)?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    send(
+        &mut stream,
+        &Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: node_id.to_string(),
+            boot_epoch,
+            revision_held: keys.revision(),
+            token: token.to_string(),
+        },
+    )?;
+    tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
+    let mut buf = Vec::new();
+    let mut snapshot: Option<Incoming> = None;
+    let mut last_heard = std::time::Instant::now();
+    let mut saved_revision = keys.revision();
+    let mut last_save = std::time::Instant::now() - SAVE_EVERY;
+    loop {
+        if stop.is_triggered() {
+            save_if_needed(persist, keys, &mut saved_revision, &mut last_save, true);
+            return Ok(());
+        }
+        save_if_needed(persist, keys, &mut saved_revision, &mut last_save, false);
+        let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
+            Some((frame, used)) => {
+                buf.drain(..used);
+                match frame {
+                    Frame::Message(m) => m,
+                    Frame::Unknown(code) => {
+                        tracing::debug!(code, "skipping an unknown message type");
+                        continue;
+                    }
+                }
+            }
+            None => {
+                let mut chunk = [0u8; 64 * 1024];
+                match stream.read(&mut chunk) {
+                    Ok(0) => anyhow::bail!("control plane closed the link"),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        last_heard = std::time::Instant::now();
+                        keys.touch();
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if last_heard.elapsed() > READ_TIMEOUT {
+                            anyhow::bail!("no heartbeat from the control plane");
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+        };
+        match msg {
+            Message::Snapshot {
+                revision,
+                part,
+                parts,
+                records,
+            } => {
+                if parts == 0 || part >= parts {
+                    snapshot = None;
+                    let error = format!("snapshot part {part} of {parts}");
+                    tracing::error!(revision, error = %error, "refusing a malformed snapshot");
+                    send(&mut stream, &Message::Nack { revision, error })?;
+                    continue;
+                }
+                if part == 0 {
+                    snapshot = Some(Incoming::new(revision, parts, None));
+                }
+                let s = snapshot.get_or_insert_with(|| {
+                    Incoming::new(
+                        revision,
+                        parts,
+                        Some("a snapshot part arrived without its first part".into()),
+                    )
+                });
+                if s.error.is_none() && (s.revision, s.parts, s.next) != (revision, parts, part) {
+                    s.error = Some(format!(
+                        "snapshot part {part}/{parts} of revision {revision} arrived, expected part {}/{} of revision {}",
+                        s.next, s.parts, s.revision
+                    ));
+                }
+                if s.error.is_none() {
+                    if let Err(e) = s.builder.add_records(records) {
+                        s.error = Some(e.to_string());
+                    }
+                }
+                s.next = part + 1;
+                if part + 1 == parts {
+                    let Some(done) = snapshot.take() else {
+                        continue;
+                    };
+                    let built = match done.error {
+                        None => done.builder.finish().map_err(|e| e.to_string()),
+                        Some(e) => Err(e),
+                    };
+                    let reply = match built {
+                        Ok(t) => {
+                            let n = t.len();
+                            keys.publish(t);
+                            tracing::info!(revision, keys = n, "applied snapshot");
+                            Message::Ack { revision }
+                        }
+                        Err(e) => {
+                            tracing::error!(revision, error = %e, "refusing a snapshot; keeping the previous configuration");
+                            Message::Nack { revision, error: e }
+                        }
+                    };
+                    send(&mut stream, &reply)?;
+                }
+            }
+            Message::Changes {
+                from_revision,
+                to_revision,
+                changes,
+            } => {
+                let current = keys.load();
+                if from_revision > current.revision {
+                    anyhow::bail!(
+                        "changes start at {from_revision} but this node holds {}",
+                        current.revision
+                    );
+                }
+                let refuse = if snapshot.is_some() {
+                    Some("changes arrived in the middle of a snapshot".to_string())
+                } else if to_revision <= current.revision || to_revision < from_revision {
+                    Some(format!(
+                        "changes {from_revision}..{to_revision} do not move this node past {}",
+                        current.revision
+                    ))
+                } else {
+                    None
+                };
+                if let Some(error) = refuse {
+                    snapshot = None;
+                    tracing::error!(revision = to_revision, error = %error, "refusing a revision");
+                    send(
+                        &mut stream,
+                        &Message::Nack {
+                            revision: to_revision,
+                            error,
+                        },
+                    )?;
+                    continue;
+                }
+                let n = changes.len();
+                let reply = match current.apply_changes(to_revision, changes) {
+                    Ok(t) => {
+                        keys.publish(t);
+                        tracing::debug!(revision = to_revision, changes = n, "applied changes");
+                        Message::Ack {
+                            revision: to_revision,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(revision = to_revision, error = %e, "refusing a revision; keeping the previous configuration");
+                        Message::Nack {
+                            revision: to_revision,
+                            error: e.to_string(),
+                        }
+                    }
+                };
+                send(&mut stream, &reply)?;
+            }
+            Message::Heartbeat { .. } => {
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                send(&mut stream, &Message::Heartbeat { unix_ms })?;
+            }
+            other => tracing::debug!(?other, "ignoring message"),
+        }
+    }
+}
+
+/// A snapshot whose parts are arriving: they must come in order, all of one revision.
+struct Incoming {
+    builder: NodeConfigBuilder,
+    revision: u64,
+    parts: u64,
+    next: u64,
+    /// Set at the first problem; the snapshot is refused once its last part arrives.
+    error: Option<String>,
+}
+
+impl Incoming {
+    fn new(revision: u64, parts: u64, error: Option<String>) -> Self {
+        Self {
+            builder: NodeConfigBuilder::new(revision),
+            revision,
+            parts,
+            next: 0,
+            error,
+        }
+    }
+}
+
+/// Most one sealed write per this interval while changes keep coming.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+fn save_if_needed(
+    persist: Option<&Persist>,
+    keys: &SharedConfig,
+    saved: &mut u64,
+    last: &mut std::time::Instant,
+    force: bool,
+) {
+    let Some(p) = persist else { return };
+    let current = keys.revision();
+    if current == *saved || !keys.loaded() || (!force && last.elapsed() < SAVE_EVERY) {
+        return;
+    }
+    let table = keys.load();
+    match crate::config::snapshot::save(&p.path, &p.kek, &table) {
+        Ok(()) => {
+            *saved = table.revision;
+            tracing::debug!(revision = table.revision, "sealed snapshot written");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %p.path.display(), "writing the sealed snapshot failed")
+        }
+    }
+    *last = std::time::Instant::now();
+}
+
+fn send(stream: &mut impl Write, m: &Message) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    encode_frame(m, &mut out);
+    stream.write_all(&out)?;
+    stream.flush()?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! Configuration, from its two sources: the node's file ([`file`], with the settings a
+//! reload swaps in, [`settings`]) and what the control plane pushes ([`pushed`]: keys,
+//! routing and policy, received by the [`link`] and kept on disk by [`snapshot`]). Both
+//! sources route with the same [`routing`] tables.
+
+mod file;
+pub mod link;
+pub mod pushed;
+pub mod routing;
+pub mod settings;
+pub mod snapshot;
+
+pub use file::*;

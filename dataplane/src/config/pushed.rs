@@ -1,0 +1,484 @@
+//! The configuration the control plane pushes: API keys, and each tenant environment's
+//! routing and policy, at one revision ([`NodeConfig`]). Shared by every worker (memory does
+//! not grow with the number of cores), replaced as a whole by the control thread
+//! ([`SharedConfig::publish`]), and cheap to update.
+//!
+//! Keys sit in 256 shards behind `Arc`s, each a vector sorted by key id (exactly sized: a
+//! hash map's power-of-two buckets would waste a third of the memory at a million keys).
+//! A change copies the shard vector (256 pointers) and only the shards it touches, so
+//! revoking one key among a million costs microseconds, not a copy of the table; readers
+//! never lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aigw_wire::keys::{Environment, KEY_ID_LEN};
+use aigw_wire::{Change, KeyRecord, KeyStatus, Record};
+use arc_swap::ArcSwap;
+
+use crate::config::routing::Routing;
+use event_listener::Event;
+
+const SHARDS: usize = 256;
+
+/// One key as the data plane needs it, compact: a million of them must fit well under
+/// 256 MiB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub tenant_id: Arc<str>,
+    pub environment: Environment,
+    pub sub_account_id: Option<Arc<str>>,
+    pub hash: [u8; 32],
+    pub revoked: bool,
+    /// Unix seconds; 0 = never.
+    pub expires_at: u64,
+    /// Unix seconds; 0 = none.
+    pub grace_ends_at: u64,
+    /// `None` = every model (most keys: no allocation for them).
+    pub allowed_models: Option<Arc<[Box<str>]>>,
+}
+
+type KeyId = [u8; KEY_ID_LEN];
+type Shard = Vec<(KeyId, Arc<KeyEntry>)>;
+
+/// The pushed configuration at one revision: the key table, and the environments' routing
+/// at that revision.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub revision: u64,
+    shards: Vec<Arc<Shard>>,
+    /// Upstreams, routes and policies per tenant environment (shared across revisions that
+    /// do not change them).
+    pub routing: Arc<Routing>,
+}
+
+/// Why records could not be applied (the node answers NACK and keeps its table).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("key {0:?}: malformed key id")]
+    BadKeyId(String),
+    #[error("key {0:?}: unknown environment {1:?}")]
+    BadEnvironment(String, String),
+    #[error("key {0:?}: unsupported hash version {1}")]
+    BadHashVersion(String, u64),
+    #[error("{0}")]
+    Routing(String),
+}
+
+fn shard_of(id: &KeyId) -> usize {
+    // FNV-1a; key ids are random, any mixing spreads them.
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in id {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h as usize) % SHARDS
+}
+
+fn key_id(s: &str) -> Option<KeyId> {
+    KeyId::try_from(s.as_bytes()).ok()
+}
+
+/// Interns tenant ids so a million keys of a thousand tenants hold a thousand strings.
+#[derive(Default)]
+struct Interner(HashMap<String, Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.insert(s.to_string(), Arc::clone(&a));
+        a
+    }
+}
+
+fn entry(r: &KeyRecord, interner: &mut Interner) -> Result<(KeyId, KeyEntry), TableError> {
+    let id = key_id(&r.key_id).ok_or_else(|| TableError::BadKeyId(r.key_id.clone()))?;
+    let environment = Environment::from_name(&r.environment)
+        .ok_or_else(|| TableError::BadEnvironment(r.key_id.clone(), r.environment.clone()))?;
+    if r.hash_version != aigw_wire::keys::HASH_VERSION {
+        return Err(TableError::BadHashVersion(r.key_id.clone(), r.hash_version));
+    }
+    Ok((
+        id,
+        KeyEntry {
+            tenant_id: interner.get(&r.tenant_id),
+            environment,
+            sub_account_id: r.sub_account_id.as_deref().map(|s| interner.get(s)),
+            hash: r.hash,
+            revoked: r.status == KeyStatus::Revoked,
+            expires_at: r.expires_at,
+            grace_ends_at: r.grace_ends_at,
+            allowed_models: (!r.allowed_models.is_empty())
+                .then(|| r.allowed_models.iter().map(|m| m.as_str().into()).collect()),
+        },
+    ))
+}
+
+impl NodeConfig {
+    pub fn empty() -> Self {
+        Self {
+            revision: 0,
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
+            routing: Arc::new(Routing::empty()),
+        }
+    }
+
+    /// A table from a full snapshot. Every record is checked; one bad record refuses all.
+    pub fn from_records(revision: u64, records: &[KeyRecord]) -> Result<Self, TableError> {
+        let mut b = NodeConfigBuilder::new(revision);
+        b.add(records)?;
+        b.finish()
+    }
+
+    /// A new table with `upserts` applied and `deletes` removed; `self` is untouched.
+    pub fn apply(
+        &self,
+        revision: u64,
+        upserts: &[KeyRecord],
+        deletes: &[String],
+    ) -> Result<Self, TableError> {
+        let mut interner = Interner::default();
+        let mut prepared = Vec::with_capacity(upserts.len());
+        for r in upserts {
+            let (id, mut e) = entry(r, &mut interner)?;
+            // Reuse the tenant string the table already holds.
+            if let Some(existing) = self.get_raw(&id) {
+                if *existing.tenant_id == *e.tenant_id {
+                    e.tenant_id = Arc::clone(&existing.tenant_id);
+                }
+            }
+            prepared.push((id, e));
+        }
+        let mut shards = self.shards.clone();
+        for (id, e) in prepared {
+            let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
+            match shard.binary_search_by(|(k, _)| k.cmp(&id)) {
+                Ok(i) => shard[i].1 = Arc::new(e),
+                Err(i) => shard.insert(i, (id, Arc::new(e))),
+            }
+        }
+        for d in deletes {
+            if let Some(id) = key_id(d) {
+                let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
+                if let Ok(i) = shard.binary_search_by(|(k, _)| k.cmp(&id)) {
+                    shard.remove(i);
+                }
+            }
+        }
+        Ok(Self {
+            revision,
+            shards,
+            routing: Arc::clone(&self.routing),
+        })
+    }
+
+    /// A new table with a change set applied: keys, and the routing when the set touches
+    /// it. Validated as a whole; `self` is untouched.
+    pub fn apply_changes(&self, revision: u64, changes: Vec<Change>) -> Result<Self, TableError> {
+        let mut key_upserts = Vec::new();
+        let mut key_deletes = Vec::new();
+        let mut routing_upserts = Vec::new();
+        let mut routing_deletes = Vec::new();
+        for c in changes {
+            match c {
+                Change::Upsert(Record::Key(k)) => key_upserts.push(k),
+                Change::Upsert(Record::Unknown { .. }) => {}
+                Change::Upsert(r) => routing_upserts.push(r),
+                Change::Delete(t) if t.kind == aigw_wire::messages::kinds::KEY => {
+                    key_deletes.push(t.id)
+                }
+                Change::Delete(t) if crate::config::routing::is_routing_kind(t.kind) => {
+                    routing_deletes.push(t)
+                }
+                Change::Delete(_) => {}
+            }
+        }
+        let mut next = self.apply(revision, &key_upserts, &key_deletes)?;
+        if !routing_upserts.is_empty() || !routing_deletes.is_empty() {
+            next.routing = Arc::new(
+                self.routing
+                    .apply(routing_upserts, &routing_deletes)
+                    .map_err(TableError::Routing)?,
+            );
+        }
+        Ok(next)
+    }
+
+    fn get_raw(&self, id: &KeyId) -> Option<&KeyEntry> {
+        let shard = &self.shards[shard_of(id)];
+        shard
+            .binary_search_by(|(k, _)| k.cmp(id))
+            .ok()
+            .map(|i| &*shard[i].1)
+    }
+
+    pub fn get(&self, key_id_str: &str) -> Option<&KeyEntry> {
+        self.get_raw(&key_id(key_id_str)?)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
+
+    /// Every key as a wire record (for sealing the table to disk).
+    pub fn for_each_record(&self, mut f: impl FnMut(KeyRecord)) {
+        for shard in &self.shards {
+            for (id, e) in shard.iter() {
+                f(KeyRecord {
+                    key_id: String::from_utf8_lossy(id).into_owned(),
+                    tenant_id: e.tenant_id.to_string(),
+                    environment: e.environment.name().to_string(),
+                    sub_account_id: e.sub_account_id.as_ref().map(|s| s.to_string()),
+                    hash_version: aigw_wire::keys::HASH_VERSION,
+                    hash: e.hash,
+                    status: if e.revoked {
+                        KeyStatus::Revoked
+                    } else {
+                        KeyStatus::Active
+                    },
+                    expires_at: e.expires_at,
+                    grace_ends_at: e.grace_ends_at,
+                    allowed_models: e
+                        .allowed_models
+                        .iter()
+                        .flat_map(|m| m.iter().map(|s| s.to_string()))
+                        .collect(),
+                });
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds a table from a snapshot arriving in parts, converting each part as it comes so
+/// the wire records of a million keys are never all held at once.
+#[derive(Default)]
+pub struct NodeConfigBuilder {
+    revision: u64,
+    interner: Interner,
+    shards: Vec<Shard>,
+    routing: Vec<Record>,
+}
+
+impl std::fmt::Debug for NodeConfigBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfigBuilder")
+            .field("revision", &self.revision)
+            .finish()
+    }
+}
+
+impl NodeConfigBuilder {
+    pub fn new(revision: u64) -> Self {
+        Self {
+            revision,
+            interner: Interner::default(),
+            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            routing: Vec::new(),
+        }
+    }
+
+    /// Takes a snapshot part's records: keys go into the table, upstreams, routes and
+    /// policies into the routing (built once, in [`Self::finish`]); unknown kinds are
+    /// skipped.
+    pub fn add_records(&mut self, records: Vec<Record>) -> Result<(), TableError> {
+        for r in records {
+            match r {
+                Record::Key(k) => self.add_one(&k)?,
+                Record::Unknown { .. } => {}
+                other => self.routing.push(other),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn add(&mut self, records: &[KeyRecord]) -> Result<(), TableError> {
+        records.iter().try_for_each(|r| self.add_one(r))
+    }
+
+    fn add_one(&mut self, r: &KeyRecord) -> Result<(), TableError> {
+        let (id, e) = entry(r, &mut self.interner)?;
+        self.shards[shard_of(&id)].push((id, Arc::new(e)));
+        Ok(())
+    }
+
+    /// The table; fails when the routing records do not form a valid routing.
+    pub fn finish(self) -> Result<NodeConfig, TableError> {
+        let routing = Routing::from_records(self.routing).map_err(TableError::Routing)?;
+        Ok(NodeConfig {
+            revision: self.revision,
+            routing: Arc::new(routing),
+            shards: self
+                .shards
+                .into_iter()
+                .map(|mut s| {
+                    // Sort, and keep the last of duplicate ids (a later record wins).
+                    s.reverse();
+                    s.sort_by_key(|e| e.0);
+                    s.dedup_by(|a, b| a.0 == b.0);
+                    s.shrink_to_fit();
+                    Arc::new(s)
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The published table, and how workers learn it changed.
+#[derive(Debug)]
+pub struct SharedConfig {
+    revision: AtomicU64,
+    /// Bumped on every publish (a republished revision included), so a worker can tell
+    /// with one atomic load whether its copy is current.
+    generation: AtomicU64,
+    loaded: AtomicBool,
+    current: ArcSwap<NodeConfig>,
+    /// Woken on every publish: each worker's watcher swaps its copy at once, so idle
+    /// workers apply a revocation as fast as busy ones.
+    pub changed: Event,
+    /// When the node last heard from the control plane.
+    last_contact: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        Self {
+            revision: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            loaded: AtomicBool::new(false),
+            current: ArcSwap::from_pointee(NodeConfig::empty()),
+            changed: Event::new(),
+            last_contact: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl SharedConfig {
+    pub fn publish(&self, table: NodeConfig) {
+        let revision = table.revision;
+        self.current.store(Arc::new(table));
+        self.revision.store(revision, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.loaded.store(true, Ordering::Release);
+        self.changed.notify(usize::MAX);
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether any table (snapshot or sealed copy) has been published.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> Arc<NodeConfig> {
+        self.current.load_full()
+    }
+
+    pub fn touch(&self) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Seconds since the control plane was last heard from (`None`: never).
+    pub fn age_seconds(&self) -> Option<u64> {
+        self.last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, tenant: &str, revoked: bool) -> KeyRecord {
+        KeyRecord {
+            key_id: id.into(),
+            tenant_id: tenant.into(),
+            environment: "production".into(),
+            sub_account_id: None,
+            hash_version: 1,
+            hash: [1; 32],
+            status: if revoked {
+                KeyStatus::Revoked
+            } else {
+                KeyStatus::Active
+            },
+            expires_at: 0,
+            grace_ends_at: 0,
+            allowed_models: vec![],
+        }
+    }
+
+    #[test]
+    fn apply_copies_only_what_changes() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("{i:012}")).collect();
+        let records: Vec<KeyRecord> = ids.iter().map(|id| rec(id, "t", false)).collect();
+        let t1 = NodeConfig::from_records(5, &records).expect("valid");
+        assert_eq!(t1.len(), 1000);
+        let t2 = t1
+            .apply(6, &[rec(&ids[3], "t", true)], &[ids[4].clone()])
+            .expect("valid");
+        assert!(t2.get(&ids[3]).expect("kept").revoked);
+        assert!(t2.get(&ids[4]).is_none());
+        assert!(!t1.get(&ids[3]).expect("old table intact").revoked);
+        let untouched = (0..SHARDS)
+            .filter(|&i| Arc::ptr_eq(&t1.shards[i], &t2.shards[i]))
+            .count();
+        assert!(
+            untouched >= SHARDS - 2,
+            "only the touched shards are copied ({untouched})"
+        );
+        // Tenant strings are shared, not copied per key.
+        let a = t1.get(&ids[0]).expect("present");
+        let b = t1.get(&ids[1]).expect("present");
+        assert!(Arc::ptr_eq(&a.tenant_id, &b.tenant_id));
+        // A new key lands in order and is found.
+        let t3 = t2
+            .apply(
+                7,
+                &[
+                    rec("000000000000", "t", false),
+                    rec("zzzzzzzzzzzz", "u", false),
+                ],
+                &[],
+            )
+            .expect("valid");
+        assert!(t3.get("zzzzzzzzzzzz").is_some());
+        assert_eq!(t3.len(), 1000);
+    }
+
+    #[test]
+    fn bad_records_are_refused() {
+        let mut r = rec("short", "t", false);
+        assert!(matches!(
+            NodeConfig::from_records(1, &[r.clone()]),
+            Err(TableError::BadKeyId(_))
+        ));
+        r.key_id = "abcdefghijkl".into();
+        r.environment = "qa".into();
+        assert!(matches!(
+            NodeConfig::from_records(1, &[r.clone()]),
+            Err(TableError::BadEnvironment(..))
+        ));
+        r.environment = "staging".into();
+        r.hash_version = 9;
+        assert!(matches!(
+            NodeConfig::from_records(1, &[r]),
+            Err(TableError::BadHashVersion(..))
+        ));
+    }
+}

@@ -1,0 +1,219 @@
+//! The node's last applied key table and routing (provider credentials included), sealed on disk (AES-256-GCM, envelope-encrypted) so
+//! the node can restart and serve while the control plane is unreachable.
+//!
+//! Written by the control thread (never a worker) at most once a second while changes keep
+//! coming, to a temporary file that is synced and renamed over the old one, so a crash
+//! leaves either the previous or the new snapshot, never a torn one. Bound: a node restarted
+//! within about a second of a change may boot one revision behind; it then catches up from
+//! the control plane, which it tells which revision it holds.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+
+use aigw_wire::{decode_frame, encode_frame, Frame, Message, Record, DEFAULT_MAX_FRAME};
+
+use crate::config::pushed::{NodeConfig, NodeConfigBuilder};
+use crate::seal::{Kek, Opener, Sealer};
+
+pub const PURPOSE: &str = "key-snapshot";
+/// Records per sealed chunk: bounded memory whatever the table's size.
+const PART: usize = 20_000;
+
+pub fn save(path: &Path, kek: &Kek, table: &NodeConfig) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = BufWriter::new(file);
+        let (mut sealer, head) = Sealer::new(kek, PURPOSE)?;
+        w.write_all(&head)?;
+        let total = table.len() + table.routing.records().count();
+        let parts = total.div_ceil(PART).max(1);
+        let mut part = 0usize;
+        let mut batch: Vec<Record> = Vec::with_capacity(PART.min(total));
+        let mut flush = |batch: &mut Vec<Record>,
+                         part: usize,
+                         w: &mut BufWriter<std::fs::File>|
+         -> anyhow::Result<()> {
+            let mut frame = Vec::new();
+            let records = std::mem::take(batch);
+            encode_frame(
+                &Message::Snapshot {
+                    revision: table.revision,
+                    part: part as u64,
+                    parts: parts as u64,
+                    records,
+                },
+                &mut frame,
+            );
+            w.write_all(&sealer.chunk(&frame, part + 1 == parts)?)?;
+            Ok(())
+        };
+        let mut err = None;
+        // Keys, then the routing, in parts of at most PART records.
+        let mut add = |r: Record| {
+            if err.is_some() {
+                return;
+            }
+            batch.push(r);
+            if batch.len() == PART && part + 1 < parts {
+                if let Err(e) = flush(&mut batch, part, &mut w) {
+                    err = Some(e);
+                }
+                part += 1;
+            }
+        };
+        table.for_each_record(|k| add(Record::Key(k)));
+        table.routing.records().for_each(&mut add);
+        if let Some(e) = err {
+            return Err(e);
+        }
+        flush(&mut batch, part, &mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+pub fn load(path: &Path, kek: &Kek) -> anyhow::Result<NodeConfig> {
+    let file = std::fs::File::open(path)?;
+    let mut opener = Opener::new(kek, PURPOSE, BufReader::new(file))?;
+    let mut builder: Option<NodeConfigBuilder> = None;
+    while let Some(chunk) = opener.next_chunk()? {
+        let Some((
+            Frame::Message(Message::Snapshot {
+                revision, records, ..
+            }),
+            _,
+        )) = decode_frame(&chunk, DEFAULT_MAX_FRAME)?
+        else {
+            anyhow::bail!("sealed snapshot holds something other than a snapshot part");
+        };
+        builder
+            .get_or_insert_with(|| NodeConfigBuilder::new(revision))
+            .add_records(records)?;
+    }
+    match builder {
+        Some(b) => Ok(b.finish()?),
+        None => Ok(NodeConfig::empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aigw_wire::{KeyRecord, KeyStatus};
+
+    #[test]
+    fn a_saved_table_loads_back_identically() {
+        let records: Vec<KeyRecord> = (0..45_000)
+            .map(|i| KeyRecord {
+                key_id: format!("{i:012}"),
+                tenant_id: format!("t{}", i % 7),
+                environment: ["production", "staging", "development"][i % 3].into(),
+                sub_account_id: (i % 5 == 0).then(|| format!("sa{i}")),
+                hash_version: 1,
+                hash: [(i % 251) as u8; 32],
+                status: if i % 11 == 0 {
+                    KeyStatus::Revoked
+                } else {
+                    KeyStatus::Active
+                },
+                expires_at: i as u64,
+                grace_ends_at: 0,
+                allowed_models: if i % 13 == 0 {
+                    vec!["m".into()]
+                } else {
+                    vec![]
+                },
+            })
+            .collect();
+        let table = NodeConfig::from_records(42, &records).expect("valid");
+        let dir = std::env::temp_dir().join(format!("aigw-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keys.sealed");
+        let kek = Kek::from_hex(&"11".repeat(32)).expect("kek");
+        save(&path, &kek, &table).expect("saves");
+        let raw = std::fs::read(&path).expect("read");
+        assert!(
+            !raw.windows(12).any(|w| w == b"000000000777"),
+            "key ids are not on disk in the clear"
+        );
+        let back = load(&path, &kek).expect("loads");
+        assert_eq!(back.revision, 42);
+        assert_eq!(back.len(), table.len());
+        for r in records.iter().step_by(997) {
+            assert_eq!(back.get(&r.key_id), table.get(&r.key_id));
+        }
+        let wrong = Kek::from_hex(&"22".repeat(32)).expect("kek");
+        assert!(load(&path, &wrong).is_err(), "the wrong key opens nothing");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn routing_and_credentials_are_sealed_with_the_keys() {
+        use aigw_wire::{NonRetention, RouteRecord, RouteTargetRecord, UpstreamRecord};
+        let up = UpstreamRecord {
+            id: "t/production/oa".into(),
+            tenant_id: "t".into(),
+            environment: "production".into(),
+            name: "oa".into(),
+            provider: "openai".into(),
+            base_url: "http://127.0.0.1:9".into(),
+            credential: Some("sk-live-credential-0123456789".into()),
+            non_retention: NonRetention::AccountAgreement {},
+            stream_options: true,
+            region: "eu".into(),
+            baa: false,
+            max_connections: 4,
+            connect_timeout_ms: 0,
+            first_byte_timeout_ms: 0,
+            read_idle_timeout_ms: 0,
+        };
+        let route = RouteRecord {
+            id: "t/production/all".into(),
+            tenant_id: "t".into(),
+            environment: "production".into(),
+            model: None,
+            prefix: Some(String::new()),
+            targets: vec![RouteTargetRecord {
+                upstream: "oa".into(),
+                model: None,
+            }],
+        };
+        let mut b = NodeConfigBuilder::new(7);
+        b.add_records(vec![Record::Upstream(up), Record::Route(route)])
+            .expect("valid");
+        let table = b.finish().expect("valid");
+        let dir = std::env::temp_dir().join(format!("aigw-snap-routing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keys.sealed");
+        let kek = Kek::from_hex(&"33".repeat(32)).expect("kek");
+        save(&path, &kek, &table).expect("saves");
+        let raw = std::fs::read(&path).expect("read");
+        assert!(
+            !raw.windows(14).any(|w| w == b"sk-live-creden"),
+            "the provider credential is not on disk in the clear"
+        );
+        let back = load(&path, &kek).expect("loads");
+        assert_eq!(back.revision, 7);
+        let env = back
+            .routing
+            .env("t", aigw_wire::keys::Environment::Production)
+            .expect("routing came back");
+        let targets = env
+            .lookup("gpt-4o", crate::config::ProviderKind::Openai)
+            .expect("routes");
+        assert_eq!(
+            targets[0].upstream.credential.as_ref().map(|c| c.expose()),
+            Some("sk-live-credential-0123456789")
+        );
+        assert_eq!(back.routing.records().count(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,97 @@
+//! The per-request context: created when the head is parsed, carried by every phase, read
+//! once by the log phase. A phase records here what a later one needs; phases do not pass
+//! values to each other positionally.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use aigw_wire::keys::Environment;
+
+use crate::adapters::{Endpoint, Usage};
+use crate::config::routing::EnvRoutes;
+use crate::errors::{Code, Family};
+use crate::server::request_id::RequestId;
+use crate::upstream::Upstream;
+
+/// Who a request is, once authenticated. Never key material: the public key id only.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub tenant_id: Arc<str>,
+    pub environment: Environment,
+    pub sub_account_id: Option<Arc<str>>,
+    /// The key's public id (the part of the key that is not secret).
+    pub key_id: Box<str>,
+    /// `None`: every model (cloning it costs nothing for unrestricted keys).
+    pub allowed_models: Option<Arc<[Box<str>]>>,
+    /// The routing of the key's environment; `None` when it has none.
+    pub routes: Option<Arc<EnvRoutes>>,
+}
+
+/// When things happened to the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// The head's first byte arrived.
+    pub head_received: Instant,
+    /// A connection to the upstream that answered was ready (pooled or new).
+    pub upstream_connected: Option<Instant>,
+    /// The upstream's response head arrived.
+    pub first_byte: Option<Instant>,
+    /// The response's last byte was written to the client.
+    pub last_byte: Option<Instant>,
+}
+
+/// The upstream a request went to, and what was asked of it.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub upstream: Arc<Upstream>,
+    /// The gateway asked the upstream for a stream's usage the client did not ask for, and
+    /// takes it out again before the client sees it.
+    pub stream_usage_added: bool,
+}
+
+/// Everything the phases of one request share.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub id: RequestId,
+    /// The error shape and stream grammar the client expects: the endpoint's family, or
+    /// by path for endpoints the gateway does not serve.
+    pub family: Family,
+    pub endpoint: Option<Endpoint>,
+    pub identity: Option<Identity>,
+    /// The model the client asked for.
+    pub model: Option<Box<str>>,
+    /// The client asked for a streamed response.
+    pub stream: bool,
+    /// The upstream of the last attempt.
+    pub chosen: Option<Chosen>,
+    /// Attempts made (each upstream tried, fresh retries on stale connections included).
+    pub attempts: u32,
+    pub timings: Timings,
+    /// Token counts the provider reported, read by the response transforms.
+    pub usage: Usage,
+    /// Why the request failed, when a phase ended it (or a stream was cut short).
+    pub error: Option<Code>,
+}
+
+impl RequestCtx {
+    pub fn new(id: RequestId, family: Family, head_received: Instant) -> Self {
+        Self {
+            id,
+            family,
+            endpoint: None,
+            identity: None,
+            model: None,
+            stream: false,
+            chosen: None,
+            attempts: 0,
+            timings: Timings {
+                head_received,
+                upstream_connected: None,
+                first_byte: None,
+                last_byte: None,
+            },
+            usage: Usage::default(),
+            error: None,
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The gateway: a request's path as named phases, run in a fixed order, each in its own
+//! module with one entry point, each able to end the request with an error from the
+//! catalogue ([`crate::errors::Code`]):
+//!
+//! ```text
+//!  head parsed → context created (id, API family, timings)      ctx
+//!    endpoint       path and method → endpoint, family          endpoint
+//!    authenticate   key → identity                              authenticate
+//!    admit          reserve what the request may hold           admit
+//!  body read
+//!    parse          JSON once; model, stream; the key's models  parse
+//!    route          model → targets, policy filters             route
+//!    request xform  per target: body edits, upstream head       request
+//!    exchange       send, read the head; fail over              exchange
+//!    response xform head filter; body/events → transforms       response
+//!    log            access log, from the context, once          log
+//! ```
+//!
+//! Nothing is reserved and no body byte is read before a request is authenticated: the
+//! phases up to admit run on the head alone ([`Service::head`]).
+
+pub mod admit;
+pub mod authenticate;
+pub mod ctx;
+pub mod endpoint;
+pub mod exchange;
+pub mod log;
+pub mod models;
+pub mod parse;
+pub mod request;
+pub mod response;
+pub mod route;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aigw_wire::keys::Environment;
+
+use crate::adapters::Endpoint;
+use crate::config::pushed::SharedConfig;
+use crate::config::routing::Routing;
+use crate::config::settings::Settings;
+use crate::errors::{family_for_path, ApiError};
+use crate::server::respond::Responder;
+use crate::server::service::{Finished, Head, Request, Response, Service, Verdict};
+use crate::server::worker::WorkerCtx;
+use crate::upstream::pool::Pool;
+use authenticate::LocalConfig;
+use ctx::RequestCtx;
+use exchange::Exchanged;
+
+/// Where a node's keys and routing come from when it has a control plane.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub config: Arc<SharedConfig>,
+    /// Environments whose keys this node accepts.
+    pub served: Vec<Environment>,
+    /// Longest time without the control plane before requests are refused (0 = forever).
+    pub max_stale: Duration,
+}
+
+/// One per worker.
+#[derive(Debug)]
+pub struct Gateway {
+    worker: Rc<WorkerCtx>,
+    /// The pushed configuration, as this worker sees it.
+    keys: Option<LocalConfig>,
+    pool: Pool,
+    pool_generation: Cell<u64>,
+    /// The pushed routing the pools were last trimmed to.
+    routing: RefCell<Arc<Routing>>,
+}
+
+impl Gateway {
+    pub fn new(worker: &Rc<WorkerCtx>, pushed: Option<Pushed>) -> Self {
+        Self {
+            worker: Rc::clone(worker),
+            keys: pushed.map(|p| LocalConfig::new(p.config, p.served, p.max_stale)),
+            pool: Pool::new(),
+            pool_generation: Cell::new(0),
+            routing: RefCell::new(Arc::new(Routing::empty())),
+        }
+    }
+
+    /// Closes the pooled connections of upstreams no configuration names any more.
+    fn trim_pools(&self, settings: &Settings) {
+        let pushed = self
+            .keys
+            .as_ref()
+            .and_then(|k| k.routing_if_changed(self.routing.borrow().generation));
+        if settings.generation == self.pool_generation.get() && pushed.is_none() {
+            return;
+        }
+        if let Some(r) = pushed {
+            *self.routing.borrow_mut() = r;
+        }
+        let routing = self.routing.borrow();
+        self.pool.retain(
+            settings
+                .routes
+                .table
+                .upstreams()
+                .iter()
+                .chain(routing.upstreams()),
+        );
+        self.pool_generation.set(settings.generation);
+    }
+
+    /// The phases after the body arrived; an error ends the request at the phase that
+    /// returned it.
+    async fn serve(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &mut Request<'_>,
+        resp: &mut Responder<'_>,
+    ) -> Result<(), ApiError> {
+        let settings = self.worker.settings.current();
+        self.trim_pools(&settings);
+        // Without a control plane, the file's routing serves every request.
+        let routes = match &ctx.identity {
+            Some(id) => id.routes.clone(),
+            None if self.keys.is_none() => Some(Arc::clone(&settings.routes)),
+            None => None,
+        };
+        if ctx.endpoint == Some(Endpoint::Models) {
+            resp.send(models::answer(routes.as_deref().map(|r| &r.table)))
+                .await;
+            return Ok(());
+        }
+        let head = req.head();
+        let body = req.body().clone();
+        let parsed = parse::run(ctx, &head, &body)?;
+        let targets = route::run(ctx, routes.as_deref())?;
+        let answer =
+            match exchange::run(&self.pool, ctx, &head, &parsed, &body, &targets, resp).await {
+                Exchanged::Answer(a) => a,
+                Exchanged::ClientGone => return Ok(()),
+                Exchanged::Error(e) => return Err(e),
+            };
+        // No retry is possible from here: the request's memory goes back now rather than
+        // at the end of a stream that may last minutes.
+        drop(targets);
+        drop(parsed);
+        drop(body);
+        req.release_body();
+        response::run(&self.pool, ctx, answer, resp).await;
+        Ok(())
+    }
+}
+
+impl Service for Gateway {
+    type Ctx = RequestCtx;
+
+    fn start(self: &Rc<Self>) {
+        if self.keys.is_some() {
+            monoio::spawn(watch_config(Rc::clone(self)));
+        }
+    }
+
+    fn head(&self, head: &Head<'_>) -> Verdict<RequestCtx> {
+        let mut ctx = RequestCtx::new(head.id, family_for_path(head.path_only()), head.started);
+        if let Err(response) = endpoint::run(&mut ctx, head) {
+            return Verdict::Answer(ctx, response);
+        }
+        let admitted = authenticate::run(self.keys.as_ref(), &mut ctx, head)
+            .and_then(|()| admit::run(&self.worker, &mut ctx, head));
+        match admitted {
+            Ok(budget) => Verdict::Proceed(ctx, budget),
+            Err(e) => {
+                ctx.error = Some(e.code);
+                let response = Response::error(&e, ctx.family);
+                Verdict::Answer(ctx, response)
+            }
+        }
+    }
+
+    async fn call(&self, ctx: &mut RequestCtx, req: &mut Request<'_>, resp: &mut Responder<'_>) {
+        if let Err(e) = self.serve(ctx, req, resp).await {
+            ctx.error = Some(e.code);
+            resp.send(Response::error(&e, ctx.family)).await;
+        }
+    }
+
+    fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+        if self.worker.settings.current().access_log {
+            log::run(&ctx, head, done);
+        }
+    }
+}
+
+/// Swaps this worker onto every configuration the control thread publishes, as soon as it
+/// is published, and reports the revision: an idle worker applies a revocation as fast as a
+/// busy one.
+async fn watch_config(gw: Rc<Gateway>) {
+    let Some(keys) = &gw.keys else { return };
+    loop {
+        let listener = keys.shared().changed.listen();
+        let revision = keys.refresh();
+        gw.worker.status.set_config_revision(revision);
+        monoio::select! {
+            _ = listener => {},
+            _ = gw.worker.shutdown.wait() => return,
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The admin listener: `/healthz` (the process answers), `/readyz` (every worker is serving
+//! and the node is not draining) and `/workers` (each worker's driver, settings generation,
+//! requests and open connections). It runs on its own thread, off the workers' cores'
+//! hot path, and keeps answering while the workers drain so load balancers see 503.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::config::settings::SharedSettings;
+use crate::errors::{Code, Family};
+use crate::runtime::shutdown::Shutdown;
+use crate::server::respond::Responder;
+use crate::server::service::{Finished, Head, Request, Response, Service, Verdict};
+use crate::server::worker::{WorkerCtx, WorkerStatus};
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub workers: Arc<[Arc<WorkerStatus>]>,
+    pub shutdown: Arc<Shutdown>,
+    pub settings: Arc<SharedSettings>,
+    /// The pushed key table and the longest tolerated silence of the control plane.
+    pub keys: Option<(
+        Arc<crate::config::pushed::SharedConfig>,
+        std::time::Duration,
+    )>,
+}
+
+impl AdminState {
+    /// Serving, not draining, and (with a control plane) holding a key table that is not
+    /// older than allowed.
+    pub fn ready(&self) -> bool {
+        let config_ok = match &self.keys {
+            None => true,
+            Some((k, max_stale)) => {
+                k.loaded()
+                    && (max_stale.is_zero()
+                        || k.age_seconds().is_some_and(|a| a <= max_stale.as_secs()))
+            }
+        };
+        config_ok && !self.shutdown.is_triggered() && self.workers.iter().all(|w| w.is_running())
+    }
+}
+
+#[derive(Debug)]
+pub struct AdminService {
+    worker: Rc<WorkerCtx>,
+    state: AdminState,
+}
+
+impl AdminService {
+    pub fn new(worker: &Rc<WorkerCtx>, state: AdminState) -> Self {
+        Self {
+            worker: Rc::clone(worker),
+            state,
+        }
+    }
+}
+
+impl Service for AdminService {
+    type Ctx = ();
+
+    fn head(&self, head: &Head<'_>) -> Verdict<()> {
+        super::whole_request(&self.worker, head)
+    }
+
+    async fn call(&self, _: &mut (), req: &mut Request<'_>, resp: &mut Responder<'_>) {
+        let r = self.answer(&req.head());
+        resp.send(r).await;
+    }
+
+    fn finish(&self, _: (), _: &Head<'_>, _: &Finished) {}
+}
+
+impl AdminService {
+    fn answer(&self, req: &Head<'_>) -> Response {
+        let s = &self.state;
+        if req.method() != "GET" && req.method() != "HEAD" {
+            return Response::error(
+                &Code::MethodNotAllowed.with("admin endpoints are read-only"),
+                Family::Openai,
+            )
+            .with_header("allow", "GET, HEAD");
+        }
+        match req.path_only() {
+            "/healthz" => Response::json(200, br#"{"status":"ok"}"#.to_vec()),
+            "/readyz" => {
+                let ready = s.ready();
+                let body = json!({
+                    "ready": ready,
+                    "draining": s.shutdown.is_triggered(),
+                    "workers_running": s.workers.iter().filter(|w| w.is_running()).count(),
+                    "workers": s.workers.len(),
+                    "config_loaded": s.keys.as_ref().map(|(k, _)| k.loaded()),
+                    "config_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
+                    "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
+                });
+                Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
+            }
+            "/workers" => {
+                let workers: Vec<_> = s
+                    .workers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        json!({
+                            "worker": i,
+                            "running": w.is_running(),
+                            "driver": w.driver().map(|d| d.as_str()),
+                            "settings_generation": w.settings_generation(),
+                            "config_revision": w.config_revision(),
+                            "requests": w.requests(),
+                            "open_connections": w.open_connections(),
+                        })
+                    })
+                    .collect();
+                let body = json!({
+                    "settings_generation": s.settings.generation(),
+                    "config_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
+                    "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
+                    "workers": workers,
+                });
+                Response::json(200, body.to_string().into_bytes())
+            }
+            _ => Response::error(
+                &Code::NotFound.with("no such admin endpoint"),
+                Family::Openai,
+            ),
+        }
+    }
+}

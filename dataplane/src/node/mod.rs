@@ -1,0 +1,421 @@
+//! Starting and stopping a node: bind, spawn one worker per core and the admin thread,
+//! apply reloads, drain on shutdown. `main` and the end-to-end tests both drive it.
+
+pub mod admin;
+pub mod demo;
+
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+
+use crate::config::settings::SharedSettings;
+use crate::config::{Config, DriverChoice};
+use crate::gateway::{Gateway, Pushed};
+use crate::node::admin::{AdminService, AdminState};
+use crate::node::demo::DemoService;
+use crate::runtime::shutdown::Shutdown;
+use crate::runtime::DriverKind;
+use crate::server::listener;
+use crate::server::service::{Head, Verdict};
+use crate::server::worker::WorkerCtx;
+use crate::server::worker::{self, WorkerSpec, WorkerStatus};
+
+/// A running node.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    admin_addr: SocketAddr,
+    drivers: Vec<DriverKind>,
+    config: Mutex<Config>,
+    settings: Arc<SharedSettings>,
+    shutdown: Arc<Shutdown>,
+    admin_stop: Arc<Shutdown>,
+    workers: Vec<JoinHandle<()>>,
+    admin: Option<JoinHandle<()>>,
+    demo: Option<JoinHandle<()>>,
+    control: Option<JoinHandle<()>>,
+    demo_addr: Option<SocketAddr>,
+    statuses: Arc<[Arc<WorkerStatus>]>,
+}
+
+impl ServerHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The driver each worker got, in worker order.
+    pub fn drivers(&self) -> &[DriverKind] {
+        &self.drivers
+    }
+
+    pub fn workers(&self) -> &[Arc<WorkerStatus>] {
+        &self.statuses
+    }
+
+    /// Applies a new, already validated configuration: limits, timeouts and logging switches
+    /// take effect on each worker's next request. Settings that need a restart are reported
+    /// and kept. Returns the new settings generation.
+    pub fn reload(&self, new: Config) -> Result<u64, String> {
+        let new = match self.demo_addr {
+            Some(addr) if new.upstreams.is_empty() => with_demo_upstreams(new, addr),
+            _ => new,
+        };
+        let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, old, wanted) in current.restart_only_changes(&new) {
+            tracing::warn!(key, old = %old, new = %wanted, "setting needs a restart; keeping the running value");
+        }
+        let generation = self.settings.publish(&new)?;
+        *current = new;
+        tracing::info!(generation, "configuration reloaded");
+        Ok(generation)
+    }
+
+    /// Where the built-in demo provider listens, when it runs.
+    pub fn demo_addr(&self) -> Option<SocketAddr> {
+        self.demo_addr
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by `timeouts.shutdown_drain`),
+    /// and joins every thread.
+    pub fn shutdown(mut self) {
+        self.shutdown.trigger();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.admin_stop.trigger();
+        if let Some(a) = self.admin.take() {
+            let _ = a.join();
+        }
+        if let Some(d) = self.demo.take() {
+            let _ = d.join();
+        }
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+/// Binds and starts a node. Returns once every worker is accepting, or with the first
+/// worker's error.
+pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    let admin_stop = Arc::new(Shutdown::default());
+    // No provider configured: start the built-in demo provider and route everything there,
+    // through the same proxy path real providers take.
+    // (With a control plane, routing comes from it instead.)
+    let (config, demo, demo_addr) = if config.upstreams.is_empty() && config.control_plane.is_none()
+    {
+        let (handle, addr) = start_demo(&config, &admin_stop)?;
+        (with_demo_upstreams(config, addr), Some(handle), Some(addr))
+    } else {
+        (config, None, None)
+    };
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let listeners = listener::bind_reuseport(config.server.listen, workers, config.server.backlog)
+        .with_context(|| format!("server.listen = {}", config.server.listen))?;
+    let addr = listeners[0].local_addr()?;
+    let admin_listener = listener::bind_single(config.admin.listen, 128)
+        .with_context(|| format!("admin.listen = {}", config.admin.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let settings = Arc::new(SharedSettings::new(&config).map_err(|e| anyhow!(e))?);
+    let shutdown = Arc::new(Shutdown::default());
+    let statuses: Arc<[Arc<WorkerStatus>]> = (0..workers)
+        .map(|_| Arc::new(WorkerStatus::default()))
+        .collect();
+    let cores = if config.server.pin_workers {
+        core_affinity::get_core_ids()
+    } else {
+        None
+    };
+    let drain = config.timeouts.shutdown_drain;
+    let mut control = None;
+
+    let keys = match &config.control_plane {
+        Some(cp) => {
+            let shared = Arc::new(crate::config::pushed::SharedConfig::default());
+            let served: Vec<_> = cp
+                .environments
+                .iter()
+                .filter_map(|e| aigw_wire::keys::Environment::from_name(e))
+                .collect();
+            let persist = match &cp.snapshot_file {
+                Some(path) => Some(crate::config::link::Persist {
+                    path: path.clone(),
+                    kek: cp.seal_key().map_err(|e| anyhow!(e))?,
+                }),
+                None => None,
+            };
+            if let Some(p) = &persist {
+                crate::config::link::boot_from_disk(p, &shared);
+            }
+            control = Some(crate::config::link::spawn(
+                cp.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&admin_stop),
+                persist,
+            )?);
+            Some(Pushed {
+                config: shared,
+                served,
+                max_stale: cp.max_stale,
+            })
+        }
+        None => {
+            tracing::warn!("no control plane configured: requests are NOT authenticated (quick start and tests only)");
+            None
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(workers);
+    for (index, l) in listeners.into_iter().enumerate() {
+        let spec = WorkerSpec {
+            index,
+            core: cores
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| c[index % c.len()]),
+            listener: l,
+            driver: config.server.driver,
+            settings: Arc::clone(&settings),
+            shutdown: Arc::clone(&shutdown),
+            status: Arc::clone(&statuses[index]),
+            drain,
+        };
+        let tx = tx.clone();
+        let pushed = keys.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("aigw-worker-{index}"))
+            .spawn(move || worker::run(spec, |w| Gateway::new(w, pushed), tx))
+            .context("spawning a worker thread")?;
+        handles.push(h);
+    }
+    drop(tx);
+    let mut failure = None;
+    for _ in 0..workers {
+        match rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failure = Some(anyhow!(e)),
+            Err(_) => failure = Some(anyhow!("a worker exited during start")),
+        }
+    }
+    if let Some(e) = failure {
+        shutdown.trigger();
+        admin_stop.trigger();
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
+
+    let admin_state = AdminState {
+        workers: Arc::clone(&statuses),
+        shutdown: Arc::clone(&shutdown),
+        settings: Arc::clone(&settings),
+        keys: keys.as_ref().map(|p| (Arc::clone(&p.config), p.max_stale)),
+    };
+    let admin_spec = side_worker(
+        admin_listener,
+        DriverChoice::Epoll,
+        Arc::clone(&settings),
+        Arc::clone(&admin_stop),
+    );
+    let admin = spawn_side_worker("aigw-admin", admin_spec, move |w| {
+        AdminService::new(w, admin_state)
+    })?;
+    let drivers: Vec<DriverKind> = statuses.iter().filter_map(|s| s.driver()).collect();
+    tracing::info!(
+        addr = %addr,
+        admin = %admin_addr,
+        workers,
+        drivers = ?drivers.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        "listening"
+    );
+    if demo_addr.is_some() {
+        tracing::info!(
+            "serving the built-in demo provider; try: curl -s http://{addr}/v1/chat/completions \
+         -H 'content-type: application/json' \
+         -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+        );
+    }
+    Ok(ServerHandle {
+        addr,
+        admin_addr,
+        drivers,
+        config: Mutex::new(config),
+        settings,
+        shutdown,
+        admin_stop,
+        workers: handles,
+        admin: Some(admin),
+        demo,
+        control,
+        demo_addr,
+        statuses,
+    })
+}
+
+/// A worker that serves one side job (admin listener, demo provider) off the worker cores.
+fn side_worker(
+    listener: std::net::TcpListener,
+    driver: DriverChoice,
+    settings: Arc<SharedSettings>,
+    shutdown: Arc<Shutdown>,
+) -> WorkerSpec {
+    WorkerSpec {
+        index: crate::server::worker::SIDE_WORKER,
+        core: None,
+        listener,
+        driver,
+        settings,
+        shutdown,
+        status: Arc::new(WorkerStatus::default()),
+        drain: Duration::from_millis(200),
+    }
+}
+
+/// Runs `spec` on a thread named `name`; returns once it is accepting, or with its error.
+fn spawn_side_worker<S, F>(
+    name: &str,
+    spec: WorkerSpec,
+    make_service: F,
+) -> anyhow::Result<JoinHandle<()>>
+where
+    S: crate::server::service::Service + 'static,
+    F: FnOnce(&std::rc::Rc<crate::server::worker::WorkerCtx>) -> S + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || worker::run(spec, make_service, tx))
+        .with_context(|| format!("spawning {name}"))?;
+    match rx.recv() {
+        Ok(Ok(_)) => Ok(handle),
+        Ok(Err(e)) => Err(anyhow!(e)),
+        Err(_) => Err(anyhow!("{name} exited during start")),
+    }
+}
+
+/// Settings for the demo provider: the node's, without its upstreams and access log.
+fn demo_settings(config: &Config) -> anyhow::Result<Arc<SharedSettings>> {
+    let mut demo = Config {
+        upstreams: Vec::new(),
+        routes: Vec::new(),
+        ..config.clone()
+    };
+    demo.log.access = false;
+    Ok(Arc::new(
+        SharedSettings::new(&demo).map_err(|e| anyhow!(e))?,
+    ))
+}
+
+/// Runs the demo provider on its own thread, on a loopback port of its own.
+pub(crate) fn start_demo(
+    config: &Config,
+    stop: &Arc<Shutdown>,
+) -> anyhow::Result<(JoinHandle<()>, SocketAddr)> {
+    let listener = listener::bind_single(SocketAddr::from(([127, 0, 0, 1], 0)), 1024)
+        .context("binding the demo provider")?;
+    let addr = listener.local_addr()?;
+    let spec = side_worker(
+        listener,
+        DriverChoice::Epoll,
+        demo_settings(config)?,
+        Arc::clone(stop),
+    );
+    Ok((
+        spawn_side_worker("aigw-demo", spec, DemoService::new)?,
+        addr,
+    ))
+}
+
+/// Runs only the demo provider (no gateway) on `listen`, on the calling thread, until the
+/// process ends: the mock provider of the load harness.
+pub fn run_demo_provider(listen: SocketAddr, driver: DriverChoice) -> anyhow::Result<()> {
+    let listener =
+        listener::bind_single(listen, 4096).with_context(|| format!("binding {listen}"))?;
+    let spec = side_worker(
+        listener,
+        driver,
+        demo_settings(&Config::default())?,
+        Arc::new(Shutdown::default()),
+    );
+    let _ = spawn_side_worker("aigw-demo", spec, DemoService::new)?.join();
+    Ok(())
+}
+
+/// The config with two upstreams on the demo provider (one per API family) and a catch-all
+/// route to them.
+fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
+    use crate::config::{NonRetention, ProviderKind, RouteConfig, RouteTarget, UpstreamConfig};
+    let upstream = |name: &str, kind| UpstreamConfig {
+        name: name.to_string(),
+        kind,
+        base_url: format!("http://{addr}"),
+        credential_env: None,
+        ca_file: None,
+        danger_accept_invalid_certs: false,
+        max_connections: 256,
+        connect_timeout: Duration::from_secs(5),
+        first_byte_timeout: Duration::from_secs(60),
+        read_idle_timeout: Duration::from_secs(60),
+        pool_idle_timeout: Duration::from_secs(60),
+        non_retention: NonRetention::AccountAgreement {},
+        stream_options: true,
+        region: "local".into(),
+        baa: false,
+    };
+    config.upstreams = vec![
+        upstream("demo-openai", ProviderKind::Openai),
+        upstream("demo-anthropic", ProviderKind::Anthropic),
+    ];
+    let targets = vec![
+        RouteTarget {
+            upstream: "demo-openai".into(),
+            model: None,
+        },
+        RouteTarget {
+            upstream: "demo-anthropic".into(),
+            model: None,
+        },
+    ];
+    config.routes = vec![
+        RouteConfig {
+            model: Some(crate::node::demo::DEMO_MODEL.into()),
+            prefix: None,
+            targets: targets.clone(),
+        },
+        RouteConfig {
+            model: None,
+            prefix: Some(String::new()),
+            targets,
+        },
+    ];
+    config
+}
+
+/// The head step of the side services (admin listener, demo provider): every request may
+/// send its body, within the worker's budget.
+fn whole_request(worker: &WorkerCtx, head: &Head<'_>) -> Verdict<()> {
+    let mut budget = worker.body_budget(worker.settings.current().body_budget_bytes);
+    if head.content_length().is_some_and(|n| !budget.grow(n)) {
+        let err = crate::errors::ApiError::from(crate::errors::Code::ServerBusy);
+        let family = crate::errors::family_for_path(head.path_only());
+        return Verdict::Answer((), crate::server::service::Response::error(&err, family));
+    }
+    Verdict::Proceed((), budget)
+}

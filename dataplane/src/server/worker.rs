@@ -1,0 +1,340 @@
+//! One worker per core: its own pinned thread, runtime, SO_REUSEPORT listener and state.
+//! A connection never leaves the worker that accepted it, so nothing on the request path
+//! is shared between cores except read-mostly settings.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::settings::{LocalSettings, SharedSettings};
+use crate::config::DriverChoice;
+use crate::runtime::shutdown::{LocalShutdown, Shutdown};
+use crate::runtime::{self, DriverKind};
+use crate::server::date::DateCache;
+use crate::server::request_id::{RequestId, RequestIdGen};
+use crate::server::service::Service;
+
+/// A worker's state as the admin listener sees it. Written only by its worker.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    driver: AtomicU8,
+    running: AtomicBool,
+    requests: AtomicU64,
+    connections: AtomicU64,
+    settings_generation: AtomicU64,
+    config_revision: AtomicU64,
+}
+
+impl WorkerStatus {
+    pub fn driver(&self) -> Option<DriverKind> {
+        match self.driver.load(Ordering::Acquire) {
+            1 => Some(DriverKind::IoUringTuned),
+            2 => Some(DriverKind::IoUring),
+            3 => Some(DriverKind::Epoll),
+            _ => None,
+        }
+    }
+
+    fn set_driver(&self, d: DriverKind) {
+        let v = match d {
+            DriverKind::IoUringTuned => 1,
+            DriverKind::IoUring => 2,
+            DriverKind::Epoll => 3,
+        };
+        self.driver.store(v, Ordering::Release);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn open_connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The revision of the pushed configuration this worker has applied.
+    pub fn config_revision(&self) -> u64 {
+        self.config_revision.load(Ordering::Acquire)
+    }
+
+    pub fn set_config_revision(&self, revision: u64) {
+        self.config_revision.store(revision, Ordering::Release);
+    }
+
+    /// The settings generation this worker served its latest request under.
+    pub fn settings_generation(&self) -> u64 {
+        self.settings_generation.load(Ordering::Relaxed)
+    }
+}
+
+/// What a connection reaches through its worker.
+#[derive(Debug)]
+pub struct WorkerCtx {
+    pub index: usize,
+    pub settings: LocalSettings,
+    pub shutdown: LocalShutdown,
+    pub status: Arc<WorkerStatus>,
+    ids: RefCell<RequestIdGen>,
+    date: RefCell<DateCache>,
+    open: Cell<u64>,
+    body_in_use: Rc<Cell<u64>>,
+}
+
+impl WorkerCtx {
+    pub fn new(
+        index: usize,
+        settings: Arc<SharedSettings>,
+        shutdown: Arc<Shutdown>,
+        status: Arc<WorkerStatus>,
+    ) -> Self {
+        Self {
+            index,
+            settings: LocalSettings::new(settings),
+            shutdown: LocalShutdown::new(shutdown),
+            status,
+            ids: RefCell::new(RequestIdGen::new()),
+            date: RefCell::new(DateCache::new()),
+            open: Cell::new(0),
+            body_in_use: Rc::new(Cell::new(0)),
+        }
+    }
+
+    pub fn next_request_id(&self) -> RequestId {
+        self.ids.borrow_mut().next_id()
+    }
+
+    pub fn date(&self) -> [u8; 29] {
+        let mut d = [0u8; 29];
+        d.copy_from_slice(self.date.borrow_mut().get());
+        d
+    }
+
+    /// Counts a finished request served under settings `generation`.
+    pub(crate) fn finish_request(&self, generation: u64) {
+        self.status.requests.fetch_add(1, Ordering::Relaxed);
+        self.status
+            .settings_generation
+            .store(generation, Ordering::Relaxed);
+    }
+
+    fn conn_opened(&self) {
+        self.open.set(self.open.get() + 1);
+        self.status
+            .connections
+            .store(self.open.get(), Ordering::Relaxed);
+    }
+
+    fn conn_closed(&self) {
+        self.open.set(self.open.get().saturating_sub(1));
+        self.status
+            .connections
+            .store(self.open.get(), Ordering::Relaxed);
+    }
+
+    /// A reservation against this worker's memory budget for request bodies, empty so far.
+    pub fn body_budget(&self, limit: u64) -> BodyBudget {
+        BodyBudget {
+            in_use: Rc::clone(&self.body_in_use),
+            held: 0,
+            limit,
+        }
+    }
+
+    /// Bytes of request bodies held by this worker's requests.
+    pub fn body_bytes_in_use(&self) -> u64 {
+        self.body_in_use.get()
+    }
+}
+
+/// Bytes of request bodies a request holds against its worker's budget; given back on drop.
+/// Bounds what concurrent large uploads can make one core buffer: past the budget a request
+/// gets 503 instead of the process growing until the OOM killer picks it.
+#[derive(Debug)]
+pub struct BodyBudget {
+    in_use: Rc<Cell<u64>>,
+    held: u64,
+    limit: u64,
+}
+
+impl BodyBudget {
+    /// Takes `n` more bytes; false (and nothing taken) when that would pass the budget.
+    pub fn grow(&mut self, n: u64) -> bool {
+        let in_use = self.in_use.get();
+        if in_use.saturating_add(n) > self.limit {
+            return false;
+        }
+        self.in_use.set(in_use + n);
+        self.held += n;
+        true
+    }
+
+    /// Grows the reservation to `total` bytes.
+    pub fn grow_to(&mut self, total: u64) -> bool {
+        total <= self.held || self.grow(total - self.held)
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+}
+
+impl Drop for BodyBudget {
+    fn drop(&mut self) {
+        self.in_use.set(self.in_use.get().saturating_sub(self.held));
+    }
+}
+
+/// The index of a side worker (the admin listener, the demo provider): it serves off the
+/// worker cores.
+pub const SIDE_WORKER: usize = usize::MAX;
+
+/// A worker's index as logs and errors show it: its number, or `side` for a side worker.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerName(pub usize);
+
+impl std::fmt::Display for WorkerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == SIDE_WORKER {
+            f.write_str("side")
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// Everything a worker thread needs; built on the main thread, moved into the worker.
+#[derive(Debug)]
+pub struct WorkerSpec {
+    pub index: usize,
+    pub core: Option<core_affinity::CoreId>,
+    pub listener: std::net::TcpListener,
+    pub driver: DriverChoice,
+    pub settings: Arc<SharedSettings>,
+    pub shutdown: Arc<Shutdown>,
+    pub status: Arc<WorkerStatus>,
+    pub drain: Duration,
+}
+
+/// Runs a worker on the calling thread until shutdown has drained. `started` receives the
+/// driver it got, or why it could not start.
+pub fn run<S, F>(
+    spec: WorkerSpec,
+    make_service: F,
+    started: std::sync::mpsc::Sender<Result<DriverKind, String>>,
+) where
+    S: Service + 'static,
+    F: FnOnce(&Rc<WorkerCtx>) -> S,
+{
+    if let Some(core) = spec.core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(
+                worker = %WorkerName(spec.index),
+                core = core.id,
+                "could not pin worker to its core"
+            );
+        }
+    }
+    let (mut rt, driver) = match runtime::build(spec.driver) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = started.send(Err(format!(
+                "worker {}: cannot build runtime: {e}",
+                WorkerName(spec.index)
+            )));
+            return;
+        }
+    };
+    spec.status.set_driver(driver);
+    tracing::info!(worker = %WorkerName(spec.index), driver = %driver, core = spec.core.map(|c| c.id), "worker started");
+    let ctx = Rc::new(WorkerCtx::new(
+        spec.index,
+        Arc::clone(&spec.settings),
+        Arc::clone(&spec.shutdown),
+        Arc::clone(&spec.status),
+    ));
+    let service = Rc::new(make_service(&ctx));
+    let drain = spec.drain;
+    let index = WorkerName(spec.index);
+    rt.block_on(async move {
+        crate::runtime::deadline::start();
+        let listener = match monoio::net::TcpListener::from_std(spec.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = started.send(Err(format!(
+                    "worker {index}: cannot register listener: {e}"
+                )));
+                return;
+            }
+        };
+        ctx.status.running.store(true, Ordering::Release);
+        service.start();
+        let _ = started.send(Ok(driver));
+        accept_loop(&listener, &ctx, &service).await;
+        drop(listener);
+        drain_connections(&ctx, drain).await;
+        ctx.status.running.store(false, Ordering::Release);
+    });
+    tracing::info!(worker = %index, "worker stopped");
+}
+
+async fn accept_loop<S: Service + 'static>(
+    listener: &monoio::net::TcpListener,
+    ctx: &Rc<WorkerCtx>,
+    service: &Rc<S>,
+) {
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    ctx.conn_opened();
+                    let ctx = Rc::clone(ctx);
+                    let service = Rc::clone(service);
+                    monoio::spawn(async move {
+                        crate::server::conn::serve(stream, peer, Rc::clone(&ctx), service).await;
+                        ctx.conn_closed();
+                    });
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker = %WorkerName(ctx.index), error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = ctx.shutdown.wait() => return,
+        }
+    }
+}
+
+/// Waits for open connections to finish, up to `drain`. Idle connections close as soon as
+/// they see the shutdown; busy ones finish their request and close.
+async fn drain_connections(ctx: &WorkerCtx, drain: Duration) {
+    let deadline = Instant::now() + drain;
+    while ctx.open.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if ctx.open.get() > 0 {
+        tracing::warn!(
+            worker = %WorkerName(ctx.index),
+            open = ctx.open.get(),
+            "drain deadline passed with connections open"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_workers_are_named_side_in_logs() {
+        assert_eq!(WorkerName(0).to_string(), "0");
+        assert_eq!(WorkerName(17).to_string(), "17");
+        assert_eq!(WorkerName(SIDE_WORKER).to_string(), "side");
+    }
+}
