@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use dataplane::config::{ControlPlaneConfig, DriverChoice};
+use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
 use serde_json::{json, Value};
 
 use crate::mock::MockProvider;
@@ -115,6 +115,17 @@ pub fn gateway_with(
     ca_file: &std::path::Path,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Gateway {
+    Gateway::start_with(node_config(driver, push, node_token, ca_file, tweak))
+}
+
+/// The configuration of a node linked to the control plane at `push`.
+pub fn node_config(
+    driver: DriverChoice,
+    push: SocketAddr,
+    node_token: &str,
+    ca_file: &std::path::Path,
+    tweak: impl FnOnce(&mut ControlPlaneConfig),
+) -> Config {
     // One variable per control plane: tests run in parallel, each with its own.
     let token_env = format!("{NODE_TOKEN_ENV}_{}", push.port());
     std::env::set_var(&token_env, node_token);
@@ -133,7 +144,7 @@ pub fn gateway_with(
     };
     tweak(&mut cp_config);
     c.control_plane = Some(cp_config);
-    Gateway::start_with(c)
+    c
 }
 
 pub fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {

@@ -370,7 +370,8 @@ impl Drop for GatewayProcess {
     }
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
+/// The value after `key` in a log line, up to the next space.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let start = line.find(key).map(|i| i + key.len()).unwrap_or(line.len());
     let rest = &line[start..];
     rest.split_whitespace().next().unwrap_or("")

@@ -814,9 +814,17 @@ fn respond(
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
             write_stream_head(conn, req)?;
-            if !openai_events(conn, shared, events, delay_ms)? {
+            // As OpenAI streams: a role chunk, the content, a finish chunk; with usage asked
+            // for, every chunk says `"usage":null` and a last chunk carries the figures.
+            let null = include_usage.then_some("null");
+            let with_usage = null.map_or(String::new(), |u| format!(",\"usage\":{u}"));
+            let role = format!("data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]{with_usage}}}\n\n");
+            write_chunk(conn, role.as_bytes())?;
+            if !openai_events(conn, shared, events, delay_ms, null)? {
                 return Ok(After::Drop);
             }
+            let finish = format!("data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{with_usage}}}\n\n");
+            write_chunk(conn, finish.as_bytes())?;
             if include_usage {
                 let usage = format!(
                     "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\n",
@@ -870,13 +878,13 @@ fn respond(
         }
         Behavior::StallAfterEvents { events } => {
             write_stream_head(conn, req)?;
-            openai_events(conn, shared, events, 0)?;
+            openai_events(conn, shared, events, 0, None)?;
             stall(shared);
             Ok(After::Drop)
         }
         Behavior::ResetAfterEvents { events } => {
             write_stream_head(conn, req)?;
-            openai_events(conn, shared, events, 0)?;
+            openai_events(conn, shared, events, 0, None)?;
             Ok(After::Reset)
         }
         Behavior::CloseBeforeResponse => Ok(After::Close),
@@ -889,18 +897,22 @@ fn respond(
 }
 
 /// Writes `events` OpenAI chunk events; `false` if the provider stopped meanwhile.
+/// `usage`: what OpenAI puts in every chunk's `usage` member once the request asked for
+/// usage (`"null"`), or nothing.
 fn openai_events(
     conn: &mut Conn,
     shared: &Shared,
     events: usize,
     delay_ms: u64,
+    usage: Option<&str>,
 ) -> io::Result<bool> {
+    let usage = usage.map_or(String::new(), |u| format!(",\"usage\":{u}"));
     for i in 0..events {
         if i > 0 && delay_ms > 0 && !sleep_checked(shared, delay_ms) {
             return Ok(false);
         }
         let ev = format!(
-            "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+            "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]{usage}}}\n\n"
         );
         write_chunk(conn, ev.as_bytes())?;
     }

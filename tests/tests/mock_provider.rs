@@ -222,15 +222,27 @@ fn openai_stream_with_include_usage() {
     assert_eq!(r.header("content-type"), Some("text/event-stream"));
     let text = r.text();
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-    assert_eq!(events.len(), 5, "{text}");
-    assert_eq!(
-        events[0],
-        r#"data: {"id":"chatcmpl-mock","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok0 "}}]}"#
-    );
-    let usage: serde_json::Value = serde_json::from_str(&events[3]["data: ".len()..]).unwrap();
-    assert_eq!(usage["usage"]["completion_tokens"], 3);
-    assert_eq!(usage["usage"]["total_tokens"], 8);
-    assert_eq!(events[4], "data: [DONE]");
+    // As OpenAI streams with usage asked for: a role chunk, the content, a finish chunk,
+    // each with "usage": null; then a chunk of figures without choices; then [DONE].
+    assert_eq!(events.len(), 7, "{text}");
+    let chunks: Vec<serde_json::Value> = events[..6]
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks[1..4]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(content, "tok0 tok1 tok2 ");
+    assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
+    for c in &chunks[..5] {
+        assert!(c["usage"].is_null() && c.get("usage").is_some(), "{c}");
+    }
+    assert_eq!(chunks[5]["choices"], serde_json::json!([]));
+    assert_eq!(chunks[5]["usage"]["completion_tokens"], 3);
+    assert_eq!(chunks[5]["usage"]["total_tokens"], 8);
+    assert_eq!(events[6], "data: [DONE]");
 
     // Without include_usage: no usage chunk; without stream: JSON.
     let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;

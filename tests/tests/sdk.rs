@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use dataplane::config::{Config, DriverChoice};
 use e2e::mock::{Behavior, MockOptions, MockProvider};
@@ -129,3 +130,69 @@ both_drivers!(anthropic_python_sdk, |driver| {
         );
     }
 });
+
+/// The gateway asks an upstream that takes `stream_options` for every stream's usage; a
+/// client that did not ask for it receives no usage field and no usage chunk, while the
+/// access log has the stream's token counts. A client that asked gets them as before.
+#[test]
+fn openai_sdk_streams_get_usage_only_when_they_ask_and_the_log_always_has_it() {
+    let mock = MockProvider::start(MockOptions {
+        tls: false,
+        default: Behavior::OpenAiStream {
+            events: 3,
+            delay_ms: 1,
+        },
+    });
+    let dir = scratch_dir("sdk-stream-usage");
+    let gw = GatewayProcess::start(
+        &format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            workers = 1
+            pin_workers = false
+            [admin]
+            listen = "127.0.0.1:0"
+            [[upstreams]]
+            name = "oa"
+            kind = "openai"
+            base_url = "{}"
+            stream_options = true
+            [[routes]]
+            model = "gpt-usage"
+            targets = [{{ upstream = "oa" }}]
+            "#,
+            mock.base_url()
+        ),
+        &dir,
+    );
+    run_script("openai_stream_usage.py", &format!("http://{}", gw.addr));
+    let sent: Vec<serde_json::Value> = mock
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 2);
+    for body in &sent {
+        assert_eq!(
+            body["stream_options"]["include_usage"], true,
+            "the gateway asked for usage: {body}"
+        );
+    }
+    let logged = || {
+        gw.log()
+            .lines()
+            .filter(|l| {
+                l.contains("access")
+                    && l.contains("/v1/chat/completions")
+                    && l.contains("input_tokens=5")
+                    && l.contains("output_tokens=3")
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || logged() == 2),
+        "both streams' token counts in the access log:\n{}",
+        gw.log()
+    );
+}

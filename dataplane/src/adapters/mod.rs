@@ -334,14 +334,6 @@ pub fn usage_from_event(kind: ProviderKind, event: &[u8], data: &[u8], usage: &m
     }
 }
 
-/// Whether this event is the family's end-of-stream marker.
-pub fn is_stream_end(kind: ProviderKind, event: &[u8], data: &[u8]) -> bool {
-    match kind {
-        ProviderKind::Openai => data == b"[DONE]",
-        ProviderKind::Anthropic => event == b"message_stop",
-    }
-}
-
 /// The SSE event that ends a stream the gateway had to cut short, in the family's grammar.
 pub fn stream_error_event(kind: ProviderKind, error: &crate::errors::ApiError) -> Vec<u8> {
     match kind {

@@ -2,6 +2,7 @@
 //! log never holds a header value, a query string, a body or key material: the path is
 //! logged without its query (some clients put keys there) and the key by its public id.
 
+use crate::errors::ErrorSource;
 use crate::gateway::ctx::RequestCtx;
 use crate::server::service::{Finished, Head};
 
@@ -13,7 +14,12 @@ pub fn run(ctx: &RequestCtx, head: &Head<'_>, done: &Finished) {
         })
     };
     let identity = ctx.identity.as_ref();
-    let error = done.error.or(ctx.error).map(|c| c.as_str());
+    let error = done.error.or(ctx.error);
+    let error_source = error.map(|c| match c.source() {
+        ErrorSource::Downstream => "downstream",
+        ErrorSource::Upstream => "upstream",
+        ErrorSource::Internal => "internal",
+    });
     tracing::info!(
         target: "access",
         id = %ctx.id,
@@ -33,6 +39,7 @@ pub fn run(ctx: &RequestCtx, head: &Head<'_>, done: &Finished) {
         attempts = ctx.attempts,
         input_tokens = ctx.usage.reported.then_some(ctx.usage.input_tokens),
         output_tokens = ctx.usage.reported.then_some(ctx.usage.output_tokens),
-        error,
+        error = error.map(|c| c.as_str()),
+        error_source,
     );
 }

@@ -112,6 +112,7 @@ impl AdminService {
                             "config_revision": w.config_revision(),
                             "requests": w.requests(),
                             "open_connections": w.open_connections(),
+                            "body_bytes": w.body_bytes(),
                         })
                     })
                     .collect();

@@ -25,6 +25,7 @@ pub struct WorkerStatus {
     connections: AtomicU64,
     settings_generation: AtomicU64,
     config_revision: AtomicU64,
+    body_bytes: AtomicU64,
 }
 
 impl WorkerStatus {
@@ -63,6 +64,11 @@ impl WorkerStatus {
         self.config_revision.load(Ordering::Acquire)
     }
 
+    /// Bytes of request bodies the worker's requests hold against its budget.
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn set_config_revision(&self, revision: u64) {
         self.config_revision.store(revision, Ordering::Release);
     }
@@ -83,7 +89,21 @@ pub struct WorkerCtx {
     ids: RefCell<RequestIdGen>,
     date: RefCell<DateCache>,
     open: Cell<u64>,
-    body_in_use: Rc<Cell<u64>>,
+    body_in_use: Rc<BudgetUse>,
+}
+
+/// A worker's body bytes in use, mirrored to its status for the admin listener.
+#[derive(Debug)]
+struct BudgetUse {
+    bytes: Cell<u64>,
+    status: Arc<WorkerStatus>,
+}
+
+impl BudgetUse {
+    fn set(&self, n: u64) {
+        self.bytes.set(n);
+        self.status.body_bytes.store(n, Ordering::Relaxed);
+    }
 }
 
 impl WorkerCtx {
@@ -93,6 +113,7 @@ impl WorkerCtx {
         shutdown: Arc<Shutdown>,
         status: Arc<WorkerStatus>,
     ) -> Self {
+        let body_status = Arc::clone(&status);
         Self {
             index,
             settings: LocalSettings::new(settings),
@@ -101,7 +122,10 @@ impl WorkerCtx {
             ids: RefCell::new(RequestIdGen::new()),
             date: RefCell::new(DateCache::new()),
             open: Cell::new(0),
-            body_in_use: Rc::new(Cell::new(0)),
+            body_in_use: Rc::new(BudgetUse {
+                bytes: Cell::new(0),
+                status: Arc::clone(&body_status),
+            }),
         }
     }
 
@@ -148,7 +172,7 @@ impl WorkerCtx {
 
     /// Bytes of request bodies held by this worker's requests.
     pub fn body_bytes_in_use(&self) -> u64 {
-        self.body_in_use.get()
+        self.body_in_use.bytes.get()
     }
 }
 
@@ -157,7 +181,7 @@ impl WorkerCtx {
 /// gets 503 instead of the process growing until the OOM killer picks it.
 #[derive(Debug)]
 pub struct BodyBudget {
-    in_use: Rc<Cell<u64>>,
+    in_use: Rc<BudgetUse>,
     held: u64,
     limit: u64,
 }
@@ -165,7 +189,7 @@ pub struct BodyBudget {
 impl BodyBudget {
     /// Takes `n` more bytes; false (and nothing taken) when that would pass the budget.
     pub fn grow(&mut self, n: u64) -> bool {
-        let in_use = self.in_use.get();
+        let in_use = self.in_use.bytes.get();
         if in_use.saturating_add(n) > self.limit {
             return false;
         }
@@ -186,7 +210,8 @@ impl BodyBudget {
 
 impl Drop for BodyBudget {
     fn drop(&mut self) {
-        self.in_use.set(self.in_use.get().saturating_sub(self.held));
+        self.in_use
+            .set(self.in_use.bytes.get().saturating_sub(self.held));
     }
 }
 

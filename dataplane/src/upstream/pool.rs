@@ -175,14 +175,4 @@ impl Pool {
             slot.in_use > 0
         });
     }
-
-    /// Idle connections per upstream key (for the admin listener and tests).
-    pub fn idle_count(&self) -> usize {
-        self.inner
-            .borrow()
-            .slots
-            .values()
-            .map(|s| s.idle.len())
-            .sum()
-    }
 }
