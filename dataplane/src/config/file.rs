@@ -113,7 +113,10 @@ pub struct UpstreamConfig {
     /// Accept any certificate. Tests only: this removes the protection TLS gives.
     #[serde(default)]
     pub danger_accept_invalid_certs: bool,
-    /// Connections per worker to this upstream (in use plus idle).
+    /// Connections per worker to this upstream (in use plus idle). A stream holds its
+    /// connection for its whole life, so this must fit the streams a core serves at once;
+    /// past it a request waits up to `connect_timeout` for a connection to come free, then
+    /// gets 503 `upstream_busy` with `Retry-After`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
@@ -143,7 +146,7 @@ pub struct UpstreamConfig {
 }
 
 pub(crate) fn default_max_connections() -> usize {
-    256
+    10_000
 }
 pub(crate) fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)

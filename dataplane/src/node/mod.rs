@@ -110,6 +110,7 @@ impl ServerHandle {
 /// Binds and starts a node. Returns once every worker is accepting, or with the first
 /// worker's error.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    raise_fd_limit();
     let admin_stop = Arc::new(Shutdown::default());
     // No provider configured: start the built-in demo provider and route everything there,
     // through the same proxy path real providers take.
@@ -369,7 +370,7 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         credential_env: None,
         ca_file: None,
         danger_accept_invalid_certs: false,
-        max_connections: 256,
+        max_connections: crate::config::default_max_connections(),
         connect_timeout: Duration::from_secs(5),
         first_byte_timeout: Duration::from_secs(60),
         read_idle_timeout: Duration::from_secs(60),
@@ -418,4 +419,34 @@ fn whole_request(worker: &WorkerCtx, head: &Head<'_>) -> Verdict<()> {
         return Verdict::Answer((), crate::server::service::Response::error(&err, family));
     }
     Verdict::Proceed((), budget)
+}
+
+/// Every client connection and every upstream connection is a descriptor, and a node serves
+/// thousands of streams per core: the soft limit is raised to the hard one, as nginx's
+/// `worker_rlimit_nofile` does.
+#[allow(unsafe_code)]
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit struct that lives on this
+    // stack frame for the duration of the calls.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        soft < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    };
+    if raised {
+        tracing::debug!(limit = limit.rlim_cur, "raised the open file limit");
+    }
+    if limit.rlim_cur < 65_536 {
+        tracing::warn!(
+            limit = limit.rlim_cur,
+            "the open file limit is low for a gateway (each client and upstream connection takes one); raise it (ulimit -n, LimitNOFILE=)"
+        );
+    }
 }
