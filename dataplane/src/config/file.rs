@@ -219,6 +219,11 @@ pub struct LimitsConfig {
     pub max_chunk_ext_bytes: usize,
     pub max_trailer_bytes: usize,
     pub max_body_bytes: u64,
+    /// Request bodies a worker waits for at once (each holds memory and a connection);
+    /// past it, 503 `server_busy`.
+    pub max_body_reads: usize,
+    /// Of those, how many one client address may have (so one client cannot hold them all).
+    pub max_body_reads_per_client: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -233,6 +238,9 @@ pub struct TimeoutsConfig {
     /// Longest silence while a request body is arriving.
     #[serde(with = "humantime_serde")]
     pub body_read_idle: Duration,
+    /// Longest a whole request body may take to arrive, however steadily it trickles in.
+    #[serde(with = "humantime_serde")]
+    pub body_read_total: Duration,
     /// Longest a single write to a client may block.
     #[serde(with = "humantime_serde")]
     pub write: Duration,
@@ -296,6 +304,8 @@ impl Default for LimitsConfig {
             max_chunk_ext_bytes: l.max_chunk_ext_bytes,
             max_trailer_bytes: l.max_trailer_bytes,
             max_body_bytes: l.max_body_bytes,
+            max_body_reads: 1024,
+            max_body_reads_per_client: 64,
         }
     }
 }
@@ -306,6 +316,7 @@ impl Default for TimeoutsConfig {
             head_read: Duration::from_secs(10),
             keepalive_idle: Duration::from_secs(60),
             body_read_idle: Duration::from_secs(30),
+            body_read_total: Duration::from_secs(120),
             write: Duration::from_secs(30),
             shutdown_drain: Duration::from_secs(30),
         }
@@ -394,6 +405,13 @@ impl Config {
         )?;
         range("limits.max_trailer_bytes", l.max_trailer_bytes, 0, 1 << 20)?;
         range("limits.max_body_bytes", l.max_body_bytes, 0, 1 << 30)?;
+        range("limits.max_body_reads", l.max_body_reads, 1, 1 << 20)?;
+        range(
+            "limits.max_body_reads_per_client",
+            l.max_body_reads_per_client,
+            1,
+            l.max_body_reads,
+        )?;
         range("server.workers", self.server.workers, 0, 1024)?;
         range("server.backlog", self.server.backlog, 1, 65535)?;
         let t = &self.timeouts;
@@ -409,6 +427,12 @@ impl Config {
             "timeouts.body_read_idle",
             ms(t.body_read_idle),
             1,
+            3_600_000,
+        )?;
+        range(
+            "timeouts.body_read_total",
+            ms(t.body_read_total),
+            ms(t.body_read_idle),
             3_600_000,
         )?;
         range("timeouts.write", ms(t.write), 1, 3_600_000)?;

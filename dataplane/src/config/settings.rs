@@ -29,6 +29,9 @@ pub struct Settings {
     pub head_read_timeout: Duration,
     pub keepalive_idle_timeout: Duration,
     pub body_read_idle_timeout: Duration,
+    pub body_read_total_timeout: Duration,
+    pub max_body_reads: usize,
+    pub max_body_reads_per_client: usize,
     pub write_timeout: Duration,
     pub access_log: bool,
 }
@@ -47,6 +50,9 @@ impl Settings {
             head_read_timeout: c.timeouts.head_read,
             keepalive_idle_timeout: c.timeouts.keepalive_idle,
             body_read_idle_timeout: c.timeouts.body_read_idle,
+            body_read_total_timeout: c.timeouts.body_read_total,
+            max_body_reads: c.limits.max_body_reads,
+            max_body_reads_per_client: c.limits.max_body_reads_per_client,
             write_timeout: c.timeouts.write,
             access_log: c.log.access,
         })

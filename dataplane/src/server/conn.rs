@@ -26,7 +26,7 @@ use crate::h1::{parse_request_head, BodyFraming, ChunkedDecoder, H1Error, HeadIn
 use crate::server::request_id::RequestId;
 use crate::server::respond::{write_out, Responder};
 use crate::server::service::{Finished, Head, Request, Response, Service, Verdict};
-use crate::server::worker::{BodyBudget, WorkerCtx};
+use crate::server::worker::{BodyBudget, BodyReadSlot, WorkerCtx};
 
 /// Initial read buffer; grows up to the head limit plus the body limit.
 const INITIAL_BUF: usize = 8 * 1024;
@@ -61,6 +61,8 @@ enum HeadOutcome {
 enum BodyOutcome {
     /// The worker's memory budget for bodies cannot take this one.
     OverBudget,
+    /// The worker already waits for as many bodies as it may (or this client has its share).
+    TooManyReads,
     /// The body is `read[start..end]` (Content-Length) or `chunked_body` (chunked); the
     /// request occupied `read[..consumed]`.
     Ready {
@@ -227,7 +229,14 @@ async fn proceed<S: Service>(
     mut budget: BodyBudget,
     (id, peer, started): Origin,
 ) -> bool {
-    let body = read_body(stream, bufs, settings, &mut budget).await;
+    let slot = || {
+        ctx.body_read_slot(
+            peer.ip(),
+            settings.max_body_reads,
+            settings.max_body_reads_per_client,
+        )
+    };
+    let body = read_body(stream, bufs, settings, &mut budget, slot).await;
     let (body_range, consumed) = match body {
         BodyOutcome::Ready {
             start,
@@ -239,6 +248,8 @@ async fn proceed<S: Service>(
             let err = match failed {
                 BodyOutcome::Invalid(e) => e.into(),
                 BodyOutcome::OverBudget => ApiError::from(Code::ServerBusy),
+                BodyOutcome::TooManyReads => Code::ServerBusy
+                    .with("the gateway is receiving as many request bodies as it may at once; retry shortly"),
                 BodyOutcome::TimedOut => {
                     Code::RequestTimeout.with("request body not received in time")
                 }
@@ -503,8 +514,30 @@ async fn read_body(
     bufs: &mut ConnBufs,
     settings: &Settings,
     budget: &mut BodyBudget,
+    slot: impl FnOnce() -> Option<BodyReadSlot>,
 ) -> BodyOutcome {
     let head_len = bufs.index.head_len;
+    // A body still to arrive takes one of the worker's places for bodies being waited for
+    // (bounded in all and per client address), for as long as it takes.
+    let complete = match bufs.index.framing {
+        BodyFraming::None => true,
+        BodyFraming::Length(n) => bufs.read.len() as u64 >= head_len as u64 + n,
+        BodyFraming::Chunked => false,
+    };
+    let _slot = if complete {
+        None
+    } else {
+        match slot() {
+            Some(s) => Some(s),
+            None => return BodyOutcome::TooManyReads,
+        }
+    };
+    let deadline = Instant::now() + settings.body_read_total_timeout;
+    let wait = || {
+        settings
+            .body_read_idle_timeout
+            .min(deadline.saturating_duration_since(Instant::now()))
+    };
     // Reserved before asking for the body (100-continue) or reading it; the service usually
     // reserved it already, when it admitted the request.
     if let BodyFraming::Length(n) = bufs.index.framing {
@@ -542,7 +575,7 @@ async fn read_body(
                 if bufs.read.capacity() - bufs.read.len() < want.min(64 * 1024) {
                     bufs.read.reserve(want.min(1 << 20));
                 }
-                match read_more(stream, &mut bufs.read, settings.body_read_idle_timeout).await {
+                match read_more(stream, &mut bufs.read, wait()).await {
                     ReadResult::Data => {}
                     ReadResult::TimedOut => return BodyOutcome::TimedOut,
                     ReadResult::Eof | ReadResult::Io => return BodyOutcome::Io,
@@ -581,7 +614,7 @@ async fn read_body(
                 bufs.read.copy_within(pos.., head_len);
                 bufs.read.truncate(head_len + tail);
                 pos = head_len;
-                match read_more(stream, &mut bufs.read, settings.body_read_idle_timeout).await {
+                match read_more(stream, &mut bufs.read, wait()).await {
                     ReadResult::Data => {}
                     ReadResult::TimedOut => return BodyOutcome::TimedOut,
                     ReadResult::Eof | ReadResult::Io => return BodyOutcome::Io,

@@ -90,6 +90,14 @@ pub struct WorkerCtx {
     date: RefCell<DateCache>,
     open: Cell<u64>,
     body_in_use: Rc<BudgetUse>,
+    body_reads: Rc<BodyReads>,
+}
+
+/// Request bodies being waited for, in all and per client address.
+#[derive(Debug, Default)]
+struct BodyReads {
+    total: Cell<usize>,
+    by_client: RefCell<rustc_hash::FxHashMap<std::net::IpAddr, usize>>,
 }
 
 /// A worker's body bytes in use, mirrored to its status for the admin listener.
@@ -122,6 +130,7 @@ impl WorkerCtx {
             ids: RefCell::new(RequestIdGen::new()),
             date: RefCell::new(DateCache::new()),
             open: Cell::new(0),
+            body_reads: Rc::new(BodyReads::default()),
             body_in_use: Rc::new(BudgetUse {
                 bytes: Cell::new(0),
                 status: Arc::clone(&body_status),
@@ -170,9 +179,56 @@ impl WorkerCtx {
         }
     }
 
+    /// A place among the request bodies this worker waits for, if one is free for `client`
+    /// (`max` in all, `per_client` for one address); given back on drop.
+    pub(crate) fn body_read_slot(
+        &self,
+        client: std::net::IpAddr,
+        max: usize,
+        per_client: usize,
+    ) -> Option<BodyReadSlot> {
+        let reads = &self.body_reads;
+        if reads.total.get() >= max {
+            return None;
+        }
+        let mut by_client = reads.by_client.borrow_mut();
+        let n = by_client.entry(client).or_insert(0);
+        if *n >= per_client {
+            return None;
+        }
+        *n += 1;
+        reads.total.set(reads.total.get() + 1);
+        Some(BodyReadSlot {
+            reads: Rc::clone(reads),
+            client,
+        })
+    }
+
     /// Bytes of request bodies held by this worker's requests.
     pub fn body_bytes_in_use(&self) -> u64 {
         self.body_in_use.bytes.get()
+    }
+}
+
+/// One request body being waited for (see [`WorkerCtx::body_read_slot`]).
+#[derive(Debug)]
+pub(crate) struct BodyReadSlot {
+    reads: Rc<BodyReads>,
+    client: std::net::IpAddr,
+}
+
+impl Drop for BodyReadSlot {
+    fn drop(&mut self) {
+        self.reads
+            .total
+            .set(self.reads.total.get().saturating_sub(1));
+        let mut by_client = self.reads.by_client.borrow_mut();
+        if let Some(n) = by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                by_client.remove(&self.client);
+            }
+        }
     }
 }
 
