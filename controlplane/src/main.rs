@@ -129,6 +129,9 @@ enum Cmd {
         /// Ask the provider for usage in streamed responses.
         #[arg(long)]
         stream_options: bool,
+        /// Forward the client's OpenAI-Organization and OpenAI-Project headers.
+        #[arg(long)]
+        pass_organization_headers: bool,
         /// Connections per worker; 0 = the node's default.
         #[arg(long, default_value_t = 0)]
         max_connections: u64,
@@ -304,6 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             non_retention_body_field,
             non_retention_agreement,
             stream_options,
+            pass_organization_headers,
             max_connections,
             connect_timeout_ms,
             first_byte_timeout_ms,
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "base_url": base_url,
                 "non_retention": non_retention,
                 "stream_options": stream_options,
+                "pass_organization_headers": pass_organization_headers,
                 "region": region,
                 "baa": baa,
                 "max_connections": max_connections,

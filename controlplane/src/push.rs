@@ -367,6 +367,7 @@ mod tests {
             stream_options: false,
             region: String::new(),
             baa: false,
+            pass_organization_headers: false,
             max_connections: 0,
             connect_timeout_ms: 0,
             first_byte_timeout_ms: 0,

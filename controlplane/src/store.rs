@@ -126,6 +126,9 @@ CREATE TABLE policies (
     updated_at INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE upstreams ADD COLUMN pass_organization_headers INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// `meta` rows.

@@ -207,6 +207,50 @@ both_drivers!(routes_pick_upstreams_and_edit_the_body, |driver| {
     assert_eq!(models["data"][0]["id"], "fast");
 });
 
+// Headers the gateway sets replace the client's of the same name, and the client's choice
+// of provider organisation or project is dropped unless the upstream passes it.
+both_drivers!(the_gateway_s_headers_win_over_the_client_s, |driver| {
+    let a = MockProvider::start(MockOptions::default());
+    let b = MockProvider::start(MockOptions::default());
+    let gw = gateway(
+        driver,
+        &[
+            ("a", "openai", a.base_url(), "non_retention = { mode = \"header\", name = \"x-no-log\", value = \"1\" }"),
+            ("b", "openai", b.base_url(), "pass_organization_headers = true"),
+        ],
+        "[[routes]]\nmodel = \"to-b\"\ntargets = [{ upstream = \"b\" }]\n[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"a\" }]\n",
+        |_| {},
+    );
+    let client = "X-No-Log: 0\r\nOpenAI-Organization: org-client\r\nOpenAI-Project: proj-client\r\nx-keep: yes\r\n";
+    for model in ["other", "to-b"] {
+        let r = exchange(
+            gw.addr(),
+            &post("/v1/chat/completions", &chat(model, false), client),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let to_a = &a.requests()[0];
+    let no_log: Vec<&str> = to_a
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-no-log"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        no_log,
+        ["1"],
+        "the gateway's value only: {:?}",
+        to_a.headers
+    );
+    assert_eq!(to_a.header("openai-organization"), None);
+    assert_eq!(to_a.header("openai-project"), None);
+    assert_eq!(to_a.header("x-keep"), Some("yes"));
+    let to_b = &b.requests()[0];
+    assert_eq!(to_b.header("openai-organization"), Some("org-client"));
+    assert_eq!(to_b.header("openai-project"), Some("proj-client"));
+    assert_eq!(to_b.header("x-no-log"), Some("0"), "b sets no such header");
+});
+
 both_drivers!(request_errors_come_in_the_api_shape, |driver| {
     let mock = MockProvider::start(MockOptions::default());
     let gw = one_openai(driver, &mock);

@@ -116,6 +116,7 @@ pub fn document() -> Value {
                     "credential": {"type": ["string", "null"], "writeOnly": true, "description": "absent or null: keep the stored credential; empty: remove it"},
                     "non_retention": {"$ref": "#/components/schemas/NonRetention"},
                     "stream_options": {"type": "boolean", "default": false},
+                    "pass_organization_headers": {"type": "boolean", "default": false, "description": "Forward the client's OpenAI-Organization and OpenAI-Project headers"},
                     "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
                     "baa": {"type": "boolean", "default": false},
                     "max_connections": {"type": "integer", "minimum": 0, "maximum": 100_000, "default": 0},

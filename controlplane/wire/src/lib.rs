@@ -77,7 +77,7 @@ mod tests {
                         value: rules::JsonText(v.to_string())
                     }),
             ],
-            (any::<bool>(), "[a-z]{0,4}", any::<bool>()),
+            (any::<bool>(), "[a-z]{0,4}", any::<bool>(), any::<bool>()),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
         )
             .prop_map(
@@ -87,7 +87,7 @@ mod tests {
                     base_url,
                     credential,
                     non_retention,
-                    (stream_options, region, baa),
+                    (stream_options, region, baa, pass_organization_headers),
                     (mc, ct, fb, ri),
                 )| {
                     UpstreamRecord {
@@ -102,6 +102,7 @@ mod tests {
                         stream_options,
                         region,
                         baa,
+                        pass_organization_headers,
                         max_connections: mc,
                         connect_timeout_ms: ct,
                         first_byte_timeout_ms: fb,

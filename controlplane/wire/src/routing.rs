@@ -25,6 +25,9 @@ pub struct UpstreamRecord {
     pub region: String,
     /// A business associate agreement covers it (PHI allowed).
     pub baa: bool,
+    /// Forward the client's `OpenAI-Organization` and `OpenAI-Project` headers (dropped
+    /// otherwise: the gateway's credential decides the provider account).
+    pub pass_organization_headers: bool,
     /// Connections per worker; 0 = the node's default.
     pub max_connections: u64,
     /// Milliseconds; 0 = the node's default.
@@ -125,6 +128,7 @@ impl Codec for UpstreamRecord {
         put_nonzero(out, 15, self.connect_timeout_ms);
         put_nonzero(out, 16, self.first_byte_timeout_ms);
         put_nonzero(out, 17, self.read_idle_timeout_ms);
+        put_nonzero(out, 18, u64::from(self.pass_organization_headers));
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
@@ -153,6 +157,7 @@ impl Codec for UpstreamRecord {
                 15 => rec.connect_timeout_ms = get_u64(tag, body)?,
                 16 => rec.first_byte_timeout_ms = get_u64(tag, body)?,
                 17 => rec.read_idle_timeout_ms = get_u64(tag, body)?,
+                18 => rec.pass_organization_headers = flag(tag, body)?,
                 _ => {}
             }
         }

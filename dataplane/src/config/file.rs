@@ -137,6 +137,10 @@ pub struct UpstreamConfig {
     /// Whether the upstream accepts OpenAI's `stream_options`.
     #[serde(default)]
     pub stream_options: bool,
+    /// Forward the client's `OpenAI-Organization` and `OpenAI-Project` headers (dropped by
+    /// default: the gateway's credential decides which provider account is used).
+    #[serde(default)]
+    pub pass_organization_headers: bool,
     /// Where the provider processes data (e.g. `us`, `eu`); empty when unknown.
     #[serde(default)]
     pub region: String,

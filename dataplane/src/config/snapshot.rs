@@ -170,6 +170,7 @@ mod tests {
             stream_options: true,
             region: "eu".into(),
             baa: false,
+            pass_organization_headers: false,
             max_connections: 4,
             connect_timeout_ms: 0,
             first_byte_timeout_ms: 0,

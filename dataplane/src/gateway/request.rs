@@ -116,6 +116,13 @@ fn stream_usage(e: &mut Editing<'_, '_>) {
     }
 }
 
+/// The client's choice of provider organisation or project: dropped unless the upstream
+/// passes it, since the gateway's credential decides the provider account.
+fn is_organization_header(name: &[u8]) -> bool {
+    (name.len() == 19 && crate::h1::name_eq(name, b"openai-organization"))
+        || (name.len() == 14 && crate::h1::name_eq(name, b"openai-project"))
+}
+
 /// Writes the forwarded head into `out` (cleared first; it is the connection's send buffer,
 /// so its capacity carries over between requests): the generated request line and Host,
 /// then the client's kept header lines copied as runs of the original bytes, then the
@@ -160,7 +167,8 @@ pub fn build_head(
             .map_or(raw.len(), |i| f.value.end as usize + i + 1);
         let keep = !aigw_wire::rules::is_reserved_request_header(name)
             && !crate::h1::list_contains(connection, name)
-            && !name.eq_ignore_ascii_case(set_by_gateway);
+            && !name.eq_ignore_ascii_case(set_by_gateway)
+            && (up.pass_organization_headers || !is_organization_header(name));
         match (keep, run) {
             (true, Some((s, e))) if e == line_start => run = Some((s, line_end)),
             (true, Some((s, e))) => {

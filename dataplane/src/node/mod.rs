@@ -377,6 +377,7 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         pool_idle_timeout: Duration::from_secs(60),
         non_retention: NonRetention::AccountAgreement {},
         stream_options: true,
+        pass_organization_headers: false,
         region: "local".into(),
         baa: false,
     };

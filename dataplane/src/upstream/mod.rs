@@ -53,6 +53,7 @@ pub struct Upstream {
     pub pool_idle_timeout: Duration,
     pub non_retention: NonRetention,
     pub stream_options: bool,
+    pub pass_organization_headers: bool,
     pub region: String,
     pub baa: bool,
 }

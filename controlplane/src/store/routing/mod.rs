@@ -78,6 +78,7 @@ mod check {
             stream_options: spec.stream_options,
             region: spec.region.clone(),
             baa: spec.baa,
+            pass_organization_headers: spec.pass_organization_headers,
             max_connections: spec.max_connections,
             connect_timeout_ms: spec.connect_timeout_ms,
             first_byte_timeout_ms: spec.first_byte_timeout_ms,

@@ -58,12 +58,13 @@ impl Store {
                 as_i64(spec.first_byte_timeout_ms),
                 as_i64(spec.read_idle_timeout_ms),
                 now(),
+                i64::from(spec.pass_organization_headers),
             ];
             let updated = tx.execute(
                 "UPDATE upstreams SET tenant_id = ?2, environment = ?3, name = ?4, provider = ?5, base_url = ?6,
                     credential_sealed = ?7, non_retention = ?8, stream_options = ?9, region = ?10, baa = ?11,
                     max_connections = ?12, connect_timeout_ms = ?13, first_byte_timeout_ms = ?14,
-                    read_idle_timeout_ms = ?15, updated_at = ?16
+                    read_idle_timeout_ms = ?15, updated_at = ?16, pass_organization_headers = ?17
                  WHERE id = ?1",
                 values,
             )?;
@@ -71,8 +72,8 @@ impl Store {
                 tx.execute(
                     "INSERT INTO upstreams (id, tenant_id, environment, name, provider, base_url, credential_sealed,
                         non_retention, stream_options, region, baa, max_connections, connect_timeout_ms,
-                        first_byte_timeout_ms, read_idle_timeout_ms, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                        first_byte_timeout_ms, read_idle_timeout_ms, updated_at, pass_organization_headers)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                     values,
                 )?;
             }

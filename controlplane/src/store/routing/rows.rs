@@ -14,7 +14,7 @@ fn conversion(col: usize, e: serde_json::Error) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
 }
 
-const UPSTREAM_SELECT: &str = "SELECT id, tenant_id, environment, name, provider, base_url, credential_sealed, non_retention, stream_options, region, baa, max_connections, connect_timeout_ms, first_byte_timeout_ms, read_idle_timeout_ms, updated_at FROM upstreams";
+const UPSTREAM_SELECT: &str = "SELECT id, tenant_id, environment, name, provider, base_url, credential_sealed, non_retention, stream_options, region, baa, max_connections, connect_timeout_ms, first_byte_timeout_ms, read_idle_timeout_ms, updated_at, pass_organization_headers FROM upstreams";
 
 /// An upstream as stored: the operators' view, and the credential still sealed.
 type StoredUpstream = (Upstream, Option<Vec<u8>>);
@@ -39,6 +39,7 @@ fn upstream_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUpstream> {
         first_byte_timeout_ms: r.get::<_, i64>(13)?.max(0) as u64,
         read_idle_timeout_ms: r.get::<_, i64>(14)?.max(0) as u64,
         updated_at: r.get(15)?,
+        pass_organization_headers: r.get::<_, i64>(16)? != 0,
     };
     Ok((u, sealed))
 }
@@ -87,6 +88,7 @@ pub(in crate::store) fn upstream_records(
                 stream_options: u.stream_options,
                 region: u.region,
                 baa: u.baa,
+                pass_organization_headers: u.pass_organization_headers,
                 max_connections: u.max_connections,
                 connect_timeout_ms: u.connect_timeout_ms,
                 first_byte_timeout_ms: u.first_byte_timeout_ms,

@@ -23,6 +23,7 @@ fn upstream(credential: Option<&str>) -> UpstreamSpec {
         stream_options: true,
         region: "eu".into(),
         baa: false,
+        pass_organization_headers: false,
         max_connections: 8,
         connect_timeout_ms: 1000,
         first_byte_timeout_ms: 0,

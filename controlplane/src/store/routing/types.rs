@@ -26,6 +26,9 @@ pub struct UpstreamSpec {
     /// A business associate agreement covers it.
     #[serde(default)]
     pub baa: bool,
+    /// Forward the client's `OpenAI-Organization` and `OpenAI-Project` headers.
+    #[serde(default)]
+    pub pass_organization_headers: bool,
     /// Connections per worker; 0 = the node's default.
     #[serde(default)]
     pub max_connections: u64,
@@ -57,6 +60,7 @@ impl std::fmt::Debug for UpstreamSpec {
             .field("stream_options", &self.stream_options)
             .field("region", &self.region)
             .field("baa", &self.baa)
+            .field("pass_organization_headers", &self.pass_organization_headers)
             .field("max_connections", &self.max_connections)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("first_byte_timeout_ms", &self.first_byte_timeout_ms)
@@ -79,6 +83,7 @@ pub struct Upstream {
     pub stream_options: bool,
     pub region: String,
     pub baa: bool,
+    pub pass_organization_headers: bool,
     pub max_connections: u64,
     pub connect_timeout_ms: u64,
     pub first_byte_timeout_ms: u64,

@@ -159,6 +159,7 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
         pool_idle_timeout: config::default_pool_idle_timeout(),
         non_retention: r.non_retention.clone(),
         stream_options: r.stream_options,
+        pass_organization_headers: r.pass_organization_headers,
         region: r.region.clone(),
         baa: r.baa,
     };

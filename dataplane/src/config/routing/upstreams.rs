@@ -48,6 +48,7 @@ pub(crate) fn build(
         pool_idle_timeout: c.pool_idle_timeout,
         non_retention: c.non_retention.clone(),
         stream_options: c.stream_options,
+        pass_organization_headers: c.pass_organization_headers,
         region: c.region.clone(),
         baa: c.baa,
     }))
