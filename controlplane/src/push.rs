@@ -36,9 +36,39 @@ pub struct NodeStatus {
     /// The newest revision the node acknowledged as applied on every worker.
     pub applied_revision: u64,
     pub last_error: Option<String>,
+    /// Records the node holds and cannot apply (each unusable there until fixed), as its
+    /// latest Ack listed them, and how many there are in all.
+    pub problems: Vec<Problem>,
+    pub problem_count: usize,
     /// Full snapshots and change sets sent over the node's current connection.
     pub snapshots_sent: u64,
     pub changes_sent: u64,
+}
+
+/// A record a node could not apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub kind: &'static str,
+    pub id: String,
+    pub error: String,
+}
+
+impl Problem {
+    fn from_wire(p: aigw_wire::RecordProblem) -> Self {
+        use aigw_wire::messages::kinds;
+        let kind = match p.kind {
+            kinds::KEY => "key",
+            kinds::UPSTREAM => "upstream",
+            kinds::ROUTE => "route",
+            kinds::POLICY => "policy",
+            _ => "unknown",
+        };
+        Self {
+            kind,
+            id: p.id,
+            error: p.error,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -81,6 +111,8 @@ impl PushState {
             connected: false,
             applied_revision: 0,
             last_error: None,
+            problems: Vec::new(),
+            problem_count: 0,
             snapshots_sent: 0,
             changes_sent: 0,
         });
@@ -218,11 +250,16 @@ where
                 }
             }
             msg = conn.next() => match msg? {
-                Message::Ack { revision } => {
+                Message::Ack { revision, problems, problems_total } => {
                     acked = acked.max(i64::try_from(revision).unwrap_or(i64::MAX));
+                    if !problems.is_empty() {
+                        tracing::warn!(node, revision, problems = problems.len(), "node cannot apply some records");
+                    }
                     state.update(node, |n| {
                         n.applied_revision = n.applied_revision.max(revision);
                         n.last_error = None;
+                        n.problem_count = usize::try_from(problems_total).unwrap_or(usize::MAX).max(problems.len());
+                        n.problems = problems.into_iter().map(Problem::from_wire).collect();
                     });
                 }
                 Message::Nack { revision, error } => {
@@ -626,6 +663,65 @@ mod tests {
             }
             other => panic!("expected changes, got {other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_records_a_node_cannot_apply_are_shown_with_it() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        let held = store.revision().expect("rev");
+        let mut node = Node::connect(&state, "partial", held as u64).await;
+        let problem = |id: &str| aigw_wire::RecordProblem {
+            kind: aigw_wire::messages::kinds::UPSTREAM,
+            id: id.into(),
+            error: "provider: must be openai or anthropic (got \"gemini\")".into(),
+        };
+        node.conn
+            .send(&Message::Ack {
+                revision: held as u64,
+                problems: vec![problem("t/production/a"), problem("t/production/b")],
+                problems_total: 3,
+            })
+            .await
+            .expect("ack");
+        let shown = |state: &PushState| {
+            state
+                .nodes()
+                .into_iter()
+                .find(|n| n.node_id == "partial")
+                .map(|n| (n.problems.len(), n.problem_count))
+        };
+        for _ in 0..200 {
+            if shown(&state) == Some((2, 3)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shown(&state), Some((2, 3)));
+        let json = serde_json::to_value(state.nodes()).expect("json");
+        let listed = json
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == "partial"))
+            .expect("listed");
+        assert_eq!(listed["problems"][0]["kind"], "upstream");
+        assert_eq!(listed["problems"][1]["id"], "t/production/b");
+        // A later Ack without problems clears them.
+        node.conn
+            .send(&Message::Ack {
+                revision: held as u64,
+                problems: vec![],
+                problems_total: 0,
+            })
+            .await
+            .expect("ack");
+        for _ in 0..200 {
+            if shown(&state) == Some((0, 0)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shown(&state), Some((0, 0)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -40,7 +40,7 @@ fn table(n: usize) -> (Arc<SharedConfig>, Vec<String>) {
         })
         .collect();
     let shared = Arc::new(SharedConfig::default());
-    shared.publish(NodeConfig::from_records(1, &records).unwrap());
+    shared.publish(NodeConfig::from_records(1, &records));
     (shared, plaintexts)
 }
 

@@ -1,13 +1,18 @@
-//! A data-plane node against a scripted control plane over the real TLS link: revisions the
-//! node cannot use (a route naming an upstream its environment lacks, a route left dangling
-//! by a deleted upstream, an unusable base URL) are refused with a NACK and reach no worker;
-//! the node keeps serving its previous configuration, and valid revisions after a refusal
-//! still apply.
+//! A data-plane node against a scripted control plane over the real TLS link.
 //!
-//! The real control plane validates everything itself and never sends such revisions, so the
-//! test speaks the protocol itself: a real control plane is started once only to generate the
-//! link's PKI and node token, then stopped, and a blocking rustls server on its certificate
-//! plays the control plane frame by frame.
+//! A record the node cannot apply (a route naming an upstream its environment lacks, an
+//! upstream of a provider kind it does not know, an unusable base URL) is isolated: the node
+//! applies every other record of the revision — other tenants, and key revocations in the
+//! same change set — acknowledges it with the record reported, and answers that tenant
+//! environment's requests for the broken route with `route_unavailable`. Revisions that do
+//! not fit together (snapshot parts out of order, changes that would go backwards) are
+//! refused with a NACK and reach no worker.
+//!
+//! The real control plane checks every record with the nodes' own rules and never sends
+//! such records (short of a newer control plane's provider kind), so the test speaks the
+//! protocol itself: a real control plane is started once only to generate the link's PKI
+//! and node token, then stopped, and a blocking rustls server on its certificate plays the
+//! control plane frame by frame.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,7 +25,7 @@ use aigw_wire::keys::{assemble, hash, Environment, HASH_VERSION};
 use aigw_wire::messages::kinds;
 use aigw_wire::{
     decode_frame, encode_frame, Change, Frame, KeyRecord, KeyStatus, Message, Record, RouteRecord,
-    RouteTargetRecord, Tombstone, UpstreamRecord, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    RouteTargetRecord, UpstreamRecord, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use e2e::cp::{chat_with_key, gateway_with, wait_workers};
 use e2e::mock::{MockOptions, MockProvider};
@@ -30,8 +35,10 @@ use e2e::*;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 const TENANT: &str = "acme";
+const OTHER: &str = "beta";
 const ENV: &str = "production";
 const KEY_ID: &str = "nackKey00001";
+const OTHER_KEY_ID: &str = "betaKey00001";
 const UPSTREAM_ID: &str = "acme/production/oa";
 const ROUTE_ID: &str = "acme/production/all";
 
@@ -117,7 +124,37 @@ impl FakeControlPlane {
     }
 
     fn expect_ack(&mut self, m: &Message, revision: u64) {
-        assert_eq!(self.push(m), Message::Ack { revision });
+        assert_eq!(
+            self.push(m),
+            Message::Ack {
+                revision,
+                problems: vec![],
+                problems_total: 0
+            }
+        );
+    }
+
+    /// Pushes `m`, expects an Ack of `revision`, and returns the problems it reports, as
+    /// (kind, id, error).
+    fn expect_ack_with_problems(
+        &mut self,
+        m: &Message,
+        revision: u64,
+    ) -> Vec<(u64, String, String)> {
+        match self.push(m) {
+            Message::Ack {
+                revision: r,
+                problems,
+                problems_total,
+            } if r == revision => {
+                assert_eq!(problems_total as usize, problems.len());
+                problems
+                    .into_iter()
+                    .map(|p| (p.kind, p.id, p.error))
+                    .collect()
+            }
+            other => panic!("expected an Ack of revision {revision}, got {other:?}"),
+        }
     }
 
     /// Pushes `m`, expects a Nack of `revision`, and returns its error text.
@@ -130,9 +167,13 @@ impl FakeControlPlane {
 }
 
 fn key_record(key: &str, status: KeyStatus) -> Record {
+    key_record_of(TENANT, KEY_ID, key, status)
+}
+
+fn key_record_of(tenant: &str, key_id: &str, key: &str, status: KeyStatus) -> Record {
     Record::Key(KeyRecord {
-        key_id: KEY_ID.into(),
-        tenant_id: TENANT.into(),
+        key_id: key_id.into(),
+        tenant_id: tenant.into(),
         environment: ENV.into(),
         sub_account_id: None,
         hash_version: HASH_VERSION,
@@ -145,12 +186,16 @@ fn key_record(key: &str, status: KeyStatus) -> Record {
 }
 
 fn upstream_record(base_url: &str) -> Record {
+    upstream_record_of(TENANT, "openai", base_url)
+}
+
+fn upstream_record_of(tenant: &str, provider: &str, base_url: &str) -> Record {
     Record::Upstream(UpstreamRecord {
-        id: UPSTREAM_ID.into(),
-        tenant_id: TENANT.into(),
+        id: format!("{tenant}/{ENV}/oa"),
+        tenant_id: tenant.into(),
         environment: ENV.into(),
         name: "oa".into(),
-        provider: "openai".into(),
+        provider: provider.into(),
         base_url: base_url.into(),
         credential: Some("sk-upstream".into()),
         ..Default::default()
@@ -159,9 +204,13 @@ fn upstream_record(base_url: &str) -> Record {
 
 /// Every model of the environment to the upstream named `upstream`.
 fn route_record(upstream: &str) -> Record {
+    route_record_of(TENANT, upstream)
+}
+
+fn route_record_of(tenant: &str, upstream: &str) -> Record {
     Record::Route(RouteRecord {
-        id: ROUTE_ID.into(),
-        tenant_id: TENANT.into(),
+        id: format!("{tenant}/{ENV}/all"),
+        tenant_id: tenant.into(),
         environment: ENV.into(),
         model: None,
         prefix: Some(String::new()),
@@ -211,6 +260,22 @@ fn served(gw: &Gateway, mock: &MockProvider, key: &str) {
     );
 }
 
+/// One request with the key is refused because its route cannot be used, naming why,
+/// without reaching the mock.
+fn unusable(gw: &Gateway, mock: &MockProvider, key: &str, why: &str) {
+    let before = mock.request_count();
+    let r = chat_with_key(gw.addr(), Some(key), "m");
+    let v = r.json();
+    assert_eq!(
+        (r.status, v["error"]["code"].as_str()),
+        (503, Some("route_unavailable")),
+        "{v}"
+    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(why), "{message}");
+    assert_eq!(mock.request_count(), before, "nothing reached the mock");
+}
+
 /// One request with the key is refused as revoked, without reaching the mock.
 fn revoked(gw: &Gateway, mock: &MockProvider, key: &str) {
     let before = mock.request_count();
@@ -222,220 +287,355 @@ fn revoked(gw: &Gateway, mock: &MockProvider, key: &str) {
     assert_eq!(mock.request_count(), before, "nothing reached the mock");
 }
 
-both_drivers!(refused_revisions_reach_no_worker, |driver| {
-    // The link's PKI and node token come from a real control plane, stopped at once.
-    let dir = scratch_dir(&format!("nack-e2e-{driver:?}"));
-    let cp = e2e::cp::cp_start(dir.clone(), "127.0.0.1:0");
-    let node_token = cp.node_token.clone();
-    let ca_file = cp.ca_file.clone();
-    cp.stop();
-    let tls = controlplane::pki::Pki::under(&dir)
-        .server_config()
-        .expect("the control plane's server certificate");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let fake_addr = listener.local_addr().unwrap();
+both_drivers!(
+    unusable_records_are_isolated_and_revisions_that_do_not_fit_are_refused,
+    |driver| {
+        // The link's PKI and node token come from a real control plane, stopped at once.
+        let dir = scratch_dir(&format!("nack-e2e-{driver:?}"));
+        let cp = e2e::cp::cp_start(dir.clone(), "127.0.0.1:0");
+        let node_token = cp.node_token.clone();
+        let ca_file = cp.ca_file.clone();
+        cp.stop();
+        let tls = controlplane::pki::Pki::under(&dir)
+            .server_config()
+            .expect("the control plane's server certificate");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_addr = listener.local_addr().unwrap();
 
-    let mock = MockProvider::start(MockOptions::default());
-    let key = assemble(
-        Environment::Production,
-        KEY_ID,
-        "abcdefghijABCDEFGHIJ0123456789",
-    );
-    aigw_wire::keys::parse(&key).expect("a well-formed key");
+        let mock = MockProvider::start(MockOptions::default());
+        let key = assemble(
+            Environment::Production,
+            KEY_ID,
+            "abcdefghijABCDEFGHIJ0123456789",
+        );
+        aigw_wire::keys::parse(&key).expect("a well-formed key");
 
-    let gw = gateway_with(driver, fake_addr, &node_token, &ca_file, |_| {});
-    let mut link = FakeControlPlane::accept(&listener, tls);
+        let gw = gateway_with(driver, fake_addr, &node_token, &ca_file, |_| {});
+        let mut link = FakeControlPlane::accept(&listener, tls);
 
-    // The node introduces itself with nothing held, and is not ready before a config.
-    match link.recv() {
-        Message::Hello {
-            protocol_version,
-            node_id,
-            revision_held,
-            token,
-            ..
-        } => {
-            assert_eq!(protocol_version, PROTOCOL_VERSION);
-            assert_eq!(node_id, format!("node-{driver:?}"));
-            assert_eq!(revision_held, 0);
-            assert_eq!(token, node_token, "the node presents its token");
+        // The node introduces itself with nothing held, and is not ready before a config.
+        match link.recv() {
+            Message::Hello {
+                protocol_version,
+                node_id,
+                revision_held,
+                token,
+                ..
+            } => {
+                assert_eq!(protocol_version, PROTOCOL_VERSION);
+                assert_eq!(node_id, format!("node-{driver:?}"));
+                assert_eq!(revision_held, 0);
+                assert_eq!(token, node_token, "the node presents its token");
+            }
+            other => panic!("expected Hello first, got {other:?}"),
         }
-        other => panic!("expected Hello first, got {other:?}"),
-    }
-    let ready = admin_get(gw.admin_addr(), "/readyz");
-    assert_eq!(ready.status, 503);
-    assert_eq!(ready.json()["config_loaded"].as_bool(), Some(false));
+        let ready = admin_get(gw.admin_addr(), "/readyz");
+        assert_eq!(ready.status, 503);
+        assert_eq!(ready.json()["config_loaded"].as_bool(), Some(false));
 
-    // 1. A valid snapshot: acknowledged, on every worker, and the key's requests are served.
-    link.expect_ack(
-        &Message::Snapshot {
-            revision: 5,
-            part: 0,
-            parts: 1,
-            records: vec![
-                key_record(&key, KeyStatus::Active),
-                upstream_record(&mock.base_url()),
-                route_record("oa"),
-            ],
-        },
-        5,
-    );
-    wait_workers(&gw, 5);
-    still_at(&gw, 5);
-    served(&gw, &mock, &key);
+        let other_key = assemble(
+            Environment::Production,
+            OTHER_KEY_ID,
+            "zyxwvutsrqZYXWVUTSRQ9876543210",
+        );
+        let beta = |status| {
+            vec![
+                key_record_of(OTHER, OTHER_KEY_ID, &other_key, status),
+                upstream_record_of(OTHER, "openai", &mock.base_url()),
+                route_record_of(OTHER, "oa"),
+            ]
+        };
 
-    // 2. A route to an upstream the environment lacks: the whole change set is refused,
-    //    the key revocation it also carries included.
-    let error = link.expect_nack(
-        &Message::Changes {
-            from_revision: 5,
-            to_revision: 6,
-            changes: vec![
-                Change::Upsert(key_record(&key, KeyStatus::Revoked)),
-                Change::Upsert(route_record("missing")),
-            ],
-        },
-        6,
-    );
-    assert!(error.contains("\"missing\""), "the error names it: {error}");
-    assert!(error.contains("does not exist"), "{error}");
-    still_at(&gw, 5);
-    served(&gw, &mock, &key);
+        // 1. A valid snapshot of two tenants: acknowledged, on every worker, both served.
+        let mut records = vec![
+            key_record(&key, KeyStatus::Active),
+            upstream_record(&mock.base_url()),
+            route_record("oa"),
+        ];
+        records.extend(beta(KeyStatus::Active));
+        link.expect_ack(
+            &Message::Snapshot {
+                revision: 5,
+                part: 0,
+                parts: 1,
+                records,
+            },
+            5,
+        );
+        wait_workers(&gw, 5);
+        still_at(&gw, 5);
+        served(&gw, &mock, &key);
+        served(&gw, &mock, &other_key);
 
-    // 3. Deleting the upstream the route names leaves the route dangling: refused.
-    let error = link.expect_nack(
-        &Message::Changes {
-            from_revision: 5,
-            to_revision: 7,
-            changes: vec![
-                Change::Upsert(key_record(&key, KeyStatus::Revoked)),
-                Change::Delete(Tombstone {
-                    kind: kinds::UPSTREAM,
-                    id: UPSTREAM_ID.into(),
-                }),
-            ],
-        },
-        7,
-    );
-    assert!(error.contains("\"oa\" does not exist"), "{error}");
-    still_at(&gw, 5);
-    served(&gw, &mock, &key);
+        // 2. Acme's route names an upstream its environment lacks, in the same change set as a
+        //    revocation of beta's key: the revocation applies, acme's route is reported and out
+        //    of use, and nothing else changes.
+        let problems = link.expect_ack_with_problems(
+            &Message::Changes {
+                from_revision: 5,
+                to_revision: 6,
+                changes: vec![
+                    Change::Upsert(key_record_of(
+                        OTHER,
+                        OTHER_KEY_ID,
+                        &other_key,
+                        KeyStatus::Revoked,
+                    )),
+                    Change::Upsert(route_record("missing")),
+                ],
+            },
+            6,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            (problems[0].0, problems[0].1.as_str()),
+            (kinds::ROUTE, ROUTE_ID)
+        );
+        assert!(
+            problems[0].2.contains("missing does not exist"),
+            "{problems:?}"
+        );
+        wait_workers(&gw, 6);
+        still_at(&gw, 6);
+        revoked(&gw, &mock, &other_key);
+        unusable(&gw, &mock, &key, "missing does not exist");
 
-    // 4. A valid revocation after the refusals: acknowledged and enforced everywhere.
-    link.expect_ack(
-        &Message::Changes {
-            from_revision: 5,
-            to_revision: 8,
-            changes: vec![Change::Upsert(key_record(&key, KeyStatus::Revoked))],
-        },
-        8,
-    );
-    wait_workers(&gw, 8);
-    still_at(&gw, 8);
-    revoked(&gw, &mock, &key);
+        // 3. Acme's upstream, of a provider kind this node does not know (a newer control
+        //    plane's): reported, with its route; beta's key comes back.
+        let problems = link.expect_ack_with_problems(
+            &Message::Changes {
+                from_revision: 6,
+                to_revision: 7,
+                changes: vec![
+                    Change::Upsert(upstream_record_of(TENANT, "gemini", &mock.base_url())),
+                    Change::Upsert(route_record("oa")),
+                    Change::Upsert(key_record_of(
+                        OTHER,
+                        OTHER_KEY_ID,
+                        &other_key,
+                        KeyStatus::Active,
+                    )),
+                ],
+            },
+            7,
+        );
+        let ids: Vec<&str> = problems.iter().map(|p| p.1.as_str()).collect();
+        assert_eq!(ids, [UPSTREAM_ID, ROUTE_ID], "{problems:?}");
+        assert!(problems[0].2.contains("provider"), "{problems:?}");
+        wait_workers(&gw, 7);
+        unusable(&gw, &mock, &key, "provider");
+        served(&gw, &mock, &other_key);
 
-    // 5. A snapshot in two parts whose second part holds an unusable upstream: refused
-    //    whole, the reactivated key of its first part included.
-    link.send(&Message::Heartbeat { unix_ms: 2 });
-    link.send(&Message::Snapshot {
-        revision: 9,
-        part: 0,
-        parts: 2,
-        records: vec![key_record(&key, KeyStatus::Active)],
-    });
-    let error = link.expect_nack(
-        &Message::Snapshot {
+        // 4. The record fixed: no problem left, acme served again.
+        link.expect_ack(
+            &Message::Changes {
+                from_revision: 7,
+                to_revision: 8,
+                changes: vec![Change::Upsert(upstream_record(&mock.base_url()))],
+            },
+            8,
+        );
+        wait_workers(&gw, 8);
+        still_at(&gw, 8);
+        served(&gw, &mock, &key);
+        served(&gw, &mock, &other_key);
+
+        // 5. A snapshot in two parts whose second part holds an unusable upstream of acme's:
+        //    applied, with the upstream reported; beta's revocation in it applies.
+        link.send(&Message::Heartbeat { unix_ms: 2 });
+        link.send(&Message::Snapshot {
             revision: 9,
-            part: 1,
+            part: 0,
             parts: 2,
-            records: vec![upstream_record("ftp://x"), route_record("oa")],
-        },
-        9,
-    );
-    assert!(
-        error.contains("ftp://x"),
-        "the error names the URL: {error}"
-    );
-    still_at(&gw, 8);
-    revoked(&gw, &mock, &key);
+            records: vec![key_record(&key, KeyStatus::Active)],
+        });
+        let mut second = vec![upstream_record("ftp://x"), route_record("oa")];
+        second.extend(beta(KeyStatus::Revoked));
+        let problems = link.expect_ack_with_problems(
+            &Message::Snapshot {
+                revision: 9,
+                part: 1,
+                parts: 2,
+                records: second,
+            },
+            9,
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].2.contains("ftp://x"),
+            "the error names the URL: {problems:?}"
+        );
+        wait_workers(&gw, 9);
+        unusable(&gw, &mock, &key, "ftp://x");
+        revoked(&gw, &mock, &other_key);
 
-    // 6. The link survived every refusal: a valid two-part snapshot applies.
-    link.send(&Message::Snapshot {
-        revision: 10,
-        part: 0,
-        parts: 2,
-        records: vec![key_record(&key, KeyStatus::Active)],
-    });
-    link.expect_ack(
-        &Message::Snapshot {
+        // 6. A valid two-part snapshot clears everything.
+        link.send(&Message::Snapshot {
             revision: 10,
-            part: 1,
+            part: 0,
             parts: 2,
-            records: vec![upstream_record(&mock.base_url()), route_record("oa")],
-        },
-        10,
-    );
-    wait_workers(&gw, 10);
-    still_at(&gw, 10);
-    served(&gw, &mock, &key);
+            records: vec![key_record(&key, KeyStatus::Active)],
+        });
+        let mut second = vec![upstream_record(&mock.base_url()), route_record("oa")];
+        second.extend(beta(KeyStatus::Active));
+        link.expect_ack(
+            &Message::Snapshot {
+                revision: 10,
+                part: 1,
+                parts: 2,
+                records: second,
+            },
+            10,
+        );
+        wait_workers(&gw, 10);
+        still_at(&gw, 10);
+        served(&gw, &mock, &key);
+        served(&gw, &mock, &other_key);
 
-    // 7. Snapshots whose parts do not fit together are refused: a skipped part, parts of two
-    //    revisions, a part number past the count.
-    link.send(&Message::Snapshot {
-        revision: 11,
-        part: 0,
-        parts: 3,
-        records: vec![key_record(&key, KeyStatus::Revoked)],
-    });
-    let error = link.expect_nack(
-        &Message::Snapshot {
+        // 7. Snapshots whose parts do not fit together are refused: a skipped part, parts of two
+        //    revisions, a part number past the count.
+        link.send(&Message::Snapshot {
             revision: 11,
-            part: 2,
+            part: 0,
             parts: 3,
-            records: vec![upstream_record(&mock.base_url()), route_record("oa")],
-        },
-        11,
-    );
-    assert!(error.contains("expected part 1/3"), "{error}");
-    link.send(&Message::Snapshot {
-        revision: 12,
-        part: 0,
-        parts: 2,
-        records: vec![key_record(&key, KeyStatus::Revoked)],
-    });
-    link.expect_nack(
-        &Message::Snapshot {
-            revision: 13,
-            part: 1,
+            records: vec![key_record(&key, KeyStatus::Revoked)],
+        });
+        let error = link.expect_nack(
+            &Message::Snapshot {
+                revision: 11,
+                part: 2,
+                parts: 3,
+                records: vec![upstream_record(&mock.base_url()), route_record("oa")],
+            },
+            11,
+        );
+        assert!(error.contains("expected part 1/3"), "{error}");
+        link.send(&Message::Snapshot {
+            revision: 12,
+            part: 0,
             parts: 2,
-            records: vec![upstream_record(&mock.base_url()), route_record("oa")],
-        },
-        13,
-    );
-    link.expect_nack(
-        &Message::Snapshot {
-            revision: 14,
-            part: 2,
+            records: vec![key_record(&key, KeyStatus::Revoked)],
+        });
+        link.expect_nack(
+            &Message::Snapshot {
+                revision: 13,
+                part: 1,
+                parts: 2,
+                records: vec![upstream_record(&mock.base_url()), route_record("oa")],
+            },
+            13,
+        );
+        link.expect_nack(
+            &Message::Snapshot {
+                revision: 14,
+                part: 2,
+                parts: 2,
+                records: vec![],
+            },
+            14,
+        );
+        still_at(&gw, 10);
+        served(&gw, &mock, &key);
+
+        // 8. Changes that would take the node backwards are refused.
+        let error = link.expect_nack(
+            &Message::Changes {
+                from_revision: 5,
+                to_revision: 6,
+                changes: vec![Change::Upsert(key_record(&key, KeyStatus::Revoked))],
+            },
+            6,
+        );
+        assert!(error.contains("do not move this node past 10"), "{error}");
+        still_at(&gw, 10);
+        served(&gw, &mock, &key);
+
+        gw.stop();
+    }
+);
+
+// A node that keeps hearing from its control plane but stands on a refused revision is not
+// current: past `max_stale` it is not ready and answers `stale_config`, until a revision
+// applies again.
+both_drivers!(
+    a_node_that_is_connected_but_not_applying_goes_stale,
+    |driver| {
+        let dir = scratch_dir(&format!("nack-stale-{driver:?}"));
+        let cp = e2e::cp::cp_start(dir.clone(), "127.0.0.1:0");
+        let node_token = cp.node_token.clone();
+        let ca_file = cp.ca_file.clone();
+        cp.stop();
+        let tls = controlplane::pki::Pki::under(&dir)
+            .server_config()
+            .expect("the control plane's server certificate");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_addr = listener.local_addr().unwrap();
+        let mock = MockProvider::start(MockOptions::default());
+        let key = assemble(
+            Environment::Production,
+            KEY_ID,
+            "abcdefghijABCDEFGHIJ0123456789",
+        );
+        let gw = gateway_with(driver, fake_addr, &node_token, &ca_file, |c| {
+            c.max_stale = Duration::from_secs(1);
+        });
+        let mut link = FakeControlPlane::accept(&listener, tls);
+        assert!(matches!(link.recv(), Message::Hello { .. }));
+        link.expect_ack(
+            &Message::Snapshot {
+                revision: 5,
+                part: 0,
+                parts: 1,
+                records: vec![
+                    key_record(&key, KeyStatus::Active),
+                    upstream_record(&mock.base_url()),
+                    route_record("oa"),
+                ],
+            },
+            5,
+        );
+        wait_workers(&gw, 5);
+        served(&gw, &mock, &key);
+        // A snapshot whose parts do not fit: refused. Heartbeats keep coming.
+        link.send(&Message::Snapshot {
+            revision: 6,
+            part: 0,
             parts: 2,
             records: vec![],
-        },
-        14,
-    );
-    still_at(&gw, 10);
-    served(&gw, &mock, &key);
-
-    // 8. Changes that would take the node backwards are refused.
-    let error = link.expect_nack(
-        &Message::Changes {
-            from_revision: 5,
-            to_revision: 6,
-            changes: vec![Change::Upsert(key_record(&key, KeyStatus::Revoked))],
-        },
-        6,
-    );
-    assert!(error.contains("do not move this node past 10"), "{error}");
-    still_at(&gw, 10);
-    served(&gw, &mock, &key);
-
-    gw.stop();
-});
+        });
+        link.expect_nack(
+            &Message::Snapshot {
+                revision: 7,
+                part: 1,
+                parts: 2,
+                records: vec![],
+            },
+            7,
+        );
+        let stale = wait_until(Duration::from_secs(10), || {
+            link.send(&Message::Heartbeat { unix_ms: 3 });
+            assert!(matches!(link.recv(), Message::Heartbeat { .. }));
+            admin_get(gw.admin_addr(), "/readyz").status == 503
+        });
+        assert!(stale, "the node went stale while connected");
+        let r = chat_with_key(gw.addr(), Some(&key), "m");
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].as_str()),
+            (503, Some("stale_config"))
+        );
+        // A revision that applies makes it current again.
+        link.expect_ack(
+            &Message::Changes {
+                from_revision: 5,
+                to_revision: 8,
+                changes: vec![Change::Upsert(key_record(&key, KeyStatus::Active))],
+            },
+            8,
+        );
+        assert!(wait_until(Duration::from_secs(5), || {
+            admin_get(gw.admin_addr(), "/readyz").status == 200
+        }));
+        served(&gw, &mock, &key);
+        gw.stop();
+    }
+);

@@ -14,7 +14,8 @@ pub mod rules;
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
 pub use messages::{
-    Change, KeyRecord, KeyStatus, Message, Record, Tombstone, UsageEntry, PROTOCOL_VERSION,
+    Change, KeyRecord, KeyStatus, Message, Record, RecordProblem, Tombstone, UsageEntry,
+    PROTOCOL_VERSION,
 };
 pub use routing::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
 pub use rules::{NonRetention, ProviderKind};
@@ -207,7 +208,19 @@ mod tests {
                     parts,
                     records
                 }),
-            any::<u64>().prop_map(|revision| Message::Ack { revision }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(
+                    (any::<u64>(), "[a-z/]{0,12}", "[ -~]{0,30}")
+                        .prop_map(|(kind, id, error)| { RecordProblem { kind, id, error } }),
+                    0..3
+                )
+            )
+                .prop_map(|(revision, problems)| Message::Ack {
+                    revision,
+                    problems_total: problems.len() as u64,
+                    problems
+                }),
             (any::<u64>(), ".{0,40}")
                 .prop_map(|(revision, error)| Message::Nack { revision, error }),
             any::<u64>().prop_map(|unix_ms| Message::Heartbeat { unix_ms }),
@@ -343,7 +356,14 @@ mod tests {
         out.extend_from_slice(&7u32.to_be_bytes());
         out.extend_from_slice(&999u16.to_be_bytes());
         out.extend_from_slice(b"hello");
-        encode_frame(&Message::Ack { revision: 3 }, &mut out);
+        encode_frame(
+            &Message::Ack {
+                revision: 3,
+                problems: vec![],
+                problems_total: 0,
+            },
+            &mut out,
+        );
         let (f, used) = decode_frame(&out, DEFAULT_MAX_FRAME)
             .expect("valid")
             .expect("complete");
@@ -351,7 +371,14 @@ mod tests {
         let (f, _) = decode_frame(&out[used..], DEFAULT_MAX_FRAME)
             .expect("valid")
             .expect("complete");
-        assert_eq!(f, Frame::Message(Message::Ack { revision: 3 }));
+        assert_eq!(
+            f,
+            Frame::Message(Message::Ack {
+                revision: 3,
+                problems: vec![],
+                problems_total: 0,
+            })
+        );
     }
 
     #[test]

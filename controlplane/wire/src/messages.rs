@@ -70,6 +70,19 @@ pub enum Change {
     Delete(Tombstone),
 }
 
+/// A record a node could not apply: it applied every other one, and serves without this
+/// one (an upstream or route unusable, a key unknown) until a later revision fixes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordProblem {
+    /// The record's kind ([`kinds`]).
+    pub kind: u64,
+    pub id: String,
+    pub error: String,
+}
+
+/// Problems an Ack carries at most; the count of the rest is reported.
+pub const MAX_PROBLEMS: usize = 100;
+
 /// One usage figure for one key and model over a reporting interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageEntry {
@@ -105,9 +118,14 @@ pub enum Message {
         parts: u64,
         records: Vec<Record>,
     },
-    /// Node → control plane: `revision` is applied on every worker.
+    /// Node → control plane: `revision` is applied on every worker, except the records in
+    /// `problems` (every record the node holds and cannot use, not only this revision's).
     Ack {
         revision: u64,
+        /// At most [`MAX_PROBLEMS`] of them.
+        problems: Vec<RecordProblem>,
+        /// How many there are in all.
+        problems_total: u64,
     },
     /// Node → control plane: `revision` was refused; the node keeps its previous config.
     Nack {
@@ -317,6 +335,32 @@ impl Codec for Change {
     }
 }
 
+impl Codec for RecordProblem {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, 1, self.kind);
+        put_str(out, 2, &self.id);
+        put_str(out, 3, &self.error);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let mut p = RecordProblem {
+            kind: 0,
+            id: String::new(),
+            error: String::new(),
+        };
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => p.kind = get_u64(tag, body)?,
+                2 => p.id = get_str(body)?,
+                3 => p.error = get_str(body)?,
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+}
+
 impl Codec for UsageEntry {
     fn encode(&self, out: &mut Vec<u8>) {
         put_str(out, 1, &self.key_id);
@@ -404,7 +448,19 @@ impl Message {
                     put_field(out, 4, |o| rec.encode(o));
                 }
             }
-            Self::Ack { revision } => put_u64(out, 1, *revision),
+            Self::Ack {
+                revision,
+                problems,
+                problems_total,
+            } => {
+                put_u64(out, 1, *revision);
+                for p in problems {
+                    put_field(out, 2, |o| p.encode(o));
+                }
+                if *problems_total != 0 {
+                    put_u64(out, 3, *problems_total);
+                }
+            }
             Self::Nack { revision, error } => {
                 put_u64(out, 1, *revision);
                 put_str(out, 2, error);
@@ -498,7 +554,13 @@ impl Message {
                 parts: u(3)?,
                 records: all(4).map(Record::from_bytes).collect::<Result<_, _>>()?,
             },
-            types::ACK => Self::Ack { revision: u(1)? },
+            types::ACK => Self::Ack {
+                revision: u(1)?,
+                problems: all(2)
+                    .map(RecordProblem::from_bytes)
+                    .collect::<Result<_, _>>()?,
+                problems_total: u_or0(3)?,
+            },
             types::NACK => Self::Nack {
                 revision: u(1)?,
                 error: s(2)?,

@@ -16,7 +16,7 @@ use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, P
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
 
-use crate::config::pushed::{NodeConfigBuilder, SharedConfig};
+use crate::config::pushed::{NodeConfig, NodeConfigBuilder, SharedConfig};
 use crate::config::ControlPlaneConfig;
 use crate::runtime::shutdown::Shutdown;
 
@@ -140,6 +140,10 @@ fn session(
     let mut last_heard = std::time::Instant::now();
     let mut saved_revision = keys.revision();
     let mut last_save = std::time::Instant::now() - SAVE_EVERY;
+    // The configuration counts as current (its age restarts) when a revision is applied,
+    // or when the control plane's heartbeat finds the node holding what it was sent; not
+    // while a revision it was sent stands refused.
+    let mut refused = false;
     loop {
         if stop.is_triggered() {
             save_if_needed(persist, keys, &mut saved_revision, &mut last_save, true);
@@ -164,7 +168,6 @@ fn session(
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
                         last_heard = std::time::Instant::now();
-                        keys.touch();
                     }
                     Err(e)
                         if matches!(
@@ -212,27 +215,26 @@ fn session(
                     ));
                 }
                 if s.error.is_none() {
-                    if let Err(e) = s.builder.add_records(records) {
-                        s.error = Some(e.to_string());
-                    }
+                    s.builder.add_records(records);
                 }
                 s.next = part + 1;
                 if part + 1 == parts {
                     let Some(done) = snapshot.take() else {
                         continue;
                     };
-                    let built = match done.error {
-                        None => done.builder.finish().map_err(|e| e.to_string()),
-                        Some(e) => Err(e),
-                    };
-                    let reply = match built {
-                        Ok(t) => {
+                    let reply = match done.error {
+                        None => {
+                            let t = done.builder.finish();
                             let n = t.len();
+                            let ack = applied(&t);
                             keys.publish(t);
+                            keys.touch();
+                            refused = false;
                             tracing::info!(revision, keys = n, "applied snapshot");
-                            Message::Ack { revision }
+                            ack
                         }
-                        Err(e) => {
+                        Some(e) => {
+                            refused = true;
                             tracing::error!(revision, error = %e, "refusing a snapshot; keeping the previous configuration");
                             Message::Nack { revision, error: e }
                         }
@@ -264,6 +266,7 @@ fn session(
                 };
                 if let Some(error) = refuse {
                     snapshot = None;
+                    refused = true;
                     tracing::error!(revision = to_revision, error = %error, "refusing a revision");
                     send(
                         &mut stream,
@@ -275,25 +278,18 @@ fn session(
                     continue;
                 }
                 let n = changes.len();
-                let reply = match current.apply_changes(to_revision, changes) {
-                    Ok(t) => {
-                        keys.publish(t);
-                        tracing::debug!(revision = to_revision, changes = n, "applied changes");
-                        Message::Ack {
-                            revision: to_revision,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(revision = to_revision, error = %e, "refusing a revision; keeping the previous configuration");
-                        Message::Nack {
-                            revision: to_revision,
-                            error: e.to_string(),
-                        }
-                    }
-                };
+                let t = current.apply_changes(to_revision, changes);
+                let reply = applied(&t);
+                keys.publish(t);
+                keys.touch();
+                refused = false;
+                tracing::debug!(revision = to_revision, changes = n, "applied changes");
                 send(&mut stream, &reply)?;
             }
             Message::Heartbeat { .. } => {
+                if !refused && snapshot.is_none() {
+                    keys.touch();
+                }
                 let unix_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
@@ -301,6 +297,26 @@ fn session(
             }
             other => tracing::debug!(?other, "ignoring message"),
         }
+    }
+}
+
+/// The Ack for a configuration just applied: with the records it holds and cannot use.
+fn applied(config: &NodeConfig) -> Message {
+    let (problems, total) = config.problems();
+    for p in problems.iter().take(5) {
+        tracing::warn!(revision = config.revision, kind = p.kind, id = %p.id, error = %p.error, "a record cannot be applied; it is unusable until a later revision fixes it");
+    }
+    if total > 5 {
+        tracing::warn!(
+            revision = config.revision,
+            more = total - 5,
+            "more records cannot be applied"
+        );
+    }
+    Message::Ack {
+        revision: config.revision,
+        problems,
+        problems_total: total as u64,
     }
 }
 

@@ -9,7 +9,7 @@
 //! revoking one key among a million costs microseconds, not a copy of the table; readers
 //! never lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,12 +49,15 @@ type Shard = Vec<(KeyId, Arc<KeyEntry>)>;
 pub struct NodeConfig {
     pub revision: u64,
     shards: Vec<Arc<Shard>>,
+    /// Key records held that could not be applied (their key is unknown here), by key id.
+    key_problems: Arc<BTreeMap<String, String>>,
     /// Upstreams, routes and policies per tenant environment (shared across revisions that
     /// do not change them).
     pub routing: Arc<Routing>,
 }
 
-/// Why records could not be applied (the node answers NACK and keeps its table).
+/// Why a key record could not be applied (its key is then unknown to this node, and the
+/// record is reported to the control plane).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
     #[error("key {0:?}: malformed key id")]
@@ -63,8 +66,6 @@ pub enum TableError {
     BadEnvironment(String, String),
     #[error("key {0:?}: unsupported hash version {1}")]
     BadHashVersion(String, u64),
-    #[error("{0}")]
-    Routing(String),
 }
 
 fn shard_of(id: &KeyId) -> usize {
@@ -124,44 +125,69 @@ impl NodeConfig {
             revision: 0,
             shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
             routing: Arc::new(Routing::empty()),
+            key_problems: Arc::default(),
         }
     }
 
-    /// A table from a full snapshot. Every record is checked; one bad record refuses all.
-    pub fn from_records(revision: u64, records: &[KeyRecord]) -> Result<Self, TableError> {
+    /// A table from a full snapshot's keys. A record that cannot be applied is left out
+    /// and reported ([`Self::problems`]); the others are applied.
+    pub fn from_records(revision: u64, records: &[KeyRecord]) -> Self {
         let mut b = NodeConfigBuilder::new(revision);
-        b.add(records)?;
+        b.add(records);
         b.finish()
     }
 
-    /// A new table with `upserts` applied and `deletes` removed; `self` is untouched.
-    pub fn apply(
-        &self,
-        revision: u64,
-        upserts: &[KeyRecord],
-        deletes: &[String],
-    ) -> Result<Self, TableError> {
+    /// A new table with `upserts` applied and `deletes` removed; `self` is untouched. A key
+    /// whose record cannot be applied is removed (never left as it was: a revocation must
+    /// not be lost to a malformed record) and reported.
+    pub fn apply(&self, revision: u64, upserts: &[KeyRecord], deletes: &[String]) -> Self {
         let mut interner = Interner::default();
         let mut prepared = Vec::with_capacity(upserts.len());
+        let mut problems: Option<BTreeMap<String, String>> = None;
         for r in upserts {
-            let (id, mut e) = entry(r, &mut interner)?;
-            // Reuse the tenant string the table already holds.
-            if let Some(existing) = self.get_raw(&id) {
-                if *existing.tenant_id == *e.tenant_id {
-                    e.tenant_id = Arc::clone(&existing.tenant_id);
+            match entry(r, &mut interner) {
+                Ok((id, mut e)) => {
+                    // Reuse the tenant string the table already holds.
+                    if let Some(existing) = self.get_raw(&id) {
+                        if *existing.tenant_id == *e.tenant_id {
+                            e.tenant_id = Arc::clone(&existing.tenant_id);
+                        }
+                    }
+                    if self.key_problems.contains_key(&r.key_id) {
+                        problems
+                            .get_or_insert_with(|| (*self.key_problems).clone())
+                            .remove(&r.key_id);
+                    }
+                    prepared.push((id, Some(e)));
+                }
+                Err(err) => {
+                    problems
+                        .get_or_insert_with(|| (*self.key_problems).clone())
+                        .insert(r.key_id.clone(), err.to_string());
+                    if let Some(id) = key_id(&r.key_id) {
+                        prepared.push((id, None));
+                    }
                 }
             }
-            prepared.push((id, e));
         }
         let mut shards = self.shards.clone();
         for (id, e) in prepared {
             let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
-            match shard.binary_search_by(|(k, _)| k.cmp(&id)) {
-                Ok(i) => shard[i].1 = Arc::new(e),
-                Err(i) => shard.insert(i, (id, Arc::new(e))),
+            match (shard.binary_search_by(|(k, _)| k.cmp(&id)), e) {
+                (Ok(i), Some(e)) => shard[i].1 = Arc::new(e),
+                (Err(i), Some(e)) => shard.insert(i, (id, Arc::new(e))),
+                (Ok(i), None) => {
+                    shard.remove(i);
+                }
+                (Err(_), None) => {}
             }
         }
         for d in deletes {
+            if self.key_problems.contains_key(d) {
+                problems
+                    .get_or_insert_with(|| (*self.key_problems).clone())
+                    .remove(d);
+            }
             if let Some(id) = key_id(d) {
                 let shard = Arc::make_mut(&mut shards[shard_of(&id)]);
                 if let Ok(i) = shard.binary_search_by(|(k, _)| k.cmp(&id)) {
@@ -169,16 +195,17 @@ impl NodeConfig {
                 }
             }
         }
-        Ok(Self {
+        Self {
             revision,
             shards,
             routing: Arc::clone(&self.routing),
-        })
+            key_problems: problems.map_or_else(|| Arc::clone(&self.key_problems), Arc::new),
+        }
     }
 
     /// A new table with a change set applied: keys, and the routing when the set touches
-    /// it. Validated as a whole; `self` is untouched.
-    pub fn apply_changes(&self, revision: u64, changes: Vec<Change>) -> Result<Self, TableError> {
+    /// it; `self` is untouched. Every record that can be applied is.
+    pub fn apply_changes(&self, revision: u64, changes: Vec<Change>) -> Self {
         let mut key_upserts = Vec::new();
         let mut key_deletes = Vec::new();
         let mut routing_upserts = Vec::new();
@@ -197,15 +224,36 @@ impl NodeConfig {
                 Change::Delete(_) => {}
             }
         }
-        let mut next = self.apply(revision, &key_upserts, &key_deletes)?;
+        let mut next = self.apply(revision, &key_upserts, &key_deletes);
         if !routing_upserts.is_empty() || !routing_deletes.is_empty() {
-            next.routing = Arc::new(
-                self.routing
-                    .apply(routing_upserts, &routing_deletes)
-                    .map_err(TableError::Routing)?,
-            );
+            next.routing = Arc::new(self.routing.apply(routing_upserts, &routing_deletes));
         }
-        Ok(next)
+        next
+    }
+
+    /// Every record held that could not be applied, keys first, at most
+    /// [`aigw_wire::messages::MAX_PROBLEMS`] of them, and how many there are in all.
+    pub fn problems(&self) -> (Vec<aigw_wire::RecordProblem>, usize) {
+        let keys = self
+            .key_problems
+            .iter()
+            .map(|(id, e)| (aigw_wire::messages::kinds::KEY, id, e));
+        let routing = self
+            .routing
+            .problems()
+            .iter()
+            .map(|((k, id), e)| (*k, id, e));
+        let total = self.key_problems.len() + self.routing.problems().len();
+        let list = keys
+            .chain(routing)
+            .take(aigw_wire::messages::MAX_PROBLEMS)
+            .map(|(kind, id, error)| aigw_wire::RecordProblem {
+                kind,
+                id: id.clone(),
+                error: error.clone(),
+            })
+            .collect();
+        (list, total)
     }
 
     fn get_raw(&self, id: &KeyId) -> Option<&KeyEntry> {
@@ -263,8 +311,10 @@ impl NodeConfig {
 pub struct NodeConfigBuilder {
     revision: u64,
     interner: Interner,
-    shards: Vec<Shard>,
+    /// Every key record in arrival order; `None` for one that could not be applied.
+    shards: Vec<Vec<(KeyId, Option<Arc<KeyEntry>>)>>,
     routing: Vec<Record>,
+    key_problems: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for NodeConfigBuilder {
@@ -280,41 +330,55 @@ impl NodeConfigBuilder {
         Self {
             revision,
             interner: Interner::default(),
-            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            shards: (0..SHARDS).map(|_| Vec::new()).collect(),
             routing: Vec::new(),
+            key_problems: BTreeMap::new(),
         }
     }
 
     /// Takes a snapshot part's records: keys go into the table, upstreams, routes and
     /// policies into the routing (built once, in [`Self::finish`]); unknown kinds are
     /// skipped.
-    pub fn add_records(&mut self, records: Vec<Record>) -> Result<(), TableError> {
+    pub fn add_records(&mut self, records: Vec<Record>) {
         for r in records {
             match r {
-                Record::Key(k) => self.add_one(&k)?,
+                Record::Key(k) => self.add_one(&k),
                 Record::Unknown { .. } => {}
                 other => self.routing.push(other),
             }
         }
-        Ok(())
     }
 
-    pub fn add(&mut self, records: &[KeyRecord]) -> Result<(), TableError> {
-        records.iter().try_for_each(|r| self.add_one(r))
+    pub fn add(&mut self, records: &[KeyRecord]) {
+        for r in records {
+            self.add_one(r);
+        }
     }
 
-    fn add_one(&mut self, r: &KeyRecord) -> Result<(), TableError> {
-        let (id, e) = entry(r, &mut self.interner)?;
-        self.shards[shard_of(&id)].push((id, Arc::new(e)));
-        Ok(())
+    /// A key whose record cannot be applied is left out (unknown here) and reported.
+    fn add_one(&mut self, r: &KeyRecord) {
+        match entry(r, &mut self.interner) {
+            Ok((id, e)) => {
+                self.key_problems.remove(&r.key_id);
+                self.shards[shard_of(&id)].push((id, Some(Arc::new(e))));
+            }
+            Err(err) => {
+                self.key_problems.insert(r.key_id.clone(), err.to_string());
+                // A later valid record of the same id in the snapshot still wins.
+                if let Some(id) = key_id(&r.key_id) {
+                    self.shards[shard_of(&id)].push((id, None));
+                }
+            }
+        }
     }
 
     /// The table; fails when the routing records do not form a valid routing.
-    pub fn finish(self) -> Result<NodeConfig, TableError> {
-        let routing = Routing::from_records(self.routing).map_err(TableError::Routing)?;
-        Ok(NodeConfig {
+    pub fn finish(self) -> NodeConfig {
+        let routing = Routing::from_records(self.routing);
+        NodeConfig {
             revision: self.revision,
             routing: Arc::new(routing),
+            key_problems: Arc::new(self.key_problems),
             shards: self
                 .shards
                 .into_iter()
@@ -323,11 +387,13 @@ impl NodeConfigBuilder {
                     s.reverse();
                     s.sort_by_key(|e| e.0);
                     s.dedup_by(|a, b| a.0 == b.0);
-                    s.shrink_to_fit();
-                    Arc::new(s)
+                    let mut shard: Shard =
+                        s.into_iter().filter_map(|(id, e)| Some((id, e?))).collect();
+                    shard.shrink_to_fit();
+                    Arc::new(shard)
                 })
                 .collect(),
-        })
+        }
     }
 }
 
@@ -427,11 +493,9 @@ mod tests {
     fn apply_copies_only_what_changes() {
         let ids: Vec<String> = (0..1000).map(|i| format!("{i:012}")).collect();
         let records: Vec<KeyRecord> = ids.iter().map(|id| rec(id, "t", false)).collect();
-        let t1 = NodeConfig::from_records(5, &records).expect("valid");
+        let t1 = NodeConfig::from_records(5, &records);
         assert_eq!(t1.len(), 1000);
-        let t2 = t1
-            .apply(6, &[rec(&ids[3], "t", true)], &[ids[4].clone()])
-            .expect("valid");
+        let t2 = t1.apply(6, &[rec(&ids[3], "t", true)], &[ids[4].clone()]);
         assert!(t2.get(&ids[3]).expect("kept").revoked);
         assert!(t2.get(&ids[4]).is_none());
         assert!(!t1.get(&ids[3]).expect("old table intact").revoked);
@@ -447,38 +511,62 @@ mod tests {
         let b = t1.get(&ids[1]).expect("present");
         assert!(Arc::ptr_eq(&a.tenant_id, &b.tenant_id));
         // A new key lands in order and is found.
-        let t3 = t2
-            .apply(
-                7,
-                &[
-                    rec("000000000000", "t", false),
-                    rec("zzzzzzzzzzzz", "u", false),
-                ],
-                &[],
-            )
-            .expect("valid");
+        let t3 = t2.apply(
+            7,
+            &[
+                rec("000000000000", "t", false),
+                rec("zzzzzzzzzzzz", "u", false),
+            ],
+            &[],
+        );
         assert!(t3.get("zzzzzzzzzzzz").is_some());
         assert_eq!(t3.len(), 1000);
     }
 
     #[test]
-    fn bad_records_are_refused() {
-        let mut r = rec("short", "t", false);
-        assert!(matches!(
-            NodeConfig::from_records(1, &[r.clone()]),
-            Err(TableError::BadKeyId(_))
-        ));
-        r.key_id = "abcdefghijkl".into();
-        r.environment = "qa".into();
-        assert!(matches!(
-            NodeConfig::from_records(1, &[r.clone()]),
-            Err(TableError::BadEnvironment(..))
-        ));
-        r.environment = "staging".into();
-        r.hash_version = 9;
-        assert!(matches!(
-            NodeConfig::from_records(1, &[r]),
-            Err(TableError::BadHashVersion(..))
-        ));
+    fn a_key_record_that_cannot_be_applied_leaves_its_key_unknown_and_is_reported() {
+        let good = rec("abcdefghijkl", "t", false);
+        let other = rec("mnopqrstuvwx", "t", false);
+        let t = NodeConfig::from_records(1, &[good.clone(), other.clone()]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.problems().1, 0);
+        for (bad, expected) in [
+            (
+                KeyRecord {
+                    environment: "qa".into(),
+                    ..good.clone()
+                },
+                "unknown environment",
+            ),
+            (
+                KeyRecord {
+                    hash_version: 9,
+                    ..good.clone()
+                },
+                "hash version",
+            ),
+        ] {
+            // An update the node cannot read removes the key rather than leave its old
+            // state (a revocation must not be lost to it); the other key is untouched.
+            let next = t.apply(2, &[bad], &[]);
+            assert!(next.get("abcdefghijkl").is_none());
+            assert!(next.get("mnopqrstuvwx").is_some());
+            let (problems, total) = next.problems();
+            assert_eq!(total, 1);
+            assert_eq!(problems[0].id, "abcdefghijkl");
+            assert!(
+                problems[0].error.contains(expected),
+                "{}",
+                problems[0].error
+            );
+            // A later good record clears it.
+            let fixed = next.apply(3, std::slice::from_ref(&good), &[]);
+            assert!(fixed.get("abcdefghijkl").is_some());
+            assert_eq!(fixed.problems().1, 0);
+        }
+        // A malformed id, in a snapshot: reported, the rest applied.
+        let t = NodeConfig::from_records(1, &[rec("short", "t", false), other]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.problems().0[0].id, "short");
     }
 }

@@ -44,6 +44,7 @@ impl Settings {
             routes: Arc::new(EnvRoutes {
                 table: RouteTable::build(c)?,
                 policy: Default::default(),
+                broken_policy: None,
             }),
             body_budget_bytes: c.body_budget_bytes,
             limits: c.h1_limits(),

@@ -96,10 +96,10 @@ pub fn load(path: &Path, kek: &Kek) -> anyhow::Result<NodeConfig> {
         };
         builder
             .get_or_insert_with(|| NodeConfigBuilder::new(revision))
-            .add_records(records)?;
+            .add_records(records);
     }
     match builder {
-        Some(b) => Ok(b.finish()?),
+        Some(b) => Ok(b.finish()),
         None => Ok(NodeConfig::empty()),
     }
 }
@@ -133,7 +133,7 @@ mod tests {
                 },
             })
             .collect();
-        let table = NodeConfig::from_records(42, &records).expect("valid");
+        let table = NodeConfig::from_records(42, &records);
         let dir = std::env::temp_dir().join(format!("aigw-snap-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("keys.sealed");
@@ -188,9 +188,8 @@ mod tests {
             }],
         };
         let mut b = NodeConfigBuilder::new(7);
-        b.add_records(vec![Record::Upstream(up), Record::Route(route)])
-            .expect("valid");
-        let table = b.finish().expect("valid");
+        b.add_records(vec![Record::Upstream(up), Record::Route(route)]);
+        let table = b.finish();
         let dir = std::env::temp_dir().join(format!("aigw-snap-routing-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("keys.sealed");

@@ -99,6 +99,7 @@ catalogue! {
     // Routing.
     ModelNotFound = (404, "model_not_found", Downstream, "no route for this model on this API"),
     PolicyBlocked = (403, "policy_blocked", Downstream, "no upstream for this model meets this environment's policy"),
+    RouteUnavailable = (503, "route_unavailable", Internal, "the route for this model cannot be used until its configuration is fixed"),
 
     // The upstream exchange.
     UpstreamUnavailable = (502, "upstream_unavailable", Upstream, "no upstream could be reached"),

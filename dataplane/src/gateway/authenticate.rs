@@ -246,7 +246,7 @@ mod tests {
         };
         rec(&mut r);
         let shared = Arc::new(SharedConfig::default());
-        shared.publish(NodeConfig::from_records(1, &[r]).expect("valid"));
+        shared.publish(NodeConfig::from_records(1, &[r]));
         (
             LocalConfig::new(
                 Arc::clone(&shared),
@@ -331,14 +331,14 @@ mod tests {
             grace_ends_at: 0,
             allowed_models: vec![],
         };
-        shared.publish(table.apply(2, &[r.clone()], &[]).expect("valid"));
+        shared.publish(table.apply(2, &[r.clone()], &[]));
         assert_eq!(
             l.authenticate(Some(&key), 1).map(|_| ()),
             Err(AuthError::Revoked)
         );
         r.status = KeyStatus::Active;
         r.allowed_models = vec!["gpt-x".into()];
-        shared.publish(shared.load().apply(3, &[r], &[]).expect("valid"));
+        shared.publish(shared.load().apply(3, &[r], &[]));
         let e = l.authenticate(Some(&key), 1).expect("active again");
         assert!(may_use(&e, "gpt-x"));
         assert!(!may_use(&e, "gpt-y"));

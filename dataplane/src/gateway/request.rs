@@ -218,7 +218,7 @@ mod tests {
         )
         .expect("valid");
         let t = RouteTable::build(&c).expect("builds");
-        let target = t.lookup("x", ProviderKind::Openai)[0].clone();
+        let target = t.lookup("x", ProviderKind::Openai).expect("routes")[0].clone();
         target
     }
 

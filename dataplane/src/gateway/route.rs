@@ -21,5 +21,8 @@ pub fn run<'r>(ctx: &RequestCtx, routes: Option<&'r EnvRoutes>) -> Result<Target
         NoTarget::Policy(rule) => Code::PolicyBlocked.with(format!(
             "no upstream for model `{model}` meets this environment's {rule} policy"
         )),
+        NoTarget::Unusable(why) => Code::RouteUnavailable.with(format!(
+            "the route for model `{model}` cannot be used until its configuration is fixed: {why}"
+        )),
     })
 }

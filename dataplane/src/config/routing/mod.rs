@@ -3,9 +3,11 @@
 //! table for every request ([`RouteTable::build`]); the control plane pushes one per tenant
 //! environment ([`Routing`]).
 
+mod env;
 mod pushed;
 mod table;
 mod upstreams;
 
-pub use pushed::{is_routing_kind, EnvRoutes, NoTarget, Policy, Routing};
-pub use table::{RouteTable, Target, Targets};
+pub use env::{EnvRoutes, NoTarget, Policy};
+pub use pushed::{is_routing_kind, Routing};
+pub use table::{RouteTable, RouteTo, Target, Targets};

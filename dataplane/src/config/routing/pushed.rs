@@ -3,11 +3,15 @@
 //! replace the static routing table of its config file: a request is routed by the
 //! environment of the key it presents.
 //!
-//! Built by the control thread, validated as a whole (a route naming an upstream its
-//! environment lacks, a base URL that does not parse… refuses the revision, which is then
-//! NACKed and reaches no worker), and shared read-only by every worker with the key table.
-//! An upstream whose record did not change keeps its `Arc` across revisions, so workers'
-//! connection pools to it survive unrelated edits.
+//! Built by the control thread and shared read-only by every worker with the key table.
+//! Each record is checked on its own, with the rules the control plane applied before it
+//! committed it ([`aigw_wire::rules`]): a record this node cannot apply (an upstream whose
+//! TLS setup fails, say) is kept, reported ([`Routing::problems`]) and made unusable — the
+//! routes naming it lose it as a target, a route left with none answers that its route is
+//! unusable, a broken policy stops its environment's routing rather than being ignored —
+//! and it never holds back any other record, tenant or key. An upstream whose record did not
+//! change keeps its `Arc` across revisions, so workers' connection pools to it survive
+//! unrelated edits.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,89 +24,31 @@ use aigw_wire::keys::Environment;
 use aigw_wire::messages::kinds;
 use aigw_wire::{PolicyRecord, Record, RouteRecord, Tombstone, UpstreamRecord};
 
-use crate::config::routing::{RouteTable, Target, Targets};
-use crate::config::{self, ProviderKind, UpstreamConfig};
+use crate::config::routing::{EnvRoutes, Policy, RouteTable, RouteTo, Target};
+use crate::config::{self, UpstreamConfig};
 use crate::upstream::{Secret, Upstream};
 
-/// What an environment's requests must never do.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Policy {
-    /// Only upstreams that can be told not to retain (or have an agreement).
-    pub zero_retention: bool,
-    /// Only upstreams in this region; empty = any.
-    pub region: String,
-    /// Only upstreams under a business associate agreement.
-    pub hipaa: bool,
-}
+/// An upstream as built from its record, or why it could not be.
+type Built = Result<Arc<Upstream>, Arc<str>>;
 
-impl Policy {
-    /// Why `up` may not serve this environment, if it may not.
-    pub fn refuses(&self, up: &Upstream) -> Option<&'static str> {
-        if self.zero_retention && !up.non_retention.is_guaranteed() {
-            return Some("zero retention");
-        }
-        if !self.region.is_empty() && up.region != self.region {
-            return Some("region");
-        }
-        if self.hipaa && !up.baa {
-            return Some("HIPAA");
-        }
-        None
-    }
-}
+/// A route as a table holds it: (exact model, prefix, where it leads).
+type RouteEntry = (Option<String>, Option<String>, RouteTo);
 
-/// One environment's routing: its table and its policy.
-#[derive(Debug, Default)]
-pub struct EnvRoutes {
-    pub table: RouteTable,
-    pub policy: Policy,
-}
-
-/// Why a model has no target in an environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NoTarget {
-    /// No route matches the model (for this API).
-    NoRoute,
-    /// Routes match, but the policy refuses every upstream they name.
-    Policy(&'static str),
-}
-
-impl EnvRoutes {
-    /// Targets for `model` on `kind` that the policy allows, in failover order.
-    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Result<Targets<'_>, NoTarget> {
-        let all = self.table.lookup(model, kind);
-        if all.is_empty() {
-            return Err(NoTarget::NoRoute);
-        }
-        let mut refused = None;
-        let allowed: Targets<'_> = all
-            .into_iter()
-            .filter(|t| match self.policy.refuses(&t.upstream) {
-                None => true,
-                Some(why) => {
-                    refused = Some(why);
-                    false
-                }
-            })
-            .collect();
-        match (allowed.is_empty(), refused) {
-            (true, Some(why)) => Err(NoTarget::Policy(why)),
-            (true, None) => Err(NoTarget::NoRoute),
-            (false, _) => Ok(allowed),
-        }
-    }
-}
+/// Records this node holds and cannot apply, by (kind, id), with why.
+pub(crate) type Problems = BTreeMap<(u64, String), String>;
 
 /// Every environment's routing at one revision.
 #[derive(Debug, Default)]
 pub struct Routing {
     /// Changes whenever the routing does (not on key-only revisions).
     pub generation: u64,
-    upstreams: BTreeMap<String, (UpstreamRecord, Arc<Upstream>)>,
+    /// Every upstream record held, and what it built into (or why it did not).
+    upstreams: BTreeMap<String, (UpstreamRecord, Built)>,
     routes: BTreeMap<String, RouteRecord>,
     policies: BTreeMap<String, PolicyRecord>,
     envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
     all: Vec<Arc<Upstream>>,
+    problems: Problems,
 }
 
 /// Whether a record belongs here rather than in the key table.
@@ -118,19 +64,15 @@ fn env_index(e: Environment) -> usize {
     }
 }
 
-fn environment(kind: &str, id: &str, name: &str) -> Result<Environment, String> {
-    Environment::from_name(name)
-        .ok_or_else(|| format!("{kind} {id:?}: unknown environment {name:?}"))
-}
-
 fn next_generation() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+type EnvKey = (String, Environment);
+
 fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
-    let err = |e: String| format!("upstream {:?}: {e}", r.id);
-    let checked = aigw_wire::rules::check_upstream(r).map_err(|e| err(e.to_string()))?;
+    let checked = aigw_wire::rules::check_upstream(r).map_err(|e| e.to_string())?;
     let ms = |v: u64, default: Duration| {
         if v == 0 {
             default
@@ -163,7 +105,7 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
         region: r.region.clone(),
         baa: r.baa,
     };
-    super::upstreams::build(&c, r.credential.clone().map(Secret::new)).map_err(err)
+    super::upstreams::build(&c, r.credential.clone().map(Secret::new))
 }
 
 impl Routing {
@@ -172,13 +114,13 @@ impl Routing {
     }
 
     /// Routing built from a snapshot's records (keys and unknown kinds are ignored).
-    pub fn from_records(records: Vec<Record>) -> Result<Self, String> {
+    pub fn from_records(records: Vec<Record>) -> Self {
         Self::empty().apply(records, &[])
     }
 
-    /// A new routing with `upserts` applied and `deletes` removed, validated as a whole;
-    /// `self` is untouched.
-    pub fn apply(&self, upserts: Vec<Record>, deletes: &[Tombstone]) -> Result<Self, String> {
+    /// A new routing with `upserts` applied and `deletes` removed; `self` is untouched.
+    /// Every record that can be applied is; the others are in [`Self::problems`].
+    pub fn apply(&self, upserts: Vec<Record>, deletes: &[Tombstone]) -> Self {
         let mut upstream_recs: BTreeMap<String, UpstreamRecord> = self
             .upstreams
             .iter()
@@ -214,77 +156,103 @@ impl Routing {
                 _ => {}
             }
         }
+        let mut problems = Problems::new();
 
         // Upstreams: reuse what did not change, build the rest.
         let mut upstreams = BTreeMap::new();
-        // (tenant, environment) → name → upstream
-        let mut by_env: HashMap<(String, Environment), HashMap<String, Arc<Upstream>>> =
-            HashMap::new();
+        // (tenant, environment) → name → the upstream, or why it is unusable.
+        let mut by_env: HashMap<EnvKey, HashMap<String, Built>> = HashMap::new();
         for (id, rec) in upstream_recs {
-            let env = environment("upstream", &id, &rec.environment)?;
             let built = match self.upstreams.get(&id) {
-                Some((old, up)) if *old == rec => Arc::clone(up),
-                _ => build_upstream(&rec)?,
+                Some((old, b)) if *old == rec => b.clone(),
+                _ => build_upstream(&rec).map_err(Arc::from),
             };
-            let names = by_env.entry((rec.tenant_id.clone(), env)).or_default();
-            if names.insert(rec.name.clone(), Arc::clone(&built)).is_some() {
-                return Err(format!(
-                    "upstream {id:?}: name {:?} is used twice in {}/{}",
-                    rec.name, rec.tenant_id, rec.environment
-                ));
+            if let Err(why) = &built {
+                problems.insert((kinds::UPSTREAM, id.clone()), why.to_string());
+            }
+            if let Some(env) = Environment::from_name(&rec.environment) {
+                let names = by_env.entry((rec.tenant_id.clone(), env)).or_default();
+                if names.contains_key(&rec.name) {
+                    let why = format!(
+                        "name {:?} is used twice in {}/{}",
+                        rec.name, rec.tenant_id, rec.environment
+                    );
+                    problems.insert((kinds::UPSTREAM, id.clone()), why.clone());
+                    names.insert(rec.name.clone(), Err(Arc::from(why)));
+                } else {
+                    names.insert(rec.name.clone(), built.clone());
+                }
             }
             upstreams.insert(id, (rec, built));
         }
 
         // Routes, grouped by environment.
-        type EnvRouteList = Vec<(Option<String>, Option<String>, Vec<Target>)>;
-        let mut env_routes: HashMap<(String, Environment), EnvRouteList> = HashMap::new();
+        let mut env_routes: HashMap<EnvKey, Vec<RouteEntry>> = HashMap::new();
         for (id, r) in &routes {
-            let env = environment("route", id, &r.environment)?;
-            if r.model.is_some() == r.prefix.is_some() {
-                return Err(format!(
-                    "route {id:?}: needs exactly one of model and prefix"
-                ));
-            }
-            if r.targets.is_empty() {
-                return Err(format!("route {id:?}: has no targets"));
-            }
+            let env = match aigw_wire::rules::check_route(r) {
+                Ok(env) => env,
+                Err(e) => {
+                    // Not even its model or environment is known: it routes nothing.
+                    problems.insert((kinds::ROUTE, id.clone()), e.to_string());
+                    continue;
+                }
+            };
             let names = by_env.get(&(r.tenant_id.clone(), env));
             let mut targets = Vec::with_capacity(r.targets.len());
+            let mut unusable = Vec::new();
             for t in &r.targets {
-                let up = names.and_then(|n| n.get(&t.upstream)).ok_or_else(|| {
-                    format!(
-                        "route {id:?}: upstream {:?} does not exist in {}/{}",
+                match names.and_then(|n| n.get(&t.upstream)) {
+                    Some(Ok(up)) => targets.push(Target {
+                        upstream: Arc::clone(up),
+                        model: t.model.clone(),
+                    }),
+                    Some(Err(why)) => unusable.push(format!("upstream {}: {why}", t.upstream)),
+                    None => unusable.push(format!(
+                        "upstream {} does not exist in {}/{}",
                         t.upstream, r.tenant_id, r.environment
-                    )
-                })?;
-                targets.push(Target {
-                    upstream: Arc::clone(up),
-                    model: t.model.clone(),
-                });
+                    )),
+                }
             }
+            if !unusable.is_empty() {
+                problems.insert((kinds::ROUTE, id.clone()), unusable.join("; "));
+            }
+            let to = if targets.is_empty() {
+                RouteTo::Broken(Arc::from(unusable.join("; ")))
+            } else {
+                RouteTo::Targets(targets)
+            };
             env_routes
                 .entry((r.tenant_id.clone(), env))
                 .or_default()
-                .push((r.model.clone(), r.prefix.clone(), targets));
+                .push((r.model.clone(), r.prefix.clone(), to));
         }
 
-        let mut env_policies: HashMap<(String, Environment), Policy> = HashMap::new();
+        let mut env_policies: HashMap<EnvKey, Result<Policy, Arc<str>>> = HashMap::new();
         for (id, p) in &policies {
-            let env = environment("policy", id, &p.environment)?;
-            env_policies.insert(
-                (p.tenant_id.clone(), env),
-                Policy {
+            let Some(env) = Environment::from_name(&p.environment) else {
+                problems.insert(
+                    (kinds::POLICY, id.clone()),
+                    format!("unknown environment {:?}", p.environment),
+                );
+                continue;
+            };
+            let policy = match aigw_wire::rules::check_policy(p) {
+                Ok(_) => Ok(Policy {
                     zero_retention: p.zero_retention,
                     region: p.region.clone(),
                     hipaa: p.hipaa,
-                },
-            );
+                }),
+                Err(e) => {
+                    problems.insert((kinds::POLICY, id.clone()), e.to_string());
+                    Err(Arc::from(format!("its policy cannot be applied: {e}")))
+                }
+            };
+            env_policies.insert((p.tenant_id.clone(), env), policy);
         }
 
         // Every environment that has upstreams, routes or a policy.
         let mut envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]> = FxHashMap::default();
-        let mut keys: Vec<(String, Environment)> = by_env.keys().cloned().collect();
+        let mut keys: Vec<EnvKey> = by_env.keys().cloned().collect();
         keys.extend(env_routes.keys().cloned());
         keys.extend(env_policies.keys().cloned());
         keys.sort_by(|a, b| (&a.0, env_index(a.1)).cmp(&(&b.0, env_index(b.1))));
@@ -292,22 +260,40 @@ impl Routing {
         for key in keys {
             let ups: Vec<Arc<Upstream>> = by_env
                 .get(&key)
-                .map(|m| m.values().cloned().collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|u| u.as_ref().ok())
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
             let table = RouteTable::from_parts(ups, env_routes.remove(&key).unwrap_or_default());
-            let policy = env_policies.remove(&key).unwrap_or_default();
+            let (policy, broken_policy) = match env_policies.remove(&key) {
+                None => (Policy::default(), None),
+                Some(Ok(p)) => (p, None),
+                Some(Err(why)) => (Policy::default(), Some(why)),
+            };
             envs.entry(Arc::from(key.0.as_str())).or_default()[env_index(key.1)] =
-                Some(Arc::new(EnvRoutes { table, policy }));
+                Some(Arc::new(EnvRoutes {
+                    table,
+                    policy,
+                    broken_policy,
+                }));
         }
-        let all = upstreams.values().map(|(_, u)| Arc::clone(u)).collect();
-        Ok(Self {
+        let all = upstreams
+            .values()
+            .filter_map(|(_, u)| u.as_ref().ok())
+            .cloned()
+            .collect();
+        Self {
             generation: next_generation(),
             upstreams,
             routes,
             policies,
             envs,
             all,
-        })
+            problems,
+        }
     }
 
     /// The routing of one tenant environment, if it has any.
@@ -315,12 +301,17 @@ impl Routing {
         self.envs.get(tenant_id)?[env_index(environment)].as_ref()
     }
 
-    /// Every upstream of every environment.
+    /// Every usable upstream of every environment.
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.all
     }
 
-    /// Every record, for sealing to disk with the key table.
+    /// The records held that could not be applied, and why.
+    pub fn problems(&self) -> &Problems {
+        &self.problems
+    }
+
+    /// Every record held, usable or not, for sealing to disk with the key table.
     pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
         self.upstreams
             .values()
@@ -337,6 +328,8 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::routing::{NoTarget, Targets};
+    use crate::config::ProviderKind;
     use aigw_wire::RouteTargetRecord;
 
     fn upstream(tenant: &str, env: &str, name: &str, port: u16) -> Record {
@@ -382,8 +375,7 @@ mod tests {
             upstream("t", "staging", "a", 2),
             route("t", "production", "all", "", &["a"]),
             route("t", "staging", "all", "", &["a"]),
-        ])
-        .expect("valid");
+        ]);
         let prod = r.env("t", Environment::Production).expect("prod");
         let stg = r.env("t", Environment::Staging).expect("staging");
         assert_eq!(
@@ -400,19 +392,17 @@ mod tests {
         assert_eq!(up.credential.as_ref().map(Secret::expose), Some("sk-a"));
 
         // A zero-retention policy refuses an upstream that cannot be told not to retain.
-        let with_policy = r
-            .apply(
-                vec![Record::Policy(PolicyRecord {
-                    id: "t/production".into(),
-                    tenant_id: "t".into(),
-                    environment: "production".into(),
-                    zero_retention: true,
-                    region: String::new(),
-                    hipaa: false,
-                })],
-                &[],
-            )
-            .expect("valid");
+        let with_policy = r.apply(
+            vec![Record::Policy(PolicyRecord {
+                id: "t/production".into(),
+                tenant_id: "t".into(),
+                environment: "production".into(),
+                zero_retention: true,
+                region: String::new(),
+                hipaa: false,
+            })],
+            &[],
+        );
         let prod2 = with_policy.env("t", Environment::Production).expect("prod");
         assert_eq!(
             prod2.lookup("gpt-4o", ProviderKind::Openai).err(),
@@ -427,47 +417,108 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_revisions_are_refused_whole() {
-        let e = Routing::from_records(vec![route("t", "production", "r", "", &["missing"])])
-            .expect_err("unknown upstream");
-        assert!(e.contains("\"missing\" does not exist"), "{e}");
+    fn a_record_that_cannot_be_applied_is_isolated_and_reported() {
         let ok = Routing::from_records(vec![
             upstream("t", "production", "a", 1),
             route("t", "production", "r", "", &["a"]),
-        ])
-        .expect("valid");
-        let e = ok
-            .apply(
-                vec![],
-                &[Tombstone {
+            upstream("u", "production", "a", 2),
+            route("u", "production", "r", "", &["a"]),
+        ]);
+        assert!(ok.problems().is_empty());
+        // Tenant t's upstream turns bad: its route is unusable, with the reason; tenant u
+        // routes as before, and the bad record is kept (and sealed) for the next revision.
+        let mut bad = upstream("t", "production", "a", 1);
+        if let Record::Upstream(u) = &mut bad {
+            u.base_url = "https://api..openai.com".into();
+        }
+        let next = ok.apply(vec![bad], &[]);
+        let t = next.env("t", Environment::Production).expect("t");
+        match t.lookup("gpt-4o", ProviderKind::Openai) {
+            Err(NoTarget::Unusable(why)) => assert!(why.contains("base_url"), "{why}"),
+            other => panic!("{:?}", other.map(|t| t.len())),
+        }
+        let u = next.env("u", Environment::Production).expect("u");
+        assert_eq!(
+            names(u.lookup("gpt-4o", ProviderKind::Openai)),
+            ["u/production/a"]
+        );
+        let problems: Vec<_> = next.problems().keys().cloned().collect();
+        assert_eq!(
+            problems,
+            [
+                (kinds::UPSTREAM, "t/production/a".to_string()),
+                (kinds::ROUTE, "t/production/r".to_string())
+            ]
+        );
+        assert_eq!(next.records().count(), 4);
+        assert_eq!(next.upstreams().len(), 1, "only usable upstreams get pools");
+
+        // A later revision that fixes the record clears the problems.
+        let fixed = next.apply(vec![upstream("t", "production", "a", 3)], &[]);
+        assert!(fixed.problems().is_empty());
+        assert_eq!(
+            names(
+                fixed
+                    .env("t", Environment::Production)
+                    .expect("t")
+                    .lookup("x", ProviderKind::Openai)
+            ),
+            ["t/production/a"]
+        );
+
+        // A route naming an upstream that does not exist, a malformed route, and a broken
+        // policy (which stops its environment rather than being ignored).
+        let dangling = ok.apply(
+            vec![route("u", "production", "r2", "x-", &["missing"])],
+            &[],
+        );
+        let u = dangling.env("u", Environment::Production).expect("u");
+        assert!(matches!(
+            u.lookup("x-1", ProviderKind::Openai),
+            Err(NoTarget::Unusable(_))
+        ));
+        assert_eq!(
+            names(u.lookup("gpt", ProviderKind::Openai)),
+            ["u/production/a"]
+        );
+        let policy = Record::Policy(PolicyRecord {
+            id: "u/production".into(),
+            tenant_id: "u".into(),
+            environment: "production".into(),
+            zero_retention: false,
+            region: "Not A Region".into(),
+            hipaa: false,
+        });
+        let stopped = ok.apply(vec![policy], &[]);
+        let u = stopped.env("u", Environment::Production).expect("u");
+        assert!(matches!(
+            u.lookup("gpt", ProviderKind::Openai),
+            Err(NoTarget::Unusable(_))
+        ));
+        assert!(stopped
+            .problems()
+            .contains_key(&(kinds::POLICY, "u/production".to_string())));
+        let t = stopped.env("t", Environment::Production).expect("t");
+        assert_eq!(
+            names(t.lookup("gpt", ProviderKind::Openai)),
+            ["t/production/a"]
+        );
+
+        // Deleting the route first, then the upstream, leaves nothing behind.
+        let gone = ok.apply(
+            vec![],
+            &[
+                Tombstone {
+                    kind: kinds::ROUTE,
+                    id: "t/production/r".into(),
+                },
+                Tombstone {
                     kind: kinds::UPSTREAM,
                     id: "t/production/a".into(),
-                }],
-            )
-            .expect_err("route left dangling");
-        assert!(e.contains("does not exist"), "{e}");
-        let mut bad = upstream("t", "production", "b", 1);
-        if let Record::Upstream(u) = &mut bad {
-            u.base_url = "ftp://x".into();
-        }
-        assert!(ok.apply(vec![bad], &[]).is_err());
-        // Deleting the route first, then the upstream, is fine.
-        let gone = ok
-            .apply(
-                vec![],
-                &[
-                    Tombstone {
-                        kind: kinds::ROUTE,
-                        id: "t/production/r".into(),
-                    },
-                    Tombstone {
-                        kind: kinds::UPSTREAM,
-                        id: "t/production/a".into(),
-                    },
-                ],
-            )
-            .expect("valid");
-        assert!(gone.is_empty());
-        assert_eq!(ok.records().count(), 2);
+                },
+            ],
+        );
+        assert!(gone.problems().is_empty());
+        assert_eq!(gone.records().count(), 2);
     }
 }

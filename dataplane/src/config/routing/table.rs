@@ -2,13 +2,16 @@
 //!
 //! Built once per configuration and shared read-only by every worker. Exact model names win;
 //! otherwise the longest matching prefix; a route's targets are filtered to the upstreams
-//! that speak the request's API (no translation between API families).
+//! that speak the request's API (no translation between API families). A route whose
+//! upstreams could not be built stays in the table, broken, so requests for its models get
+//! a clear refusal instead of going to another route.
 
 use std::collections::HashMap;
-
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
+use crate::config::routing::NoTarget;
 use crate::config::{Config, ProviderKind};
 use crate::upstream::Upstream;
 
@@ -20,14 +23,22 @@ pub struct Target {
     pub model: Option<String>,
 }
 
+/// What a route leads to: its usable targets, or why it has none.
+#[derive(Debug, Clone)]
+pub enum RouteTo {
+    Targets(Vec<Target>),
+    /// The route's record, or every upstream it names, could not be applied.
+    Broken(Arc<str>),
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     upstreams: Vec<Arc<Upstream>>,
     /// Read-only once built (nothing a client sends is inserted), so a fast non-keyed hash
     /// is enough.
-    exact: FxHashMap<String, Vec<Target>>,
+    exact: FxHashMap<String, RouteTo>,
     /// Longest prefix first.
-    prefixes: Vec<(String, Vec<Target>)>,
+    prefixes: Vec<(String, RouteTo)>,
 }
 
 /// A route's targets for one API family, in failover order: held inline (routes rarely
@@ -62,26 +73,26 @@ impl RouteTable {
                     })
                 })
                 .collect();
-            (r.model.clone(), r.prefix.clone(), targets)
+            (r.model.clone(), r.prefix.clone(), RouteTo::Targets(targets))
         });
         let routes: Vec<_> = routes.collect();
         Ok(Self::from_parts(upstreams, routes))
     }
 
-    /// A table over `upstreams` with routes given as (exact model, prefix, targets); a route
-    /// with neither is ignored, and the first route for an exact name wins.
+    /// A table over `upstreams` with routes given as (exact model, prefix, where it leads);
+    /// a route with neither is ignored, and the first route for an exact name wins.
     pub fn from_parts(
         upstreams: Vec<Arc<Upstream>>,
-        routes: impl IntoIterator<Item = (Option<String>, Option<String>, Vec<Target>)>,
+        routes: impl IntoIterator<Item = (Option<String>, Option<String>, RouteTo)>,
     ) -> Self {
         let mut exact = FxHashMap::default();
         let mut prefixes = Vec::new();
-        for (model, prefix, targets) in routes {
+        for (model, prefix, to) in routes {
             match (model, prefix) {
                 (Some(m), _) => {
-                    exact.entry(m).or_insert(targets);
+                    exact.entry(m).or_insert(to);
                 }
-                (None, Some(p)) => prefixes.push((p, targets)),
+                (None, Some(p)) => prefixes.push((p, to)),
                 (None, None) => {}
             }
         }
@@ -97,22 +108,36 @@ impl RouteTable {
         &self.upstreams
     }
 
-    /// Targets for `model` that speak `kind`, in failover order. Empty when nothing routes.
-    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Targets<'_> {
-        let targets = self.exact.get(model).or_else(|| {
+    /// Targets for `model` that speak `kind`, in failover order.
+    pub fn lookup(&self, model: &str, kind: ProviderKind) -> Result<Targets<'_>, NoTarget> {
+        let route = self.exact.get(model).or_else(|| {
             self.prefixes
                 .iter()
                 .find(|(p, _)| model.starts_with(p.as_str()))
                 .map(|(_, t)| t)
         });
-        targets
-            .map(|t| t.iter().filter(|t| t.upstream.kind == kind).collect())
-            .unwrap_or_default()
+        match route {
+            None => Err(NoTarget::NoRoute),
+            Some(RouteTo::Broken(why)) => Err(NoTarget::Unusable(Arc::clone(why))),
+            Some(RouteTo::Targets(t)) => {
+                let of_kind: Targets<'_> = t.iter().filter(|t| t.upstream.kind == kind).collect();
+                if of_kind.is_empty() {
+                    Err(NoTarget::NoRoute)
+                } else {
+                    Ok(of_kind)
+                }
+            }
+        }
     }
 
     /// Model names that route somewhere, for `GET /v1/models`.
     pub fn model_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.exact.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self
+            .exact
+            .iter()
+            .filter(|(_, to)| matches!(to, RouteTo::Targets(_)))
+            .map(|(m, _)| m.as_str())
+            .collect();
         names.sort_unstable();
         names
     }
@@ -156,8 +181,9 @@ mod tests {
         RouteTable::build(&c).expect("builds")
     }
 
-    fn names(t: Targets<'_>) -> Vec<String> {
-        t.iter().map(|t| t.upstream.name.clone()).collect()
+    fn names(t: Result<Targets<'_>, NoTarget>) -> Vec<String> {
+        t.map(|t| t.iter().map(|t| t.upstream.name.clone()).collect())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -168,7 +194,9 @@ mod tests {
             ["oa2", "oa"]
         );
         assert_eq!(
-            t.lookup("gpt-4o", ProviderKind::Openai)[0].model.as_deref(),
+            t.lookup("gpt-4o", ProviderKind::Openai).expect("routes")[0]
+                .model
+                .as_deref(),
             Some("dep-4o")
         );
         assert_eq!(
@@ -178,7 +206,10 @@ mod tests {
         assert_eq!(names(t.lookup("gpt-3.5", ProviderKind::Openai)), ["oa"]);
         assert_eq!(names(t.lookup("claude-3", ProviderKind::Anthropic)), ["an"]);
         assert_eq!(names(t.lookup("claude-3", ProviderKind::Openai)), ["oa"]);
-        assert!(t.lookup("gpt-4o", ProviderKind::Anthropic).is_empty());
+        assert_eq!(
+            t.lookup("gpt-4o", ProviderKind::Anthropic).err(),
+            Some(NoTarget::NoRoute)
+        );
         assert_eq!(t.model_names(), ["gpt-4o"]);
     }
 }
