@@ -96,63 +96,79 @@ impl Drop for Running {
     }
 }
 
+/// A token from `var` when set, else from the secret file `path`, else a new one written
+/// there (atomically, mode 0600). A short token, from either, is refused: it is not a
+/// credential.
+pub(crate) fn token(var: &str, path: &Path, prefix: &str, what: &str) -> anyhow::Result<String> {
+    use aigw_seal::files::{read_private, write_private, SecretFileError};
+    use aigw_wire::keys::{token_is_acceptable, MIN_TOKEN_LEN};
+    if let Ok(t) = std::env::var(var) {
+        let t = t.trim().to_string();
+        if !token_is_acceptable(&t) {
+            anyhow::bail!(
+                "{var} holds a {what} of {} characters; it must be at least {MIN_TOKEN_LEN} printable characters",
+                t.len()
+            );
+        }
+        return Ok(t);
+    }
+    match read_private(path) {
+        Ok(t) if token_is_acceptable(&t) => return Ok(t),
+        Ok(t) => anyhow::bail!(
+            "{} holds a {what} of {} characters (at least {MIN_TOKEN_LEN} are needed); remove the file to have one generated",
+            path.display(),
+            t.len()
+        ),
+        Err(SecretFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("{e}"),
+    }
+    let token = format!(
+        "{prefix}{}",
+        keys::random_id(40).map_err(|e| anyhow::anyhow!("{e}"))?
+    );
+    write_private(path, token.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    tracing::warn!(path = %path.display(), "generated the {what}; keep it secret");
+    Ok(token)
+}
+
 /// The admin token: `AIGW_ADMIN_TOKEN`, else `<data_dir>/admin-token`, created (random,
 /// mode 0600) at first start so the quick start needs no setup.
 pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
-    if let Ok(t) = std::env::var("AIGW_ADMIN_TOKEN") {
-        if !t.is_empty() {
-            return Ok(t);
-        }
-    }
-    let path = data_dir.join("admin-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_string());
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let token = format!(
-        "aigw_admin_{}",
-        keys::random_id(40).map_err(|e| anyhow::anyhow!("{e}"))?
-    );
-    write_private(&path, &token).with_context(|| format!("writing {}", path.display()))?;
-    tracing::warn!(path = %path.display(), "generated an admin token; keep it secret");
-    Ok(token)
+    aigw_seal::files::private_dir(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))?;
+    token(
+        "AIGW_ADMIN_TOKEN",
+        &data_dir.join("admin-token"),
+        "aigw_admin_",
+        "admin token",
+    )
 }
 
 /// The key sealing provider credentials: `configured` (64 hex digits) when given, else
 /// `<data_dir>/seal.key`, generated (random, mode 0600) at first start. Losing that file
 /// loses the stored credentials: back it up with the database, or pass the key in.
 pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aigw_seal::Kek> {
+    use aigw_seal::files::{read_private, write_private, SecretFileError};
     if let Some(hex) = configured {
         return aigw_seal::Kek::from_hex(hex).map_err(|e| anyhow::anyhow!("seal_key: {e}"));
     }
+    aigw_seal::files::private_dir(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))?;
     let path = data_dir.join("seal.key");
-    match std::fs::read_to_string(&path) {
+    match read_private(&path) {
         Ok(hex) => {
             return aigw_seal::Kek::from_hex(&hex)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(anyhow::anyhow!("reading {}: {e}", path.display()))
-        }
-        Err(_) => {}
+        Err(SecretFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("{e}")),
     }
-    std::fs::create_dir_all(data_dir)?;
     let kek = aigw_seal::Kek::generate().map_err(|e| anyhow::anyhow!("seal key: {e}"))?;
-    write_private(&path, &format!("{}\n", kek.to_hex()))
+    write_private(&path, format!("{}\n", kek.to_hex()).as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     tracing::warn!(path = %path.display(), "generated the key sealing provider credentials; back it up with the database");
     Ok(kek)
-}
-
-pub(crate) fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(content.as_bytes())
 }
 
 /// Opens the store and serves the admin API and the node link from a thread of its own.

@@ -38,7 +38,7 @@ impl Pki {
             .ca_cert
             .parent()
             .ok_or_else(|| anyhow!("pki path has no parent"))?;
-        std::fs::create_dir_all(dir)?;
+        aigw_seal::files::private_dir(dir)?;
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.distinguished_name
@@ -59,9 +59,9 @@ impl Pki {
             .push(DnType::CommonName, "aigateway control plane");
         params.is_ca = IsCa::ExplicitNoCa;
         let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-        crate::write_private(&self.server_key, &key.serialize_pem())?;
-        std::fs::write(&self.server_cert, cert.pem())?;
-        std::fs::write(&self.ca_cert, ca_cert.pem())?;
+        aigw_seal::files::write_private(&self.server_key, key.serialize_pem().as_bytes())?;
+        aigw_seal::files::write_public(&self.server_cert, cert.pem().as_bytes())?;
+        aigw_seal::files::write_public(&self.ca_cert, ca_cert.pem().as_bytes())?;
         tracing::warn!(ca = %self.ca_cert.display(), "generated the control-plane link's CA and certificate");
         Ok(())
     }
@@ -84,19 +84,10 @@ impl Pki {
 
 /// The node token: `AIGW_NODE_TOKEN`, else `<data>/node-token`, created at first start.
 pub fn node_token(data_dir: &Path) -> anyhow::Result<String> {
-    if let Ok(t) = std::env::var("AIGW_NODE_TOKEN") {
-        if !t.is_empty() {
-            return Ok(t);
-        }
-    }
-    let path = data_dir.join("node-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_string());
-    }
-    let token = format!(
-        "aigw_node_{}",
-        crate::keys::random_id(40).map_err(|e| anyhow!("{e}"))?
-    );
-    crate::write_private(&path, &token)?;
-    Ok(token)
+    crate::token(
+        "AIGW_NODE_TOKEN",
+        &data_dir.join("node-token"),
+        "aigw_node_",
+        "node token",
+    )
 }

@@ -120,8 +120,17 @@ impl PushState {
     }
 }
 
+/// Connections that have not authenticated yet, at most; more are closed at once.
+const MAX_PENDING: usize = 64;
+/// Authenticated node sessions, at most.
+const MAX_SESSIONS: usize = 4096;
+/// From accepting a connection to its Hello checked: TLS handshake included.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state: Arc<PushState>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
+    let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(v) => v,
@@ -131,18 +140,39 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state:
                 continue;
             }
         };
+        // Nothing is spent on a connection beyond its place among the pending ones.
+        let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "too many unauthenticated connections on the node link; closing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let state = Arc::clone(&state);
+        let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    if let Err(e) = session(tls, &state).await {
-                        tracing::info!(peer = %peer, error = %e, "node session ended");
-                    }
+            let handshake = async {
+                let tls = acceptor.accept(tcp).await?;
+                hello(tls, &state).await
+            };
+            let (mut conn, hello) = match tokio::time::timeout(HANDSHAKE, handshake).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %peer, error = %e, "node refused before authentication");
+                    return;
                 }
-                Ok(Err(e)) => tracing::warn!(peer = %peer, error = %e, "node TLS handshake failed"),
-                Err(_) => tracing::warn!(peer = %peer, "node TLS handshake timed out"),
+                Err(_) => {
+                    tracing::warn!(peer = %peer, "node did not complete its handshake in time");
+                    return;
+                }
+            };
+            drop(permit);
+            let Ok(_session) = sessions.try_acquire_owned() else {
+                conn.refuse("this control plane serves as many nodes as it may")
+                    .await;
+                return;
+            };
+            if let Err(e) = session(&mut conn, &state, hello).await {
+                tracing::info!(peer = %peer, error = %e, "node session ended");
             }
         });
     }
@@ -177,6 +207,27 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// Tells the peer why it is not served, closes the link cleanly (TLS close_notify,
+    /// then FIN), and lets what the peer sent meanwhile drain a moment, so the closing does
+    /// not reset the connection and destroy the explanation before the peer reads it.
+    async fn refuse(&mut self, reason: &str) {
+        let _ = self
+            .send(&Message::Refused {
+                reason: reason.into(),
+            })
+            .await;
+        let _ = self.stream.shutdown().await;
+        let mut scratch = [0u8; 4096];
+        let drain = async {
+            while let Ok(n) = self.stream.read(&mut scratch).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+    }
+
     async fn send(&mut self, m: &Message) -> anyhow::Result<()> {
         let mut out = Vec::new();
         encode_frame(m, &mut out);
@@ -186,7 +237,19 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-async fn session<S>(stream: S, state: &Arc<PushState>) -> anyhow::Result<()>
+/// What a node said in its Hello, once its token checked out.
+#[derive(Debug)]
+struct Hello {
+    node_id: String,
+    boot_epoch: u64,
+    revision_held: u64,
+}
+
+/// Reads and checks the first message of a connection. Before it is authenticated a peer
+/// gets nothing but this: one frame of at most [`aigw_wire::frame::MAX_HELLO_FRAME`]
+/// bytes, which must be a Hello; its body is not decoded before its size and type are
+/// checked. A peer refused here is told why before the link closes.
+async fn hello<S>(stream: S, state: &Arc<PushState>) -> anyhow::Result<(Conn<S>, Hello)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -194,32 +257,73 @@ where
         stream,
         buf: Vec::new(),
     };
-    let hello = tokio::time::timeout(Duration::from_secs(10), conn.next()).await??;
+    let first = loop {
+        if let Some(t) = aigw_wire::frame::peek_type(&conn.buf) {
+            if t != aigw_wire::messages::types::HELLO {
+                anyhow::bail!("first message (type {t}) was not Hello");
+            }
+        }
+        match decode_frame(&conn.buf, aigw_wire::frame::MAX_HELLO_FRAME)? {
+            Some((Frame::Message(m), used)) => {
+                conn.buf.drain(..used);
+                break m;
+            }
+            Some((Frame::Unknown(t), _)) => anyhow::bail!("first message (type {t}) was not Hello"),
+            None => {}
+        }
+        let mut chunk = [0u8; 4096];
+        let n = conn.stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("node closed the link before its Hello");
+        }
+        conn.buf.extend_from_slice(&chunk[..n]);
+    };
     let Message::Hello {
         protocol_version,
         node_id,
         boot_epoch,
         revision_held,
         token,
-    } = hello
+    } = first
     else {
         anyhow::bail!("first message was not Hello");
     };
-    let ok: bool = token.as_bytes().ct_eq(state.node_token.as_bytes()).into();
+    let ok: bool = aigw_wire::keys::token_is_acceptable(&token)
+        && bool::from(token.as_bytes().ct_eq(state.node_token.as_bytes()));
     if !ok {
+        conn.refuse("wrong node token").await;
         anyhow::bail!("node {node_id:?} presented a wrong token");
     }
     if protocol_version != PROTOCOL_VERSION {
         // One version apart still works: unknown fields and messages are skipped.
         tracing::info!(node = %node_id, protocol_version, "node speaks another protocol version");
     }
+    Ok((
+        conn,
+        Hello {
+            node_id,
+            boot_epoch,
+            revision_held,
+        },
+    ))
+}
+
+async fn session<S>(conn: &mut Conn<S>, state: &Arc<PushState>, hello: Hello) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Hello {
+        node_id,
+        boot_epoch,
+        revision_held,
+    } = hello;
     state.update(&node_id, |n| {
         n.connected = true;
         n.boot_epoch = boot_epoch;
         n.snapshots_sent = 0;
         n.changes_sent = 0;
     });
-    let result = run_session(&mut conn, state, &node_id, revision_held).await;
+    let result = run_session(conn, state, &node_id, revision_held).await;
     state.update(&node_id, |n| n.connected = false);
     result
 }
@@ -374,7 +478,7 @@ mod tests {
     use aigw_wire::Tombstone;
     use tokio::io::DuplexStream;
 
-    const TOKEN: &str = "node-token";
+    const TOKEN: &str = "aigw_node_test0123456789abcdefghijklmnopqrstuv";
     const SECRET: &str = "sk-push-PLAINTEXT";
 
     fn actor() -> Actor {
@@ -447,7 +551,9 @@ mod tests {
             let (ours, theirs) = tokio::io::duplex(1 << 20);
             let state = Arc::clone(state);
             tokio::spawn(async move {
-                let _ = session(theirs, &state).await;
+                if let Ok((mut conn, hello)) = hello(theirs, &state).await {
+                    let _ = session(&mut conn, &state, hello).await;
+                }
             });
             let mut conn = Conn {
                 stream: ours,
@@ -722,6 +828,89 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(shown(&state), Some((0, 0)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Before it is authenticated a peer can make the control plane read one small Hello and
+    /// nothing else: a large first frame is refused from its header, another message type
+    /// from its header, a wrong, empty or short token with a Refused message.
+    #[tokio::test]
+    async fn an_unauthenticated_peer_gets_one_small_hello_and_nothing_else() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        async fn handshake(
+            state: &Arc<PushState>,
+            bytes: Vec<u8>,
+        ) -> (anyhow::Result<()>, Vec<u8>) {
+            let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+            let state = Arc::clone(state);
+            let task = tokio::spawn(async move { hello(theirs, &state).await.map(|_| ()) });
+            // Only what fits the pipe is written; the rest is never asked for.
+            let _ = tokio::time::timeout(Duration::from_millis(200), ours.write_all(&bytes)).await;
+            let result = tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("decided at once")
+                .expect("task");
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_millis(200), ours.read_to_end(&mut answer))
+                .await;
+            (result, answer)
+        }
+        let frame = |m: &Message| {
+            let mut out = Vec::new();
+            encode_frame(m, &mut out);
+            out
+        };
+        // A first frame announcing 16 MiB: refused from its header, before any body.
+        let mut huge = ((16u32 << 20) + 2).to_be_bytes().to_vec();
+        huge.extend_from_slice(&aigw_wire::messages::types::HELLO.to_be_bytes());
+        huge.extend(std::iter::repeat_n(0u8, 8192));
+        let (r, _) = handshake(&state, huge).await;
+        assert!(r.expect_err("too large").to_string().contains("exceeds"));
+        // Another message first: refused from its type.
+        let snapshot = frame(&Message::Snapshot {
+            revision: 1,
+            part: 0,
+            parts: 1,
+            records: vec![],
+        });
+        let (r, _) = handshake(&state, snapshot).await;
+        assert!(r
+            .expect_err("not a Hello")
+            .to_string()
+            .contains("was not Hello"));
+        // Wrong, empty and short tokens: told why.
+        for token in [
+            "",
+            "short",
+            "aigw_node_wrong0123456789abcdefghijklmnopqrstuv",
+        ] {
+            let hello = frame(&Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: "n".into(),
+                boot_epoch: 1,
+                revision_held: 0,
+                token: token.into(),
+            });
+            let (r, answer) = handshake(&state, hello).await;
+            assert!(r.is_err(), "{token:?} accepted");
+            match decode_frame(&answer, DEFAULT_MAX_FRAME).expect("a frame") {
+                Some((Frame::Message(Message::Refused { reason }), _)) => {
+                    assert_eq!(reason, "wrong node token")
+                }
+                other => panic!("{token:?}: {other:?}"),
+            }
+        }
+        // The right token passes.
+        let hello = frame(&Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: "n".into(),
+            boot_epoch: 1,
+            revision_held: 0,
+            token: TOKEN.into(),
+        });
+        let (r, _) = handshake(&state, hello).await;
+        assert!(r.is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

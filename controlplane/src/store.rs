@@ -248,10 +248,25 @@ impl Store {
     /// provider credentials; a key that does not open the credentials already stored is
     /// refused here rather than at the first snapshot.
     pub fn open(data_dir: &Path, kek: Kek) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
+        aigw_seal::files::private_dir(data_dir).map_err(|e| {
             StoreError::Invalid(format!("data directory {}: {e}", data_dir.display()))
         })?;
-        let conn = Connection::open(data_dir.join("controlplane.db"))?;
+        // The database holds sealed credentials and the audit log: mode 0600, and SQLite
+        // gives its WAL and shared-memory files the database file's mode.
+        let db = data_dir.join("controlplane.db");
+        let created = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&db)
+        };
+        if created.is_err() {
+            aigw_seal::files::private_file_mode(&db)
+                .map_err(|e| StoreError::Invalid(format!("database {}: {e}", db.display())))?;
+        }
+        let conn = Connection::open(&db)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;

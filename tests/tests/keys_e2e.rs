@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::config::ControlPlaneConfig;
@@ -189,23 +188,7 @@ fn a_node_one_protocol_version_behind_still_syncs() {
     tenant(&cp, "t", "free");
     let k = create_key(&cp, "t", json!({"environment": "staging"}));
 
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&cp.ca_file).unwrap();
-    for c in rustls_pemfile_certs(&pem) {
-        roots.add(c).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
-    let tcp = std::net::TcpStream::connect(cp.push_addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = e2e::cp::link_client(&cp);
     let mut out = Vec::new();
     encode_frame(
         &Message::Hello {
@@ -242,13 +225,6 @@ fn a_node_one_protocol_version_behind_still_syncs() {
     assert!(records.iter().any(
         |r| matches!(r, Record::Key(rec) if rec.key_id == k["info"]["key_id"].as_str().unwrap())
     ));
-}
-
-fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .map(|c| c.unwrap())
-        .collect()
 }
 
 both_drivers!(

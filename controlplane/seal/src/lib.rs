@@ -16,6 +16,8 @@
 //! truncated at a chunk boundary, and a file sealed for one purpose cannot be passed off as
 //! another.
 
+pub mod files;
+
 use boring::rand::rand_bytes;
 use boring::symm::{decrypt_aead, encrypt_aead, Cipher};
 

@@ -112,7 +112,7 @@ async fn require_admin(
         .as_bytes()
         .ct_eq(state.admin_token.as_bytes())
         .into();
-    if !ok || state.admin_token.is_empty() {
+    if !ok || !aigw_wire::keys::token_is_acceptable(&state.admin_token) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

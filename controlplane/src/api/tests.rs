@@ -451,3 +451,88 @@ fn a_base_url_a_node_would_refuse_is_refused_at_put() {
     assert_eq!(code, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Secrets are written whole (an empty or short token is never reused or accepted), are
+/// refused when others can read them, and live in a 0700 directory beside a 0600 database.
+#[test]
+fn secret_files_are_whole_private_and_checked() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("exists").mode() & 0o777;
+    let dir = temp();
+    let running = cp(&dir);
+    assert_eq!(mode(&dir), 0o700);
+    for f in [
+        "admin-token",
+        "node-token",
+        "seal.key",
+        "pki/server.key",
+        "controlplane.db",
+    ] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(mode(&dir.join("pki")), 0o700);
+    running.stop();
+
+    // A token file left empty (a crash between creating and writing it) is not reused.
+    std::fs::write(dir.join("node-token"), "").expect("write");
+    let e = start(Options {
+        data_dir: dir.clone(),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Options::default()
+    })
+    .expect_err("an empty node token");
+    assert!(e.to_string().contains("node-token is empty"), "{e}");
+    // Nor is a short one.
+    aigw_seal::files::write_private(&dir.join("node-token"), b"short").expect("write");
+    let e = start(Options {
+        data_dir: dir.clone(),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Options::default()
+    })
+    .expect_err("a short node token");
+    assert!(e.to_string().contains("at least 32"), "{e}");
+    std::fs::remove_file(dir.join("node-token")).expect("remove");
+    // A secret others can read is refused, naming the fix.
+    std::fs::set_permissions(
+        dir.join("admin-token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let e = start(Options {
+        data_dir: dir.clone(),
+        api_listen: "127.0.0.1:0".parse().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Options::default()
+    })
+    .expect_err("a readable admin token");
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+    std::fs::set_permissions(
+        dir.join("admin-token"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    // A loosened data directory and database are narrowed again at start.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        dir.join("controlplane.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let running = cp(&dir);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("controlplane.db")), 0o600);
+    assert!(
+        running.node_token.len() >= 32,
+        "a new node token was generated"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("node-token"))
+            .expect("token")
+            .uid(),
+        std::fs::metadata("/proc/self").expect("proc").uid()
+    );
+    running.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

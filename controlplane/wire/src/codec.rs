@@ -23,6 +23,60 @@ pub enum InvalidMessage {
     FrameTooLarge(usize),
     #[error("text field is not UTF-8")]
     BadUtf8,
+    #[error("repeated fields would expand past {MAX_EXPANSION} times their encoded size")]
+    Expansion,
+}
+
+/// Most bytes of decoded items a run of repeated fields may take per byte that encodes it
+/// (plus a small constant): a decoder's memory is bounded by the bytes it was given, so a
+/// small frame of many tiny fields cannot make a peer allocate gigabytes.
+pub const MAX_EXPANSION: usize = 16;
+
+/// Whether `count` items of `item_size` bytes decoded out of `encoded` bytes stay within
+/// [`MAX_EXPANSION`].
+pub fn within_expansion(
+    count: usize,
+    item_size: usize,
+    encoded: usize,
+) -> Result<(), InvalidMessage> {
+    if count.saturating_mul(item_size) > MAX_EXPANSION.saturating_mul(encoded) + 256 {
+        return Err(InvalidMessage::Expansion);
+    }
+    Ok(())
+}
+
+/// The body of the first field tagged `tag` in `body`.
+pub fn first_field(body: &[u8], tag: u64) -> Result<Option<&[u8]>, InvalidMessage> {
+    let mut r = Reader::new(body);
+    while !r.is_empty() {
+        let (t, b) = r.field()?;
+        if t == tag {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
+}
+
+/// Decodes every field tagged `tag` in `body` as a `T`: counted first, then checked against
+/// [`MAX_EXPANSION`], then allocated once.
+pub fn repeated<T: Codec>(body: &[u8], tag: u64) -> Result<Vec<T>, InvalidMessage> {
+    let mut count = 0;
+    let mut r = Reader::new(body);
+    while !r.is_empty() {
+        if r.field()?.0 == tag {
+            count += 1;
+        }
+    }
+    within_expansion(count, std::mem::size_of::<T>(), body.len())?;
+    let mut out = Vec::with_capacity(count);
+    let mut r = Reader::new(body);
+    while !r.is_empty() {
+        let (t, b) = r.field()?;
+        if t == tag {
+            out.push(T::from_bytes(b)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Reads from a byte slice, never past its end.
@@ -48,6 +102,11 @@ impl<'a> Reader<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
+    }
+
+    /// The length of everything this reader reads from.
+    pub fn total_len(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], InvalidMessage> {

@@ -9,6 +9,17 @@ use crate::messages::Message;
 /// below it.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 
+/// The largest first frame a control plane reads from a peer it has not authenticated yet:
+/// a Hello is a few hundred bytes.
+pub const MAX_HELLO_FRAME: usize = 4096;
+
+/// The type of the frame at the start of `buf`, once its header has arrived (without
+/// decoding its body).
+pub fn peek_type(buf: &[u8]) -> Option<u16> {
+    let h = buf.get(..6)?;
+    Some(u16::from_be_bytes([h[4], h[5]]))
+}
+
 /// Appends `msg` as one frame.
 pub fn encode_frame(msg: &Message, out: &mut Vec<u8>) {
     let start = out.len();

@@ -19,6 +19,15 @@ pub const CHECKSUM_LEN: usize = 6;
 /// Hash version 1: SHA-256 over the full key text.
 pub const HASH_VERSION: u64 = 1;
 
+/// Shortest admin or node token either plane accepts: generated ones are 40 random base62
+/// characters behind their prefix; an empty or short token is never a valid credential.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Whether `token` is long enough to be a credential (see [`MIN_TOKEN_LEN`]).
+pub fn token_is_acceptable(token: &str) -> bool {
+    token.len() >= MIN_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// The three environments every tenant has.

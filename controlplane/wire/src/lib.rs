@@ -224,6 +224,7 @@ mod tests {
             (any::<u64>(), ".{0,40}")
                 .prop_map(|(revision, error)| Message::Nack { revision, error }),
             any::<u64>().prop_map(|unix_ms| Message::Heartbeat { unix_ms }),
+            "[ -~]{0,40}".prop_map(|reason| Message::Refused { reason }),
             (
                 "[a-z0-9-]{0,12}",
                 any::<u64>(),

@@ -5,7 +5,8 @@
 //! crate describes the exchange.
 
 use crate::codec::{
-    get_str, get_u64, put_bytes, put_field, put_str, put_u64, Codec, InvalidMessage, Reader,
+    first_field, get_str, get_u64, put_bytes, put_field, put_str, put_u64, repeated,
+    within_expansion, Codec, InvalidMessage, Reader,
 };
 use crate::routing::{PolicyRecord, RouteRecord, UpstreamRecord};
 
@@ -146,6 +147,11 @@ pub enum Message {
         boot_epoch: u64,
         seq: u64,
     },
+    /// Control plane → node, just before it closes the link: why it will not serve this
+    /// node (a wrong token, say), so the node can say so instead of a bare disconnect.
+    Refused {
+        reason: String,
+    },
     /// Node → control plane: a guardrail block, a leaked-key sighting…
     Event {
         node_id: String,
@@ -167,6 +173,7 @@ pub mod types {
     pub const USAGE_REPORT: u16 = 7;
     pub const USAGE_ACK: u16 = 8;
     pub const EVENT: u16 = 9;
+    pub const REFUSED: u16 = 10;
 }
 
 /// Record kind codes.
@@ -240,7 +247,14 @@ impl Codec for KeyRecord {
                 7 => status = Some(KeyStatus::from_bytes(body)?),
                 8 => expires_at = get_u64(tag, body)?,
                 9 => grace_ends_at = get_u64(tag, body)?,
-                10 => allowed_models.push(get_str(body)?),
+                10 => {
+                    within_expansion(
+                        allowed_models.len() + 1,
+                        std::mem::size_of::<String>(),
+                        r.total_len(),
+                    )?;
+                    allowed_models.push(get_str(body)?)
+                }
                 _ => {} // a newer peer's field
             }
         }
@@ -405,6 +419,7 @@ impl Message {
             Self::UsageReport { .. } => types::USAGE_REPORT,
             Self::UsageAck { .. } => types::USAGE_ACK,
             Self::Event { .. } => types::EVENT,
+            Self::Refused { .. } => types::REFUSED,
         }
     }
 
@@ -496,44 +511,32 @@ impl Message {
                 put_str(out, 4, kind);
                 put_str(out, 5, detail);
             }
+            Self::Refused { reason } => put_str(out, 1, reason),
         }
     }
 
     /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
     /// know (the caller skips it).
     pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
-        if !(types::HELLO..=types::EVENT).contains(&code) {
+        if !(types::HELLO..=types::REFUSED).contains(&code) {
             return Ok(None);
         }
-        let mut fields = Vec::new();
+        // Checked whole first; then each field is looked up where it is, without building
+        // an index of them (its memory would grow with the number of fields, not their size).
         let mut r = Reader::new(body);
         while !r.is_empty() {
-            fields.push(r.field()?);
+            r.field()?;
         }
         let u = |tag: u64| -> Result<u64, InvalidMessage> {
-            fields
-                .iter()
-                .find(|(t, _)| *t == tag)
-                .map(|(t, b)| get_u64(*t, b))
+            first_field(body, tag)?
+                .map(|b| get_u64(tag, b))
                 .unwrap_or(Err(InvalidMessage::MissingField { tag }))
         };
         let u_or0 = |tag: u64| -> Result<u64, InvalidMessage> {
-            fields
-                .iter()
-                .find(|(t, _)| *t == tag)
-                .map_or(Ok(0), |(t, b)| get_u64(*t, b))
+            first_field(body, tag)?.map_or(Ok(0), |b| get_u64(tag, b))
         };
         let s = |tag: u64| -> Result<String, InvalidMessage> {
-            fields
-                .iter()
-                .find(|(t, _)| *t == tag)
-                .map_or(Ok(String::new()), |(_, b)| get_str(b))
-        };
-        let all = |tag: u64| {
-            fields
-                .iter()
-                .filter(move |(t, _)| *t == tag)
-                .map(|(_, b)| *b)
+            first_field(body, tag)?.map_or(Ok(String::new()), get_str)
         };
         Ok(Some(match code {
             types::HELLO => Self::Hello {
@@ -546,19 +549,17 @@ impl Message {
             types::CHANGES => Self::Changes {
                 from_revision: u_or0(1)?,
                 to_revision: u(2)?,
-                changes: all(3).map(Change::from_bytes).collect::<Result<_, _>>()?,
+                changes: repeated(body, 3)?,
             },
             types::SNAPSHOT => Self::Snapshot {
                 revision: u(1)?,
                 part: u_or0(2)?,
                 parts: u(3)?,
-                records: all(4).map(Record::from_bytes).collect::<Result<_, _>>()?,
+                records: repeated(body, 4)?,
             },
             types::ACK => Self::Ack {
                 revision: u(1)?,
-                problems: all(2)
-                    .map(RecordProblem::from_bytes)
-                    .collect::<Result<_, _>>()?,
+                problems: repeated(body, 2)?,
                 problems_total: u_or0(3)?,
             },
             types::NACK => Self::Nack {
@@ -570,14 +571,13 @@ impl Message {
                 node_id: s(1)?,
                 boot_epoch: u(2)?,
                 seq: u(3)?,
-                entries: all(4)
-                    .map(UsageEntry::from_bytes)
-                    .collect::<Result<_, _>>()?,
+                entries: repeated(body, 4)?,
             },
             types::USAGE_ACK => Self::UsageAck {
                 boot_epoch: u(1)?,
                 seq: u(2)?,
             },
+            types::REFUSED => Self::Refused { reason: s(1)? },
             types::EVENT => Self::Event {
                 node_id: s(1)?,
                 boot_epoch: u(2)?,

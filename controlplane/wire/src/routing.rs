@@ -2,7 +2,9 @@
 //! routes, and its policy. Every one belongs to one (tenant, environment); ids are unique
 //! per kind across the control plane.
 
-use crate::codec::{get_str, get_u64, put_field, put_str, put_u64, Codec, InvalidMessage, Reader};
+use crate::codec::{
+    get_str, get_u64, put_field, put_str, put_u64, within_expansion, Codec, InvalidMessage, Reader,
+};
 use crate::rules::{JsonText, NonRetention};
 
 /// One upstream of one environment. `Default` is an empty record: every optional field
@@ -237,7 +239,14 @@ impl Codec for RouteRecord {
                 3 => environment = Some(get_str(body)?),
                 4 => model = Some(get_str(body)?),
                 5 => prefix = Some(get_str(body)?),
-                6 => targets.push(RouteTargetRecord::from_bytes(body)?),
+                6 => {
+                    within_expansion(
+                        targets.len() + 1,
+                        std::mem::size_of::<RouteTargetRecord>(),
+                        r.total_len(),
+                    )?;
+                    targets.push(RouteTargetRecord::from_bytes(body)?)
+                }
                 _ => {}
             }
         }

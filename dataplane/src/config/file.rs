@@ -73,14 +73,47 @@ fn default_seal_key_env() -> String {
 }
 
 impl ControlPlaneConfig {
-    /// The key-encryption key, from `seal_key_file` or `seal_key_env`.
+    /// The key-encryption key, from `seal_key_file` (a secret file: owned by this user, mode
+    /// 0600) or `seal_key_env`; a wrong one is reported with where it came from.
     pub fn seal_key(&self) -> Result<crate::seal::Kek, String> {
-        let text = match &self.seal_key_file {
-            Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
-            None => std::env::var(&self.seal_key_env)
-                .map_err(|_| format!("environment variable {} is not set", self.seal_key_env))?,
-        };
-        crate::seal::Kek::from_hex(&text).map_err(|e| e.to_string())
+        match &self.seal_key_file {
+            Some(f) => {
+                let text = crate::seal::files::read_private(f).map_err(|e| e.to_string())?;
+                crate::seal::Kek::from_hex(&text)
+                    .map_err(|e| format!("{} (seal_key_file): {e}", f.display()))
+            }
+            None => {
+                let text = std::env::var(&self.seal_key_env).map_err(|_| {
+                    format!("environment variable {} is not set", self.seal_key_env)
+                })?;
+                crate::seal::Kek::from_hex(&text).map_err(|e| {
+                    format!(
+                        "environment variable {} (seal_key_env): {e}",
+                        self.seal_key_env
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Whether the directory of the sealed snapshot exists as a directory, or can be created
+/// (its parent exists); a node creates it with mode 0700 at start.
+fn check_snapshot_dir(snapshot: &Path) -> Result<(), String> {
+    let dir = match snapshot.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} is not a directory", dir.display())),
+        Err(_) => match dir.parent().map(std::fs::metadata) {
+            Some(Ok(m)) if m.is_dir() => Ok(()),
+            _ => Err(format!(
+                "neither {} nor its parent directory exists; create it (mode 0700) for the sealed snapshot",
+                dir.display()
+            )),
+        },
     }
 }
 
@@ -475,15 +508,32 @@ impl Config {
                     format!("{}: {e}", cp.ca_file.display()),
                 ));
             }
-            if std::env::var(&cp.token_env).map_or(true, |v| v.is_empty()) {
-                return Err((
-                    "control_plane.token_env",
-                    format!("environment variable {} is not set", cp.token_env),
-                ));
+            match std::env::var(&cp.token_env) {
+                Err(_) => {
+                    return Err((
+                        "control_plane.token_env",
+                        format!("environment variable {} is not set", cp.token_env),
+                    ))
+                }
+                Ok(t) if !aigw_wire::keys::token_is_acceptable(t.trim()) => {
+                    return Err((
+                        "control_plane.token_env",
+                        format!(
+                        "environment variable {} holds {} characters; a node token has at least {}",
+                        cp.token_env,
+                        t.trim().len(),
+                        aigw_wire::keys::MIN_TOKEN_LEN
+                    ),
+                    ))
+                }
+                Ok(_) => {}
             }
-            if cp.snapshot_file.is_some() {
+            if let Some(snapshot) = &cp.snapshot_file {
                 if let Err(e) = cp.seal_key() {
                     return Err(("control_plane.seal_key_env", e));
+                }
+                if let Err(e) = check_snapshot_dir(snapshot) {
+                    return Err(("control_plane.snapshot_file", e));
                 }
             }
             for e in &cp.environments {

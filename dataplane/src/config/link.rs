@@ -295,6 +295,11 @@ fn session(
                     .map_or(0, |d| d.as_millis() as u64);
                 send(&mut stream, &Message::Heartbeat { unix_ms })?;
             }
+            Message::Refused { reason } => {
+                anyhow::bail!(
+                    "the control plane refused this node: {reason} (check control_plane.token_env and the control plane's node-token)"
+                );
+            }
             other => tracing::debug!(?other, "ignoring message"),
         }
     }

@@ -2,8 +2,9 @@
 //! the node can restart and serve while the control plane is unreachable.
 //!
 //! Written by the control thread (never a worker) at most once a second while changes keep
-//! coming, to a temporary file that is synced and renamed over the old one, so a crash
-//! leaves either the previous or the new snapshot, never a torn one. Bound: a node restarted
+//! coming, to a temporary file (created exclusively, mode 0600) that is synced and renamed
+//! over the old one, so a crash leaves either the previous or the new snapshot, never a torn
+//! one. Its directory is created with mode 0700. Bound: a node restarted
 //! within about a second of a change may boot one revision behind; it then catches up from
 //! the control plane, which it tells which revision it holds.
 
@@ -20,10 +21,10 @@ pub const PURPOSE: &str = "key-snapshot";
 const PART: usize = 20_000;
 
 pub fn save(path: &Path, kek: &Kek, table: &NodeConfig) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // Created exclusively, mode 0600, beside the snapshot; renamed over it once synced.
+    let mut out = crate::seal::files::AtomicFile::create(path)?;
     {
-        let file = std::fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(file);
+        let mut w = BufWriter::new(out.file());
         let (mut sealer, head) = Sealer::new(kek, PURPOSE)?;
         w.write_all(&head)?;
         let total = table.len() + table.routing.records().count();
@@ -32,7 +33,7 @@ pub fn save(path: &Path, kek: &Kek, table: &NodeConfig) -> anyhow::Result<()> {
         let mut batch: Vec<Record> = Vec::with_capacity(PART.min(total));
         let mut flush = |batch: &mut Vec<Record>,
                          part: usize,
-                         w: &mut BufWriter<std::fs::File>|
+                         w: &mut BufWriter<&mut std::fs::File>|
          -> anyhow::Result<()> {
             let mut frame = Vec::new();
             let records = std::mem::take(batch);
@@ -68,15 +69,9 @@ pub fn save(path: &Path, kek: &Kek, table: &NodeConfig) -> anyhow::Result<()> {
             return Err(e);
         }
         flush(&mut batch, part, &mut w)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        w.flush()?;
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    out.commit()?;
     Ok(())
 }
 

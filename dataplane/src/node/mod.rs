@@ -155,10 +155,21 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                 .filter_map(|e| aigw_wire::keys::Environment::from_name(e))
                 .collect();
             let persist = match &cp.snapshot_file {
-                Some(path) => Some(crate::config::link::Persist {
-                    path: path.clone(),
-                    kek: cp.seal_key().map_err(|e| anyhow!(e))?,
-                }),
+                Some(path) => {
+                    let dir = match path.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d,
+                        _ => std::path::Path::new("."),
+                    };
+                    if crate::seal::files::private_dir(dir).with_context(|| {
+                        format!("control_plane.snapshot_file: directory {}", dir.display())
+                    })? {
+                        tracing::warn!(dir = %dir.display(), "narrowed the sealed snapshot's directory to mode 0700");
+                    }
+                    Some(crate::config::link::Persist {
+                        path: path.clone(),
+                        kek: cp.seal_key().map_err(|e| anyhow!("control_plane: {e}"))?,
+                    })
+                }
                 None => None,
             };
             if let Some(p) = &persist {
