@@ -22,10 +22,16 @@ use tokio::sync::watch;
 
 use crate::store::{Store, StoreError};
 
-/// Records per snapshot part. A change set larger than this is sent as a snapshot instead,
-/// which is split into parts, so no frame grows with the size of the change.
+/// Records per snapshot part, at most. A change set larger than this is sent as a snapshot
+/// instead, which is split into parts, so no frame grows with the size of the change.
 const SNAPSHOT_PART: usize = 20_000;
+/// Encoded bytes per snapshot part or change set, at most: records are bounded in size by
+/// the admin API, so a part never nears the link's frame limit (16 MiB) whatever the
+/// records hold.
+const MAX_PART_BYTES: usize = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A node not heard from for this long (three heartbeats) is gone: its session ends.
+const SILENT: Duration = Duration::from_secs(16);
 
 /// What the control plane knows of a node.
 #[derive(Debug, Clone, Serialize)]
@@ -83,9 +89,12 @@ impl PushState {
     /// Tells every session that the store moved on.
     pub fn notify(&self) {
         if let Ok(r) = self.store.revision() {
+            // Only forwards: a notification read late never takes the watch back.
             self.revision.send_if_modified(|v| {
-                let moved = *v != r;
-                *v = r;
+                let moved = r > *v;
+                if moved {
+                    *v = r;
+                }
                 moved
             });
         }
@@ -243,6 +252,7 @@ struct Hello {
     node_id: String,
     boot_epoch: u64,
     revision_held: u64,
+    revision_id: u64,
 }
 
 /// Reads and checks the first message of a connection. Before it is authenticated a peer
@@ -284,6 +294,7 @@ where
         boot_epoch,
         revision_held,
         token,
+        revision_id,
     } = first
     else {
         anyhow::bail!("first message was not Hello");
@@ -304,6 +315,7 @@ where
             node_id,
             boot_epoch,
             revision_held,
+            revision_id,
         },
     ))
 }
@@ -316,14 +328,28 @@ where
         node_id,
         boot_epoch,
         revision_held,
+        revision_id,
     } = hello;
+    let held = Held {
+        revision: i64::try_from(revision_held).unwrap_or(i64::MAX),
+        id: revision_id,
+    };
+    let same_history = revision_id == 0
+        || state.store.revision_id(held.revision).ok().flatten() == Some(revision_id);
+    let newest = state.store.revision().unwrap_or(0);
     state.update(&node_id, |n| {
         n.connected = true;
         n.boot_epoch = boot_epoch;
         n.snapshots_sent = 0;
         n.changes_sent = 0;
+        // What it holds, unless it holds a revision this control plane never issued.
+        n.applied_revision = if held.revision <= newest && same_history {
+            revision_held
+        } else {
+            0
+        };
     });
-    let result = run_session(conn, state, &node_id, revision_held).await;
+    let result = run_session(conn, state, &node_id, held).await;
     state.update(&node_id, |n| n.connected = false);
     result
 }
@@ -332,30 +358,41 @@ async fn run_session<S>(
     conn: &mut Conn<S>,
     state: &Arc<PushState>,
     node: &str,
-    held: u64,
+    held: Held,
 ) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut rx = state.revision.subscribe();
     let store = Arc::clone(&state.store);
-    let held = i64::try_from(held).unwrap_or(i64::MAX);
     // What the node holds for certain: its revision at hello, then what it acknowledged.
     let mut acked = held;
     let mut sent = sync(conn, state, &store, node, held).await?;
+    // The newest revision ever offered on this link (a refusal does not lower it).
+    let mut offered = sent.revision;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(heard + SILENT) => {
+                anyhow::bail!("node {node} silent for {SILENT:?}");
+            }
             changed = rx.changed() => {
                 changed?;
                 let newest = *rx.borrow_and_update();
-                if newest > sent {
+                if newest > sent.revision {
                     sent = sync(conn, state, &store, node, sent).await?;
+                    offered = offered.max(sent.revision);
                 }
             }
-            msg = conn.next() => match msg? {
+            msg = conn.next() => {
+                heard = tokio::time::Instant::now();
+                match msg? {
                 Message::Ack { revision, problems, problems_total } => {
-                    acked = acked.max(i64::try_from(revision).unwrap_or(i64::MAX));
+                    // The node applied what it was sent up to `revision`.
+                    if i64::try_from(revision).is_ok_and(|r| r == sent.revision) {
+                        acked = sent;
+                    }
                     if !problems.is_empty() {
                         tracing::warn!(node, revision, problems = problems.len(), "node cannot apply some records");
                     }
@@ -376,10 +413,17 @@ where
                 }
                 Message::Heartbeat { .. } => {}
                 other => tracing::debug!(node, ?other, "ignoring message"),
-            },
+            }
+            }
             _ = heartbeat.tick() => {
                 let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                 conn.send(&Message::Heartbeat { unix_ms }).await?;
+                // A change whose notification was missed is still sent (one refused is
+                // offered again only with the next change).
+                if store.revision().is_ok_and(|newest| newest > offered) {
+                    sent = sync(conn, state, &store, node, sent).await?;
+                    offered = offered.max(sent.revision);
+                }
             }
         }
     }
@@ -387,37 +431,51 @@ where
 
 /// What a node holding some revision needs.
 enum Update {
-    Snapshot(Vec<Record>, i64),
-    Changes(Vec<Change>, i64),
+    Snapshot(Vec<Record>, i64, u64),
+    Changes(Vec<Change>, i64, u64),
     UpToDate,
+}
+
+/// What a node holds: a revision and its id (0 from a node that predates revision ids, or
+/// for what this session sent it, whose history is known).
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    revision: i64,
+    id: u64,
 }
 
 /// Decides, in one read of the store, whether a node holding `held` gets the changes since or
 /// a snapshot: a snapshot when it holds nothing (0), a revision never issued (newer than the
-/// newest), one compaction overtook, or so many changes that one frame would not hold them.
-fn plan(store: &Store, held: i64) -> Result<Update, StoreError> {
-    if held > 0 {
-        if let Some((changes, newest)) = store.changes_since_at_most(held, SNAPSHOT_PART)? {
-            if held == newest {
+/// newest), a revision of another history (its id differs from the one this store gave
+/// it: a database restored from a backup and changed since), one compaction overtook, or so
+/// many changes that one frame would not hold them.
+fn plan(store: &Store, held: Held) -> Result<Update, StoreError> {
+    let same_history = held.id == 0 || store.revision_id(held.revision)? == Some(held.id);
+    if held.revision > 0 && same_history {
+        if let Some((changes, newest, newest_id)) =
+            store.changes_since_at_most(held.revision, SNAPSHOT_PART)?
+        {
+            if held.revision == newest {
                 return Ok(Update::UpToDate);
             }
-            if held < newest {
-                return Ok(Update::Changes(changes, newest));
+            let bytes: usize = changes.iter().map(encoded_len).sum();
+            if held.revision < newest && bytes <= MAX_PART_BYTES {
+                return Ok(Update::Changes(changes, newest, newest_id));
             }
         }
     }
-    let (records, revision) = store.snapshot()?;
-    Ok(Update::Snapshot(records, revision))
+    let (records, revision, id) = store.snapshot()?;
+    Ok(Update::Snapshot(records, revision, id))
 }
 
-/// Brings a node holding `held` to the newest revision; returns the revision it was sent.
+/// Brings a node holding `held` to the newest revision; returns what it was sent.
 async fn sync<S>(
     conn: &mut Conn<S>,
     state: &PushState,
     store: &Arc<Store>,
     node: &str,
-    held: i64,
-) -> anyhow::Result<i64>
+    held: Held,
+) -> anyhow::Result<Held>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -427,42 +485,70 @@ where
     })
     .await??;
     match update {
-        Update::UpToDate => Ok(held),
-        Update::Changes(changes, to) => {
+        Update::UpToDate => Ok(Held { id: 0, ..held }),
+        Update::Changes(changes, to, id) => {
             conn.send(&Message::Changes {
-                from_revision: held as u64,
+                from_revision: held.revision as u64,
                 to_revision: to as u64,
                 changes,
+                revision_id: id,
             })
             .await?;
             state.update(node, |n| n.changes_sent += 1);
-            Ok(to)
+            // Sent on this link: its history is this store's, no need to check it again.
+            Ok(Held {
+                revision: to,
+                id: 0,
+            })
         }
-        Update::Snapshot(records, revision) => {
-            send_snapshot(conn, records, revision).await?;
+        Update::Snapshot(records, revision, id) => {
+            send_snapshot(conn, records, revision, id).await?;
             state.update(node, |n| n.snapshots_sent += 1);
-            Ok(revision)
+            Ok(Held { revision, id: 0 })
         }
     }
 }
 
+/// Bytes `c` takes in a frame.
+fn encoded_len<C: aigw_wire::Codec>(c: &C) -> usize {
+    let mut out = Vec::new();
+    c.encode(&mut out);
+    out.len() + 8
+}
+
+/// Sends `records` as a snapshot in parts of at most [`SNAPSHOT_PART`] records and
+/// [`MAX_PART_BYTES`] encoded bytes.
 async fn send_snapshot<S>(
     conn: &mut Conn<S>,
     records: Vec<Record>,
     revision: i64,
+    revision_id: u64,
 ) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let parts = records.len().div_ceil(SNAPSHOT_PART).max(1);
+    let mut sizes = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for r in &records {
+        let n = encoded_len(r);
+        if count > 0 && (count == SNAPSHOT_PART || bytes + n > MAX_PART_BYTES) {
+            sizes.push(count);
+            (count, bytes) = (0, 0);
+        }
+        count += 1;
+        bytes += n;
+    }
+    sizes.push(count);
+    let parts = sizes.len();
     let mut it = records.into_iter();
-    for part in 0..parts {
-        let chunk: Vec<Record> = it.by_ref().take(SNAPSHOT_PART).collect();
+    for (part, size) in sizes.into_iter().enumerate() {
+        let chunk: Vec<Record> = it.by_ref().take(size).collect();
         conn.send(&Message::Snapshot {
             revision: revision as u64,
             part: part as u64,
             parts: parts as u64,
             records: chunk,
+            revision_id,
         })
         .await?;
     }
@@ -565,6 +651,7 @@ mod tests {
                 boot_epoch: 1,
                 revision_held: held,
                 token: TOKEN.into(),
+                revision_id: 0,
             })
             .await
             .expect("hello");
@@ -606,6 +693,7 @@ mod tests {
                 part,
                 parts,
                 records,
+                ..
             } => {
                 assert_eq!((revision, part, parts), (newest as u64, 0, 1));
                 assert_eq!(credential_of(&records).as_deref(), Some(SECRET));
@@ -623,6 +711,7 @@ mod tests {
                 from_revision,
                 to_revision,
                 changes,
+                ..
             } => {
                 assert_eq!(
                     (from_revision, to_revision),
@@ -646,6 +735,7 @@ mod tests {
                     from_revision,
                     to_revision,
                     changes,
+                    ..
                 } => {
                     assert_eq!(
                         (from_revision, to_revision),
@@ -759,6 +849,7 @@ mod tests {
                 from_revision,
                 to_revision,
                 changes,
+                ..
             } => {
                 assert_eq!(
                     (from_revision, to_revision),
@@ -873,6 +964,7 @@ mod tests {
             part: 0,
             parts: 1,
             records: vec![],
+            revision_id: 0,
         });
         let (r, _) = handshake(&state, snapshot).await;
         assert!(r
@@ -891,6 +983,7 @@ mod tests {
                 boot_epoch: 1,
                 revision_held: 0,
                 token: token.into(),
+                revision_id: 0,
             });
             let (r, answer) = handshake(&state, hello).await;
             assert!(r.is_err(), "{token:?} accepted");
@@ -908,9 +1001,104 @@ mod tests {
             boot_epoch: 1,
             revision_held: 0,
             token: TOKEN.into(),
+            revision_id: 0,
         });
         let (r, _) = handshake(&state, hello).await;
         assert!(r.is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn big_key(i: usize) -> crate::store::NewKey {
+        crate::store::NewKey {
+            key_id: format!("k{i:011}"),
+            tenant_id: "t".into(),
+            environment: Environment::Production,
+            sub_account_id: None,
+            name: String::new(),
+            hash: [7; 32],
+            allowed_models: (0..aigw_wire::rules::MAX_ALLOWED_MODELS)
+                .map(|m| format!("{m:0>255}"))
+                .collect(),
+            expires_at: 0,
+        }
+    }
+
+    /// Snapshot parts are sized by bytes, not only by count: keys with the longest model
+    /// lists allowed still make frames well under the link's limit.
+    #[tokio::test]
+    async fn snapshot_parts_are_bounded_in_bytes() {
+        let (store, dir) = store();
+        for i in 0..120 {
+            store.insert_key(&actor(), &big_key(i)).expect("key");
+        }
+        let state = push_state(&store);
+        let mut node = Node::connect(&state, "fresh", 0).await;
+        let mut parts_seen = 0;
+        loop {
+            let m = node.next().await;
+            let mut frame = Vec::new();
+            encode_frame(&m, &mut frame);
+            let Message::Snapshot { part, parts, .. } = m else {
+                panic!("expected a snapshot part");
+            };
+            assert!(
+                frame.len() <= MAX_PART_BYTES + 128 * 1024,
+                "part {part} is {} bytes",
+                frame.len()
+            );
+            parts_seen += 1;
+            if part + 1 == parts {
+                assert!(
+                    parts >= 2,
+                    "120 keys of 64 KiB of models take several parts"
+                );
+                break;
+            }
+        }
+        assert!(parts_seen >= 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node that stops talking is let go after three heartbeats; a node that comes back
+    /// shows the revision it holds at once; a change whose notification was missed still
+    /// reaches it at the next heartbeat.
+    #[tokio::test(start_paused = true)]
+    async fn silent_nodes_are_let_go_and_heartbeats_catch_up() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        let held = store.revision().expect("rev");
+        let node = Node::connect(&state, "quiet", held as u64).await;
+        let connected = |state: &PushState| {
+            state
+                .nodes()
+                .into_iter()
+                .find(|n| n.node_id == "quiet")
+                .map(|n| (n.connected, n.applied_revision))
+        };
+        for _ in 0..100 {
+            if connected(&state) == Some((true, held as u64)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            connected(&state),
+            Some((true, held as u64)),
+            "shows what it holds"
+        );
+        tokio::time::sleep(SILENT + Duration::from_secs(1)).await;
+        assert_eq!(connected(&state), Some((false, held as u64)), "let go");
+        drop(node);
+
+        let mut node = Node::connect(&state, "again", held as u64).await;
+        // Committed without telling the sessions.
+        let w = store
+            .put_route(&actor(), "t", Environment::Production, "r2", &route("m2"))
+            .expect("route");
+        match node.next().await {
+            Message::Changes { to_revision, .. } => assert_eq!(to_revision, w.revision as u64),
+            other => panic!("expected changes, got {other:?}"),
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

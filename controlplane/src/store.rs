@@ -129,11 +129,17 @@ CREATE TABLE policies (
     r#"
 ALTER TABLE upstreams ADD COLUMN pass_organization_headers INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE changelog ADD COLUMN revision_id INTEGER NOT NULL DEFAULT 0;
+INSERT INTO meta (name, value) VALUES ('revision_id', 0);
+"#,
 ];
 
 /// `meta` rows.
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted_through";
+/// The random id of the newest revision (see [`aigw_wire::Message::Changes`]).
+const META_REVISION_ID: &str = "revision_id";
 
 /// Longest chain of nested sub-accounts.
 pub const MAX_SUB_ACCOUNT_DEPTH: i64 = 8;
@@ -514,7 +520,15 @@ impl Store {
     /// one never holds a route naming an upstream it lacks: upserts of everything but routes
     /// first, then routes, then deletions of everything but routes.
     pub fn changes_since(&self, revision: i64) -> Result<Option<(Vec<Change>, i64)>, StoreError> {
-        self.changes_since_at_most(revision, usize::MAX)
+        Ok(self
+            .changes_since_at_most(revision, usize::MAX)?
+            .map(|(c, newest, _)| (c, newest)))
+    }
+
+    /// The id of `revision`: `None` when this store never issued it or no longer knows it
+    /// (compacted away). A node holding `revision` with another id holds another history.
+    pub fn revision_id(&self, revision: i64) -> Result<Option<u64>, StoreError> {
+        self.read(|c| revision_id_of(c, revision))
     }
 
     /// [`Store::changes_since`], but `None` also when more than `max` records changed: a
@@ -524,7 +538,7 @@ impl Store {
         &self,
         revision: i64,
         max: usize,
-    ) -> Result<Option<(Vec<Change>, i64)>, StoreError> {
+    ) -> Result<Option<(Vec<Change>, i64, u64)>, StoreError> {
         self.with_tx(|tx| {
             if revision < meta(tx, META_COMPACTED)? {
                 return Ok(None);
@@ -568,13 +582,14 @@ impl Store {
                 });
             }
             changes.sort_by_key(apply_phase);
-            Ok(Some((changes, newest)))
+            let newest_id = revision_id_of(tx, newest)?.unwrap_or(0);
+            Ok(Some((changes, newest, newest_id)))
         })
     }
 
     /// Every record nodes hold (credentials opened), and the revision they are at, read
     /// together. Upstreams come before the routes that name them.
-    pub fn snapshot(&self) -> Result<(Vec<Record>, i64), StoreError> {
+    pub fn snapshot(&self) -> Result<(Vec<Record>, i64, u64), StoreError> {
         self.with_tx(|tx| {
             let mut records: Vec<Record> = key_records(tx, None)?
                 .into_iter()
@@ -595,7 +610,9 @@ impl Store {
                     .into_iter()
                     .map(Record::Policy),
             );
-            Ok((records, meta(tx, META_REVISION)?))
+            let revision = meta(tx, META_REVISION)?;
+            let id = revision_id_of(tx, revision)?.unwrap_or(0);
+            Ok((records, revision, id))
         })
     }
 
@@ -850,6 +867,7 @@ fn tenant_exists(c: &Connection, tenant_id: &str) -> Result<(), StoreError> {
 }
 
 fn insert_key_tx(tx: &Transaction<'_>, k: &NewKey) -> Result<(), StoreError> {
+    aigw_wire::rules::check_key_fields(&k.name, &k.allowed_models)?;
     tenant_exists(tx, &k.tenant_id)?;
     if let Some(s) = &k.sub_account_id {
         let owner: Option<String> = tx
@@ -892,11 +910,36 @@ fn change(tx: &Transaction<'_>, kind: &str, id: &str, op: &str) -> Result<i64, S
         params![META_REVISION],
     )?;
     let revision = meta(tx, META_REVISION)?;
+    let revision_id = random_revision_id()?;
     tx.execute(
-        "INSERT INTO changelog (revision, kind, record_id, op, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![revision, kind, id, op, now()],
+        "INSERT INTO changelog (revision, kind, record_id, op, at, revision_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![revision, kind, id, op, now(), revision_id],
     )?;
+    set_meta(tx, META_REVISION_ID, revision_id)?;
     Ok(revision)
+}
+
+/// A random, positive, non-zero id for a new revision.
+fn random_revision_id() -> Result<i64, StoreError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| StoreError::Invalid(format!("random: {e}")))?;
+    Ok((u64::from_le_bytes(b) >> 1).max(1) as i64)
+}
+
+/// The id of `revision`, if this store issued it and still knows it (0: issued before
+/// revisions had ids).
+fn revision_id_of(c: &Connection, revision: i64) -> Result<Option<u64>, StoreError> {
+    if revision == meta(c, META_REVISION)? {
+        return Ok(Some(meta(c, META_REVISION_ID)?.max(0) as u64));
+    }
+    let id: Option<i64> = c
+        .query_row(
+            "SELECT revision_id FROM changelog WHERE revision = ?1",
+            params![revision],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(id.map(|i| i.max(0) as u64))
 }
 
 fn audit(

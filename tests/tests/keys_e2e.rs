@@ -197,6 +197,7 @@ fn a_node_one_protocol_version_behind_still_syncs() {
             boot_epoch: 1,
             revision_held: 0,
             token: cp.node_token.clone(),
+            revision_id: 0,
         },
         &mut out,
     );
@@ -281,6 +282,14 @@ both_drivers!(
                 == 200),
             "ready from disk"
         );
+        // Its configuration is as old as the snapshot, not unknown.
+        let saved = std::fs::metadata(&snap).unwrap().modified().unwrap();
+        let age = admin_get(gw.admin_addr(), "/readyz").json()["config_age_seconds"].as_u64();
+        let expected = saved.elapsed().unwrap().as_secs();
+        assert!(
+            age.is_some_and(|a| a >= expected && a <= expected + 2),
+            "config_age_seconds {age:?}, snapshot saved {expected} s ago"
+        );
         assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 200);
         let r = chat_with_key(gw.addr(), Some(&bad), "m");
         assert_eq!(
@@ -307,3 +316,131 @@ both_drivers!(
         assert_eq!(r.header("retry-after"), Some("1"));
     }
 );
+
+// A node restarted while its control plane is down never serves a configuration older than
+// the one it last applied: a sealed snapshot that is behind (here, put back from before a
+// revocation) is refused, and the node waits for its control plane.
+both_drivers!(a_restart_never_rolls_back_to_an_older_snapshot, |driver| {
+    let dir = scratch_dir(&format!("rollback-{driver:?}"));
+    let cp = cp_start(dir.join("cp"), "127.0.0.1:0");
+    let mock = MockProvider::start(MockOptions::default());
+    tenant(&cp, "acme", "pro");
+    route_env(&cp, "acme", "production", &mock);
+    let k = create_key(&cp, "acme", json!({"environment": "production"}));
+    let (key, key_id) = (
+        k["key"].as_str().unwrap().to_string(),
+        k["info"]["key_id"].as_str().unwrap().to_string(),
+    );
+    std::env::set_var("AIGW_E2E_ROLLBACK_SEAL_KEY", "6f".repeat(32));
+    let snap = dir.join("node").join("keys.sealed");
+    let sealed = |c: &mut ControlPlaneConfig| {
+        c.snapshot_file = Some(snap.clone());
+        c.seal_key_env = "AIGW_E2E_ROLLBACK_SEAL_KEY".into();
+    };
+    let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
+    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    wait_workers(&gw, revision(&cp));
+    assert_eq!(chat_with_key(gw.addr(), Some(&key), "m").status, 200);
+    gw.stop();
+    let before_revocation = std::fs::read(&snap).unwrap();
+
+    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    wait_workers(&gw, revision(&cp));
+    assert_eq!(
+        api(&cp, "POST", &format!("/v1/keys/{key_id}/revoke"), None).status,
+        200
+    );
+    wait_workers(&gw, revision(&cp));
+    gw.stop();
+    cp.stop();
+
+    // The snapshot from before the revocation is put back, the control plane is down.
+    std::fs::write(&snap, &before_revocation).unwrap();
+    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
+    let r = chat_with_key(gw.addr(), Some(&key), "m");
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (503, Some("config_not_loaded")),
+        "the revoked key is not served from the older snapshot"
+    );
+});
+
+// After the control plane's database is restored from a backup and changed, a node that
+// holds a revision of the lost history gets a snapshot, not changes that do not apply to
+// what it holds: keys only the lost history knew are gone from it.
+both_drivers!(a_node_of_a_lost_history_gets_a_snapshot, |driver| {
+    let dir = scratch_dir(&format!("history-{driver:?}"));
+    let cp_dir = dir.join("cp");
+    let backup = dir.join("cp-backup");
+    let cp = cp_start(cp_dir.clone(), "127.0.0.1:0");
+    let push = cp.push_addr;
+    let mock = MockProvider::start(MockOptions::default());
+    tenant(&cp, "acme", "pro");
+    route_env(&cp, "acme", "production", &mock);
+    cp.stop();
+    copy_dir(&cp_dir, &backup);
+
+    // The lost history: one more key, which a node applies (and seals to disk).
+    let cp = cp_start(cp_dir.clone(), &push.to_string());
+    let lost = key(&cp, "acme", "production");
+    let (token, ca) = (cp.node_token.clone(), cp.ca_file.clone());
+    std::env::set_var("AIGW_E2E_HISTORY_SEAL_KEY", "7a".repeat(32));
+    let snap = dir.join("node").join("keys.sealed");
+    let sealed = |c: &mut ControlPlaneConfig| {
+        c.snapshot_file = Some(snap.clone());
+        c.seal_key_env = "AIGW_E2E_HISTORY_SEAL_KEY".into();
+    };
+    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    wait_workers(&gw, revision(&cp));
+    let held = revision(&cp);
+    assert_eq!(chat_with_key(gw.addr(), Some(&lost), "m").status, 200);
+    gw.stop();
+    cp.stop();
+
+    // The backup is restored and changed until it reaches the same revision number; only
+    // then does the node come back, holding that number from the lost history.
+    let cp = cp_start(backup.clone(), &push.to_string());
+    let mut kept = key(&cp, "acme", "production");
+    while revision(&cp) < held {
+        kept = key(&cp, "acme", "production");
+    }
+    assert_eq!(
+        revision(&cp),
+        held,
+        "the same revision number, another history"
+    );
+    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    assert!(
+        wait_until(Duration::from_secs(15), || chat_with_key(
+            gw.addr(),
+            Some(&kept),
+            "m"
+        )
+        .status
+            == 200),
+        "the node holds the restored history"
+    );
+    let r = chat_with_key(gw.addr(), Some(&lost), "m");
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (401, Some("unknown_api_key")),
+        "a key of the lost history is gone"
+    );
+    let node = api(&cp, "GET", "/v1/nodes", None).json()["data"][0].clone();
+    assert_eq!(node["snapshots_sent"], 1, "{node}");
+});
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
+    }
+}

@@ -59,6 +59,7 @@ fn before_authentication_only_a_small_hello_is_read() {
             boot_epoch: 1,
             revision_held: 0,
             token: "aigw_node_not-the-right-one-0123456789abcdefghij".into(),
+            revision_id: 0,
         },
         &mut out,
     );
@@ -82,6 +83,7 @@ fn before_authentication_only_a_small_hello_is_read() {
             boot_epoch: 1,
             revision_held: 0,
             token: cp.node_token.clone(),
+            revision_id: 0,
         },
         &mut out,
     );

@@ -359,6 +359,7 @@ both_drivers!(
                 part: 0,
                 parts: 1,
                 records,
+                revision_id: 0,
             },
             5,
         );
@@ -383,6 +384,7 @@ both_drivers!(
                     )),
                     Change::Upsert(route_record("missing")),
                 ],
+                revision_id: 0,
             },
             6,
         );
@@ -416,6 +418,7 @@ both_drivers!(
                         KeyStatus::Active,
                     )),
                 ],
+                revision_id: 0,
             },
             7,
         );
@@ -432,6 +435,7 @@ both_drivers!(
                 from_revision: 7,
                 to_revision: 8,
                 changes: vec![Change::Upsert(upstream_record(&mock.base_url()))],
+                revision_id: 0,
             },
             8,
         );
@@ -448,6 +452,7 @@ both_drivers!(
             part: 0,
             parts: 2,
             records: vec![key_record(&key, KeyStatus::Active)],
+            revision_id: 0,
         });
         let mut second = vec![upstream_record("ftp://x"), route_record("oa")];
         second.extend(beta(KeyStatus::Revoked));
@@ -457,6 +462,7 @@ both_drivers!(
                 part: 1,
                 parts: 2,
                 records: second,
+                revision_id: 0,
             },
             9,
         );
@@ -475,6 +481,7 @@ both_drivers!(
             part: 0,
             parts: 2,
             records: vec![key_record(&key, KeyStatus::Active)],
+            revision_id: 0,
         });
         let mut second = vec![upstream_record(&mock.base_url()), route_record("oa")];
         second.extend(beta(KeyStatus::Active));
@@ -484,6 +491,7 @@ both_drivers!(
                 part: 1,
                 parts: 2,
                 records: second,
+                revision_id: 0,
             },
             10,
         );
@@ -499,6 +507,7 @@ both_drivers!(
             part: 0,
             parts: 3,
             records: vec![key_record(&key, KeyStatus::Revoked)],
+            revision_id: 0,
         });
         let error = link.expect_nack(
             &Message::Snapshot {
@@ -506,6 +515,7 @@ both_drivers!(
                 part: 2,
                 parts: 3,
                 records: vec![upstream_record(&mock.base_url()), route_record("oa")],
+                revision_id: 0,
             },
             11,
         );
@@ -515,6 +525,7 @@ both_drivers!(
             part: 0,
             parts: 2,
             records: vec![key_record(&key, KeyStatus::Revoked)],
+            revision_id: 0,
         });
         link.expect_nack(
             &Message::Snapshot {
@@ -522,6 +533,7 @@ both_drivers!(
                 part: 1,
                 parts: 2,
                 records: vec![upstream_record(&mock.base_url()), route_record("oa")],
+                revision_id: 0,
             },
             13,
         );
@@ -531,6 +543,7 @@ both_drivers!(
                 part: 2,
                 parts: 2,
                 records: vec![],
+                revision_id: 0,
             },
             14,
         );
@@ -543,6 +556,7 @@ both_drivers!(
                 from_revision: 5,
                 to_revision: 6,
                 changes: vec![Change::Upsert(key_record(&key, KeyStatus::Revoked))],
+                revision_id: 0,
             },
             6,
         );
@@ -591,6 +605,7 @@ both_drivers!(
                     upstream_record(&mock.base_url()),
                     route_record("oa"),
                 ],
+                revision_id: 0,
             },
             5,
         );
@@ -602,6 +617,7 @@ both_drivers!(
             part: 0,
             parts: 2,
             records: vec![],
+            revision_id: 0,
         });
         link.expect_nack(
             &Message::Snapshot {
@@ -609,6 +625,7 @@ both_drivers!(
                 part: 1,
                 parts: 2,
                 records: vec![],
+                revision_id: 0,
             },
             7,
         );
@@ -629,6 +646,7 @@ both_drivers!(
                 from_revision: 5,
                 to_revision: 8,
                 changes: vec![Change::Upsert(key_record(&key, KeyStatus::Active))],
+                revision_id: 0,
             },
             8,
         );

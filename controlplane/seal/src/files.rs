@@ -136,6 +136,17 @@ impl AtomicFile {
     }
 }
 
+impl AtomicFile {
+    /// Renames the file over the final path without syncing it first: still whole or
+    /// absent after the process dies, but not guaranteed to survive a power loss. For small
+    /// bookkeeping written often.
+    pub fn commit_unsynced(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.committed {

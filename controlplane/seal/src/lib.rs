@@ -26,6 +26,9 @@ const VERSION: u8 = 1;
 const NONCE: usize = 12;
 const TAG: usize = 16;
 const KEY: usize = 32;
+/// Largest chunk an opener reads; a length past it in a file is refused before anything is
+/// allocated for it. Sealers write chunks well below it (a snapshot part is at most 16 MiB).
+pub const MAX_CHUNK: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -244,6 +247,9 @@ impl<R: std::io::Read> Opener<R> {
             .read_exact(&mut len)
             .map_err(|_| SealError::Format)?;
         let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_CHUNK {
+            return Err(SealError::Format);
+        }
         let mut nt = [0u8; NONCE + TAG];
         self.reader
             .read_exact(&mut nt)
@@ -265,6 +271,14 @@ impl<R: std::io::Read> Opener<R> {
             ) {
                 self.index += 1;
                 self.done = last;
+                if last {
+                    // Nothing may follow the last chunk.
+                    let mut extra = [0u8; 1];
+                    match self.reader.read(&mut extra) {
+                        Ok(0) => {}
+                        _ => return Err(SealError::Format),
+                    }
+                }
                 return Ok(Some(pt));
             }
         }
@@ -367,6 +381,18 @@ mod tests {
             file.extend_from_slice(c);
         }
         assert!(matches!(open(&kek(3), "p", &file), Err(SealError::Auth)));
+        // Bytes after the last chunk.
+        let mut trailing = whole.clone();
+        trailing.push(0);
+        assert!(matches!(
+            open(&kek(3), "p", &trailing),
+            Err(SealError::Format)
+        ));
+        // A chunk length past the bound is refused before anything is allocated for it.
+        let mut huge = whole[..head_len].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&[0; NONCE + TAG]);
+        assert!(matches!(open(&kek(3), "p", &huge), Err(SealError::Format)));
     }
 
     #[test]

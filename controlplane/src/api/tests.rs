@@ -536,3 +536,50 @@ fn secret_files_are_whole_private_and_checked() {
     running.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every key record reaches every node: its fields are bounded at the admin API.
+#[test]
+fn key_fields_are_bounded() {
+    let dir = temp();
+    let cp = cp(&dir);
+    let (code, _) = call(
+        &cp,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "name": "Acme", "tier": "pro"})),
+    );
+    assert_eq!(code, 201);
+    let models: Vec<String> = (0..=aigw_wire::rules::MAX_ALLOWED_MODELS)
+        .map(|i| format!("m{i}"))
+        .collect();
+    for (body, field) in [
+        (
+            json!({"environment": "production", "allowed_models": models}),
+            "allowed_models",
+        ),
+        (
+            json!({"environment": "production", "allowed_models": ["a b"]}),
+            "allowed_models[0].model",
+        ),
+        (
+            json!({"environment": "production", "allowed_models": ["x".repeat(300)]}),
+            "allowed_models[0].model",
+        ),
+        (
+            json!({"environment": "production", "name": "n".repeat(200)}),
+            "name",
+        ),
+    ] {
+        let (code, v) = call(&cp, "POST", "/v1/tenants/acme/keys", Some(body));
+        assert_eq!(code, 400, "{v}");
+        assert!(message(&v).starts_with(field), "{field}: {v}");
+    }
+    let (code, _) = call(
+        &cp,
+        "POST",
+        "/v1/tenants/acme/keys",
+        Some(json!({"environment": "production", "allowed_models": ["gpt-4o"]})),
+    );
+    assert_eq!(code, 201);
+    let _ = std::fs::remove_dir_all(&dir);
+}

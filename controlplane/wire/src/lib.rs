@@ -175,6 +175,7 @@ mod tests {
                         protocol_version: PROTOCOL_VERSION,
                         node_id,
                         boot_epoch,
+                        revision_id: revision_held.wrapping_mul(31),
                         revision_held,
                         token,
                     }
@@ -193,8 +194,9 @@ mod tests {
             )
                 .prop_map(|(from_revision, to_revision, changes)| Message::Changes {
                     from_revision,
+                    revision_id: to_revision.rotate_left(7),
                     to_revision,
-                    changes
+                    changes,
                 }),
             (
                 any::<u64>(),
@@ -206,7 +208,8 @@ mod tests {
                     revision,
                     part,
                     parts,
-                    records
+                    records,
+                    revision_id: revision.rotate_left(3),
                 }),
             (
                 any::<u64>(),
@@ -346,7 +349,8 @@ mod tests {
                         body: b"opaque".to_vec()
                     },
                     Record::Key(k)
-                ]
+                ],
+                revision_id: 0,
             }
         );
     }

@@ -105,12 +105,19 @@ pub enum Message {
         boot_epoch: u64,
         revision_held: u64,
         token: String,
+        /// The id of the revision held ([`Message::Changes::revision_id`]); 0 = none.
+        revision_id: u64,
     },
     /// Control plane → node: the changes after `from_revision` up to `to_revision`.
     Changes {
         from_revision: u64,
         to_revision: u64,
         changes: Vec<Change>,
+        /// A random id the control plane gave `to_revision` when it committed it: two
+        /// histories that reach the same revision number (a database restored from a
+        /// backup, then changed) have different ids, so a node holding the other one gets
+        /// a snapshot instead of changes that do not apply to what it holds.
+        revision_id: u64,
     },
     /// Control plane → node: a full snapshot at `revision`, in `parts` messages.
     Snapshot {
@@ -118,6 +125,8 @@ pub enum Message {
         part: u64,
         parts: u64,
         records: Vec<Record>,
+        /// As in [`Message::Changes`].
+        revision_id: u64,
     },
     /// Node → control plane: `revision` is applied on every worker, except the records in
     /// `problems` (every record the node holds and cannot use, not only this revision's).
@@ -432,22 +441,30 @@ impl Message {
                 boot_epoch,
                 revision_held,
                 token,
+                revision_id,
             } => {
                 put_u64(out, 1, *protocol_version);
                 put_str(out, 2, node_id);
                 put_u64(out, 3, *boot_epoch);
                 put_u64(out, 4, *revision_held);
                 put_str(out, 5, token);
+                if *revision_id != 0 {
+                    put_u64(out, 6, *revision_id);
+                }
             }
             Self::Changes {
                 from_revision,
                 to_revision,
                 changes,
+                revision_id,
             } => {
                 put_u64(out, 1, *from_revision);
                 put_u64(out, 2, *to_revision);
                 for c in changes {
                     put_field(out, 3, |o| c.encode(o));
+                }
+                if *revision_id != 0 {
+                    put_u64(out, 4, *revision_id);
                 }
             }
             Self::Snapshot {
@@ -455,12 +472,16 @@ impl Message {
                 part,
                 parts,
                 records,
+                revision_id,
             } => {
                 put_u64(out, 1, *revision);
                 put_u64(out, 2, *part);
                 put_u64(out, 3, *parts);
                 for rec in records {
                     put_field(out, 4, |o| rec.encode(o));
+                }
+                if *revision_id != 0 {
+                    put_u64(out, 5, *revision_id);
                 }
             }
             Self::Ack {
@@ -545,17 +566,20 @@ impl Message {
                 boot_epoch: u_or0(3)?,
                 revision_held: u_or0(4)?,
                 token: s(5)?,
+                revision_id: u_or0(6)?,
             },
             types::CHANGES => Self::Changes {
                 from_revision: u_or0(1)?,
                 to_revision: u(2)?,
                 changes: repeated(body, 3)?,
+                revision_id: u_or0(4)?,
             },
             types::SNAPSHOT => Self::Snapshot {
                 revision: u(1)?,
                 part: u_or0(2)?,
                 parts: u(3)?,
                 records: repeated(body, 4)?,
+                revision_id: u_or0(5)?,
             },
             types::ACK => Self::Ack {
                 revision: u(1)?,

@@ -33,6 +33,10 @@ pub const MAX_BASE_URL: usize = 2048;
 pub const MAX_TENANT_ID: usize = 128;
 /// Largest JSON value of a non-retention body field, in bytes.
 pub const MAX_BODY_FIELD_VALUE: usize = 4096;
+/// Most models one key may be limited to.
+pub const MAX_ALLOWED_MODELS: usize = 256;
+/// Longest key or sub-account name, in bytes.
+pub const MAX_LABEL: usize = 128;
 
 /// What upstream and route names must look like.
 pub const NAME_RULE: &str =
@@ -496,6 +500,27 @@ pub fn check_non_retention(nr: &NonRetention) -> Result<(), RuleError> {
             Ok(())
         }
     }
+}
+
+/// A key's operator-given fields: its name and the models it is limited to (every key
+/// record goes to every node, so their size is bounded).
+pub fn check_key_fields(name: &str, allowed_models: &[String]) -> Result<(), RuleError> {
+    if name.len() > MAX_LABEL || name.chars().any(char::is_control) {
+        return Err(RuleError::new(
+            "name",
+            format!("at most {MAX_LABEL} bytes, no control characters"),
+        ));
+    }
+    if allowed_models.len() > MAX_ALLOWED_MODELS {
+        return Err(RuleError::new(
+            "allowed_models",
+            format!("at most {MAX_ALLOWED_MODELS} models"),
+        ));
+    }
+    for (i, m) in allowed_models.iter().enumerate() {
+        check_model("model", m, false).map_err(|e| e.within(format!("allowed_models[{i}]")))?;
+    }
+    Ok(())
 }
 
 /// An upstream as a node builds it: the fields a rule had to parse, parsed.

@@ -33,15 +33,37 @@ pub struct Persist {
 
 /// Boots from the sealed snapshot, if there is one: the node serves what it last applied
 /// even when the control plane is unreachable. A file that cannot be opened (wrong key,
-/// tampered) is ignored and the node waits for the control plane: it fails closed.
+/// tampered), or that is older than what the node last applied (it stopped before the
+/// snapshot caught up), is not used and the node waits for the control plane: it fails
+/// closed, so a restart never brings back a revoked key. The configuration's age is the
+/// snapshot's.
 pub fn boot_from_disk(persist: &Persist, keys: &SharedConfig) {
     if !persist.path.exists() {
         return;
     }
     match crate::config::snapshot::load(&persist.path, &persist.kek) {
         Ok(table) => {
+            let held = (table.revision, table.revision_id);
+            match crate::config::snapshot::read_mark(&persist.path) {
+                Some(mark) if mark != held => {
+                    tracing::error!(
+                        snapshot_revision = held.0,
+                        applied_revision = mark.0,
+                        path = %persist.path.display(),
+                        "the sealed snapshot is older than the configuration this node last applied; waiting for the control plane"
+                    );
+                    return;
+                }
+                _ => {}
+            }
             tracing::info!(revision = table.revision, keys = table.len(), path = %persist.path.display(), "booted from the sealed snapshot");
             keys.publish(table);
+            let age = std::fs::metadata(&persist.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            keys.touched_ago(age);
         }
         Err(e) => {
             tracing::error!(error = %e, path = %persist.path.display(), "sealed snapshot unusable; waiting for the control plane")
@@ -132,6 +154,7 @@ fn session(
             boot_epoch,
             revision_held: keys.revision(),
             token: token.to_string(),
+            revision_id: keys.load().revision_id,
         },
     )?;
     tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
@@ -190,6 +213,7 @@ fn session(
                 part,
                 parts,
                 records,
+                revision_id,
             } => {
                 if parts == 0 || part >= parts {
                     snapshot = None;
@@ -199,16 +223,20 @@ fn session(
                     continue;
                 }
                 if part == 0 {
-                    snapshot = Some(Incoming::new(revision, parts, None));
+                    snapshot = Some(Incoming::new(revision, revision_id, parts, None));
                 }
                 let s = snapshot.get_or_insert_with(|| {
                     Incoming::new(
                         revision,
+                        revision_id,
                         parts,
                         Some("a snapshot part arrived without its first part".into()),
                     )
                 });
-                if s.error.is_none() && (s.revision, s.parts, s.next) != (revision, parts, part) {
+                if s.error.is_none()
+                    && (s.revision, s.revision_id, s.parts, s.next)
+                        != (revision, revision_id, parts, part)
+                {
                     s.error = Some(format!(
                         "snapshot part {part}/{parts} of revision {revision} arrived, expected part {}/{} of revision {}",
                         s.next, s.parts, s.revision
@@ -227,7 +255,9 @@ fn session(
                             let t = done.builder.finish();
                             let n = t.len();
                             let ack = applied(&t);
+                            let mark = (t.revision, t.revision_id);
                             keys.publish(t);
+                            record_applied(persist, mark);
                             keys.touch();
                             refused = false;
                             tracing::info!(revision, keys = n, "applied snapshot");
@@ -246,6 +276,7 @@ fn session(
                 from_revision,
                 to_revision,
                 changes,
+                revision_id,
             } => {
                 let current = keys.load();
                 if from_revision > current.revision {
@@ -278,9 +309,11 @@ fn session(
                     continue;
                 }
                 let n = changes.len();
-                let t = current.apply_changes(to_revision, changes);
+                let t = current.apply_changes(to_revision, revision_id, changes);
                 let reply = applied(&t);
+                let mark = (t.revision, t.revision_id);
                 keys.publish(t);
+                record_applied(persist, mark);
                 keys.touch();
                 refused = false;
                 tracing::debug!(revision = to_revision, changes = n, "applied changes");
@@ -329,6 +362,7 @@ fn applied(config: &NodeConfig) -> Message {
 struct Incoming {
     builder: NodeConfigBuilder,
     revision: u64,
+    revision_id: u64,
     parts: u64,
     next: u64,
     /// Set at the first problem; the snapshot is refused once its last part arrives.
@@ -336,14 +370,24 @@ struct Incoming {
 }
 
 impl Incoming {
-    fn new(revision: u64, parts: u64, error: Option<String>) -> Self {
+    fn new(revision: u64, revision_id: u64, parts: u64, error: Option<String>) -> Self {
         Self {
-            builder: NodeConfigBuilder::new(revision),
+            builder: NodeConfigBuilder::with_id(revision, revision_id),
             revision,
+            revision_id,
             parts,
             next: 0,
             error,
         }
+    }
+}
+
+/// Records beside the sealed snapshot which revision was just applied (see
+/// [`crate::config::snapshot::mark_path`]).
+fn record_applied(persist: Option<&Persist>, (revision, revision_id): (u64, u64)) {
+    let Some(p) = persist else { return };
+    if let Err(e) = crate::config::snapshot::write_mark(&p.path, revision, revision_id) {
+        tracing::error!(error = %e, path = %p.path.display(), "recording the applied revision failed");
     }
 }
 

@@ -48,6 +48,9 @@ type Shard = Vec<(KeyId, Arc<KeyEntry>)>;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub revision: u64,
+    /// The id the control plane gave this revision (0: none known); it tells one history
+    /// of revisions from another that reached the same number.
+    pub revision_id: u64,
     shards: Vec<Arc<Shard>>,
     /// Key records held that could not be applied (their key is unknown here), by key id.
     key_problems: Arc<BTreeMap<String, String>>,
@@ -123,6 +126,7 @@ impl NodeConfig {
     pub fn empty() -> Self {
         Self {
             revision: 0,
+            revision_id: 0,
             shards: (0..SHARDS).map(|_| Arc::new(Shard::new())).collect(),
             routing: Arc::new(Routing::empty()),
             key_problems: Arc::default(),
@@ -197,6 +201,7 @@ impl NodeConfig {
         }
         Self {
             revision,
+            revision_id: 0,
             shards,
             routing: Arc::clone(&self.routing),
             key_problems: problems.map_or_else(|| Arc::clone(&self.key_problems), Arc::new),
@@ -205,7 +210,7 @@ impl NodeConfig {
 
     /// A new table with a change set applied: keys, and the routing when the set touches
     /// it; `self` is untouched. Every record that can be applied is.
-    pub fn apply_changes(&self, revision: u64, changes: Vec<Change>) -> Self {
+    pub fn apply_changes(&self, revision: u64, revision_id: u64, changes: Vec<Change>) -> Self {
         let mut key_upserts = Vec::new();
         let mut key_deletes = Vec::new();
         let mut routing_upserts = Vec::new();
@@ -225,6 +230,7 @@ impl NodeConfig {
             }
         }
         let mut next = self.apply(revision, &key_upserts, &key_deletes);
+        next.revision_id = revision_id;
         if !routing_upserts.is_empty() || !routing_deletes.is_empty() {
             next.routing = Arc::new(self.routing.apply(routing_upserts, &routing_deletes));
         }
@@ -310,6 +316,7 @@ impl NodeConfig {
 #[derive(Default)]
 pub struct NodeConfigBuilder {
     revision: u64,
+    revision_id: u64,
     interner: Interner,
     /// Every key record in arrival order; `None` for one that could not be applied.
     shards: Vec<Vec<(KeyId, Option<Arc<KeyEntry>>)>>,
@@ -327,8 +334,14 @@ impl std::fmt::Debug for NodeConfigBuilder {
 
 impl NodeConfigBuilder {
     pub fn new(revision: u64) -> Self {
+        Self::with_id(revision, 0)
+    }
+
+    /// A builder for revision `revision` whose id is `revision_id`.
+    pub fn with_id(revision: u64, revision_id: u64) -> Self {
         Self {
             revision,
+            revision_id,
             interner: Interner::default(),
             shards: (0..SHARDS).map(|_| Vec::new()).collect(),
             routing: Vec::new(),
@@ -377,6 +390,7 @@ impl NodeConfigBuilder {
         let routing = Routing::from_records(self.routing);
         NodeConfig {
             revision: self.revision,
+            revision_id: self.revision_id,
             routing: Arc::new(routing),
             key_problems: Arc::new(self.key_problems),
             shards: self
@@ -451,6 +465,12 @@ impl SharedConfig {
 
     pub fn load(&self) -> Arc<NodeConfig> {
         self.current.load_full()
+    }
+
+    /// Records that the control plane was last heard from `ago`.
+    pub fn touched_ago(&self, ago: std::time::Duration) {
+        let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     pub fn touch(&self) {

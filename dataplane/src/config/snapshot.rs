@@ -17,6 +17,31 @@ use crate::config::pushed::{NodeConfig, NodeConfigBuilder};
 use crate::seal::{Kek, Opener, Sealer};
 
 pub const PURPOSE: &str = "key-snapshot";
+
+/// Beside the snapshot: the revision the node last applied (`<snapshot>.applied`), written
+/// whenever it applies one, so that a snapshot older than what the node served before it
+/// stopped is refused at boot (a revocation is never rolled back by a restart).
+pub fn mark_path(snapshot: &Path) -> std::path::PathBuf {
+    let mut name = snapshot.as_os_str().to_os_string();
+    name.push(".applied");
+    std::path::PathBuf::from(name)
+}
+
+/// Records that the node applied `revision` (with its id). Written atomically but not
+/// synced: it survives the process dying, which is what it guards against.
+pub fn write_mark(snapshot: &Path, revision: u64, revision_id: u64) -> std::io::Result<()> {
+    let mut f = crate::seal::files::AtomicFile::create(&mark_path(snapshot))?;
+    f.file()
+        .write_all(format!("{revision} {revision_id}\n").as_bytes())?;
+    f.commit_unsynced()
+}
+
+/// The revision (and its id) the node last applied, if it recorded one.
+pub fn read_mark(snapshot: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(mark_path(snapshot)).ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
 /// Records per sealed chunk: bounded memory whatever the table's size.
 const PART: usize = 20_000;
 
@@ -43,6 +68,7 @@ pub fn save(path: &Path, kek: &Kek, table: &NodeConfig) -> anyhow::Result<()> {
                     part: part as u64,
                     parts: parts as u64,
                     records,
+                    revision_id: table.revision_id,
                 },
                 &mut frame,
             );
@@ -82,15 +108,21 @@ pub fn load(path: &Path, kek: &Kek) -> anyhow::Result<NodeConfig> {
     while let Some(chunk) = opener.next_chunk()? {
         let Some((
             Frame::Message(Message::Snapshot {
-                revision, records, ..
+                revision,
+                records,
+                revision_id,
+                ..
             }),
-            _,
+            used,
         )) = decode_frame(&chunk, DEFAULT_MAX_FRAME)?
         else {
             anyhow::bail!("sealed snapshot holds something other than a snapshot part");
         };
+        if used != chunk.len() {
+            anyhow::bail!("sealed snapshot chunk holds bytes after its part");
+        }
         builder
-            .get_or_insert_with(|| NodeConfigBuilder::new(revision))
+            .get_or_insert_with(|| NodeConfigBuilder::with_id(revision, revision_id))
             .add_records(records);
     }
     match builder {

@@ -54,7 +54,7 @@ fn store() -> (Store, std::path::PathBuf) {
 }
 
 fn snapshot_upstream(s: &Store, id: &str) -> UpstreamRecord {
-    let (records, _) = s.snapshot().expect("snapshot");
+    let (records, _, _) = s.snapshot().expect("snapshot");
     records
         .into_iter()
         .find_map(|r| match r {
@@ -244,7 +244,7 @@ fn changes_since_sends_current_records_and_tombstones() {
     assert_eq!(
         s.changes_since_at_most(r_tenant - 1, 3)
             .expect("read")
-            .map(|(c, _)| c.len()),
+            .map(|(c, _, _)| c.len()),
         Some(3)
     );
 
@@ -290,7 +290,7 @@ fn change_sets_order_upstreams_before_the_routes_that_name_them() {
             "delete t/production/old"
         ]
     );
-    let (records, _) = s.snapshot().expect("snapshot");
+    let (records, _, _) = s.snapshot().expect("snapshot");
     let kinds: Vec<u64> = records.iter().map(Record::kind).collect();
     let mut sorted = kinds.clone();
     sorted.sort_unstable();
