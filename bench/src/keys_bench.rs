@@ -119,7 +119,8 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
     if plaintexts.len() < revocations {
         bail!("only {} keys to revoke", plaintexts.len());
     }
-    std::env::set_var("AIGW_BENCH_NODE_TOKEN", &cp.node_token);
+    let token = cp.add_node("bench", &Default::default())?;
+    std::env::set_var("AIGW_BENCH_ENROLLMENT_TOKEN", &token);
     let mut c = dataplane::config::Config::default();
     c.server.listen = "127.0.0.1:0".parse()?;
     c.admin.listen = "127.0.0.1:0".parse()?;
@@ -130,8 +131,10 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         address: cp.push_addr.to_string(),
         server_name: Some("localhost".into()),
         ca_file: cp.ca_file.clone(),
-        token_env: "AIGW_BENCH_NODE_TOKEN".into(),
-        node_id: Some("bench".into()),
+        identity_dir: dir.join("identity"),
+        enrollment_token_env: "AIGW_BENCH_ENROLLMENT_TOKEN".into(),
+        retired_token_env: false,
+        retired_node_id: false,
         environments: vec!["production".into()],
         max_stale: Duration::ZERO,
         snapshot_file: None,
@@ -234,10 +237,12 @@ pub(crate) fn snapshot(keys: usize) -> anyhow::Result<()> {
             .port()
     )
     .parse()?;
+    let token = cp.add_node("bench", &Default::default())?;
     let conf = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\nlevel = \"info\"\naccess = false\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ntoken_env = \"AIGW_BENCH_NODE_TOKEN\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\nlevel = \"info\"\naccess = false\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"AIGW_BENCH_ENROLLMENT_TOKEN\"\n",
         cp.push_addr,
-        cp.ca_file.display()
+        cp.ca_file.display(),
+        node_dir.join("identity").display()
     );
     let path = node_dir.join("dataplane.toml");
     std::fs::write(&path, conf)?;
@@ -249,7 +254,7 @@ pub(crate) fn snapshot(keys: usize) -> anyhow::Result<()> {
     let mut child = Command::new(exe)
         .arg("--config")
         .arg(&path)
-        .env("AIGW_BENCH_NODE_TOKEN", &cp.node_token)
+        .env("AIGW_BENCH_ENROLLMENT_TOKEN", &token)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(node_dir.join("dataplane.log"))?)
         .spawn()

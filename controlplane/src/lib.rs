@@ -68,14 +68,26 @@ pub struct Running {
     pub addr: SocketAddr,
     pub push_addr: SocketAddr,
     pub admin_token: String,
-    pub node_token: String,
     /// The CA nodes must trust for the link.
     pub ca_file: PathBuf,
+    push: Arc<push::PushState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Registers node `id` with `scope` (as `POST /v1/nodes` does, audited as the embedding
+    /// program) and returns its one-time enrolment token, valid for an hour.
+    pub fn add_node(&self, id: &str, scope: &store::NodeScope) -> anyhow::Result<String> {
+        let actor = store::Actor {
+            principal: "control-plane".into(),
+            source: "embedded".into(),
+        };
+        let (_, token) = self.push.store.add_node(&actor, id, scope, None)?;
+        self.push.registry_changed();
+        Ok(token)
+    }
+
     pub fn stop(mut self) {
         self.stop_inner();
     }
@@ -177,18 +189,13 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let store = Arc::new(store::Store::open(&opts.data_dir, kek)?);
     let keep = i64::try_from(opts.changelog_keep).unwrap_or(i64::MAX);
     let token = admin_token(&opts.data_dir)?;
-    let node_token = pki::node_token(&opts.data_dir)?;
     let pki = pki::Pki::under(&opts.data_dir);
     pki.ensure(&opts.tls_names)?;
     let tls = pki.server_config()?;
-    let (revision_tx, _) = tokio::sync::watch::channel(store.revision()?);
-    let push = Arc::new(push::PushState {
-        store: Arc::clone(&store),
-        revision: revision_tx,
-        nodes: std::sync::Mutex::new(Default::default()),
-        node_token: node_token.clone(),
-    });
+    let ca_file = pki.ca_cert.clone();
+    let push = Arc::new(push::PushState::new(Arc::clone(&store), pki)?);
     let compact_store = Arc::clone(&store);
+    let push_state = Arc::clone(&push);
     let state = Arc::new(api::AppState {
         store,
         admin_token: token.clone(),
@@ -230,7 +237,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let link_task = tokio::spawn(push::serve(link, tls, push));
+                let link_task = tokio::spawn(push::serve(link, tls, push_state));
                 let compact_task = tokio::spawn(compact_periodically(compact_store, keep));
                 let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
                 let served = axum::serve(api, app).with_graceful_shutdown(async {
@@ -251,8 +258,8 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         addr,
         push_addr,
         admin_token: token,
-        node_token,
-        ca_file: pki.ca_cert,
+        ca_file,
+        push,
         shutdown: Some(tx),
         thread: Some(thread),
     })

@@ -48,8 +48,41 @@ enum Cmd {
         #[arg(long, default_value_t = controlplane::DEFAULT_CHANGELOG_KEEP)]
         changelog_keep: u64,
     },
-    /// Nodes and the revision each has applied.
+    /// Nodes: scope, enrolment, and the revision each has applied.
     Nodes,
+    /// Register a node; prints its one-time enrolment token (give it to the node in
+    /// AIGW_ENROLLMENT_TOKEN).
+    NodeAdd {
+        id: String,
+        /// Environments whose keys and routing it receives (repeat; default all three).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+        /// Tenants whose keys and routing it receives (repeat; default every tenant).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// How long the enrolment token is valid, in seconds (default an hour).
+        #[arg(long)]
+        expires_in_seconds: Option<i64>,
+    },
+    /// A new enrolment token for a node (lost or replaced identity); its current
+    /// certificate is refused once the node enrols with the new one.
+    NodeEnroll {
+        id: String,
+        #[arg(long)]
+        expires_in_seconds: Option<i64>,
+    },
+    /// Revoke a node: its link closes now and its certificate is refused from then on.
+    NodeRevoke {
+        id: String,
+    },
+    /// Set what a node receives; it is sent a snapshot of the new scope at once.
+    NodeScope {
+        id: String,
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+    },
     /// Create a tenant: --name NAME --tier free|pro|enterprise.
     TenantCreate {
         #[arg(long)]
@@ -240,7 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             changelog_keep,
         })?;
         println!(
-            "control plane: admin API http://{}, node link {} (CA {}); tokens in the data directory",
+            "control plane: admin API http://{}, node link {} (CA {}); the admin token is in the data directory; register a node with node-add",
             running.addr,
             running.push_addr,
             running.ca_file.display()
@@ -293,6 +326,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Audit { after } => ("GET", format!("/v1/audit?after={after}"), None),
         Cmd::Nodes => ("GET", "/v1/nodes".into(), None),
+        Cmd::NodeAdd {
+            id,
+            environments,
+            tenants,
+            expires_in_seconds,
+        } => (
+            "POST",
+            "/v1/nodes".into(),
+            Some(
+                json!({"id": id, "environments": environments, "tenants": tenants, "expires_in_seconds": expires_in_seconds}),
+            ),
+        ),
+        Cmd::NodeEnroll {
+            id,
+            expires_in_seconds,
+        } => (
+            "POST",
+            format!("/v1/nodes/{id}/enrollment"),
+            Some(json!({"expires_in_seconds": expires_in_seconds})),
+        ),
+        Cmd::NodeRevoke { id } => ("POST", format!("/v1/nodes/{id}/revoke"), None),
+        Cmd::NodeScope {
+            id,
+            environments,
+            tenants,
+        } => (
+            "PUT",
+            format!("/v1/nodes/{id}/scope"),
+            Some(json!({"environments": environments, "tenants": tenants})),
+        ),
         Cmd::UpstreamPut {
             tenant,
             env,

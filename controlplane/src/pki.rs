@@ -1,7 +1,7 @@
-//! The link's certificates and the node token, generated at first start when none are
-//! configured, so the quick start needs no setup: a CA, a server certificate it signs for
-//! `localhost` / `127.0.0.1` (and any names given), and a random node token. Nodes trust
-//! `<data>/pki/ca.pem` and present the token.
+//! The link's certificates, generated at first start when none are configured, so the quick
+//! start needs no setup: a CA, a server certificate it signs for `localhost` / `127.0.0.1`
+//! (and any names given), and, for every node that enrols, a client certificate naming it.
+//! Nodes trust `<data>/pki/ca.pem`; the control plane trusts the nodes' certificates.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +14,42 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 #[derive(Debug, Clone)]
 pub struct Pki {
     pub ca_cert: PathBuf,
+    /// The CA's key, kept (mode 0600) to sign the nodes' client certificates.
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+}
+
+/// How long a node's client certificate is valid: renewed by enrolling again.
+const NODE_CERT_DAYS: i64 = 825;
+
+/// The CA's parameters, the same every time: a CA rebuilt from them and its kept key signs
+/// certificates that chain to the `ca.pem` written at first start.
+fn ca_params() -> anyhow::Result<rcgen::CertificateParams> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "aigateway control plane CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(ca)
+}
+
+/// A node's public key as it arrives in its enrolment: an uncompressed P-256 point.
+struct NodePublicKey<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for NodePublicKey<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
 }
 
 impl Pki {
@@ -23,6 +57,7 @@ impl Pki {
         let dir = data_dir.join("pki");
         Self {
             ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca.key"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
         }
@@ -30,26 +65,26 @@ impl Pki {
 
     /// Generates the CA and the server certificate unless they exist.
     pub fn ensure(&self, names: &[String]) -> anyhow::Result<()> {
-        if self.server_cert.exists() && self.server_key.exists() && self.ca_cert.exists() {
+        let all = [
+            &self.server_cert,
+            &self.server_key,
+            &self.ca_cert,
+            &self.ca_key,
+        ];
+        if all.iter().all(|p| p.exists()) {
             return Ok(());
         }
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        if self.ca_cert.exists() {
+            tracing::warn!(ca = %self.ca_cert.display(), "the link's CA key was not kept; generating a new CA (nodes need the new ca.pem)");
+        }
+        use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
         let dir = self
             .ca_cert
             .parent()
             .ok_or_else(|| anyhow!("pki path has no parent"))?;
         aigw_seal::files::private_dir(dir)?;
         let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "aigateway control plane CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key)?;
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         sans.extend(names.iter().cloned());
         let key = KeyPair::generate()?;
@@ -59,6 +94,7 @@ impl Pki {
             .push(DnType::CommonName, "aigateway control plane");
         params.is_ca = IsCa::ExplicitNoCa;
         let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+        aigw_seal::files::write_private(&self.ca_key, ca_key.serialize_pem().as_bytes())?;
         aigw_seal::files::write_private(&self.server_key, key.serialize_pem().as_bytes())?;
         aigw_seal::files::write_public(&self.server_cert, cert.pem().as_bytes())?;
         aigw_seal::files::write_public(&self.ca_cert, ca_cert.pem().as_bytes())?;
@@ -66,28 +102,57 @@ impl Pki {
         Ok(())
     }
 
-    /// A TLS 1.3-only server config for the link.
+    /// A client certificate for node `node_id` (its common name) over `public_key` (an
+    /// uncompressed P-256 point), signed by the link's CA; DER.
+    pub fn issue_node_certificate(
+        &self,
+        node_id: &str,
+        public_key: &[u8],
+    ) -> anyhow::Result<Vec<u8>> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        if public_key.len() != 65 || public_key[0] != 4 {
+            anyhow::bail!("the node's public key is not an uncompressed P-256 point");
+        }
+        let ca_pem = aigw_seal::files::read_private(&self.ca_key).map_err(|e| anyhow!("{e}"))?;
+        let ca_key = KeyPair::from_pem(&ca_pem)?;
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, node_id);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(NODE_CERT_DAYS);
+        let cert = params.signed_by(&NodePublicKey(public_key), &ca_cert, &ca_key)?;
+        Ok(cert.der().to_vec())
+    }
+
+    /// A TLS 1.3-only server config for the link. A client certificate signed by the link's
+    /// CA is verified when presented (an enrolled node); connections without one may only
+    /// enrol.
     pub fn server_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.server_cert)
             .with_context(|| self.server_cert.display().to_string())?
             .collect::<Result<_, _>>()?;
         let key = PrivateKeyDer::from_pem_file(&self.server_key)
             .with_context(|| self.server_key.display().to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca_cert)
+            .with_context(|| self.ca_cert.display().to_string())?
+        {
+            roots.add(c?)?;
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .allow_unauthenticated()
+        .build()?;
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)?;
         Ok(Arc::new(config))
     }
-}
-
-/// The node token: `AIGW_NODE_TOKEN`, else `<data>/node-token`, created at first start.
-pub fn node_token(data_dir: &Path) -> anyhow::Result<String> {
-    crate::token(
-        "AIGW_NODE_TOKEN",
-        &data_dir.join("node-token"),
-        "aigw_node_",
-        "node token",
-    )
 }

@@ -8,6 +8,7 @@
 //! milliseconds, not at the next poll.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,12 +16,11 @@ use aigw_wire::{
     decode_frame, encode_frame, Change, Frame, Message, Record, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreError};
+use crate::store::{fingerprint, NodeInfo, NodeScope, Store, StoreError};
 
 /// Records per snapshot part, at most. A change set larger than this is sent as a snapshot
 /// instead, which is split into parts, so no frame grows with the size of the change.
@@ -49,6 +49,9 @@ pub struct NodeStatus {
     /// Full snapshots and change sets sent over the node's current connection.
     pub snapshots_sent: u64,
     pub changes_sent: u64,
+    /// The session that last connected: an older one ending does not mark it gone.
+    #[serde(skip)]
+    session: u64,
 }
 
 /// A record a node could not apply.
@@ -82,10 +85,83 @@ pub struct PushState {
     pub store: Arc<Store>,
     pub revision: watch::Sender<i64>,
     pub nodes: Mutex<HashMap<String, NodeStatus>>,
-    pub node_token: String,
+    /// Signs the certificates of enrolling nodes.
+    pub pki: crate::pki::Pki,
+    /// Moves whenever a node is revoked, enrols again or changes scope: every session then
+    /// reads its node again, ends if it was revoked or replaced, and resyncs a new scope.
+    registry: watch::Sender<u64>,
+    sessions: AtomicU64,
+}
+
+/// A registered node with what its session reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub status: NodeStatus,
+    pub scope: NodeScope,
+    pub revoked: bool,
+    /// Whether it has completed an enrolment (holds a certificate this control plane issued).
+    pub enrolled: bool,
+    pub enrolled_at: i64,
+    pub cert_sha256: Option<String>,
 }
 
 impl PushState {
+    pub fn new(store: Arc<Store>, pki: crate::pki::Pki) -> Result<Self, StoreError> {
+        let (revision, _) = watch::channel(store.revision()?);
+        Ok(Self {
+            store,
+            revision,
+            nodes: Mutex::new(HashMap::new()),
+            pki,
+            registry: watch::channel(0).0,
+            sessions: AtomicU64::new(0),
+        })
+    }
+
+    /// Tells every session that a node was revoked, enrolled again or rescoped.
+    pub fn registry_changed(&self) {
+        self.registry.send_modify(|g| *g += 1);
+    }
+
+    /// Every registered node, with its session's status (never connected: all zero).
+    pub fn node_views(&self) -> Result<Vec<NodeView>, StoreError> {
+        let registered = self.store.registered_nodes()?;
+        let status = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(registered
+            .into_iter()
+            .map(|n| NodeView {
+                status: status
+                    .get(&n.id)
+                    .cloned()
+                    .unwrap_or_else(|| NodeStatus::new(&n.id)),
+                enrolled: n.cert_sha256.is_some(),
+                scope: n.scope,
+                revoked: n.revoked,
+                enrolled_at: n.enrolled_at,
+                cert_sha256: n.cert_sha256,
+            })
+            .collect())
+    }
+
+    pub fn node_view(&self, id: &str) -> Result<NodeView, StoreError> {
+        let n = self.store.node(id)?;
+        let status = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| NodeStatus::new(id));
+        Ok(NodeView {
+            status,
+            enrolled: n.cert_sha256.is_some(),
+            scope: n.scope,
+            revoked: n.revoked,
+            enrolled_at: n.enrolled_at,
+            cert_sha256: n.cert_sha256,
+        })
+    }
     /// Tells every session that the store moved on.
     pub fn notify(&self) {
         if let Ok(r) = self.store.revision() {
@@ -114,7 +190,16 @@ impl PushState {
 
     fn update(&self, node: &str, f: impl FnOnce(&mut NodeStatus)) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = nodes.entry(node.to_string()).or_insert_with(|| NodeStatus {
+        let entry = nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeStatus::new(node));
+        f(entry);
+    }
+}
+
+impl NodeStatus {
+    fn new(node: &str) -> Self {
+        Self {
             node_id: node.to_string(),
             boot_epoch: 0,
             connected: false,
@@ -124,8 +209,8 @@ impl PushState {
             problem_count: 0,
             snapshots_sent: 0,
             changes_sent: 0,
-        });
-        f(entry);
+            session: 0,
+        }
     }
 }
 
@@ -161,10 +246,21 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state:
         tokio::spawn(async move {
             let handshake = async {
                 let tls = acceptor.accept(tcp).await?;
-                hello(tls, &state).await
+                // Verified by the TLS layer against the link's CA when presented.
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
+                open(tls, cert, &state, &peer.to_string()).await
             };
             let (mut conn, hello) = match tokio::time::timeout(HANDSHAKE, handshake).await {
-                Ok(Ok(v)) => v,
+                Ok(Ok(Opening::Session(conn, hello))) => (conn, hello),
+                Ok(Ok(Opening::Enrolled(node))) => {
+                    tracing::info!(peer = %peer, node = %node, "node enrolled");
+                    return;
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(peer = %peer, error = %e, "node refused before authentication");
                     return;
@@ -216,15 +312,20 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Tells the peer why it is not served, closes the link cleanly (TLS close_notify,
-    /// then FIN), and lets what the peer sent meanwhile drain a moment, so the closing does
-    /// not reset the connection and destroy the explanation before the peer reads it.
+    /// Tells the peer why it is not served and closes the link.
     async fn refuse(&mut self, reason: &str) {
         let _ = self
             .send(&Message::Refused {
                 reason: reason.into(),
             })
             .await;
+        self.close().await;
+    }
+
+    /// Closes the link cleanly (TLS close_notify, then FIN), and lets what the peer sent
+    /// meanwhile drain a moment, so the closing does not reset the connection and destroy
+    /// the last message before the peer reads it.
+    async fn close(&mut self) {
         let _ = self.stream.shutdown().await;
         let mut scratch = [0u8; 4096];
         let drain = async {
@@ -246,31 +347,48 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-/// What a node said in its Hello, once its token checked out.
+/// An authenticated node's Hello.
 #[derive(Debug)]
 struct Hello {
-    node_id: String,
+    /// The node its certificate names, as registered.
+    node: NodeInfo,
     boot_epoch: u64,
     revision_held: u64,
     revision_id: u64,
 }
 
-/// Reads and checks the first message of a connection. Before it is authenticated a peer
-/// gets nothing but this: one frame of at most [`aigw_wire::frame::MAX_HELLO_FRAME`]
-/// bytes, which must be a Hello; its body is not decoded before its size and type are
-/// checked. A peer refused here is told why before the link closes.
-async fn hello<S>(stream: S, state: &Arc<PushState>) -> anyhow::Result<(Conn<S>, Hello)>
+/// How a connection's first message ended.
+enum Opening<S> {
+    /// A node presenting its certificate: its session follows.
+    Session(Conn<S>, Hello),
+    /// A node enrolled (this node id) and was sent its certificate; the link is closed.
+    Enrolled(String),
+}
+
+/// Reads and checks the first message of a connection, `cert` being the client certificate
+/// the TLS layer verified, if one was presented. Before it is authenticated a peer gets
+/// nothing but this: one frame of at most [`aigw_wire::frame::MAX_HELLO_FRAME`] bytes,
+/// which must be a Hello (from a node presenting the certificate of an enrolled, unrevoked
+/// node) or an Enroll (with a valid enrolment token); its body is not decoded before its
+/// size and type are checked. A peer refused here is told why before the link closes.
+async fn open<S>(
+    stream: S,
+    cert: Option<Vec<u8>>,
+    state: &Arc<PushState>,
+    peer: &str,
+) -> anyhow::Result<Opening<S>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    use aigw_wire::messages::types;
     let mut conn = Conn {
         stream,
         buf: Vec::new(),
     };
     let first = loop {
         if let Some(t) = aigw_wire::frame::peek_type(&conn.buf) {
-            if t != aigw_wire::messages::types::HELLO {
-                anyhow::bail!("first message (type {t}) was not Hello");
+            if t != types::HELLO && t != types::ENROLL {
+                anyhow::bail!("first message (type {t}) was neither Hello nor Enroll");
             }
         }
         match decode_frame(&conn.buf, aigw_wire::frame::MAX_HELLO_FRAME)? {
@@ -278,7 +396,9 @@ where
                 conn.buf.drain(..used);
                 break m;
             }
-            Some((Frame::Unknown(t), _)) => anyhow::bail!("first message (type {t}) was not Hello"),
+            Some((Frame::Unknown(t), _)) => {
+                anyhow::bail!("first message (type {t}) was neither Hello nor Enroll")
+            }
             None => {}
         }
         let mut chunk = [0u8; 4096];
@@ -288,36 +408,107 @@ where
         }
         conn.buf.extend_from_slice(&chunk[..n]);
     };
-    let Message::Hello {
-        protocol_version,
-        node_id,
-        boot_epoch,
-        revision_held,
-        token,
-        revision_id,
-    } = first
-    else {
-        anyhow::bail!("first message was not Hello");
-    };
-    let ok: bool = aigw_wire::keys::token_is_acceptable(&token)
-        && bool::from(token.as_bytes().ct_eq(state.node_token.as_bytes()));
-    if !ok {
-        conn.refuse("wrong node token").await;
-        anyhow::bail!("node {node_id:?} presented a wrong token");
-    }
-    if protocol_version != PROTOCOL_VERSION {
-        // One version apart still works: unknown fields and messages are skipped.
-        tracing::info!(node = %node_id, protocol_version, "node speaks another protocol version");
-    }
-    Ok((
-        conn,
-        Hello {
+    match first {
+        Message::Enroll { token, public_key } => {
+            let node = enroll(&mut conn, state, &token, &public_key, peer).await?;
+            Ok(Opening::Enrolled(node))
+        }
+        Message::Hello {
+            protocol_version,
             node_id,
             boot_epoch,
             revision_held,
             revision_id,
-        },
-    ))
+            ..
+        } => {
+            let Some(cert) = cert else {
+                conn.refuse("this node has no certificate: enrol it with an enrolment token (control plane: node-add; node: control_plane.enrollment_token_env)").await;
+                anyhow::bail!("node {node_id:?} presented no certificate");
+            };
+            let node = match state.store.node_by_certificate(&fingerprint(&cert)) {
+                Ok(Some(node)) => node,
+                Ok(None) => {
+                    conn.refuse(
+                        "this node's certificate was revoked or replaced; enrol the node again",
+                    )
+                    .await;
+                    anyhow::bail!("node {node_id:?} presented a certificate no node holds");
+                }
+                Err(e) => {
+                    conn.refuse("the control plane cannot read its node registry")
+                        .await;
+                    return Err(e.into());
+                }
+            };
+            if node_id != node.id {
+                tracing::debug!(said = %node_id, certificate = %node.id, "a node named itself other than its certificate does; its certificate's name counts");
+            }
+            if protocol_version != PROTOCOL_VERSION {
+                // One version apart still works: unknown fields and messages are skipped.
+                tracing::info!(node = %node.id, protocol_version, "node speaks another protocol version");
+            }
+            Ok(Opening::Session(
+                conn,
+                Hello {
+                    node,
+                    boot_epoch,
+                    revision_held,
+                    revision_id,
+                },
+            ))
+        }
+        _ => anyhow::bail!("first message was neither Hello nor Enroll"),
+    }
+}
+
+/// Enrols a node: checks its one-time token, signs a client certificate naming the node
+/// over the public key it sent, records the certificate's fingerprint (consuming the token)
+/// and sends the certificate back. The node's previous certificate, if any, is no longer
+/// accepted from then on. Returns the node's id.
+async fn enroll<S>(
+    conn: &mut Conn<S>,
+    state: &Arc<PushState>,
+    token: &str,
+    public_key: &[u8],
+    peer: &str,
+) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let invalid = "the enrolment token is not valid (used, expired, revoked or unknown): issue a new one with node-add or node-enroll";
+    let node = if aigw_wire::keys::token_is_acceptable(token) {
+        state.store.enrollment(token)?
+    } else {
+        None
+    };
+    let Some(node) = node else {
+        conn.refuse(invalid).await;
+        anyhow::bail!("an enrolment with an invalid token");
+    };
+    let cert = match state.pki.issue_node_certificate(&node, public_key) {
+        Ok(c) => c,
+        Err(e) => {
+            conn.refuse(&format!("public_key: {e}")).await;
+            anyhow::bail!("node {node}: {e}");
+        }
+    };
+    let source = format!("node link {peer}");
+    if let Err(e) = state
+        .store
+        .complete_enrollment(token, &fingerprint(&cert), &source)
+    {
+        // Another connection consumed the token first.
+        conn.refuse(invalid).await;
+        return Err(e.into());
+    }
+    state.registry_changed();
+    conn.send(&Message::Enrolled {
+        node_id: node.clone(),
+        cert_der: cert,
+    })
+    .await?;
+    conn.close().await;
+    Ok(node)
 }
 
 async fn session<S>(conn: &mut Conn<S>, state: &Arc<PushState>, hello: Hello) -> anyhow::Result<()>
@@ -325,7 +516,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let Hello {
-        node_id,
+        node,
         boot_epoch,
         revision_held,
         revision_id,
@@ -337,7 +528,9 @@ where
     let same_history = revision_id == 0
         || state.store.revision_id(held.revision).ok().flatten() == Some(revision_id);
     let newest = state.store.revision().unwrap_or(0);
-    state.update(&node_id, |n| {
+    let id = state.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+    state.update(&node.id, |n| {
+        n.session = id;
         n.connected = true;
         n.boot_epoch = boot_epoch;
         n.snapshots_sent = 0;
@@ -349,25 +542,32 @@ where
             0
         };
     });
-    let result = run_session(conn, state, &node_id, held).await;
-    state.update(&node_id, |n| n.connected = false);
+    let result = run_session(conn, state, &node, held).await;
+    state.update(&node.id, |n| {
+        if n.session == id {
+            n.connected = false;
+        }
+    });
     result
 }
 
 async fn run_session<S>(
     conn: &mut Conn<S>,
     state: &Arc<PushState>,
-    node: &str,
+    registered: &NodeInfo,
     held: Held,
 ) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let node = registered.id.as_str();
+    let mut scope = registered.scope.clone();
     let mut rx = state.revision.subscribe();
+    let mut registry = state.registry.subscribe();
     let store = Arc::clone(&state.store);
     // What the node holds for certain: its revision at hello, then what it acknowledged.
     let mut acked = held;
-    let mut sent = sync(conn, state, &store, node, held).await?;
+    let mut sent = sync(conn, state, &store, node, held, &scope).await?;
     // The newest revision ever offered on this link (a refusal does not lower it).
     let mut offered = sent.revision;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -377,11 +577,35 @@ where
             _ = tokio::time::sleep_until(heard + SILENT) => {
                 anyhow::bail!("node {node} silent for {SILENT:?}");
             }
+            changed = registry.changed() => {
+                changed?;
+                registry.borrow_and_update();
+                let now = match store.node(node) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(node, error = %e, "cannot read the node registry");
+                        continue;
+                    }
+                };
+                if now.revoked || now.cert_sha256 != registered.cert_sha256 {
+                    let why = if now.revoked { "this node was revoked" } else { "this node enrolled again with another certificate" };
+                    conn.refuse(why).await;
+                    anyhow::bail!("node {node}: {why}");
+                }
+                if now.scope != scope {
+                    // Another scope: a snapshot of it replaces what the node holds, and
+                    // until it is acknowledged nothing older counts as held.
+                    scope = now.scope;
+                    acked = Held { revision: 0, id: 0 };
+                    sent = sync(conn, state, &store, node, acked, &scope).await?;
+                    offered = offered.max(sent.revision);
+                }
+            }
             changed = rx.changed() => {
                 changed?;
                 let newest = *rx.borrow_and_update();
                 if newest > sent.revision {
-                    sent = sync(conn, state, &store, node, sent).await?;
+                    sent = sync(conn, state, &store, node, sent, &scope).await?;
                     offered = offered.max(sent.revision);
                 }
             }
@@ -421,7 +645,7 @@ where
                 // A change whose notification was missed is still sent (one refused is
                 // offered again only with the next change).
                 if store.revision().is_ok_and(|newest| newest > offered) {
-                    sent = sync(conn, state, &store, node, sent).await?;
+                    sent = sync(conn, state, &store, node, sent, &scope).await?;
                     offered = offered.max(sent.revision);
                 }
             }
@@ -448,24 +672,51 @@ struct Held {
 /// a snapshot: a snapshot when it holds nothing (0), a revision never issued (newer than the
 /// newest), a revision of another history (its id differs from the one this store gave
 /// it: a database restored from a backup and changed since), one compaction overtook, or so
-/// many changes that one frame would not hold them.
-fn plan(store: &Store, held: Held) -> Result<Update, StoreError> {
+/// many changes that one frame would not hold them. Either holds only the records in the
+/// node's `scope`.
+fn plan(store: &Store, held: Held, scope: &NodeScope) -> Result<Update, StoreError> {
     let same_history = held.id == 0 || store.revision_id(held.revision)? == Some(held.id);
     if held.revision > 0 && same_history {
-        if let Some((changes, newest, newest_id)) =
+        if let Some((mut changes, newest, newest_id)) =
             store.changes_since_at_most(held.revision, SNAPSHOT_PART)?
         {
             if held.revision == newest {
                 return Ok(Update::UpToDate);
             }
+            changes.retain(|c| change_in_scope(scope, c));
             let bytes: usize = changes.iter().map(encoded_len).sum();
             if held.revision < newest && bytes <= MAX_PART_BYTES {
                 return Ok(Update::Changes(changes, newest, newest_id));
             }
         }
     }
-    let (records, revision, id) = store.snapshot()?;
+    let (mut records, revision, id) = store.snapshot()?;
+    records.retain(|r| record_in_scope(scope, r));
     Ok(Update::Snapshot(records, revision, id))
+}
+
+/// Whether a node of `scope` holds `record`: every record belongs to one tenant's
+/// environment, which never changes.
+fn record_in_scope(scope: &NodeScope, record: &Record) -> bool {
+    match record {
+        Record::Key(k) => scope.covers(&k.tenant_id, &k.environment),
+        Record::Upstream(u) => scope.covers(&u.tenant_id, &u.environment),
+        Record::Route(r) => scope.covers(&r.tenant_id, &r.environment),
+        Record::Policy(p) => scope.covers(&p.tenant_id, &p.environment),
+        Record::Unknown { .. } => false,
+    }
+}
+
+fn change_in_scope(scope: &NodeScope, change: &Change) -> bool {
+    match change {
+        Change::Upsert(r) => record_in_scope(scope, r),
+        // Routing ids start with `{tenant}/{environment}`; a key id names neither, and a key
+        // a node does not hold is no harm to delete.
+        Change::Delete(t) => match t.id.split('/').collect::<Vec<_>>()[..] {
+            [tenant, environment, ..] => scope.covers(tenant, environment),
+            _ => true,
+        },
+    }
 }
 
 /// Brings a node holding `held` to the newest revision; returns what it was sent.
@@ -475,13 +726,15 @@ async fn sync<S>(
     store: &Arc<Store>,
     node: &str,
     held: Held,
+    scope: &NodeScope,
 ) -> anyhow::Result<Held>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let update = tokio::task::spawn_blocking({
         let store = Arc::clone(store);
-        move || plan(&store, held)
+        let scope = scope.clone();
+        move || plan(&store, held, &scope)
     })
     .await??;
     match update {
@@ -564,7 +817,6 @@ mod tests {
     use aigw_wire::Tombstone;
     use tokio::io::DuplexStream;
 
-    const TOKEN: &str = "aigw_node_test0123456789abcdefghijklmnopqrstuv";
     const SECRET: &str = "sk-push-PLAINTEXT";
 
     fn actor() -> Actor {
@@ -619,13 +871,40 @@ mod tests {
     }
 
     fn push_state(store: &Arc<Store>) -> Arc<PushState> {
-        let (tx, _) = watch::channel(store.revision().expect("rev"));
-        Arc::new(PushState {
-            store: Arc::clone(store),
-            revision: tx,
-            nodes: Mutex::new(HashMap::new()),
-            node_token: TOKEN.into(),
-        })
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        let pki_dir = std::env::temp_dir().join(format!(
+            "aigw-push-pki-{}-{}",
+            std::process::id(),
+            u64::from_le_bytes(b)
+        ));
+        let pki = crate::pki::Pki::under(&pki_dir);
+        pki.ensure(&[]).expect("pki");
+        Arc::new(PushState::new(Arc::clone(store), pki).expect("state"))
+    }
+
+    /// Registers node `id` of `scope` as enrolled with a certificate whose bytes are
+    /// `cert` (the TLS layer, not here, checks a certificate's signature).
+    fn register(state: &PushState, id: &str, scope: &NodeScope, cert: &[u8]) {
+        state
+            .store
+            .add_node(&actor(), id, scope, None)
+            .expect("add node");
+        state
+            .store
+            .set_node_certificate(&actor(), id, &fingerprint(cert))
+            .expect("certificate");
+    }
+
+    fn hello_message(id: &str, held: u64) -> Message {
+        Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            boot_epoch: 1,
+            revision_held: held,
+            token: String::new(),
+            revision_id: 0,
+        }
     }
 
     struct Node {
@@ -633,11 +912,21 @@ mod tests {
     }
 
     impl Node {
+        /// Node `id`, registered with every tenant and environment in scope, connecting
+        /// holding `held`.
         async fn connect(state: &Arc<PushState>, id: &str, held: u64) -> Self {
+            register(state, id, &NodeScope::default(), id.as_bytes());
+            Self::connect_as(state, id.as_bytes().to_vec(), held).await
+        }
+
+        /// A node presenting certificate `cert`, connecting holding `held`.
+        async fn connect_as(state: &Arc<PushState>, cert: Vec<u8>, held: u64) -> Self {
             let (ours, theirs) = tokio::io::duplex(1 << 20);
             let state = Arc::clone(state);
             tokio::spawn(async move {
-                if let Ok((mut conn, hello)) = hello(theirs, &state).await {
+                if let Ok(Opening::Session(mut conn, hello)) =
+                    open(theirs, Some(cert), &state, "test").await
+                {
                     let _ = session(&mut conn, &state, hello).await;
                 }
             });
@@ -645,16 +934,9 @@ mod tests {
                 stream: ours,
                 buf: Vec::new(),
             };
-            conn.send(&Message::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                node_id: id.into(),
-                boot_epoch: 1,
-                revision_held: held,
-                token: TOKEN.into(),
-                revision_id: 0,
-            })
-            .await
-            .expect("hello");
+            conn.send(&hello_message("ignored", held))
+                .await
+                .expect("hello");
             Self { conn }
         }
 
@@ -896,7 +1178,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(shown(&state), Some((2, 3)));
-        let json = serde_json::to_value(state.nodes()).expect("json");
+        let json = serde_json::to_value(state.node_views().expect("nodes")).expect("json");
         let listed = json
             .as_array()
             .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == "partial"))
@@ -922,41 +1204,59 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Before it is authenticated a peer can make the control plane read one small Hello and
-    /// nothing else: a large first frame is refused from its header, another message type
-    /// from its header, a wrong, empty or short token with a Refused message.
+    /// The first message of a connection, and what it came to: a session (node id), an
+    /// enrolment (node id), or a refusal (the error), with what the peer was sent.
+    async fn handshake(
+        state: &Arc<PushState>,
+        cert: Option<Vec<u8>>,
+        bytes: Vec<u8>,
+    ) -> (anyhow::Result<String>, Vec<u8>) {
+        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+        let state = Arc::clone(state);
+        let task = tokio::spawn(async move {
+            open(theirs, cert, &state, "test").await.map(|o| match o {
+                Opening::Session(_, hello) => hello.node.id,
+                Opening::Enrolled(node) => node,
+            })
+        });
+        // Only what fits the pipe is written; the rest is never asked for.
+        let _ = tokio::time::timeout(Duration::from_millis(200), ours.write_all(&bytes)).await;
+        let result = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("decided at once")
+            .expect("task");
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), ours.read_to_end(&mut answer)).await;
+        (result, answer)
+    }
+
+    fn frame(m: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(m, &mut out);
+        out
+    }
+
+    fn refusal(answer: &[u8]) -> String {
+        match decode_frame(answer, DEFAULT_MAX_FRAME).expect("a frame") {
+            Some((Frame::Message(Message::Refused { reason }), _)) => reason,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    /// Before it is authenticated a peer can make the control plane read one small Hello or
+    /// Enroll and nothing else: a large first frame is refused from its header, another
+    /// message type from its header; a Hello is served only with the certificate of an
+    /// enrolled node that is not revoked, and is told why otherwise.
     #[tokio::test]
     async fn an_unauthenticated_peer_gets_one_small_hello_and_nothing_else() {
         let (store, dir) = store();
         let state = push_state(&store);
-        async fn handshake(
-            state: &Arc<PushState>,
-            bytes: Vec<u8>,
-        ) -> (anyhow::Result<()>, Vec<u8>) {
-            let (mut ours, theirs) = tokio::io::duplex(1 << 16);
-            let state = Arc::clone(state);
-            let task = tokio::spawn(async move { hello(theirs, &state).await.map(|_| ()) });
-            // Only what fits the pipe is written; the rest is never asked for.
-            let _ = tokio::time::timeout(Duration::from_millis(200), ours.write_all(&bytes)).await;
-            let result = tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .expect("decided at once")
-                .expect("task");
-            let mut answer = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_millis(200), ours.read_to_end(&mut answer))
-                .await;
-            (result, answer)
-        }
-        let frame = |m: &Message| {
-            let mut out = Vec::new();
-            encode_frame(m, &mut out);
-            out
-        };
         // A first frame announcing 16 MiB: refused from its header, before any body.
         let mut huge = ((16u32 << 20) + 2).to_be_bytes().to_vec();
         huge.extend_from_slice(&aigw_wire::messages::types::HELLO.to_be_bytes());
         huge.extend(std::iter::repeat_n(0u8, 8192));
-        let (r, _) = handshake(&state, huge).await;
+        let (r, _) = handshake(&state, None, huge).await;
         assert!(r.expect_err("too large").to_string().contains("exceeds"));
         // Another message first: refused from its type.
         let snapshot = frame(&Message::Snapshot {
@@ -966,45 +1266,198 @@ mod tests {
             records: vec![],
             revision_id: 0,
         });
-        let (r, _) = handshake(&state, snapshot).await;
+        let (r, _) = handshake(&state, Some(b"n".to_vec()), snapshot).await;
         assert!(r
             .expect_err("not a Hello")
             .to_string()
-            .contains("was not Hello"));
-        // Wrong, empty and short tokens: told why.
-        for token in [
+            .contains("neither Hello nor Enroll"));
+        let hello = frame(&hello_message("n", 0));
+        // No certificate: told to enrol.
+        let (r, answer) = handshake(&state, None, hello.clone()).await;
+        assert!(r.is_err());
+        assert!(
+            refusal(&answer).contains("enrol it"),
+            "{}",
+            refusal(&answer)
+        );
+        // A certificate no node holds (the CA signed it, say, for a node since re-enrolled).
+        let (r, answer) = handshake(&state, Some(b"stranger".to_vec()), hello.clone()).await;
+        assert!(r.is_err());
+        assert!(refusal(&answer).contains("revoked or replaced"));
+        // An enrolled node's certificate passes, whatever name its Hello gives.
+        register(&state, "n", &NodeScope::default(), b"n-cert");
+        let (r, _) = handshake(&state, Some(b"n-cert".to_vec()), hello.clone()).await;
+        assert_eq!(r.expect("served"), "n");
+        // Revoked: refused.
+        store.revoke_node(&actor(), "n").expect("revoke");
+        let (r, answer) = handshake(&state, Some(b"n-cert".to_vec()), hello).await;
+        assert!(r.is_err());
+        assert!(refusal(&answer).contains("revoked or replaced"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A P-256 public key as a node sends it.
+    fn node_public_key() -> Vec<u8> {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .expect("key")
+            .public_key_raw()
+            .to_vec()
+    }
+
+    /// A node enrols once with its token: it is sent a certificate naming it, whose
+    /// fingerprint the registry keeps; the token is then spent. Bad tokens and keys are
+    /// refused with the reason.
+    #[tokio::test]
+    async fn a_node_enrols_once_with_its_token() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        let (_, token) = store
+            .add_node(&actor(), "edge-1", &NodeScope::default(), None)
+            .expect("add");
+        let enroll = |token: &str, public_key: Vec<u8>| {
+            frame(&Message::Enroll {
+                token: token.into(),
+                public_key,
+            })
+        };
+        for bad in [
             "",
             "short",
-            "aigw_node_wrong0123456789abcdefghijklmnopqrstuv",
+            "aigw_enroll_0123456789abcdefghijklmnopqrstuvwxyzABCD",
         ] {
-            let hello = frame(&Message::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                node_id: "n".into(),
-                boot_epoch: 1,
-                revision_held: 0,
-                token: token.into(),
-                revision_id: 0,
-            });
-            let (r, answer) = handshake(&state, hello).await;
-            assert!(r.is_err(), "{token:?} accepted");
-            match decode_frame(&answer, DEFAULT_MAX_FRAME).expect("a frame") {
-                Some((Frame::Message(Message::Refused { reason }), _)) => {
-                    assert_eq!(reason, "wrong node token")
-                }
-                other => panic!("{token:?}: {other:?}"),
-            }
+            let (r, answer) = handshake(&state, None, enroll(bad, node_public_key())).await;
+            assert!(r.is_err(), "{bad:?}");
+            assert!(refusal(&answer).contains("enrolment token is not valid"));
         }
-        // The right token passes.
-        let hello = frame(&Message::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: "n".into(),
-            boot_epoch: 1,
-            revision_held: 0,
-            token: TOKEN.into(),
-            revision_id: 0,
-        });
-        let (r, _) = handshake(&state, hello).await;
-        assert!(r.is_ok());
+        let (r, answer) = handshake(&state, None, enroll(&token, vec![4; 10])).await;
+        assert!(r.is_err());
+        assert!(refusal(&answer).starts_with("public_key:"));
+        // The token survived the refused key.
+        let (r, answer) = handshake(&state, None, enroll(&token, node_public_key())).await;
+        assert_eq!(r.expect("enrolled"), "edge-1");
+        let cert = match decode_frame(&answer, DEFAULT_MAX_FRAME).expect("frame") {
+            Some((Frame::Message(Message::Enrolled { node_id, cert_der }), _)) => {
+                assert_eq!(node_id, "edge-1");
+                cert_der
+            }
+            other => panic!("{other:?}"),
+        };
+        let node = store
+            .node_by_certificate(&fingerprint(&cert))
+            .expect("read")
+            .expect("the certificate names the node");
+        assert_eq!(node.id, "edge-1");
+        assert!(node.enrolled_at > 0);
+        // Spent.
+        let (r, answer) = handshake(&state, None, enroll(&token, node_public_key())).await;
+        assert!(r.is_err());
+        assert!(refusal(&answer).contains("enrolment token is not valid"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A node receives only the keys and routing of its scope; a change elsewhere reaches
+    /// it as an empty change set (its revision still moves); a new scope reaches it at once
+    /// as a snapshot of that scope; revoked, its link is closed with the reason.
+    #[tokio::test]
+    async fn a_node_gets_its_scope_only_and_is_cut_off_when_revoked() {
+        let (store, dir) = store();
+        let state = push_state(&store);
+        store
+            .create_tenant(&actor(), "u", "U", "pro")
+            .expect("tenant");
+        store
+            .insert_key(
+                &actor(),
+                &crate::store::NewKey {
+                    key_id: "kstaging0000".into(),
+                    tenant_id: "t".into(),
+                    environment: Environment::Staging,
+                    sub_account_id: None,
+                    name: String::new(),
+                    hash: [1; 32],
+                    allowed_models: vec![],
+                    expires_at: 0,
+                },
+            )
+            .expect("key");
+        let scope = NodeScope {
+            environments: vec!["staging".into()],
+            tenants: vec!["t".into()],
+        };
+        register(&state, "scoped", &scope, b"scoped");
+        let mut node = Node::connect_as(&state, b"scoped".to_vec(), 0).await;
+        let kinds_of = |records: &[Record]| -> Vec<(u64, String)> {
+            records
+                .iter()
+                .map(|r| (r.kind(), r.id().to_string()))
+                .collect()
+        };
+        match node.next().await {
+            Message::Snapshot { records, .. } => {
+                // t's staging key; not t's production upstream, route or its credential.
+                assert_eq!(
+                    kinds_of(&records),
+                    vec![(kinds::KEY, "kstaging0000".into())]
+                );
+                assert_eq!(credential_of(&records), None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A change to t's production: the revision moves, nothing of it is sent.
+        let before = store.revision().expect("rev");
+        store
+            .put_route(&actor(), "t", Environment::Production, "r2", &route("m2"))
+            .expect("route");
+        state.notify();
+        match node.next().await {
+            Message::Changes {
+                from_revision,
+                to_revision,
+                changes,
+                ..
+            } => {
+                assert_eq!(from_revision, before as u64);
+                assert_eq!(to_revision, before as u64 + 1);
+                assert!(changes.is_empty(), "{changes:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Rescoped to production: a snapshot of production, credential included.
+        store
+            .set_node_scope(
+                &actor(),
+                "scoped",
+                &NodeScope {
+                    environments: vec!["production".into()],
+                    tenants: vec![],
+                },
+            )
+            .expect("scope");
+        state.registry_changed();
+        match node.next().await {
+            Message::Snapshot { records, .. } => {
+                assert!(records
+                    .iter()
+                    .all(|r| r.kind() != kinds::KEY || r.id() != "kstaging0000"));
+                assert_eq!(credential_of(&records).as_deref(), Some(SECRET));
+                assert_eq!(
+                    records.iter().filter(|r| r.kind() == kinds::ROUTE).count(),
+                    2
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Revoked: told so, and the link closes.
+        store.revoke_node(&actor(), "scoped").expect("revoke");
+        state.registry_changed();
+        match node.next().await {
+            Message::Refused { reason } => assert_eq!(reason, "this node was revoked"),
+            other => panic!("{other:?}"),
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(5), node.conn.next())
+            .await
+            .expect("closed in time");
+        assert!(closed.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

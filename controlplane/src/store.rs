@@ -11,6 +11,7 @@
 //! newest revision deleted by compaction: a node holding an older revision cannot be caught up
 //! from the changelog and gets a snapshot instead.
 
+mod nodes;
 mod routing;
 
 use std::path::Path;
@@ -23,6 +24,7 @@ use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
+pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
 pub use routing::{
     Deleted, NonRetention, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream,
     UpstreamSpec, Written, NAME_RULE,
@@ -132,6 +134,24 @@ ALTER TABLE upstreams ADD COLUMN pass_organization_headers INTEGER NOT NULL DEFA
     r#"
 ALTER TABLE changelog ADD COLUMN revision_id INTEGER NOT NULL DEFAULT 0;
 INSERT INTO meta (name, value) VALUES ('revision_id', 0);
+"#,
+    r#"
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    environments TEXT NOT NULL,
+    tenants TEXT NOT NULL,
+    revoked INTEGER NOT NULL,
+    cert_sha256 TEXT,
+    created_at INTEGER NOT NULL,
+    enrolled_at INTEGER NOT NULL
+);
+CREATE INDEX nodes_cert ON nodes(cert_sha256);
+CREATE TABLE node_enrollments (
+    token_hash BLOB PRIMARY KEY,
+    node_id TEXT NOT NULL REFERENCES nodes(id),
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER NOT NULL
+);
 "#,
 ];
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::mock::MockProvider;
 use crate::{admin_get, exchange, test_config, wait_until, Gateway, Resp};
 
-pub const NODE_TOKEN_ENV: &str = "AIGW_E2E_NODE_TOKEN";
+pub const NODE_TOKEN_ENV: &str = "AIGW_E2E_ENROLLMENT_TOKEN";
 
 pub fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
     controlplane::start(controlplane::Options {
@@ -99,43 +99,113 @@ pub fn gateway(driver: DriverChoice, cp: &controlplane::Running) -> Gateway {
     node(driver, cp, |_| {})
 }
 
+/// A node's place on a control plane's link: where the link is, the CA to trust, the
+/// directory of its identity, and the variable holding its enrolment token (set until it
+/// has enrolled). Clone it to restart the same node.
+#[derive(Debug, Clone)]
+pub struct NodeLink {
+    pub node_id: String,
+    pub push: SocketAddr,
+    pub ca_file: std::path::PathBuf,
+    pub identity_dir: std::path::PathBuf,
+    pub token_env: String,
+}
+
+impl NodeLink {
+    /// The same node, linking to `push` (a control plane restarted elsewhere, a fake one).
+    pub fn at(&self, push: SocketAddr) -> Self {
+        Self {
+            push,
+            ..self.clone()
+        }
+    }
+}
+
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Registers a node of every environment and tenant on `cp` (`POST /v1/nodes`), with its
+/// enrolment token in a variable of its own: the node enrols when it starts.
+pub fn register(cp: &controlplane::Running) -> NodeLink {
+    register_scoped(cp, json!({}))
+}
+
+/// [`register`], with `scope` (`environments`, `tenants`).
+pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
+    let n = unique();
+    let node_id = format!("node-{}-{n}", std::process::id());
+    let mut body = scope;
+    body["id"] = json!(node_id);
+    let r = api(cp, "POST", "/v1/nodes", Some(body));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let token = r.json()["enrollment_token"].as_str().unwrap().to_string();
+    let token_env = format!("{NODE_TOKEN_ENV}_{}_{n}", std::process::id());
+    // One variable per node: tests run in parallel, each with its own.
+    std::env::set_var(&token_env, &token);
+    let identity_dir = std::env::temp_dir().join(format!(
+        "aigw-e2e-identity-{}-{n}-{}",
+        std::process::id(),
+        cp.push_addr.port()
+    ));
+    let _ = std::fs::remove_dir_all(&identity_dir);
+    NodeLink {
+        node_id,
+        push: cp.push_addr,
+        ca_file: cp.ca_file.clone(),
+        identity_dir,
+        token_env,
+    }
+}
+
+/// [`register`], then enrols the node at once, as a node would at its first start: its
+/// identity is on disk before any node runs (for a node linking to a fake control plane).
+pub fn enrolled(cp: &controlplane::Running) -> NodeLink {
+    let link = register(cp);
+    let token = std::env::var(&link.token_env).unwrap();
+    let mut stream = link_client(cp);
+    dataplane::config::identity::enroll(
+        &mut stream,
+        &dataplane::config::identity::IdentityFiles::new(&link.identity_dir),
+        &token,
+    )
+    .expect("enrolled");
+    link
+}
+
 /// A node of `cp`, its link settings adjusted by `tweak`.
 pub fn node(
     driver: DriverChoice,
     cp: &controlplane::Running,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Gateway {
-    gateway_with(driver, cp.push_addr, &cp.node_token, &cp.ca_file, tweak)
+    gateway_with(driver, &register(cp), tweak)
 }
 
 pub fn gateway_with(
     driver: DriverChoice,
-    push: SocketAddr,
-    node_token: &str,
-    ca_file: &std::path::Path,
+    link: &NodeLink,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Gateway {
-    Gateway::start_with(node_config(driver, push, node_token, ca_file, tweak))
+    Gateway::start_with(node_config(driver, link, tweak))
 }
 
-/// The configuration of a node linked to the control plane at `push`.
+/// The configuration of the node `link` describes.
 pub fn node_config(
     driver: DriverChoice,
-    push: SocketAddr,
-    node_token: &str,
-    ca_file: &std::path::Path,
+    link: &NodeLink,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Config {
-    // One variable per control plane: tests run in parallel, each with its own.
-    let token_env = format!("{NODE_TOKEN_ENV}_{}", push.port());
-    std::env::set_var(&token_env, node_token);
     let mut c = test_config(driver);
     let mut cp_config = ControlPlaneConfig {
-        address: push.to_string(),
+        address: link.push.to_string(),
         server_name: Some("localhost".into()),
-        ca_file: ca_file.to_path_buf(),
-        token_env,
-        node_id: Some(format!("node-{driver:?}")),
+        ca_file: link.ca_file.clone(),
+        identity_dir: link.identity_dir.clone(),
+        enrollment_token_env: link.token_env.clone(),
+        retired_token_env: false,
+        retired_node_id: false,
         environments: vec!["production".into(), "staging".into(), "development".into()],
         max_stale: Duration::ZERO,
         snapshot_file: None,
@@ -184,25 +254,31 @@ pub fn revision(cp: &controlplane::Running) -> i64 {
 }
 
 /// A TLS client on the control plane's node link, trusting its CA (as a node does), not
-/// having sent anything yet.
+/// having sent anything yet, presenting no certificate (a node before enrolment).
 pub fn link_client(
     cp: &controlplane::Running,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    link_client_as(cp, None)
+}
+
+/// [`link_client`], presenting the certificate of the enrolled node `link` when given.
+pub fn link_client_as(
+    cp: &controlplane::Running,
+    link: Option<&NodeLink>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(&cp.ca_file).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
-            .unwrap();
+    let identity = link.map(|l| {
+        dataplane::config::identity::IdentityFiles::new(&l.identity_dir)
+            .load()
+            .unwrap()
+            .expect("the node has enrolled")
+    });
+    let config = dataplane::config::identity::client_config(&roots, identity.as_ref()).unwrap();
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
     let tcp = std::net::TcpStream::connect(cp.push_addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.set_write_timeout(Some(Duration::from_secs(10)))

@@ -47,7 +47,7 @@ fn node(
     tenant(&cp, "acme", "pro");
     route_env(&cp, "acme", "production", &mock);
     let k = key(&cp, "acme", "production");
-    let mut c = node_config(driver, cp.push_addr, &cp.node_token, &cp.ca_file, |_| {});
+    let mut c = node_config(driver, &e2e::cp::register(&cp), |_| {});
     c.server.workers = 1;
     tweak(&mut c);
     let gw = Gateway::start_with(c);

@@ -151,13 +151,24 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let routes = cli(&url, &token, &["route-list", &tenant, "production"], &[]);
     assert_eq!(routes["data"].as_array().unwrap().len(), 1);
 
-    // The node: its config names the control plane, nothing else.
-    std::env::set_var("AIGW_CLI_E2E_NODE_TOKEN", read(&data.join("node-token")));
+    // The node: registered with a scope, it enrols with its one-time token at first start;
+    // its config names the control plane and where to keep its identity, nothing else.
+    let added = cli(
+        &url,
+        &token,
+        &["node-add", "cli-node", "--environment", "production"],
+        &[],
+    );
+    assert_eq!(added["node"]["enrolled"], false);
+    let enrollment = added["enrollment_token"].as_str().unwrap().to_string();
+    std::env::set_var("AIGW_CLI_E2E_ENROLLMENT_TOKEN", &enrollment);
     let node_dir = dir.join("node");
     std::fs::create_dir_all(&node_dir).unwrap();
+    let identity = node_dir.join("identity");
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{link}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ntoken_env = \"AIGW_CLI_E2E_NODE_TOKEN\"\nnode_id = \"cli-node\"\n",
-        data.join("pki").join("ca.pem").display()
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{link}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"AIGW_CLI_E2E_ENROLLMENT_TOKEN\"\n",
+        data.join("pki").join("ca.pem").display(),
+        identity.display()
     );
     let gw = GatewayProcess::start(&config, &node_dir);
     assert!(
@@ -187,7 +198,16 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         .cloned()
         .unwrap();
     assert_eq!(node["connected"], true);
+    assert_eq!(node["enrolled"], true);
     assert!(node["applied_revision"].as_u64().unwrap() > 0);
+    // Its key never left the node; the files are private.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&identity), 0o700);
+        assert_eq!(mode(&identity.join("node.key")), 0o600);
+        assert!(identity.join("node.pem").exists());
+    }
 
     // A policy the upstream breaks keeps requests from leaving.
     let policy = cli(
@@ -217,6 +237,89 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         wait_until(Duration::from_secs(5), || chat(gw.addr, &key).status == 401),
         "revoked"
     );
+    // Scoped to staging, the node is sent a snapshot of staging at once: production's keys
+    // are gone from it (an unknown key there), a staging key works.
+    let staging = cli(
+        &url,
+        &token,
+        &[
+            "key-create",
+            "--tenant",
+            &tenant,
+            "--environment",
+            "staging",
+        ],
+        &[],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fresh = cli(
+        &url,
+        &token,
+        &[
+            "key-create",
+            "--tenant",
+            &tenant,
+            "--environment",
+            "production",
+        ],
+        &[],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        wait_until(Duration::from_secs(5), || chat(gw.addr, &fresh).status
+            == 403),
+        "a production key reaches the node (the policy blocks its request)"
+    );
+    let scoped = cli(
+        &url,
+        &token,
+        &["node-scope", "cli-node", "--environment", "staging"],
+        &[],
+    );
+    assert_eq!(scoped["scope"]["environments"][0], "staging");
+    assert!(
+        wait_until(Duration::from_secs(5), || chat(gw.addr, &fresh).status
+            == 401),
+        "the production key is out of the node's scope"
+    );
+    let r = chat(gw.addr, &staging);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "model_not_found",
+        "the staging key is known there (staging routes nothing): {}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // Revoked, the node is cut off at once and told why.
+    let revoked = cli(&url, &token, &["node-revoke", "cli-node"], &[]);
+    assert_eq!(revoked["revoked"], true);
+    assert!(
+        wait_until(Duration::from_secs(5), || gw
+            .log()
+            .contains("refused this node: this node was revoked")),
+        "{}",
+        gw.log()
+    );
+    let listed = cli(&url, &token, &["nodes"], &[]);
+    let node = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == "cli-node")
+        .cloned()
+        .unwrap();
+    assert_eq!(node["revoked"], true);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            cli(&url, &token, &["nodes"], &[])["data"][0]["connected"] == false
+        }),
+        "the revoked node stays disconnected"
+    );
+
     let audit = cli(&url, &token, &["audit"], &[]);
     let actions: Vec<&str> = audit["data"]
         .as_array()
@@ -231,8 +334,16 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         "route.put",
         "policy.put",
         "key.revoke",
+        "node.add",
+        "node.enrolled",
+        "node.scope",
+        "node.revoke",
     ] {
         assert!(actions.contains(&a), "{a} in {actions:?}");
     }
     assert!(!audit.to_string().contains("sk-from-the-cli"));
+    assert!(
+        !audit.to_string().contains(&enrollment),
+        "the enrolment token is in no audit record"
+    );
 }

@@ -188,7 +188,8 @@ fn a_node_one_protocol_version_behind_still_syncs() {
     tenant(&cp, "t", "free");
     let k = create_key(&cp, "t", json!({"environment": "staging"}));
 
-    let mut s = e2e::cp::link_client(&cp);
+    let old = e2e::cp::enrolled(&cp);
+    let mut s = e2e::cp::link_client_as(&cp, Some(&old));
     let mut out = Vec::new();
     encode_frame(
         &Message::Hello {
@@ -196,7 +197,7 @@ fn a_node_one_protocol_version_behind_still_syncs() {
             node_id: "old".into(),
             boot_epoch: 1,
             revision_held: 0,
-            token: cp.node_token.clone(),
+            token: String::new(),
             revision_id: 0,
         },
         &mut out,
@@ -255,8 +256,8 @@ both_drivers!(
             c.snapshot_file = Some(snap.clone());
             c.seal_key_env = "AIGW_E2E_SEAL_KEY".into();
         };
-        let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
-        let gw = gateway_with(driver, push, &token, &ca, sealed);
+        let link = e2e::cp::register(&cp);
+        let gw = gateway_with(driver, &link, sealed);
         wait_workers(&gw, revision(&cp));
         assert_eq!(chat_with_key(gw.addr(), Some(&good), "m").status, 200);
         gw.stop(); // an orderly stop writes the snapshot
@@ -272,7 +273,7 @@ both_drivers!(
 
         cp.stop();
         // The control plane is down; the node restarts and serves from the sealed snapshot.
-        let gw = gateway_with(driver, push, &token, &ca, sealed);
+        let gw = gateway_with(driver, &link, sealed);
         assert!(
             wait_until(Duration::from_secs(5), || admin_get(
                 gw.admin_addr(),
@@ -300,7 +301,7 @@ both_drivers!(
 
         // With the wrong seal key the snapshot is unusable: the node fails closed.
         std::env::set_var("AIGW_E2E_SEAL_KEY_WRONG", "77".repeat(32));
-        let gw = gateway_with(driver, push, &token, &ca, |c| {
+        let gw = gateway_with(driver, &link, |c| {
             c.snapshot_file = Some(snap.clone());
             c.seal_key_env = "AIGW_E2E_SEAL_KEY_WRONG".into();
         });
@@ -337,14 +338,14 @@ both_drivers!(a_restart_never_rolls_back_to_an_older_snapshot, |driver| {
         c.snapshot_file = Some(snap.clone());
         c.seal_key_env = "AIGW_E2E_ROLLBACK_SEAL_KEY".into();
     };
-    let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
-    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    let link = e2e::cp::register(&cp);
+    let gw = gateway_with(driver, &link, sealed);
     wait_workers(&gw, revision(&cp));
     assert_eq!(chat_with_key(gw.addr(), Some(&key), "m").status, 200);
     gw.stop();
     let before_revocation = std::fs::read(&snap).unwrap();
 
-    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    let gw = gateway_with(driver, &link, sealed);
     wait_workers(&gw, revision(&cp));
     assert_eq!(
         api(&cp, "POST", &format!("/v1/keys/{key_id}/revoke"), None).status,
@@ -356,7 +357,7 @@ both_drivers!(a_restart_never_rolls_back_to_an_older_snapshot, |driver| {
 
     // The snapshot from before the revocation is put back, the control plane is down.
     std::fs::write(&snap, &before_revocation).unwrap();
-    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    let gw = gateway_with(driver, &link, sealed);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
     let r = chat_with_key(gw.addr(), Some(&key), "m");
@@ -379,20 +380,21 @@ both_drivers!(a_node_of_a_lost_history_gets_a_snapshot, |driver| {
     let mock = MockProvider::start(MockOptions::default());
     tenant(&cp, "acme", "pro");
     route_env(&cp, "acme", "production", &mock);
+    // The node enrols before the backup: the restored database knows it.
+    let link = e2e::cp::enrolled(&cp);
     cp.stop();
     copy_dir(&cp_dir, &backup);
 
     // The lost history: one more key, which a node applies (and seals to disk).
     let cp = cp_start(cp_dir.clone(), &push.to_string());
     let lost = key(&cp, "acme", "production");
-    let (token, ca) = (cp.node_token.clone(), cp.ca_file.clone());
     std::env::set_var("AIGW_E2E_HISTORY_SEAL_KEY", "7a".repeat(32));
     let snap = dir.join("node").join("keys.sealed");
     let sealed = |c: &mut ControlPlaneConfig| {
         c.snapshot_file = Some(snap.clone());
         c.seal_key_env = "AIGW_E2E_HISTORY_SEAL_KEY".into();
     };
-    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    let gw = gateway_with(driver, &link, sealed);
     wait_workers(&gw, revision(&cp));
     let held = revision(&cp);
     assert_eq!(chat_with_key(gw.addr(), Some(&lost), "m").status, 200);
@@ -411,7 +413,7 @@ both_drivers!(a_node_of_a_lost_history_gets_a_snapshot, |driver| {
         held,
         "the same revision number, another history"
     );
-    let gw = gateway_with(driver, push, &token, &ca, sealed);
+    let gw = gateway_with(driver, &link, sealed);
     assert!(
         wait_until(Duration::from_secs(15), || chat_with_key(
             gw.addr(),

@@ -1,6 +1,7 @@
 //! The node link as an attacker or a misconfigured node meets it, over real TLS: before a
-//! node is authenticated the control plane reads one small Hello and nothing else, and a
-//! node with a wrong token is told so.
+//! node is authenticated the control plane reads one small Hello or Enroll and nothing
+//! else; only the certificate of an enrolled node opens a session; a node whose enrolment
+//! fails is told why.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +9,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
-use e2e::cp::{cp_start, link_client};
+use e2e::cp::{cp_start, link_client, link_client_as};
 use e2e::*;
 
 /// Reads until the control plane closes the link; returns what it sent and how long it
@@ -49,46 +50,63 @@ fn before_authentication_only_a_small_hello_is_read() {
     let (_, took) = until_closed(&mut s);
     assert!(took < Duration::from_secs(5), "closed after {took:?}");
 
-    // A Hello with a wrong token: told why, then closed.
+    // A Hello without a certificate: told to enrol, then closed.
     let mut s = link_client(&cp);
-    let mut out = Vec::new();
-    encode_frame(
-        &Message::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: "intruder".into(),
-            boot_epoch: 1,
-            revision_held: 0,
-            token: "aigw_node_not-the-right-one-0123456789abcdefghij".into(),
-            revision_id: 0,
-        },
-        &mut out,
-    );
-    s.write_all(&out).unwrap();
-    s.flush().unwrap();
+    send(&mut s, &hello("intruder"));
     let (got, _) = until_closed(&mut s);
     match decode_frame(&got, DEFAULT_MAX_FRAME).unwrap() {
         Some((Frame::Message(Message::Refused { reason }), _)) => {
-            assert_eq!(reason, "wrong node token")
+            assert!(reason.contains("no certificate"), "{reason}")
         }
         other => panic!("{other:?}"),
     }
-
-    // The real node still gets served.
+    // An Enroll with a made-up token: told so.
     let mut s = link_client(&cp);
-    let mut out = Vec::new();
-    encode_frame(
-        &Message::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: "node".into(),
-            boot_epoch: 1,
-            revision_held: 0,
-            token: cp.node_token.clone(),
-            revision_id: 0,
+    send(
+        &mut s,
+        &Message::Enroll {
+            token: "aigw_enroll_made-up-0123456789abcdefghijklmnop".into(),
+            public_key: vec![4; 65],
         },
-        &mut out,
     );
-    s.write_all(&out).unwrap();
-    s.flush().unwrap();
+    let (got, _) = until_closed(&mut s);
+    match decode_frame(&got, DEFAULT_MAX_FRAME).unwrap() {
+        Some((Frame::Message(Message::Refused { reason }), _)) => {
+            assert!(reason.contains("enrolment token is not valid"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A certificate the link's CA did not sign: the TLS handshake fails.
+    let stranger = e2e::cp::register(&cp);
+    {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![stranger.node_id.clone()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::create_dir_all(&stranger.identity_dir).unwrap();
+        dataplane::seal::files::write_private(
+            &stranger.identity_dir.join("node.key"),
+            key.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(stranger.identity_dir.join("node.pem"), cert.pem()).unwrap();
+    }
+    let mut s = link_client_as(&cp, Some(&stranger));
+    send(&mut s, &hello("stranger"));
+    let (got, _) = until_closed(&mut s);
+    assert!(
+        !matches!(
+            decode_frame(&got, DEFAULT_MAX_FRAME),
+            Ok(Some((Frame::Message(Message::Snapshot { .. }), _)))
+        ),
+        "a self-signed certificate is not served"
+    );
+
+    // An enrolled node is served, whatever name it gives.
+    let node = e2e::cp::enrolled(&cp);
+    let mut s = link_client_as(&cp, Some(&node));
+    send(&mut s, &hello("any name"));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -102,27 +120,102 @@ fn before_authentication_only_a_small_hello_is_read() {
     }
 }
 
+fn hello(node_id: &str) -> Message {
+    Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: node_id.into(),
+        boot_epoch: 1,
+        revision_held: 0,
+        token: String::new(),
+        revision_id: 0,
+    }
+}
+
+fn send(s: &mut impl Write, m: &Message) {
+    let mut out = Vec::new();
+    encode_frame(m, &mut out);
+    // The control plane may close first; what it answered is what counts.
+    let _ = s.write_all(&out).and_then(|()| s.flush());
+}
+
+/// A node given a spent enrolment token says so, naming the fix; one given a fresh token
+/// while it holds an identity enrols again, and its previous certificate is refused from
+/// then on.
 #[test]
-fn a_node_with_a_wrong_token_says_so() {
-    let cp = cp_start(scratch_dir("link-wrong-token"), "127.0.0.1:0");
-    let dir = scratch_dir("link-wrong-token-node");
-    std::env::set_var(
-        "AIGW_E2E_WRONG_NODE_TOKEN",
-        "aigw_node_wrong-token-0123456789abcdefghijkl",
-    );
-    let gw = GatewayProcess::start(
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ntoken_env = \"AIGW_E2E_WRONG_NODE_TOKEN\"\n",
+fn a_node_is_told_why_its_enrolment_fails_and_can_enrol_again() {
+    let cp = cp_start(scratch_dir("link-enrol"), "127.0.0.1:0");
+    let spent = e2e::cp::enrolled(&cp);
+    let dir = scratch_dir("link-enrol-node");
+    let config = |identity: &std::path::Path, token_env: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"{token_env}\"\n",
             cp.push_addr,
-            cp.ca_file.display()
-        ),
-        &dir,
-    );
+            cp.ca_file.display(),
+            identity.display()
+        )
+    };
+    // Another node (a fresh identity directory) with the token the first one spent.
+    let gw = GatewayProcess::start(&config(&dir.join("identity"), &spent.token_env), &dir);
     assert!(
         wait_until(Duration::from_secs(10), || gw
             .log()
-            .contains("refused this node: wrong node token")),
+            .contains("enrolment token is not valid")),
         "{}",
         gw.log()
     );
+    assert!(!dir.join("identity").join("node.pem").exists());
+    drop(gw);
+
+    // The enrolled node is given a new token: it enrols again at start; its old
+    // certificate no longer opens the link.
+    let old_cert = std::fs::read(spent.identity_dir.join("node.pem")).unwrap();
+    let r = e2e::cp::api(
+        &cp,
+        "POST",
+        &format!("/v1/nodes/{}/enrollment", spent.node_id),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    std::env::set_var(
+        "AIGW_E2E_REENROL_TOKEN",
+        r.json()["enrollment_token"].as_str().unwrap(),
+    );
+    let before = identity_copy(&spent);
+    let gw = GatewayProcess::start(&config(&spent.identity_dir, "AIGW_E2E_REENROL_TOKEN"), &dir);
+    assert!(
+        wait_until(Duration::from_secs(10), || gw
+            .log()
+            .contains("enrolled with the control plane")
+            && admin_get(gw.admin_addr, "/readyz").status == 200),
+        "{}",
+        gw.log()
+    );
+    assert_ne!(
+        std::fs::read(spent.identity_dir.join("node.pem")).unwrap(),
+        old_cert,
+        "a new certificate"
+    );
+    let mut s = link_client_as(&cp, Some(&before));
+    send(&mut s, &hello("old"));
+    let (got, _) = until_closed(&mut s);
+    match decode_frame(&got, DEFAULT_MAX_FRAME).unwrap() {
+        Some((Frame::Message(Message::Refused { reason }), _)) => {
+            assert!(reason.contains("revoked or replaced"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A copy of a node's identity as it is now (its files in a directory of their own).
+fn identity_copy(link: &e2e::cp::NodeLink) -> e2e::cp::NodeLink {
+    let copy = link.identity_dir.with_extension("before");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["node.key", "node.pem", "node.id"] {
+        std::fs::copy(link.identity_dir.join(f), copy.join(f)).unwrap();
+    }
+    e2e::cp::NodeLink {
+        identity_dir: copy,
+        ..link.clone()
+    }
 }

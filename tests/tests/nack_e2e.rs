@@ -77,6 +77,14 @@ impl FakeControlPlane {
         }
     }
 
+    /// Whether the node presented a client certificate (the CA's, as the TLS layer checked).
+    fn client_certified(&self) -> bool {
+        self.tls
+            .conn
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty())
+    }
+
     fn send(&mut self, m: &Message) {
         let mut out = Vec::new();
         encode_frame(m, &mut out);
@@ -290,11 +298,11 @@ fn revoked(gw: &Gateway, mock: &MockProvider, key: &str) {
 both_drivers!(
     unusable_records_are_isolated_and_revisions_that_do_not_fit_are_refused,
     |driver| {
-        // The link's PKI and node token come from a real control plane, stopped at once.
+        // The link's PKI and the node's identity come from a real control plane, stopped at
+        // once.
         let dir = scratch_dir(&format!("nack-e2e-{driver:?}"));
         let cp = e2e::cp::cp_start(dir.clone(), "127.0.0.1:0");
-        let node_token = cp.node_token.clone();
-        let ca_file = cp.ca_file.clone();
+        let enrolled = e2e::cp::enrolled(&cp);
         cp.stop();
         let tls = controlplane::pki::Pki::under(&dir)
             .server_config()
@@ -310,7 +318,7 @@ both_drivers!(
         );
         aigw_wire::keys::parse(&key).expect("a well-formed key");
 
-        let gw = gateway_with(driver, fake_addr, &node_token, &ca_file, |_| {});
+        let gw = gateway_with(driver, &enrolled.at(fake_addr), |_| {});
         let mut link = FakeControlPlane::accept(&listener, tls);
 
         // The node introduces itself with nothing held, and is not ready before a config.
@@ -319,13 +327,12 @@ both_drivers!(
                 protocol_version,
                 node_id,
                 revision_held,
-                token,
                 ..
             } => {
                 assert_eq!(protocol_version, PROTOCOL_VERSION);
-                assert_eq!(node_id, format!("node-{driver:?}"));
+                assert_eq!(node_id, enrolled.node_id, "the id it enrolled with");
                 assert_eq!(revision_held, 0);
-                assert_eq!(token, node_token, "the node presents its token");
+                assert!(link.client_certified(), "the node presents its certificate");
             }
             other => panic!("expected Hello first, got {other:?}"),
         }
@@ -576,8 +583,7 @@ both_drivers!(
     |driver| {
         let dir = scratch_dir(&format!("nack-stale-{driver:?}"));
         let cp = e2e::cp::cp_start(dir.clone(), "127.0.0.1:0");
-        let node_token = cp.node_token.clone();
-        let ca_file = cp.ca_file.clone();
+        let enrolled = e2e::cp::enrolled(&cp);
         cp.stop();
         let tls = controlplane::pki::Pki::under(&dir)
             .server_config()
@@ -590,7 +596,7 @@ both_drivers!(
             KEY_ID,
             "abcdefghijABCDEFGHIJ0123456789",
         );
-        let gw = gateway_with(driver, fake_addr, &node_token, &ca_file, |c| {
+        let gw = gateway_with(driver, &enrolled.at(fake_addr), |c| {
             c.max_stale = Duration::from_secs(1);
         });
         let mut link = FakeControlPlane::accept(&listener, tls);

@@ -137,7 +137,7 @@ both_drivers!(
             .as_str()
             .unwrap()
             .to_string();
-        let mut c = node_config(driver, cp.push_addr, &cp.node_token, &cp.ca_file, |_| {});
+        let mut c = node_config(driver, &e2e::cp::register(&cp), |_| {});
         c.server.workers = 1;
         c.limits.max_body_bytes = 4000;
         c.body_budget_bytes = 4000;

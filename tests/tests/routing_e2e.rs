@@ -253,7 +253,8 @@ both_drivers!(
             c.snapshot_file = Some(snap.clone());
             c.seal_key_env = "AIGW_E2E_ROUTING_SEAL_KEY".into();
         };
-        let gw = node(driver, &cp, sealed);
+        let link = e2e::cp::register(&cp);
+        let gw = gateway_with(driver, &link, sealed);
         synced(&cp, &gw);
         assert_eq!(chat_with_key(gw.addr(), Some(&k), "m").status, 200);
         let held = revision(&cp);
@@ -277,14 +278,14 @@ both_drivers!(
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert!(r.json()["compacted_through"].as_i64().unwrap() > held);
 
-        let gw = node(driver, &cp, sealed);
+        let gw = gateway_with(driver, &link, sealed);
         synced(&cp, &gw);
         let nodes = api(&cp, "GET", "/v1/nodes", None).json();
         let me = nodes["data"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|n| n["node_id"] == format!("node-{driver:?}"))
+            .find(|n| n["node_id"] == link.node_id)
             .unwrap();
         assert_eq!(me["snapshots_sent"], 1, "compacted away: a full snapshot");
         assert_eq!(me["changes_sent"], 0);
@@ -295,9 +296,8 @@ both_drivers!(
         gw.stop();
 
         // The control plane is down: the node boots from its sealed file, routes included.
-        let (push, token, ca) = (cp.push_addr, cp.node_token.clone(), cp.ca_file.clone());
         cp.stop();
-        let gw = gateway_with(driver, push, &token, &ca, sealed);
+        let gw = gateway_with(driver, &link, sealed);
         assert!(wait_until(Duration::from_secs(5), || admin_get(
             gw.admin_addr(),
             "/readyz"

@@ -254,10 +254,17 @@ impl<R: std::io::Read> Opener<R> {
         self.reader
             .read_exact(&mut nt)
             .map_err(|_| SealError::Format)?;
-        let mut ct = vec![0u8; len];
-        self.reader
-            .read_exact(&mut ct)
+        // Read what is there, up to the length claimed, so a short file with a large claim
+        // costs only what it holds.
+        use std::io::Read as _;
+        let mut ct = Vec::new();
+        (&mut self.reader)
+            .take(len as u64)
+            .read_to_end(&mut ct)
             .map_err(|_| SealError::Format)?;
+        if ct.len() != len {
+            return Err(SealError::Format);
+        }
         // Try as a middle chunk, then as the last one: the flag is authenticated, not stored.
         for last in [false, true] {
             let aad = chunk_aad(&self.head, self.index, last);

@@ -279,10 +279,6 @@ pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Valu
     Ok(Json(json!({"revision": r})))
 }
 
-pub(super) async fn nodes(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
-    Ok(Json(json!({"data": s.push.nodes()})))
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ImportKeys {

@@ -5,6 +5,7 @@
 //! caller's address, in the same transaction as the change itself.
 
 mod handlers;
+mod nodes;
 pub mod openapi;
 mod routing;
 
@@ -48,7 +49,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/keys/{key_id}/rotate", post(handlers::rotate_key))
         .route("/v1/audit", get(handlers::audit))
         .route("/v1/revision", get(handlers::revision))
-        .route("/v1/nodes", get(handlers::nodes))
+        .route("/v1/nodes", get(nodes::list).post(nodes::add))
+        .route("/v1/nodes/{node_id}", get(nodes::get))
+        .route("/v1/nodes/{node_id}/enrollment", post(nodes::enroll_again))
+        .route("/v1/nodes/{node_id}/revoke", post(nodes::revoke))
+        .route("/v1/nodes/{node_id}/scope", put(nodes::set_scope))
         .route(
             "/v1/tenants/{tenant_id}/keys/import",
             post(handlers::import_keys),

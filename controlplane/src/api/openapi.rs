@@ -56,6 +56,23 @@ pub fn document() -> Value {
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
             "/v1/revision": {"get": op("The newest configuration revision", None, "200")},
+            "/v1/nodes": {
+                "get": op("Registered nodes: scope, enrolment, connection, applied revision, records they cannot apply", None, "200"),
+                "post": op("Register a node; returns its one-time enrolment token (shown once)", Some("AddNode"), "201")
+            },
+            "/v1/nodes/{node_id}": {"parameters": [path_param("node_id")], "get": op("A node", None, "200")},
+            "/v1/nodes/{node_id}/enrollment": {
+                "parameters": [path_param("node_id")],
+                "post": op("A new enrolment token for a node; its current certificate is refused once it enrols again", Some("Enrollment"), "200")
+            },
+            "/v1/nodes/{node_id}/revoke": {
+                "parameters": [path_param("node_id")],
+                "post": op("Revoke a node: its link closes at once and its certificate is refused", None, "200")
+            },
+            "/v1/nodes/{node_id}/scope": {
+                "parameters": [path_param("node_id")],
+                "put": op("Set what a node receives; it is sent a snapshot of the new scope at once", Some("NodeScope"), "200")
+            },
             "/v1/tenants/{tenant_id}/environments/{environment}/upstreams": {
                 "parameters": [path_param("tenant_id"), env_param.clone()],
                 "get": op("List an environment's upstreams (never their credentials)", None, "200")
@@ -136,6 +153,16 @@ pub fn document() -> Value {
                     "zero_retention": {"type": "boolean", "default": false},
                     "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
                     "hipaa": {"type": "boolean", "default": false}}},
+                "NodeScope": {"type": "object", "additionalProperties": false, "properties": {
+                    "environments": {"type": "array", "items": {"enum": ["production", "staging", "development"]}, "description": "empty: all three"},
+                    "tenants": {"type": "array", "maxItems": 1000, "items": {"type": "string"}, "description": "empty: every tenant"}}},
+                "AddNode": {"type": "object", "required": ["id"], "additionalProperties": false, "properties": {
+                    "id": {"type": "string", "pattern": NAME_PATTERN},
+                    "environments": {"type": "array", "items": {"enum": ["production", "staging", "development"]}, "description": "empty: all three"},
+                    "tenants": {"type": "array", "maxItems": 1000, "items": {"type": "string"}, "description": "empty: every tenant"},
+                    "expires_in_seconds": {"type": "integer", "minimum": 1, "maximum": 604_800, "default": 3600}}},
+                "Enrollment": {"type": "object", "additionalProperties": false, "properties": {
+                    "expires_in_seconds": {"type": "integer", "minimum": 1, "maximum": 604_800, "default": 3600}}},
                 "Compact": {"type": "object", "required": ["keep"], "additionalProperties": false, "properties": {
                     "keep": {"type": "integer", "minimum": 0}}}
             }

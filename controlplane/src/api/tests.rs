@@ -463,9 +463,9 @@ fn secret_files_are_whole_private_and_checked() {
     assert_eq!(mode(&dir), 0o700);
     for f in [
         "admin-token",
-        "node-token",
         "seal.key",
         "pki/server.key",
+        "pki/ca.key",
         "controlplane.db",
     ] {
         assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
@@ -474,26 +474,30 @@ fn secret_files_are_whole_private_and_checked() {
     running.stop();
 
     // A token file left empty (a crash between creating and writing it) is not reused.
-    std::fs::write(dir.join("node-token"), "").expect("write");
+    std::fs::write(dir.join("admin-token"), "").expect("write");
     let e = start(Options {
         data_dir: dir.clone(),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         push_listen: "127.0.0.1:0".parse().expect("addr"),
         ..Options::default()
     })
-    .expect_err("an empty node token");
-    assert!(e.to_string().contains("node-token is empty"), "{e}");
+    .expect_err("an empty admin token");
+    assert!(e.to_string().contains("admin-token is empty"), "{e}");
     // Nor is a short one.
-    aigw_seal::files::write_private(&dir.join("node-token"), b"short").expect("write");
+    aigw_seal::files::write_private(&dir.join("admin-token"), b"short").expect("write");
     let e = start(Options {
         data_dir: dir.clone(),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         push_listen: "127.0.0.1:0".parse().expect("addr"),
         ..Options::default()
     })
-    .expect_err("a short node token");
+    .expect_err("a short admin token");
     assert!(e.to_string().contains("at least 32"), "{e}");
-    std::fs::remove_file(dir.join("node-token")).expect("remove");
+    aigw_seal::files::write_private(
+        &dir.join("admin-token"),
+        b"aigw_admin_0123456789abcdefghijklmnopqrstuvwxyz",
+    )
+    .expect("write");
     // A secret others can read is refused, naming the fix.
     std::fs::set_permissions(
         dir.join("admin-token"),
@@ -523,12 +527,12 @@ fn secret_files_are_whole_private_and_checked() {
     let running = cp(&dir);
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("controlplane.db")), 0o600);
-    assert!(
-        running.node_token.len() >= 32,
-        "a new node token was generated"
+    assert_eq!(
+        running.admin_token,
+        "aigw_admin_0123456789abcdefghijklmnopqrstuvwxyz"
     );
     assert_eq!(
-        std::fs::metadata(dir.join("node-token"))
+        std::fs::metadata(dir.join("admin-token"))
             .expect("token")
             .uid(),
         std::fs::metadata("/proc/self").expect("proc").uid()
@@ -581,5 +585,120 @@ fn key_fields_are_bounded() {
         Some(json!({"environment": "production", "allowed_models": ["gpt-4o"]})),
     );
     assert_eq!(code, 201);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Nodes over the API: every bad input is a 400 naming its field; a node is listed from
+/// its registration on, with its scope; an enrolled node cannot be added over; unknown
+/// nodes are 404; the enrolment token is shown once and audited nowhere.
+#[test]
+fn nodes_are_registered_scoped_and_revoked_over_the_api() {
+    let dir = temp();
+    let cp = cp(&dir);
+    for (body, field) in [
+        (json!({"id": "Edge 1"}), "id:"),
+        (
+            json!({"id": "edge-1", "environments": ["prod"]}),
+            "environments:",
+        ),
+        (
+            json!({"id": "edge-1", "expires_in_seconds": 0}),
+            "expires_in_seconds:",
+        ),
+        (json!({"id": "edge-1", "tenants": [""]}), "tenants:"),
+        (
+            json!({"id": "edge-1", "scope": {}}),
+            "unknown field `scope`",
+        ),
+    ] {
+        let (code, v) = call(&cp, "POST", "/v1/nodes", Some(body.clone()));
+        assert_eq!(code, 400, "{body}: {v}");
+        assert!(message(&v).contains(field), "{body}: {v}");
+    }
+    let (code, added) = call(
+        &cp,
+        "POST",
+        "/v1/nodes",
+        Some(json!({"id": "edge-1", "environments": ["production"], "tenants": ["acme"]})),
+    );
+    assert_eq!(code, 201, "{added}");
+    let token = added["enrollment_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert!(token.starts_with("aigw_enroll_") && token.len() >= 32);
+    assert_eq!(added["node"]["enrolled"], false);
+    assert_eq!(added["node"]["connected"], false);
+    assert_eq!(added["node"]["scope"]["tenants"][0], "acme");
+    let (code, listed) = call(&cp, "GET", "/v1/nodes", None);
+    assert_eq!(code, 200);
+    assert_eq!(listed["data"][0]["node_id"], "edge-1");
+    // Not yet enrolled: adding it again replaces it, and only the newest token is valid.
+    let (code, again) = call(&cp, "POST", "/v1/nodes", Some(json!({"id": "edge-1"})));
+    assert_eq!(code, 201, "{again}");
+    assert_ne!(again["enrollment_token"], added["enrollment_token"]);
+    assert_eq!(again["node"]["scope"]["environments"], json!([]));
+    // Once enrolled it cannot be added over.
+    let newest = again["enrollment_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let store = &cp.push.store;
+    assert_eq!(store.enrollment(&token).expect("read"), None, "superseded");
+    store
+        .complete_enrollment(&newest, "ab".repeat(32).as_str(), "test")
+        .expect("enrol");
+    let (code, v) = call(&cp, "POST", "/v1/nodes", Some(json!({"id": "edge-1"})));
+    assert_eq!(code, 409, "{v}");
+    assert!(message(&v).contains("revoke it first"), "{v}");
+    // Scope, with the same rules.
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        "/v1/nodes/edge-1/scope",
+        Some(json!({"environments": ["dev"]})),
+    );
+    assert_eq!(code, 400);
+    assert!(message(&v).contains("environments:"), "{v}");
+    let (code, v) = call(
+        &cp,
+        "PUT",
+        "/v1/nodes/edge-1/scope",
+        Some(json!({"environments": ["staging"]})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["scope"]["environments"][0], "staging");
+    // Re-enrolment and revocation; unknown nodes are 404.
+    let (code, v) = call(&cp, "POST", "/v1/nodes/edge-1/enrollment", None);
+    assert_eq!(code, 200, "{v}");
+    assert!(v["enrollment_token"].as_str().is_some());
+    for path in ["/v1/nodes/nope/revoke", "/v1/nodes/nope/enrollment"] {
+        let (code, _) = call(&cp, "POST", path, None);
+        assert_eq!(code, 404, "{path}");
+    }
+    let (code, v) = call(&cp, "POST", "/v1/nodes/edge-1/revoke", None);
+    assert_eq!(code, 200);
+    assert_eq!(v["revoked"], true);
+    let (code, v) = call(&cp, "POST", "/v1/nodes/edge-1/enrollment", None);
+    assert_eq!(
+        code, 409,
+        "a revoked node is added again, not re-enrolled: {v}"
+    );
+    let (_, audit) = call(&cp, "GET", "/v1/audit", None);
+    let text = audit.to_string();
+    for action in [
+        "node.add",
+        "node.enrolled",
+        "node.scope",
+        "node.enrollment",
+        "node.revoke",
+    ] {
+        assert!(text.contains(action), "{action}");
+    }
+    assert!(
+        !text.contains(&newest) && !text.contains(&token),
+        "no token in the audit log"
+    );
+    cp.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

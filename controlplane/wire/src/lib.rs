@@ -229,6 +229,16 @@ mod tests {
             any::<u64>().prop_map(|unix_ms| Message::Heartbeat { unix_ms }),
             "[ -~]{0,40}".prop_map(|reason| Message::Refused { reason }),
             (
+                "[a-zA-Z0-9_]{0,40}",
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(token, public_key)| Message::Enroll { token, public_key }),
+            (
+                "[a-z0-9-]{0,20}",
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(node_id, cert_der)| Message::Enrolled { node_id, cert_der }),
+            (
                 "[a-z0-9-]{0,12}",
                 any::<u64>(),
                 any::<u64>(),

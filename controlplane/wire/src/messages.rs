@@ -161,6 +161,19 @@ pub enum Message {
     Refused {
         reason: String,
     },
+    /// Node → control plane, instead of a Hello, from a node with no identity yet: a
+    /// one-time enrolment token and the public half of the key it made (an uncompressed
+    /// P-256 point, 65 bytes).
+    Enroll {
+        token: String,
+        public_key: Vec<u8>,
+    },
+    /// Control plane → node: its client certificate (DER, signed by the link's CA), for the
+    /// mutual TLS of every later connection, and the node id it names.
+    Enrolled {
+        node_id: String,
+        cert_der: Vec<u8>,
+    },
     /// Node → control plane: a guardrail block, a leaked-key sighting…
     Event {
         node_id: String,
@@ -183,6 +196,8 @@ pub mod types {
     pub const USAGE_ACK: u16 = 8;
     pub const EVENT: u16 = 9;
     pub const REFUSED: u16 = 10;
+    pub const ENROLL: u16 = 11;
+    pub const ENROLLED: u16 = 12;
 }
 
 /// Record kind codes.
@@ -292,6 +307,18 @@ impl Record {
             Self::Route(_) => kinds::ROUTE,
             Self::Policy(_) => kinds::POLICY,
             Self::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// The record's id (a key's id; `{tenant}/{environment}[/{name}]` for routing; empty
+    /// for an unknown kind).
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Key(k) => &k.key_id,
+            Self::Upstream(u) => &u.id,
+            Self::Route(r) => &r.id,
+            Self::Policy(p) => &p.id,
+            Self::Unknown { .. } => "",
         }
     }
 }
@@ -429,6 +456,8 @@ impl Message {
             Self::UsageAck { .. } => types::USAGE_ACK,
             Self::Event { .. } => types::EVENT,
             Self::Refused { .. } => types::REFUSED,
+            Self::Enroll { .. } => types::ENROLL,
+            Self::Enrolled { .. } => types::ENROLLED,
         }
     }
 
@@ -533,13 +562,21 @@ impl Message {
                 put_str(out, 5, detail);
             }
             Self::Refused { reason } => put_str(out, 1, reason),
+            Self::Enroll { token, public_key } => {
+                put_str(out, 1, token);
+                put_bytes(out, 2, public_key);
+            }
+            Self::Enrolled { node_id, cert_der } => {
+                put_str(out, 1, node_id);
+                put_bytes(out, 2, cert_der);
+            }
         }
     }
 
     /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
     /// know (the caller skips it).
     pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
-        if !(types::HELLO..=types::REFUSED).contains(&code) {
+        if !(types::HELLO..=types::ENROLLED).contains(&code) {
             return Ok(None);
         }
         // Checked whole first; then each field is looked up where it is, without building
@@ -602,6 +639,18 @@ impl Message {
                 seq: u(2)?,
             },
             types::REFUSED => Self::Refused { reason: s(1)? },
+            types::ENROLL => Self::Enroll {
+                token: s(1)?,
+                public_key: first_field(body, 2)?
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default(),
+            },
+            types::ENROLLED => Self::Enrolled {
+                node_id: s(1)?,
+                cert_der: first_field(body, 2)?
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default(),
+            },
             types::EVENT => Self::Event {
                 node_id: s(1)?,
                 boot_epoch: u(2)?,

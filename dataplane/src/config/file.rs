@@ -43,12 +43,19 @@ pub struct ControlPlaneConfig {
     /// The CA that signed the link's certificate (the control plane writes it to
     /// `<data>/pki/ca.pem` at first start).
     pub ca_file: std::path::PathBuf,
-    /// Environment variable holding the node token.
-    #[serde(default = "default_token_env")]
-    pub token_env: String,
-    /// This node's name (default: the host name).
-    #[serde(default)]
-    pub node_id: Option<String>,
+    /// Where this node keeps its identity on the link: its private key (`node.key`, mode
+    /// 0600) and the client certificate the control plane issued it at enrolment.
+    pub identity_dir: std::path::PathBuf,
+    /// Environment variable holding a one-time enrolment token (from `controlplane
+    /// node-add`): read when the node has no identity yet, or to enrol it again.
+    #[serde(default = "default_enrollment_token_env")]
+    pub enrollment_token_env: String,
+    /// Replaced by enrolment; read only to say so.
+    #[serde(default, deserialize_with = "present", rename = "token_env")]
+    pub retired_token_env: bool,
+    /// Replaced by the id in the node's certificate; read only to say so.
+    #[serde(default, deserialize_with = "present", rename = "node_id")]
+    pub retired_node_id: bool,
     /// Environments whose keys this node accepts (default: all three).
     #[serde(default = "default_environments")]
     pub environments: Vec<String>,
@@ -97,6 +104,60 @@ impl ControlPlaneConfig {
     }
 }
 
+/// Whether the node can identify itself: an identity in `identity_dir` (its key a private
+/// file), or a usable enrolment token to get one.
+fn check_identity(cp: &ControlPlaneConfig) -> Result<(), (&'static str, String)> {
+    let dir = &cp.identity_dir;
+    if let Ok(m) = std::fs::metadata(dir) {
+        if !m.is_dir() {
+            return Err((
+                "control_plane.identity_dir",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+    } else if !dir
+        .parent()
+        .is_some_and(|p| p.as_os_str().is_empty() || p.is_dir())
+    {
+        return Err((
+            "control_plane.identity_dir",
+            format!(
+                "neither {} nor its parent directory exists; create it (mode 0700)",
+                dir.display()
+            ),
+        ));
+    }
+    let files = crate::config::identity::IdentityFiles::new(dir);
+    let token = std::env::var(&cp.enrollment_token_env).unwrap_or_default();
+    let token = token.trim();
+    if !token.is_empty() && !aigw_wire::keys::token_is_acceptable(token) {
+        return Err((
+            "control_plane.enrollment_token_env",
+            format!(
+                "environment variable {} holds {} characters; an enrolment token has at least {}",
+                cp.enrollment_token_env,
+                token.len(),
+                aigw_wire::keys::MIN_TOKEN_LEN
+            ),
+        ));
+    }
+    if files.exists() {
+        if let Err(e) = files.load() {
+            return Err(("control_plane.identity_dir", e.to_string()));
+        }
+    } else if token.is_empty() {
+        return Err((
+            "control_plane.enrollment_token_env",
+            format!(
+                "this node has no identity in {} yet: set {} to an enrolment token (on the control plane: controlplane node-add <node id>)",
+                dir.display(),
+                cp.enrollment_token_env
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether the directory of the sealed snapshot exists as a directory, or can be created
 /// (its parent exists); a node creates it with mode 0700 at start.
 fn check_snapshot_dir(snapshot: &Path) -> Result<(), String> {
@@ -117,8 +178,13 @@ fn check_snapshot_dir(snapshot: &Path) -> Result<(), String> {
     }
 }
 
-fn default_token_env() -> String {
-    "AIGW_NODE_TOKEN".into()
+/// True for a field that is there, whatever it holds.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+fn default_enrollment_token_env() -> String {
+    "AIGW_ENROLLMENT_TOKEN".into()
 }
 
 fn default_environments() -> Vec<String> {
@@ -508,26 +574,19 @@ impl Config {
                     format!("{}: {e}", cp.ca_file.display()),
                 ));
             }
-            match std::env::var(&cp.token_env) {
-                Err(_) => {
-                    return Err((
-                        "control_plane.token_env",
-                        format!("environment variable {} is not set", cp.token_env),
-                    ))
-                }
-                Ok(t) if !aigw_wire::keys::token_is_acceptable(t.trim()) => {
-                    return Err((
-                        "control_plane.token_env",
-                        format!(
-                        "environment variable {} holds {} characters; a node token has at least {}",
-                        cp.token_env,
-                        t.trim().len(),
-                        aigw_wire::keys::MIN_TOKEN_LEN
-                    ),
-                    ))
-                }
-                Ok(_) => {}
+            if cp.retired_token_env {
+                return Err((
+                    "control_plane.token_env",
+                    "node tokens are replaced by enrolment: remove token_env, set identity_dir, and give the node an enrolment token from `controlplane node-add` in AIGW_ENROLLMENT_TOKEN".into(),
+                ));
             }
+            if cp.retired_node_id {
+                return Err((
+                    "control_plane.node_id",
+                    "a node's id is the one it was registered with (`controlplane node-add <id>`); remove node_id".into(),
+                ));
+            }
+            check_identity(cp)?;
             if let Some(snapshot) = &cp.snapshot_file {
                 if let Err(e) = cp.seal_key() {
                     return Err(("control_plane.seal_key_env", e));
@@ -775,14 +834,55 @@ mod tests {
         // With a control plane, routing comes from it: a static table is refused.
         let ca = std::env::temp_dir().join(format!("aigw-config-ca-{}", std::process::id()));
         std::fs::write(&ca, "").expect("write");
-        std::env::set_var("AIGW_TEST_NODE_TOKEN", "t");
         let with_cp = format!(
-            "{ok}\n[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\ntoken_env = \"AIGW_TEST_NODE_TOKEN\"\n",
+            "{ok}\n[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\nidentity_dir = \"/tmp\"\n",
             ca.display()
         );
         let e = Config::parse(&with_cp, "t").expect_err("static routes with a control plane");
         assert!(e.to_string().contains("come from the control plane"), "{e}");
         let _ = std::fs::remove_file(&ca);
+    }
+
+    /// A node needs an identity or an enrolment token to get one; the retired node-token
+    /// settings are refused with what replaced them.
+    #[test]
+    fn a_node_without_identity_needs_an_enrolment_token() {
+        let dir = std::env::temp_dir().join(format!("aigw-config-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "").expect("write");
+        let config = |extra: &str| {
+            format!(
+                "[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"AIGW_TEST_ENROLL_{}\"\n{extra}",
+                ca.display(),
+                dir.join("identity").display(),
+                std::process::id()
+            )
+        };
+        let var = format!("AIGW_TEST_ENROLL_{}", std::process::id());
+        std::env::remove_var(&var);
+        let e = Config::parse(&config(""), "t").expect_err("no identity, no token");
+        assert!(
+            e.to_string().contains("control_plane.enrollment_token_env")
+                && e.to_string().contains("no identity"),
+            "{e}"
+        );
+        std::env::set_var(&var, "short");
+        let e = Config::parse(&config(""), "t").expect_err("a short token");
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        std::env::set_var(&var, "aigw_enroll_0123456789abcdefghijklmnopqrstuvwxyzABCD");
+        Config::parse(&config(""), "t").expect("a token to enrol with");
+        let e = Config::parse(&config("token_env = \"X\"\n"), "t").expect_err("retired");
+        assert!(
+            e.to_string().contains("control_plane.token_env")
+                && e.to_string().contains("replaced by enrolment"),
+            "{e}"
+        );
+        let e = Config::parse(&config("node_id = \"n\"\n"), "t").expect_err("retired");
+        assert!(e.to_string().contains("control_plane.node_id"), "{e}");
+        std::env::remove_var(&var);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

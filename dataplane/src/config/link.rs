@@ -16,6 +16,7 @@ use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, P
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
 
+use crate::config::identity::{self, EnrollError, IdentityFiles};
 use crate::config::pushed::{NodeConfig, NodeConfigBuilder, SharedConfig};
 use crate::config::ControlPlaneConfig;
 use crate::runtime::shutdown::Shutdown;
@@ -78,16 +79,34 @@ pub fn spawn(
     stop: Arc<Shutdown>,
     persist: Option<Persist>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let tls = client_config(&cfg)?;
-    let token = std::env::var(&cfg.token_env).unwrap_or_default();
-    let node_id = cfg.node_id.clone().unwrap_or_else(hostname);
+    let roots = roots(&cfg)?;
+    let files = IdentityFiles::new(&cfg.identity_dir);
+    let token = std::env::var(&cfg.enrollment_token_env)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     let boot_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let handle = std::thread::Builder::new().name("aigw-control".into()).spawn(move || {
         let mut backoff = Duration::from_millis(50);
+        let mut identity: Option<(Arc<rustls::ClientConfig>, String)> = None;
         while !stop.is_triggered() {
-            match session(&cfg, &tls, &token, &node_id, boot_epoch, &keys, &stop, persist.as_ref()) {
+            if identity.is_none() {
+                match identify(&cfg, &roots, &files, token.as_deref()) {
+                    Ok(v) => identity = Some(v),
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "this node cannot identify itself to the control plane");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            let Some((tls, node_id)) = identity.as_ref() else {
+                continue;
+            };
+            match session(&cfg, tls, node_id, boot_epoch, &keys, &stop, persist.as_ref()) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
@@ -100,36 +119,51 @@ pub fn spawn(
     Ok(handle)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "node".into())
+/// The link's TLS config presenting this node's certificate, and the node's id: enrolling
+/// first when the node has no identity, or has an enrolment token it has not used.
+fn identify(
+    cfg: &ControlPlaneConfig,
+    roots: &rustls::RootCertStore,
+    files: &IdentityFiles,
+    token: Option<&str>,
+) -> anyhow::Result<(Arc<rustls::ClientConfig>, String)> {
+    let held = files.load()?;
+    if let Some(token) = token.filter(|t| !files.used(t)) {
+        let anonymous = identity::client_config(roots, None)?;
+        let mut stream = connect(cfg, &anonymous)?;
+        match identity::enroll(&mut stream, files, token) {
+            Ok(id) => {
+                tracing::info!(node = %id.node_id, dir = %files.dir.display(), "enrolled with the control plane");
+                return Ok((identity::client_config(roots, Some(&id))?, id.node_id));
+            }
+            Err(EnrollError::Refused(reason)) if held.is_some() => {
+                tracing::warn!(%reason, "the control plane refused the enrolment token; this node keeps the identity it has");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match held {
+        Some(id) => Ok((identity::client_config(roots, Some(&id))?, id.node_id)),
+        None => anyhow::bail!(
+            "no identity in {} yet: set {} to an enrolment token (on the control plane: controlplane node-add <node id>)",
+            files.dir.display(),
+            cfg.enrollment_token_env
+        ),
+    }
 }
 
-fn client_config(cfg: &ControlPlaneConfig) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+fn roots(cfg: &ControlPlaneConfig) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&cfg.ca_file)? {
         roots.add(cert?)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(roots)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn session(
-    cfg: &ControlPlaneConfig,
-    tls: &Arc<rustls::ClientConfig>,
-    token: &str,
-    node_id: &str,
-    boot_epoch: u64,
-    keys: &SharedConfig,
-    stop: &Shutdown,
-    persist: Option<&Persist>,
-) -> anyhow::Result<()> {
+type Link = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to the control plane's link.
+fn connect(cfg: &ControlPlaneConfig, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<Link> {
     let addr = cfg
         .address
         .to_socket_addrs()?
@@ -145,7 +179,19 @@ fn session(
     });
     let name = ServerName::try_from(host)?;
     let conn = rustls::ClientConnection::new(Arc::clone(tls), name)?;
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+fn session(
+    cfg: &ControlPlaneConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    node_id: &str,
+    boot_epoch: u64,
+    keys: &SharedConfig,
+    stop: &Shutdown,
+    persist: Option<&Persist>,
+) -> anyhow::Result<()> {
+    let mut stream = connect(cfg, tls)?;
     send(
         &mut stream,
         &Message::Hello {
@@ -153,7 +199,7 @@ fn session(
             node_id: node_id.to_string(),
             boot_epoch,
             revision_held: keys.revision(),
-            token: token.to_string(),
+            token: String::new(),
             revision_id: keys.load().revision_id,
         },
     )?;
@@ -330,7 +376,8 @@ fn session(
             }
             Message::Refused { reason } => {
                 anyhow::bail!(
-                    "the control plane refused this node: {reason} (check control_plane.token_env and the control plane's node-token)"
+                    "the control plane refused this node: {reason} (to enrol it again: controlplane node-enroll <node id>, then restart the node with the token in {})",
+                    cfg.enrollment_token_env
                 );
             }
             other => tracing::debug!(?other, "ignoring message"),

@@ -4,6 +4,7 @@
 //! sources route with the same [`routing`] tables.
 
 mod file;
+pub mod identity;
 pub mod link;
 pub mod pushed;
 pub mod routing;
