@@ -1,8 +1,8 @@
 #![no_main]
 //! Arbitrary bytes through the sealed-file reader, as a node reads its snapshot at boot:
-//! never a panic, never a plaintext from a file this key did not seal, and never an
-//! allocation larger than the bytes given (a chunk length is checked before it is
-//! allocated). Half the inputs start with a valid head, so chunk parsing is reached.
+//! never a panic, and never an allocation beyond a small multiple of the bytes given (a
+//! chunk's claimed length costs only the bytes that are there). Half the inputs start with
+//! a valid head, so chunk parsing is reached.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(
-        largest <= input.len() + 4096,
+        largest <= 2 * input.len() + 4096,
         "{} bytes in, an allocation of {largest}",
         input.len()
     );
