@@ -138,7 +138,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         environments: vec!["production".into()],
         max_stale: Duration::ZERO,
         snapshot_file: None,
-        seal_key_env: "AIGW_SEAL_KEY".into(),
+        seal_key_env: "AIGW_NODE_SEAL_KEY".into(),
         seal_key_file: None,
     });
     let gw = dataplane::node::start(c)?;

@@ -185,8 +185,26 @@ pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aig
 
 /// Opens the store and serves the admin API and the node link from a thread of its own.
 pub fn start(opts: Options) -> anyhow::Result<Running> {
+    // The addresses first: a busy port fails the start before anything is written.
+    let api_listener = std::net::TcpListener::bind(opts.api_listen)
+        .with_context(|| format!("binding {}", opts.api_listen))?;
+    api_listener.set_nonblocking(true)?;
+    let addr = api_listener.local_addr()?;
+    let push_listener = std::net::TcpListener::bind(opts.push_listen)
+        .with_context(|| format!("binding {}", opts.push_listen))?;
+    push_listener.set_nonblocking(true)?;
+    let push_addr = push_listener.local_addr()?;
     let kek = seal_key(&opts.data_dir, opts.seal_key.as_deref())?;
-    let store = Arc::new(store::Store::open(&opts.data_dir, kek)?);
+    let store = Arc::new(store::Store::open(&opts.data_dir, kek).with_context(|| {
+        match opts.seal_key {
+            Some(_) => "with the seal key passed in (AIGW_SEAL_KEY overrides <data-dir>/seal.key)"
+                .to_string(),
+            None => format!(
+                "with the seal key in {}",
+                opts.data_dir.join("seal.key").display()
+            ),
+        }
+    })?);
     let keep = i64::try_from(opts.changelog_keep).unwrap_or(i64::MAX);
     let token = admin_token(&opts.data_dir)?;
     let pki = pki::Pki::under(&opts.data_dir);
@@ -201,14 +219,6 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         admin_token: token.clone(),
         push: Arc::clone(&push),
     });
-    let api_listener = std::net::TcpListener::bind(opts.api_listen)
-        .with_context(|| format!("binding {}", opts.api_listen))?;
-    api_listener.set_nonblocking(true)?;
-    let addr = api_listener.local_addr()?;
-    let push_listener = std::net::TcpListener::bind(opts.push_listen)
-        .with_context(|| format!("binding {}", opts.push_listen))?;
-    push_listener.set_nonblocking(true)?;
-    let push_addr = push_listener.local_addr()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()

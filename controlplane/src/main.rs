@@ -509,7 +509,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 v["error"]["message"].as_str().unwrap_or("error")
             )
         }
-        Err(e) => Err(e.into()),
+        Err(ureq::Error::Transport(t)) => anyhow::bail!(
+            "cannot reach the control plane ({t}); is `controlplane serve` running there? pass --url or set AIGW_CONTROLPLANE_URL"
+        ),
     }
 }
 

@@ -209,7 +209,7 @@ pub fn node_config(
         environments: vec!["production".into(), "staging".into(), "development".into()],
         max_stale: Duration::ZERO,
         snapshot_file: None,
-        seal_key_env: "AIGW_SEAL_KEY".into(),
+        seal_key_env: "AIGW_NODE_SEAL_KEY".into(),
         seal_key_file: None,
     };
     tweak(&mut cp_config);

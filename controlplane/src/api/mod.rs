@@ -16,7 +16,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
@@ -30,59 +30,68 @@ pub struct AppState {
     pub push: Arc<crate::push::PushState>,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    let authed = Router::new()
-        .route(
+/// Every authenticated route: a path and what serves it. `/openapi.json` describes each
+/// (a test holds the two together).
+fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        (
             "/v1/tenants",
             post(handlers::create_tenant).get(handlers::list_tenants),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/sub-accounts",
             post(handlers::create_sub_account),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/keys",
             post(handlers::create_key).get(handlers::list_keys),
-        )
-        .route("/v1/keys/{key_id}", get(handlers::get_key))
-        .route("/v1/keys/{key_id}/revoke", post(handlers::revoke_key))
-        .route("/v1/keys/{key_id}/rotate", post(handlers::rotate_key))
-        .route("/v1/audit", get(handlers::audit))
-        .route("/v1/revision", get(handlers::revision))
-        .route("/v1/nodes", get(nodes::list).post(nodes::add))
-        .route("/v1/nodes/{node_id}", get(nodes::get))
-        .route("/v1/nodes/{node_id}/enrollment", post(nodes::enroll_again))
-        .route("/v1/nodes/{node_id}/revoke", post(nodes::revoke))
-        .route("/v1/nodes/{node_id}/scope", put(nodes::set_scope))
-        .route(
+        ),
+        ("/v1/keys/{key_id}", get(handlers::get_key)),
+        ("/v1/keys/{key_id}/revoke", post(handlers::revoke_key)),
+        ("/v1/keys/{key_id}/rotate", post(handlers::rotate_key)),
+        ("/v1/audit", get(handlers::audit)),
+        ("/v1/revision", get(handlers::revision)),
+        ("/v1/nodes", get(nodes::list).post(nodes::add)),
+        ("/v1/nodes/{node_id}", get(nodes::get)),
+        ("/v1/nodes/{node_id}/enrollment", post(nodes::enroll_again)),
+        ("/v1/nodes/{node_id}/revoke", post(nodes::revoke)),
+        ("/v1/nodes/{node_id}/scope", put(nodes::set_scope)),
+        (
             "/v1/tenants/{tenant_id}/keys/import",
             post(handlers::import_keys),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/environments/{environment}/upstreams",
             get(routing::list_upstreams),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/environments/{environment}/upstreams/{name}",
             put(routing::put_upstream)
                 .get(routing::get_upstream)
                 .delete(routing::delete_upstream),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/environments/{environment}/routes",
             get(routing::list_routes),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/environments/{environment}/routes/{name}",
             put(routing::put_route)
                 .get(routing::get_route)
                 .delete(routing::delete_route),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{tenant_id}/environments/{environment}/policy",
             put(routing::put_policy).get(routing::get_policy),
-        )
-        .route("/v1/admin/compact", post(routing::compact))
+        ),
+        ("/v1/admin/compact", post(routing::compact)),
+    ]
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let authed = authed_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, handler)| r.route(path, handler))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
@@ -95,6 +104,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .merge(authed)
         .with_state(state)
+}
+
+/// The paths served behind the admin token.
+pub fn served_paths() -> Vec<&'static str> {
+    authed_routes().into_iter().map(|(p, _)| p).collect()
 }
 
 /// The principal behind a request, once authenticated.

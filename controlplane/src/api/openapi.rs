@@ -48,6 +48,10 @@ pub fn document() -> Value {
                 "post": op("Create an API key; the key is returned once", Some("CreateKey"), "201"),
                 "get": op("List a tenant's keys (never the keys themselves)", None, "200")
             },
+            "/v1/tenants/{tenant_id}/keys/import": {
+                "parameters": [path_param("tenant_id")],
+                "post": op("Mint many keys in one transaction (seeding, migrations); returns up to 1,000 of them", Some("ImportKeys"), "201")
+            },
             "/v1/keys/{key_id}": {"parameters": [path_param("key_id")], "get": op("Get a key's metadata", None, "200")},
             "/v1/keys/{key_id}/revoke": {"parameters": [path_param("key_id")], "post": op("Revoke a key at once", None, "200")},
             "/v1/keys/{key_id}/rotate": {
@@ -117,6 +121,10 @@ pub fn document() -> Value {
                     "sub_account_id": {"type": "string"},
                     "allowed_models": {"type": "array", "items": {"type": "string"}},
                     "expires_at": {"type": "integer", "description": "Unix seconds, UTC"}}},
+                "ImportKeys": {"type": "object", "required": ["environment", "count"], "additionalProperties": false, "properties": {
+                    "environment": {"enum": ["production", "staging", "development"]},
+                    "count": {"type": "integer", "minimum": 1, "maximum": 2_000_000},
+                    "return_keys": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 0}}},
                 "RotateKey": {"type": "object", "additionalProperties": false, "properties": {
                     "grace_seconds": {"type": "integer", "minimum": 0, "default": 86400}}},
                 "NonRetention": {"description": "How the provider is told not to retain a request", "oneOf": [

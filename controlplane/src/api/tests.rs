@@ -702,3 +702,43 @@ fn nodes_are_registered_scoped_and_revoked_over_the_api() {
     cp.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A busy port fails the start before any secret is written.
+#[test]
+fn a_busy_port_fails_before_anything_is_written() {
+    let dir = temp();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let e = start(Options {
+        data_dir: dir.clone(),
+        api_listen: busy.local_addr().expect("addr"),
+        push_listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Options::default()
+    })
+    .expect_err("the port is taken");
+    assert!(format!("{e:#}").contains("in use"), "{e:#}");
+    assert!(!dir.exists(), "nothing written");
+}
+
+/// `/openapi.json` describes every served path, and nothing that is not served.
+#[test]
+fn the_openapi_document_covers_every_route() {
+    let doc = crate::api::openapi::document();
+    let described: std::collections::BTreeSet<&str> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .keys()
+        .map(String::as_str)
+        .filter(|p| *p != "/healthz")
+        .collect();
+    let served: std::collections::BTreeSet<&str> = crate::api::served_paths().into_iter().collect();
+    assert_eq!(
+        described.difference(&served).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "described, not served"
+    );
+    assert_eq!(
+        served.difference(&described).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "served, not described"
+    );
+}

@@ -76,10 +76,18 @@ pub struct ControlPlaneConfig {
 }
 
 fn default_seal_key_env() -> String {
-    "AIGW_SEAL_KEY".into()
+    "AIGW_NODE_SEAL_KEY".into()
 }
 
 impl ControlPlaneConfig {
+    /// Where the snapshot's key is read from, as messages name it.
+    pub fn seal_key_source(&self) -> String {
+        match &self.seal_key_file {
+            Some(f) => format!("seal_key_file {}", f.display()),
+            None => format!("environment variable {}", self.seal_key_env),
+        }
+    }
+
     /// The key-encryption key, from `seal_key_file` (a secret file: owned by this user, mode
     /// 0600) or `seal_key_env`; a wrong one is reported with where it came from.
     pub fn seal_key(&self) -> Result<crate::seal::Kek, String> {

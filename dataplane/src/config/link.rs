@@ -30,6 +30,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub struct Persist {
     pub path: std::path::PathBuf,
     pub kek: crate::seal::Kek,
+    /// Where the key came from, for the messages that a wrong key causes.
+    pub key_source: String,
 }
 
 /// Boots from the sealed snapshot, if there is one: the node serves what it last applied
@@ -67,7 +69,7 @@ pub fn boot_from_disk(persist: &Persist, keys: &SharedConfig) {
             keys.touched_ago(age);
         }
         Err(e) => {
-            tracing::error!(error = %e, path = %persist.path.display(), "sealed snapshot unusable; waiting for the control plane")
+            tracing::error!(error = %e, path = %persist.path.display(), key = %persist.key_source, "sealed snapshot unusable (a wrong seal key?); waiting for the control plane")
         }
     }
 }
