@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod keys;
+pub mod local;
 pub mod pki;
 pub mod push;
 pub mod store;
@@ -60,6 +61,27 @@ impl std::fmt::Debug for Options {
             .field("changelog_keep", &self.changelog_keep)
             .finish()
     }
+}
+
+/// Where state lives unless a directory is given: `$AIGW_DATA_DIR`, else
+/// `$XDG_STATE_HOME/aigateway`, else `~/.local/state/aigateway` — outside any source tree —
+/// then `sub` under it.
+pub fn default_data_dir(sub: &str) -> PathBuf {
+    let base = std::env::var_os("AIGW_DATA_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(|d| PathBuf::from(d).join("aigateway"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/state/aigateway"))
+        })
+        .unwrap_or_else(|| PathBuf::from("aigateway-state"));
+    base.join(sub)
 }
 
 /// A running control plane.

@@ -33,8 +33,10 @@ enum Cmd {
     /// Provider credentials are sealed at rest with the key in AIGW_SEAL_KEY (64 hex digits),
     /// else with `<data-dir>/seal.key`, generated at first start.
     Serve {
-        #[arg(long, default_value = "./aigw-data")]
-        data_dir: PathBuf,
+        /// Default: $AIGW_DATA_DIR/controlplane, else $XDG_STATE_HOME/aigateway/controlplane,
+        /// else ~/.local/state/aigateway/controlplane.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Admin REST API.
         #[arg(long, default_value = "127.0.0.1:9900")]
         listen: SocketAddr,
@@ -47,6 +49,27 @@ enum Cmd {
         /// Changelog entries kept by compaction; a node further behind gets a snapshot.
         #[arg(long, default_value_t = controlplane::DEFAULT_CHANGELOG_KEEP)]
         changelog_keep: u64,
+    },
+    /// Run a whole local stack: this control plane, a demo provider, and one node enrolled
+    /// with it, set up so that the key it prints works at once. Ctrl-C stops all of it.
+    Up {
+        /// Default: $AIGW_DATA_DIR/local, else $XDG_STATE_HOME/aigateway/local, else
+        /// ~/.local/state/aigateway/local.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        link_listen: SocketAddr,
+        /// The gateway's listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        gateway_listen: SocketAddr,
+        /// The gateway's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        gateway_admin: SocketAddr,
+        /// The dataplane binary (default: beside this one, else on PATH).
+        #[arg(long)]
+        dataplane: Option<PathBuf>,
     },
     /// Nodes: scope, enrolment, and the revision each has applied.
     Nodes,
@@ -245,7 +268,56 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .init();
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+fn wait_for_stop() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Up {
+        data_dir,
+        listen,
+        link_listen,
+        gateway_listen,
+        gateway_admin,
+        dataplane,
+    } = cli.cmd
+    {
+        init_logging();
+        let stack = controlplane::local::up(&controlplane::local::UpOptions {
+            data_dir: data_dir.unwrap_or_else(|| controlplane::default_data_dir("local")),
+            api_listen: listen,
+            link_listen,
+            gateway_listen,
+            gateway_admin,
+            dataplane,
+        })?;
+        println!("{}", stack.banner());
+        wait_for_stop()?;
+        eprintln!("stopping the local stack");
+        drop(stack);
+        return Ok(());
+    }
     if let Cmd::Serve {
         data_dir,
         listen,
@@ -254,15 +326,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         changelog_keep,
     } = cli.cmd
     {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info".into()),
-            )
-            .with_ansi(false)
-            .init();
+        init_logging();
+        let data_dir = data_dir.unwrap_or_else(|| controlplane::default_data_dir("controlplane"));
         let running = controlplane::start(controlplane::Options {
-            data_dir,
+            data_dir: data_dir.clone(),
             api_listen: listen,
             push_listen: link_listen,
             tls_names: tls_name,
@@ -273,23 +340,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             changelog_keep,
         })?;
         println!(
-            "control plane: admin API http://{}, node link {} (CA {}); the admin token is in the data directory; register a node with node-add",
+            "control plane: admin API http://{}, node link {} (CA {}); data in {}, the admin token in {}; register a node with node-add",
             running.addr,
             running.push_addr,
-            running.ca_file.display()
+            running.ca_file.display(),
+            data_dir.display(),
+            data_dir.join("admin-token").display(),
         );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            Ok::<_, std::io::Error>(())
-        })?;
+        wait_for_stop()?;
         running.stop();
         return Ok(());
     }
@@ -297,7 +355,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .token
         .ok_or_else(|| anyhow::anyhow!("--token or AIGW_ADMIN_TOKEN is required"))?;
     let (method, path, body): (&str, String, Option<Value>) = match cli.cmd {
-        Cmd::Serve { .. } => unreachable_serve(),
+        Cmd::Serve { .. } | Cmd::Up { .. } => unreachable_serve(),
         Cmd::TenantCreate { name, tier } => (
             "POST",
             "/v1/tenants".into(),

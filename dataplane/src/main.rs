@@ -23,6 +23,11 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Run only the built-in demo provider on this address (a stand-in for OpenAI and
+    /// Anthropic that echoes the last message): an upstream for trying keys and routes
+    /// without a provider account. No gateway runs.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["config", "check"])]
+    demo_provider: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,11 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(listen) = cli.demo_provider {
+        let _log_guard = init_logging("info");
+        tracing::info!(%listen, "serving the demo provider only");
+        return dataplane::node::run_demo_provider(listen, dataplane::config::DriverChoice::Epoll);
+    }
     let config = load(&cli)?;
     if cli.check {
         println!("configuration ok");

@@ -347,3 +347,105 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         "the enrolment token is in no audit record"
     );
 }
+
+/// `controlplane up`: one command brings up a control plane, a demo provider and a node
+/// enrolled with it, and prints a key that works at once; Ctrl-C stops every process it
+/// started; a second `up` on the same data directory reuses the node's identity.
+#[test]
+fn up_runs_a_local_stack_whose_key_works_and_stops_it_all() {
+    use std::io::BufRead;
+    let dir = scratch_dir("cli-up");
+    let (api, link, gateway, admin) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let run = || {
+        let mut child = Command::new(bin_path("controlplane"))
+            .arg("up")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen", &api.to_string()])
+            .args(["--link-listen", &link.to_string()])
+            .args(["--gateway-listen", &gateway.to_string()])
+            .args(["--gateway-admin", &admin.to_string()])
+            .env_remove("AIGW_SEAL_KEY")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        while !banner.contains("Ctrl-C stops everything") {
+            let mut line = String::new();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "up exited: {}",
+                std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+            );
+            banner.push_str(&line);
+        }
+        (Served(child), banner)
+    };
+    let (up, banner) = run();
+    let key = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("aigw_prod_"))
+        .expect("a key in the banner")
+        .to_string();
+    assert!(banner.contains(&format!("http://{gateway}/v1/chat/completions")));
+    let r = chat(gateway, &key);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("You said: hi"));
+    let pids = |pattern: &str| -> Vec<String> {
+        let out = Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let node_config = dir.join("node").join("node.toml");
+    assert_eq!(
+        pids(&node_config.display().to_string()).len(),
+        1,
+        "the node runs"
+    );
+
+    // Ctrl-C: everything stops.
+    let pid = up.0.id();
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut up = up;
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || pids(
+            &node_config.display().to_string()
+        )
+        .is_empty()),
+        "the node stopped with it"
+    );
+    assert!(
+        std::net::TcpStream::connect(gateway).is_err(),
+        "the gateway is gone"
+    );
+    assert!(
+        std::net::TcpStream::connect(api).is_err(),
+        "the control plane is gone"
+    );
+
+    // Again on the same data: the node keeps its identity, a new key works.
+    let (_up, banner) = run();
+    let key = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("aigw_prod_"))
+        .unwrap()
+        .to_string();
+    assert_eq!(chat(gateway, &key).status, 200);
+    let log = std::fs::read_to_string(dir.join("node").join("dataplane.log")).unwrap();
+    assert!(
+        !log.contains("enrolled with the control plane"),
+        "no second enrolment: {log}"
+    );
+}
