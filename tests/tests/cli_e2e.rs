@@ -32,8 +32,8 @@ fn free_addr() -> SocketAddr {
 /// Runs one CLI command against the control plane at `url`; returns its JSON output.
 fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new(bin_path("controlplane"))
-        .args(["--url", url])
         .args(args)
+        .args(["--url", url])
         .env("AIGW_ADMIN_TOKEN", token)
         .envs(env.iter().copied())
         .output()
@@ -95,7 +95,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let tenant = cli(
         &url,
         &token,
-        &["tenant-create", "--name", "Acme", "--tier", "pro"],
+        &["tenant-create", "Acme", "--tier", "pro"],
         &[],
     );
     let tenant = tenant["id"].as_str().unwrap().to_string();
@@ -120,10 +120,10 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         &token,
         &[
             "upstream-put",
-            &tenant,
-            "production",
             "oa",
-            "--provider",
+            "--tenant",
+            &tenant,
+            "--kind",
             "openai",
             "--base-url",
             &provider.base_url(),
@@ -138,9 +138,11 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         &token,
         &[
             "route-put",
-            &tenant,
-            "production",
             "all",
+            "--tenant",
+            &tenant,
+            "--environment",
+            "production",
             "--prefix",
             "",
             "--target",
@@ -148,7 +150,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         ],
         &[],
     );
-    let routes = cli(&url, &token, &["route-list", &tenant, "production"], &[]);
+    let routes = cli(&url, &token, &["route-list", "--tenant", &tenant], &[]);
     assert_eq!(routes["data"].as_array().unwrap().len(), 1);
 
     // The node: registered with a scope, it enrols with its one-time token at first start;
@@ -213,7 +215,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let policy = cli(
         &url,
         &token,
-        &["policy-put", &tenant, "production", "--zero-retention"],
+        &["policy-put", "--tenant", &tenant, "--zero-retention"],
         &[],
     );
     let revision = policy["revision"].as_i64().unwrap();
@@ -230,6 +232,31 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let r = chat(gw.addr, &key);
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(provider.request_count(), 1, "nothing left for the provider");
+
+    // Output for scripts: ids, one field, a table.
+    let text = |args: &[&str]| {
+        let out = Command::new(bin_path("controlplane"))
+            .args(args)
+            .env("AIGW_CONTROLPLANE_URL", &url)
+            .env("AIGW_ADMIN_TOKEN", &token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(text(&["tenant-list", "-o", "id"]), format!("{tenant}\n"));
+    let scripted = text(&["key-create", "--tenant", &tenant, "--field", "key"]);
+    assert!(
+        scripted.starts_with("aigw_prod_") && scripted.lines().count() == 1,
+        "{scripted}"
+    );
+    let table = text(&["route-list", "--tenant", &tenant, "-o", "table"]);
+    assert!(table.lines().next().unwrap().contains("name"), "{table}");
+    assert!(table.contains("all"), "{table}");
 
     // Revocation from the CLI.
     cli(&url, &token, &["key-revoke", &key_id], &[]);

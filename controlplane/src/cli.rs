@@ -1,0 +1,764 @@
+//! The operator CLI: every command is one call to the admin API. Tenants and environments
+//! are always `--tenant` and `--environment` (production unless given); the record a command
+//! acts on (a name, a key id, a node id) is its positional argument. Durations are written
+//! as in the node's TOML (`5s`, `10m`). Output is the API's JSON, or `--output id` (one id
+//! per line, for scripts), `--output table`, or `--field PATH` (one value per line).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+// Where the admin API is and how to present oneself to it. (Not a doc comment: clap would
+// make it the about text of every command it is added to.)
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// Admin API address.
+    #[arg(
+        long,
+        env = "AIGW_CONTROLPLANE_URL",
+        default_value = "http://127.0.0.1:9900"
+    )]
+    pub url: String,
+    /// Admin token (`serve` keeps it in `<data-dir>/admin-token`).
+    #[arg(long, env = "AIGW_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// How to print the answer.
+    #[arg(short, long, value_enum, default_value_t = Output::Json)]
+    pub output: Output,
+    /// Print only this field of the answer (a dot path, e.g. `key` or `info.key_id`), one
+    /// line per item of a list.
+    #[arg(long, value_name = "PATH")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The API's JSON, pretty-printed.
+    Json,
+    /// The id of what was made or listed, one per line.
+    Id,
+    /// A table of a list's scalar fields.
+    Table,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Tier {
+    Free,
+    Pro,
+    Enterprise,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Kind {
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EnvironmentName {
+    Production,
+    Staging,
+    Development,
+}
+
+impl EnvironmentName {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Production => "production",
+            Self::Staging => "staging",
+            Self::Development => "development",
+        }
+    }
+}
+
+// A tenant's environment (not a doc comment, as above).
+#[derive(Debug, Clone, Args)]
+pub struct Place {
+    #[arg(long)]
+    pub tenant: String,
+    #[arg(long, value_enum, default_value_t = EnvironmentName::Production)]
+    pub environment: EnvironmentName,
+}
+
+impl Place {
+    fn path(&self) -> String {
+        format!(
+            "/v1/tenants/{}/environments/{}",
+            self.tenant,
+            self.environment.name()
+        )
+    }
+}
+
+fn duration_ms(name: &str, d: Option<Duration>) -> anyhow::Result<u64> {
+    match d {
+        None => Ok(0),
+        Some(d) => {
+            let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            if ms == 0 {
+                bail!("--{name}: at least 1ms (leave it out for the node's default)");
+            }
+            Ok(ms)
+        }
+    }
+}
+
+/// A Unix time, or an RFC 3339 date-time (`2027-01-01T00:00:00Z`).
+fn unix_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{e}: a Unix time or an RFC 3339 date-time"))
+        .and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .map_err(|_| "before 1970".to_string())
+        })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a tenant.
+    TenantCreate {
+        /// Its display name.
+        name: String,
+        /// Its id (letters, digits, - and _); default: generated.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, value_enum, default_value_t = Tier::Free)]
+        tier: Tier,
+    },
+    /// List tenants.
+    TenantList,
+    /// Create a sub-account of a tenant (nested up to 8 deep).
+    SubAccountCreate {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+        /// The sub-account it belongs to; default: the tenant itself.
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Create a key; the key is printed once (`--field key` prints only it).
+    KeyCreate {
+        #[command(flatten)]
+        place: Place,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        sub_account: Option<String>,
+        /// A model the key may use (repeat); default: every model its environment routes.
+        #[arg(long = "allowed-model", value_name = "MODEL")]
+        allowed_models: Vec<String>,
+        /// When it stops working: a Unix time or an RFC 3339 date-time.
+        #[arg(long, value_parser = unix_time)]
+        expires_at: Option<i64>,
+    },
+    /// List a tenant's keys (never the keys themselves).
+    KeyList {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Show a key's metadata.
+    KeyGet { key_id: String },
+    /// Revoke a key, on every node at once.
+    KeyRevoke { key_id: String },
+    /// Issue a replacement; the old key keeps working for --grace.
+    KeyRotate {
+        key_id: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        grace: Duration,
+    },
+    /// Mint many keys of an environment in one transaction (seeding, migrations).
+    KeyImport {
+        #[command(flatten)]
+        place: Place,
+        #[arg(long)]
+        count: usize,
+        /// How many of them to print (at most 1,000); the rest are only stored.
+        #[arg(long, default_value_t = 0)]
+        return_keys: usize,
+    },
+    /// Create or replace an upstream of an environment.
+    ///
+    /// The credential is read from the environment variable named by --credential-env (never
+    /// from the command line); without it the stored credential is kept.
+    UpstreamPut {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+        /// The API family it speaks.
+        #[arg(long, alias = "provider", value_enum)]
+        kind: Kind,
+        /// http:// or https://, host, optional port and path.
+        #[arg(long)]
+        base_url: String,
+        /// Name of the environment variable holding the provider credential.
+        #[arg(long, value_name = "VAR", conflicts_with = "remove_credential")]
+        credential_env: Option<String>,
+        /// Remove the stored credential.
+        #[arg(long)]
+        remove_credential: bool,
+        /// Where the provider processes data.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// A business associate agreement covers this upstream.
+        #[arg(long)]
+        baa: bool,
+        /// Tell the provider not to retain with this request header.
+        #[arg(long, value_name = "NAME=VALUE", conflicts_with_all = ["non_retention_body_field", "non_retention_agreement"])]
+        non_retention_header: Option<String>,
+        /// Tell the provider not to retain with this JSON body field.
+        #[arg(
+            long,
+            value_name = "NAME=JSON",
+            conflicts_with = "non_retention_agreement"
+        )]
+        non_retention_body_field: Option<String>,
+        /// An account-level zero-retention agreement covers every request.
+        #[arg(long)]
+        non_retention_agreement: bool,
+        /// Ask the provider for usage in streamed responses (OpenAI's stream_options).
+        #[arg(long)]
+        stream_options: bool,
+        /// Forward the client's OpenAI-Organization and OpenAI-Project headers.
+        #[arg(long)]
+        pass_organization_headers: bool,
+        /// Connections per worker; default: the node's.
+        #[arg(long)]
+        max_connections: Option<u64>,
+        /// Default: the node's.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        connect_timeout: Option<Duration>,
+        /// Default: the node's.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        first_byte_timeout: Option<Duration>,
+        /// Default: the node's.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        read_idle_timeout: Option<Duration>,
+    },
+    /// List an environment's upstreams (never their credentials).
+    UpstreamList {
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Show an upstream (`has_credential`, never the credential).
+    UpstreamGet {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Delete an upstream; refused while a route names it.
+    UpstreamDelete {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Create or replace a route: an exact --model or a --prefix, to upstreams in order.
+    ///
+    /// Repeat --target UPSTREAM (or UPSTREAM=MODEL, to send another model name) in failover
+    /// order. An empty --prefix "" routes every model.
+    #[command(group(clap::ArgGroup::new("matches").required(true).args(["model", "prefix"])))]
+    RoutePut {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+        /// Route this model name exactly.
+        #[arg(long)]
+        model: Option<String>,
+        /// Route every model starting with this ("" = every model).
+        #[arg(long)]
+        prefix: Option<String>,
+        #[arg(long = "target", value_name = "UPSTREAM[=MODEL]", required = true)]
+        targets: Vec<String>,
+    },
+    /// List an environment's routes.
+    RouteList {
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Show a route.
+    RouteGet {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Delete a route.
+    RouteDelete {
+        name: String,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Set an environment's policy (every flag not given is off).
+    PolicyPut {
+        #[command(flatten)]
+        place: Place,
+        /// Only upstreams that can be told not to retain.
+        #[arg(long)]
+        zero_retention: bool,
+        /// Only upstreams in this region.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Only upstreams under a business associate agreement.
+        #[arg(long)]
+        hipaa: bool,
+    },
+    /// Show an environment's policy.
+    PolicyGet {
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Nodes: scope, enrolment, connection, and the revision each has applied.
+    Nodes,
+    /// Show a node.
+    NodeGet { id: String },
+    /// Register a node; prints its one-time enrolment token (`--field enrollment_token`).
+    NodeAdd {
+        id: String,
+        /// Environments whose keys and routing it receives (repeat; default all three).
+        #[arg(long = "environment", value_enum)]
+        environments: Vec<EnvironmentName>,
+        /// Tenants whose keys and routing it receives (repeat; default every tenant).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// How long the enrolment token is valid.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        expires_in: Duration,
+    },
+    /// A new enrolment token for a node (lost or replaced identity, a certificate nearing its
+    /// end); its current certificate is refused once the node enrols with the new one.
+    NodeEnroll {
+        id: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        expires_in: Duration,
+    },
+    /// Revoke a node: its link closes now and its certificate is refused from then on.
+    NodeRevoke { id: String },
+    /// Set what a node receives; it is sent a snapshot of the new scope at once.
+    NodeScope {
+        id: String,
+        #[arg(long = "environment", value_enum)]
+        environments: Vec<EnvironmentName>,
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+    },
+    /// Audit records in order.
+    Audit {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// The newest configuration revision.
+    Revision,
+    /// Delete all but the newest --keep changelog entries (nodes further behind get a
+    /// snapshot).
+    Compact {
+        #[arg(long)]
+        keep: u64,
+    },
+}
+
+/// The API call a command makes.
+pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Value>)> {
+    Ok(match cmd {
+        Command::TenantCreate { name, id, tier } => {
+            let tier = format!("{tier:?}").to_lowercase();
+            let mut body = json!({"name": name, "tier": tier});
+            if let Some(id) = id {
+                body["id"] = json!(id);
+            }
+            ("POST", "/v1/tenants".into(), Some(body))
+        }
+        Command::TenantList => ("GET", "/v1/tenants".into(), None),
+        Command::SubAccountCreate {
+            name,
+            tenant,
+            parent,
+        } => (
+            "POST",
+            format!("/v1/tenants/{tenant}/sub-accounts"),
+            Some(json!({"name": name, "parent_id": parent})),
+        ),
+        Command::KeyCreate {
+            place,
+            name,
+            sub_account,
+            allowed_models,
+            expires_at,
+        } => (
+            "POST",
+            format!("/v1/tenants/{}/keys", place.tenant),
+            Some(json!({
+                "environment": place.environment.name(),
+                "sub_account_id": sub_account,
+                "name": name,
+                "allowed_models": allowed_models,
+                "expires_at": expires_at,
+            })),
+        ),
+        Command::KeyList { tenant } => ("GET", format!("/v1/tenants/{tenant}/keys"), None),
+        Command::KeyGet { key_id } => ("GET", format!("/v1/keys/{key_id}"), None),
+        Command::KeyRevoke { key_id } => ("POST", format!("/v1/keys/{key_id}/revoke"), None),
+        Command::KeyRotate { key_id, grace } => (
+            "POST",
+            format!("/v1/keys/{key_id}/rotate"),
+            Some(json!({"grace_seconds": grace.as_secs()})),
+        ),
+        Command::KeyImport {
+            place,
+            count,
+            return_keys,
+        } => (
+            "POST",
+            format!("/v1/tenants/{}/keys/import", place.tenant),
+            Some(
+                json!({"environment": place.environment.name(), "count": count, "return_keys": return_keys}),
+            ),
+        ),
+        Command::UpstreamPut {
+            name,
+            place,
+            kind,
+            base_url,
+            credential_env,
+            remove_credential,
+            region,
+            baa,
+            non_retention_header,
+            non_retention_body_field,
+            non_retention_agreement,
+            stream_options,
+            pass_organization_headers,
+            max_connections,
+            connect_timeout,
+            first_byte_timeout,
+            read_idle_timeout,
+        } => {
+            let non_retention = if let Some(h) = non_retention_header {
+                let (n, v) = h
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--non-retention-header: expected NAME=VALUE"))?;
+                json!({"mode": "header", "name": n, "value": v})
+            } else if let Some(f) = non_retention_body_field {
+                let (n, v) = f
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--non-retention-body-field: expected NAME=JSON"))?;
+                let v: Value = serde_json::from_str(v).map_err(|e| {
+                    anyhow!("--non-retention-body-field: the value is not JSON: {e}")
+                })?;
+                json!({"mode": "body_field", "name": n, "value": v})
+            } else if non_retention_agreement {
+                json!({"mode": "account_agreement"})
+            } else {
+                json!({"mode": "none"})
+            };
+            let mut body = json!({
+                "provider": format!("{kind:?}").to_lowercase(),
+                "base_url": base_url,
+                "non_retention": non_retention,
+                "stream_options": stream_options,
+                "pass_organization_headers": pass_organization_headers,
+                "region": region,
+                "baa": baa,
+                "max_connections": max_connections.unwrap_or(0),
+                "connect_timeout_ms": duration_ms("connect-timeout", connect_timeout)?,
+                "first_byte_timeout_ms": duration_ms("first-byte-timeout", first_byte_timeout)?,
+                "read_idle_timeout_ms": duration_ms("read-idle-timeout", read_idle_timeout)?,
+            });
+            if let Some(var) = credential_env {
+                let credential = std::env::var(&var).map_err(|_| {
+                    anyhow!("--credential-env: the environment variable {var} is not set")
+                })?;
+                if credential.is_empty() {
+                    bail!("--credential-env: the environment variable {var} is empty");
+                }
+                body["credential"] = json!(credential);
+            } else if remove_credential {
+                body["credential"] = json!("");
+            }
+            (
+                "PUT",
+                format!("{}/upstreams/{name}", place.path()),
+                Some(body),
+            )
+        }
+        Command::UpstreamList { place } => ("GET", format!("{}/upstreams", place.path()), None),
+        Command::UpstreamGet { name, place } => {
+            ("GET", format!("{}/upstreams/{name}", place.path()), None)
+        }
+        Command::UpstreamDelete { name, place } => {
+            ("DELETE", format!("{}/upstreams/{name}", place.path()), None)
+        }
+        Command::RoutePut {
+            name,
+            place,
+            model,
+            prefix,
+            targets,
+        } => {
+            let targets: Vec<Value> = targets
+                .iter()
+                .map(|t| match t.split_once('=') {
+                    Some((upstream, model)) => json!({"upstream": upstream, "model": model}),
+                    None => json!({"upstream": t}),
+                })
+                .collect();
+            let mut body = json!({"targets": targets});
+            if let Some(m) = model {
+                body["model"] = json!(m);
+            }
+            if let Some(p) = prefix {
+                body["prefix"] = json!(p);
+            }
+            ("PUT", format!("{}/routes/{name}", place.path()), Some(body))
+        }
+        Command::RouteList { place } => ("GET", format!("{}/routes", place.path()), None),
+        Command::RouteGet { name, place } => {
+            ("GET", format!("{}/routes/{name}", place.path()), None)
+        }
+        Command::RouteDelete { name, place } => {
+            ("DELETE", format!("{}/routes/{name}", place.path()), None)
+        }
+        Command::PolicyPut {
+            place,
+            zero_retention,
+            region,
+            hipaa,
+        } => (
+            "PUT",
+            format!("{}/policy", place.path()),
+            Some(json!({"zero_retention": zero_retention, "region": region, "hipaa": hipaa})),
+        ),
+        Command::PolicyGet { place } => ("GET", format!("{}/policy", place.path()), None),
+        Command::Nodes => ("GET", "/v1/nodes".into(), None),
+        Command::NodeGet { id } => ("GET", format!("/v1/nodes/{id}"), None),
+        Command::NodeAdd {
+            id,
+            environments,
+            tenants,
+            expires_in,
+        } => (
+            "POST",
+            "/v1/nodes".into(),
+            Some(json!({
+                "id": id,
+                "environments": environments.iter().map(|e| e.name()).collect::<Vec<_>>(),
+                "tenants": tenants,
+                "expires_in_seconds": expires_in.as_secs(),
+            })),
+        ),
+        Command::NodeEnroll { id, expires_in } => (
+            "POST",
+            format!("/v1/nodes/{id}/enrollment"),
+            Some(json!({"expires_in_seconds": expires_in.as_secs()})),
+        ),
+        Command::NodeRevoke { id } => ("POST", format!("/v1/nodes/{id}/revoke"), None),
+        Command::NodeScope {
+            id,
+            environments,
+            tenants,
+        } => (
+            "PUT",
+            format!("/v1/nodes/{id}/scope"),
+            Some(json!({
+                "environments": environments.iter().map(|e| e.name()).collect::<Vec<_>>(),
+                "tenants": tenants,
+            })),
+        ),
+        Command::Audit { after, limit } => (
+            "GET",
+            format!("/v1/audit?after={after}&limit={limit}"),
+            None,
+        ),
+        Command::Revision => ("GET", "/v1/revision".into(), None),
+        Command::Compact { keep } => (
+            "POST",
+            "/v1/admin/compact".into(),
+            Some(json!({"keep": keep})),
+        ),
+    })
+}
+
+/// Runs a command against the admin API and prints its answer as asked.
+pub fn run(conn: &Connection, cmd: Command) -> anyhow::Result<()> {
+    let token = conn
+        .token
+        .clone()
+        .ok_or_else(|| anyhow!("--token or AIGW_ADMIN_TOKEN is required"))?;
+    let (method, path, body) = request(cmd)?;
+    let url = format!("{}{path}", conn.url.trim_end_matches('/'));
+    let req = ureq::request(method, &url).set("authorization", &format!("Bearer {token}"));
+    let resp = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    let answer: Value = match resp {
+        Ok(r) => r.into_json()?,
+        Err(ureq::Error::Status(code, r)) => {
+            let v: Value = r.into_json().unwrap_or(Value::Null);
+            bail!(
+                "{code}: {}",
+                v["error"]["message"].as_str().unwrap_or("error")
+            )
+        }
+        Err(ureq::Error::Transport(t)) => bail!(
+            "cannot reach the control plane ({t}); is `controlplane serve` running there? pass --url or set AIGW_CONTROLPLANE_URL"
+        ),
+    };
+    print!("{}", render(&answer, conn.output, conn.field.as_deref()));
+    Ok(())
+}
+
+/// The items of an answer: a list's, or the answer itself.
+fn items(answer: &Value) -> Vec<&Value> {
+    match answer.get("data").and_then(Value::as_array) {
+        Some(list) => list.iter().collect(),
+        None => vec![answer],
+    }
+}
+
+fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(v, |v, p| v.get(p))
+}
+
+/// An item's id, wherever the API keeps it.
+fn id_of(v: &Value) -> Option<&Value> {
+    [
+        "id",
+        "key_id",
+        "node_id",
+        "info.key_id",
+        "node.node_id",
+        "revision",
+    ]
+    .iter()
+    .find_map(|p| at(v, p))
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// An answer as `output` or `field` asks.
+pub fn render(answer: &Value, output: Output, field: Option<&str>) -> String {
+    let mut out = String::new();
+    if let Some(path) = field {
+        for item in items(answer) {
+            if let Some(v) = at(item, path) {
+                out.push_str(&scalar(v));
+                out.push('\n');
+            }
+        }
+        return out;
+    }
+    match output {
+        Output::Json => {
+            out = serde_json::to_string_pretty(answer).unwrap_or_default();
+            out.push('\n');
+        }
+        Output::Id => {
+            for item in items(answer) {
+                if let Some(id) = id_of(item) {
+                    out.push_str(&scalar(id));
+                    out.push('\n');
+                }
+            }
+        }
+        Output::Table => {
+            let rows = items(answer);
+            // Columns: the scalar fields, in the first item's order.
+            let columns: Vec<String> = rows
+                .first()
+                .and_then(|r| r.as_object())
+                .map(|o| {
+                    o.iter()
+                        .filter(|(_, v)| !v.is_object() && !v.is_array())
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    columns
+                        .iter()
+                        .map(|c| r.get(c).map(scalar).unwrap_or_default())
+                        .collect()
+                })
+                .collect();
+            let widths: Vec<usize> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    cells
+                        .iter()
+                        .map(|r| r[i].chars().count())
+                        .chain([c.len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |values: &[String]| {
+                let mut l = values
+                    .iter()
+                    .zip(&widths)
+                    .map(|(v, w)| format!("{v:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                l.truncate(l.trim_end().len());
+                l.push('\n');
+                l
+            };
+            out.push_str(&line(&columns));
+            for r in &cells {
+                out.push_str(&line(r));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_render_as_ids_fields_and_tables() {
+        let list = json!({"data": [
+            {"id": "t1", "name": "Acme", "tier": "pro", "meta": {"x": 1}},
+            {"id": "t2", "name": "Globex Corp", "tier": "free", "meta": {}}
+        ]});
+        assert_eq!(render(&list, Output::Id, None), "t1\nt2\n");
+        assert_eq!(
+            render(&list, Output::Json, Some("name")),
+            "Acme\nGlobex Corp\n"
+        );
+        assert_eq!(
+            render(&list, Output::Table, None),
+            "id  name         tier\nt1  Acme         pro\nt2  Globex Corp  free\n"
+        );
+        let created = json!({"key": "aigw_prod_x", "info": {"key_id": "k1"}});
+        assert_eq!(render(&created, Output::Id, None), "k1\n");
+        assert_eq!(render(&created, Output::Json, Some("key")), "aigw_prod_x\n");
+        let added = json!({"node": {"node_id": "edge-1"}, "enrollment_token": "tok"});
+        assert_eq!(render(&added, Output::Id, None), "edge-1\n");
+    }
+
+    #[test]
+    fn times_are_unix_or_rfc3339() {
+        assert_eq!(unix_time("1800000000"), Ok(1_800_000_000));
+        assert_eq!(unix_time("2027-01-01T00:00:00Z"), Ok(1_798_761_600));
+        assert!(unix_time("next tuesday").is_err());
+    }
+}
