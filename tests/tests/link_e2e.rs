@@ -219,3 +219,19 @@ fn identity_copy(link: &e2e::cp::NodeLink) -> e2e::cp::NodeLink {
         ..link.clone()
     }
 }
+
+/// A node whose control plane is gone backs off between attempts (up to 10 s), yet stops at
+/// once when told to: the backoff waits on the shutdown signal.
+#[test]
+fn a_node_backing_off_from_its_control_plane_stops_at_once() {
+    let cp = cp_start(scratch_dir("link-stop"), "127.0.0.1:0");
+    let link = e2e::cp::register(&cp).at("127.0.0.1:1".parse().unwrap());
+    cp.stop();
+    let gw = e2e::cp::gateway_with(dataplane::config::DriverChoice::Epoll, &link, |_| {});
+    // By now the node waits 6.4 s before its next attempt.
+    std::thread::sleep(Duration::from_secs(7));
+    let started = Instant::now();
+    gw.stop();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+}

@@ -147,7 +147,13 @@ pub fn enroll<S: Read + Write>(
     stream.write_all(&out).map_err(anyhow::Error::from)?;
     stream.flush().map_err(anyhow::Error::from)?;
     let mut buf = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let answer = loop {
+        if std::time::Instant::now() > deadline {
+            return Err(
+                anyhow::anyhow!("the control plane did not answer the enrolment in 30 s").into(),
+            );
+        }
         if let Some((frame, used)) =
             decode_frame(&buf, DEFAULT_MAX_FRAME).map_err(anyhow::Error::from)?
         {

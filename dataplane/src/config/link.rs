@@ -99,7 +99,7 @@ pub fn spawn(
                     Ok(v) => identity = Some(v),
                     Err(e) => {
                         tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "this node cannot identify itself to the control plane");
-                        std::thread::sleep(backoff);
+                        stop.sleep(backoff);
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
                     }
@@ -114,7 +114,7 @@ pub fn spawn(
                     tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
                 }
             }
-            std::thread::sleep(backoff);
+            stop.sleep(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     })?;

@@ -28,6 +28,24 @@ impl Shutdown {
         self.triggered.load(Ordering::Acquire)
     }
 
+    /// Blocks the calling thread for `d`, or until [`Shutdown::trigger`] if sooner; returns
+    /// whether it was triggered.
+    pub fn sleep(&self, d: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + d;
+        loop {
+            if self.is_triggered() {
+                return true;
+            }
+            let listener = self.event.listen();
+            if self.is_triggered() {
+                return true;
+            }
+            if event_listener::Listener::wait_deadline(listener, deadline).is_none() {
+                return self.is_triggered();
+            }
+        }
+    }
+
     /// Resolves once [`Shutdown::trigger`] has been called (immediately if it already was).
     pub async fn wait(&self) {
         loop {
