@@ -389,3 +389,39 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The Python with the official OpenAI and Anthropic SDKs: `AIGW_SDK_PYTHON`, else the
+/// virtualenv `.ci/setup` makes in `target/sdk-venv`.
+pub fn sdk_python() -> PathBuf {
+    if let Ok(p) = std::env::var("AIGW_SDK_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let p = root.join("target/sdk-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} missing: run `bash .ci/setup` to install the SDKs",
+        p.display()
+    );
+    p
+}
+
+/// Runs `tests/sdk/<script>` with `args`; asserts it succeeded and printed `ok …`, and
+/// returns what it printed.
+pub fn run_sdk_script(script: &str, args: &[&str]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sdk")
+        .join(script);
+    let out = Command::new(sdk_python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.starts_with("ok "),
+        "{script} {args:?} failed\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout
+}

@@ -57,6 +57,9 @@ pub enum Behavior {
     StallAfterEvents { events: usize },
     /// Send the head and `events` OpenAI SSE events (chunked), then reset the connection (RST).
     ResetAfterEvents { events: usize },
+    /// An Anthropic stream that fails after `events` deltas with a mid-stream
+    /// `event: error` (`overloaded_error`), as Anthropic reports overload once streaming.
+    AnthropicStreamError { events: usize },
     /// Read the request, then close the connection without answering.
     CloseBeforeResponse,
     /// Wait `delay_ms`, then answer like [`Behavior::OpenAiJson`].
@@ -72,6 +75,32 @@ pub struct MockOptions {
     pub tls: bool,
     /// The behaviour used when the scripted queue is empty.
     pub default: Behavior,
+    /// The credential every request must present, as the provider's API takes it
+    /// (`Authorization: Bearer`; on `/v1/messages` also `x-api-key`); otherwise
+    /// 401 in the API's error shape. `None`: any credential, or none.
+    pub credential: Option<String>,
+    /// The path the API is served under (a deployment behind a proxy, say): requests
+    /// outside it are 404.
+    pub path_prefix: String,
+    /// How streamed events are cut into writes.
+    pub sse: SseWrites,
+    /// Streams carry SSE comments (`: keep-alive`) between events, as some providers send.
+    pub sse_comments: bool,
+    /// JSON answers are sent chunked, in two chunks, as providers often send them.
+    pub chunked_json: bool,
+}
+
+/// How the mock cuts a stream into writes (each a chunk of the chunked body, flushed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SseWrites {
+    /// One event per write.
+    #[default]
+    Whole,
+    /// Every event in pieces of at most this many bytes, a millisecond apart, so events
+    /// arrive split across reads.
+    Split(usize),
+    /// Every event that is not held back by a delay in one write: several events per read.
+    Merged,
 }
 
 /// One request as the mock received it.
@@ -129,6 +158,11 @@ struct Shared {
     next_conn_key: AtomicU64,
     /// Clones of the open connections' sockets, shut down on drop to unblock their threads.
     open: Mutex<HashMap<u64, TcpStream>>,
+    credential: Option<String>,
+    path_prefix: String,
+    sse: SseWrites,
+    sse_comments: bool,
+    chunked_json: bool,
 }
 
 impl Shared {
@@ -165,6 +199,11 @@ impl MockProvider {
             closed_by_peer: AtomicUsize::new(0),
             next_conn_key: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
+            credential: opts.credential,
+            path_prefix: opts.path_prefix.trim_end_matches('/').to_string(),
+            sse: opts.sse,
+            sse_comments: opts.sse_comments,
+            chunked_json: opts.chunked_json,
         });
         let sh = shared.clone();
         let accept_thread = std::thread::Builder::new()
@@ -184,12 +223,13 @@ impl MockProvider {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS.
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS, then the path prefix.
     pub fn base_url(&self) -> String {
+        let prefix = &self.shared.path_prefix;
         if self.ca_pem.is_some() {
-            format!("https://localhost:{}", self.addr.port())
+            format!("https://localhost:{}{prefix}", self.addr.port())
         } else {
-            format!("http://127.0.0.1:{}", self.addr.port())
+            format!("http://127.0.0.1:{}{prefix}", self.addr.port())
         }
     }
 
@@ -398,13 +438,28 @@ impl Conn {
 
 struct Request {
     method: String,
+    /// The path within the API (the provider's prefix removed).
     path: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     keep_alive: bool,
+    /// Anthropic's API (`/v1/messages`) rather than OpenAI's.
+    anthropic: bool,
+    chunked_json: bool,
+    sse: SseWrites,
+    sse_comments: bool,
 }
 
 impl Request {
+    /// An error body in the shape of the API called.
+    fn error(&self, kind: &str, message: &str) -> Value {
+        if self.anthropic {
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        } else {
+            json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -432,7 +487,7 @@ fn serve_connection(
         if shared.stopped() {
             return Ok(());
         }
-        let Some(req) = read_request(&mut conn, &mut buf)? else {
+        let Some(mut req) = read_request(&mut conn, &mut buf)? else {
             return Ok(());
         };
         shared.requests.lock().unwrap().push(RecordedRequest {
@@ -442,8 +497,19 @@ fn serve_connection(
             body: req.body.clone(),
             connection: index,
         });
-        let behavior = shared.next_behavior();
-        match respond(&mut conn, &req, behavior, shared)? {
+        req.chunked_json = shared.chunked_json;
+        req.sse = shared.sse;
+        req.sse_comments = shared.sse_comments;
+        // What a real provider checks before anything else; a refused request leaves the
+        // scripted behaviours for the next one.
+        let after = match check(&mut req, shared) {
+            Some((status, error)) => {
+                write_json(&mut conn, &req, status, &error)?;
+                After::KeepAlive
+            }
+            None => respond(&mut conn, &req, shared.next_behavior(), shared)?,
+        };
+        match after {
             After::KeepAlive if req.keep_alive => continue,
             After::KeepAlive | After::Close => {
                 conn.close();
@@ -456,6 +522,52 @@ fn serve_connection(
             After::Drop => return Ok(()),
         }
     }
+}
+
+/// The provider's own checks: the path under its prefix, the credential, Anthropic's
+/// version header. An answer (status, error body) when the request fails one.
+fn check(req: &mut Request, shared: &Shared) -> Option<(u16, Value)> {
+    let prefix = &shared.path_prefix;
+    match req.path.strip_prefix(prefix.as_str()) {
+        Some(rest) if rest.starts_with('/') => req.path = rest.to_string(),
+        _ => {
+            return Some((
+                404,
+                req.error("not_found_error", &format!("no such path: {}", req.path)),
+            ))
+        }
+    }
+    req.anthropic = req.path.starts_with("/v1/messages");
+    if let Some(credential) = &shared.credential {
+        let bearer = req
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        // Anthropic takes `x-api-key`, or a bearer token (as its newer SDKs send).
+        let presented = if req.anthropic {
+            req.header("x-api-key").map(str::to_string).or(bearer)
+        } else {
+            bearer
+        };
+        if presented.as_deref() != Some(credential.as_str()) {
+            let kind = if req.anthropic {
+                "authentication_error"
+            } else {
+                "invalid_request_error"
+            };
+            return Some((401, req.error(kind, "invalid x-api-key or bearer token")));
+        }
+    }
+    if req.anthropic && req.method == "POST" && req.header("anthropic-version").is_none() {
+        return Some((
+            400,
+            req.error(
+                "invalid_request_error",
+                "anthropic-version: header is required",
+            ),
+        ));
+    }
+    None
 }
 
 // ---------------------------------------------------------------- request parsing
@@ -592,6 +704,10 @@ fn read_request(conn: &mut Conn, buf: &mut Vec<u8>) -> io::Result<Option<Request
         headers,
         body,
         keep_alive,
+        anthropic: false,
+        chunked_json: false,
+        sse: SseWrites::Whole,
+        sse_comments: false,
     }))
 }
 
@@ -689,14 +805,24 @@ fn saw_auth(req: &Request) -> String {
 /// The head every generated response carries, plus `extra`.
 fn head(req: &Request, status: u16, extra: &[(String, String)]) -> Vec<u8> {
     let mut h = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-    let std_headers: [(&str, String); 6] = [
-        ("x-ratelimit-remaining-requests", "99".into()),
-        ("anthropic-ratelimit-requests-remaining", "99".into()),
-        ("x-request-id", "req_mock".into()),
-        ("openai-organization", "mock-org".into()),
-        ("set-cookie", "__cf_bm=abc".into()),
-        ("x-mock-saw-auth", saw_auth(req)),
-    ];
+    // What each provider sends: its request id, organisation and rate-limit headers.
+    let std_headers: [(&str, String); 5] = if req.anthropic {
+        [
+            ("request-id", "req_mock".into()),
+            ("anthropic-organization-id", "org-mock".into()),
+            ("anthropic-ratelimit-requests-remaining", "99".into()),
+            ("set-cookie", "__cf_bm=abc".into()),
+            ("x-mock-saw-auth", saw_auth(req)),
+        ]
+    } else {
+        [
+            ("x-request-id", "req_mock".into()),
+            ("openai-organization", "mock-org".into()),
+            ("x-ratelimit-remaining-requests", "99".into()),
+            ("set-cookie", "__cf_bm=abc".into()),
+            ("x-mock-saw-auth", saw_auth(req)),
+        ]
+    };
     for (k, v) in std_headers.iter() {
         h.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -737,6 +863,18 @@ fn write_fixed(
 }
 
 fn write_json(conn: &mut Conn, req: &Request, status: u16, v: &Value) -> io::Result<()> {
+    if req.chunked_json && req.method != "HEAD" {
+        let body = v.to_string().into_bytes();
+        let extra = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("transfer-encoding".to_string(), "chunked".to_string()),
+        ];
+        conn.write_all(&head(req, status, &extra))?;
+        let (a, b) = body.split_at(body.len() / 2);
+        write_chunk(conn, a)?;
+        write_chunk(conn, b)?;
+        return write_last_chunk(conn);
+    }
     write_fixed(
         conn,
         req,
@@ -788,6 +926,70 @@ fn stall(shared: &Shared) {
     while sleep_checked(shared, 50) {}
 }
 
+/// Writes a stream's events as the provider is set to cut them (see [`SseWrites`]).
+struct Sse<'a> {
+    conn: &'a mut Conn,
+    mode: SseWrites,
+    comments: bool,
+    pending: Vec<u8>,
+}
+
+impl<'a> Sse<'a> {
+    /// Sends the stream's head.
+    fn start(conn: &'a mut Conn, req: &Request) -> io::Result<Self> {
+        write_stream_head(conn, req)?;
+        Ok(Self {
+            conn,
+            mode: req.sse,
+            comments: req.sse_comments,
+            pending: Vec::new(),
+        })
+    }
+
+    fn event(&mut self, ev: &[u8]) -> io::Result<()> {
+        match self.mode {
+            SseWrites::Whole => write_chunk(self.conn, ev)?,
+            SseWrites::Split(n) => {
+                for piece in ev.chunks(n.max(1)) {
+                    write_chunk(self.conn, piece)?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            SseWrites::Merged => self.pending.extend_from_slice(ev),
+        }
+        if self.comments {
+            match self.mode {
+                SseWrites::Merged => self.pending.extend_from_slice(b": keep-alive\n\n"),
+                _ => write_chunk(self.conn, b": keep-alive\n\n")?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what a merged stream holds (before a pause, and at the end).
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            write_chunk(self.conn, &self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Waits `ms` between events; `false` if the provider stopped meanwhile.
+    fn pause(&mut self, shared: &Shared, ms: u64) -> io::Result<bool> {
+        if ms == 0 {
+            return Ok(true);
+        }
+        self.flush()?;
+        Ok(sleep_checked(shared, ms))
+    }
+
+    fn end(mut self) -> io::Result<()> {
+        self.flush()?;
+        write_last_chunk(self.conn)
+    }
+}
+
 fn respond(
     conn: &mut Conn,
     req: &Request,
@@ -808,43 +1010,57 @@ fn respond(
             if !streaming {
                 return json_route(conn, req, &body);
             }
+            if req.path.starts_with("/v1/responses") {
+                let mut sse = Sse::start(conn, req)?;
+                if !responses_events(&mut sse, shared, &model_of(&body), events, delay_ms)? {
+                    return Ok(After::Drop);
+                }
+                sse.end()?;
+                return Ok(After::KeepAlive);
+            }
             let include_usage = body
                 .get("stream_options")
                 .and_then(|o| o.get("include_usage"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            write_stream_head(conn, req)?;
+            let mut sse = Sse::start(conn, req)?;
             // As OpenAI streams: a role chunk, the content, a finish chunk; with usage asked
             // for, every chunk says `"usage":null` and a last chunk carries the figures.
             let null = include_usage.then_some("null");
             let with_usage = null.map_or(String::new(), |u| format!(",\"usage\":{u}"));
             let role = format!("data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]{with_usage}}}\n\n");
-            write_chunk(conn, role.as_bytes())?;
-            if !openai_events(conn, shared, events, delay_ms, null)? {
+            sse.event(role.as_bytes())?;
+            if !openai_events(&mut sse, shared, events, delay_ms, null)? {
                 return Ok(After::Drop);
             }
             let finish = format!("data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{with_usage}}}\n\n");
-            write_chunk(conn, finish.as_bytes())?;
+            sse.event(finish.as_bytes())?;
             if include_usage {
                 let usage = format!(
                     "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\n",
                     5 + events
                 );
-                write_chunk(conn, usage.as_bytes())?;
+                sse.event(usage.as_bytes())?;
             }
-            write_chunk(conn, b"data: [DONE]\n\n")?;
-            write_last_chunk(conn)?;
+            sse.event(b"data: [DONE]\n\n")?;
+            sse.end()?;
             Ok(After::KeepAlive)
         }
         Behavior::AnthropicStream { events, delay_ms } => {
             if !streaming {
                 return json_route(conn, req, &body);
             }
-            write_stream_head(conn, req)?;
-            if !anthropic_events(conn, shared, &model_of(&body), events, delay_ms)? {
+            let mut sse = Sse::start(conn, req)?;
+            if !anthropic_events(&mut sse, shared, &model_of(&body), events, delay_ms, false)? {
                 return Ok(After::Drop);
             }
-            write_last_chunk(conn)?;
+            sse.end()?;
+            Ok(After::KeepAlive)
+        }
+        Behavior::AnthropicStreamError { events } => {
+            let mut sse = Sse::start(conn, req)?;
+            anthropic_events(&mut sse, shared, &model_of(&body), events, 0, true)?;
+            sse.end()?;
             Ok(After::KeepAlive)
         }
         Behavior::Status {
@@ -877,14 +1093,16 @@ fn respond(
             Ok(After::Drop)
         }
         Behavior::StallAfterEvents { events } => {
-            write_stream_head(conn, req)?;
-            openai_events(conn, shared, events, 0, None)?;
+            let mut sse = Sse::start(conn, req)?;
+            openai_events(&mut sse, shared, events, 0, None)?;
+            sse.flush()?;
             stall(shared);
             Ok(After::Drop)
         }
         Behavior::ResetAfterEvents { events } => {
-            write_stream_head(conn, req)?;
-            openai_events(conn, shared, events, 0, None)?;
+            let mut sse = Sse::start(conn, req)?;
+            openai_events(&mut sse, shared, events, 0, None)?;
+            sse.flush()?;
             Ok(After::Reset)
         }
         Behavior::CloseBeforeResponse => Ok(After::Close),
@@ -900,7 +1118,7 @@ fn respond(
 /// `usage`: what OpenAI puts in every chunk's `usage` member once the request asked for
 /// usage (`"null"`), or nothing.
 fn openai_events(
-    conn: &mut Conn,
+    sse: &mut Sse<'_>,
     shared: &Shared,
     events: usize,
     delay_ms: u64,
@@ -908,81 +1126,131 @@ fn openai_events(
 ) -> io::Result<bool> {
     let usage = usage.map_or(String::new(), |u| format!(",\"usage\":{u}"));
     for i in 0..events {
-        if i > 0 && delay_ms > 0 && !sleep_checked(shared, delay_ms) {
+        if i > 0 && !sse.pause(shared, delay_ms)? {
             return Ok(false);
         }
         let ev = format!(
             "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]{usage}}}\n\n"
         );
-        write_chunk(conn, ev.as_bytes())?;
+        sse.event(ev.as_bytes())?;
     }
     Ok(true)
 }
 
-fn anthropic_events(
-    conn: &mut Conn,
+/// The Responses API's stream: named events, the usage in `response.completed`, no
+/// `[DONE]`.
+fn responses_events(
+    sse: &mut Sse<'_>,
     shared: &Shared,
     model: &str,
     events: usize,
     delay_ms: u64,
 ) -> io::Result<bool> {
-    let model = Value::String(model.to_string()).to_string();
-    let sse = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
-    write_chunk(
-        conn,
-        sse(
-            "message_start",
-            format!(
-                "{{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_mock\",\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":5,\"output_tokens\":1}}}}}}"
-            ),
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut seq = 0u64;
+    let mut next = || {
+        seq += 1;
+        seq - 1
+    };
+    let response = |status: &str, usage: Value| {
+        json!({"id": "resp_mock", "object": "response", "created_at": 1700000000, "status": status,
+               "model": model, "output": [], "usage": usage})
+    };
+    sse.event(
+        ev(
+            "response.created",
+            json!({"type": "response.created", "sequence_number": next(), "response": response("in_progress", Value::Null)}),
         )
         .as_bytes(),
     )?;
-    write_chunk(
-        conn,
-        sse(
-            "content_block_start",
-            "{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}".into(),
-        )
-        .as_bytes(),
-    )?;
+    let mut text = String::new();
     for i in 0..events {
-        if delay_ms > 0 && !sleep_checked(shared, delay_ms) {
+        if i > 0 && !sse.pause(shared, delay_ms)? {
             return Ok(false);
         }
-        write_chunk(
-            conn,
-            sse(
-                "content_block_delta",
-                format!(
-                    "{{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}}}}"
-                ),
+        let delta = format!("tok{i} ");
+        text.push_str(&delta);
+        sse.event(
+            ev(
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta", "sequence_number": next(), "item_id": "msg_mock",
+                       "output_index": 0, "content_index": 0, "delta": delta}),
             )
             .as_bytes(),
         )?;
     }
-    write_chunk(
-        conn,
-        sse(
+    let mut done = response(
+        "completed",
+        json!({"input_tokens": 5, "output_tokens": events, "total_tokens": 5 + events}),
+    );
+    done["output"] = json!([{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                              "content": [{"type": "output_text", "text": text, "annotations": []}]}]);
+    sse.event(
+        ev(
+            "response.completed",
+            json!({"type": "response.completed", "sequence_number": next(), "response": done}),
+        )
+        .as_bytes(),
+    )?;
+    Ok(true)
+}
+
+/// Anthropic's stream: message_start, a ping, a text block of `events` deltas, then
+/// message_delta (with the output tokens) and message_stop — or, when `fail`, an
+/// `event: error` (overloaded) after the deltas.
+fn anthropic_events(
+    sse: &mut Sse<'_>,
+    shared: &Shared,
+    model: &str,
+    events: usize,
+    delay_ms: u64,
+    fail: bool,
+) -> io::Result<bool> {
+    let model = Value::String(model.to_string()).to_string();
+    let ev = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
+    sse.event(ev(
+        "message_start",
+        format!(
+            "{{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_mock\",\"type\":\"message\",\"role\":\"assistant\",\"model\":{model},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":5,\"output_tokens\":1}}}}}}"
+        ),
+    ).as_bytes())?;
+    sse.event(ev("ping", "{\"type\": \"ping\"}".into()).as_bytes())?;
+    sse.event(ev(
+        "content_block_start",
+        "{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}".into(),
+    ).as_bytes())?;
+    for i in 0..events {
+        if !sse.pause(shared, delay_ms)? {
+            return Ok(false);
+        }
+        sse.event(ev(
+            "content_block_delta",
+            format!(
+                "{{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"tok{i} \"}}}}"
+            ),
+        ).as_bytes())?;
+    }
+    if fail {
+        sse.event(ev(
+            "error",
+            "{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}".into(),
+        ).as_bytes())?;
+        return Ok(true);
+    }
+    sse.event(
+        ev(
             "content_block_stop",
             "{\"type\":\"content_block_stop\",\"index\":0}".into(),
         )
         .as_bytes(),
     )?;
-    write_chunk(
-        conn,
-        sse(
-            "message_delta",
-            format!(
-                "{{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{events}}}}}"
-            ),
-        )
-        .as_bytes(),
-    )?;
-    write_chunk(
-        conn,
-        sse("message_stop", "{\"type\":\"message_stop\"}".into()).as_bytes(),
-    )?;
+    sse.event(ev(
+        "message_delta",
+        format!(
+            "{{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{events}}}}}"
+        ),
+    ).as_bytes())?;
+    sse.event(ev("message_stop", "{\"type\":\"message_stop\"}".into()).as_bytes())?;
     Ok(true)
 }
 
@@ -1104,7 +1372,14 @@ fn json_route(conn: &mut Conn, req: &Request, body: &Value) -> io::Result<After>
             "usage": {"input_tokens": 5, "output_tokens": 3}
         }),
         _ => {
-            let err = json!({"error": {"message": format!("mock: no route for {} {}", req.method, req.path), "type": "invalid_request_error"}});
+            let err = req.error(
+                if req.anthropic {
+                    "not_found_error"
+                } else {
+                    "invalid_request_error"
+                },
+                &format!("mock: no route for {} {}", req.method, req.path),
+            );
             write_json(conn, req, 404, &err)?;
             return Ok(After::KeepAlive);
         }

@@ -7,7 +7,8 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::mock::{Behavior, MockOptions, MockProvider};
+use e2e::mock::{Behavior, MockOptions, MockProvider, SseWrites};
+use e2e::run_sdk_script;
 
 /// A parsed response: status, headers, de-chunked body.
 struct Resp {
@@ -124,52 +125,194 @@ fn roundtrip(p: &MockProvider, req: &str) -> Resp {
 
 const CHAT: &str = r#"{"model":"gpt-test","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there"}]}"#;
 
+/// The mock records each request as it came, and refuses what the real APIs refuse: a
+/// missing or wrong credential (401, in the API's error shape), an Anthropic request
+/// without `anthropic-version` (400), a path outside its prefix (404).
 #[test]
-fn json_echo_records_request_and_reports_auth() {
-    let p = MockProvider::start(MockOptions::default());
+fn requests_are_recorded_and_checked_as_providers_check_them() {
+    let p = MockProvider::start(MockOptions {
+        credential: Some("sk-test".into()),
+        path_prefix: "/openai".into(),
+        ..Default::default()
+    });
+    assert!(p.base_url().ends_with("/openai"));
     let r = roundtrip(
         &p,
         &post(
-            "/v1/chat/completions",
+            "/openai/v1/chat/completions",
             "Authorization: Bearer sk-test\r\nX-Custom-Case: Yes\r\n",
             CHAT,
         ),
     );
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        r.header("x-mock-saw-auth"),
-        Some("authorization:Bearer sk-test")
+        r.json()["choices"][0]["message"]["content"],
+        "echo: hello there"
     );
-    assert_eq!(r.header("x-request-id"), Some("req_mock"));
-    assert_eq!(r.header("set-cookie"), Some("__cf_bm=abc"));
-    let v = r.json();
-    assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["model"], "gpt-test");
-    assert_eq!(v["choices"][0]["message"]["content"], "echo: hello there");
-    assert_eq!(v["usage"]["total_tokens"], 8);
-
     let reqs = p.requests();
-    assert_eq!(reqs.len(), 1);
-    assert_eq!(p.request_count(), 1);
-    assert_eq!(reqs[0].method, "POST");
-    assert_eq!(reqs[0].path, "/v1/chat/completions");
+    assert_eq!(reqs[0].path, "/openai/v1/chat/completions");
     assert_eq!(reqs[0].body, CHAT.as_bytes());
     assert!(reqs[0]
         .headers
         .iter()
         .any(|(k, v)| k == "X-Custom-Case" && v == "Yes"));
-    assert_eq!(reqs[0].header("authorization"), Some("Bearer sk-test"));
 
-    // x-api-key and none.
-    let r = roundtrip(&p, &post("/v1/messages", "x-api-key: sk-ant\r\n", CHAT));
-    assert_eq!(r.header("x-mock-saw-auth"), Some("x-api-key:sk-ant"));
-    assert_eq!(r.json()["content"][0]["text"], "echo: hello there");
-    let r = roundtrip(&p, &post("/v1/chat/completions", "", CHAT));
-    assert_eq!(r.header("x-mock-saw-auth"), Some("none"));
+    // Outside the prefix; a wrong and a missing credential.
+    let r = roundtrip(
+        &p,
+        &post(
+            "/v1/chat/completions",
+            "Authorization: Bearer sk-test\r\n",
+            CHAT,
+        ),
+    );
+    assert_eq!(r.status, 404);
+    let r = roundtrip(
+        &p,
+        &post(
+            "/openai/v1/chat/completions",
+            "Authorization: Bearer sk-nope\r\n",
+            CHAT,
+        ),
+    );
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["error"]["message"].is_string(),
+        "OpenAI's shape: {}",
+        r.text()
+    );
+    let r = roundtrip(&p, &post("/openai/v1/chat/completions", "", CHAT));
+    assert_eq!(r.status, 401);
 
-    let r = roundtrip(&p, "GET /v1/models HTTP/1.1\r\nHost: mock\r\n\r\n");
+    // Anthropic: the credential in x-api-key (or as a bearer token), its error shape, its
+    // version header.
+    let r = roundtrip(
+        &p,
+        &post(
+            "/openai/v1/messages",
+            "x-api-key: sk-nope\r\nanthropic-version: 2023-06-01\r\n",
+            CHAT,
+        ),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = roundtrip(
+        &p,
+        &post("/openai/v1/messages", "x-api-key: sk-test\r\n", CHAT),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("anthropic-version"));
+    let r = roundtrip(
+        &p,
+        &post(
+            "/openai/v1/messages",
+            "x-api-key: sk-test\r\nanthropic-version: 2023-06-01\r\n",
+            CHAT,
+        ),
+    );
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["object"], "list");
+    // Each API's own headers: its request id and organisation.
+    assert_eq!(r.header("request-id"), Some("req_mock"));
+    assert_eq!(r.header("anthropic-organization-id"), Some("org-mock"));
+    assert_eq!(r.header("x-request-id"), None);
+    assert_eq!(p.request_count(), 7, "refused requests are recorded too");
+}
+
+/// The official SDKs accept what the mock sends — JSON, streams of each API family,
+/// usage — however its streams are cut into writes: the mock's shapes are the real ones.
+#[test]
+fn the_official_sdks_accept_what_the_mock_sends() {
+    for sse in [SseWrites::Whole, SseWrites::Split(7), SseWrites::Merged] {
+        for (api, default) in [
+            (
+                "openai",
+                Behavior::OpenAiStream {
+                    events: 3,
+                    delay_ms: 0,
+                },
+            ),
+            (
+                "responses",
+                Behavior::OpenAiStream {
+                    events: 3,
+                    delay_ms: 0,
+                },
+            ),
+            (
+                "anthropic",
+                Behavior::AnthropicStream {
+                    events: 3,
+                    delay_ms: 0,
+                },
+            ),
+        ] {
+            let p = MockProvider::start(MockOptions {
+                default,
+                credential: Some("sk-provider".into()),
+                sse,
+                sse_comments: sse == SseWrites::Merged,
+                chunked_json: sse == SseWrites::Split(7),
+                ..Default::default()
+            });
+            let out = run_sdk_script("conformance.py", &[&p.base_url(), api, "sk-provider", "m"]);
+            assert!(
+                out.contains("wrong credential refused: true"),
+                "{api} {sse:?}: {out}"
+            );
+        }
+    }
+}
+
+/// The stream is cut as asked: `Split(n)` sends no chunk over n bytes, `Merged` several
+/// events in one chunk.
+#[test]
+fn streams_are_cut_as_asked() {
+    let stream = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let chunk_sizes = |sse| {
+        let p = MockProvider::start(MockOptions {
+            default: Behavior::OpenAiStream {
+                events: 3,
+                delay_ms: 0,
+            },
+            sse,
+            ..Default::default()
+        });
+        let mut s = connect(&p);
+        s.write_all(post("/v1/chat/completions", "", stream).as_bytes())
+            .unwrap();
+        let mut raw = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !raw.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut tmp).unwrap();
+            assert!(n > 0);
+            raw.extend_from_slice(&tmp[..n]);
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let mut sizes = Vec::new();
+        let mut rest = body;
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            sizes.push((size, after[..size].matches("data: ").count()));
+            rest = &after[size + 2..];
+        }
+        sizes
+    };
+    let split = chunk_sizes(SseWrites::Split(7));
+    assert!(split.iter().all(|&(n, _)| n <= 7), "{split:?}");
+    let merged = chunk_sizes(SseWrites::Merged);
+    assert_eq!(merged.len(), 1, "{merged:?}");
+    assert!(merged[0].1 >= 5, "every event in one chunk: {merged:?}");
+    let whole = chunk_sizes(SseWrites::Whole);
+    assert!(whole.iter().all(|&(_, events)| events == 1), "{whole:?}");
 }
 
 #[test]
@@ -205,93 +348,6 @@ fn chunked_request_body_is_accepted() {
         "echo: hello there"
     );
     assert_eq!(p.requests()[0].body, CHAT.as_bytes());
-}
-
-#[test]
-fn openai_stream_with_include_usage() {
-    let p = MockProvider::start(MockOptions {
-        tls: false,
-        default: Behavior::OpenAiStream {
-            events: 3,
-            delay_ms: 5,
-        },
-    });
-    let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = roundtrip(&p, &post("/v1/chat/completions", "", body));
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type"), Some("text/event-stream"));
-    let text = r.text();
-    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
-    // As OpenAI streams with usage asked for: a role chunk, the content, a finish chunk,
-    // each with "usage": null; then a chunk of figures without choices; then [DONE].
-    assert_eq!(events.len(), 7, "{text}");
-    let chunks: Vec<serde_json::Value> = events[..6]
-        .iter()
-        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
-        .collect();
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let content: String = chunks[1..4]
-        .iter()
-        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
-        .collect();
-    assert_eq!(content, "tok0 tok1 tok2 ");
-    assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
-    for c in &chunks[..5] {
-        assert!(c["usage"].is_null() && c.get("usage").is_some(), "{c}");
-    }
-    assert_eq!(chunks[5]["choices"], serde_json::json!([]));
-    assert_eq!(chunks[5]["usage"]["completion_tokens"], 3);
-    assert_eq!(chunks[5]["usage"]["total_tokens"], 8);
-    assert_eq!(events[6], "data: [DONE]");
-
-    // Without include_usage: no usage chunk; without stream: JSON.
-    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = roundtrip(&p, &post("/v1/chat/completions", "", body));
-    assert!(!r.text().contains("usage"));
-    assert!(r.text().ends_with("data: [DONE]\n\n"));
-    let r = roundtrip(&p, &post("/v1/chat/completions", "", CHAT));
-    assert_eq!(r.json()["object"], "chat.completion");
-}
-
-#[test]
-fn anthropic_stream_has_message_delta_usage() {
-    let p = MockProvider::start(MockOptions {
-        tls: false,
-        default: Behavior::AnthropicStream {
-            events: 4,
-            delay_ms: 1,
-        },
-    });
-    let body = r#"{"model":"claude-test","stream":true,"max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
-    let r = roundtrip(&p, &post("/v1/messages", "x-api-key: k\r\n", body));
-    assert_eq!(r.status, 200);
-    let text = r.text();
-    let names: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "message_start",
-            "content_block_start",
-            "content_block_delta",
-            "content_block_delta",
-            "content_block_delta",
-            "content_block_delta",
-            "content_block_stop",
-            "message_delta",
-            "message_stop"
-        ]
-    );
-    let delta = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
-        .find(|v| v["type"] == "message_delta")
-        .unwrap();
-    assert_eq!(delta["usage"]["output_tokens"], 4);
-    assert!(text.contains(r#""model":"claude-test""#));
 }
 
 #[test]
@@ -392,6 +448,7 @@ fn tls_json_request() {
     let p = MockProvider::start(MockOptions {
         tls: true,
         default: Behavior::OpenAiJson,
+        ..Default::default()
     });
     assert!(p.base_url().starts_with("https://localhost:"));
     let dir = std::env::temp_dir();

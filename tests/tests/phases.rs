@@ -79,6 +79,7 @@ both_drivers!(
         default: Behavior::Raw(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
         ),
+        ..Default::default()
     });
         let dir = scratch_dir(&format!("phases-{driver:?}"));
         let cp = cp_start(dir, "127.0.0.1:0");

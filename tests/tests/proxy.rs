@@ -123,6 +123,7 @@ both_drivers!(anthropic_request_gets_x_api_key_and_a_version, |driver| {
     let mock = MockProvider::start(MockOptions {
         tls: false,
         default: Behavior::AnthropicJson,
+        ..Default::default()
     });
     let gw = gateway(
         driver,
@@ -473,6 +474,7 @@ both_drivers!(first_byte_timeout_is_504_and_never_retried, |driver| {
     let a = MockProvider::start(MockOptions {
         tls: false,
         default: Behavior::Stall,
+        ..Default::default()
     });
     let b = MockProvider::start(MockOptions::default());
     let gw = gateway(
@@ -616,6 +618,7 @@ both_drivers!(sse_streams_are_relayed_event_by_event, |driver| {
             events: 5,
             delay_ms: 10,
         },
+        ..Default::default()
     });
     let gw = one_openai(driver, &mock);
     let mut s = gw.connect();
@@ -650,6 +653,7 @@ both_drivers!(http10_clients_get_streams_close_delimited, |driver| {
             events: 3,
             delay_ms: 1,
         },
+        ..Default::default()
     });
     let gw = one_openai(driver, &mock);
     let mut s = gw.connect();
@@ -679,6 +683,7 @@ both_drivers!(anthropic_streams_are_relayed, |driver| {
             events: 3,
             delay_ms: 5,
         },
+        ..Default::default()
     });
     let gw = gateway(
         driver,
@@ -707,6 +712,7 @@ both_drivers!(
         let mock = MockProvider::start(MockOptions {
             tls: false,
             default: Behavior::ResetAfterEvents { events: 2 },
+            ..Default::default()
         });
         let gw = one_openai(driver, &mock);
         let mut s = gw.connect();
@@ -730,6 +736,7 @@ both_drivers!(an_upstream_stalling_mid_stream_is_cut_off, |driver| {
     let mock = MockProvider::start(MockOptions {
         tls: false,
         default: Behavior::StallAfterEvents { events: 1 },
+        ..Default::default()
     });
     let gw = gateway(
         driver,
@@ -764,6 +771,7 @@ both_drivers!(
                 events,
                 delay_ms: 0,
             },
+            ..Default::default()
         });
         let gw = gateway(
             driver,
@@ -810,6 +818,7 @@ both_drivers!(
                 events: 200,
                 delay_ms: 10,
             },
+            ..Default::default()
         });
         let gw = gateway(
             driver,
@@ -841,6 +850,7 @@ both_drivers!(https_upstreams_are_verified, |driver| {
     let mock = MockProvider::start(MockOptions {
         tls: true,
         default: Behavior::OpenAiJson,
+        ..Default::default()
     });
     let dir = scratch_dir(&format!("tls-{driver:?}"));
     let ca = mock.write_ca_file(&dir);
@@ -940,6 +950,7 @@ both_drivers!(
         let mock = MockProvider::start(MockOptions {
             tls: false,
             default: Behavior::Hold,
+            ..Default::default()
         });
         let gw = gateway(
             driver,

@@ -4,43 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use dataplane::config::{Config, DriverChoice};
 use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("AIGW_SDK_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let p = root.join("target/sdk-venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} missing: run `bash .ci/setup` to install the SDKs",
-        p.display()
-    );
-    p
-}
-
 fn run_script(script: &str, base: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("sdk")
-        .join(script);
-    let out = Command::new(python())
-        .arg(&path)
-        .arg(base)
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.starts_with("ok "),
-        "{script} failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
+    run_sdk_script(script, &[base]);
 }
 
 fn sdk_gateway(
@@ -94,10 +65,12 @@ both_drivers!(openai_python_sdk, |driver| {
             events: 3,
             delay_ms: 1,
         },
+        ..Default::default()
     });
     let broken = MockProvider::start(MockOptions {
         tls: false,
         default: Behavior::ResetAfterEvents { events: 1 },
+        ..Default::default()
     });
     let gw = sdk_gateway(driver, &ok, &broken, "openai", "gpt");
     run_script("openai_sdk.py", &format!("http://{}", gw.addr()));
@@ -116,10 +89,12 @@ both_drivers!(anthropic_python_sdk, |driver| {
             events: 3,
             delay_ms: 1,
         },
+        ..Default::default()
     });
     let broken = MockProvider::start(MockOptions {
         tls: false,
         default: Behavior::ResetAfterEvents { events: 1 },
+        ..Default::default()
     });
     let gw = sdk_gateway(driver, &ok, &broken, "anthropic", "claude");
     run_script("anthropic_sdk.py", &format!("http://{}", gw.addr()));
@@ -142,6 +117,7 @@ fn openai_sdk_streams_get_usage_only_when_they_ask_and_the_log_always_has_it() {
             events: 3,
             delay_ms: 1,
         },
+        ..Default::default()
     });
     let dir = scratch_dir("sdk-stream-usage");
     let gw = GatewayProcess::start(

@@ -184,6 +184,11 @@ impl Service for Gateway {
     }
 
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+        if ctx.usage.reported {
+            self.worker
+                .status
+                .add_usage(ctx.usage.input_tokens, ctx.usage.output_tokens);
+        }
         if self.worker.settings.current().access_log {
             log::run(&ctx, head, done);
         }

@@ -104,6 +104,7 @@ impl AdminService {
                     .iter()
                     .enumerate()
                     .map(|(i, w)| {
+                        let (reported, input, output) = w.usage();
                         json!({
                             "worker": i,
                             "running": w.is_running(),
@@ -113,6 +114,7 @@ impl AdminService {
                             "requests": w.requests(),
                             "open_connections": w.open_connections(),
                             "body_bytes": w.body_bytes(),
+                            "usage": {"requests": reported, "input_tokens": input, "output_tokens": output},
                         })
                     })
                     .collect();

@@ -26,6 +26,9 @@ pub struct WorkerStatus {
     settings_generation: AtomicU64,
     config_revision: AtomicU64,
     body_bytes: AtomicU64,
+    usage_reported: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
 }
 
 impl WorkerStatus {
@@ -67,6 +70,24 @@ impl WorkerStatus {
     /// Bytes of request bodies the worker's requests hold against its budget.
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request's tokens, as its provider reported them.
+    pub fn add_usage(&self, input_tokens: u64, output_tokens: u64) {
+        self.usage_reported.fetch_add(1, Ordering::Relaxed);
+        self.input_tokens.fetch_add(input_tokens, Ordering::Relaxed);
+        self.output_tokens
+            .fetch_add(output_tokens, Ordering::Relaxed);
+    }
+
+    /// Requests whose provider reported usage, and their input and output tokens, since
+    /// the worker started.
+    pub fn usage(&self) -> (u64, u64, u64) {
+        (
+            self.usage_reported.load(Ordering::Relaxed),
+            self.input_tokens.load(Ordering::Relaxed),
+            self.output_tokens.load(Ordering::Relaxed),
+        )
     }
 
     pub fn set_config_revision(&self, revision: u64) {
