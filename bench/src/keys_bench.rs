@@ -133,6 +133,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         ca_file: cp.ca_file.clone(),
         identity_dir: dir.join("identity"),
         enrollment_token_env: "AIGW_BENCH_ENROLLMENT_TOKEN".into(),
+        enrollment_token_file: None,
         retired_token_env: false,
         retired_node_id: false,
         environments: vec!["production".into()],

@@ -10,8 +10,6 @@ use serde_json::{json, Value};
 use crate::mock::MockProvider;
 use crate::{admin_get, exchange, test_config, wait_until, Gateway, Resp};
 
-pub const NODE_TOKEN_ENV: &str = "AIGW_E2E_ENROLLMENT_TOKEN";
-
 pub fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
     controlplane::start(controlplane::Options {
         data_dir: dir,
@@ -108,7 +106,8 @@ pub struct NodeLink {
     pub push: SocketAddr,
     pub ca_file: std::path::PathBuf,
     pub identity_dir: std::path::PathBuf,
-    pub token_env: String,
+    /// The secret file holding its enrolment token.
+    pub token_file: std::path::PathBuf,
 }
 
 impl NodeLink {
@@ -141,9 +140,7 @@ pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
     let r = api(cp, "POST", "/v1/nodes", Some(body));
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let token = r.json()["enrollment_token"].as_str().unwrap().to_string();
-    let token_env = format!("{NODE_TOKEN_ENV}_{}_{n}", std::process::id());
-    // One variable per node: tests run in parallel, each with its own.
-    std::env::set_var(&token_env, &token);
+    let token_file = crate::secret_file(&format!("enrollment-{n}"), &token);
     let identity_dir = std::env::temp_dir().join(format!(
         "aigw-e2e-identity-{}-{n}-{}",
         std::process::id(),
@@ -155,7 +152,7 @@ pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
         push: cp.push_addr,
         ca_file: cp.ca_file.clone(),
         identity_dir,
-        token_env,
+        token_file,
     }
 }
 
@@ -163,7 +160,7 @@ pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
 /// identity is on disk before any node runs (for a node linking to a fake control plane).
 pub fn enrolled(cp: &controlplane::Running) -> NodeLink {
     let link = register(cp);
-    let token = std::env::var(&link.token_env).unwrap();
+    let token = std::fs::read_to_string(&link.token_file).unwrap();
     let mut stream = link_client(cp);
     dataplane::config::identity::enroll(
         &mut stream,
@@ -203,13 +200,14 @@ pub fn node_config(
         server_name: Some("localhost".into()),
         ca_file: link.ca_file.clone(),
         identity_dir: link.identity_dir.clone(),
-        enrollment_token_env: link.token_env.clone(),
+        enrollment_token_env: "AIGW_E2E_UNUSED_ENROLLMENT_TOKEN".into(),
+        enrollment_token_file: Some(link.token_file.clone()),
         retired_token_env: false,
         retired_node_id: false,
         environments: vec!["production".into(), "staging".into(), "development".into()],
         max_stale: Duration::ZERO,
         snapshot_file: None,
-        seal_key_env: "AIGW_NODE_SEAL_KEY".into(),
+        seal_key_env: "AIGW_E2E_UNUSED_SEAL_KEY".into(),
         seal_key_file: None,
     };
     tweak(&mut cp_config);

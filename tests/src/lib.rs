@@ -302,6 +302,12 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `dataplane --config <file>` and waits for its "listening" line.
     pub fn start(config_toml: &str, dir: &std::path::Path) -> Self {
+        Self::start_with_env(config_toml, dir, &[])
+    }
+
+    /// [`GatewayProcess::start`] with these variables set for it (and only for it: a
+    /// variable set in this process would race other tests' threads).
+    pub fn start_with_env(config_toml: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let cfg = dir.join("dataplane.toml");
         std::fs::write(&cfg, config_toml).unwrap();
         let log = dir.join("dataplane.log");
@@ -309,6 +315,7 @@ impl GatewayProcess {
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -389,6 +396,23 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Writes `secret` to a new private file (mode 0600) in a directory of its own, as a
+/// secret is passed to a gateway: a setting naming the file, never a variable set in the
+/// test process, which would race other tests' threads.
+pub fn secret_file(name: &str, secret: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = scratch_dir(&format!("secret-{name}-{n}"));
+    let path = dir.join(name);
+    dataplane::seal::files::write_private(&path, secret.as_bytes()).unwrap();
+    path
+}
+
+/// An upstream address that refuses every connection: port 1 on loopback, where nothing
+/// listens (binding it needs privileges no test takes), unlike a port bound and released,
+/// which a parallel test may take.
+pub const DEAD_UPSTREAM: &str = "http://127.0.0.1:1";
 
 /// The Python with the official OpenAI and Anthropic SDKs: `AIGW_SDK_PYTHON`, else the
 /// virtualenv `.ci/setup` makes in `target/sdk-venv`.

@@ -163,7 +163,6 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     );
     assert_eq!(added["node"]["enrolled"], false);
     let enrollment = added["enrollment_token"].as_str().unwrap().to_string();
-    std::env::set_var("AIGW_CLI_E2E_ENROLLMENT_TOKEN", &enrollment);
     let node_dir = dir.join("node");
     std::fs::create_dir_all(&node_dir).unwrap();
     let identity = node_dir.join("identity");
@@ -172,7 +171,11 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         data.join("pki").join("ca.pem").display(),
         identity.display()
     );
-    let gw = GatewayProcess::start(&config, &node_dir);
+    let gw = GatewayProcess::start_with_env(
+        &config,
+        &node_dir,
+        &[("AIGW_CLI_E2E_ENROLLMENT_TOKEN", &enrollment)],
+    );
     assert!(
         wait_until(Duration::from_secs(10), || admin_get(
             gw.admin_addr,

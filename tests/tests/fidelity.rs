@@ -20,12 +20,13 @@ fn gateway(
     upstreams: &[(&str, &str, &MockProvider)],
     routes: &[(&str, &[&str])],
 ) -> Gateway {
-    std::env::set_var("AIGW_FIDELITY_PROVIDER_KEY", "sk-provider");
+    let credential = secret_file("fidelity-provider-key", "sk-provider");
     let mut toml = String::new();
     for (name, kind, mock) in upstreams {
         toml.push_str(&format!(
-            "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{}\"\ncredential_env = \"AIGW_FIDELITY_PROVIDER_KEY\"\nstream_options = true\n",
-            mock.base_url()
+            "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{}\"\ncredential_file = \"{}\"\nstream_options = true\n",
+            mock.base_url(),
+            credential.display()
         ));
     }
     for (model, targets) in routes {

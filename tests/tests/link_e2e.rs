@@ -146,16 +146,17 @@ fn a_node_is_told_why_its_enrolment_fails_and_can_enrol_again() {
     let cp = cp_start(scratch_dir("link-enrol"), "127.0.0.1:0");
     let spent = e2e::cp::enrolled(&cp);
     let dir = scratch_dir("link-enrol-node");
-    let config = |identity: &std::path::Path, token_env: &str| {
+    let config = |identity: &std::path::Path, token_file: &std::path::Path| {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"{token_env}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\n",
             cp.push_addr,
             cp.ca_file.display(),
-            identity.display()
+            identity.display(),
+            token_file.display()
         )
     };
     // Another node (a fresh identity directory) with the token the first one spent.
-    let gw = GatewayProcess::start(&config(&dir.join("identity"), &spent.token_env), &dir);
+    let gw = GatewayProcess::start(&config(&dir.join("identity"), &spent.token_file), &dir);
     assert!(
         wait_until(Duration::from_secs(10), || gw
             .log()
@@ -176,12 +177,23 @@ fn a_node_is_told_why_its_enrolment_fails_and_can_enrol_again() {
         None,
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    std::env::set_var(
-        "AIGW_E2E_REENROL_TOKEN",
+    let fresh = secret_file(
+        "reenrol-token",
         r.json()["enrollment_token"].as_str().unwrap(),
     );
     let before = identity_copy(&spent);
-    let gw = GatewayProcess::start(&config(&spent.identity_dir, "AIGW_E2E_REENROL_TOKEN"), &dir);
+    // This time through the variable, as an operator would start it.
+    let gw = GatewayProcess::start_with_env(
+        &config(&spent.identity_dir, &fresh).replace(
+            &format!("enrollment_token_file = \"{}\"\n", fresh.display()),
+            "",
+        ),
+        &dir,
+        &[(
+            "AIGW_ENROLLMENT_TOKEN",
+            std::fs::read_to_string(&fresh).unwrap().as_str(),
+        )],
+    );
     assert!(
         wait_until(Duration::from_secs(10), || gw
             .log()

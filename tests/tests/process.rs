@@ -101,7 +101,7 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     let raw = chat_request(CHAT_BODY);
     let split = raw.len() - 3;
     busy.write_all(&raw[..split]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    in_flight(&gw);
 
     gw.signal(libc::SIGTERM);
     assert!(wait_until(Duration::from_secs(5), || gw
@@ -139,6 +139,80 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(!log.contains("hello"), "the access log never holds a body");
 }
 
+/// Waits until the gateway holds a request whose head it has read (its body reserved
+/// against a worker's budget): the request is in flight.
+fn in_flight(gw: &GatewayProcess) {
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            admin_get(gw.admin_addr, "/workers").json()["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["body_bytes"].as_u64().unwrap_or(0) > 0)
+        }),
+        "the request never reached the gateway"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = scratch_dir("second-signal");
+    let mut gw = GatewayProcess::start(&config("[timeouts]\nshutdown_drain = \"60s\"\n"), &dir);
+    let mut busy = connect(gw.addr);
+    let raw = chat_request(CHAT_BODY);
+    busy.write_all(&raw[..raw.len() - 3]).unwrap();
+    in_flight(&gw);
+    gw.signal(libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .log()
+        .contains("shutting down")));
+    assert_eq!(gw.child.try_wait().unwrap(), None, "draining");
+    gw.signal(libc::SIGINT);
+    // Well before the 60 s drain deadline.
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(130),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.log().contains("second signal"));
+}
+
+/// A client that gives up while its request waits for the upstream is logged as 499, and
+/// the upstream connection is closed rather than left generating for nobody.
+#[test]
+fn an_abandoned_request_is_logged_as_499() {
+    use e2e::mock::{Behavior, MockOptions, MockProvider};
+    let mock = MockProvider::start(MockOptions {
+        default: Behavior::Hold,
+        ..Default::default()
+    });
+    let dir = scratch_dir("abandoned");
+    let mut gw = GatewayProcess::start(
+        &config(&format!(
+            "[log]\naccess = true\n[[upstreams]]\nname = \"m\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"m\" }}]\n",
+            mock.base_url()
+        )),
+        &dir,
+    );
+    let mut client = connect(gw.addr);
+    client.write_all(&chat_request(CHAT_BODY)).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || mock.request_count() == 1));
+    drop(client);
+    assert!(
+        wait_until(Duration::from_secs(10), || mock.closed_by_peer() == 1),
+        "the upstream connection stayed open"
+    );
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("access:") && l.contains("/v1/chat/completions"))
+        .unwrap_or_else(|| panic!("no access line: {log}"));
+    assert!(line.contains("status=499"), "{line}");
+}
+
 #[test]
 fn drain_deadline_bounds_the_shutdown() {
     let dir = scratch_dir("drain-deadline");
@@ -149,7 +223,7 @@ fn drain_deadline_bounds_the_shutdown() {
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n{",
         )
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    in_flight(&gw);
     gw.signal(libc::SIGTERM);
     assert_eq!(
         gw.wait_exit(Duration::from_secs(10)),

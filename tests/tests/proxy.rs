@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::sync::Once;
 use std::time::Duration;
 
 use dataplane::config::{Config, DriverChoice};
@@ -12,11 +11,11 @@ use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 
 const CRED: &str = "sk-upstream-credential-123";
-const CRED_ENV: &str = "AIGW_E2E_UPSTREAM_CRED";
 
-fn cred_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| std::env::set_var(CRED_ENV, CRED));
+/// The secret file holding [`CRED`].
+fn cred_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| secret_file("proxy-upstream-credential", CRED))
 }
 
 /// A gateway with the given upstreams (name, kind, base_url, extra TOML) and routes TOML.
@@ -26,11 +25,11 @@ fn gateway(
     routes: &str,
     tweak: impl FnOnce(&mut Config),
 ) -> Gateway {
-    cred_env();
+    let cred = cred_file().display();
     let mut toml = String::new();
     for (name, kind, url, extra) in upstreams {
         toml.push_str(&format!(
-            "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{url}\"\ncredential_env = \"{CRED_ENV}\"\n{extra}\n"
+            "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{url}\"\ncredential_file = \"{cred}\"\n{extra}\n"
         ));
     }
     toml.push_str(routes);
@@ -435,9 +434,8 @@ both_drivers!(
 );
 
 both_drivers!(unreachable_upstreams_fail_over_then_502, |driver| {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    // Port 1 on loopback: nothing listens there, and no parallel test can take it.
+    let dead = e2e::DEAD_UPSTREAM.to_string();
     let b = MockProvider::start(MockOptions::default());
     let gw = gateway(
         driver,

@@ -246,12 +246,12 @@ both_drivers!(
         route_env(&cp, "acme", "production", &provider);
         let k = key(&cp, "acme", "production");
 
-        std::env::set_var("AIGW_E2E_ROUTING_SEAL_KEY", "6a".repeat(32));
+        let aigw_e2e_routing_seal_key = secret_file("aigw_e2e_routing_seal_key", &"6a".repeat(32));
         let snap = dir.join("node").join("config.sealed");
         std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
         let sealed = |c: &mut ControlPlaneConfig| {
             c.snapshot_file = Some(snap.clone());
-            c.seal_key_env = "AIGW_E2E_ROUTING_SEAL_KEY".into();
+            c.seal_key_file = Some(aigw_e2e_routing_seal_key.clone());
         };
         let link = e2e::cp::register(&cp);
         let gw = gateway_with(driver, &link, sealed);

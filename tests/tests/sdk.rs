@@ -21,9 +21,8 @@ fn sdk_gateway(
     kind: &str,
     prefix: &str,
 ) -> Gateway {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    // Port 1 on loopback: nothing listens there, and no parallel test can take it.
+    let dead = e2e::DEAD_UPSTREAM.to_string();
     let toml = format!(
         r#"
         [[upstreams]]

@@ -50,6 +50,10 @@ pub struct ControlPlaneConfig {
     /// node-add`): read when the node has no identity yet, or to enrol it again.
     #[serde(default = "default_enrollment_token_env")]
     pub enrollment_token_env: String,
+    /// Or a secret file holding the enrolment token (this user's, mode 0600); read instead
+    /// of the variable when given.
+    #[serde(default)]
+    pub enrollment_token_file: Option<std::path::PathBuf>,
     /// Replaced by enrolment; read only to say so.
     #[serde(default, deserialize_with = "present", rename = "token_env")]
     pub retired_token_env: bool,
@@ -80,6 +84,18 @@ fn default_seal_key_env() -> String {
 }
 
 impl ControlPlaneConfig {
+    /// The enrolment token: from `enrollment_token_file` when given, else from
+    /// `enrollment_token_env`; `None` when neither holds one.
+    pub fn enrollment_token(&self) -> Result<Option<String>, String> {
+        let token = match &self.enrollment_token_file {
+            Some(f) => crate::seal::files::read_private(f)
+                .map_err(|e| format!("control_plane.enrollment_token_file: {e}"))?,
+            None => std::env::var(&self.enrollment_token_env).unwrap_or_default(),
+        };
+        let token = token.trim().to_string();
+        Ok((!token.is_empty()).then_some(token))
+    }
+
     /// Where the snapshot's key is read from, as messages name it.
     pub fn seal_key_source(&self) -> String {
         match &self.seal_key_file {
@@ -136,8 +152,11 @@ fn check_identity(cp: &ControlPlaneConfig) -> Result<(), (&'static str, String)>
         ));
     }
     let files = crate::config::identity::IdentityFiles::new(dir);
-    let token = std::env::var(&cp.enrollment_token_env).unwrap_or_default();
-    let token = token.trim();
+    let token = match cp.enrollment_token() {
+        Ok(t) => t.unwrap_or_default(),
+        Err(e) => return Err(("control_plane.enrollment_token_file", e)),
+    };
+    let token = token.as_str();
     if !token.is_empty() && !aigw_wire::keys::token_is_acceptable(token) {
         return Err((
             "control_plane.enrollment_token_env",
@@ -214,6 +233,9 @@ pub struct UpstreamConfig {
     /// Environment variable holding the provider credential (never the credential itself).
     #[serde(default)]
     pub credential_env: Option<String>,
+    /// Or a secret file holding it (this user's, mode 0600): a mounted secret, say.
+    #[serde(default)]
+    pub credential_file: Option<std::path::PathBuf>,
     /// PEM bundle of CAs to trust instead of the system roots.
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
@@ -643,11 +665,22 @@ impl Config {
                 return Err(("upstreams", at(&e.to_string())));
             }
             if let Some(var) = &u.credential_env {
+                if u.credential_file.is_some() {
+                    return Err((
+                        "upstreams.credential_file",
+                        at("give credential_env or credential_file, not both"),
+                    ));
+                }
                 if std::env::var(var).map_or(true, |v| v.is_empty()) {
                     return Err((
                         "upstreams.credential_env",
                         at(&format!("environment variable {var} is not set")),
                     ));
+                }
+            }
+            if let Some(f) = &u.credential_file {
+                if let Err(e) = crate::seal::files::read_private(f) {
+                    return Err(("upstreams.credential_file", at(&e.to_string())));
                 }
             }
             if let Some(f) = &u.ca_file {

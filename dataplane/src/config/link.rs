@@ -83,10 +83,7 @@ pub fn spawn(
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let roots = roots(&cfg)?;
     let files = IdentityFiles::new(&cfg.identity_dir);
-    let token = std::env::var(&cfg.enrollment_token_env)
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
+    let token = cfg.enrollment_token().map_err(anyhow::Error::msg)?;
     let boot_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -108,7 +105,9 @@ pub fn spawn(
             let Some((tls, node_id)) = identity.as_ref() else {
                 continue;
             };
-            match session(&cfg, tls, node_id, boot_epoch, &keys, &stop, persist.as_ref()) {
+            let ended = session(&cfg, tls, node_id, boot_epoch, &keys, &stop, persist.as_ref());
+            keys.set_connected(false);
+            match ended {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
@@ -205,6 +204,7 @@ fn session(
             revision_id: keys.load().revision_id,
         },
     )?;
+    keys.set_connected(true);
     tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
     let mut buf = Vec::new();
     let mut snapshot: Option<Incoming> = None;

@@ -425,6 +425,8 @@ pub struct SharedConfig {
     pub changed: Event,
     /// When the node last heard from the control plane.
     last_contact: std::sync::Mutex<Option<Instant>>,
+    /// Whether the link to the control plane is up (a session established).
+    connected: AtomicBool,
 }
 
 impl Default for SharedConfig {
@@ -436,6 +438,7 @@ impl Default for SharedConfig {
             current: ArcSwap::from_pointee(NodeConfig::empty()),
             changed: Event::new(),
             last_contact: std::sync::Mutex::new(None),
+            connected: AtomicBool::new(false),
         }
     }
 }
@@ -475,6 +478,15 @@ impl SharedConfig {
 
     pub fn touch(&self) {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Records whether the link to the control plane is up.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Release);
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// Seconds since the control plane was last heard from (`None`: never).

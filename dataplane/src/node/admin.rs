@@ -95,6 +95,7 @@ impl AdminService {
                     "config_loaded": s.keys.as_ref().map(|(k, _)| k.loaded()),
                     "config_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
                     "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
+                    "control_plane_connected": s.keys.as_ref().map(|(k, _)| k.connected()),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
             }

@@ -380,6 +380,7 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         kind,
         base_url: format!("http://{addr}"),
         credential_env: None,
+        credential_file: None,
         ca_file: None,
         danger_accept_invalid_certs: false,
         max_connections: crate::config::default_max_connections(),

@@ -2,6 +2,12 @@
 //! Arbitrary bytes through the frame decoder: never a panic, whatever decodes re-encodes
 //! to a frame that decodes to the same message, and decoding never holds more than a small
 //! multiple of the bytes it was given (a counting allocator measures the peak).
+//!
+//! One exception to the round trip: a message of near-empty repeated items that arrived
+//! padded (unknown or repeated fields, which decoding drops) re-encodes smaller, and the
+//! smaller frame may exceed the decoder's expansion bound. It is never a frame an honest
+//! peer sends (real records are far larger than the bound's 1/16 of their size in memory),
+//! and the re-encoding is then always smaller than what was received.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,9 +58,15 @@ fuzz_target!(|data: &[u8]| {
         if let Frame::Message(m) = frame {
             let mut again = Vec::new();
             encode_frame(&m, &mut again);
-            let (back, n) = decode_frame(&again, DEFAULT_MAX_FRAME)
-                .expect("re-encoded frame decodes")
-                .expect("complete");
+            let (back, n) = match decode_frame(&again, DEFAULT_MAX_FRAME) {
+                Ok(v) => v.expect("complete"),
+                Err(aigw_wire::codec::InvalidMessage::Expansion) => {
+                    assert!(again.len() < used, "refused a re-encoding no smaller than its input");
+                    rest = &rest[used..];
+                    continue;
+                }
+                Err(e) => panic!("re-encoded frame does not decode: {e}"),
+            };
             assert_eq!(n, again.len());
             assert_eq!(back, Frame::Message(m));
         }

@@ -85,6 +85,7 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
         kind: checked.kind,
         base_url: r.base_url.clone(),
         credential_env: None,
+        credential_file: None,
         ca_file: None,
         danger_accept_invalid_certs: false,
         max_connections: if r.max_connections == 0 {

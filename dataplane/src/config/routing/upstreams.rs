@@ -5,15 +5,21 @@ use std::sync::Arc;
 use crate::config::UpstreamConfig;
 use crate::upstream::{tls, BaseUrl, Secret, Upstream};
 
-/// Builds from a validated file entry, its credential read from its variable.
+/// Builds from a validated file entry, its credential read from its variable or file.
 pub(crate) fn from_file(c: &UpstreamConfig) -> Result<Arc<Upstream>, String> {
-    let credential = match &c.credential_env {
-        Some(var) => {
+    let credential = match (&c.credential_env, &c.credential_file) {
+        (Some(var), _) => {
             Some(Secret::new(std::env::var(var).map_err(|_| {
                 format!("environment variable {var} is not set")
             })?))
         }
-        None => None,
+        (None, Some(f)) => Some(Secret::new(
+            crate::seal::files::read_private(f)
+                .map_err(|e| e.to_string())?
+                .trim()
+                .to_string(),
+        )),
+        (None, None) => None,
     };
     build(c, credential)
 }
