@@ -117,20 +117,37 @@ fn init_logging() {
         .init();
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-fn wait_for_stop() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok::<_, std::io::Error>(())
-    })?;
-    Ok(())
+/// Ctrl-C and SIGTERM, caught from its creation on (so a signal that arrives while the
+/// banner is printed is not the default action, which would skip the orderly stop).
+struct StopSignals {
+    rt: tokio::runtime::Runtime,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (int, term) = rt.block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })?;
+        Ok(Self { rt, int, term })
+    }
+
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.int.recv() => {}
+                _ = self.term.recv() => {}
+            }
+        });
+    }
 }
 
 fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<()> {
@@ -144,6 +161,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
     } = cli.cmd
     {
         init_logging();
+        let stop = StopSignals::install()?;
         let stack = controlplane::local::up(&controlplane::local::UpOptions {
             data_dir: data_dir.unwrap_or_else(|| controlplane::default_data_dir("local")),
             api_listen: listen,
@@ -152,8 +170,12 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             gateway_admin,
             dataplane,
         })?;
-        println!("{}", stack.banner());
-        wait_for_stop()?;
+        {
+            use std::io::Write as _;
+            // A reader that went away is no reason to stop the stack.
+            let _ = writeln!(std::io::stdout(), "{}", stack.banner());
+        }
+        stop.wait();
         eprintln!("stopping the local stack");
         drop(stack);
         return Ok(());
@@ -167,6 +189,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
     } = cli.cmd
     {
         init_logging();
+        let stop = StopSignals::install()?;
         let data_dir = data_dir.unwrap_or_else(|| controlplane::default_data_dir("controlplane"));
         let running = controlplane::start(controlplane::Options {
             data_dir: data_dir.clone(),
@@ -187,7 +210,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             data_dir.display(),
             data_dir.join("admin-token").display(),
         );
-        wait_for_stop()?;
+        stop.wait();
         running.stop();
         return Ok(());
     }

@@ -84,9 +84,6 @@ pub(crate) async fn serve<S: Service>(
     service: Rc<S>,
 ) {
     let _ = stream.set_nodelay(true);
-    // One receive stays armed for the connection's life instead of one per read (io_uring;
-    // elsewhere a no-op). See the vendored monoio's PATCHED.md.
-    stream.enable_multishot_recv();
     let mut bufs = ConnBufs {
         read: BytesMut::with_capacity(INITIAL_BUF),
         out: Vec::with_capacity(1024),

@@ -125,16 +125,13 @@ impl UpConn {
                 Err(e) => last = Some(e),
             }
         }
-        let mut stream = stream.ok_or_else(|| {
+        let stream = stream.ok_or_else(|| {
             ConnectError::Connect(
                 up.name.clone(),
                 last.unwrap_or_else(|| io::ErrorKind::NotFound.into()),
             )
         })?;
         let _ = stream.set_nodelay(true);
-        // As on client connections (conn::serve): one receive armed for the connection's life,
-        // TLS records included.
-        stream.enable_multishot_recv();
         let io = match &up.tls {
             None => Io::Plain(stream),
             Some(tls) => {
