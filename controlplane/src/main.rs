@@ -41,6 +41,10 @@ enum Cmd {
         /// Changelog entries kept by compaction; a node further behind gets a snapshot.
         #[arg(long, default_value_t = controlplane::DEFAULT_CHANGELOG_KEEP)]
         changelog_keep: u64,
+        /// The seal key from this secret file (yours, mode 0600 or 0400; a systemd
+        /// credential, say) instead of AIGW_SEAL_KEY or `<data-dir>/seal.key`.
+        #[arg(long, value_name = "PATH")]
+        seal_key_file: Option<PathBuf>,
     },
     /// Run a whole local stack: this control plane, a demo provider, and one node enrolled
     /// with it, set up so that the key it prints works at once. Ctrl-C stops all of it.
@@ -186,6 +190,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
         link_listen,
         tls_name,
         changelog_keep,
+        seal_key_file,
     } = cli.cmd
     {
         init_logging();
@@ -196,10 +201,19 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             api_listen: listen,
             push_listen: link_listen,
             tls_names: tls_name,
-            // From the environment only: a key on the command line is visible to every user.
-            seal_key: std::env::var("AIGW_SEAL_KEY")
-                .ok()
-                .filter(|k| !k.is_empty()),
+            // From a file or the environment only: a key on the command line is visible to
+            // every user.
+            seal_key: match seal_key_file {
+                Some(f) => Some(
+                    aigw_seal::files::read_private(&f)
+                        .map_err(|e| anyhow::anyhow!("--seal-key-file: {e}"))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("AIGW_SEAL_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty()),
+            },
             changelog_keep,
         })?;
         println!(

@@ -246,3 +246,54 @@ fn access_log_never_holds_query_strings_or_keys() {
     assert!(log.contains("path=\"/v1/models\""), "{log}");
     assert!(!log.contains("sk-secret"), "{log}");
 }
+
+/// The sample configurations in dataplane/examples are valid as shipped (paths moved into
+/// a scratch directory, secrets provided).
+#[test]
+fn the_sample_configurations_are_valid() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dataplane/examples");
+    let dir = scratch_dir("examples");
+    let check = |name: &str, text: &str, env: &[(&str, &str)]| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin_path("dataplane"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let read = |name: &str| std::fs::read_to_string(examples.join(name)).unwrap();
+    check(
+        "static.toml",
+        &read("static.toml"),
+        &[
+            ("OPENAI_API_KEY", "sk-x"),
+            ("ANTHROPIC_API_KEY", "sk-ant-x"),
+        ],
+    );
+    check("container-demo.toml", &read("container-demo.toml"), &[]);
+    // The node's: its files where the example puts them, under the scratch directory.
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("ca.pem"), "").unwrap();
+    dataplane::seal::files::write_private(
+        &etc.join("enrollment-token"),
+        b"aigw_enroll_0123456789abcdefghijklmnopqrstuvwxyzABCD",
+    )
+    .unwrap();
+    dataplane::seal::files::write_private(&etc.join("node-seal.key"), "ab".repeat(32).as_bytes())
+        .unwrap();
+    let var = dir.join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let node = read("node.toml")
+        .replace("/etc/aigw/", &format!("{}/", etc.display()))
+        .replace("/var/lib/aigw-dataplane/", &format!("{}/", var.display()));
+    check("node.toml", &node, &[]);
+}
