@@ -373,6 +373,15 @@ both_drivers!(a_restart_never_rolls_back_to_an_older_snapshot, |driver| {
     assert_eq!(chat_with_key(gw.addr(), Some(&key), "m").status, 200);
     gw.stop();
     let before_revocation = std::fs::read(&snap).unwrap();
+    // The snapshot's directory did not exist: the node made it, private.
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(snap.parent().unwrap())
+                .unwrap()
+                .permissions()
+        ) & 0o777,
+        0o700
+    );
 
     let gw = gateway_with(driver, &link, sealed);
     wait_workers(&gw, revision(&cp));

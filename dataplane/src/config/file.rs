@@ -884,6 +884,44 @@ mod tests {
         let _ = std::fs::remove_file(&ca);
     }
 
+    /// A sealed snapshot in a directory that cannot be made (its parent missing too) is
+    /// refused at --check, naming the setting; one whose directory can be made passes.
+    #[test]
+    fn the_snapshot_directory_is_checked() {
+        let dir = std::env::temp_dir().join(format!("aigw-config-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "").expect("write");
+        let key = dir.join("seal.key");
+        crate::seal::files::write_private(&key, "ab".repeat(32).as_bytes()).expect("key");
+        let token = dir.join("token");
+        crate::seal::files::write_private(
+            &token,
+            b"aigw_enroll_0123456789abcdefghijklmnopqrstuvwxyzABCD",
+        )
+        .expect("token");
+        let config = |snapshot: &std::path::Path| {
+            format!(
+                "[control_plane]\naddress = \"127.0.0.1:1\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\nsnapshot_file = \"{}\"\nseal_key_file = \"{}\"\n",
+                ca.display(),
+                dir.join("identity").display(),
+                token.display(),
+                snapshot.display(),
+                key.display()
+            )
+        };
+        let e = Config::parse(&config(&dir.join("a/b/config.sealed")), "t").expect_err("no parent");
+        assert!(
+            e.to_string().contains("control_plane.snapshot_file")
+                && e.to_string().contains("neither"),
+            "{e}"
+        );
+        Config::parse(&config(&dir.join("a/config.sealed")), "t")
+            .expect("its directory can be made");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A node needs an identity or an enrolment token to get one; the retired node-token
     /// settings are refused with what replaced them.
     #[test]
