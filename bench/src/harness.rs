@@ -259,6 +259,42 @@ pub(crate) fn spread(v: &[f64]) -> (f64, f64) {
     (min, max)
 }
 
+/// Appends the ratio `num / den` of two targets' figures to a report: of their medians, then
+/// taken within each round, where both ran seconds apart (a shared machine drifts between
+/// slower and faster phases, and a round's pair mostly sees the same phase). Nothing when
+/// `den` has no figures.
+pub(crate) fn write_ratio(
+    report: &mut String,
+    label: &str,
+    num: &[Option<f64>],
+    den: &[Option<f64>],
+) {
+    use std::fmt::Write as _;
+    let mut n: Vec<f64> = num.iter().flatten().copied().collect();
+    let mut d: Vec<f64> = den.iter().flatten().copied().collect();
+    let (mn, md) = (median(&mut n), median(&mut d));
+    if md <= 0.0 {
+        return;
+    }
+    let _ = writeln!(report, "\n{label}: {:.2}", mn / md);
+    let mut paired: Vec<f64> = num
+        .iter()
+        .zip(den)
+        .filter_map(|(a, b)| Some(a.as_ref()? / b.as_ref()?))
+        .filter(|r| r.is_finite())
+        .collect();
+    if !paired.is_empty() {
+        let listed: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
+        let (lo, hi) = spread(&paired);
+        let _ = writeln!(
+            report,
+            "within each round: median {:.2} [{lo:.2}–{hi:.2}] ({})",
+            median(&mut paired),
+            listed.join(", ")
+        );
+    }
+}
+
 /// Where the targets go in round `round` of `n`: the first (the provider directly) first,
 /// then the proxies rotated one place per round so none always runs right after another;
 /// with more than two, every other round also reverses them.

@@ -16,6 +16,11 @@
 //! this kind of shared machine drifts between faster and slower phases lasting tens of
 //! seconds, and with five rounds a phase that caught three runs of one proxy moved its
 //! median by a fifth.
+//!
+//! `--baseline-dataplane PATH` adds another data plane binary, with the same configuration,
+//! as one more interleaved target, and reports the ratio of the two builds' CPU per request
+//! (of the medians, and within each round), so a change can be measured against the build
+//! before it in one run.
 
 use std::net::SocketAddr;
 

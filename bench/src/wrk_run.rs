@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 
 use crate::harness::{
     bench_dir, cpu_seconds, cpu_split, free_addr, median, round_order, run_dir, sibling_binary,
-    spawn_self_on, spread, start_dataplane, start_nginx, wait_port, DataPlane,
+    spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio, DataPlane,
 };
 
 /// Options of `aigw-bench run`.
@@ -34,6 +34,10 @@ pub(crate) struct RunOpts {
     /// Also write the raw figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Another data plane binary, measured as one more target ("baseline") with the same
+    /// configuration, to compare two builds in one run.
+    #[arg(long)]
+    baseline_dataplane: Option<PathBuf>,
 }
 
 /// One request with the wrk body, to check a target answers correctly before loading it.
@@ -128,7 +132,6 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
     let dir = run_dir("")?;
     let mock_addr = free_addr()?;
     let nginx_addr = free_addr()?;
-    let dp_addr = free_addr()?;
 
     let mock = spawn_self_on(
         opts.load_core,
@@ -144,28 +147,33 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
         &[],
     )?;
     let dp_binary = sibling_binary("dataplane")?;
-    let dp = start_dataplane(
-        &DataPlane {
-            name: "dataplane",
-            binary: &dp_binary,
-            upstream_extra: "",
-        },
-        opts.proxy_core,
-        &dir,
-        dp_addr,
-        mock_addr,
-    )?;
-    wait_port(nginx_addr)?;
-    wait_port(dp_addr)?;
-    for a in [mock_addr, nginx_addr, dp_addr] {
-        probe(a)?;
+    let mut planes = vec![("dataplane", dp_binary)];
+    if let Some(b) = &opts.baseline_dataplane {
+        planes.push(("baseline", b.clone()));
     }
-
-    let targets: [(&str, SocketAddr, Option<u32>); 3] = [
+    let mut targets: Vec<(&str, SocketAddr, Option<u32>)> = vec![
         ("direct", mock_addr, None),
         ("nginx", nginx_addr, Some(nginx.id())),
-        ("dataplane", dp_addr, Some(dp.id())),
     ];
+    let mut dps = Vec::new();
+    for (name, binary) in &planes {
+        let addr = free_addr()?;
+        let dp = DataPlane {
+            name,
+            binary,
+            upstream_extra: "",
+        };
+        let p = start_dataplane(&dp, opts.proxy_core, &dir, addr, mock_addr)?;
+        targets.push((name, addr, Some(p.id())));
+        dps.push(p);
+    }
+    for (_, addr, _) in &targets[1..] {
+        wait_port(*addr)?;
+    }
+    for (_, addr, _) in &targets {
+        probe(*addr)?;
+    }
+
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     eprintln!(
         "aigw-bench: {} rounds × {} targets × {}s, {} connections; proxy on core {}, wrk + mock on core {}",
@@ -177,7 +185,7 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
         opts.load_core
     );
     for round in 0..opts.rounds {
-        // The proxies swap places every round, so neither always runs right after the other
+        // The proxies change places every round, so none always runs right after another
         // (or always first after the direct run).
         for i in round_order(round, targets.len()) {
             let (name, addr, pid) = &targets[i];
@@ -215,13 +223,24 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
         }
     }
 
+    println!("{}", report(&targets, &samples));
+    if let Some(path) = &opts.json {
+        write_json(path, &targets, &samples)?;
+    }
+    drop(dps);
+    drop(nginx);
+    drop(mock);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn report(targets: &[(&str, SocketAddr, Option<u32>)], samples: &[Vec<Sample>]) -> String {
     let mut report = String::new();
     let _ = writeln!(
         report,
         "| target | CPU µs/request (median [min–max]) | req/s (median [min–max]) | p50 µs | p99 µs |"
     );
     let _ = writeln!(report, "|---|---|---|---|---|");
-    let mut medians = Vec::new();
     for (i, (name, _, _)) in targets.iter().enumerate() {
         let s = &samples[i];
         let mut cpu: Vec<f64> = s.iter().filter_map(|x| x.proxy_cpu_us_per_req).collect();
@@ -231,7 +250,6 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
         let (cmin, cmax) = spread(&cpu);
         let (rmin, rmax) = spread(&rps);
         let cpu_med = median(&mut cpu);
-        medians.push(cpu_med);
         let cpu_cell = if cpu.is_empty() {
             "–".to_string()
         } else {
@@ -245,60 +263,55 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
             median(&mut p99)
         );
     }
-    if medians[1] > 0.0 {
-        let _ = writeln!(
-            report,
-            "\ndataplane / nginx CPU per request: {:.2}",
-            medians[2] / medians[1]
-        );
-        // The same ratio taken within each round, where both proxies ran seconds apart: a
-        // shared machine drifts between slower and faster phases, and a round's pair mostly
-        // sees the same phase.
-        let mut paired: Vec<f64> = samples[1]
+    let cpu = |name: &str| -> Vec<Option<f64>> {
+        targets
             .iter()
-            .zip(&samples[2])
-            .filter_map(|(n, d)| Some(d.proxy_cpu_us_per_req? / n.proxy_cpu_us_per_req?))
+            .position(|(n, _, _)| *n == name)
+            .map(|i| samples[i].iter().map(|s| s.proxy_cpu_us_per_req).collect())
+            .unwrap_or_default()
+    };
+    write_ratio(
+        &mut report,
+        "dataplane / nginx CPU per request",
+        &cpu("dataplane"),
+        &cpu("nginx"),
+    );
+    write_ratio(
+        &mut report,
+        "dataplane / baseline CPU per request",
+        &cpu("dataplane"),
+        &cpu("baseline"),
+    );
+    report
+}
+
+fn write_json(
+    path: &Path,
+    targets: &[(&str, SocketAddr, Option<u32>)],
+    samples: &[Vec<Sample>],
+) -> anyhow::Result<()> {
+    let mut out = String::from("{");
+    for (i, (name, _, _)) in targets.iter().enumerate() {
+        let rows: Vec<String> = samples[i]
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{\"requests\":{},\"rps\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"proxy_cpu_us_per_req\":{},\"mock_cpu_us_per_req\":{:.2}}}",
+                    s.requests,
+                    s.rps,
+                    s.p50_us,
+                    s.p99_us,
+                    s.proxy_cpu_us_per_req.map_or("null".into(), |v| format!("{v:.2}")),
+                    s.mock_cpu_us_per_req
+                )
+            })
             .collect();
-        if !paired.is_empty() {
-            let listed: Vec<String> = paired.iter().map(|r| format!("{r:.2}")).collect();
-            let (lo, hi) = spread(&paired);
-            let _ = writeln!(
-                report,
-                "within each round: median {:.2} [{lo:.2}–{hi:.2}] ({})",
-                median(&mut paired),
-                listed.join(", ")
-            );
+        if i > 0 {
+            out.push(',');
         }
+        let _ = write!(out, "\"{name}\":[{}]", rows.join(","));
     }
-    println!("{report}");
-    if let Some(path) = &opts.json {
-        let mut out = String::from("{");
-        for (i, (name, _, _)) in targets.iter().enumerate() {
-            let rows: Vec<String> = samples[i]
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{{\"requests\":{},\"rps\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"proxy_cpu_us_per_req\":{},\"mock_cpu_us_per_req\":{:.2}}}",
-                        s.requests,
-                        s.rps,
-                        s.p50_us,
-                        s.p99_us,
-                        s.proxy_cpu_us_per_req.map_or("null".into(), |v| format!("{v:.2}")),
-                        s.mock_cpu_us_per_req
-                    )
-                })
-                .collect();
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "\"{name}\":[{}]", rows.join(","));
-        }
-        out.push('}');
-        std::fs::write(path, out)?;
-    }
-    drop(dp);
-    drop(nginx);
-    drop(mock);
-    let _ = std::fs::remove_dir_all(&dir);
+    out.push('}');
+    std::fs::write(path, out)?;
     Ok(())
 }
