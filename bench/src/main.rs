@@ -28,6 +28,8 @@ use clap::{Parser, Subcommand};
 
 mod harness;
 mod keys_bench;
+mod netio;
+mod sse_mock;
 mod wrk_run;
 
 #[global_allocator]
@@ -47,6 +49,8 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Serve the streaming mock provider (SSE chat completions, paced) on one thread.
+    StreamMock(sse_mock::MockOpts),
     /// Revocation propagation: from the admin call's return to every worker having applied
     /// it, over many revocations with a large key table loaded.
     Revocation {
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mock { listen } => {
             dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
         }
+        Cmd::StreamMock(opts) => sse_mock::serve(&opts),
         Cmd::Revocation { keys, revocations } => keys_bench::revocation(keys, revocations),
         Cmd::Snapshot { keys } => keys_bench::snapshot(keys),
         Cmd::Run(opts) => wrk_run::run(&opts),
