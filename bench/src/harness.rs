@@ -142,6 +142,35 @@ pub(crate) fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((user as f64 / CLK_TCK, system as f64 / CLK_TCK))
 }
 
+/// User + system CPU seconds of one process (all its threads), without its children.
+pub(crate) fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    const CLK_TCK: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((field(11) + field(12)) as f64 / CLK_TCK)
+}
+
+/// Resident memory (VmRSS) of a process and its direct children, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for (p, _) in family_stats(pid)? {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 pub(crate) fn nginx_binary() -> anyhow::Result<&'static str> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
@@ -240,6 +269,36 @@ targets = [{{ upstream = "provider" }}]
     Ok(Proc(child))
 }
 
+/// Raises this process's soft limit on open files to its hard limit (the processes it
+/// starts inherit it) and returns the limit now in force.
+#[allow(unsafe_code)]
+pub(crate) fn raise_nofile_limit() -> anyhow::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) only writes the struct passed, which lives on this stack frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit(2) only reads the struct passed, which lives on this stack frame.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Pins the calling thread (and the threads it starts later) to `core`.
+pub(crate) fn pin_current_thread(core: usize) -> anyhow::Result<()> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        bail!("could not pin the harness to core {core}");
+    }
+    Ok(())
+}
+
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -257,6 +316,15 @@ pub(crate) fn spread(v: &[f64]) -> (f64, f64) {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (min, max)
+}
+
+/// The nearest-rank percentile `q` (0–1) of sorted values.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Appends the ratio `num / den` of two targets' figures to a report: of their medians, then

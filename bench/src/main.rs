@@ -1,6 +1,17 @@
-//! The load harness: one run measures the provider directly, nginx `proxy_pass` (one
-//! worker, upstream keepalive) and the data plane (one worker), with the same mock provider
-//! and the same load generator (wrk), interleaved over several rounds.
+//! The load harness (`aigw-bench`):
+//!
+//! - `run`: requests per second and CPU per request through nginx and the data plane,
+//!   with wrk (below);
+//! - `stream`: server-sent event streams through both, CPU per event, memory per open
+//!   stream, time to first byte, and stalled readers (see `stream_bench.rs`);
+//! - `stream-mock`: the streaming provider `stream` runs (see `sse_mock.rs`); `mock`: the
+//!   data plane's demo provider, which `run` uses;
+//! - `revocation` and `snapshot`: key propagation against a real control plane
+//!   (`keys_bench.rs`).
+//!
+//! `run` measures the provider directly, nginx `proxy_pass` (one worker, upstream
+//! keepalive) and the data plane (one worker), with the same mock provider and the same
+//! load generator (wrk), interleaved over several rounds.
 //!
 //! On two cores the load generator saturates its core first, so requests per second stop
 //! telling proxies apart; the CPU time each proxy process spends per request still does.
@@ -29,7 +40,9 @@ use clap::{Parser, Subcommand};
 mod harness;
 mod keys_bench;
 mod netio;
+mod sse_client;
 mod sse_mock;
+mod stream_bench;
 mod wrk_run;
 
 #[global_allocator]
@@ -49,6 +62,9 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// SSE streams through nginx and the data plane: CPU per event, memory per stream, time
+    /// to first byte; optionally stalled readers.
+    Stream(stream_bench::StreamOpts),
     /// Serve the streaming mock provider (SSE chat completions, paced) on one thread.
     StreamMock(sse_mock::MockOpts),
     /// Revocation propagation: from the admin call's return to every worker having applied
@@ -73,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mock { listen } => {
             dataplane::server::run_demo_provider(listen, dataplane::config::DriverChoice::Auto)
         }
+        Cmd::Stream(opts) => stream_bench::stream(&opts),
         Cmd::StreamMock(opts) => sse_mock::serve(&opts),
         Cmd::Revocation { keys, revocations } => keys_bench::revocation(keys, revocations),
         Cmd::Snapshot { keys } => keys_bench::snapshot(keys),
