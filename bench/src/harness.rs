@@ -142,17 +142,23 @@ pub(crate) fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((user as f64 / CLK_TCK, system as f64 / CLK_TCK))
 }
 
-/// User + system CPU seconds of one process (all its threads), without its children.
-pub(crate) fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// Seconds core `core` has been busy since boot (user, nice, system, irq and softirq time
+/// in `/proc/stat`; idle, iowait and steal left out), whichever process it ran.
+pub(crate) fn core_busy_seconds(core: usize) -> anyhow::Result<f64> {
     const CLK_TCK: f64 = 100.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Ok((field(11) + field(12)) as f64 / CLK_TCK)
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let name = format!("cpu{core}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .ok_or_else(|| anyhow!("no {name} in /proc/stat"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum();
+    Ok(busy as f64 / CLK_TCK)
 }
 
 /// Resident memory (VmRSS) of a process and its direct children, in KiB.

@@ -17,11 +17,16 @@
 //!   proxy adds to the direct figure;
 //! - **errors**: any status but 200, a reset, a stream cut short or without `[DONE]`; the
 //!   first few are printed with their status and body;
-//! - **proxy core busy** and **load core busy**: the CPU time of the proxy, and of the
-//!   client and the mock provider together, over the window as a share of it. Near 100% on
-//!   the proxy core the proxy is saturated (events arrive late, first bytes wait); near
-//!   100% on the load core the load side, not the proxy, sets the pace. The `direct` row
-//!   shows what the load side alone costs.
+//! - **proxy core busy**: the proxy's CPU time over the window as a share of it, and the
+//!   busy time of its core (`/proc/stat`, whoever used it). Near 100% the proxy is
+//!   saturated: events queue up, are read and written several at a time (so CPU per event
+//!   drops) and first bytes wait. When the core's figure is well above the proxy's,
+//!   something else ran there and the round says so (on a shared machine, rounds so
+//!   disturbed are worth discarding; each measurement first waits, up to two minutes, for
+//!   both cores to be quiet);
+//! - **load core busy**: the busy time of the core the client and the mock provider share.
+//!   Near 100% the load side, not the proxy, sets the pace; the `direct` row shows what the
+//!   load side alone costs.
 //!
 //! Layout as in `aigw-bench run`: the proxy under test alone on `--proxy-core` (nginx with
 //! one worker, `bench/nginx-stream.conf.in`; the data plane with one worker and its default
@@ -67,7 +72,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    cpu_seconds, free_addr, median, percentile, pin_current_thread, process_cpu_seconds,
+    core_busy_seconds, cpu_seconds, free_addr, median, percentile, pin_current_thread,
     raise_nofile_limit, round_order, rss_kib, run_dir, sibling_binary, spawn_self_on, spread,
     start_dataplane, start_nginx, wait_port, write_ratio, DataPlane, Proc,
 };
@@ -338,21 +343,28 @@ struct Snap {
     streams_ok: u64,
     errors: u64,
     proxy_cpu: Option<f64>,
-    load_cpu: f64,
     mock_cpu: f64,
+    /// Busy time of the two cores, whoever used it.
+    proxy_core: f64,
+    load_core: f64,
 }
 
 impl Snap {
-    fn take(c: &Counters, proxy: Option<u32>, mock: u32) -> anyhow::Result<Self> {
-        let mock_cpu = cpu_seconds(mock)?;
+    fn take(
+        c: &Counters,
+        opts: &StreamOpts,
+        proxy: Option<u32>,
+        mock: u32,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             at: Instant::now(),
             events: c.events.load(Ordering::Relaxed),
             streams_ok: c.streams_ok.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             proxy_cpu: proxy.map(cpu_seconds).transpose()?,
-            load_cpu: process_cpu_seconds(std::process::id())? + mock_cpu,
-            mock_cpu,
+            mock_cpu: cpu_seconds(mock)?,
+            proxy_core: core_busy_seconds(opts.proxy_core)?,
+            load_core: core_busy_seconds(opts.load_core)?,
         })
     }
 }
@@ -373,7 +385,11 @@ struct StreamSample {
     streams_ok: u64,
     errors: u64,
     /// The proxy's CPU time over the window, as a share of it.
-    proxy_core_busy: Option<f64>,
+    proxy_share: Option<f64>,
+    /// The busy time of the proxy's core over the window (the proxy's and anyone else's),
+    /// as a share of it.
+    proxy_core_busy: f64,
+    /// The same for the load core.
     load_core_busy: f64,
     mock_cpu_us_per_event: f64,
 }
@@ -393,6 +409,7 @@ impl StreamSample {
             "ttfb_count": self.ttfb_count,
             "streams_ok": self.streams_ok,
             "errors": self.errors,
+            "proxy_share": self.proxy_share,
             "proxy_core_busy": self.proxy_core_busy,
             "load_core_busy": self.load_core_busy,
             "mock_cpu_us_per_event": self.mock_cpu_us_per_event,
@@ -418,6 +435,7 @@ fn measure_stream(
     request: &Arc<Vec<u8>>,
 ) -> anyhow::Result<(StreamSample, LoadReport)> {
     let (proxy, mock) = (run.proxy_pid(), run.mock.id());
+    wait_quiet(opts)?;
     let rss_before = proxy.map(rss_kib).transpose()?;
     let load = Load::start(
         LoadSpec {
@@ -443,7 +461,7 @@ fn measure_stream(
             c.responses.load(Ordering::Relaxed)
         );
     }
-    let start = Snap::take(&c, proxy, mock)?;
+    let start = Snap::take(&c, opts, proxy, mock)?;
     let end_at = start.at + Duration::from_secs(opts.duration);
     let (mut rss, mut open) = (Vec::new(), Vec::new());
     loop {
@@ -457,7 +475,7 @@ fn measure_stream(
         }
         open.push(c.open.load(Ordering::Relaxed) as f64);
     }
-    let end = Snap::take(&c, proxy, mock)?;
+    let end = Snap::take(&c, opts, proxy, mock)?;
     let report = load.stop()?;
 
     let secs = (end.at - start.at).as_secs_f64();
@@ -489,11 +507,12 @@ fn measure_stream(
         ttfb_count: ttfb.len(),
         streams_ok: end.streams_ok - start.streams_ok,
         errors: end.errors - start.errors,
-        proxy_core_busy: start
+        proxy_share: start
             .proxy_cpu
             .zip(end.proxy_cpu)
             .map(|(a, b)| (b - a) / secs),
-        load_core_busy: (end.load_cpu - start.load_cpu) / secs,
+        proxy_core_busy: (end.proxy_core - start.proxy_core) / secs,
+        load_core_busy: (end.load_core - start.load_core) / secs,
         mock_cpu_us_per_event: per_event(start.mock_cpu, end.mock_cpu).unwrap_or(0.0),
     };
     Ok((sample, report))
@@ -503,6 +522,50 @@ fn print_errors(name: &str, report: &LoadReport) {
     for e in &report.error_samples {
         let one_line: String = e.chars().map(|c| if c == '\n' { ' ' } else { c }).collect();
         eprintln!("    {name} error: {one_line}");
+    }
+}
+
+/// A share of the proxy core used by other processes above which a round says so.
+const OTHERS_NOTED: f64 = 0.05;
+
+/// Busy share under which both cores count as quiet before a measurement.
+const QUIET: f64 = 0.10;
+/// Longest wait for quiet cores; the measurement goes ahead after it (and says so).
+const QUIET_WAIT: Duration = Duration::from_secs(120);
+
+/// Waits until both cores have been quiet for half a second: on a shared machine another
+/// process's build or test run would otherwise land in the measurement.
+fn wait_quiet(opts: &StreamOpts) -> anyhow::Result<()> {
+    let give_up = Instant::now() + QUIET_WAIT;
+    let mut said = false;
+    loop {
+        let step = Duration::from_millis(500);
+        let (p0, l0) = (
+            core_busy_seconds(opts.proxy_core)?,
+            core_busy_seconds(opts.load_core)?,
+        );
+        std::thread::sleep(step);
+        let p = (core_busy_seconds(opts.proxy_core)? - p0) / step.as_secs_f64();
+        let l = (core_busy_seconds(opts.load_core)? - l0) / step.as_secs_f64();
+        if p < QUIET && l < QUIET {
+            return Ok(());
+        }
+        if Instant::now() >= give_up {
+            eprintln!(
+                "    the cores are still busy ({:.0}% / {:.0}%); measuring anyway",
+                p * 100.0,
+                l * 100.0
+            );
+            return Ok(());
+        }
+        if !said {
+            eprintln!(
+                "    waiting for quiet cores (proxy core {:.0}%, load core {:.0}% busy)",
+                p * 100.0,
+                l * 100.0
+            );
+            said = true;
+        }
     }
 }
 
@@ -544,7 +607,7 @@ fn run_stream_rounds(
             let (s, report) = measure_stream(opts, &t.name, &run, &request)?;
             drop(run);
             eprintln!(
-                "round {} {:>9}: {:>8.0} events/s  CPU/event {}µs  {} KiB/stream  TTFB p50 {:.0}µs p99 {:.0}µs  ok {} errors {}  open {:.0}  proxy core {}%  load core {:.0}%",
+                "round {} {:>9}: {:>8.0} events/s  CPU/event {}µs  {} KiB/stream  TTFB p50 {:.0}µs p99 {:.0}µs  ok {} errors {}  open {:.0}  proxy core {:.0}% (proxy {}%)  load core {:.0}%",
                 round + 1,
                 t.name,
                 s.events_per_s,
@@ -555,9 +618,17 @@ fn run_stream_rounds(
                 s.streams_ok,
                 s.errors,
                 s.open_mean,
-                opt_fmt(s.proxy_core_busy.map(|b| b * 100.0), 0),
+                s.proxy_core_busy * 100.0,
+                opt_fmt(s.proxy_share.map(|b| b * 100.0), 0),
                 s.load_core_busy * 100.0
             );
+            let others = s.proxy_core_busy - s.proxy_share.unwrap_or(0.0);
+            if others > OTHERS_NOTED {
+                eprintln!(
+                    "    note: something else used {:.0}% of the proxy core in this window",
+                    others * 100.0
+                );
+            }
             print_errors(&t.name, &report);
             samples[i].push(s);
         }
@@ -589,7 +660,7 @@ fn stream_report(opts: &StreamOpts, targets: &[Target], samples: &[Vec<StreamSam
     );
     let _ = writeln!(
         r,
-        "| target | events/s | CPU µs/event | KiB/stream | TTFB p50 µs | TTFB p99 µs | TTFB over direct p50 / p99 µs | streams ok | errors | proxy core busy | load core busy |"
+        "| target | events/s | CPU µs/event | KiB/stream | TTFB p50 µs | TTFB p99 µs | TTFB over direct p50 / p99 µs | streams ok | errors | proxy core busy: proxy / all | load core busy |"
     );
     let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|");
     let med = |s: &[StreamSample], f: fn(&StreamSample) -> f64| {
@@ -608,15 +679,17 @@ fn stream_report(opts: &StreamOpts, targets: &[Target], samples: &[Vec<StreamSam
         } else {
             "–".into()
         };
-        let proxy_busy = cell(
-            s.iter()
-                .filter_map(|x| x.proxy_core_busy.map(|b| b * 100.0)),
-            0,
-        );
+        let mut proxy_share: Vec<f64> = s.iter().filter_map(|x| x.proxy_share).collect();
+        let proxy_share = if proxy_share.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.0}%", median(&mut proxy_share) * 100.0)
+        };
+        let core_busy = med(s, |x| x.proxy_core_busy * 100.0);
         let load_busy = med(s, |x| x.load_core_busy * 100.0);
         let _ = writeln!(
             r,
-            "| {} | {rate} | {cpu} | {mem} | {p50:.0} | {p99:.0} | {over} | {} | {} | {proxy_busy} | {load_busy:.0}% |",
+            "| {} | {rate} | {cpu} | {mem} | {p50:.0} | {p99:.0} | {over} | {} | {} | {proxy_share} / {core_busy:.0}% | {load_busy:.0}% |",
             t.name,
             s.iter().map(|x| x.streams_ok).sum::<u64>(),
             s.iter().map(|x| x.errors).sum::<u64>(),
@@ -674,6 +747,7 @@ fn measure_stall(
     request: &Arc<Vec<u8>>,
 ) -> anyhow::Result<(StallSample, LoadReport)> {
     let pid = run.rss_pid();
+    wait_quiet(opts)?;
     let before = rss_kib(pid)?;
     let load = Load::start(
         LoadSpec {
