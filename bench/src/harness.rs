@@ -161,6 +161,15 @@ pub(crate) fn core_busy_seconds(core: usize) -> anyhow::Result<f64> {
     Ok(busy as f64 / CLK_TCK)
 }
 
+/// The process id of the kernel thread named `name` (such as `ksoftirqd/0`), if any.
+pub(crate) fn kernel_thread(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
+}
+
 /// Resident memory (VmRSS) of a process and its direct children, in KiB.
 pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let mut total = 0;

@@ -137,6 +137,15 @@ impl Shared {
         self.counters.stop.load(Ordering::Relaxed)
     }
 
+    /// Bytes asked for per read: stalled readers read no more than the head and the first
+    /// few bytes after it.
+    fn read_size(&self) -> usize {
+        match self.spec.mode {
+            Mode::Stream => READ_BUF,
+            Mode::Stall => STALL_READ,
+        }
+    }
+
     fn error(&self, what: impl FnOnce() -> String) {
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
         let mut r = self.report.borrow_mut();
@@ -189,7 +198,7 @@ async fn connection(i: usize, s: &Shared) {
                         // receiving as soon as they stop reading.
                         stream.enable_multishot_recv();
                     }
-                    Conn::new(stream, READ_BUF)
+                    Conn::new(stream, s.read_size())
                 }
                 Err(e) => {
                     s.error(|| format!("connect: {e}"));
@@ -217,7 +226,7 @@ async fn connection(i: usize, s: &Shared) {
 
 /// Bytes read at a time.
 const READ_BUF: usize = 16 * 1024;
-/// In [`Mode::Stall`], the most bytes read after the response head.
+/// Bytes read at a time in [`Mode::Stall`].
 const STALL_READ: usize = 512;
 
 /// Whether a connection may carry the next request.
@@ -287,7 +296,7 @@ impl Drop for Open<'_> {
 
 /// Reads more into `c.buf`, within the read timeout: `Ok(0)` at end of stream.
 async fn read_some(c: &mut Conn, s: &Shared) -> io::Result<usize> {
-    match monoio::time::timeout(s.spec.read_timeout, c.fill(READ_BUF)).await {
+    match monoio::time::timeout(s.spec.read_timeout, c.fill(s.read_size())).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out")),
     }

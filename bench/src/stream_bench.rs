@@ -6,9 +6,11 @@
 //! requests per second but CPU time per relayed event and memory per open stream, and both
 //! decide how many concurrent streams a core can carry. The harness measures:
 //!
-//! - **events/s** delivered to the clients, and **CPU µs per event** of the proxy process
-//!   (user + system time from `/proc/<pid>/stat` over the measurement window, divided by the
-//!   `data:` events the clients received in it, `[DONE]` included);
+//! - **events/s** delivered to the clients, and **CPU µs per event** of the proxy: user +
+//!   system time from `/proc/<pid>/stat` over the measurement window, of the proxy process
+//!   and of the kernel's softirq thread on its core (`ksoftirqd/N`: network work the kernel
+//!   defers there is the proxy's traffic; the per-round lines show its share), divided by
+//!   the `data:` events the clients received in the window, `[DONE]` included;
 //! - **KiB per open stream**: the proxy's VmRSS sampled through the window (all streams
 //!   open; the median of the samples) minus its VmRSS just before the load started,
 //!   divided by the number of streams;
@@ -17,8 +19,8 @@
 //!   proxy adds to the direct figure;
 //! - **errors**: any status but 200, a reset, a stream cut short or without `[DONE]`; the
 //!   first few are printed with their status and body;
-//! - **proxy core busy**: the proxy's CPU time over the window as a share of it, and the
-//!   busy time of its core (`/proc/stat`, whoever used it). Near 100% the proxy is
+//! - **proxy core busy**: the proxy's CPU time (softirq thread included) over the window as
+//!   a share of it, and the busy time of its core (`/proc/stat`, whoever used it). Near 100% the proxy is
 //!   saturated: events queue up, are read and written several at a time (so CPU per event
 //!   drops) and first bytes wait. When the core's figure is well above the proxy's,
 //!   something else ran there and the round says so (on a shared machine, rounds so
@@ -73,9 +75,9 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    core_busy_seconds, cpu_seconds, free_addr, median, percentile, pin_current_thread,
-    raise_nofile_limit, round_order, rss_kib, run_dir, sibling_binary, spawn_self_on, spread,
-    start_dataplane, start_nginx, wait_port, write_ratio, DataPlane, Proc,
+    core_busy_seconds, cpu_seconds, free_addr, kernel_thread, median, percentile,
+    pin_current_thread, raise_nofile_limit, round_order, rss_kib, run_dir, sibling_binary,
+    spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio, DataPlane, Proc,
 };
 use crate::sse_client::{Counters, Load, LoadReport, LoadSpec, Mode};
 use crate::sse_mock::ECHO_MODEL_PREFIX;
@@ -270,7 +272,7 @@ fn launch(opts: &StreamOpts, dir: &Path, t: &Target) -> anyhow::Result<Running> 
     };
     let running = Running { proxy, mock, addr };
     wait_port(addr).with_context(|| format!("{} did not start", t.name))?;
-    probe(&t.name, addr, !opts.no_usage, opts.events)?;
+    probe(&t.name, addr, opts)?;
     Ok(running)
 }
 
@@ -310,8 +312,8 @@ fn prose(bytes: usize) -> String {
 
 /// One stream through `addr`, read to its end, to check the target relays streams before
 /// loading it.
-fn probe(name: &str, addr: SocketAddr, include_usage: bool, events: usize) -> anyhow::Result<()> {
-    let req = chat_request("bench-model", "probe", include_usage, true);
+fn probe(name: &str, addr: SocketAddr, opts: &StreamOpts) -> anyhow::Result<()> {
+    let req = chat_request("bench-model", "probe", !opts.no_usage, true);
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.write_all(&req)?;
@@ -331,7 +333,7 @@ fn probe(name: &str, addr: SocketAddr, include_usage: bool, events: usize) -> an
     decoder
         .decode(body.as_bytes(), |d| sse.feed(d))
         .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    let want = (events + 3 + usize::from(include_usage)) as u64;
+    let want = opts.events_per_stream() as u64;
     if !decoder.is_done() || !sse.done || sse.events != want {
         bail!(
             "{name} relayed {} of {want} events (complete: {}, [DONE]: {}):\n{text}",
@@ -351,6 +353,8 @@ struct Snap {
     streams_ok: u64,
     errors: u64,
     proxy_cpu: Option<f64>,
+    /// The kernel's softirq thread on the proxy core.
+    softirqd_cpu: f64,
     mock_cpu: f64,
     /// Busy time of the two cores, whoever used it.
     proxy_core: f64,
@@ -362,6 +366,7 @@ impl Snap {
         c: &Counters,
         opts: &StreamOpts,
         proxy: Option<u32>,
+        softirqd: Option<u32>,
         mock: u32,
     ) -> anyhow::Result<Self> {
         Ok(Self {
@@ -370,6 +375,7 @@ impl Snap {
             streams_ok: c.streams_ok.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             proxy_cpu: proxy.map(cpu_seconds).transpose()?,
+            softirqd_cpu: softirqd.map(cpu_seconds).transpose()?.unwrap_or(0.0),
             mock_cpu: cpu_seconds(mock)?,
             proxy_core: core_busy_seconds(opts.proxy_core)?,
             load_core: core_busy_seconds(opts.load_core)?,
@@ -392,8 +398,12 @@ struct StreamSample {
     ttfb_count: usize,
     streams_ok: u64,
     errors: u64,
-    /// The proxy's CPU time over the window, as a share of it.
+    /// The proxy process's CPU time over the window, as a share of it.
     proxy_share: Option<f64>,
+    /// The same for the kernel's softirq thread on the proxy core.
+    softirqd_share: f64,
+    /// The proxy process's own CPU per event, without the softirq thread's.
+    process_us_per_event: Option<f64>,
     /// The busy time of the proxy's core over the window (the proxy's and anyone else's),
     /// as a share of it.
     proxy_core_busy: f64,
@@ -420,6 +430,8 @@ impl StreamSample {
             "streams_ok": self.streams_ok,
             "errors": self.errors,
             "proxy_share": self.proxy_share,
+            "softirqd_share": self.softirqd_share,
+            "proxy_process_cpu_us_per_event": self.process_us_per_event,
             "proxy_core_busy": self.proxy_core_busy,
             "load_core_busy": self.load_core_busy,
             "mock_cpu_us_per_event": self.mock_cpu_us_per_event,
@@ -472,7 +484,8 @@ fn measure_stream(
             c.responses.load(Ordering::Relaxed)
         );
     }
-    let start = Snap::take(&c, opts, proxy, mock)?;
+    let softirqd = kernel_thread(&format!("ksoftirqd/{}", opts.proxy_core));
+    let start = Snap::take(&c, opts, proxy, softirqd, mock)?;
     let end_at = start.at + Duration::from_secs(opts.duration);
     let (mut rss, mut open) = (Vec::new(), Vec::new());
     loop {
@@ -486,7 +499,7 @@ fn measure_stream(
         }
         open.push(c.open.load(Ordering::Relaxed) as f64);
     }
-    let end = Snap::take(&c, opts, proxy, mock)?;
+    let end = Snap::take(&c, opts, proxy, softirqd, mock)?;
     let report = load.stop()?;
 
     let secs = (end.at - start.at).as_secs_f64();
@@ -506,6 +519,10 @@ fn measure_stream(
         cpu_us_per_event: start
             .proxy_cpu
             .zip(end.proxy_cpu)
+            .and_then(|(a, b)| per_event(a + start.softirqd_cpu, b + end.softirqd_cpu)),
+        process_us_per_event: start
+            .proxy_cpu
+            .zip(end.proxy_cpu)
             .and_then(|(a, b)| per_event(a, b)),
         kib_per_stream: rss_before
             .zip(rss_loaded)
@@ -522,6 +539,7 @@ fn measure_stream(
             .proxy_cpu
             .zip(end.proxy_cpu)
             .map(|(a, b)| (b - a) / secs),
+        softirqd_share: (end.softirqd_cpu - start.softirqd_cpu) / secs,
         proxy_core_busy: (end.proxy_core - start.proxy_core) / secs,
         load_core_busy: (end.load_core - start.load_core) / secs,
         mock_cpu_us_per_event: per_event(start.mock_cpu, end.mock_cpu).unwrap_or(0.0),
@@ -633,7 +651,7 @@ fn stream_round(
         let (mut s, report) = measure_stream(opts, &t.name, &run, request)?;
         drop(run);
         eprintln!(
-            "round {} {:>9}: {:>8.0} events/s  CPU/event {}µs  {} KiB/stream  TTFB p50 {:.0}µs p99 {:.0}µs  ok {} errors {}  open {:.0}  proxy core {:.0}% (proxy {}%)  load core {:.0}%",
+            "round {} {:>9}: {:>8.0} events/s  CPU/event {}µs  {} KiB/stream  TTFB p50 {:.0}µs p99 {:.0}µs  ok {} errors {}  open {:.0}  proxy core {:.0}% (proxy {}%, softirq thread {:.0}%)  load core {:.0}%",
             round + 1,
             t.name,
             s.events_per_s,
@@ -646,6 +664,7 @@ fn stream_round(
             s.open_mean,
             s.proxy_core_busy * 100.0,
             opt_fmt(s.proxy_share.map(|b| b * 100.0), 0),
+            s.softirqd_share * 100.0,
             s.load_core_busy * 100.0
         );
         print_errors(&t.name, &report);
@@ -653,7 +672,7 @@ fn stream_round(
         let Some(share) = s.proxy_share else {
             return Ok(s);
         };
-        let others = s.proxy_core_busy - share;
+        let others = s.proxy_core_busy - share - s.softirqd_share;
         if others <= OTHERS_NOTED {
             return Ok(s);
         }
@@ -716,7 +735,10 @@ fn stream_report(opts: &StreamOpts, targets: &[Target], samples: &[Vec<StreamSam
         } else {
             "–".into()
         };
-        let mut proxy_share: Vec<f64> = s.iter().filter_map(|x| x.proxy_share).collect();
+        let mut proxy_share: Vec<f64> = s
+            .iter()
+            .filter_map(|x| Some(x.proxy_share? + x.softirqd_share))
+            .collect();
         let proxy_share = if proxy_share.is_empty() {
             "–".to_string()
         } else {
