@@ -142,6 +142,19 @@ pub(crate) fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((user as f64 / CLK_TCK, system as f64 / CLK_TCK))
 }
 
+/// User + system CPU seconds of one process (all its threads), without its children.
+pub(crate) fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    const CLK_TCK: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok((field(11) + field(12)) as f64 / CLK_TCK)
+}
+
 /// Seconds core `core` has been busy since boot (user, nice, system, irq and softirq time
 /// in `/proc/stat`; idle, iowait and steal left out), whichever process it ran.
 pub(crate) fn core_busy_seconds(core: usize) -> anyhow::Result<f64> {
@@ -234,6 +247,8 @@ pub(crate) struct DataPlane<'a> {
     pub(crate) binary: &'a Path,
     /// Extra `key = value` lines for the provider's `[[upstreams]]` entry.
     pub(crate) upstream_extra: &'a str,
+    /// Extra environment variables for the process.
+    pub(crate) env: &'a [(String, String)],
 }
 
 /// A data plane on `core` with one worker, the provider at `upstream` as its only upstream
@@ -277,6 +292,7 @@ targets = [{{ upstream = "provider" }}]
         .arg("--config")
         .arg(&path)
         .env("AIGW_BENCH_PROVIDER_KEY", "sk-provider-credential")
+        .envs(dp.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{}.log", dp.name)))?)
         .spawn()

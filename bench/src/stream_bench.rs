@@ -13,23 +13,28 @@
 //!   the `data:` events the clients received in the window, `[DONE]` included;
 //! - **KiB per open stream**: the proxy's VmRSS sampled through the window (all streams
 //!   open; the median of the samples) minus its VmRSS just before the load started,
-//!   divided by the number of streams;
+//!   divided by the number of streams. Resident memory, not bytes allocated: a heap backed
+//!   by transparent huge pages (mimalloc's, in the data plane) grows in 2 MiB steps, so
+//!   with few streams the figure moves in steps of 2 MiB divided by their number
+//!   (`--dp-env MIMALLOC_ALLOW_THP=0` shows the data plane without them);
 //! - **time to first byte** (from the request's last byte written to the first byte of the
 //!   response body), p50 and p99 over the streams started in the window, and how much the
 //!   proxy adds to the direct figure;
 //! - **errors**: any status but 200, a reset, a stream cut short or without `[DONE]`; the
 //!   first few are printed with their status and body;
 //! - **proxy core busy**: the proxy's CPU time (softirq thread included) over the window as
-//!   a share of it, and the busy time of its core (`/proc/stat`, whoever used it). Near 100% the proxy is
-//!   saturated: events queue up, are read and written several at a time (so CPU per event
-//!   drops) and first bytes wait. When the core's figure is well above the proxy's,
-//!   something else ran there and the round says so (on a shared machine, rounds so
-//!   disturbed are worth discarding: each measurement first waits, `--quiet-wait` seconds
-//!   at most, for both cores to be quiet, and one during which other processes used more
-//!   than 5% of the proxy core is taken again, up to `--retries` times);
+//!   a share of it, and the busy time of its core (`/proc/stat`, whoever used it). Near
+//!   100% the proxy is saturated: events queue up, are read and written several at a time
+//!   (so CPU per event drops) and first bytes wait;
 //! - **load core busy**: the busy time of the core the client and the mock provider share.
 //!   Near 100% the load side, not the proxy, sets the pace; the `direct` row shows what the
 //!   load side alone costs.
+//!
+//! On a shared machine other processes land on the cores. Each measurement first waits,
+//! `--quiet-wait` seconds at most, for both cores to be quiet; one during which other
+//! processes used more than 5% of a core (its busy time in `/proc/stat` beyond what the
+//! proxy, respectively the client, the mock and the softirq thread, used) is taken again,
+//! up to `--retries` times, and one kept anyway is counted under the report.
 //!
 //! Layout as in `aigw-bench run`: the proxy under test alone on `--proxy-core` (nginx with
 //! one worker, `bench/nginx-stream.conf.in`; the data plane with one worker and its default
@@ -76,8 +81,9 @@ use serde_json::{json, Value};
 
 use crate::harness::{
     core_busy_seconds, cpu_seconds, free_addr, kernel_thread, median, percentile,
-    pin_current_thread, raise_nofile_limit, round_order, rss_kib, run_dir, sibling_binary,
-    spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio, DataPlane, Proc,
+    pin_current_thread, process_cpu_seconds, raise_nofile_limit, round_order, rss_kib, run_dir,
+    sibling_binary, spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio,
+    DataPlane, Proc,
 };
 use crate::sse_client::{Counters, Load, LoadReport, LoadSpec, Mode};
 use crate::sse_mock::ECHO_MODEL_PREFIX;
@@ -113,6 +119,11 @@ pub(crate) struct StreamOpts {
     /// configuration, to compare two builds.
     #[arg(long)]
     baseline_dataplane: Option<PathBuf>,
+    /// An environment variable for the data plane processes, `NAME=VALUE` (repeatable): to
+    /// compare allocator or I/O driver settings, such as `MIMALLOC_ALLOW_THP=0` or
+    /// `MONOIO_FORCE_LEGACY_DRIVER=1`.
+    #[arg(long, value_parser = parse_env)]
+    dp_env: Vec<(String, String)>,
     /// Requests without `stream_options.include_usage` (no usage chunk, no `"usage":null`).
     #[arg(long)]
     no_usage: bool,
@@ -136,6 +147,13 @@ pub(crate) struct StreamOpts {
     /// Also write the raw figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}`: expected NAME=VALUE"))
 }
 
 impl StreamOpts {
@@ -265,6 +283,7 @@ fn launch(opts: &StreamOpts, dir: &Path, t: &Target) -> anyhow::Result<Running> 
                 name: &t.name,
                 binary,
                 upstream_extra: &upstream_extra,
+                env: &opts.dp_env,
             };
             let p = start_dataplane(&dp, opts.proxy_core, dir, addr, mock_addr)?;
             (Some(p), addr)
@@ -356,6 +375,9 @@ struct Snap {
     /// The kernel's softirq thread on the proxy core.
     softirqd_cpu: f64,
     mock_cpu: f64,
+    /// The load side: this process (the client), the mock provider and the kernel's softirq
+    /// thread on the load core.
+    load_cpu: f64,
     /// Busy time of the two cores, whoever used it.
     proxy_core: f64,
     load_core: f64,
@@ -366,17 +388,24 @@ impl Snap {
         c: &Counters,
         opts: &StreamOpts,
         proxy: Option<u32>,
-        softirqd: Option<u32>,
+        softirqd: [Option<u32>; 2],
         mock: u32,
     ) -> anyhow::Result<Self> {
+        let thread_cpu = |pid: Option<u32>| -> anyhow::Result<f64> {
+            Ok(pid.map(cpu_seconds).transpose()?.unwrap_or(0.0))
+        };
+        let mock_cpu = cpu_seconds(mock)?;
         Ok(Self {
             at: Instant::now(),
             events: c.events.load(Ordering::Relaxed),
             streams_ok: c.streams_ok.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             proxy_cpu: proxy.map(cpu_seconds).transpose()?,
-            softirqd_cpu: softirqd.map(cpu_seconds).transpose()?.unwrap_or(0.0),
-            mock_cpu: cpu_seconds(mock)?,
+            softirqd_cpu: thread_cpu(softirqd[0])?,
+            mock_cpu,
+            load_cpu: process_cpu_seconds(std::process::id())?
+                + mock_cpu
+                + thread_cpu(softirqd[1])?,
             proxy_core: core_busy_seconds(opts.proxy_core)?,
             load_core: core_busy_seconds(opts.load_core)?,
         })
@@ -409,12 +438,26 @@ struct StreamSample {
     proxy_core_busy: f64,
     /// The same for the load core.
     load_core_busy: f64,
+    /// The load side's CPU time over the window (client, mock provider, softirq thread on
+    /// the load core), as a share of it.
+    load_share: f64,
     mock_cpu_us_per_event: f64,
     /// Other processes used the proxy core during the window, in every attempt.
     disturbed: bool,
 }
 
 impl StreamSample {
+    /// The larger share of a core that processes other than the proxy (on its core) or the
+    /// load side (on the load core) used in the window. The provider directly leaves the
+    /// proxy core idle: whoever used it then did not disturb.
+    fn others(&self) -> f64 {
+        let load = self.load_core_busy - self.load_share;
+        match self.proxy_share {
+            Some(p) => load.max(self.proxy_core_busy - p - self.softirqd_share),
+            None => load,
+        }
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "events": self.events,
@@ -434,6 +477,7 @@ impl StreamSample {
             "proxy_process_cpu_us_per_event": self.process_us_per_event,
             "proxy_core_busy": self.proxy_core_busy,
             "load_core_busy": self.load_core_busy,
+            "load_share": self.load_share,
             "mock_cpu_us_per_event": self.mock_cpu_us_per_event,
             "disturbed": self.disturbed,
         })
@@ -484,7 +528,8 @@ fn measure_stream(
             c.responses.load(Ordering::Relaxed)
         );
     }
-    let softirqd = kernel_thread(&format!("ksoftirqd/{}", opts.proxy_core));
+    let softirqd =
+        [opts.proxy_core, opts.load_core].map(|c| kernel_thread(&format!("ksoftirqd/{c}")));
     let start = Snap::take(&c, opts, proxy, softirqd, mock)?;
     let end_at = start.at + Duration::from_secs(opts.duration);
     let (mut rss, mut open) = (Vec::new(), Vec::new());
@@ -542,6 +587,7 @@ fn measure_stream(
         softirqd_share: (end.softirqd_cpu - start.softirqd_cpu) / secs,
         proxy_core_busy: (end.proxy_core - start.proxy_core) / secs,
         load_core_busy: (end.load_core - start.load_core) / secs,
+        load_share: (end.load_cpu - start.load_cpu) / secs,
         mock_cpu_us_per_event: per_event(start.mock_cpu, end.mock_cpu).unwrap_or(0.0),
         disturbed: false,
     };
@@ -668,24 +714,20 @@ fn stream_round(
             s.load_core_busy * 100.0
         );
         print_errors(&t.name, &report);
-        // The provider directly leaves the proxy core idle: whoever used it did not disturb.
-        let Some(share) = s.proxy_share else {
-            return Ok(s);
-        };
-        let others = s.proxy_core_busy - share - s.softirqd_share;
+        let others = s.others();
         if others <= OTHERS_NOTED {
             return Ok(s);
         }
         if repeats >= opts.retries {
             eprintln!(
-                "    note: something else used {:.0}% of the proxy core in this window (kept)",
+                "    note: other processes used {:.0}% of a core in this window (kept)",
                 others * 100.0
             );
             s.disturbed = true;
             return Ok(s);
         }
         eprintln!(
-            "    something else used {:.0}% of the proxy core in this window: measuring again",
+            "    other processes used {:.0}% of a core in this window: measuring again",
             others * 100.0
         );
         repeats += 1;

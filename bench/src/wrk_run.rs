@@ -162,6 +162,7 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
             name,
             binary,
             upstream_extra: "",
+            env: &[],
         };
         let p = start_dataplane(&dp, opts.proxy_core, &dir, addr, mock_addr)?;
         targets.push((name, addr, Some(p.id())));
