@@ -190,16 +190,7 @@ async fn connection(i: usize, s: &Shared) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match TcpStream::connect_addr(spec.target).await {
-                Ok(mut stream) => {
-                    if spec.mode == Mode::Stream {
-                        // One receive stays armed for the connection's life (io_uring; a
-                        // no-op on epoll), as the data plane does: a stream is many small
-                        // reads. Stalled readers keep single reads, so the kernel stops
-                        // receiving as soon as they stop reading.
-                        stream.enable_multishot_recv();
-                    }
-                    Conn::new(stream, s.read_size())
-                }
+                Ok(stream) => Conn::new(stream, s.read_size()),
                 Err(e) => {
                     s.error(|| format!("connect: {e}"));
                     monoio::time::sleep(spec.error_pause).await;

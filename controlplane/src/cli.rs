@@ -353,6 +353,28 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: i64,
     },
+    /// A tenant's usage over whole UTC days: requests, errors, tokens, cost, latency and
+    /// time-to-first-byte percentiles.
+    Usage {
+        #[arg(long)]
+        tenant: String,
+        /// First UTC day, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last UTC day, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by: day, key, model, sub_account (comma-separated, or repeated).
+        #[arg(long = "group-by", value_delimiter = ',')]
+        group_by: Vec<UsageDim>,
+        /// Only this sub-account and those under it.
+        #[arg(long)]
+        sub_account: Option<String>,
+        #[arg(long)]
+        key_id: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// The newest configuration revision.
     Revision,
     /// Delete all but the newest --keep changelog entries (nodes further behind get a
@@ -361,6 +383,39 @@ pub enum Command {
         #[arg(long)]
         keep: u64,
     },
+}
+
+/// What usage can be grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageDim {
+    Day,
+    Key,
+    Model,
+    SubAccount,
+}
+
+impl UsageDim {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Key => "key",
+            Self::Model => "model",
+            Self::SubAccount => "sub_account",
+        }
+    }
+}
+
+/// A query-string value, percent-encoded (model names hold `/` and `:`).
+fn query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The API call a command makes.
@@ -575,6 +630,38 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             format!("/v1/audit?after={after}&limit={limit}"),
             None,
         ),
+        Command::Usage {
+            tenant,
+            from,
+            to,
+            group_by,
+            sub_account,
+            key_id,
+            model,
+        } => {
+            let mut query = Vec::new();
+            let group_by: Vec<&str> = group_by.iter().map(|d| d.name()).collect();
+            if !group_by.is_empty() {
+                query.push(format!("group_by={}", group_by.join(",")));
+            }
+            for (name, v) in [
+                ("from", from),
+                ("to", to),
+                ("sub_account", sub_account),
+                ("key_id", key_id),
+                ("model", model),
+            ] {
+                if let Some(v) = v {
+                    query.push(format!("{name}={}", query_value(&v)));
+                }
+            }
+            let q = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            ("GET", format!("/v1/tenants/{tenant}/usage{q}"), None)
+        }
         Command::Revision => ("GET", "/v1/revision".into(), None),
         Command::Compact { keep } => (
             "POST",

@@ -636,6 +636,26 @@ where
                     sent = acked;
                 }
                 Message::Heartbeat { .. } => {}
+                Message::UsageReport { boot_epoch, seq, entries, .. } => {
+                    // Counted under the node this link authenticated, whatever the report
+                    // says; acknowledged once stored (or recognised as stored before).
+                    let store = Arc::clone(&store);
+                    let (id, report_scope) = (node.to_string(), scope.clone());
+                    let stored = tokio::task::spawn_blocking(move || {
+                        store.record_usage(&id, &report_scope, boot_epoch, seq, &entries)
+                    })
+                    .await;
+                    match stored {
+                        Ok(Ok(fresh)) => {
+                            if !fresh {
+                                tracing::debug!(node, boot_epoch, seq, "usage report already stored");
+                            }
+                            conn.send(&Message::UsageAck { boot_epoch, seq }).await?;
+                        }
+                        Ok(Err(e)) => tracing::error!(node, boot_epoch, seq, error = %e, "cannot store a usage report; the node keeps it"),
+                        Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing a usage report failed; the node keeps it"),
+                    }
+                }
                 other => tracing::debug!(node, ?other, "ignoring message"),
             }
             }

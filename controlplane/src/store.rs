@@ -13,6 +13,7 @@
 
 mod nodes;
 mod routing;
+mod usage;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -28,6 +29,9 @@ pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
 pub use routing::{
     Deleted, NonRetention, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream,
     UpstreamSpec, Written, NAME_RULE,
+};
+pub use usage::{
+    day_name, parse_day, Dim, UsageQuery, UsageRow, MAX_QUERY_DAYS, REPORT_MEMORY_DAYS,
 };
 
 /// Migrations, applied in order; the index + 1 is the schema version.
@@ -152,6 +156,36 @@ CREATE TABLE node_enrollments (
     expires_at INTEGER NOT NULL,
     used_at INTEGER NOT NULL
 );
+"#,
+    r#"
+CREATE TABLE usage_reports (
+    node_id TEXT NOT NULL,
+    boot_epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (node_id, boot_epoch, seq)
+) WITHOUT ROWID;
+CREATE INDEX usage_reports_received ON usage_reports(received_at);
+CREATE TABLE usage_daily (
+    day INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    sub_account_id TEXT,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    estimated_requests INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    latency BLOB NOT NULL,
+    ttfb BLOB NOT NULL,
+    PRIMARY KEY (day, key_id, model)
+);
+CREATE INDEX usage_daily_tenant ON usage_daily(tenant_id, day);
 "#,
 ];
 
@@ -977,10 +1011,10 @@ fn audit(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn actor() -> Actor {
+    pub(crate) fn actor() -> Actor {
         Actor {
             principal: "admin".into(),
             source: "127.0.0.1".into(),
@@ -988,11 +1022,11 @@ mod tests {
     }
 
     /// A fixed key, so a store can be reopened with it.
-    pub(super) fn kek() -> Kek {
+    pub(crate) fn kek() -> Kek {
         Kek::from_hex(&"ab".repeat(32)).expect("hex")
     }
 
-    pub(super) fn temp() -> std::path::PathBuf {
+    pub(crate) fn temp() -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!(
             "aigw-store-{}-{}",
             std::process::id(),

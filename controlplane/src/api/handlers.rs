@@ -3,13 +3,13 @@
 use std::sync::Arc;
 
 use aigw_wire::keys::Environment;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, ApiJson, AppState, Principal};
+use super::{ApiError, ApiJson, ApiQuery, AppState, Principal};
 use crate::keys::{mint, random_id};
 use crate::store::{NewKey, Store};
 
@@ -259,6 +259,7 @@ pub(super) async fn rotate_key(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct AuditQuery {
     #[serde(default)]
     pub(super) after: i64,
@@ -267,11 +268,79 @@ pub(super) struct AuditQuery {
 
 pub(super) async fn audit(
     State(s): State<Arc<AppState>>,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<Value>> {
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let records = blocking(&s, move |st| st.audit(q.after, limit)).await?;
     Ok(Json(json!({"data": records})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsageParams {
+    /// First and last UTC day, `YYYY-MM-DD`; both default to today.
+    from: Option<String>,
+    to: Option<String>,
+    /// Comma-separated: day, key, model, sub_account.
+    group_by: Option<String>,
+    sub_account: Option<String>,
+    key_id: Option<String>,
+    model: Option<String>,
+}
+
+/// A tenant's usage: requests, errors, tokens by kind, cost, latency and time-to-first-byte
+/// percentiles, over whole UTC days, grouped as asked. A sub-account's covers its subtree.
+pub(super) async fn usage(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+    ApiQuery(q): ApiQuery<UsageParams>,
+) -> Result<Json<Value>> {
+    use crate::store::{parse_day, Dim, UsageQuery};
+    let today = crate::store::now().max(0) as u64 / 86_400;
+    let day = |field: &str, v: &Option<String>| -> Result<u64> {
+        match v {
+            None => Ok(today),
+            Some(v) => parse_day(v).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("{field}: {v:?} is not a date (YYYY-MM-DD)"),
+                )
+            }),
+        }
+    };
+    let (from_day, to_day) = (day("from", &q.from)?, day("to", &q.to)?);
+    let mut group_by = Vec::new();
+    for name in q
+        .group_by
+        .iter()
+        .flat_map(|g| g.split(','))
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
+        let d = Dim::parse(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("group_by: {name:?} is not one of day, key, model, sub_account"),
+            )
+        })?;
+        if !group_by.contains(&d) {
+            group_by.push(d);
+        }
+    }
+    let query = UsageQuery {
+        from_day,
+        to_day,
+        group_by,
+        sub_account: q.sub_account,
+        key_id: q.key_id,
+        model: q.model,
+    };
+    let from = crate::store::day_name(from_day);
+    let to = crate::store::day_name(to_day);
+    let rows = blocking(&s, move |st| st.usage(&tenant_id, &query)).await?;
+    Ok(Json(json!({"from": from, "to": to, "data": rows})))
 }
 
 pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {

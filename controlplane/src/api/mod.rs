@@ -50,6 +50,7 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/keys/{key_id}/revoke", post(handlers::revoke_key)),
         ("/v1/keys/{key_id}/rotate", post(handlers::rotate_key)),
         ("/v1/audit", get(handlers::audit)),
+        ("/v1/tenants/{tenant_id}/usage", get(handlers::usage)),
         ("/v1/revision", get(handlers::revision)),
         ("/v1/nodes", get(nodes::list).post(nodes::add)),
         ("/v1/nodes/{node_id}", get(nodes::get)),
@@ -157,6 +158,31 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// A query string whose rejection (a malformed value, an unknown parameter) answers in our
+/// error shape, naming the parameter.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
             Err(e) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid",

@@ -59,6 +59,7 @@ pub fn document() -> Value {
                 "post": op("Issue a replacement; the old key works until the grace period ends", Some("RotateKey"), "201")
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
+            "/v1/tenants/{tenant_id}/usage": {"get": op("A tenant's usage over whole UTC days: requests, errors, tokens by kind, cost, latency and time-to-first-byte percentiles (query: from, to as YYYY-MM-DD, default today; group_by: comma-separated day, key, model, sub_account; filters sub_account (its subtree), key_id, model)", None, "200")},
             "/v1/revision": {"get": op("The newest configuration revision", None, "200")},
             "/v1/nodes": {
                 "get": op("Registered nodes: scope, enrolment, connection, applied revision, records they cannot apply", None, "200"),

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod messages;
 pub mod routing;
 pub mod rules;
+pub mod sketch;
 
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
@@ -244,19 +245,59 @@ mod tests {
                 any::<u64>(),
                 proptest::collection::vec(
                     (
-                        "[a-z0-9]{1,10}",
-                        "[a-z0-9-]{1,10}",
-                        any::<u64>(),
-                        any::<u64>(),
-                        any::<u64>()
+                        (
+                            "[a-z0-9]{1,10}",
+                            "[a-z0-9-]{1,10}",
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>()
+                        ),
+                        (
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>(),
+                            any::<u64>()
+                        ),
+                        proptest::collection::vec(0u64..100_000_000, 0..20),
                     )
                         .prop_map(
-                            |(key_id, model, requests, input_tokens, output_tokens)| UsageEntry {
-                                key_id,
-                                model,
-                                requests,
-                                input_tokens,
-                                output_tokens
+                            |(
+                                (key_id, model, requests, input_tokens, output_tokens, day),
+                                (
+                                    errors,
+                                    cached_input_tokens,
+                                    cache_write_tokens,
+                                    reasoning_tokens,
+                                    estimated_requests,
+                                    cost_micros,
+                                ),
+                                latencies,
+                            )| {
+                                let mut latency = crate::sketch::Sketch::default();
+                                let mut ttfb = crate::sketch::Sketch::default();
+                                for v in latencies {
+                                    latency.record(v);
+                                    ttfb.record(v / 3);
+                                }
+                                UsageEntry {
+                                    key_id,
+                                    model,
+                                    requests,
+                                    input_tokens,
+                                    output_tokens,
+                                    day,
+                                    errors,
+                                    cached_input_tokens,
+                                    cache_write_tokens,
+                                    reasoning_tokens,
+                                    estimated_requests,
+                                    cost_micros,
+                                    latency,
+                                    ttfb,
+                                }
                             }
                         ),
                     0..5

@@ -84,14 +84,51 @@ pub struct RecordProblem {
 /// Problems an Ack carries at most; the count of the rest is reported.
 pub const MAX_PROBLEMS: usize = 100;
 
-/// One usage figure for one key and model over a reporting interval.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one key's requests for one model used, on one UTC day, over a reporting interval.
+/// Counts add up: entries of the same (key, model, day) merge by addition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageEntry {
     pub key_id: String,
     pub model: String,
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Days since 1970-01-01, UTC, when the requests ended.
+    pub day: u64,
+    /// Requests answered with an error (status 400 or above), the gateway's or the
+    /// provider's.
+    pub errors: u64,
+    /// Of the input tokens, those read from the provider's prompt cache.
+    pub cached_input_tokens: u64,
+    /// Input tokens written to the provider's prompt cache (Anthropic).
+    pub cache_write_tokens: u64,
+    /// Of the output tokens, those spent reasoning.
+    pub reasoning_tokens: u64,
+    /// Requests whose tokens the provider never reported (a stream cut short, say), counted
+    /// from an estimate instead.
+    pub estimated_requests: u64,
+    /// Cost in millionths of a US dollar, from the prices the node held.
+    pub cost_micros: u64,
+    /// Total latency and time to first byte, microseconds ([`crate::sketch::Sketch`]).
+    pub latency: crate::sketch::Sketch,
+    pub ttfb: crate::sketch::Sketch,
+}
+
+impl UsageEntry {
+    /// Adds `other`'s figures (same key, model and day) to these.
+    pub fn merge(&mut self, other: &UsageEntry) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.errors += other.errors;
+        self.cached_input_tokens += other.cached_input_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.estimated_requests += other.estimated_requests;
+        self.cost_micros += other.cost_micros;
+        self.latency.merge(&other.latency);
+        self.ttfb.merge(&other.ttfb);
+    }
 }
 
 /// Every message on the link. Unknown message types are skipped by the framing layer.
@@ -418,15 +455,31 @@ impl Codec for UsageEntry {
         put_u64(out, 3, self.requests);
         put_u64(out, 4, self.input_tokens);
         put_u64(out, 5, self.output_tokens);
+        put_u64(out, 6, self.day);
+        for (tag, v) in [
+            (7, self.errors),
+            (8, self.cached_input_tokens),
+            (9, self.cache_write_tokens),
+            (10, self.reasoning_tokens),
+            (11, self.estimated_requests),
+            (12, self.cost_micros),
+        ] {
+            if v != 0 {
+                put_u64(out, tag, v);
+            }
+        }
+        if !self.latency.is_empty() {
+            put_field(out, 13, |o| self.latency.encode(o));
+        }
+        if !self.ttfb.is_empty() {
+            put_field(out, 14, |o| self.ttfb.encode(o));
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
-        let mut e = UsageEntry {
-            key_id: String::new(),
-            model: String::new(),
-            requests: 0,
-            input_tokens: 0,
-            output_tokens: 0,
+        let mut e = UsageEntry::default();
+        let sketch = |tag, body| {
+            crate::sketch::Sketch::decode(body).map_err(|_| InvalidMessage::BadField { tag })
         };
         while !r.is_empty() {
             let (tag, body) = r.field()?;
@@ -436,6 +489,15 @@ impl Codec for UsageEntry {
                 3 => e.requests = get_u64(tag, body)?,
                 4 => e.input_tokens = get_u64(tag, body)?,
                 5 => e.output_tokens = get_u64(tag, body)?,
+                6 => e.day = get_u64(tag, body)?,
+                7 => e.errors = get_u64(tag, body)?,
+                8 => e.cached_input_tokens = get_u64(tag, body)?,
+                9 => e.cache_write_tokens = get_u64(tag, body)?,
+                10 => e.reasoning_tokens = get_u64(tag, body)?,
+                11 => e.estimated_requests = get_u64(tag, body)?,
+                12 => e.cost_micros = get_u64(tag, body)?,
+                13 => e.latency = sketch(tag, body)?,
+                14 => e.ttfb = sketch(tag, body)?,
                 _ => {}
             }
         }

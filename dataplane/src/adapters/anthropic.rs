@@ -40,12 +40,20 @@ pub fn usage_from_event(event: &[u8], data: &[u8], usage: &mut Usage) {
         // Deltas update the counts they carry, typically only the output.
         b"message_delta" => {
             if let Some(u) = e.usage {
-                if let Some(out) = u.output_tokens {
+                // Cumulative: a count given replaces the one held.
+                let had_input = u.input_tokens.is_some()
+                    || u.cache_read_input_tokens.is_some()
+                    || u.cache_creation_input_tokens.is_some();
+                let output = u.output_tokens;
+                let got = u.into_usage(ProviderKind::Anthropic);
+                if let Some(out) = output {
                     usage.output_tokens = out;
                     usage.reported = true;
                 }
-                if let Some(inp) = u.input_tokens {
-                    usage.input_tokens = inp;
+                if had_input {
+                    usage.input_tokens = got.input_tokens;
+                    usage.cached_input_tokens = got.cached_input_tokens;
+                    usage.cache_write_tokens = got.cache_write_tokens;
                 }
             }
         }

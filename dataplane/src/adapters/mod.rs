@@ -53,8 +53,15 @@ impl Endpoint {
 /// Token counts reported by the provider.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Every input token, those read from or written to a prompt cache included.
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Of the input tokens, those read from the provider's prompt cache.
+    pub cached_input_tokens: u64,
+    /// Of the input tokens, those written to the provider's prompt cache (Anthropic).
+    pub cache_write_tokens: u64,
+    /// Of the output tokens, those spent reasoning.
+    pub reasoning_tokens: u64,
     /// Whether the provider reported any figure at all.
     pub reported: bool,
 }
@@ -101,6 +108,21 @@ pub(crate) struct UsageFields {
     completion_tokens: Option<u64>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    /// Anthropic: input read from and written to the prompt cache, not in `input_tokens`.
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    /// OpenAI chat (`prompt_…`, `completion_…`) and Responses (`input_…`, `output_…`).
+    prompt_tokens_details: Option<TokenDetails>,
+    input_tokens_details: Option<TokenDetails>,
+    completion_tokens_details: Option<TokenDetails>,
+    output_tokens_details: Option<TokenDetails>,
+}
+
+/// The breakdowns OpenAI's APIs report beside a count.
+#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+pub(crate) struct TokenDetails {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
 }
 
 impl UsageFields {
@@ -115,6 +137,7 @@ impl UsageFields {
             i
         };
         let mut f = Self::default();
+        let mut seen = 0u8;
         let mut i = ws(0);
         if b.get(i) != Some(&b'{') {
             return None;
@@ -137,16 +160,48 @@ impl UsageFields {
                 return None;
             }
             i = ws(i + 1);
-            let count = match key {
-                b"prompt_tokens" => Some(&mut f.prompt_tokens),
-                b"completion_tokens" => Some(&mut f.completion_tokens),
-                b"input_tokens" => Some(&mut f.input_tokens),
-                b"output_tokens" => Some(&mut f.output_tokens),
+            let details = match key {
+                b"prompt_tokens_details" => Some(&mut f.prompt_tokens_details),
+                b"input_tokens_details" => Some(&mut f.input_tokens_details),
+                b"completion_tokens_details" => Some(&mut f.completion_tokens_details),
+                b"output_tokens_details" => Some(&mut f.output_tokens_details),
                 _ => None,
             };
+            if let Some(slot) = details {
+                // A small object: serde reads it in place.
+                let end = skip_value(b, i)?;
+                // A second copy, or null (which a second copy could follow): serde decides.
+                if slot.is_some() || b[i..].starts_with(b"null") {
+                    return None;
+                }
+                *slot = serde_json::from_slice::<Option<TokenDetails>>(&b[i..end]).ok()?;
+                i = ws(end);
+                match b.get(i) {
+                    Some(b',') => {
+                        i = ws(i + 1);
+                        continue;
+                    }
+                    Some(b'}') => return (ws(i + 1) == b.len()).then_some(f),
+                    _ => return None,
+                }
+            }
+            let (count, bit) = match key {
+                b"prompt_tokens" => (Some(&mut f.prompt_tokens), 1),
+                b"completion_tokens" => (Some(&mut f.completion_tokens), 2),
+                b"input_tokens" => (Some(&mut f.input_tokens), 4),
+                b"output_tokens" => (Some(&mut f.output_tokens), 8),
+                b"cache_read_input_tokens" => (Some(&mut f.cache_read_input_tokens), 16),
+                b"cache_creation_input_tokens" => (Some(&mut f.cache_creation_input_tokens), 32),
+                _ => (None, 0),
+            };
+            // A second copy of a count (null or not): serde decides (it refuses duplicates).
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
             match count {
-                // A second copy of a count: serde decides (it refuses duplicates).
-                Some(Some(_)) => return None,
+                // A count given as null is absent.
+                Some(_) if b[i..].starts_with(b"null") => i += 4,
                 Some(slot) => {
                     let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
                     // Empty, a leading zero, 20+ digits (may not fit), or a fraction or
@@ -176,18 +231,38 @@ impl UsageFields {
     }
 
     pub(crate) fn into_usage(self, kind: ProviderKind) -> Usage {
-        let (input, output) = match kind {
+        match kind {
             // Chat and completions say prompt/completion; the Responses API says input/output.
-            ProviderKind::Openai => (
-                self.prompt_tokens.or(self.input_tokens),
-                self.completion_tokens.or(self.output_tokens),
-            ),
-            ProviderKind::Anthropic => (self.input_tokens, self.output_tokens),
-        };
-        Usage {
-            input_tokens: input.unwrap_or(0),
-            output_tokens: output.unwrap_or(0),
-            reported: input.is_some() || output.is_some(),
+            // Input counts include the cached part, output counts the reasoning.
+            ProviderKind::Openai => {
+                let input = self.prompt_tokens.or(self.input_tokens);
+                let output = self.completion_tokens.or(self.output_tokens);
+                let inputs = self.prompt_tokens_details.or(self.input_tokens_details);
+                let outputs = self
+                    .completion_tokens_details
+                    .or(self.output_tokens_details);
+                Usage {
+                    input_tokens: input.unwrap_or(0),
+                    output_tokens: output.unwrap_or(0),
+                    cached_input_tokens: inputs.and_then(|d| d.cached_tokens).unwrap_or(0),
+                    cache_write_tokens: 0,
+                    reasoning_tokens: outputs.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+                    reported: input.is_some() || output.is_some(),
+                }
+            }
+            // Anthropic's input count leaves out what the cache read and wrote.
+            ProviderKind::Anthropic => {
+                let read = self.cache_read_input_tokens.unwrap_or(0);
+                let written = self.cache_creation_input_tokens.unwrap_or(0);
+                Usage {
+                    input_tokens: self.input_tokens.unwrap_or(0) + read + written,
+                    output_tokens: self.output_tokens.unwrap_or(0),
+                    cached_input_tokens: read,
+                    cache_write_tokens: written,
+                    reasoning_tokens: 0,
+                    reported: self.input_tokens.is_some() || self.output_tokens.is_some(),
+                }
+            }
         }
     }
 }
@@ -397,7 +472,7 @@ mod tests {
             }
             let body = serde_json::to_vec(&v).expect("serialises");
             let fast = usage_from_json(ProviderKind::Openai, &body);
-            let expected = usage.map_or(Usage::default(), |(i, o)| Usage { input_tokens: i, output_tokens: o, reported: true });
+            let expected = usage.map_or(Usage::default(), |(i, o)| Usage { input_tokens: i, output_tokens: o, reported: true, ..Usage::default() });
             proptest::prop_assert_eq!(fast, expected);
         }
     }
@@ -512,5 +587,59 @@ mod tests {
             &mut u,
         );
         assert_eq!((u.input_tokens, u.output_tokens), (2, 8));
+    }
+
+    /// Cached, cache-written and reasoning tokens, as each API reports them, whether the
+    /// usage object is read without serde or with it (members in another order, escapes).
+    #[test]
+    fn token_breakdowns_of_each_api() {
+        let chat = br#"{"id":"x","usage":{"prompt_tokens":100,"completion_tokens":40,"total_tokens":140,"prompt_tokens_details":{"cached_tokens":64,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":30}}}"#;
+        let responses = br#"{"usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":64},"output_tokens":40,"output_tokens_details":{"reasoning_tokens":30},"total_tokens":140}}"#;
+        for body in [&chat[..], &responses[..]] {
+            let u = usage_from_json(ProviderKind::Openai, body);
+            assert_eq!(
+                (
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.cached_input_tokens,
+                    u.reasoning_tokens
+                ),
+                (100, 40, 64, 30),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            // The same through serde (an escaped key sends it there).
+            let escaped =
+                String::from_utf8_lossy(body).replace("\"total_tokens\"", "\"tot\\u0061l\"");
+            let u = usage_from_json(ProviderKind::Openai, escaped.as_bytes());
+            assert_eq!(
+                (u.cached_input_tokens, u.reasoning_tokens),
+                (64, 30),
+                "{escaped}"
+            );
+        }
+        // Anthropic: input excludes what the cache read and wrote; the total includes both.
+        let mut u = Usage::default();
+        usage_from_event(
+            ProviderKind::Anthropic,
+            b"message_start",
+            br#"{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_read_input_tokens":200,"cache_creation_input_tokens":50,"output_tokens":1}}}"#,
+            &mut u,
+        );
+        usage_from_event(
+            ProviderKind::Anthropic,
+            b"message_delta",
+            br#"{"type":"message_delta","usage":{"output_tokens":77}}"#,
+            &mut u,
+        );
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_tokens,
+                u.output_tokens
+            ),
+            (260, 200, 50, 77)
+        );
     }
 }

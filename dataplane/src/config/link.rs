@@ -18,12 +18,25 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::config::identity::{self, EnrollError, IdentityFiles};
 use crate::config::pushed::{NodeConfig, NodeConfigBuilder, SharedConfig};
+use crate::config::usage::{Reports, Spill, SPILL_EVERY};
 use crate::config::ControlPlaneConfig;
 use crate::runtime::shutdown::Shutdown;
 
 /// Three missed heartbeats (sent every 5 s) and the link is considered dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(16);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often measured usage is cut into reports and sent.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// At stop, how long the node waits for the control plane to acknowledge its last reports
+/// before it spills them to disk (or, without a sealed snapshot, loses them).
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// The usage spill file beside a sealed snapshot: `<snapshot_file>.usage`.
+pub fn spill_path(snapshot: &std::path::Path) -> std::path::PathBuf {
+    let mut p = snapshot.as_os_str().to_owned();
+    p.push(".usage");
+    p.into()
+}
 
 /// Where and how the applied table is kept on disk.
 #[derive(Debug, Clone)]
@@ -87,7 +100,13 @@ pub fn spawn(
     let boot_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let spill = persist.as_ref().map(|p| Spill {
+        path: spill_path(&p.path),
+        kek: p.kek.clone(),
+    });
     let handle = std::thread::Builder::new().name("aigw-control".into()).spawn(move || {
+        let mut reports = Reports::new(boot_epoch, spill);
+        let mut last_spill = std::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut identity: Option<(Arc<rustls::ClientConfig>, String)> = None;
         while !stop.is_triggered() {
@@ -96,6 +115,7 @@ pub fn spawn(
                     Ok(v) => identity = Some(v),
                     Err(e) => {
                         tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "this node cannot identify itself to the control plane");
+                        hold_usage(&mut reports, &keys, &mut last_spill);
                         stop.sleep(backoff);
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
@@ -105,16 +125,37 @@ pub fn spawn(
             let Some((tls, node_id)) = identity.as_ref() else {
                 continue;
             };
-            let ended = session(&cfg, tls, node_id, boot_epoch, &keys, &stop, persist.as_ref());
+            let ended = session(
+                &cfg,
+                tls,
+                node_id,
+                boot_epoch,
+                &keys,
+                &stop,
+                persist.as_ref(),
+                &mut reports,
+            );
             keys.set_connected(false);
+            reports.link_down();
             match ended {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, revision = keys.revision(), retry_in_ms = backoff.as_millis() as u64, "control plane link down");
                 }
             }
+            hold_usage(&mut reports, &keys, &mut last_spill);
             stop.sleep(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        // Stopping: whatever the control plane has not acknowledged goes to the spill file.
+        reports.cut(&keys.usage);
+        reports.spill();
+        if reports.unacked_entries() > 0 {
+            tracing::warn!(
+                entries = reports.unacked_entries(),
+                spilled = persist.is_some(),
+                "usage not acknowledged by the control plane at stop"
+            );
         }
     })?;
     Ok(handle)
@@ -183,6 +224,18 @@ fn connect(cfg: &ControlPlaneConfig, tls: &Arc<rustls::ClientConfig>) -> anyhow:
     Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
+/// While the control plane cannot take usage: cut it into reports (bounded) and keep the
+/// spill file current.
+fn hold_usage(reports: &mut Reports, keys: &SharedConfig, last_spill: &mut std::time::Instant) {
+    reports.cut(&keys.usage);
+    keys.set_usage_backlog(reports.unacked_entries(), reports.dropped_entries);
+    if last_spill.elapsed() >= SPILL_EVERY {
+        reports.spill();
+        *last_spill = std::time::Instant::now();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn session(
     cfg: &ControlPlaneConfig,
     tls: &Arc<rustls::ClientConfig>,
@@ -191,6 +244,7 @@ fn session(
     keys: &SharedConfig,
     stop: &Shutdown,
     persist: Option<&Persist>,
+    reports: &mut Reports,
 ) -> anyhow::Result<()> {
     let mut stream = connect(cfg, tls)?;
     send(
@@ -215,12 +269,44 @@ fn session(
     // or when the control plane's heartbeat finds the node holding what it was sent; not
     // while a revision it was sent stands refused.
     let mut refused = false;
+    let mut last_report = std::time::Instant::now();
+    let mut last_spill = std::time::Instant::now();
+    let mut stopping: Option<std::time::Instant> = None;
     loop {
         if stop.is_triggered() {
-            save_if_needed(persist, keys, &mut saved_revision, &mut last_save, true);
-            return Ok(());
+            match stopping {
+                None => {
+                    save_if_needed(persist, keys, &mut saved_revision, &mut last_save, true);
+                    // The workers have stopped and handed over what they measured: send
+                    // it, and wait a little for the acknowledgements.
+                    reports.cut(&keys.usage);
+                    for m in reports.to_send(node_id) {
+                        send(&mut stream, &m)?;
+                    }
+                    stopping = Some(std::time::Instant::now());
+                }
+                Some(since)
+                    if reports.unacked_entries() == 0 || since.elapsed() > FINAL_ACK_WAIT =>
+                {
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
+        } else {
+            save_if_needed(persist, keys, &mut saved_revision, &mut last_save, false);
+            if last_report.elapsed() >= REPORT_EVERY {
+                last_report = std::time::Instant::now();
+                reports.cut(&keys.usage);
+                for m in reports.to_send(node_id) {
+                    send(&mut stream, &m)?;
+                }
+                keys.set_usage_backlog(reports.unacked_entries(), reports.dropped_entries);
+                if last_spill.elapsed() >= SPILL_EVERY {
+                    reports.spill();
+                    last_spill = std::time::Instant::now();
+                }
+            }
         }
-        save_if_needed(persist, keys, &mut saved_revision, &mut last_save, false);
         let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
             Some((frame, used)) => {
                 buf.drain(..used);
@@ -376,6 +462,7 @@ fn session(
                     .map_or(0, |d| d.as_millis() as u64);
                 send(&mut stream, &Message::Heartbeat { unix_ms })?;
             }
+            Message::UsageAck { boot_epoch, seq } => reports.acked(boot_epoch, seq),
             Message::Refused { reason } => {
                 anyhow::bail!(
                     "the control plane refused this node: {reason} (to enrol it again: controlplane node-enroll <node id>, then restart the node with the token in {})",

@@ -10,5 +10,6 @@ pub mod pushed;
 pub mod routing;
 pub mod settings;
 pub mod snapshot;
+pub mod usage;
 
 pub use file::*;

@@ -427,6 +427,12 @@ pub struct SharedConfig {
     last_contact: std::sync::Mutex<Option<Instant>>,
     /// Whether the link to the control plane is up (a session established).
     connected: AtomicBool,
+    /// Usage the workers measured, for the control thread to report.
+    pub usage: crate::config::usage::Outbox,
+    /// Usage entries waiting for the control plane's acknowledgement, and those dropped
+    /// for want of room since start (see [`crate::config::usage::MAX_UNACKED_ENTRIES`]).
+    usage_backlog: AtomicU64,
+    usage_dropped: AtomicU64,
 }
 
 impl Default for SharedConfig {
@@ -439,6 +445,9 @@ impl Default for SharedConfig {
             changed: Event::new(),
             last_contact: std::sync::Mutex::new(None),
             connected: AtomicBool::new(false),
+            usage: crate::config::usage::Outbox::default(),
+            usage_backlog: AtomicU64::new(0),
+            usage_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -481,6 +490,19 @@ impl SharedConfig {
     }
 
     /// Records whether the link to the control plane is up.
+    pub fn set_usage_backlog(&self, waiting: usize, dropped: u64) {
+        self.usage_backlog.store(waiting as u64, Ordering::Relaxed);
+        self.usage_dropped.store(dropped, Ordering::Relaxed);
+    }
+
+    /// (entries waiting for acknowledgement, entries dropped since start).
+    pub fn usage_backlog(&self) -> (u64, u64) {
+        (
+            self.usage_backlog.load(Ordering::Relaxed),
+            self.usage_dropped.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Release);
     }

@@ -25,6 +25,7 @@ pub mod ctx;
 pub mod endpoint;
 pub mod exchange;
 pub mod log;
+pub(crate) mod meter;
 pub mod models;
 pub mod parse;
 pub mod request;
@@ -71,6 +72,8 @@ pub struct Gateway {
     pool_generation: Cell<u64>,
     /// The pushed routing the pools were last trimmed to.
     routing: RefCell<Arc<Routing>>,
+    /// This worker's usage counters, reported to the control plane.
+    meter: meter::Meter,
 }
 
 impl Gateway {
@@ -81,6 +84,7 @@ impl Gateway {
             pool: Pool::new(),
             pool_generation: Cell::new(0),
             routing: RefCell::new(Arc::new(Routing::empty())),
+            meter: meter::Meter::default(),
         }
     }
 
@@ -156,6 +160,7 @@ impl Service for Gateway {
     fn start(self: &Rc<Self>) {
         if self.keys.is_some() {
             monoio::spawn(watch_config(Rc::clone(self)));
+            monoio::spawn(flush_usage(Rc::clone(self)));
         }
     }
 
@@ -183,7 +188,14 @@ impl Service for Gateway {
         }
     }
 
+    fn stopped(&self) {
+        if let Some(keys) = &self.keys {
+            self.meter.flush(&keys.shared().usage);
+        }
+    }
+
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+        self.meter.record(&ctx, done);
         if ctx.usage.reported {
             self.worker
                 .status
@@ -191,6 +203,18 @@ impl Service for Gateway {
         }
         if self.worker.settings.current().access_log {
             log::run(&ctx, head, done);
+        }
+    }
+}
+
+/// Hands this worker's usage to the control thread every second (and [`Service::stopped`]
+/// once more when the worker stops, after its requests drained).
+async fn flush_usage(gw: Rc<Gateway>) {
+    let Some(keys) = &gw.keys else { return };
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(Duration::from_secs(1)) => gw.meter.flush(&keys.shared().usage),
+            _ = gw.worker.shutdown.wait() => break,
         }
     }
 }

@@ -96,6 +96,8 @@ impl AdminService {
                     "config_revision": s.keys.as_ref().map(|(k, _)| k.revision()),
                     "config_age_seconds": s.keys.as_ref().and_then(|(k, _)| k.age_seconds()),
                     "control_plane_connected": s.keys.as_ref().map(|(k, _)| k.connected()),
+                    "usage_unacknowledged_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().0),
+                    "usage_dropped_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().1),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
             }

@@ -259,6 +259,10 @@ pub trait Service: 'static {
     /// (for tasks of the service's own).
     fn start(self: &Rc<Self>) {}
 
+    /// Called once when the worker stops, after its connections drained (or the drain
+    /// deadline passed): hand over what must not be lost.
+    fn stopped(&self) {}
+
     /// Decides on a request from its head alone (see the module docs).
     fn head(&self, head: &Head<'_>) -> Verdict<Self::Ctx>;
 

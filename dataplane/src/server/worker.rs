@@ -380,6 +380,7 @@ pub fn run<S, F>(
         accept_loop(&listener, &ctx, &service).await;
         drop(listener);
         drain_connections(&ctx, drain).await;
+        service.stopped();
         ctx.status.running.store(false, Ordering::Release);
     });
     tracing::info!(worker = %index, "worker stopped");
