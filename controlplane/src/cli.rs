@@ -375,6 +375,35 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Set a model's price, in USD per million tokens: global, or for one --tenant.
+    PriceSet {
+        model: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// USD per million input tokens.
+        #[arg(long)]
+        input_price: f64,
+        /// USD per million output tokens.
+        #[arg(long)]
+        output_price: f64,
+        /// Input read from the provider's prompt cache (default: the input price).
+        #[arg(long)]
+        cached_input_price: Option<f64>,
+        /// Input written to the provider's prompt cache (default: the input price).
+        #[arg(long)]
+        cache_write_price: Option<f64>,
+    },
+    /// The global prices, and a --tenant's own.
+    PriceList {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove a price (a --tenant's own, or the global one).
+    PriceDelete {
+        model: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// The newest configuration revision.
     Revision,
     /// Delete all but the newest --keep changelog entries (nodes further behind get a
@@ -662,6 +691,42 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             };
             ("GET", format!("/v1/tenants/{tenant}/usage{q}"), None)
         }
+        Command::PriceSet {
+            model,
+            tenant,
+            input_price,
+            output_price,
+            cached_input_price,
+            cache_write_price,
+        } => (
+            "PUT",
+            "/v1/prices".into(),
+            Some(json!({
+                "model": model,
+                "tenant_id": tenant,
+                "input_per_mtok": input_price,
+                "output_per_mtok": output_price,
+                "cached_input_per_mtok": cached_input_price,
+                "cache_write_per_mtok": cache_write_price,
+            })),
+        ),
+        Command::PriceList { tenant } => (
+            "GET",
+            match tenant {
+                Some(t) => format!("/v1/prices?tenant_id={}", query_value(&t)),
+                None => "/v1/prices".into(),
+            },
+            None,
+        ),
+        Command::PriceDelete { model, tenant } => (
+            "DELETE",
+            format!(
+                "/v1/prices?model={}{}",
+                query_value(&model),
+                tenant.map_or(String::new(), |t| format!("&tenant_id={}", query_value(&t)))
+            ),
+            None,
+        ),
         Command::Revision => ("GET", "/v1/revision".into(), None),
         Command::Compact { keep } => (
             "POST",

@@ -238,3 +238,13 @@ fn unreachable_serve() -> ! {
     // `serve` returned above.
     std::process::exit(2)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's flags are well formed, the admin API's flags added to the client
+    /// commands included (clap checks a command only when it is built).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::command().debug_assert();
+    }
+}

@@ -12,6 +12,7 @@
 //! from the changelog and gets a snapshot instead.
 
 mod nodes;
+mod prices;
 mod routing;
 mod usage;
 
@@ -26,6 +27,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
 pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
+pub use prices::{Price, PriceSpec};
 pub use routing::{
     Deleted, NonRetention, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream,
     UpstreamSpec, Written, NAME_RULE,
@@ -186,6 +188,19 @@ CREATE TABLE usage_daily (
     PRIMARY KEY (day, key_id, model)
 );
 CREATE INDEX usage_daily_tenant ON usage_daily(tenant_id, day);
+"#,
+    r#"
+CREATE TABLE prices (
+    tenant_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input INTEGER NOT NULL,
+    output INTEGER NOT NULL,
+    cached_input INTEGER NOT NULL,
+    cache_write INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, model)
+);
+ALTER TABLE usage_daily ADD COLUMN unpriced_requests INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 

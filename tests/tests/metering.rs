@@ -22,6 +22,22 @@ fn post(gw: &Gateway, key: &str, path: &str, body: &Value) -> Resp {
     exchange(gw.addr(), raw.as_bytes())
 }
 
+/// Runs the operator CLI against `cp`; returns its JSON output.
+fn cli(cp: &controlplane::Running, args: &[&str]) -> Value {
+    let out = std::process::Command::new(bin_path("controlplane"))
+        .args(args)
+        .args(["--url", &format!("http://{}", cp.addr)])
+        .env("AIGW_ADMIN_TOKEN", &cp.admin_token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "controlplane {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello there"}]})
 }
@@ -125,6 +141,46 @@ both_drivers!(
             &anthropic,
         );
         let key = key(&cp, "acme", "production");
+        // Prices: a global one, a tenant's own (which wins over a global one), the rest
+        // unpriced.
+        cli(
+            &cp,
+            &[
+                "price-set",
+                "chat-json",
+                "--input-price",
+                "1000",
+                "--output-price",
+                "2000",
+            ],
+        );
+        cli(
+            &cp,
+            &[
+                "price-set",
+                "chat-stream",
+                "--input-price",
+                "7",
+                "--output-price",
+                "7",
+            ],
+        );
+        let own = cli(
+            &cp,
+            &[
+                "price-set",
+                "chat-stream",
+                "--tenant",
+                "acme",
+                "--input-price",
+                "100",
+                "--output-price",
+                "0",
+            ],
+        );
+        assert_eq!(own["tenant_id"], "acme");
+        let listed = cli(&cp, &["price-list", "--tenant", "acme"]);
+        assert_eq!(listed["data"].as_array().unwrap().len(), 3, "{listed}");
         let gw = gateway(driver, &cp);
         wait_workers(&gw, revision(&cp));
 
@@ -218,6 +274,25 @@ both_drivers!(
             input > 0 && output > 0,
             "estimated from the bytes each way: {cut:?}"
         );
+
+        // Cost: chat-json 10 input × $1000/M + 6 output × $2000/M; chat-stream at the
+        // tenant's price, 5 × $100/M; the other five requests unpriced.
+        let usage = cli(&cp, &["usage", "--tenant", "acme", "--group-by", "model"]);
+        let cost = |model: &str| {
+            usage["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["model"] == model)
+                .unwrap()["cost_usd"]
+                .as_f64()
+                .unwrap()
+        };
+        assert!((cost("chat-json") - 0.022).abs() < 1e-9, "{usage}");
+        assert!((cost("chat-stream") - 0.0005).abs() < 1e-9, "{usage}");
+        assert_eq!(cost("embed"), 0.0);
+        let total = cli(&cp, &["usage", "--tenant", "acme"]);
+        assert_eq!(total["data"][0]["unpriced_requests"], 5, "{total}");
 
         // Latency and time to first byte, per group; and per key.
         let r = api(

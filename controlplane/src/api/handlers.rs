@@ -343,6 +343,52 @@ pub(super) async fn usage(
     Ok(Json(json!({"from": from, "to": to, "data": rows})))
 }
 
+/// Sets a model's price, global or for one tenant.
+pub(super) async fn put_price(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    ApiJson(body): ApiJson<crate::store::PriceSpec>,
+) -> Result<Json<Value>> {
+    let p = blocking(&s, move |st| st.put_price(&actor, &body)).await?;
+    Ok(Json(json!(p)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PriceParams {
+    tenant_id: Option<String>,
+    model: Option<String>,
+}
+
+/// The global prices and, with `tenant_id`, that tenant's.
+pub(super) async fn list_prices(
+    State(s): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<PriceParams>,
+) -> Result<Json<Value>> {
+    let prices = blocking(&s, move |st| st.prices(q.tenant_id.as_deref())).await?;
+    Ok(Json(json!({"data": prices})))
+}
+
+/// Removes a price: `model`, and `tenant_id` for a tenant's own.
+pub(super) async fn delete_price(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    ApiQuery(q): ApiQuery<PriceParams>,
+) -> Result<Json<Value>> {
+    let model = q
+        .model
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid", "model: required"))?;
+    let tenant_id = q.tenant_id.clone();
+    let deleted = model.clone();
+    blocking(&s, move |st| {
+        st.delete_price(&actor, &model, q.tenant_id.as_deref())
+    })
+    .await?;
+    Ok(Json(
+        json!({"deleted": true, "model": deleted, "tenant_id": tenant_id}),
+    ))
+}
+
 pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
     let r = blocking(&s, |st| st.revision()).await?;
     Ok(Json(json!({"revision": r})))

@@ -51,6 +51,12 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/keys/{key_id}/rotate", post(handlers::rotate_key)),
         ("/v1/audit", get(handlers::audit)),
         ("/v1/tenants/{tenant_id}/usage", get(handlers::usage)),
+        (
+            "/v1/prices",
+            put(handlers::put_price)
+                .get(handlers::list_prices)
+                .delete(handlers::delete_price),
+        ),
         ("/v1/revision", get(handlers::revision)),
         ("/v1/nodes", get(nodes::list).post(nodes::add)),
         ("/v1/nodes/{node_id}", get(nodes::get)),

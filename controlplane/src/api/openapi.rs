@@ -59,6 +59,11 @@ pub fn document() -> Value {
                 "post": op("Issue a replacement; the old key works until the grace period ends", Some("RotateKey"), "201")
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
+            "/v1/prices": {
+                "put": op("Set a model's price in USD per million tokens, global or for one tenant (body: model, tenant_id?, input_per_mtok, output_per_mtok, cached_input_per_mtok?, cache_write_per_mtok?); usage arriving from then on is priced with it", None, "200"),
+                "get": op("The global prices and, with tenant_id, that tenant's", None, "200"),
+                "delete": op("Remove a price (query: model, tenant_id for a tenant's own)", None, "200"),
+            },
             "/v1/tenants/{tenant_id}/usage": {"get": op("A tenant's usage over whole UTC days: requests, errors, tokens by kind, cost, latency and time-to-first-byte percentiles (query: from, to as YYYY-MM-DD, default today; group_by: comma-separated day, key, model, sub_account; filters sub_account (its subtree), key_id, model)", None, "200")},
             "/v1/revision": {"get": op("The newest configuration revision", None, "200")},
             "/v1/nodes": {

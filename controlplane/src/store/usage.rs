@@ -110,7 +110,11 @@ pub struct UsageRow {
     pub reasoning_tokens: u64,
     /// Requests whose tokens were estimated (the provider never reported them).
     pub estimated_requests: u64,
+    /// From the prices held when the usage arrived.
     pub cost_usd: f64,
+    /// Requests of models with no price (global or the tenant's) when they arrived: not in
+    /// `cost_usd`.
+    pub unpriced_requests: u64,
     pub latency_ms: Quantiles,
     pub ttfb_ms: Quantiles,
 }
@@ -137,7 +141,7 @@ pub fn parse_day(s: &str) -> Option<u64> {
 
 #[derive(Default)]
 struct Agg {
-    counts: [u64; 9],
+    counts: [u64; 10],
     latency: Sketch,
     ttfb: Sketch,
 }
@@ -172,8 +176,8 @@ impl Store {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO usage_daily (day, key_id, model, tenant_id, sub_account_id, requests, errors,
                     input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens,
-                    estimated_requests, cost_micros, latency, ttfb)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                    estimated_requests, cost_micros, latency, ttfb, unpriced_requests)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
                  ON CONFLICT (day, key_id, model) DO UPDATE SET
                     requests = requests + excluded.requests,
                     errors = errors + excluded.errors,
@@ -184,6 +188,7 @@ impl Store {
                     reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
                     estimated_requests = estimated_requests + excluded.estimated_requests,
                     cost_micros = cost_micros + excluded.cost_micros,
+                    unpriced_requests = unpriced_requests + excluded.unpriced_requests,
                     latency = excluded.latency,
                     ttfb = excluded.ttfb",
             )?;
@@ -205,6 +210,12 @@ impl Store {
                     tracing::warn!(node = node_id, key_id = %e.key_id, "usage reported for a key outside the node's scope; skipped");
                     continue;
                 }
+                // Cost from the prices the control plane holds now (the tenant's, else the
+                // global one); a model without a price costs nothing and says so.
+                let (cost, unpriced) = match super::prices::rates(tx, &tenant, &e.model)? {
+                    Some(r) => (r.cost_micros(e), 0),
+                    None => (0, e.requests),
+                };
                 let (mut latency, mut ttfb) = (e.latency.clone(), e.ttfb.clone());
                 if let Some((l, t)) = held
                     .query_row(params![n(e.day), e.key_id, e.model], |r| {
@@ -229,9 +240,10 @@ impl Store {
                     n(e.cache_write_tokens),
                     n(e.reasoning_tokens),
                     n(e.estimated_requests),
-                    n(e.cost_micros),
+                    n(cost),
                     latency.to_bytes(),
                     ttfb.to_bytes(),
+                    n(unpriced),
                 ])?;
             }
             tx.execute(
@@ -282,7 +294,7 @@ impl Store {
             let mut stmt = c.prepare(
                 "SELECT day, key_id, model, sub_account_id, requests, errors, input_tokens, output_tokens,
                         cached_input_tokens, cache_write_tokens, reasoning_tokens, estimated_requests,
-                        cost_micros, latency, ttfb
+                        cost_micros, unpriced_requests, latency, ttfb
                  FROM usage_daily WHERE tenant_id = ?1 AND day BETWEEN ?2 AND ?3",
             )?;
             let mut rows = stmt.query(params![tenant_id, n(q.from_day), n(q.to_day)])?;
@@ -316,13 +328,13 @@ impl Store {
                 for (i, c) in agg.counts.iter_mut().enumerate() {
                     *c += u64::try_from(r.get::<_, i64>(4 + i)?).unwrap_or(0);
                 }
-                agg.latency.merge(&sketch(&r.get::<_, Vec<u8>>(13)?)?);
-                agg.ttfb.merge(&sketch(&r.get::<_, Vec<u8>>(14)?)?);
+                agg.latency.merge(&sketch(&r.get::<_, Vec<u8>>(14)?)?);
+                agg.ttfb.merge(&sketch(&r.get::<_, Vec<u8>>(15)?)?);
             }
             Ok(groups
                 .into_iter()
                 .map(|(values, a)| {
-                    let [requests, errors, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, estimated_requests, cost_micros] =
+                    let [requests, errors, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, estimated_requests, cost_micros, unpriced_requests] =
                         a.counts;
                     UsageRow {
                         group: q.group_by.iter().map(|d| d.field()).zip(values).collect(),
@@ -335,6 +347,7 @@ impl Store {
                         reasoning_tokens,
                         estimated_requests,
                         cost_usd: cost_micros as f64 / 1e6,
+                        unpriced_requests,
                         latency_ms: Quantiles::of(&a.latency),
                         ttfb_ms: Quantiles::of(&a.ttfb),
                     }
@@ -375,7 +388,6 @@ mod tests {
             requests,
             input_tokens: requests * 10,
             output_tokens: requests * 3,
-            cost_micros: requests * 1_500,
             ..UsageEntry::default()
         };
         for _ in 0..requests {
@@ -413,7 +425,38 @@ mod tests {
                 &[entry("k_top", "gpt", day, 50, 1)]
             )
             .expect("applied"));
+        let price = |model: &str, tenant: Option<&str>, input: f64, output: f64| {
+            s.put_price(
+                &actor(),
+                &crate::store::PriceSpec {
+                    model: model.into(),
+                    tenant_id: tenant.map(Into::into),
+                    input_per_mtok: input,
+                    output_per_mtok: output,
+                    cached_input_per_mtok: None,
+                    cache_write_per_mtok: None,
+                },
+            )
+            .expect("price")
+        };
+        price("gpt", None, 100.0, 1000.0);
+        price("claude", None, 1.0, 1.0);
+        price("claude", Some("t"), 200.0, 0.0);
+        assert!(s
+            .put_price(
+                &actor(),
+                &crate::store::PriceSpec {
+                    model: "x".into(),
+                    tenant_id: None,
+                    input_per_mtok: -1.0,
+                    output_per_mtok: 0.0,
+                    cached_input_per_mtok: None,
+                    cache_write_per_mtok: None
+                }
+            )
+            .is_err_and(|e| e.to_string().contains("input_per_mtok")));
         let report = [
+            entry("k_top", "mystery", day, 1, 100),
             entry("k_top", "gpt", day, 2, 100),
             entry("k_squad", "gpt", day, 3, 200),
             entry("k_other", "claude", day + 1, 5, 400),
@@ -429,7 +472,7 @@ mod tests {
         );
         // The same numbers from another node, or another boot, are other reports.
         assert!(s
-            .record_usage("n1", &all_scope, 2, 1, &report[1..2])
+            .record_usage("n1", &all_scope, 2, 1, &report[2..3])
             .expect("applied"));
         let all = |group_by: Vec<Dim>, sub_account: Option<&str>| {
             s.usage(
@@ -449,13 +492,20 @@ mod tests {
         assert_eq!(total.len(), 1);
         assert_eq!(
             total[0].requests,
-            2 + 3 + 3 + 5,
+            1 + 2 + 3 + 3 + 5,
             "the resend was not counted, the unknown key and the out-of-scope node skipped"
         );
-        assert_eq!(total[0].input_tokens, 130);
-        assert!((total[0].cost_usd - 0.0195).abs() < 1e-9);
+        assert_eq!(total[0].input_tokens, 140);
+        // gpt: 80 input × $100/M + 24 output × $1000/M; claude at the tenant's price:
+        // 50 × $200/M; the unpriced model is counted apart.
+        assert!(
+            (total[0].cost_usd - 0.042).abs() < 1e-9,
+            "{}",
+            total[0].cost_usd
+        );
+        assert_eq!(total[0].unpriced_requests, 1);
         let by_model = all(vec![Dim::Model], None);
-        assert_eq!(by_model.len(), 2);
+        assert_eq!(by_model.len(), 3);
         assert_eq!(by_model[0].group["model"].as_deref(), Some("claude"));
         let p50 = by_model[1].latency_ms.p50.expect("p50");
         assert!((p50 - 200.0).abs() <= 200.0 * 0.02, "{p50}");

@@ -107,7 +107,8 @@ pub struct UsageEntry {
     /// Requests whose tokens the provider never reported (a stream cut short, say), counted
     /// from an estimate instead.
     pub estimated_requests: u64,
-    /// Cost in millionths of a US dollar, from the prices the node held.
+    /// Cost in millionths of a US dollar when the node priced the usage itself; the control
+    /// plane prices reports as they arrive and does not read it.
     pub cost_micros: u64,
     /// Total latency and time to first byte, microseconds ([`crate::sketch::Sketch`]).
     pub latency: crate::sketch::Sketch,
