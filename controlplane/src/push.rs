@@ -91,6 +91,18 @@ pub struct PushState {
     /// reads its node again, ends if it was revoked or replaced, and resyncs a new scope.
     registry: watch::Sender<u64>,
     sessions: AtomicU64,
+    /// For `/metrics`.
+    pub counters: Counters,
+}
+
+/// Totals since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub snapshots_sent: AtomicU64,
+    pub changes_sent: AtomicU64,
+    pub usage_reports_applied: AtomicU64,
+    pub usage_reports_duplicate: AtomicU64,
+    pub usage_reports_failed: AtomicU64,
 }
 
 /// A registered node with what its session reports.
@@ -116,6 +128,7 @@ impl PushState {
             pki,
             registry: watch::channel(0).0,
             sessions: AtomicU64::new(0),
+            counters: Counters::default(),
         })
     }
 
@@ -647,13 +660,23 @@ where
                     .await;
                     match stored {
                         Ok(Ok(fresh)) => {
-                            if !fresh {
+                            let c = &state.counters;
+                            if fresh {
+                                c.usage_reports_applied.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                c.usage_reports_duplicate.fetch_add(1, Ordering::Relaxed);
                                 tracing::debug!(node, boot_epoch, seq, "usage report already stored");
                             }
                             conn.send(&Message::UsageAck { boot_epoch, seq }).await?;
                         }
-                        Ok(Err(e)) => tracing::error!(node, boot_epoch, seq, error = %e, "cannot store a usage report; the node keeps it"),
-                        Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing a usage report failed; the node keeps it"),
+                        Ok(Err(e)) => {
+                            state.counters.usage_reports_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(node, boot_epoch, seq, error = %e, "cannot store a usage report; the node keeps it");
+                        }
+                        Err(e) => {
+                            state.counters.usage_reports_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(node, boot_epoch, seq, error = %e, "storing a usage report failed; the node keeps it");
+                        }
                     }
                 }
                 other => tracing::debug!(node, ?other, "ignoring message"),
@@ -768,6 +791,7 @@ where
             })
             .await?;
             state.update(node, |n| n.changes_sent += 1);
+            state.counters.changes_sent.fetch_add(1, Ordering::Relaxed);
             // Sent on this link: its history is this store's, no need to check it again.
             Ok(Held {
                 revision: to,
@@ -777,6 +801,10 @@ where
         Update::Snapshot(records, revision, id) => {
             send_snapshot(conn, records, revision, id).await?;
             state.update(node, |n| n.snapshots_sent += 1);
+            state
+                .counters
+                .snapshots_sent
+                .fetch_add(1, Ordering::Relaxed);
             Ok(Held { revision, id: 0 })
         }
     }

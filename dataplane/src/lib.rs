@@ -5,7 +5,7 @@
 //!
 //! - [`node`]: starts a node: the workers, the admin listener, the demo provider, the link;
 //! - [`gateway`]: the request's phases, in order: authenticate → admit → route → request
-//!   transforms → upstream exchange → response transforms → log;
+//!   transforms → upstream exchange → response transforms → meter, metrics, log;
 //! - [`server`]: listeners, one worker per core, a connection's loop, the responder;
 //! - [`config`]: the configuration file, reloadable settings, the pushed configuration (keys,
 //!   routing and policy) and the link that receives it, routing tables;
@@ -14,7 +14,8 @@
 //! - [`errors`]: every error a client can receive, declared once;
 //! - [`runtime`]: the io_uring probe, timers, coarse clocks, shutdown signals;
 //! - [`body`]: request bodies as JSON, parsed once and edited;
-//! - [`h1`]: the HTTP/1.1 codec, no I/O.
+//! - [`h1`]: the HTTP/1.1 codec, no I/O;
+//! - [`metrics`]: Prometheus figures, counted per worker and rendered for the admin listener.
 
 // The crate is the data plane's own code, not a library for others: its docs are read with
 // `cargo doc --document-private-items`, where links to private modules resolve.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod errors;
 pub mod gateway;
 pub mod h1;
+pub mod metrics;
 pub mod node;
 pub mod runtime;
 pub mod server;

@@ -275,6 +275,41 @@ both_drivers!(
             "estimated from the bytes each way: {cut:?}"
         );
 
+        // The node's Prometheus metrics: by status class, endpoint and upstream; tokens.
+        let node_metrics =
+            || String::from_utf8_lossy(&admin_get(gw.admin_addr(), "/metrics").body).into_owned();
+        assert!(
+            wait_until(Duration::from_secs(5), || node_metrics().contains(
+                "aigw_requests_total{code=\"2xx\",endpoint=\"chat_completions\",upstream=\"oa\"} 4"
+            )),
+            "{}",
+            node_metrics()
+        );
+        let m = node_metrics();
+        for line in [
+            "aigw_requests_total{code=\"4xx\",endpoint=\"chat_completions\",upstream=\"oa\"} 1",
+            "aigw_requests_total{code=\"2xx\",endpoint=\"messages\",upstream=\"an\"} 1",
+            "aigw_tokens_total{kind=\"input\"} 30",
+            "aigw_request_duration_seconds_count 8",
+            "aigw_control_plane_connected 1",
+            "aigw_usage_unacknowledged_entries 0",
+        ] {
+            assert!(m.contains(line), "{line} not in:\n{m}");
+        }
+        // The control plane's, without the admin token.
+        let r = call(cp.addr, "", "GET", "/metrics", None);
+        assert_eq!(r.status, 200);
+        let m = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(m.contains("aigw_cp_nodes{state=\"connected\"} 1"), "{m}");
+        assert!(m.contains("aigw_cp_node_lag_revisions{node="), "{m}");
+        let applied: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("aigw_cp_usage_reports_total{result=\"applied\"} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(applied >= 1, "{m}");
+
         // Cost: chat-json 10 input × $1000/M + 6 output × $2000/M; chat-stream at the
         // tenant's price, 5 × $100/M; the other five requests unpriced.
         let usage = cli(&cp, &["usage", "--tenant", "acme", "--group-by", "model"]);

@@ -109,8 +109,128 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/metrics", get(metrics))
         .merge(authed)
         .with_state(state)
+}
+
+/// Prometheus metrics (text format), without the admin token, like `/healthz`: node ids,
+/// revisions and counts, nothing of tenants or keys.
+async fn metrics(
+    axum::extract::State(s): axum::extract::State<Arc<AppState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let push = Arc::clone(&s.push);
+    let views = tokio::task::spawn_blocking(move || {
+        let revision = push.store.revision()?;
+        push.node_views().map(|v| (revision, v))
+    })
+    .await;
+    let (revision, nodes) = match views {
+        Ok(Ok(v)) => v,
+        _ => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store cannot be read\n",
+            )
+                .into_response()
+        }
+    };
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    family(
+        "aigw_cp_revision",
+        "gauge",
+        "The newest configuration revision.",
+        vec![(String::new(), u64::try_from(revision).unwrap_or(0))],
+    );
+    let active: Vec<_> = nodes.iter().filter(|n| !n.revoked).collect();
+    let connected = active.iter().filter(|n| n.status.connected).count() as u64;
+    family(
+        "aigw_cp_nodes",
+        "gauge",
+        "Nodes not revoked, by whether their link is up.",
+        vec![
+            ("{state=\"connected\"}".into(), connected),
+            (
+                "{state=\"disconnected\"}".into(),
+                active.len() as u64 - connected,
+            ),
+        ],
+    );
+    family(
+        "aigw_cp_node_connected",
+        "gauge",
+        "1 while the node's link is up.",
+        active
+            .iter()
+            .map(|n| {
+                (
+                    format!("{{node=\"{}\"}}", label(&n.status.node_id)),
+                    u64::from(n.status.connected),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "aigw_cp_node_lag_revisions",
+        "gauge",
+        "Revisions between the newest and the one the node last applied.",
+        active
+            .iter()
+            .map(|n| {
+                let lag = u64::try_from(revision)
+                    .unwrap_or(0)
+                    .saturating_sub(n.status.applied_revision);
+                (format!("{{node=\"{}\"}}", label(&n.status.node_id)), lag)
+            })
+            .collect(),
+    );
+    let c = &s.push.counters;
+    family(
+        "aigw_cp_pushes_total",
+        "counter",
+        "Snapshots and change sets sent to nodes.",
+        vec![
+            ("{kind=\"snapshot\"}".into(), c.snapshots_sent.load(Relaxed)),
+            ("{kind=\"changes\"}".into(), c.changes_sent.load(Relaxed)),
+        ],
+    );
+    family(
+        "aigw_cp_usage_reports_total",
+        "counter",
+        "Usage reports from nodes: applied, recognised as applied before, or not stored.",
+        vec![
+            (
+                "{result=\"applied\"}".into(),
+                c.usage_reports_applied.load(Relaxed),
+            ),
+            (
+                "{result=\"duplicate\"}".into(),
+                c.usage_reports_duplicate.load(Relaxed),
+            ),
+            (
+                "{result=\"failed\"}".into(),
+                c.usage_reports_failed.load(Relaxed),
+            ),
+        ],
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 /// The paths served behind the admin token.

@@ -48,6 +48,18 @@ impl Endpoint {
             _ => "POST",
         }
     }
+
+    /// Its name in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+            Self::Messages => "messages",
+            Self::Models => "models",
+        }
+    }
 }
 
 /// Token counts reported by the provider.

@@ -27,6 +27,7 @@ pub mod exchange;
 pub mod log;
 pub(crate) mod meter;
 pub mod models;
+pub(crate) mod observe;
 pub mod parse;
 pub mod request;
 pub mod response;
@@ -74,6 +75,7 @@ pub struct Gateway {
     routing: RefCell<Arc<Routing>>,
     /// This worker's usage counters, reported to the control plane.
     meter: meter::Meter,
+    observer: observe::Observer,
 }
 
 impl Gateway {
@@ -85,6 +87,7 @@ impl Gateway {
             pool_generation: Cell::new(0),
             routing: RefCell::new(Arc::new(Routing::empty())),
             meter: meter::Meter::default(),
+            observer: observe::Observer::default(),
         }
     }
 
@@ -160,8 +163,8 @@ impl Service for Gateway {
     fn start(self: &Rc<Self>) {
         if self.keys.is_some() {
             monoio::spawn(watch_config(Rc::clone(self)));
-            monoio::spawn(flush_usage(Rc::clone(self)));
         }
+        monoio::spawn(publish(Rc::clone(self)));
     }
 
     fn head(&self, head: &Head<'_>) -> Verdict<RequestCtx> {
@@ -192,10 +195,12 @@ impl Service for Gateway {
         if let Some(keys) = &self.keys {
             self.meter.flush(&keys.shared().usage);
         }
+        self.observer.publish(&self.worker.status.metrics);
     }
 
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
         self.meter.record(&ctx, done);
+        self.observer.record(&ctx, done);
         if ctx.usage.reported {
             self.worker
                 .status
@@ -207,13 +212,18 @@ impl Service for Gateway {
     }
 }
 
-/// Hands this worker's usage to the control thread every second (and [`Service::stopped`]
-/// once more when the worker stops, after its requests drained).
-async fn flush_usage(gw: Rc<Gateway>) {
-    let Some(keys) = &gw.keys else { return };
+/// Every second: hands this worker's usage to the control thread and publishes its
+/// metrics ([`Service::stopped`] does both once more when the worker stops, after its
+/// requests drained).
+async fn publish(gw: Rc<Gateway>) {
     loop {
         monoio::select! {
-            _ = monoio::time::sleep(Duration::from_secs(1)) => gw.meter.flush(&keys.shared().usage),
+            _ = monoio::time::sleep(Duration::from_secs(1)) => {
+                if let Some(keys) = &gw.keys {
+                    gw.meter.flush(&keys.shared().usage);
+                }
+                gw.observer.publish(&gw.worker.status.metrics);
+            }
             _ = gw.worker.shutdown.wait() => break,
         }
     }

@@ -1,6 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (every worker is serving
-//! and the node is not draining) and `/workers` (each worker's driver, settings generation,
-//! requests and open connections). It runs on its own thread, off the workers' cores'
+//! and the node is not draining), `/workers` (each worker's driver, settings generation,
+//! requests and open connections) and `/metrics` (Prometheus text format). It runs on its own thread, off the workers' cores'
 //! hot path, and keeps answering while the workers drain so load balancers see 503.
 
 use std::rc::Rc;
@@ -25,6 +25,7 @@ pub struct AdminState {
         Arc<crate::config::pushed::SharedConfig>,
         std::time::Duration,
     )>,
+    pub started: std::time::Instant,
 }
 
 impl AdminState {
@@ -100,6 +101,27 @@ impl AdminService {
                     "usage_dropped_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().1),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
+            }
+            "/metrics" => {
+                let mut sum = crate::metrics::WorkerMetrics::default();
+                for w in s.workers.iter() {
+                    sum.merge(&w.metrics.lock().unwrap_or_else(|p| p.into_inner()));
+                }
+                let keys = s.keys.as_ref().map(|(k, _)| k);
+                let gauges = crate::metrics::Gauges {
+                    open_connections: s.workers.iter().map(|w| w.open_connections()).sum(),
+                    workers: s.workers.len() as u64,
+                    workers_running: s.workers.iter().filter(|w| w.is_running()).count() as u64,
+                    uptime_seconds: s.started.elapsed().as_secs_f64(),
+                    config_revision: keys.map(|k| k.revision()),
+                    config_age_seconds: keys.and_then(|k| k.age_seconds()).map(|a| a as f64),
+                    control_plane_connected: keys.map(|k| k.connected()),
+                    usage_unacknowledged_entries: keys.map(|k| k.usage_backlog().0),
+                    usage_dropped_entries: keys.map(|k| k.usage_backlog().1),
+                };
+                let mut r = Response::json(200, crate::metrics::render(&sum, &gauges).into_bytes());
+                r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+                r
             }
             "/workers" => {
                 let workers: Vec<_> = s

@@ -110,6 +110,7 @@ impl ServerHandle {
 /// Binds and starts a node. Returns once every worker is accepting, or with the first
 /// worker's error.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    let started = std::time::Instant::now();
     raise_fd_limit();
     let admin_stop = Arc::new(Shutdown::default());
     // No provider configured: start the built-in demo provider and route everything there,
@@ -240,6 +241,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         shutdown: Arc::clone(&shutdown),
         settings: Arc::clone(&settings),
         keys: keys.as_ref().map(|p| (Arc::clone(&p.config), p.max_stale)),
+        started,
     };
     let admin_spec = side_worker(
         admin_listener,

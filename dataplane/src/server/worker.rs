@@ -29,6 +29,9 @@ pub struct WorkerStatus {
     usage_reported: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
+    /// What the worker's service counted, published about once a second; read by the
+    /// admin listener's `/metrics`.
+    pub metrics: std::sync::Mutex<crate::metrics::WorkerMetrics>,
 }
 
 impl WorkerStatus {
