@@ -27,6 +27,7 @@ pub mod errors;
 pub mod gateway;
 pub mod h1;
 pub mod node;
+pub mod pii;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
