@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use super::validate::{self, Validator};
+use super::validate::{self, Validator, CONTEXT};
 use super::Entity;
 
 /// A pattern too wide for the stream's fixed hold-back: its matches begin with `anchor`, and
@@ -156,10 +156,13 @@ fn token(t: &[u8], start: usize, head_end: usize, cap: usize) -> Option<(usize, 
     if end - start > cap {
         return None;
     }
+    let run_end = end;
     while end > head_end && t[end - 1] == b'-' {
         end -= 1;
     }
-    Some((start, end))
+    // At most `CONTEXT - 1` trailing bytes are dropped, so a token whose run reaches the end
+    // of a stream's text so far always ends within `CONTEXT` of it (and waits).
+    (run_end - end < CONTEXT).then_some((start, end))
 }
 
 const OPENAI_CAP: usize = 256;
@@ -208,10 +211,11 @@ fn email_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
     }
     let domain_class = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
     let mut end = e - 1 + run(t, e - 1, domain_class);
+    let run_end = end;
     while end > at + 1 && matches!(t[end - 1], b'.' | b'-') {
         end -= 1;
     }
-    if end - at - 1 > EMAIL_DOMAIN_CAP || t.get(end) == Some(&b'_') {
+    if run_end - end >= CONTEXT || end - at - 1 > EMAIL_DOMAIN_CAP || t.get(end) == Some(&b'_') {
         return None;
     }
     Some((start, end))

@@ -335,6 +335,8 @@ fn arb_text() -> impl Strategy<Value = String> {
             Just(gateway_key()),
             Just("-----BEGIN ".to_owned()),
             Just("eyJ".to_owned()),
+            Just("sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z-----".to_owned()),
+            Just("a@b.example.....".to_owned()),
             "[ a-z0-9@.:+\\-\n_é]{0,12}",
         ],
         0..12,
@@ -343,7 +345,10 @@ fn arb_text() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    // PII_STREAM_CASES raises the case count for a longer run.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PII_STREAM_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    ))]
     #[test]
     fn streaming_equals_one_shot(text in arb_text(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10)) {
         let whole = redact(Policy::default(), &text).unwrap();
