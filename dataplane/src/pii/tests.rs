@@ -362,3 +362,52 @@ proptest! {
         prop_assert_eq!(stream(Policy::default(), &pieces).0, whole);
     }
 }
+
+#[test]
+fn stream_blocks_and_serves_tenant_patterns() {
+    let mut scratch = scanner().scratch().unwrap();
+    let policy = Policy::default().with(Entity::Secret, Action::Block);
+    let mut s = StreamRedactor::new(Redactor::new(scanner(), None, policy));
+    let mut result = Ok(String::new());
+    for piece in [
+        "my key is AKIAIOSF",
+        "ODNN7EXAMPLE",
+        &" and more".repeat(100),
+    ] {
+        result = s.push(&mut scratch, piece);
+        if result.is_err() {
+            break;
+        }
+    }
+    let result = result.and_then(|_| s.finish(&mut scratch));
+    assert!(matches!(
+        result,
+        Err(RedactError::Blocked {
+            entity: Entity::Secret,
+            rule: Rule::Builtin("aws_access_key_id")
+        })
+    ));
+
+    // A tenant pattern that can end inside a UTF-8 character is widened to whole characters.
+    let t = TenantPatterns::compile(&[r"ref:[\x00-\xff]{3}"]).unwrap();
+    let text = "see ref:éé and ref:abc, mail a@x.com";
+    let whole = Redactor::new(scanner(), Some(&t), Policy::default())
+        .redact(&mut scratch, text)
+        .unwrap();
+    assert_eq!(whole, "see [CUSTOM_1] and [CUSTOM_2], mail [EMAIL_1]");
+    for size in 1..6 {
+        let mut s = StreamRedactor::new(Redactor::new(scanner(), Some(&t), Policy::default()));
+        let mut out = String::new();
+        let mut i = 0;
+        while i < text.len() {
+            let mut j = (i + size).min(text.len());
+            while !text.is_char_boundary(j) {
+                j += 1;
+            }
+            out.push_str(&s.push(&mut scratch, &text[i..j]).unwrap());
+            i = j;
+        }
+        out.push_str(&s.finish(&mut scratch).unwrap());
+        assert_eq!(out, whole, "piece size {size}");
+    }
+}
