@@ -29,6 +29,7 @@ pub mod gateway;
 pub mod h1;
 pub mod metrics;
 pub mod node;
+pub mod pii;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
