@@ -679,6 +679,24 @@ where
                         }
                     }
                 }
+                Message::Event { boot_epoch, seq, kind, detail, .. } => {
+                    let store = Arc::clone(&store);
+                    let (id, event_scope) = (node.to_string(), scope.clone());
+                    let stored = tokio::task::spawn_blocking(move || {
+                        store.record_event(&id, &event_scope, boot_epoch, seq, &kind, &detail)
+                    })
+                    .await;
+                    match stored {
+                        Ok(Ok(_)) => conn.send(&Message::EventAck { boot_epoch, seq }).await?,
+                        // Malformed or out of scope: resending will not change that.
+                        Ok(Err(StoreError::Invalid(e))) => {
+                            tracing::warn!(node, boot_epoch, seq, error = %e, "refused an event from the node");
+                            conn.send(&Message::EventAck { boot_epoch, seq }).await?;
+                        }
+                        Ok(Err(e)) => tracing::error!(node, boot_epoch, seq, error = %e, "cannot store an event; the node keeps it"),
+                        Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing an event failed; the node keeps it"),
+                    }
+                }
                 other => tracing::debug!(node, ?other, "ignoring message"),
             }
             }

@@ -202,6 +202,9 @@ CREATE TABLE prices (
 );
 ALTER TABLE usage_daily ADD COLUMN unpriced_requests INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE policies ADD COLUMN guardrails TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 /// `meta` rows.

@@ -15,7 +15,8 @@
 //! - [`runtime`]: the io_uring probe, timers, coarse clocks, shutdown signals;
 //! - [`body`]: request bodies as JSON, parsed once and edited;
 //! - [`h1`]: the HTTP/1.1 codec, no I/O;
-//! - [`metrics`]: Prometheus figures, counted per worker and rendered for the admin listener.
+//! - [`metrics`]: Prometheus figures, counted per worker and rendered for the admin listener;
+//! - [`pii`]: PII and secret detection (Hyperscan) and redaction, no I/O.
 
 // The crate is the data plane's own code, not a library for others: its docs are read with
 // `cargo doc --document-private-items`, where links to private modules resolve.

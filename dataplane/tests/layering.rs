@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Top to bottom, as `lib.rs` lists them.
 const LAYERS: &[&str] = &[
     "node", "gateway", "server", "config", "upstream", "adapters", "errors", "runtime", "body",
-    "h1", "metrics",
+    "h1", "metrics", "pii",
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

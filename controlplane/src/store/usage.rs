@@ -254,6 +254,45 @@ impl Store {
         })
     }
 
+    /// Writes a node's event (a guardrail block…) to the audit log once: `Ok(false)` when it
+    /// was written before (a resend). An event naming a tenant environment outside the
+    /// node's scope is refused.
+    pub fn record_event(
+        &self,
+        node_id: &str,
+        scope: &super::NodeScope,
+        boot_epoch: u64,
+        seq: u64,
+        kind: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        let detail: serde_json::Value = serde_json::from_str(detail)
+            .map_err(|e| StoreError::Invalid(format!("event detail is not JSON: {e}")))?;
+        let tenant = detail["tenant_id"].as_str().unwrap_or("");
+        let environment = detail["environment"].as_str().unwrap_or("");
+        if !scope.covers(tenant, environment) {
+            return Err(StoreError::Invalid(format!(
+                "event for {tenant}/{environment}, outside node {node_id}'s scope"
+            )));
+        }
+        self.with_tx(|tx| {
+            let fresh = tx.execute(
+                "INSERT OR IGNORE INTO usage_reports (node_id, boot_epoch, seq, received_at) VALUES (?1, ?2, ?3, ?4)",
+                params![node_id, n(boot_epoch), n(seq), now()],
+            )?;
+            if fresh == 0 {
+                return Ok(false);
+            }
+            let actor = super::Actor {
+                principal: format!("node:{node_id}"),
+                source: node_id.to_string(),
+            };
+            let target = detail["key_id"].as_str().unwrap_or("").to_string();
+            super::audit(tx, &actor, kind, &target, detail.clone())?;
+            Ok(true)
+        })
+    }
+
     /// A tenant's usage, grouped as asked, groups in order.
     pub fn usage(&self, tenant_id: &str, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         if q.to_day < q.from_day {

@@ -18,7 +18,10 @@ pub use messages::{
     Change, KeyRecord, KeyStatus, Message, Record, RecordProblem, Tombstone, UsageEntry,
     PROTOCOL_VERSION,
 };
-pub use routing::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
+pub use routing::{
+    GuardrailAction, GuardrailRecord, PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord,
+    GUARDRAIL_ENTITIES,
+};
 pub use rules::{NonRetention, ProviderKind};
 
 #[cfg(test)]
@@ -143,14 +146,30 @@ mod tests {
             any::<bool>(),
             "[a-z]{0,4}",
             any::<bool>(),
+            proptest::collection::vec(("[a-z]{1,8}", 0u8..3, 0u8..3), 0..4),
         )
-            .prop_map(|(id, zero_retention, region, hipaa)| PolicyRecord {
-                id,
-                tenant_id: "t".into(),
-                environment: "development".into(),
-                zero_retention,
-                region,
-                hipaa,
+            .prop_map(|(id, zero_retention, region, hipaa, guardrails)| {
+                let action = |a: u8| match a {
+                    0 => GuardrailAction::Allow,
+                    1 => GuardrailAction::Redact,
+                    _ => GuardrailAction::Block,
+                };
+                PolicyRecord {
+                    id,
+                    tenant_id: "t".into(),
+                    environment: "development".into(),
+                    zero_retention,
+                    region,
+                    hipaa,
+                    guardrails: guardrails
+                        .into_iter()
+                        .map(|(entity, q, r)| GuardrailRecord {
+                            entity,
+                            requests: action(q),
+                            responses: action(r),
+                        })
+                        .collect(),
+                }
             })
     }
 
@@ -311,6 +330,8 @@ mod tests {
                 }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(boot_epoch, seq)| Message::UsageAck { boot_epoch, seq }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(boot_epoch, seq)| Message::EventAck { boot_epoch, seq }),
             (
                 "[a-z0-9-]{0,12}",
                 any::<u64>(),

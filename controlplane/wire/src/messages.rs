@@ -212,13 +212,19 @@ pub enum Message {
         node_id: String,
         cert_der: Vec<u8>,
     },
-    /// Node → control plane: a guardrail block, a leaked-key sighting…
+    /// Node → control plane: a guardrail block, a leaked-key sighting… for the audit log;
+    /// (node, boot epoch, seq) makes a resend idempotent.
     Event {
         node_id: String,
         boot_epoch: u64,
         seq: u64,
         kind: String,
         detail: String,
+    },
+    /// Control plane → node: the event is in the audit log.
+    EventAck {
+        boot_epoch: u64,
+        seq: u64,
     },
 }
 
@@ -236,6 +242,7 @@ pub mod types {
     pub const REFUSED: u16 = 10;
     pub const ENROLL: u16 = 11;
     pub const ENROLLED: u16 = 12;
+    pub const EVENT_ACK: u16 = 13;
 }
 
 /// Record kind codes.
@@ -518,6 +525,7 @@ impl Message {
             Self::UsageReport { .. } => types::USAGE_REPORT,
             Self::UsageAck { .. } => types::USAGE_ACK,
             Self::Event { .. } => types::EVENT,
+            Self::EventAck { .. } => types::EVENT_ACK,
             Self::Refused { .. } => types::REFUSED,
             Self::Enroll { .. } => types::ENROLL,
             Self::Enrolled { .. } => types::ENROLLED,
@@ -607,7 +615,7 @@ impl Message {
                     put_field(out, 4, |o| e.encode(o));
                 }
             }
-            Self::UsageAck { boot_epoch, seq } => {
+            Self::UsageAck { boot_epoch, seq } | Self::EventAck { boot_epoch, seq } => {
                 put_u64(out, 1, *boot_epoch);
                 put_u64(out, 2, *seq);
             }
@@ -639,7 +647,7 @@ impl Message {
     /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
     /// know (the caller skips it).
     pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
-        if !(types::HELLO..=types::ENROLLED).contains(&code) {
+        if !(types::HELLO..=types::EVENT_ACK).contains(&code) {
             return Ok(None);
         }
         // Checked whole first; then each field is looked up where it is, without building
@@ -698,6 +706,10 @@ impl Message {
                 entries: repeated(body, 4)?,
             },
             types::USAGE_ACK => Self::UsageAck {
+                boot_epoch: u(1)?,
+                seq: u(2)?,
+            },
+            types::EVENT_ACK => Self::EventAck {
                 boot_epoch: u(1)?,
                 seq: u(2)?,
             },

@@ -72,7 +72,69 @@ pub struct PolicyRecord {
     pub region: String,
     /// Only upstreams under a BAA.
     pub hipaa: bool,
+    /// PII and secret guardrails: per entity, what is done in requests and in responses
+    /// (an entity not listed is allowed both ways).
+    pub guardrails: Vec<GuardrailRecord>,
 }
+
+/// What a guardrail does with an entity it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuardrailAction {
+    #[default]
+    Allow,
+    /// Replaced by a typed placeholder (`[EMAIL_1]`).
+    Redact,
+    /// The request (or the rest of the response) is refused.
+    Block,
+}
+
+impl GuardrailAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Redact => "redact",
+            Self::Block => "block",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s {
+            "allow" => Self::Allow,
+            "redact" => Self::Redact,
+            "block" => Self::Block,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> u64 {
+        match self {
+            Self::Allow => 0,
+            Self::Redact => 1,
+            Self::Block => 2,
+        }
+    }
+
+    fn from_code(tag: u64, v: u64) -> Result<Self, InvalidMessage> {
+        Ok(match v {
+            0 => Self::Allow,
+            1 => Self::Redact,
+            2 => Self::Block,
+            _ => return Err(InvalidMessage::BadField { tag }),
+        })
+    }
+}
+
+/// One entity's guardrail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardrailRecord {
+    /// `email`, `phone`, `card`, `ssn`, `iban`, `ip` or `secret`.
+    pub entity: String,
+    pub requests: GuardrailAction,
+    pub responses: GuardrailAction,
+}
+
+/// The entities guardrails know.
+pub const GUARDRAIL_ENTITIES: [&str; 7] = ["email", "phone", "card", "ssn", "iban", "ip", "secret"];
 
 fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
     match get_u64(tag, body)? {
@@ -269,11 +331,19 @@ impl Codec for PolicyRecord {
         put_nonzero(out, 4, u64::from(self.zero_retention));
         put_nonempty(out, 5, &self.region);
         put_nonzero(out, 6, u64::from(self.hipaa));
+        for g in &self.guardrails {
+            put_field(out, 7, |o| {
+                put_str(o, 1, &g.entity);
+                put_nonzero(o, 2, g.requests.code());
+                put_nonzero(o, 3, g.responses.code());
+            });
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
         let (mut id, mut tenant_id, mut environment) = (None, None, None);
         let (mut zero_retention, mut region, mut hipaa) = (false, String::new(), false);
+        let mut guardrails = Vec::new();
         while !r.is_empty() {
             let (tag, body) = r.field()?;
             match tag {
@@ -283,6 +353,26 @@ impl Codec for PolicyRecord {
                 4 => zero_retention = flag(tag, body)?,
                 5 => region = get_str(body)?,
                 6 => hipaa = flag(tag, body)?,
+                7 => {
+                    let mut g = Reader::new(body);
+                    let mut entity = None;
+                    let (mut requests, mut responses) =
+                        (GuardrailAction::Allow, GuardrailAction::Allow);
+                    while !g.is_empty() {
+                        let (t, b) = g.field()?;
+                        match t {
+                            1 => entity = Some(get_str(b)?),
+                            2 => requests = GuardrailAction::from_code(t, get_u64(t, b)?)?,
+                            3 => responses = GuardrailAction::from_code(t, get_u64(t, b)?)?,
+                            _ => {}
+                        }
+                    }
+                    guardrails.push(GuardrailRecord {
+                        entity: required(entity, 1)?,
+                        requests,
+                        responses,
+                    });
+                }
                 _ => {}
             }
         }
@@ -293,6 +383,7 @@ impl Codec for PolicyRecord {
             zero_retention,
             region,
             hipaa,
+            guardrails,
         })
     }
 }

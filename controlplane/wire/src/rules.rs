@@ -652,6 +652,23 @@ pub fn check_route(r: &RouteRecord) -> Result<Environment, RuleError> {
 pub fn check_policy(r: &PolicyRecord) -> Result<Environment, RuleError> {
     let environment = check_owner(&r.tenant_id, &r.environment)?;
     check_region("region", &r.region)?;
+    for (i, g) in r.guardrails.iter().enumerate() {
+        if !crate::routing::GUARDRAIL_ENTITIES.contains(&g.entity.as_str()) {
+            return Err(RuleError::new(
+                format!("guardrails.{}", g.entity),
+                format!(
+                    "unknown entity (one of {})",
+                    crate::routing::GUARDRAIL_ENTITIES.join(", ")
+                ),
+            ));
+        }
+        if r.guardrails[..i].iter().any(|o| o.entity == g.entity) {
+            return Err(RuleError::new(
+                format!("guardrails.{}", g.entity),
+                "given twice",
+            ));
+        }
+    }
     Ok(environment)
 }
 

@@ -462,7 +462,9 @@ fn session(
                     .map_or(0, |d| d.as_millis() as u64);
                 send(&mut stream, &Message::Heartbeat { unix_ms })?;
             }
-            Message::UsageAck { boot_epoch, seq } => reports.acked(boot_epoch, seq),
+            Message::UsageAck { boot_epoch, seq } | Message::EventAck { boot_epoch, seq } => {
+                reports.acked(boot_epoch, seq)
+            }
             Message::Refused { reason } => {
                 anyhow::bail!(
                     "the control plane refused this node: {reason} (to enrol it again: controlplane node-enroll <node id>, then restart the node with the token in {})",

@@ -32,10 +32,16 @@ pub const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 type Key = (String, String, u64);
 
-/// Usage measured by the workers, merged, not yet cut into reports.
+/// Events (a guardrail block…) waiting to be cut into reports, at most; beyond, the
+/// oldest are dropped, counted and logged.
+pub const MAX_PENDING_EVENTS: usize = 10_000;
+
+/// Usage measured by the workers, merged, and events they raised, not yet cut into
+/// reports.
 #[derive(Debug, Default)]
 pub struct Outbox {
     pending: Mutex<HashMap<Key, UsageEntry>>,
+    events: Mutex<VecDeque<(String, String)>>,
 }
 
 impl Outbox {
@@ -56,16 +62,70 @@ impl Outbox {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.drain().map(|(_, e)| e).collect()
     }
+
+    /// An event for the control plane's audit log (`detail` is JSON).
+    pub fn event(&self, kind: &str, detail: String) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() >= MAX_PENDING_EVENTS {
+            events.pop_front();
+            tracing::error!(
+                kind,
+                "too many events waiting for the control plane: the oldest is dropped"
+            );
+        }
+        events.push_back((kind.to_string(), detail));
+    }
+
+    fn take_events(&self) -> Vec<(String, String)> {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.drain(..).collect()
+    }
 }
 
-/// One report: its number, its entries, and whether it has been sent on the current link.
+/// One report: its number, what it carries, and whether it has been sent on the current
+/// link.
 #[derive(Debug, Clone)]
 struct Report {
     boot_epoch: u64,
     seq: u64,
-    entries: Vec<UsageEntry>,
+    body: Body,
     /// When it was last sent on the current link.
     sent: Option<std::time::Instant>,
+}
+
+/// What a report carries: usage entries, or one event.
+#[derive(Debug, Clone)]
+enum Body {
+    Usage(Vec<UsageEntry>),
+    Event { kind: String, detail: String },
+}
+
+impl Body {
+    /// Its weight against [`MAX_UNACKED_ENTRIES`].
+    fn entries(&self) -> usize {
+        match self {
+            Body::Usage(e) => e.len(),
+            Body::Event { .. } => 1,
+        }
+    }
+
+    fn message(&self, node_id: &str, boot_epoch: u64, seq: u64) -> Message {
+        match self {
+            Body::Usage(entries) => Message::UsageReport {
+                node_id: node_id.to_string(),
+                boot_epoch,
+                seq,
+                entries: entries.clone(),
+            },
+            Body::Event { kind, detail } => Message::Event {
+                node_id: node_id.to_string(),
+                boot_epoch,
+                seq,
+                kind: kind.clone(),
+                detail: detail.clone(),
+            },
+        }
+    }
 }
 
 /// The control thread's side: reports not yet acknowledged, and the spill file.
@@ -114,10 +174,10 @@ impl Reports {
         }
         match read_spill_file(&spill.path, &spill.kek) {
             Ok(reports) => {
-                let n: usize = reports.iter().map(|r| r.entries.len()).sum();
+                let n: usize = reports.iter().map(|r| r.body.entries()).sum();
                 tracing::info!(reports = reports.len(), entries = n, path = %spill.path.display(), "usage reports from before the restart, to be sent");
                 for r in reports {
-                    self.entries += r.entries.len();
+                    self.entries += r.body.entries();
                     self.unacked.push_back(r);
                 }
             }
@@ -127,21 +187,28 @@ impl Reports {
         }
     }
 
+    fn push(&mut self, body: Body) {
+        self.entries += body.entries();
+        self.unacked.push_back(Report {
+            boot_epoch: self.boot_epoch,
+            seq: self.next_seq,
+            body,
+            sent: None,
+        });
+        self.next_seq += 1;
+        self.spilled_changed = true;
+    }
+
     /// Cuts what the workers handed over into reports.
     pub fn cut(&mut self, outbox: &Outbox) {
+        for (kind, detail) in outbox.take_events() {
+            self.push(Body::Event { kind, detail });
+        }
         let mut entries = outbox.take();
         while !entries.is_empty() {
             let rest = entries.split_off(entries.len().min(MAX_REPORT_ENTRIES));
             let chunk = std::mem::replace(&mut entries, rest);
-            self.entries += chunk.len();
-            self.unacked.push_back(Report {
-                boot_epoch: self.boot_epoch,
-                seq: self.next_seq,
-                entries: chunk,
-                sent: None,
-            });
-            self.next_seq += 1;
-            self.spilled_changed = true;
+            self.push(Body::Usage(chunk));
         }
         // Over the bound: the oldest reports never sent go (sent ones may have counted).
         while self.entries > MAX_UNACKED_ENTRIES {
@@ -149,10 +216,10 @@ impl Reports {
                 break;
             };
             if let Some(r) = self.unacked.remove(i) {
-                self.entries -= r.entries.len();
-                self.dropped_entries += r.entries.len() as u64;
+                self.entries -= r.body.entries();
+                self.dropped_entries += r.body.entries() as u64;
                 tracing::error!(
-                    entries = r.entries.len(),
+                    entries = r.body.entries(),
                     dropped_total = self.dropped_entries,
                     "usage buffer full while the control plane cannot take it: the oldest usage is dropped"
                 );
@@ -172,12 +239,7 @@ impl Reports {
             })
             .map(|r| {
                 r.sent = Some(now);
-                Message::UsageReport {
-                    node_id: node_id.to_string(),
-                    boot_epoch: r.boot_epoch,
-                    seq: r.seq,
-                    entries: r.entries.clone(),
-                }
+                r.body.message(node_id, r.boot_epoch, r.seq)
             })
             .collect()
     }
@@ -197,7 +259,7 @@ impl Reports {
             .position(|r| r.boot_epoch == boot_epoch && r.seq == seq)
         {
             if let Some(r) = self.unacked.remove(i) {
-                self.entries -= r.entries.len();
+                self.entries -= r.body.entries();
                 self.spilled_changed = true;
             }
         }
@@ -240,15 +302,7 @@ fn write_spill_file<'a>(
 ) -> Result<(), String> {
     let mut frames = Vec::new();
     for r in reports {
-        aigw_wire::encode_frame(
-            &Message::UsageReport {
-                node_id: String::new(),
-                boot_epoch: r.boot_epoch,
-                seq: r.seq,
-                entries: r.entries.clone(),
-            },
-            &mut frames,
-        );
+        aigw_wire::encode_frame(&r.body.message("", r.boot_epoch, r.seq), &mut frames);
     }
     let sealed = crate::seal::seal(kek, SPILL_PURPOSE, &frames).map_err(|e| e.to_string())?;
     crate::seal::files::write_private(path, &sealed).map_err(|e| e.to_string())
@@ -261,24 +315,32 @@ fn read_spill_file(path: &Path, kek: &crate::seal::Kek) -> Result<Vec<Report>, S
     let mut rest = &bytes[..];
     while !rest.is_empty() {
         match aigw_wire::decode_frame(rest, aigw_wire::DEFAULT_MAX_FRAME) {
-            Ok(Some((
-                aigw_wire::Frame::Message(Message::UsageReport {
-                    boot_epoch,
-                    seq,
-                    entries,
-                    ..
-                }),
-                used,
-            ))) => {
+            Ok(Some((aigw_wire::Frame::Message(m), used))) => {
+                let (boot_epoch, seq, body) = match m {
+                    Message::UsageReport {
+                        boot_epoch,
+                        seq,
+                        entries,
+                        ..
+                    } => (boot_epoch, seq, Body::Usage(entries)),
+                    Message::Event {
+                        boot_epoch,
+                        seq,
+                        kind,
+                        detail,
+                        ..
+                    } => (boot_epoch, seq, Body::Event { kind, detail }),
+                    _ => return Err("the spill file holds something other than reports".into()),
+                };
                 reports.push(Report {
                     boot_epoch,
                     seq,
-                    entries,
+                    body,
                     sent: None,
                 });
                 rest = &rest[used..];
             }
-            _ => return Err("the spill file holds something other than usage reports".into()),
+            _ => return Err("the spill file holds something other than reports".into()),
         }
     }
     Ok(reports)

@@ -96,6 +96,16 @@ catalogue! {
     InvalidRequest = (400, "invalid_request", Downstream, "the request is missing a required field"),
     ModelNotAllowed = (403, "model_not_allowed", Downstream, "the API key may not use this model"),
 
+    // Guardrails: the environment's policy blocks what the request holds.
+    GuardrailEmail = (400, "guardrail_email", Downstream, "the request holds an e-mail address, which this environment's guardrail blocks"),
+    GuardrailPhone = (400, "guardrail_phone", Downstream, "the request holds a phone number, which this environment's guardrail blocks"),
+    GuardrailCard = (400, "guardrail_card", Downstream, "the request holds a payment card number, which this environment's guardrail blocks"),
+    GuardrailSsn = (400, "guardrail_ssn", Downstream, "the request holds a US social security number, which this environment's guardrail blocks"),
+    GuardrailIban = (400, "guardrail_iban", Downstream, "the request holds an IBAN, which this environment's guardrail blocks"),
+    GuardrailIp = (400, "guardrail_ip", Downstream, "the request holds an IP address, which this environment's guardrail blocks"),
+    GuardrailSecret = (400, "guardrail_secret", Downstream, "the request holds a secret (an API key, a token, a private key), which this environment's guardrail blocks"),
+    GuardrailUnavailable = (503, "guardrail_unavailable", Internal, "the guardrail scanner is unavailable; the request was not sent"),
+
     // Routing.
     ModelNotFound = (404, "model_not_found", Downstream, "no route for this model on this API"),
     PolicyBlocked = (403, "policy_blocked", Downstream, "no upstream for this model meets this environment's policy"),
@@ -131,7 +141,10 @@ impl Code {
     /// "busy, try again" rather than "this will fail again".
     pub const fn retry_after(self) -> Option<u32> {
         match self {
-            Code::ServerBusy | Code::UpstreamBusy | Code::ConfigNotLoaded => Some(1),
+            Code::ServerBusy
+            | Code::UpstreamBusy
+            | Code::ConfigNotLoaded
+            | Code::GuardrailUnavailable => Some(1),
             _ => None,
         }
     }

@@ -71,6 +71,10 @@ pub struct RequestCtx {
     pub usage: Usage,
     /// Why the request failed, when a phase ended it (or a stream was cut short).
     pub error: Option<Code>,
+    /// Spans the request guardrail replaced by placeholders.
+    pub redacted: usize,
+    /// The entity a guardrail refused the request for.
+    pub guardrail_blocked: Option<crate::pii::Entity>,
 }
 
 impl RequestCtx {
@@ -92,6 +96,8 @@ impl RequestCtx {
             },
             usage: Usage::default(),
             error: None,
+            redacted: 0,
+            guardrail_blocked: None,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod authenticate;
 pub mod ctx;
 pub mod endpoint;
 pub mod exchange;
+pub(crate) mod guard;
 pub mod log;
 pub(crate) mod meter;
 pub mod models;
@@ -61,6 +62,9 @@ pub struct Pushed {
     pub served: Vec<Environment>,
     /// Longest time without the control plane before requests are refused (0 = forever).
     pub max_stale: Duration,
+    /// The node's PII and secret scanner; `None` when it could not be built (requests that
+    /// need a guardrail are then refused).
+    pub scanner: Option<crate::pii::Scanner>,
 }
 
 /// One per worker.
@@ -76,11 +80,17 @@ pub struct Gateway {
     /// This worker's usage counters, reported to the control plane.
     meter: meter::Meter,
     observer: observe::Observer,
+    guard: Option<guard::Guard>,
 }
 
 impl Gateway {
     pub fn new(worker: &Rc<WorkerCtx>, pushed: Option<Pushed>) -> Self {
+        let guard = pushed
+            .as_ref()
+            .and_then(|p| p.scanner.as_ref())
+            .and_then(guard::Guard::new);
         Self {
+            guard,
             worker: Rc::clone(worker),
             keys: pushed.map(|p| LocalConfig::new(p.config, p.served, p.max_stale)),
             pool: Pool::new(),
@@ -138,6 +148,8 @@ impl Gateway {
         }
         let head = req.head();
         let body = req.body().clone();
+        let body =
+            guard::requests(self.guard.as_ref(), ctx, routes.as_deref(), &body)?.unwrap_or(body);
         let parsed = parse::run(ctx, &head, &body)?;
         let targets = route::run(ctx, routes.as_deref())?;
         let answer =
@@ -201,6 +213,23 @@ impl Service for Gateway {
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
         self.meter.record(&ctx, done);
         self.observer.record(&ctx, done);
+        if let (Some(entity), Some(id), Some(keys)) =
+            (ctx.guardrail_blocked, &ctx.identity, &self.keys)
+        {
+            // For the control plane's audit log: who, what kind of thing, never the value.
+            let detail = serde_json::json!({
+                "tenant_id": &*id.tenant_id,
+                "environment": id.environment.name(),
+                "key_id": &*id.key_id,
+                "entity": entity.tag().to_ascii_lowercase(),
+                "direction": "request",
+                "request_id": ctx.id.to_string(),
+                "model": ctx.model.as_deref(),
+            });
+            keys.shared()
+                .usage
+                .event("guardrail.block", detail.to_string());
+        }
         if ctx.usage.reported {
             self.worker
                 .status

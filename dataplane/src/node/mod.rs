@@ -183,10 +183,27 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                 Arc::clone(&admin_stop),
                 persist,
             )?);
+            // Guardrails come with the pushed policies: the scanner is built once, here,
+            // and shared by every worker (each with its own scratch).
+            let compiling = std::time::Instant::now();
+            let scanner = match crate::pii::Scanner::new() {
+                Ok(s) => {
+                    tracing::debug!(
+                        ms = compiling.elapsed().as_millis() as u64,
+                        "guardrail scanner built"
+                    );
+                    Some(s)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the guardrail scanner cannot be built; requests of environments with guardrails are refused");
+                    None
+                }
+            };
             Some(Pushed {
                 config: shared,
                 served,
                 max_stale: cp.max_stale,
+                scanner,
             })
         }
         None => {

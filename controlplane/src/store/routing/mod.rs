@@ -125,6 +125,9 @@ mod check {
             zero_retention: spec.zero_retention,
             region: spec.region.clone(),
             hipaa: spec.hipaa,
+            guardrails: types::guardrail_records(
+                &types::guardrail_views(&spec.guardrails).map_err(StoreError::Invalid)?,
+            ),
         })?;
         Ok(())
     }

@@ -261,6 +261,9 @@ impl Store {
         spec: &PolicySpec,
     ) -> Result<Written<Policy>, StoreError> {
         check::policy(tenant_id, environment, spec)?;
+        let guardrails =
+            super::types::guardrail_views(&spec.guardrails).map_err(StoreError::Invalid)?;
+        let guardrails_json = serde_json::to_string(&guardrails).unwrap_or_else(|_| "{}".into());
         let id = policy_id(tenant_id, environment);
         self.with_tx(|tx| {
             tenant_exists(tx, tenant_id)?;
@@ -271,18 +274,19 @@ impl Store {
                 i64::from(spec.zero_retention),
                 spec.region,
                 i64::from(spec.hipaa),
-                now()
+                now(),
+                guardrails_json
             ];
             let updated = tx.execute(
                 "UPDATE policies SET tenant_id = ?2, environment = ?3, zero_retention = ?4, region = ?5,
-                    hipaa = ?6, updated_at = ?7
+                    hipaa = ?6, updated_at = ?7, guardrails = ?8
                  WHERE id = ?1",
                 values,
             )?;
             if updated == 0 {
                 tx.execute(
-                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     values,
                 )?;
             }
@@ -298,6 +302,7 @@ impl Store {
                     "zero_retention": spec.zero_retention,
                     "region": spec.region,
                     "hipaa": spec.hipaa,
+                    "guardrails": guardrails,
                 }),
             )?;
             let record = policy_of(tx, tenant_id, environment)?;

@@ -170,7 +170,7 @@ pub(in crate::store) fn route_records(
 }
 
 const POLICY_SELECT: &str =
-    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at FROM policies";
+    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails FROM policies";
 
 fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
     Ok(Policy {
@@ -181,6 +181,9 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
         region: r.get(4)?,
         hipaa: r.get::<_, i64>(5)? != 0,
         updated_at: r.get(6)?,
+        // Written by this store from a checked spec; unreadable only if edited by hand, and
+        // then no guardrail is better shown than a made-up one: the node is sent none.
+        guardrails: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
     })
 }
 
@@ -214,6 +217,7 @@ pub(in crate::store) fn policy_records(
             zero_retention: p.zero_retention,
             region: p.region,
             hipaa: p.hipaa,
+            guardrails: super::types::guardrail_records(&p.guardrails),
         })
         .collect())
 }
@@ -241,6 +245,7 @@ pub(super) fn policy_of(
         zero_retention: false,
         region: String::new(),
         hipaa: false,
+        guardrails: Default::default(),
         updated_at: 0,
     }))
 }

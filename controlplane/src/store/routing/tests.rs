@@ -223,6 +223,7 @@ fn changes_since_sends_current_records_and_tombstones() {
             zero_retention: true,
             region: "eu".into(),
             hipaa: false,
+            guardrails: Default::default(),
         },
     )
     .expect("policy");
@@ -591,6 +592,7 @@ fn policies_default_to_off_and_are_replaced_whole() {
         zero_retention: true,
         region: "eu".into(),
         hipaa: true,
+        guardrails: Default::default(),
     };
     let w = s
         .put_policy(&actor(), "t", Environment::Staging, &spec)

@@ -1,6 +1,8 @@
 //! The routing records as operators write them (the bodies of PUTs) and read them back:
 //! never a credential, only whether one is set.
 
+use std::collections::BTreeMap;
+
 use aigw_wire::NonRetention;
 use serde::{Deserialize, Serialize};
 
@@ -141,6 +143,73 @@ pub struct PolicySpec {
     /// Only upstreams under a business associate agreement.
     #[serde(default)]
     pub hipaa: bool,
+    /// PII and secret guardrails by entity (`email`, `phone`, `card`, `ssn`, `iban`, `ip`,
+    /// `secret`): an action (`allow`, `redact`, `block`) for both directions, or
+    /// `{"requests": …, "responses": …}`. An entity not listed is allowed.
+    #[serde(default)]
+    pub guardrails: BTreeMap<String, GuardrailSpec>,
+}
+
+/// One entity's guardrail as an operator writes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GuardrailSpec {
+    Both(String),
+    Each(GuardrailView),
+}
+
+/// One entity's guardrail, each direction spelled out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailView {
+    #[serde(default = "allow")]
+    pub requests: String,
+    #[serde(default = "allow")]
+    pub responses: String,
+}
+
+fn allow() -> String {
+    "allow".into()
+}
+
+/// The spec's guardrails, each direction spelled out, or the field that is wrong.
+pub(crate) fn guardrail_views(
+    spec: &BTreeMap<String, GuardrailSpec>,
+) -> Result<BTreeMap<String, GuardrailView>, String> {
+    let mut out = BTreeMap::new();
+    for (entity, g) in spec {
+        let view = match g {
+            GuardrailSpec::Both(a) => GuardrailView {
+                requests: a.clone(),
+                responses: a.clone(),
+            },
+            GuardrailSpec::Each(v) => v.clone(),
+        };
+        for (dir, a) in [("requests", &view.requests), ("responses", &view.responses)] {
+            if aigw_wire::GuardrailAction::from_name(a).is_none() {
+                return Err(format!(
+                    "guardrails.{entity}.{dir}: {a:?} is not allow, redact or block"
+                ));
+            }
+        }
+        out.insert(entity.clone(), view);
+    }
+    Ok(out)
+}
+
+/// Guardrails as nodes receive them.
+pub(crate) fn guardrail_records(
+    views: &BTreeMap<String, GuardrailView>,
+) -> Vec<aigw_wire::GuardrailRecord> {
+    let action = |a: &str| aigw_wire::GuardrailAction::from_name(a).unwrap_or_default();
+    views
+        .iter()
+        .map(|(entity, v)| aigw_wire::GuardrailRecord {
+            entity: entity.clone(),
+            requests: action(&v.requests),
+            responses: action(&v.responses),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -151,6 +220,7 @@ pub struct Policy {
     pub zero_retention: bool,
     pub region: String,
     pub hipaa: bool,
+    pub guardrails: BTreeMap<String, GuardrailView>,
     /// Unix seconds UTC; 0 = never set (every field off).
     pub updated_at: i64,
 }

@@ -15,6 +15,53 @@ pub struct Policy {
     pub region: String,
     /// Only upstreams under a business associate agreement.
     pub hipaa: bool,
+    pub guardrails: Guardrails,
+}
+
+/// PII and secret guardrails: what is done with each entity found in a request before it
+/// leaves, and in a response before it reaches the client. `None`: nothing is looked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Guardrails {
+    pub requests: Option<crate::pii::Policy>,
+    pub responses: Option<crate::pii::Policy>,
+}
+
+impl Guardrails {
+    /// From the pushed record (entities already checked; an unknown one is ignored).
+    pub fn from_records(records: &[aigw_wire::GuardrailRecord]) -> Self {
+        use crate::pii::{Action, Entity, Policy};
+        let entity = |name: &str| {
+            Some(match name {
+                "email" => Entity::Email,
+                "phone" => Entity::Phone,
+                "card" => Entity::Card,
+                "ssn" => Entity::Ssn,
+                "iban" => Entity::Iban,
+                "ip" => Entity::Ip,
+                "secret" => Entity::Secret,
+                _ => return None,
+            })
+        };
+        let action = |a: aigw_wire::GuardrailAction| match a {
+            aigw_wire::GuardrailAction::Allow => Action::Allow,
+            aigw_wire::GuardrailAction::Redact => Action::Redact,
+            aigw_wire::GuardrailAction::Block => Action::Block,
+        };
+        let none = Entity::ALL
+            .iter()
+            .fold(Policy::default(), |p, e| p.with(*e, Action::Allow));
+        let (mut requests, mut responses) = (none, none);
+        for r in records {
+            let Some(e) = entity(&r.entity) else { continue };
+            requests = requests.with(e, action(r.requests));
+            responses = responses.with(e, action(r.responses));
+        }
+        let active = |p: Policy| (p != none).then_some(p);
+        Self {
+            requests: active(requests),
+            responses: active(responses),
+        }
+    }
 }
 
 impl Policy {

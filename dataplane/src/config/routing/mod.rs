@@ -8,6 +8,6 @@ mod pushed;
 mod table;
 mod upstreams;
 
-pub use env::{EnvRoutes, NoTarget, Policy};
+pub use env::{EnvRoutes, Guardrails, NoTarget, Policy};
 pub use pushed::{is_routing_kind, Routing};
 pub use table::{RouteTable, RouteTo, Target, Targets};

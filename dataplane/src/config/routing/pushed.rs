@@ -242,6 +242,7 @@ impl Routing {
                     zero_retention: p.zero_retention,
                     region: p.region.clone(),
                     hipaa: p.hipaa,
+                    guardrails: crate::config::routing::Guardrails::from_records(&p.guardrails),
                 }),
                 Err(e) => {
                     problems.insert((kinds::POLICY, id.clone()), e.to_string());
@@ -401,6 +402,7 @@ mod tests {
                 zero_retention: true,
                 region: String::new(),
                 hipaa: false,
+                guardrails: vec![],
             })],
             &[],
         );
@@ -489,6 +491,7 @@ mod tests {
             zero_retention: false,
             region: "Not A Region".into(),
             hipaa: false,
+            guardrails: vec![],
         });
         let stopped = ok.apply(vec![policy], &[]);
         let u = stopped.env("u", Environment::Production).expect("u");

@@ -1,0 +1,88 @@
+//! The guardrail phase for requests: before any byte leaves for an upstream, and once per
+//! request (not once per failover target), the body's string values are scanned for the
+//! PII and secrets the environment's policy names; each is replaced by a typed placeholder
+//! (`[EMAIL_1]`, the same value getting the same one) or the request is refused with a code
+//! naming the guardrail. The JSON stays valid: only string values change, escapes decoded
+//! before matching.
+//!
+//! It fails closed: a scanner that cannot run refuses the request (503) rather than let it
+//! leave unscanned.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+
+use crate::config::routing::EnvRoutes;
+use crate::errors::{ApiError, Code};
+use crate::gateway::ctx::RequestCtx;
+use crate::pii::{Entity, RedactError, Redactor, Scanner, Scratch};
+
+/// A worker's guardrail engine: the node's scanner and this worker's scratch.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    scanner: Scanner,
+    scratch: RefCell<Scratch>,
+}
+
+impl Guard {
+    /// `None` when the scanner cannot give this worker a scratch (requests that need a
+    /// guardrail are then refused).
+    pub(crate) fn new(scanner: &Scanner) -> Option<Self> {
+        match scanner.scratch() {
+            Ok(s) => Some(Self {
+                scanner: scanner.clone(),
+                scratch: RefCell::new(s),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "no guardrail scratch for this worker; requests that need a guardrail are refused");
+                None
+            }
+        }
+    }
+}
+
+/// The code a blocked entity is refused with.
+pub(crate) fn code(entity: Entity) -> Code {
+    match entity {
+        Entity::Email => Code::GuardrailEmail,
+        Entity::Phone => Code::GuardrailPhone,
+        Entity::Card => Code::GuardrailCard,
+        Entity::Ssn => Code::GuardrailSsn,
+        Entity::Iban => Code::GuardrailIban,
+        Entity::Ip => Code::GuardrailIp,
+        Entity::Secret | Entity::Custom => Code::GuardrailSecret,
+    }
+}
+
+/// The request body as it may leave: `None` when nothing changed (the original bytes go),
+/// or the redacted body.
+pub(crate) fn requests(
+    guard: Option<&Guard>,
+    ctx: &mut RequestCtx,
+    routes: Option<&EnvRoutes>,
+    body: &Bytes,
+) -> Result<Option<Bytes>, ApiError> {
+    let Some(policy) = routes.and_then(|r| r.policy.guardrails.requests) else {
+        return Ok(None);
+    };
+    let Some(guard) = guard else {
+        return Err(Code::GuardrailUnavailable.into());
+    };
+    let mut redactor = Redactor::new(&guard.scanner, None, policy);
+    let result = redactor.redact_json(&mut guard.scratch.borrow_mut(), body);
+    match result {
+        Ok(out) => {
+            ctx.redacted = redactor.redacted();
+            Ok((redactor.redacted() > 0).then(|| Bytes::from(out)))
+        }
+        Err(RedactError::Blocked { entity, .. }) => {
+            ctx.guardrail_blocked = Some(entity);
+            Err(code(entity).into())
+        }
+        Err(RedactError::Json(_)) => Err(Code::InvalidJson.into()),
+        Err(RedactError::Scan(e)) => {
+            tracing::error!(error = %e, "the guardrail scanner failed; request refused");
+            Err(Code::GuardrailUnavailable.into())
+        }
+    }
+}

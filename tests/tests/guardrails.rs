@@ -1,0 +1,181 @@
+//! PII and secret guardrails end to end: a policy set on the control plane, pushed to a
+//! node, applied to requests before they leave — redacted with typed placeholders, or
+//! refused with a code naming the guardrail in the client API's error shape — and only in
+//! the environments whose policy says so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use e2e::cp::*;
+use e2e::mock::{MockOptions, MockProvider};
+use e2e::*;
+use serde_json::{json, Value};
+
+fn post(gw: &Gateway, key: &str, path: &str, body: &str) -> Resp {
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(gw.addr(), raw.as_bytes())
+}
+
+fn chat(content: &str) -> String {
+    json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
+}
+
+/// What the provider received last, as JSON.
+fn sent(mock: &MockProvider) -> Value {
+    serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap()
+}
+
+both_drivers!(
+    requests_are_redacted_or_refused_as_the_policy_says,
+    |driver| {
+        let openai = MockProvider::start(MockOptions::default());
+        let anthropic = MockProvider::start(MockOptions {
+            default: e2e::mock::Behavior::AnthropicJson,
+            ..Default::default()
+        });
+        let cp = cp_start(
+            scratch_dir(&format!("guardrails-{driver:?}")),
+            "127.0.0.1:0",
+        );
+        tenant(&cp, "acme", "enterprise");
+        tenant(&cp, "beta", "pro");
+        route_env(&cp, "acme", "production", &openai);
+        route_env(&cp, "beta", "production", &openai);
+        let base = "/v1/tenants/acme/environments/production";
+        put(
+            &cp,
+            &format!("{base}/upstreams/an"),
+            json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+        );
+        put(
+            &cp,
+            &format!("{base}/routes/claude"),
+            json!({"prefix": "claude-", "targets": [{"upstream": "an"}]}),
+        );
+        // Refused at PUT, naming the field: an unknown entity, an unknown action.
+        for (bad, field) in [
+            (
+                json!({"guardrails": {"colour": "redact"}}),
+                "guardrails.colour",
+            ),
+            (
+                json!({"guardrails": {"email": {"requests": "hide"}}}),
+                "guardrails.email.requests",
+            ),
+        ] {
+            let r = api(&cp, "PUT", &format!("{base}/policy"), Some(bad));
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+            assert!(
+                String::from_utf8_lossy(&r.body).contains(field),
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        let policy = put(
+        &cp,
+        &format!("{base}/policy"),
+        json!({"guardrails": {"email": "redact", "card": {"requests": "block"}, "secret": "block"}}),
+    )
+    .json();
+        assert_eq!(
+            policy["guardrails"]["card"]["responses"], "allow",
+            "{policy}"
+        );
+        let acme = key(&cp, "acme", "production");
+        let beta = key(&cp, "beta", "production");
+        let gw = gateway(driver, &cp);
+        wait_workers(&gw, revision(&cp));
+
+        // Redacted: the same address gets the same placeholder, another the next one; an
+        // address written with a JSON escape is found too; the JSON stays valid.
+        let body =
+            chat("write to jane.doe@example.com, cc jane.doe@example.com and bob@example.org")
+                .replace("bob@example.org", "bob\\u0040example.org");
+        let r = post(&gw, &acme, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let got = sent(&openai);
+        assert_eq!(
+            got["messages"][0]["content"], "write to [EMAIL_1], cc [EMAIL_1] and [EMAIL_2]",
+            "{got}"
+        );
+        assert_eq!(got["model"], "m");
+
+        // Refused, in each API's error shape, and nothing reaches a provider.
+        let before = (openai.request_count(), anthropic.request_count());
+        let r = post(
+            &gw,
+            &acme,
+            "/v1/chat/completions",
+            &chat("my card is 4111 1111 1111 1111"),
+        );
+        assert_eq!(r.status, 400);
+        let e = r.json();
+        assert_eq!(e["error"]["code"], "guardrail_card", "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        let messages = json!({"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "key: sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD"}]}).to_string();
+        let r = post(&gw, &acme, "/v1/messages", &messages);
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["error"]["code"], "guardrail_secret", "{e}");
+        assert_eq!((openai.request_count(), anthropic.request_count()), before);
+        // A card number that fails the Luhn check is not a card.
+        let r = post(
+            &gw,
+            &acme,
+            "/v1/chat/completions",
+            &chat("order 4111 1111 1111 1112"),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+        // Each block is in the control plane's audit log: who and what kind, never the value.
+        let blocks = || -> Vec<Value> {
+            api(&cp, "GET", "/v1/audit?after=0&limit=10000", None).json()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["action"] == "guardrail.block")
+                .cloned()
+                .collect()
+        };
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || blocks().len() == 2),
+            "{:?}",
+            blocks()
+        );
+        let logged = blocks();
+        let mut entities: Vec<&str> = logged
+            .iter()
+            .map(|r| r["detail"]["entity"].as_str().unwrap())
+            .collect();
+        // Workers report in their own time: in any order.
+        entities.sort_unstable();
+        assert_eq!(entities, ["card", "secret"], "{logged:?}");
+        for r in &logged {
+            assert!(r["actor"].as_str().unwrap().starts_with("node:"), "{r}");
+            assert_eq!(r["detail"]["tenant_id"], "acme");
+            assert_eq!(r["detail"]["direction"], "request");
+            assert!(acme.contains(r["target"].as_str().unwrap()), "{r}");
+            let text = r.to_string();
+            assert!(
+                !text.contains("4111") && !text.contains("sk-proj"),
+                "{text}"
+            );
+        }
+
+        // Another tenant without guardrails: untouched.
+        let r = post(
+            &gw,
+            &beta,
+            "/v1/chat/completions",
+            &chat("write to jane.doe@example.com, card 4111 1111 1111 1111"),
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            sent(&openai)["messages"][0]["content"],
+            "write to jane.doe@example.com, card 4111 1111 1111 1111"
+        );
+    }
+);
