@@ -435,3 +435,18 @@ fn raw_hit_counts() {
         println!("{:<22} {:>6} hits {:?}", r.name, n / 100, t.elapsed() / 100);
     }
 }
+
+#[test]
+fn shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Scanner>();
+    send_sync::<TenantPatterns>();
+    send::<Scratch>();
+    let s = scanner().clone();
+    let t = std::thread::spawn(move || {
+        let mut scratch = s.scratch().unwrap();
+        s.find(&mut scratch, b"a@x.com").unwrap().len()
+    });
+    assert_eq!(t.join().unwrap(), 1);
+}
