@@ -84,3 +84,64 @@ pub struct Finding {
     pub entity: Entity,
     pub rule: Rule,
 }
+
+/// The built-in rules' Hyperscan expressions and confirmation step, so a benchmark can run a
+/// `regex`-crate baseline through exactly the same extension, validators and overlap rule.
+/// Not an API.
+#[doc(hidden)]
+pub mod baseline {
+    use std::sync::OnceLock;
+
+    use super::patterns::{builtins, Builtin};
+    use super::scanner::{kept, Cand};
+    use super::{Finding, Rule};
+
+    fn rules() -> &'static [Builtin] {
+        static RULES: OnceLock<Vec<Builtin>> = OnceLock::new();
+        RULES.get_or_init(builtins)
+    }
+
+    /// The expression of each built-in rule, by rule id.
+    pub fn expressions() -> Vec<String> {
+        rules().iter().map(|r| r.expr.to_string()).collect()
+    }
+
+    /// A raw hit of rule `id` at `start..end` extended and validated: `Some` whole span.
+    pub fn confirm(id: usize, text: &[u8], start: usize, end: usize) -> Option<(usize, usize)> {
+        let r = rules().get(id)?;
+        let (s, e) = match r.extend {
+            Some((f, _)) => f(text, start, end)?,
+            None => (start, end),
+        };
+        (r.validate)(text, s, e).then_some((s, e))
+    }
+
+    /// Confirmed spans `(start, end, id)` → findings, overlaps resolved as the scanner does.
+    pub fn resolve(mut spans: Vec<(usize, usize, usize)>, max_width: usize) -> Vec<Finding> {
+        let rules = rules();
+        spans.sort_unstable();
+        spans.dedup();
+        let cands: Vec<Cand> = spans
+            .iter()
+            .map(|&(start, end, id)| Cand {
+                start,
+                end,
+                id: id as u32,
+                entity: rules[id].entity,
+                priority: rules[id].priority,
+            })
+            .collect();
+        let keep = kept(&cands, max_width);
+        cands
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| *k)
+            .map(|(c, _)| Finding {
+                start: c.start,
+                end: c.end,
+                entity: c.entity,
+                rule: Rule::Builtin(rules[c.id as usize].name),
+            })
+            .collect()
+    }
+}

@@ -166,6 +166,27 @@ fn token(t: &[u8], start: usize, head_end: usize, cap: usize) -> Option<(usize, 
 }
 
 const OPENAI_CAP: usize = 256;
+/// `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`.
+const IPV6_CAP: usize = 45;
+
+/// From a head `:x:` (two colons at most four hex digits apart) out over the address: back
+/// over hex digits and colons, on over hex digits, colons and dots (an embedded IPv4), up to
+/// three trailing dots dropped; at most 45 bytes.
+fn ipv6_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
+    let back = t[..s]
+        .iter()
+        .rev()
+        .take(IPV6_CAP + 1)
+        .take_while(|&&b| b.is_ascii_hexdigit() || b == b':')
+        .count();
+    let start = s - back;
+    let mut end = e + run(t, e, |b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    let run_end = end;
+    while t[end - 1] == b'.' {
+        end -= 1;
+    }
+    (run_end - end < CONTEXT && end - start <= IPV6_CAP).then_some((start, end))
+}
 const ANTHROPIC_CAP: usize = 256;
 const SLACK_CAP: usize = 256;
 const EMAIL_LOCAL_CAP: usize = 64;
@@ -324,8 +345,10 @@ pub(crate) fn builtins() -> Vec<Builtin> {
             "ipv6",
             Ip,
             30,
-            r"(?:[0-9A-Fa-f]{1,4})?(?::[0-9A-Fa-f]{0,4}){2,7}(?:(?:\.[0-9]{1,3}){3})?",
-            ipv6
+            r":[0-9A-Fa-f]{0,4}:",
+            ipv6,
+            ipv6_extend,
+            IPV6_CAP
         ),
         b!(
             "openai_key",

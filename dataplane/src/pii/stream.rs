@@ -80,6 +80,9 @@ impl<'a> StreamRedactor<'a> {
         let len = self.base + self.buf.len();
         let bytes = self.buf.as_bytes();
         let local = |abs: usize| abs - self.base;
+        if !finished && len.saturating_sub(w + CONTEXT) <= self.committed {
+            return Ok(String::new()); // nothing could be emitted: no scan
+        }
 
         // Scan from far enough back that every candidate reaching past `committed` is seen
         // whole, with its left context.

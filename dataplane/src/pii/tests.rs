@@ -411,3 +411,42 @@ fn stream_blocks_and_serves_tenant_patterns() {
         assert_eq!(out, whole, "piece size {size}");
     }
 }
+
+#[test]
+#[ignore = "diagnostic"]
+fn raw_hit_counts() {
+    use hyperscan::prelude::*;
+    let text = include_str!("../../benches/pii.rs").repeat(3);
+    for r in super::patterns::builtins() {
+        let db: BlockDatabase = Pattern::with_flags(r.expr.as_ref(), CompileFlags::SOM_LEFTMOST)
+            .unwrap()
+            .build()
+            .unwrap();
+        let s = db.alloc_scratch().unwrap();
+        let mut n = 0;
+        let t = std::time::Instant::now();
+        for _ in 0..100 {
+            db.scan(text.as_bytes(), &s, |_, _, _, _| {
+                n += 1;
+                Matching::Continue
+            })
+            .unwrap();
+        }
+        println!("{:<22} {:>6} hits {:?}", r.name, n / 100, t.elapsed() / 100);
+    }
+}
+
+#[test]
+fn shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Scanner>();
+    send_sync::<TenantPatterns>();
+    send::<Scratch>();
+    let s = scanner().clone();
+    let t = std::thread::spawn(move || {
+        let mut scratch = s.scratch().unwrap();
+        s.find(&mut scratch, b"a@x.com").unwrap().len()
+    });
+    assert_eq!(t.join().unwrap(), 1);
+}
