@@ -179,3 +179,75 @@ both_drivers!(
         );
     }
 );
+
+// Responses: the provider's answer is redacted before it reaches the client, or refused
+// whole (nothing of it relayed) with the guardrail's code; requests are left alone when the
+// policy says so.
+both_drivers!(
+    answers_are_redacted_or_refused_before_the_client_sees_them,
+    |driver| {
+        let openai = MockProvider::start(MockOptions {
+            chunked_json: true,
+            ..Default::default()
+        });
+        let cp = cp_start(
+            scratch_dir(&format!("guardrails-resp-{driver:?}")),
+            "127.0.0.1:0",
+        );
+        tenant(&cp, "acme", "enterprise");
+        route_env(&cp, "acme", "production", &openai);
+        put(
+            &cp,
+            "/v1/tenants/acme/environments/production/policy",
+            json!({"guardrails": {"email": {"responses": "redact"}, "card": {"responses": "block"}}}),
+        );
+        let acme = key(&cp, "acme", "production");
+        let gw = gateway(driver, &cp);
+        wait_workers(&gw, revision(&cp));
+
+        // The mock echoes the prompt: the request went as written, the answer comes back
+        // redacted (a chunked JSON answer, held whole, valid JSON after).
+        let r = post(
+            &gw,
+            &acme,
+            "/v1/chat/completions",
+            &chat("mail jane.doe@example.com"),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            sent(&openai)["messages"][0]["content"],
+            "mail jane.doe@example.com"
+        );
+        let answer = r.json();
+        assert_eq!(
+            answer["choices"][0]["message"]["content"], "echo: mail [EMAIL_1]",
+            "{answer}"
+        );
+        // Blocked: the client gets the guardrail's error instead of the answer.
+        let r = post(
+            &gw,
+            &acme,
+            "/v1/chat/completions",
+            &chat("card 4111 1111 1111 1111"),
+        );
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        let e = r.json();
+        assert_eq!(e["error"]["code"], "guardrail_card", "{e}");
+        assert!(!String::from_utf8_lossy(&r.body).contains("4111"));
+        // The connection to the provider was read to its end and serves the next request.
+        let r = post(&gw, &acme, "/v1/chat/completions", &chat("hello"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
+        let blocked = || {
+            api(&cp, "GET", "/v1/audit?after=0&limit=10000", None).json()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["action"] == "guardrail.block" && r["detail"]["direction"] == "response")
+        };
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), blocked),
+            "the response block is audited"
+        );
+    }
+);

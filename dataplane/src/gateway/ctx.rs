@@ -73,8 +73,8 @@ pub struct RequestCtx {
     pub error: Option<Code>,
     /// Spans the request guardrail replaced by placeholders.
     pub redacted: usize,
-    /// The entity a guardrail refused the request for.
-    pub guardrail_blocked: Option<crate::pii::Entity>,
+    /// The entity a guardrail refused the request (or its response) for, and which.
+    pub guardrail_blocked: Option<(crate::pii::Entity, &'static str)>,
 }
 
 impl RequestCtx {

@@ -9,6 +9,8 @@
 //! leave unscanned.
 
 use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 
@@ -17,21 +19,32 @@ use crate::errors::{ApiError, Code};
 use crate::gateway::ctx::RequestCtx;
 use crate::pii::{Entity, RedactError, Redactor, Scanner, Scratch};
 
-/// A worker's guardrail engine: the node's scanner and this worker's scratch.
+/// The built-in detectors, compiled once per process and shared by every node and worker
+/// in it (they are the same for everyone; tenants' own patterns are compiled apart).
+pub(crate) fn scanner() -> Result<&'static Scanner, String> {
+    static SCANNER: OnceLock<Result<Scanner, String>> = OnceLock::new();
+    SCANNER
+        .get_or_init(|| Scanner::new().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A worker's guardrail engine: the process's scanner and this worker's scratch (shared
+/// by the worker's requests and responses; never held across an await).
 #[derive(Debug)]
-pub(crate) struct Guard {
-    scanner: Scanner,
-    scratch: RefCell<Scratch>,
+pub struct Guard {
+    pub(crate) scanner: &'static Scanner,
+    pub(crate) scratch: Rc<RefCell<Scratch>>,
 }
 
 impl Guard {
     /// `None` when the scanner cannot give this worker a scratch (requests that need a
     /// guardrail are then refused).
-    pub(crate) fn new(scanner: &Scanner) -> Option<Self> {
+    pub(crate) fn new(scanner: &'static Scanner) -> Option<Self> {
         match scanner.scratch() {
             Ok(s) => Some(Self {
-                scanner: scanner.clone(),
-                scratch: RefCell::new(s),
+                scanner,
+                scratch: Rc::new(RefCell::new(s)),
             }),
             Err(e) => {
                 tracing::error!(error = %e, "no guardrail scratch for this worker; requests that need a guardrail are refused");
@@ -68,7 +81,7 @@ pub(crate) fn requests(
     let Some(guard) = guard else {
         return Err(Code::GuardrailUnavailable.into());
     };
-    let mut redactor = Redactor::new(&guard.scanner, None, policy);
+    let mut redactor = Redactor::new(guard.scanner, None, policy);
     let result = redactor.redact_json(&mut guard.scratch.borrow_mut(), body);
     match result {
         Ok(out) => {
@@ -76,7 +89,7 @@ pub(crate) fn requests(
             Ok((redactor.redacted() > 0).then(|| Bytes::from(out)))
         }
         Err(RedactError::Blocked { entity, .. }) => {
-            ctx.guardrail_blocked = Some(entity);
+            ctx.guardrail_blocked = Some((entity, "request"));
             Err(code(entity).into())
         }
         Err(RedactError::Json(_)) => Err(Code::InvalidJson.into()),

@@ -62,9 +62,9 @@ pub struct Pushed {
     pub served: Vec<Environment>,
     /// Longest time without the control plane before requests are refused (0 = forever).
     pub max_stale: Duration,
-    /// The node's PII and secret scanner; `None` when it could not be built (requests that
-    /// need a guardrail are then refused).
-    pub scanner: Option<crate::pii::Scanner>,
+    /// The PII and secret scanner; `None` when it could not be built (requests that need
+    /// a guardrail are then refused).
+    pub scanner: Option<&'static crate::pii::Scanner>,
 }
 
 /// One per worker.
@@ -87,7 +87,7 @@ impl Gateway {
     pub fn new(worker: &Rc<WorkerCtx>, pushed: Option<Pushed>) -> Self {
         let guard = pushed
             .as_ref()
-            .and_then(|p| p.scanner.as_ref())
+            .and_then(|p| p.scanner)
             .and_then(guard::Guard::new);
         Self {
             guard,
@@ -164,7 +164,7 @@ impl Gateway {
         drop(parsed);
         drop(body);
         req.release_body();
-        response::run(&self.pool, ctx, answer, resp).await;
+        response::run(&self.pool, ctx, answer, resp, self.guard.as_ref()).await;
         Ok(())
     }
 }
@@ -213,7 +213,7 @@ impl Service for Gateway {
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
         self.meter.record(&ctx, done);
         self.observer.record(&ctx, done);
-        if let (Some(entity), Some(id), Some(keys)) =
+        if let (Some((entity, direction)), Some(id), Some(keys)) =
             (ctx.guardrail_blocked, &ctx.identity, &self.keys)
         {
             // For the control plane's audit log: who, what kind of thing, never the value.
@@ -222,7 +222,7 @@ impl Service for Gateway {
                 "environment": id.environment.name(),
                 "key_id": &*id.key_id,
                 "entity": entity.tag().to_ascii_lowercase(),
-                "direction": "request",
+                "direction": direction,
                 "request_id": ctx.id.to_string(),
                 "model": ctx.model.as_deref(),
             });

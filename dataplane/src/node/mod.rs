@@ -186,7 +186,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             // Guardrails come with the pushed policies: the scanner is built once, here,
             // and shared by every worker (each with its own scratch).
             let compiling = std::time::Instant::now();
-            let scanner = match crate::pii::Scanner::new() {
+            let scanner = match crate::gateway::guard::scanner() {
                 Ok(s) => {
                     tracing::debug!(
                         ms = compiling.elapsed().as_millis() as u64,

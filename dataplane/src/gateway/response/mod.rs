@@ -8,6 +8,7 @@
 //! complete; when nothing has reached the client yet, it gets a 502 instead. Connections go
 //! back to the pool only after a complete, well-framed response.
 
+mod guard;
 pub(crate) mod stage;
 mod stream_usage;
 mod usage;
@@ -34,13 +35,21 @@ pub async fn run(
     ctx: &mut RequestCtx,
     answer: UpstreamAnswer,
     resp: &mut Responder<'_>,
+    guard: Option<&crate::gateway::guard::Guard>,
 ) {
     let UpstreamAnswer {
         upstream: up,
         mut lease,
         head,
     } = answer;
-    let mut stage = stage_for(ctx, &head);
+    let mut stage = match stage_for(ctx, &head, guard) {
+        Ok(s) => s,
+        Err(e) => {
+            // The policy asks for a guardrail this worker cannot run: nothing is relayed.
+            ctx.error = Some(e.code);
+            return resp.send(Response::error(&e, ctx.family)).await;
+        }
+    };
     let length = match head.framing {
         ResponseFraming::None => Some(0),
         ResponseFraming::Length(_) if stage.rewrites() => None,
@@ -53,6 +62,28 @@ pub async fn run(
     match end {
         BodyEnd::Complete => {
             stage.end(ctx, true, resp);
+            if let Some(refusal) = stage.guard().and_then(|g| g.refused) {
+                // Held whole and refused: nothing went out, an error goes instead (and the
+                // upstream connection, its response read to the end, is reusable).
+                let err = match refusal {
+                    guard::Refusal::Blocked(entity) => crate::gateway::guard::code(entity).with(
+                        "the provider's answer holds what this environment's guardrail blocks; it was not relayed",
+                    ),
+                    guard::Refusal::Unscannable => Code::GuardrailUnavailable.into(),
+                };
+                let clean = head.keep_alive
+                    && lease.conn.buf.is_empty()
+                    && head.framing != ResponseFraming::UntilClose;
+                if clean {
+                    pool.checkin(&up, lease);
+                }
+                if resp.retract() {
+                    ctx.error = Some(err.code);
+                    return resp.send(Response::error(&err, ctx.family)).await;
+                }
+                ctx.error = Some(err.code);
+                return resp.abort();
+            }
             if resp.flush(true).await {
                 ctx.timings.last_byte = Some(Instant::now());
             }
@@ -90,7 +121,11 @@ pub async fn run(
 }
 
 /// The transforms this response goes through, in order.
-fn stage_for(ctx: &RequestCtx, head: &UpHead) -> Stage {
+fn stage_for(
+    ctx: &RequestCtx,
+    head: &UpHead,
+    guard: Option<&crate::gateway::guard::Guard>,
+) -> Result<Stage, ApiError> {
     let mut transforms = smallvec::SmallVec::new();
     transforms.push(Transform::Usage(usage::UsageTap::new(
         ctx.family,
@@ -100,7 +135,25 @@ fn stage_for(ctx: &RequestCtx, head: &UpHead) -> Stage {
     if added && head.event_stream {
         transforms.push(Transform::StreamUsage(stream_usage::StreamUsageStrip));
     }
-    Stage::new(transforms, head.event_stream)
+    let policy = ctx
+        .identity
+        .as_ref()
+        .and_then(|i| i.routes.as_ref())
+        .and_then(|r| r.policy.guardrails.responses);
+    if let Some(policy) = policy {
+        if !head.event_stream {
+            let Some(g) = guard else {
+                return Err(Code::GuardrailUnavailable.into());
+            };
+            transforms.push(Transform::Guard(Box::new(guard::ResponseGuard::new(
+                g.scanner,
+                std::rc::Rc::clone(&g.scratch),
+                policy,
+                head.json,
+            ))));
+        }
+    }
+    Ok(Stage::new(transforms, head.event_stream))
 }
 
 /// Response headers never relayed: hop-by-hop fields, framing and date (the gateway sets
@@ -206,7 +259,7 @@ async fn pump(
         if data_done {
             return BodyEnd::Complete;
         }
-        if resp.pending() > 0 && !resp.flush(false).await {
+        if resp.pending() > 0 && !stage.holds_body() && !resp.flush(false).await {
             return BodyEnd::ClientGone;
         }
         match conn.read(up.read_idle_timeout).await {

@@ -14,7 +14,9 @@
 use std::ops::Range;
 
 use crate::gateway::ctx::RequestCtx;
-use crate::gateway::response::{stream_usage::StreamUsageStrip, usage::UsageTap};
+use crate::gateway::response::{
+    guard::ResponseGuard, stream_usage::StreamUsageStrip, usage::UsageTap,
+};
 use crate::h1::sse::{SseEvent, SseFramer, SseTooLarge};
 use crate::server::respond::Responder;
 
@@ -62,6 +64,8 @@ pub(crate) enum Transform {
     Usage(UsageTap),
     /// Takes out the usage the gateway asked for on the client's behalf.
     StreamUsage(StreamUsageStrip),
+    /// Redacts or refuses what the environment's response guardrails name.
+    Guard(Box<ResponseGuard>),
     #[cfg(test)]
     Test(tests::Scripted),
 }
@@ -71,6 +75,7 @@ impl ResponseTransform for Transform {
         match self {
             Self::Usage(t) => t.rewrites(),
             Self::StreamUsage(t) => t.rewrites(),
+            Self::Guard(t) => t.rewrites(),
             #[cfg(test)]
             Self::Test(t) => t.rewrites(),
         }
@@ -85,6 +90,7 @@ impl ResponseTransform for Transform {
         match self {
             Self::Usage(t) => t.on_piece(ctx, piece, emit),
             Self::StreamUsage(t) => t.on_piece(ctx, piece, emit),
+            Self::Guard(t) => t.on_piece(ctx, piece, emit),
             #[cfg(test)]
             Self::Test(t) => t.on_piece(ctx, piece, emit),
         }
@@ -94,6 +100,7 @@ impl ResponseTransform for Transform {
         match self {
             Self::Usage(t) => t.on_end(ctx, complete, emit),
             Self::StreamUsage(t) => t.on_end(ctx, complete, emit),
+            Self::Guard(t) => t.on_end(ctx, complete, emit),
             #[cfg(test)]
             Self::Test(t) => t.on_end(ctx, complete, emit),
         }
@@ -166,6 +173,20 @@ impl Stage {
     /// Whether the body's bytes may change on the way.
     pub(crate) fn rewrites(&self) -> bool {
         self.transforms.iter().any(ResponseTransform::rewrites)
+    }
+
+    /// Whether a transform holds the whole body until its end (nothing, not even the head,
+    /// should go out before: the response may yet be refused).
+    pub(crate) fn holds_body(&self) -> bool {
+        self.framer.is_none() && self.guard().is_some()
+    }
+
+    /// The response guardrail, when this response has one.
+    pub(crate) fn guard(&self) -> Option<&ResponseGuard> {
+        self.transforms.iter().find_map(|t| match t {
+            Transform::Guard(g) => Some(&**g),
+            _ => None,
+        })
     }
 
     /// Runs the transforms over the next decoded bytes of the body and pushes what they
