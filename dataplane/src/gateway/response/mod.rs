@@ -141,7 +141,12 @@ fn stage_for(
         .and_then(|i| i.routes.as_ref())
         .and_then(|r| r.policy.guardrails.responses);
     if let Some(policy) = policy {
-        if !head.event_stream {
+        if head.event_stream {
+            // Streamed answers are not scanned yet: refused rather than relayed unscanned.
+            return Err(Code::GuardrailUnavailable.with(
+                "this environment's response guardrails do not cover streamed answers yet; ask without stream",
+            ));
+        } else {
             let Some(g) = guard else {
                 return Err(Code::GuardrailUnavailable.into());
             };
