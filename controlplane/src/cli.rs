@@ -375,6 +375,14 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Set a key's rate limits, enforced by each node on its own traffic (0 = no limit).
+    KeyRateLimits {
+        key_id: String,
+        #[arg(long, default_value_t = 0)]
+        requests_per_minute: u64,
+        #[arg(long, default_value_t = 0)]
+        tokens_per_minute: u64,
+    },
     /// Set a model's price, in USD per million tokens: global, or for one --tenant.
     PriceSet {
         model: String,
@@ -691,6 +699,18 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             };
             ("GET", format!("/v1/tenants/{tenant}/usage{q}"), None)
         }
+        Command::KeyRateLimits {
+            key_id,
+            requests_per_minute,
+            tokens_per_minute,
+        } => (
+            "PUT",
+            format!("/v1/keys/{key_id}/rate-limits"),
+            Some(json!({
+                "requests_per_minute": requests_per_minute,
+                "tokens_per_minute": tokens_per_minute,
+            })),
+        ),
         Command::PriceSet {
             model,
             tenant,

@@ -205,6 +205,10 @@ ALTER TABLE usage_daily ADD COLUMN unpriced_requests INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE policies ADD COLUMN guardrails TEXT NOT NULL DEFAULT '{}';
 "#,
+    r#"
+ALTER TABLE api_keys ADD COLUMN requests_per_minute INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// `meta` rows.
@@ -271,6 +275,18 @@ pub struct KeyInfo {
     pub grace_ends_at: i64,
     pub created_at: i64,
     pub replaced_by: Option<String>,
+    /// Enforced by each node on its own traffic; 0 = no limit.
+    pub rate_limits: RateLimitsView,
+}
+
+/// A key's rate limits as the API shows and takes them; 0 = no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsView {
+    #[serde(default)]
+    pub requests_per_minute: u64,
+    #[serde(default)]
+    pub tokens_per_minute: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -527,6 +543,46 @@ impl Store {
         })
     }
 
+    /// Sets a key's rate limits (audited; pushed to every node).
+    pub fn set_rate_limits(
+        &self,
+        actor: &Actor,
+        key_id: &str,
+        limits: RateLimitsView,
+    ) -> Result<KeyInfo, StoreError> {
+        const MAX: u64 = 1 << 40;
+        if limits.requests_per_minute > MAX || limits.tokens_per_minute > MAX {
+            return Err(StoreError::Invalid(format!(
+                "rate_limits: at most {MAX} per minute"
+            )));
+        }
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE api_keys SET requests_per_minute = ?2, tokens_per_minute = ?3 WHERE key_id = ?1",
+                params![
+                    key_id,
+                    limits.requests_per_minute as i64,
+                    limits.tokens_per_minute as i64
+                ],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound("key"));
+            }
+            change(tx, "key", key_id, "upsert")?;
+            audit(
+                tx,
+                actor,
+                "key.rate_limits",
+                key_id,
+                serde_json::json!({
+                    "requests_per_minute": limits.requests_per_minute,
+                    "tokens_per_minute": limits.tokens_per_minute,
+                }),
+            )?;
+            key_info(tx, key_id)
+        })
+    }
+
     /// Inserts the replacement and gives the old key a grace end, in one transaction.
     pub fn rotate_key(
         &self,
@@ -546,6 +602,15 @@ impl Store {
                 )));
             }
             insert_key_tx(tx, new)?;
+            // The replacement keeps the old key's limits.
+            tx.execute(
+                "UPDATE api_keys SET requests_per_minute = ?2, tokens_per_minute = ?3 WHERE key_id = ?1",
+                params![
+                    new.key_id,
+                    i64::try_from(old.rate_limits.requests_per_minute).unwrap_or(i64::MAX),
+                    i64::try_from(old.rate_limits.tokens_per_minute).unwrap_or(i64::MAX)
+                ],
+            )?;
             tx.execute(
                 "UPDATE api_keys SET grace_ends_at = ?2, replaced_by = ?3 WHERE key_id = ?1",
                 params![old_id, grace_ends_at, new.key_id],
@@ -789,7 +854,7 @@ impl Store {
 }
 
 fn key_records(c: &Connection, ids: Option<&[String]>) -> Result<Vec<KeyRecord>, StoreError> {
-    let sql = "SELECT key_id, tenant_id, environment, sub_account_id, hash_version, hash, status, expires_at, grace_ends_at, allowed_models FROM api_keys";
+    let sql = "SELECT key_id, tenant_id, environment, sub_account_id, hash_version, hash, status, expires_at, grace_ends_at, allowed_models, requests_per_minute, tokens_per_minute FROM api_keys";
     let mut out = Vec::new();
     let mut push_row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
         let hash: Vec<u8> = r.get(5)?;
@@ -810,6 +875,10 @@ fn key_records(c: &Connection, ids: Option<&[String]>) -> Result<Vec<KeyRecord>,
             expires_at: r.get::<_, i64>(7)?.max(0) as u64,
             grace_ends_at: r.get::<_, i64>(8)?.max(0) as u64,
             allowed_models: serde_json::from_str(&models).unwrap_or_default(),
+            rate_limits: aigw_wire::RateLimits {
+                requests_per_minute: r.get::<_, i64>(10)?.max(0) as u64,
+                tokens_per_minute: r.get::<_, i64>(11)?.max(0) as u64,
+            },
         });
         Ok(())
     };
@@ -897,7 +966,7 @@ fn set_meta(c: &Connection, name: &str, value: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by FROM api_keys";
+const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by, requests_per_minute, tokens_per_minute FROM api_keys";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
     let models: String = r.get(6)?;
@@ -913,6 +982,10 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
         grace_ends_at: r.get(8)?,
         created_at: r.get(9)?,
         replaced_by: r.get(10)?,
+        rate_limits: RateLimitsView {
+            requests_per_minute: r.get::<_, i64>(11)?.max(0) as u64,
+            tokens_per_minute: r.get::<_, i64>(12)?.max(0) as u64,
+        },
     })
 }
 

@@ -36,6 +36,7 @@ fn table(n: usize) -> (Arc<SharedConfig>, Vec<String>) {
                 expires_at: 0,
                 grace_ends_at: 0,
                 allowed_models: vec![],
+                rate_limits: Default::default(),
             }
         })
         .collect();

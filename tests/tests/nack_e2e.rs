@@ -193,6 +193,7 @@ fn key_record_of(tenant: &str, key_id: &str, key: &str, status: KeyStatus) -> Re
         expires_at: 0,
         grace_ends_at: 0,
         allowed_models: vec![],
+        rate_limits: Default::default(),
     })
 }
 

@@ -389,6 +389,17 @@ pub(super) async fn delete_price(
     ))
 }
 
+/// Sets a key's rate limits (requests and tokens per minute, per node; 0 = none).
+pub(super) async fn set_rate_limits(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(key_id): Path<String>,
+    ApiJson(body): ApiJson<crate::store::RateLimitsView>,
+) -> Result<Json<Value>> {
+    let k = blocking(&s, move |st| st.set_rate_limits(&actor, &key_id, body)).await?;
+    Ok(Json(json!(k)))
+}
+
 pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
     let r = blocking(&s, |st| st.revision()).await?;
     Ok(Json(json!({"revision": r})))

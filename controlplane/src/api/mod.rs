@@ -49,6 +49,10 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/keys/{key_id}", get(handlers::get_key)),
         ("/v1/keys/{key_id}/revoke", post(handlers::revoke_key)),
         ("/v1/keys/{key_id}/rotate", post(handlers::rotate_key)),
+        (
+            "/v1/keys/{key_id}/rate-limits",
+            put(handlers::set_rate_limits),
+        ),
         ("/v1/audit", get(handlers::audit)),
         ("/v1/tenants/{tenant_id}/usage", get(handlers::usage)),
         (

@@ -59,6 +59,7 @@ pub fn document() -> Value {
                 "post": op("Issue a replacement; the old key works until the grace period ends", Some("RotateKey"), "201")
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
+            "/v1/keys/{key_id}/rate-limits": {"put": op("Set a key's rate limits, enforced by each node on its own traffic (body: requests_per_minute, tokens_per_minute; 0 = no limit); over a limit the client gets 429 rate_limit_exceeded with Retry-After", None, "200")},
             "/v1/prices": {
                 "put": op("Set a model's price in USD per million tokens, global or for one tenant (body: model, tenant_id?, input_per_mtok, output_per_mtok, cached_input_per_mtok?, cache_write_per_mtok?); usage arriving from then on is priced with it", None, "200"),
                 "get": op("The global prices and, with tenant_id, that tenant's", None, "200"),

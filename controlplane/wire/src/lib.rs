@@ -15,8 +15,8 @@ pub mod sketch;
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
 pub use messages::{
-    Change, KeyRecord, KeyStatus, Message, Record, RecordProblem, Tombstone, UsageEntry,
-    PROTOCOL_VERSION,
+    Change, KeyRecord, KeyStatus, Message, RateLimits, Record, RecordProblem, Tombstone,
+    UsageEntry, PROTOCOL_VERSION,
 };
 pub use routing::{
     GuardrailAction, GuardrailRecord, PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord,
@@ -58,6 +58,10 @@ mod tests {
                     expires_at: exp,
                     grace_ends_at: grace,
                     allowed_models: models,
+                    rate_limits: crate::RateLimits {
+                        requests_per_minute: exp % 7,
+                        tokens_per_minute: grace % 100_003,
+                    },
                 },
             )
     }
@@ -392,6 +396,7 @@ mod tests {
             expires_at: 0,
             grace_ends_at: 0,
             allowed_models: vec![],
+            rate_limits: Default::default(),
         };
         let mut body = k.to_bytes();
         put_str(&mut body, 99, "a field from the future");
@@ -483,6 +488,7 @@ mod tests {
             expires_at: 1_900_000_000,
             grace_ends_at: 0,
             allowed_models: vec![],
+            rate_limits: Default::default(),
         });
         let mut per = Vec::new();
         codec::put_field(&mut per, 4, |o| k.encode(o));

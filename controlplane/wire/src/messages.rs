@@ -39,6 +39,15 @@ pub struct KeyRecord {
     pub grace_ends_at: u64,
     /// Empty = every model the environment routes.
     pub allowed_models: Vec<String>,
+    /// Enforced by each node on its own traffic (0 = no limit).
+    pub rate_limits: RateLimits,
+}
+
+/// A key's rate limits; 0 = none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
 }
 
 /// What a change or snapshot carries. Kinds a node does not know are skipped.
@@ -290,6 +299,12 @@ impl Codec for KeyRecord {
         for m in &self.allowed_models {
             put_str(out, 10, m);
         }
+        if self.rate_limits.requests_per_minute != 0 {
+            put_u64(out, 11, self.rate_limits.requests_per_minute);
+        }
+        if self.rate_limits.tokens_per_minute != 0 {
+            put_u64(out, 12, self.rate_limits.tokens_per_minute);
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
@@ -300,6 +315,7 @@ impl Codec for KeyRecord {
         let mut status = None;
         let (mut expires_at, mut grace_ends_at) = (0, 0);
         let mut allowed_models = Vec::new();
+        let mut rate_limits = RateLimits::default();
         while !r.is_empty() {
             let (tag, body) = r.field()?;
             match tag {
@@ -324,6 +340,8 @@ impl Codec for KeyRecord {
                     )?;
                     allowed_models.push(get_str(body)?)
                 }
+                11 => rate_limits.requests_per_minute = get_u64(tag, body)?,
+                12 => rate_limits.tokens_per_minute = get_u64(tag, body)?,
                 _ => {} // a newer peer's field
             }
         }
@@ -339,6 +357,7 @@ impl Codec for KeyRecord {
             expires_at,
             grace_ends_at,
             allowed_models,
+            rate_limits,
         })
     }
 }

@@ -5,6 +5,7 @@
 
 mod file;
 pub mod identity;
+pub mod limits;
 pub mod link;
 pub mod pushed;
 pub mod routing;

@@ -38,6 +38,7 @@ pub struct KeyEntry {
     pub grace_ends_at: u64,
     /// `None` = every model (most keys: no allocation for them).
     pub allowed_models: Option<Arc<[Box<str>]>>,
+    pub rate_limits: aigw_wire::RateLimits,
 }
 
 type KeyId = [u8; KEY_ID_LEN];
@@ -118,6 +119,7 @@ fn entry(r: &KeyRecord, interner: &mut Interner) -> Result<(KeyId, KeyEntry), Ta
             grace_ends_at: r.grace_ends_at,
             allowed_models: (!r.allowed_models.is_empty())
                 .then(|| r.allowed_models.iter().map(|m| m.as_str().into()).collect()),
+            rate_limits: r.rate_limits,
         },
     ))
 }
@@ -301,6 +303,7 @@ impl NodeConfig {
                         .iter()
                         .flat_map(|m| m.iter().map(|s| s.to_string()))
                         .collect(),
+                    rate_limits: e.rate_limits,
                 });
             }
         }
@@ -433,6 +436,8 @@ pub struct SharedConfig {
     /// for want of room since start (see [`crate::config::usage::MAX_UNACKED_ENTRIES`]).
     usage_backlog: AtomicU64,
     usage_dropped: AtomicU64,
+    /// Rate-limit state of the keys that have limits, shared by the workers.
+    pub limiters: crate::config::limits::Limiters,
 }
 
 impl Default for SharedConfig {
@@ -448,6 +453,7 @@ impl Default for SharedConfig {
             usage: crate::config::usage::Outbox::default(),
             usage_backlog: AtomicU64::new(0),
             usage_dropped: AtomicU64::new(0),
+            limiters: Default::default(),
         }
     }
 }
@@ -540,6 +546,7 @@ mod tests {
             expires_at: 0,
             grace_ends_at: 0,
             allowed_models: vec![],
+            rate_limits: Default::default(),
         }
     }
 

@@ -158,6 +158,7 @@ mod tests {
                 } else {
                     vec![]
                 },
+                rate_limits: Default::default(),
             })
             .collect();
         let table = NodeConfig::from_records(42, &records);

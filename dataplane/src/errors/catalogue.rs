@@ -95,6 +95,7 @@ catalogue! {
     MissingModel = (400, "missing_model", Downstream, "`model` is required and must be a string"),
     InvalidRequest = (400, "invalid_request", Downstream, "the request is missing a required field"),
     ModelNotAllowed = (403, "model_not_allowed", Downstream, "the API key may not use this model"),
+    RateLimitExceeded = (429, "rate_limit_exceeded", Downstream, "this API key's rate limit is reached; retry after the time in Retry-After"),
 
     // Guardrails: the environment's policy blocks what the request holds.
     GuardrailEmail = (400, "guardrail_email", Downstream, "the request holds an e-mail address, which this environment's guardrail blocks"),

@@ -209,6 +209,7 @@ impl LocalConfig {
                 .routing
                 .env(&entry.tenant_id, entry.environment)
                 .cloned(),
+            rate_limits: entry.rate_limits,
         })
     }
 }
@@ -243,6 +244,7 @@ mod tests {
             expires_at: 0,
             grace_ends_at: 0,
             allowed_models: vec![],
+            rate_limits: Default::default(),
         };
         rec(&mut r);
         let shared = Arc::new(SharedConfig::default());
@@ -330,6 +332,7 @@ mod tests {
             expires_at: 0,
             grace_ends_at: 0,
             allowed_models: vec![],
+            rate_limits: Default::default(),
         };
         shared.publish(table.apply(2, &[r.clone()], &[]));
         assert_eq!(

@@ -25,6 +25,8 @@ pub struct Identity {
     pub allowed_models: Option<Arc<[Box<str>]>>,
     /// The routing of the key's environment; `None` when it has none.
     pub routes: Option<Arc<EnvRoutes>>,
+    /// The key's rate limits (0 = none).
+    pub rate_limits: aigw_wire::RateLimits,
 }
 
 /// When things happened to the request.
@@ -71,6 +73,8 @@ pub struct RequestCtx {
     pub usage: Usage,
     /// Why the request failed, when a phase ended it (or a stream was cut short).
     pub error: Option<Code>,
+    /// What the request took from its key's rate limits.
+    pub rate_limited: Option<crate::gateway::limit::Taken>,
     /// Spans the request guardrail replaced by placeholders.
     pub redacted: usize,
     /// The entity a guardrail refused the request (or its response) for, and which.
@@ -96,6 +100,7 @@ impl RequestCtx {
             },
             usage: Usage::default(),
             error: None,
+            rate_limited: None,
             redacted: 0,
             guardrail_blocked: None,
         }

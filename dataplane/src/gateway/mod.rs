@@ -25,6 +25,7 @@ pub mod ctx;
 pub mod endpoint;
 pub mod exchange;
 pub(crate) mod guard;
+pub(crate) mod limit;
 pub mod log;
 pub(crate) mod meter;
 pub mod models;
@@ -81,6 +82,7 @@ pub struct Gateway {
     meter: meter::Meter,
     observer: observe::Observer,
     guard: Option<guard::Guard>,
+    limits: limit::Local,
 }
 
 impl Gateway {
@@ -91,6 +93,7 @@ impl Gateway {
             .and_then(guard::Guard::new);
         Self {
             guard,
+            limits: limit::Local::default(),
             worker: Rc::clone(worker),
             keys: pushed.map(|p| LocalConfig::new(p.config, p.served, p.max_stale)),
             pool: Pool::new(),
@@ -184,8 +187,18 @@ impl Service for Gateway {
         if let Err(response) = endpoint::run(&mut ctx, head) {
             return Verdict::Answer(ctx, response);
         }
-        let admitted = authenticate::run(self.keys.as_ref(), &mut ctx, head)
-            .and_then(|()| admit::run(&self.worker, &mut ctx, head));
+        if let Err(e) = authenticate::run(self.keys.as_ref(), &mut ctx, head) {
+            ctx.error = Some(e.code);
+            let response = Response::error(&e, ctx.family);
+            return Verdict::Answer(ctx, response);
+        }
+        if let Some(keys) = &self.keys {
+            if let Err(response) = limit::run(&self.limits, &keys.shared().limiters, &mut ctx) {
+                ctx.error = Some(crate::errors::Code::RateLimitExceeded);
+                return Verdict::Answer(ctx, response);
+            }
+        }
+        let admitted = admit::run(&self.worker, &mut ctx, head);
         match admitted {
             Ok(budget) => Verdict::Proceed(ctx, budget),
             Err(e) => {
@@ -211,6 +224,7 @@ impl Service for Gateway {
     }
 
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+        limit::settle(&ctx);
         self.meter.record(&ctx, done);
         self.observer.record(&ctx, done);
         if let (Some((entity, direction)), Some(id), Some(keys)) =

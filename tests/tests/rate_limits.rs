@@ -1,0 +1,99 @@
+//! Per-key rate limits end to end: set on the control plane, pushed, enforced exactly by a
+//! node across its workers — requests per minute as a burst then a steady rate, tokens per
+//! minute charged with what each answer used — with 429 `rate_limit_exceeded`, Retry-After
+//! and `x-ratelimit-*` headers; other keys unaffected; a rotated key keeps its limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use e2e::cp::*;
+use e2e::mock::{MockOptions, MockProvider};
+use e2e::*;
+use serde_json::json;
+
+both_drivers!(keys_are_held_to_their_rate_limits, |driver| {
+    let openai = MockProvider::start(MockOptions::default());
+    let cp = cp_start(
+        scratch_dir(&format!("rate-limits-{driver:?}")),
+        "127.0.0.1:0",
+    );
+    tenant(&cp, "acme", "pro");
+    route_env(&cp, "acme", "production", &openai);
+    let limited = create_key(&cp, "acme", json!({"environment": "production"}));
+    let (limited_key, limited_id) = (
+        limited["key"].as_str().unwrap().to_string(),
+        limited["info"]["key_id"].as_str().unwrap().to_string(),
+    );
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("/v1/keys/{limited_id}/rate-limits"),
+        Some(json!({"requests_per_minute": 3})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["rate_limits"]["requests_per_minute"], 3);
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("/v1/keys/{limited_id}/rate-limits"),
+        Some(json!({"rpm": 3})),
+    );
+    assert_eq!(r.status, 400, "an unknown field is named");
+    let tokens = create_key(&cp, "acme", json!({"environment": "production"}));
+    let (tokens_key, tokens_id) = (
+        tokens["key"].as_str().unwrap().to_string(),
+        tokens["info"]["key_id"].as_str().unwrap().to_string(),
+    );
+    api(
+        &cp,
+        "PUT",
+        &format!("/v1/keys/{tokens_id}/rate-limits"),
+        Some(json!({"tokens_per_minute": 10})),
+    );
+    let free = key(&cp, "acme", "production");
+    let gw = gateway(driver, &cp);
+    wait_workers(&gw, revision(&cp));
+
+    // Requests: a burst of 3 (on whichever workers), then refused with when to retry.
+    for _ in 0..3 {
+        assert_eq!(
+            chat_with_key(gw.addr(), Some(&limited_key), "m").status,
+            200
+        );
+    }
+    let r = chat_with_key(gw.addr(), Some(&limited_key), "m");
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "one request every 20 s: {retry}");
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    // Another key is not affected.
+    assert_eq!(chat_with_key(gw.addr(), Some(&free), "m").status, 200);
+
+    // Tokens: each answer uses 8 (5 in, 3 out); a limit of 10 admits two, then refuses.
+    assert_eq!(chat_with_key(gw.addr(), Some(&tokens_key), "m").status, 200);
+    assert_eq!(chat_with_key(gw.addr(), Some(&tokens_key), "m").status, 200);
+    let r = chat_with_key(gw.addr(), Some(&tokens_key), "m");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("10"));
+
+    // A rotated key keeps its limits.
+    let r = api(
+        &cp,
+        "POST",
+        &format!("/v1/keys/{limited_id}/rotate"),
+        Some(json!({"grace_seconds": 60})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let rotated = r.json();
+    assert_eq!(
+        rotated["info"]["rate_limits"]["requests_per_minute"], 3,
+        "{rotated}"
+    );
+    let refused = openai.request_count();
+    assert_eq!(
+        refused,
+        3 + 1 + 2,
+        "refused requests never reached the provider"
+    );
+});
