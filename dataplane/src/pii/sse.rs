@@ -73,6 +73,8 @@ enum Part {
     Json,
     /// Anthropic `thinking_delta`.
     Thinking,
+    /// Chat `delta.refusal` (0), Responses `refusal` of `content_index`.
+    Refusal(u64),
 }
 
 /// A text: the choice / output / content block index and the part of it.
@@ -232,6 +234,8 @@ struct Delta<'a> {
     #[serde(borrow)]
     content: Option<&'a RawValue>,
     #[serde(borrow)]
+    refusal: Option<&'a RawValue>,
+    #[serde(borrow)]
     tool_calls: Option<Vec<ToolCall<'a>>>,
 }
 
@@ -268,6 +272,8 @@ struct Named<'a> {
     #[serde(borrow)]
     arguments: Option<&'a RawValue>,
     #[serde(borrow)]
+    refusal: Option<&'a RawValue>,
+    #[serde(borrow)]
     part: Option<&'a RawValue>,
     #[serde(borrow)]
     item: Option<&'a RawValue>,
@@ -291,6 +297,8 @@ struct AnthropicDelta<'a> {
 struct RPart<'a> {
     #[serde(borrow)]
     text: Option<&'a RawValue>,
+    #[serde(borrow)]
+    refusal: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -345,7 +353,8 @@ impl<'a> SseRedactor<'a> {
 
     /// One complete incoming event: its `event:` name (if any) and its `data:` payload. Returns
     /// what to send instead, in order: synthetic deltas flushing texts this event closes, then
-    /// the event itself (unchanged, or with its text fields rewritten).
+    /// the event itself (unchanged, or with its text fields rewritten). After an error the
+    /// stream is to be ended (an error event); the redactor is not used again.
     pub fn on_event(
         &mut self,
         scratch: &mut Scratch,
@@ -453,6 +462,9 @@ impl<'a> SseRedactor<'a> {
                             "response.output_text.delta",
                             format!(",\"content_index\":{c}"),
                         ),
+                        Part::Refusal(c) => {
+                            ("response.refusal.delta", format!(",\"content_index\":{c}"))
+                        }
                         _ => ("response.function_call_arguments.delta", String::new()),
                     };
                     let mut data = format!("{{\"type\":\"{event}\"");
@@ -497,9 +509,11 @@ impl<'a> SseRedactor<'a> {
         texts: impl Iterator<Item = &'f Flushed>,
     ) -> String {
         let mut content = None;
+        let mut refusal = None;
         let mut tools = Vec::new();
         for f in texts {
             match f.key.part {
+                Part::Refusal(_) => refusal = Some(quote(&f.text)),
                 Part::Tool(j) => tools.push(format!(
                     "{{\"index\":{j},\"function\":{{\"arguments\":{}}}}}",
                     quote(&f.text)
@@ -517,6 +531,9 @@ impl<'a> SseRedactor<'a> {
             let mut fields = Vec::new();
             if let Some(c) = content {
                 fields.push(format!("\"content\":{c}"));
+            }
+            if let Some(r) = refusal {
+                fields.push(format!("\"refusal\":{r}"));
             }
             if !tools.is_empty() {
                 fields.push(format!("\"tool_calls\":[{}]", tools.join(",")));
@@ -555,6 +572,7 @@ impl<'a> SseRedactor<'a> {
                 fields.extend(choice.text.map(|t| (Part::Content, t)));
             } else if let Some(d) = &choice.delta {
                 fields.extend(d.content.map(|c| (Part::Content, c)));
+                fields.extend(d.refusal.map(|r| (Part::Refusal(0), r)));
                 for tc in d.tool_calls.iter().flatten() {
                     if let Some(args) = tc.function.as_ref().and_then(|f| f.arguments) {
                         fields.push((Part::Tool(tc.index), args));
@@ -645,11 +663,13 @@ impl<'a> SseRedactor<'a> {
                     .ok_or_else(|| json_err(format!("`{ty}` without content_index")))
             };
             match ty {
-                "response.output_text.delta" | "response.function_call_arguments.delta" => {
-                    let part = if ty == "response.output_text.delta" {
-                        Part::Text(content_index()?)
-                    } else {
-                        Part::Json
+                "response.output_text.delta"
+                | "response.refusal.delta"
+                | "response.function_call_arguments.delta" => {
+                    let part = match ty {
+                        "response.output_text.delta" => Part::Text(content_index()?),
+                        "response.refusal.delta" => Part::Refusal(content_index()?),
+                        _ => Part::Json,
                     };
                     let key = Key {
                         index: indexes()?,
@@ -661,26 +681,32 @@ impl<'a> SseRedactor<'a> {
                     edits.replace(raw, &piece, &text)?;
                 }
                 "response.output_text.done"
+                | "response.refusal.done"
                 | "response.content_part.done"
                 | "response.function_call_arguments.done" => {
-                    let part = if ty == "response.function_call_arguments.done" {
-                        Part::Json
-                    } else {
-                        Part::Text(content_index()?)
+                    let o = indexes()?;
+                    let parts = match ty {
+                        "response.function_call_arguments.done" => [Part::Json; 2],
+                        "response.output_text.done" => [Part::Text(content_index()?); 2],
+                        "response.refusal.done" => [Part::Refusal(content_index()?); 2],
+                        _ => [
+                            Part::Text(content_index()?),
+                            Part::Refusal(content_index()?),
+                        ],
                     };
-                    let key = Key {
-                        index: indexes()?,
-                        part,
-                    };
-                    let flushed = self.close_where(scratch, |k| k == key)?;
+                    let flushed =
+                        self.close_where(scratch, |k| k.index == o && parts.contains(&k.part))?;
                     out.extend(self.synthetic("", seq, flushed));
                     let mut whole = Vec::new();
                     match ty {
                         "response.output_text.done" => whole.extend(ev.text),
+                        "response.refusal.done" => whole.extend(ev.refusal),
                         "response.function_call_arguments.done" => whole.extend(ev.arguments),
                         _ => {
                             if let Some(part) = ev.part {
-                                whole.extend(parse::<RPart>(part.get())?.text);
+                                let part: RPart = parse(part.get())?;
+                                whole.extend(part.text);
+                                whole.extend(part.refusal);
                             }
                         }
                     }
@@ -735,7 +761,7 @@ fn item_texts<'a>(item: &RItem<'a>) -> Vec<&'a RawValue> {
         .content
         .iter()
         .flatten()
-        .filter_map(|p| p.text)
+        .flat_map(|p| p.text.into_iter().chain(p.refusal))
         .collect();
     v.extend(item.arguments);
     v
@@ -962,6 +988,7 @@ mod tests {
                         let i = &c["index"];
                         add(format!("c{i}"), &c["delta"]["content"]);
                         add(format!("c{i}"), &c["text"]);
+                        add(format!("c{i}r"), &c["delta"]["refusal"]);
                         for tc in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
                             add(
                                 format!("c{i}t{}", tc["index"]),
@@ -973,6 +1000,10 @@ mod tests {
                 StreamKind::Responses => match v["type"].as_str().unwrap() {
                     "response.output_text.delta" => add(
                         format!("o{}c{}", v["output_index"], v["content_index"]),
+                        &v["delta"],
+                    ),
+                    "response.refusal.delta" => add(
+                        format!("o{}r{}", v["output_index"], v["content_index"]),
                         &v["delta"],
                     ),
                     "response.function_call_arguments.delta" => {
@@ -1025,6 +1056,12 @@ mod tests {
                 events.push(chat_content(1, p));
             }
         }
+        for p in split("I can't email jane@corp.example.org.", 6) {
+            events.push(chat(&format!(
+                r#"{{"index":2,"delta":{{"refusal":{}}},"logprobs":null,"finish_reason":null}}"#,
+                q(p)
+            )));
+        }
         let args = r#"{"to":"john.doe@example.com","cc":"jane@corp.example.org"}"#;
         for p in split(args, 4) {
             events.push(chat_tool(1, 0, p));
@@ -1043,6 +1080,7 @@ mod tests {
         );
         assert_eq!(t["c1"], "Contact [EMAIL_1] (or [EMAIL_2]) from [IP_1].");
         assert_eq!(t["c1t0"], r#"{"to":"[EMAIL_1]","cc":"[EMAIL_2]"}"#);
+        assert_eq!(t["c2r"], "I can't email [EMAIL_2].");
         // Held text goes out before each finishing chunk, in a chunk of the same shape.
         let finish0 = out
             .iter()
@@ -1057,7 +1095,11 @@ mod tests {
             .as_str()
             .unwrap()
             .is_empty());
-        assert_eq!(out[out.len() - 2].data, chat_usage().1);
+        assert!(out.iter().any(|e| e.data == chat_usage().1));
+        // `[DONE]` flushed the refusal of choice 2, which had no finishing chunk.
+        assert!(out[out.len() - 2]
+            .data
+            .contains(r#""delta":{"refusal":"I can't email [EMAIL_2]."}"#));
         assert_eq!(out.last().unwrap().data, "[DONE]");
         // Non-text fields unchanged; only the text literals moved.
         for e in &out[..out.len() - 1] {
@@ -1193,10 +1235,24 @@ mod tests {
         }
         events.push(named("response.function_call_arguments.done", format!(r#"{{"type":"response.function_call_arguments.done","sequence_number":9,"item_id":"fc_12345xyz","output_index":1,"arguments":{}}}"#, q(args))));
         events.push(named("response.output_item.done", format!(r#"{{"type":"response.output_item.done","sequence_number":10,"output_index":1,"item":{{"type":"function_call","id":"fc_12345xyz","call_id":"call_12345xyz","name":"lookup","arguments":{},"status":"completed"}}}}"#, q(args))));
+        let refusal = "I won't write to john.doe@example.com.";
+        for p in split(refusal, 5) {
+            events.push(named("response.refusal.delta", format!(r#"{{"type":"response.refusal.delta","sequence_number":11,"item_id":"msg_2","output_index":2,"content_index":0,"delta":{}}}"#, q(p))));
+        }
+        events.push(named("response.refusal.done", format!(r#"{{"type":"response.refusal.done","sequence_number":12,"item_id":"msg_2","output_index":2,"content_index":0,"refusal":{}}}"#, q(refusal))));
+        events.push(named("response.content_part.done", format!(r#"{{"type":"response.content_part.done","sequence_number":13,"item_id":"msg_2","output_index":2,"content_index":0,"part":{{"type":"refusal","refusal":{}}}}}"#, q(refusal))));
         let out = run(StreamKind::Responses, Policy::default(), &events).unwrap();
+        let t = texts(StreamKind::Responses, &out);
+        assert_eq!(t["o2r0"], "I won't write to [EMAIL_1].");
+        let part: Value = serde_json::from_str(&out.last().unwrap().data).unwrap();
+        assert_eq!(part["part"]["refusal"], t["o2r0"]);
         let want = r#"{"email":"[EMAIL_1]","ssn":"[SSN_1]"}"#;
         assert_eq!(texts(StreamKind::Responses, &out)["o1a"], want);
-        let last: Value = serde_json::from_str(&out.last().unwrap().data).unwrap();
+        let item = out
+            .iter()
+            .find(|e| e.event.as_deref() == Some("response.output_item.done"))
+            .unwrap();
+        let last: Value = serde_json::from_str(&item.data).unwrap();
         assert_eq!(last["item"]["arguments"], want);
         assert_eq!(last["item"]["call_id"], "call_12345xyz");
 
