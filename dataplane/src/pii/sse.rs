@@ -241,8 +241,7 @@ struct Delta<'a> {
 
 #[derive(Deserialize)]
 struct ToolCall<'a> {
-    #[serde(default)]
-    index: u64,
+    index: Option<u64>,
     #[serde(borrow)]
     function: Option<Function<'a>>,
 }
@@ -253,14 +252,18 @@ struct Function<'a> {
     arguments: Option<&'a RawValue>,
 }
 
-/// A Responses or Anthropic event; nested objects stay raw until the event type needs them.
+/// A Responses or Anthropic event; fields stay raw until the event type needs them (an event
+/// this module does not rewrite is never refused for a field's shape).
 #[derive(Deserialize)]
 struct Named<'a> {
     #[serde(rename = "type", borrow)]
     ty: Option<Cow<'a, str>>,
-    index: Option<u64>,
-    output_index: Option<u64>,
-    content_index: Option<u64>,
+    #[serde(borrow)]
+    index: Option<&'a RawValue>,
+    #[serde(borrow)]
+    output_index: Option<&'a RawValue>,
+    #[serde(borrow)]
+    content_index: Option<&'a RawValue>,
     #[serde(borrow)]
     item_id: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -317,6 +320,12 @@ struct RResponse<'a> {
 
 fn parse<'a, T: Deserialize<'a>>(raw: &'a str) -> Result<T, RedactError> {
     serde_json::from_str(raw).map_err(json_err)
+}
+
+/// A required index field of a `ty` event.
+fn index_of(raw: Option<&RawValue>, ty: &str, name: &str) -> Result<u64, RedactError> {
+    raw.and_then(|r| r.get().parse().ok())
+        .ok_or_else(|| RedactError::Json(format!("`{ty}` without a valid {name}")))
 }
 
 impl<'a> SseRedactor<'a> {
@@ -573,9 +582,11 @@ impl<'a> SseRedactor<'a> {
             } else if let Some(d) = &choice.delta {
                 fields.extend(d.content.map(|c| (Part::Content, c)));
                 fields.extend(d.refusal.map(|r| (Part::Refusal(0), r)));
-                for tc in d.tool_calls.iter().flatten() {
+                // A tool call without `index` (some OpenAI-compatible servers) is keyed by its
+                // position in the array.
+                for (n, tc) in d.tool_calls.iter().flatten().enumerate() {
                     if let Some(args) = tc.function.as_ref().and_then(|f| f.arguments) {
-                        fields.push((Part::Tool(tc.index), args));
+                        fields.push((Part::Tool(tc.index.unwrap_or(n as u64)), args));
                     }
                 }
             }
@@ -623,7 +634,7 @@ impl<'a> SseRedactor<'a> {
         if self.kind == StreamKind::Anthropic {
             match ty {
                 "content_block_delta" => {
-                    let index = ev.index.ok_or_else(|| json_err("delta without index"))?;
+                    let index = index_of(ev.index, ty, "index")?;
                     let delta: AnthropicDelta = parse(
                         ev.delta
                             .ok_or_else(|| json_err("delta without delta"))?
@@ -642,7 +653,7 @@ impl<'a> SseRedactor<'a> {
                     }
                 }
                 "content_block_stop" => {
-                    let index = ev.index.ok_or_else(|| json_err("stop without index"))?;
+                    let index = index_of(ev.index, ty, "index")?;
                     let flushed = self.close_where(scratch, |k| k.index == index)?;
                     out.extend(self.synthetic("", None, flushed));
                 }
@@ -654,14 +665,8 @@ impl<'a> SseRedactor<'a> {
             }
         } else {
             let seq = ev.sequence_number;
-            let indexes = || {
-                ev.output_index
-                    .ok_or_else(|| json_err(format!("`{ty}` without output_index")))
-            };
-            let content_index = || {
-                ev.content_index
-                    .ok_or_else(|| json_err(format!("`{ty}` without content_index")))
-            };
+            let indexes = || index_of(ev.output_index, ty, "output_index");
+            let content_index = || index_of(ev.content_index, ty, "content_index");
             match ty {
                 "response.output_text.delta"
                 | "response.refusal.delta"
@@ -1271,6 +1276,21 @@ mod tests {
         assert_eq!(thinking, "The user is [EMAIL_1].");
     }
 
+    #[test]
+    fn tool_calls_without_index_are_keyed_by_position() {
+        let events = [
+            chat(
+                r#"{"index":0,"delta":{"role":"assistant","tool_calls":[{"id":"call_1","type":"function","function":{"name":"a","arguments":"{\"m\":\"john.doe@example.com\"}"}},{"id":"call_2","type":"function","function":{"name":"b","arguments":"{\"ip\":\"10.0.0.1\"}"}}]},"finish_reason":null}"#,
+            ),
+            chat_finish(0, "tool_calls"),
+            done(),
+        ];
+        let out = run(StreamKind::OpenAiChat, Policy::default(), &events).unwrap();
+        let t = texts(StreamKind::OpenAiChat, &out);
+        assert_eq!(t["c0t0"], r#"{"m":"[EMAIL_1]"}"#);
+        assert_eq!(t["c0t1"], r#"{"ip":"[IP_1]"}"#);
+    }
+
     fn redact_fresh(text: &str) -> String {
         let mut scratch = scanner().scratch().unwrap();
         Redactor::new(scanner(), None, Policy::default())
@@ -1396,6 +1416,11 @@ mod tests {
             .1
             .replace(r#""content":"x""#, r#""content":42"#);
         assert!(c.on_event(&mut scratch, None, &bad).is_err());
+        // Events not rewritten pass whatever their other fields hold.
+        let mut r = SseRedactor::new(scanner(), Policy::default(), StreamKind::Responses);
+        let odd =
+            r#"{"type":"response.output_text.annotation.added","index":"x","output_index":null}"#;
+        assert_eq!(r.on_event(&mut scratch, None, odd).unwrap()[0].data, odd);
         // Empty data and events without a type pass.
         assert_eq!(c.on_event(&mut scratch, None, "").unwrap().len(), 1);
     }
