@@ -1356,6 +1356,67 @@ mod tests {
         }
     }
 
+    /// Placeholder numbers dropped: `[EMAIL_2]` → `[EMAIL]`.
+    fn unnumbered(s: &str) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(p) = rest.find('_') {
+            let digits = rest[p + 1..].bytes().take_while(u8::is_ascii_digit).count();
+            let tagged = rest[..p].rfind('[').is_some_and(|b| {
+                rest[b + 1..p].bytes().all(|c| c.is_ascii_uppercase()) && b + 1 < p
+            });
+            if digits > 0 && tagged && rest[p + 1 + digits..].starts_with(']') {
+                out.push_str(&rest[..p]);
+                rest = &rest[p + 1 + digits..];
+            } else {
+                out.push_str(&rest[..=p]);
+                rest = &rest[p + 1..];
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    #[test]
+    fn unnumbered_drops_placeholder_numbers_only() {
+        assert_eq!(
+            unnumbered("a [EMAIL_12] b_1 [_3] [X_2]_"),
+            "a [EMAIL] b_1 [_3] [X]_"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Two choices whose pieces interleave (sometimes in one chunk): each streams its own
+        /// one-shot redaction (numbering shared, so compared without numbers).
+        #[test]
+        fn interleaved_choices_each_stream_their_redaction(
+            a in arb_text(),
+            b in arb_text(),
+            size_a in 1..40usize,
+            size_b in 1..40usize,
+            together in any::<Vec<bool>>(),
+        ) {
+            let (pa, pb) = (split(&a, size_a), split(&b, size_b));
+            let mut events = Vec::new();
+            for k in 0..pa.len().max(pb.len()) {
+                let ca = pa.get(k).map(|p| format!(r#"{{"index":0,"delta":{{"content":{}}},"finish_reason":null}}"#, q(p)));
+                let cb = pb.get(k).map(|p| format!(r#"{{"index":1,"delta":{{"content":{}}},"finish_reason":null}}"#, q(p)));
+                if together.get(k).copied().unwrap_or(false) {
+                    events.push(chat(&ca.into_iter().chain(cb).collect::<Vec<_>>().join(",")));
+                } else {
+                    events.extend(ca.iter().chain(&cb).map(|c| chat(c)));
+                }
+            }
+            events.extend([chat_finish(1, "stop"), chat_finish(0, "length"), done()]);
+            let out = run(StreamKind::OpenAiChat, Policy::default(), &events).unwrap();
+            let t = texts(StreamKind::OpenAiChat, &out);
+            let get = |k: &str| unnumbered(t.get(k).map(String::as_str).unwrap_or(""));
+            prop_assert_eq!(get("c0"), unnumbered(&redact_fresh(&a)));
+            prop_assert_eq!(get("c1"), unnumbered(&redact_fresh(&b)));
+        }
+    }
+
     #[test]
     fn a_blocked_entity_fails_by_the_end_of_its_text() {
         let policy = Policy::default().with(Entity::Card, Action::Block);
