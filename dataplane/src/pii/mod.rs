@@ -7,10 +7,13 @@
 //! - [`TenantPatterns`]: a tenant's own patterns, compiled off the workers.
 //! - [`Redactor`]: per request; typed placeholders, a [`Policy`] per [`Entity`], text and
 //!   JSON modes. [`StreamRedactor`]: the same for text arriving in pieces.
+//! - [`SseRedactor`]: a provider's server-sent event stream (chat, completions, Responses,
+//!   Anthropic), each text through its own hold-back, one placeholder numbering.
 
 mod patterns;
 mod redact;
 mod scanner;
+pub mod sse;
 mod stream;
 mod validate;
 
@@ -24,6 +27,7 @@ pub use scanner::{
     PatternError, ScanError, Scanner, Scratch, TenantPatterns, MAX_TENANT_PATTERNS,
     MAX_TENANT_PATTERN_LEN, MAX_TENANT_PATTERN_WIDTH,
 };
+pub use sse::{OutEvent, SseRedactor, StreamKind, MAX_OPEN_TEXTS};
 pub use stream::StreamRedactor;
 
 /// What a finding is; each has its own placeholder and policy.

@@ -19,6 +19,13 @@ use super::Scratch;
 #[derive(Debug)]
 pub struct StreamRedactor<'a> {
     redactor: Redactor<'a>,
+    text: StreamText,
+}
+
+/// The hold-back state of one text, redacted through a [`Redactor`] it does not own: several
+/// texts of one response (choices, content blocks) share one placeholder numbering.
+#[derive(Debug, Default)]
+pub(crate) struct StreamText {
     /// Original text from absolute offset `base`.
     buf: String,
     base: usize,
@@ -38,44 +45,77 @@ impl<'a> StreamRedactor<'a> {
     pub fn new(redactor: Redactor<'a>) -> Self {
         Self {
             redactor,
-            buf: String::new(),
-            base: 0,
-            committed: 0,
-            cands: Vec::new(),
+            text: StreamText::default(),
         }
     }
 
     /// Adds a piece; returns the redacted text that is now final (possibly empty).
     pub fn push(&mut self, scratch: &mut Scratch, piece: &str) -> Result<String, RedactError> {
-        self.buf.push_str(piece);
-        self.process(scratch, false)
+        self.text.push(&mut self.redactor, scratch, piece)
     }
 
     /// The end of the stream: returns everything still held back, redacted.
     pub fn finish(&mut self, scratch: &mut Scratch) -> Result<String, RedactError> {
-        self.process(scratch, true)
+        self.text.finish(&mut self.redactor, scratch)
     }
 
     /// Bytes received but not yet emitted.
     pub fn held_back(&self) -> usize {
-        self.base + self.buf.len() - self.committed
+        self.text.held_back()
     }
 
     /// The most [`held_back`](Self::held_back) can be after a `push`: `2 × (W + CONTEXT)`
     /// without an open anchor, `W_long + W + 2 × CONTEXT` with one (`PII.md`).
     pub fn hold_back_bound(&self) -> usize {
-        let w = self.redactor.detect.short_width();
-        let long = self.redactor.detect.max_width();
-        (2 * (w + CONTEXT)).max(long + w + 2 * CONTEXT)
+        hold_back_bound(&self.redactor)
     }
 
     /// The request's redactor (its placeholder numbering continues).
     pub fn into_redactor(self) -> Redactor<'a> {
         self.redactor
     }
+}
 
-    fn process(&mut self, scratch: &mut Scratch, finished: bool) -> Result<String, RedactError> {
-        let detect = self.redactor.detect;
+/// [`StreamRedactor::hold_back_bound`] for texts redacted through `redactor`.
+pub(crate) fn hold_back_bound(redactor: &Redactor<'_>) -> usize {
+    let w = redactor.detect.short_width();
+    let long = redactor.detect.max_width();
+    (2 * (w + CONTEXT)).max(long + w + 2 * CONTEXT)
+}
+
+impl StreamText {
+    /// Adds a piece; returns the redacted text that is now final (possibly empty).
+    pub(crate) fn push(
+        &mut self,
+        redactor: &mut Redactor<'_>,
+        scratch: &mut Scratch,
+        piece: &str,
+    ) -> Result<String, RedactError> {
+        self.buf.push_str(piece);
+        self.process(redactor, scratch, false)
+    }
+
+    /// The end of the text: returns everything still held back, redacted.
+    pub(crate) fn finish(
+        &mut self,
+        redactor: &mut Redactor<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<String, RedactError> {
+        self.process(redactor, scratch, true)
+    }
+
+    /// Bytes received but not yet emitted.
+    pub(crate) fn held_back(&self) -> usize {
+        self.base + self.buf.len() - self.committed
+    }
+
+    fn process(
+        &mut self,
+        redactor: &mut Redactor<'_>,
+        scratch: &mut Scratch,
+        finished: bool,
+    ) -> Result<String, RedactError> {
+        let detect = redactor.detect;
         let w = detect.short_width();
         let len = self.base + self.buf.len();
         let bytes = self.buf.as_bytes();
@@ -99,8 +139,7 @@ impl<'a> StreamRedactor<'a> {
         }
         let from = self.base + floor_boundary(&self.buf, local(from));
         let mut cands = std::mem::take(&mut self.cands);
-        self.redactor
-            .candidates(scratch, &self.buf, self.base, from, &mut cands)?;
+        redactor.candidates(scratch, &self.buf, self.base, from, &mut cands)?;
         if !finished {
             cands.retain(|c| c.end + CONTEXT <= len);
         }
@@ -135,7 +174,7 @@ impl<'a> StreamRedactor<'a> {
         };
 
         let mut out = String::new();
-        let applied = self.redactor.apply(
+        let applied = redactor.apply(
             &self.buf,
             self.base,
             self.committed,

@@ -317,7 +317,7 @@ fn hold_back_is_short_without_anchors() {
     assert!(held <= 2 * (318 + 4), "held {held}");
 }
 
-fn arb_text() -> impl Strategy<Value = String> {
+pub(super) fn arb_text() -> impl Strategy<Value = String> {
     let parts = prop::collection::vec(
         prop_oneof![
             Just("john.doe@example.com".to_owned()),
