@@ -251,3 +251,136 @@ both_drivers!(
         );
     }
 );
+
+/// A raw chunked SSE response of these events (each `data:` payload, with an optional
+/// `event:` name), one chunk per event.
+fn sse_response(events: &[(Option<&str>, &str)]) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for (name, data) in events {
+        let ev = match name {
+            Some(n) => format!("event: {n}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        };
+        out.extend_from_slice(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes());
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+fn chat_chunk(content: &str, finish: Option<&str>) -> String {
+    json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
+    .to_string()
+}
+
+/// The text of a relayed OpenAI stream: its content deltas joined.
+fn streamed_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+// Streams: a value split across events is redacted as a whole, what is held back arrives
+// before the event that ends the text, and a blocked value ends the stream with an error
+// event before any of it went out.
+both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
+    let openai = MockProvider::start(MockOptions::default());
+    let cp = cp_start(
+        scratch_dir(&format!("guardrails-stream-{driver:?}")),
+        "127.0.0.1:0",
+    );
+    tenant(&cp, "acme", "enterprise");
+    route_env(&cp, "acme", "production", &openai);
+    put(
+        &cp,
+        "/v1/tenants/acme/environments/production/policy",
+        json!({"guardrails": {"email": {"responses": "redact"}, "card": {"responses": "block"}}}),
+    );
+    let acme = key(&cp, "acme", "production");
+    let gw = gateway(driver, &cp);
+    wait_workers(&gw, revision(&cp));
+    let stream_request =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+
+    openai.push_behavior(e2e::mock::Behavior::Raw(sse_response(&[
+        (None, &chat_chunk("", None)),
+        (None, &chat_chunk("mail jane.d", None)),
+        (None, &chat_chunk("oe@exam", None)),
+        (None, &chat_chunk("ple.com now", None)),
+        (None, &chat_chunk("", Some("stop"))),
+        (None, "[DONE]"),
+    ])));
+    let r = post(&gw, &acme, "/v1/chat/completions", &stream_request);
+    assert_eq!(r.status, 200);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(streamed_text(&body), "mail [EMAIL_1] now", "{body}");
+    assert!(!body.contains("exam"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+
+    openai.push_behavior(e2e::mock::Behavior::Raw(sse_response(&[
+        (None, &chat_chunk("card 4111 1111 ", None)),
+        (None, &chat_chunk("1111 1111 thanks", None)),
+        (None, &chat_chunk("", Some("stop"))),
+        (None, "[DONE]"),
+    ])));
+    let mut s = gw.connect();
+    {
+        use std::io::{Read, Write};
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {acme}\r\nContent-Length: {}\r\n\r\n{stream_request}", stream_request.len()).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains("guardrail_card"), "{got}");
+        assert!(!got.contains("4111") && !got.contains("[DONE]"), "{got}");
+    }
+
+    // Anthropic's stream: text deltas of a content block.
+    let anthropic = MockProvider::start(MockOptions::default());
+    put(
+        &cp,
+        "/v1/tenants/acme/environments/production/upstreams/an",
+        json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+    );
+    put(
+        &cp,
+        "/v1/tenants/acme/environments/production/routes/claude",
+        json!({"prefix": "claude-", "targets": [{"upstream": "an"}]}),
+    );
+    wait_workers(&gw, revision(&cp));
+    let delta = |t: &str| {
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}).to_string()
+    };
+    anthropic.push_behavior(e2e::mock::Behavior::Raw(sse_response(&[
+        (Some("message_start"), r#"{"type":"message_start","message":{"id":"m1","type":"message","role":"assistant","model":"claude-x","content":[],"usage":{"input_tokens":5,"output_tokens":1}}}"#),
+        (Some("content_block_start"), r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#),
+        (Some("content_block_delta"), &delta("to bob@exa")),
+        (Some("content_block_delta"), &delta("mple.org!")),
+        (Some("content_block_stop"), r#"{"type":"content_block_stop","index":0}"#),
+        (Some("message_stop"), r#"{"type":"message_stop"}"#),
+    ])));
+    let r = post(
+        &gw,
+        &acme,
+        "/v1/messages",
+        &json!({"model": "claude-x", "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v["type"] == "content_block_delta")
+        .filter_map(|v| v["delta"]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, "to [EMAIL_1]!", "{body}");
+    assert!(body.contains("event: message_stop"), "{body}");
+});

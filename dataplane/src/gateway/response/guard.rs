@@ -129,3 +129,155 @@ impl ResponseTransform for ResponseGuard {
         }
     }
 }
+
+/// The response guardrail for event streams: each event's text fields go through the
+/// stream redactor ([`crate::pii::SseRedactor`]: per text a bounded hold-back, one
+/// placeholder numbering for the whole response); what it holds back is sent as synthetic
+/// delta events before the event that closes the text. A blocked entity, an event it cannot
+/// read, or a scanner failure ends the stream with an error event: nothing after it is
+/// relayed.
+pub(crate) struct StreamGuard {
+    sse: crate::pii::SseRedactor<'static>,
+    scratch: Rc<RefCell<Scratch>>,
+    family: crate::errors::Family,
+    /// Set once the stream was ended by the guardrail.
+    pub(crate) refused: Option<Refusal>,
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamGuard")
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stream grammar of an endpoint, if the guardrail can read it.
+pub(crate) fn stream_kind(
+    endpoint: Option<crate::adapters::Endpoint>,
+) -> Option<crate::pii::StreamKind> {
+    use crate::adapters::Endpoint;
+    use crate::pii::StreamKind;
+    Some(match endpoint? {
+        Endpoint::ChatCompletions => StreamKind::OpenAiChat,
+        Endpoint::Completions => StreamKind::OpenAiCompletions,
+        Endpoint::Responses => StreamKind::Responses,
+        Endpoint::Messages => StreamKind::Anthropic,
+        Endpoint::Embeddings | Endpoint::Models => return None,
+    })
+}
+
+fn sse_bytes(events: Vec<crate::pii::OutEvent>, emit: &mut Vec<Vec<u8>>) {
+    for e in events {
+        let mut out = Vec::with_capacity(e.data.len() + 32);
+        let name = e.event.as_deref().unwrap_or("");
+        crate::h1::sse::write_event(name.as_bytes(), e.data.as_bytes(), &mut out);
+        emit.push(out);
+    }
+}
+
+impl StreamGuard {
+    pub(crate) fn new(
+        scanner: &'static Scanner,
+        scratch: Rc<RefCell<Scratch>>,
+        policy: Policy,
+        kind: crate::pii::StreamKind,
+        family: crate::errors::Family,
+    ) -> Self {
+        Self {
+            sse: crate::pii::SseRedactor::new(scanner, policy, kind),
+            scratch,
+            family,
+            refused: None,
+        }
+    }
+
+    /// Ends the stream: an error event in the client's grammar, and nothing after.
+    fn refuse(&mut self, ctx: &mut RequestCtx, e: RedactError, emit: &mut Vec<Vec<u8>>) {
+        let (refusal, err) = match e {
+            RedactError::Blocked { entity, .. } => {
+                ctx.guardrail_blocked = Some((entity, "response"));
+                (
+                    Refusal::Blocked(entity),
+                    crate::gateway::guard::code(entity).with(
+                        "the provider's answer holds what this environment's guardrail blocks; the stream was ended",
+                    ),
+                )
+            }
+            other => {
+                tracing::error!(id = %ctx.id, error = %other, "a streamed answer could not be scanned; ended");
+                (
+                    Refusal::Unscannable,
+                    crate::errors::ApiError::from(crate::errors::Code::GuardrailUnavailable),
+                )
+            }
+        };
+        ctx.error = Some(err.code);
+        emit.push(crate::adapters::stream_error_event(self.family, &err));
+        self.refused = Some(refusal);
+    }
+}
+
+impl ResponseTransform for StreamGuard {
+    fn rewrites(&self) -> bool {
+        true
+    }
+
+    fn on_piece(
+        &mut self,
+        ctx: &mut RequestCtx,
+        piece: &Piece<'_>,
+        emit: &mut Vec<Vec<u8>>,
+    ) -> Verdict {
+        if self.refused.is_some() {
+            return Verdict::Drop;
+        }
+        let Piece::Event(e) = piece else {
+            // Not an event stream after all: nothing of it is relayed unscanned.
+            self.refuse(ctx, RedactError::Json("not an event stream".into()), emit);
+            return Verdict::Drop;
+        };
+        let Some(data) = &e.data else {
+            return Verdict::Pass; // a comment or keep-alive
+        };
+        let (Ok(name), Ok(data)) = (std::str::from_utf8(e.event), std::str::from_utf8(data)) else {
+            self.refuse(
+                ctx,
+                RedactError::Json("an event that is not UTF-8".into()),
+                emit,
+            );
+            return Verdict::Drop;
+        };
+        let name = (!name.is_empty()).then_some(name);
+        let result = self
+            .sse
+            .on_event(&mut self.scratch.borrow_mut(), name, data);
+        match result {
+            Ok(out) => {
+                if let [only] = out.as_slice() {
+                    if only.event.as_deref() == name && only.data == data {
+                        return Verdict::Pass;
+                    }
+                }
+                sse_bytes(out, emit);
+                Verdict::Drop
+            }
+            Err(err) => {
+                self.refuse(ctx, err, emit);
+                Verdict::Drop
+            }
+        }
+    }
+
+    fn on_end(&mut self, ctx: &mut RequestCtx, _complete: bool, emit: &mut Vec<Vec<u8>>) {
+        if self.refused.is_some() {
+            return;
+        }
+        let result = self.sse.finish(&mut self.scratch.borrow_mut());
+        match result {
+            Ok(out) => sse_bytes(out, emit),
+            Err(err) => self.refuse(ctx, err, emit),
+        }
+        ctx.redacted += self.sse.redactor().redacted();
+    }
+}

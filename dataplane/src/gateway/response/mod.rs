@@ -59,6 +59,10 @@ pub async fn run(
     begin(resp, &head, &lease.conn.buf, length);
     lease.conn.buf.advance(head.head_len);
     let end = pump(&mut lease.conn, &up, head.framing, resp, &mut stage, ctx).await;
+    let end = match end {
+        BodyEnd::Complete if stage.stream_refused().is_some() => BodyEnd::Refused,
+        other => other,
+    };
     match end {
         BodyEnd::Complete => {
             stage.end(ctx, true, resp);
@@ -93,6 +97,11 @@ pub async fn run(
             if clean {
                 pool.checkin(&up, lease);
             }
+        }
+        BodyEnd::Refused => {
+            // The client has the error event; the upstream, mid-stream, is closed.
+            resp.flush(false).await;
+            resp.abort();
         }
         BodyEnd::ClientGone => {
             // The client stopped reading: the upstream connection is mid-response; it is
@@ -141,15 +150,22 @@ fn stage_for(
         .and_then(|i| i.routes.as_ref())
         .and_then(|r| r.policy.guardrails.responses);
     if let Some(policy) = policy {
+        let Some(g) = guard else {
+            return Err(Code::GuardrailUnavailable.into());
+        };
         if head.event_stream {
-            // Streamed answers are not scanned yet: refused rather than relayed unscanned.
-            return Err(Code::GuardrailUnavailable.with(
-                "this environment's response guardrails do not cover streamed answers yet; ask without stream",
-            ));
-        } else {
-            let Some(g) = guard else {
-                return Err(Code::GuardrailUnavailable.into());
+            let Some(kind) = guard::stream_kind(ctx.endpoint) else {
+                return Err(Code::GuardrailUnavailable
+                    .with("this endpoint's streams cannot be scanned; nothing was relayed"));
             };
+            transforms.push(Transform::StreamGuard(Box::new(guard::StreamGuard::new(
+                g.scanner,
+                std::rc::Rc::clone(&g.scratch),
+                policy,
+                kind,
+                ctx.family,
+            ))));
+        } else {
             transforms.push(Transform::Guard(Box::new(guard::ResponseGuard::new(
                 g.scanner,
                 std::rc::Rc::clone(&g.scratch),
@@ -211,6 +227,8 @@ enum BodyEnd {
     Complete,
     ClientGone,
     UpstreamFailed(&'static str),
+    /// The stream guardrail ended the stream (its error event is out).
+    Refused,
 }
 
 /// Moves the body from upstream to client, one upstream read at a time, through the stage.
@@ -263,6 +281,9 @@ async fn pump(
         };
         if data_done {
             return BodyEnd::Complete;
+        }
+        if stage.stream_refused().is_some() {
+            return BodyEnd::Refused;
         }
         if resp.pending() > 0 && !stage.holds_body() && !resp.flush(false).await {
             return BodyEnd::ClientGone;

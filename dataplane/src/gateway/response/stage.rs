@@ -15,7 +15,9 @@ use std::ops::Range;
 
 use crate::gateway::ctx::RequestCtx;
 use crate::gateway::response::{
-    guard::ResponseGuard, stream_usage::StreamUsageStrip, usage::UsageTap,
+    guard::{Refusal, ResponseGuard, StreamGuard},
+    stream_usage::StreamUsageStrip,
+    usage::UsageTap,
 };
 use crate::h1::sse::{SseEvent, SseFramer, SseTooLarge};
 use crate::server::respond::Responder;
@@ -66,6 +68,8 @@ pub(crate) enum Transform {
     StreamUsage(StreamUsageStrip),
     /// Redacts or refuses what the environment's response guardrails name.
     Guard(Box<ResponseGuard>),
+    /// The same for an event stream.
+    StreamGuard(Box<StreamGuard>),
     #[cfg(test)]
     Test(tests::Scripted),
 }
@@ -76,6 +80,7 @@ impl ResponseTransform for Transform {
             Self::Usage(t) => t.rewrites(),
             Self::StreamUsage(t) => t.rewrites(),
             Self::Guard(t) => t.rewrites(),
+            Self::StreamGuard(t) => t.rewrites(),
             #[cfg(test)]
             Self::Test(t) => t.rewrites(),
         }
@@ -91,6 +96,7 @@ impl ResponseTransform for Transform {
             Self::Usage(t) => t.on_piece(ctx, piece, emit),
             Self::StreamUsage(t) => t.on_piece(ctx, piece, emit),
             Self::Guard(t) => t.on_piece(ctx, piece, emit),
+            Self::StreamGuard(t) => t.on_piece(ctx, piece, emit),
             #[cfg(test)]
             Self::Test(t) => t.on_piece(ctx, piece, emit),
         }
@@ -101,6 +107,7 @@ impl ResponseTransform for Transform {
             Self::Usage(t) => t.on_end(ctx, complete, emit),
             Self::StreamUsage(t) => t.on_end(ctx, complete, emit),
             Self::Guard(t) => t.on_end(ctx, complete, emit),
+            Self::StreamGuard(t) => t.on_end(ctx, complete, emit),
             #[cfg(test)]
             Self::Test(t) => t.on_end(ctx, complete, emit),
         }
@@ -181,6 +188,14 @@ impl Stage {
         self.framer.is_none() && self.guard().is_some()
     }
 
+    /// Why the stream guardrail ended this stream, if it did: nothing more is relayed.
+    pub(crate) fn stream_refused(&self) -> Option<Refusal> {
+        self.transforms.iter().find_map(|t| match t {
+            Transform::StreamGuard(g) => g.refused,
+            _ => None,
+        })
+    }
+
     /// The response guardrail, when this response has one.
     pub(crate) fn guard(&self) -> Option<&ResponseGuard> {
         self.transforms.iter().find_map(|t| match t {
@@ -206,12 +221,33 @@ impl Stage {
         if self.passthrough {
             out.put(data, Some(0..data.len()));
         } else if let Some(framer) = &mut self.framer {
+            let guarded = self
+                .transforms
+                .iter()
+                .any(|t| matches!(t, Transform::StreamGuard(_)));
             let transforms = &mut self.transforms;
             let fed = framer.feed(data, |raw, range| {
                 let event = SseEvent::parse(raw);
                 through(transforms, ctx, &Piece::Event(&event), raw, range, &mut out);
             });
             if let Err(SseTooLarge { max, unsent_from }) = fed {
+                if guarded {
+                    // A guarded stream is never relayed unscanned: it ends here.
+                    tracing::warn!(id = %ctx.id, max, "stream event too large to scan; the stream is ended");
+                    let err =
+                        crate::errors::ApiError::from(crate::errors::Code::GuardrailUnavailable);
+                    ctx.error = Some(err.code);
+                    for t in transforms.iter_mut() {
+                        if let Transform::StreamGuard(g) = t {
+                            g.refused = Some(Refusal::Unscannable);
+                        }
+                    }
+                    out.flush_run();
+                    let family = ctx.family;
+                    out.resp
+                        .push(&crate::adapters::stream_error_event(family, &err));
+                    return;
+                }
                 // The event's start was held back: it goes out now, with everything after
                 // it, untouched.
                 tracing::warn!(id = %ctx.id, max, "stream event too large to transform; relaying the rest untouched");
