@@ -29,12 +29,15 @@ use crate::server::service::{Finished, Head, Request, Response, Service, Verdict
 use crate::server::worker::{BodyBudget, BodyReadSlot, WorkerCtx};
 
 /// Initial read buffer; grows up to the head limit plus the body limit.
-const INITIAL_BUF: usize = 8 * 1024;
+const INITIAL_BUF: usize = 2 * 1024;
 /// Minimum free space offered to each read.
-const MIN_READ: usize = 4 * 1024;
+const MIN_READ: usize = 2 * 1024;
 /// A connection whose buffer grew past this (a large body) gets a fresh small one once the
 /// request is done, so idle keep-alive connections do not pin megabytes.
 const SHRINK_ABOVE: usize = 256 * 1024;
+/// A request whose read buffer is larger than this gives the bytes after it (a pipelined
+/// request, usually none) a fresh buffer instead of sharing its allocation.
+const SHARE_UP_TO: usize = 64 * 1024;
 
 /// Per-connection buffers, reused for every request on the connection.
 struct ConnBufs {
@@ -289,10 +292,13 @@ async fn proceed<S: Service>(
 
     // The request's bytes leave the read buffer as shared `Bytes`: the body is a slice of
     // them (a large one goes upstream without a copy); pipelined bytes stay behind for the
-    // next round, in a buffer of their own when the request's was large, so that the
-    // request's memory goes back as soon as the request is done with it.
+    // next round, in a buffer of their own when the request's was large: what stays behind
+    // shares the request's allocation, and would pin the request's memory for the life of
+    // its response (a stream may last minutes) instead of letting it go as soon as the
+    // request is done with it.
+    let allocation = bufs.read.capacity();
     let raw = bufs.read.split_to(consumed).freeze();
-    if bufs.read.capacity() > SHRINK_ABOVE {
+    if allocation > SHARE_UP_TO {
         let mut fresh = BytesMut::with_capacity(INITIAL_BUF.max(bufs.read.len()));
         fresh.extend_from_slice(&bufs.read);
         bufs.read = fresh;

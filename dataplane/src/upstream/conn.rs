@@ -12,7 +12,12 @@ use super::dns::DnsCache;
 use super::Upstream;
 use crate::upstream::iovec::IoVecs;
 
-const READ_BUF: usize = 16 * 1024;
+/// A connection's first reads are this size: a stream's events are small, and each open
+/// stream keeps its buffer for its whole life.
+const READ_BUF_MIN: usize = 2 * 1024;
+/// Reads grow (doubling each time one fills the space it was given) up to this size, for
+/// large answers.
+const READ_BUF_MAX: usize = 64 * 1024;
 
 enum Io {
     Plain(TcpStream),
@@ -63,6 +68,8 @@ pub struct UpConn {
     pub uses: u32,
     /// The buffer requests are written from (see `take_send_buffer`).
     send_buf: Vec<u8>,
+    /// The space the next read is given (see [`READ_BUF_MIN`]).
+    read_size: usize,
 }
 
 impl std::fmt::Debug for UpConn {
@@ -145,10 +152,11 @@ impl UpConn {
         };
         Ok(Self {
             io,
-            buf: BytesMut::with_capacity(READ_BUF),
+            buf: BytesMut::with_capacity(READ_BUF_MIN),
             idle_since_ms: crate::runtime::deadline::coarse_now_ms(),
             uses: 0,
             send_buf: Vec::new(),
+            read_size: READ_BUF_MIN,
         })
     }
 
@@ -215,12 +223,13 @@ impl UpConn {
     /// One read into the free space of `self.buf`, bounded by `timeout`. After a timeout the
     /// connection must be dropped (the cancelled read may still complete).
     pub async fn read(&mut self, timeout: Duration) -> Read {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(READ_BUF);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
         }
         let owned = std::mem::take(&mut self.buf);
         let len = owned.len();
         let cap = owned.capacity();
+        let offered = cap - len;
         let slice = owned.slice_mut(len..cap);
         let result = match &mut self.io {
             Io::Plain(s) => crate::runtime::deadline::timeout(timeout, s.read(slice)).await,
@@ -231,7 +240,12 @@ impl UpConn {
                 self.buf = slice.into_inner();
                 match res {
                     Ok(0) => Read::Eof,
-                    Ok(_) => Read::Data,
+                    Ok(n) => {
+                        if n == offered {
+                            self.read_size = (self.read_size * 2).min(READ_BUF_MAX);
+                        }
+                        Read::Data
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => Read::Data,
                     Err(e) => Read::Failed(e),
                 }
