@@ -215,6 +215,16 @@ pub fn node_config(
     c
 }
 
+/// A POST of `body` to `path` on the gateway at `gw`, presenting `key` (and the
+/// `anthropic-version` header Anthropic's API requires, which OpenAI's ignores).
+pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: &str) -> Resp {
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(gw, raw.as_bytes())
+}
+
 pub fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
     let auth = key

@@ -14,12 +14,7 @@ use e2e::*;
 use serde_json::{json, Value};
 
 fn post(gw: &Gateway, key: &str, path: &str, body: &Value) -> Resp {
-    let body = body.to_string();
-    let raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw.addr(), raw.as_bytes())
+    post_with_key(gw.addr(), key, path, &body.to_string())
 }
 
 /// Runs the operator CLI against `cp`; returns its JSON output.
