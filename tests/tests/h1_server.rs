@@ -252,17 +252,30 @@ both_drivers!(slow_head_gets_408_and_is_closed, |driver| {
     c.timeouts.head_read = Duration::from_millis(300);
     let gw = Gateway::start_with(c);
     let mut s = gw.connect();
+    let started = std::time::Instant::now();
     s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n")
         .unwrap();
-    // Keep trickling bytes: the deadline runs from the first byte, not the last.
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = s.write_all(b"X-Slow: 1\r\n");
-    }
+    // Keep trickling bytes for 4 s, one line every 100 ms: an idle timer would never fire
+    // while they come; the head deadline runs from the first byte and fires long before.
+    let mut trickle = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(100));
+            if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
+                return;
+            }
+        }
+    });
     let r = read_response(&mut s, &mut Vec::new()).expect("408");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "answered {took:?} after the first byte, while bytes kept coming: an idle timer, not a deadline"
+    );
     assert_eq!(r.status, 408);
     assert_eq!(r.json()["error"]["code"], "request_timeout");
     assert!(is_closed(&mut s, Duration::from_secs(5)));
+    writer.join().unwrap();
 });
 
 both_drivers!(idle_keep_alive_connections_are_closed, |driver| {
