@@ -687,7 +687,14 @@ where
                     })
                     .await;
                     match stored {
-                        Ok(Ok(_)) => conn.send(&Message::EventAck { boot_epoch, seq }).await?,
+                        Ok(Ok(fresh)) => {
+                            if fresh {
+                                // An event can revoke a key (a confirmed leak): every node
+                                // hears of it now.
+                                state.notify();
+                            }
+                            conn.send(&Message::EventAck { boot_epoch, seq }).await?;
+                        }
                         // Malformed or out of scope: resending will not change that.
                         Ok(Err(StoreError::Invalid(e))) => {
                             tracing::warn!(node, boot_epoch, seq, error = %e, "refused an event from the node");

@@ -209,6 +209,10 @@ ALTER TABLE policies ADD COLUMN guardrails TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE api_keys ADD COLUMN requests_per_minute INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE api_keys ADD COLUMN leaked_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE policies ADD COLUMN revoke_leaked_keys INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// `meta` rows.
@@ -277,6 +281,8 @@ pub struct KeyInfo {
     pub replaced_by: Option<String>,
     /// Enforced by each node on its own traffic; 0 = no limit.
     pub rate_limits: RateLimitsView,
+    /// Unix seconds UTC when a node first saw the key in traffic; 0 = never.
+    pub leaked_at: i64,
 }
 
 /// A key's rate limits as the API shows and takes them; 0 = no limit.
@@ -966,7 +972,7 @@ fn set_meta(c: &Connection, name: &str, value: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by, requests_per_minute, tokens_per_minute FROM api_keys";
+const KEY_SELECT: &str = "SELECT key_id, tenant_id, environment, sub_account_id, name, status, allowed_models, expires_at, grace_ends_at, created_at, replaced_by, requests_per_minute, tokens_per_minute, leaked_at FROM api_keys";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
     let models: String = r.get(6)?;
@@ -986,6 +992,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
             requests_per_minute: r.get::<_, i64>(11)?.max(0) as u64,
             tokens_per_minute: r.get::<_, i64>(12)?.max(0) as u64,
         },
+        leaked_at: r.get(13)?,
     })
 }
 

@@ -380,3 +380,118 @@ both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
     assert_eq!(text, "to [EMAIL_1]!", "{body}");
     assert!(body.contains("event: message_stop"), "{body}");
 });
+
+// Leak detection: a valid key of ours in a prompt is reported (its id and hash, never the
+// key), confirmed against the store, marked leaked and audited; where the owning
+// environment's policy says so it is revoked at once and every node refuses it. A string
+// that only looks like a key (a bad checksum) is not reported.
+both_drivers!(
+    a_key_seen_in_a_prompt_is_marked_leaked_and_revoked,
+    |driver| {
+        let openai = MockProvider::start(MockOptions::default());
+        let cp = cp_start(scratch_dir(&format!("leak-{driver:?}")), "127.0.0.1:0");
+        tenant(&cp, "acme", "enterprise");
+        route_env(&cp, "acme", "production", &openai);
+        route_env(&cp, "acme", "staging", &openai);
+        put(
+            &cp,
+            "/v1/tenants/acme/environments/production/policy",
+            json!({"revoke_leaked_keys": true}),
+        );
+        let user = key(&cp, "acme", "staging");
+        let leaked = create_key(&cp, "acme", json!({"environment": "production"}));
+        let (leaked_key, leaked_id) = (
+            leaked["key"].as_str().unwrap().to_string(),
+            leaked["info"]["key_id"].as_str().unwrap().to_string(),
+        );
+        let kept = create_key(&cp, "acme", json!({"environment": "staging"}));
+        let (kept_key, kept_id) = (
+            kept["key"].as_str().unwrap().to_string(),
+            kept["info"]["key_id"].as_str().unwrap().to_string(),
+        );
+        let gw = gateway(driver, &cp);
+        wait_workers(&gw, revision(&cp));
+        assert_eq!(chat_with_key(gw.addr(), Some(&leaked_key), "m").status, 200);
+
+        // A look-alike with a broken checksum, then the real keys pasted into a prompt.
+        let mut fake = leaked_key.clone();
+        let last = fake.pop().unwrap();
+        fake.push(if last == 'a' { 'b' } else { 'a' });
+        let r = post_with_key(
+            gw.addr(),
+            &user,
+            "/v1/chat/completions",
+            &chat(&format!("debug this: {fake}")),
+        );
+        assert_eq!(r.status, 200);
+        let r = post_with_key(
+            gw.addr(),
+            &user,
+            "/v1/chat/completions",
+            &chat(&format!(
+                "my keys are {leaked_key} and {kept_key}, why do they fail?"
+            )),
+        );
+        assert_eq!(r.status, 200);
+
+        // The production key's policy revokes it; the staging key is only marked.
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || {
+                chat_with_key(gw.addr(), Some(&leaked_key), "m").status == 401
+            }),
+            "the leaked key was revoked on the node"
+        );
+        let info = api(&cp, "GET", &format!("/v1/keys/{leaked_id}"), None).json();
+        assert_eq!(info["status"], "revoked", "{info}");
+        assert!(info["leaked_at"].as_i64().unwrap() > 0, "{info}");
+        let info = api(&cp, "GET", &format!("/v1/keys/{kept_id}"), None).json();
+        assert_eq!(info["status"], "active", "{info}");
+        assert!(info["leaked_at"].as_i64().unwrap() > 0, "{info}");
+        assert_eq!(chat_with_key(gw.addr(), Some(&kept_key), "m").status, 200);
+        let audit = api(&cp, "GET", "/v1/audit?after=0&limit=10000", None).json();
+        let records = audit["data"].as_array().unwrap();
+        let reported: Vec<&str> = records
+            .iter()
+            .filter(|r| r["action"] == "key.leaked")
+            .map(|r| r["detail"]["leaked_key_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            reported.len(),
+            2,
+            "the look-alike was not reported: {reported:?}"
+        );
+        assert!(records.iter().any(|r| r["action"] == "key.revoke"
+            && r["target"] == leaked_id.as_str()
+            && r["detail"]["reason"] == "leaked"));
+        let text = audit.to_string();
+        assert!(
+            !text.contains(&leaked_key) && !text.contains(&kept_key),
+            "no key in the audit log"
+        );
+
+        // In an answer too.
+        let third = create_key(&cp, "acme", json!({"environment": "staging"}));
+        let (third_key, third_id) = (
+            third["key"].as_str().unwrap().to_string(),
+            third["info"]["key_id"].as_str().unwrap().to_string(),
+        );
+        openai.push_behavior(e2e::mock::Behavior::Status {
+        status: 200,
+        body: json!({"id": "c", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("use {third_key}")}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        .to_string(),
+        headers: vec![("content-type".into(), "application/json".into())],
+    });
+        assert_eq!(chat_with_key(gw.addr(), Some(&user), "m").status, 200);
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || {
+                api(&cp, "GET", &format!("/v1/keys/{third_id}"), None).json()["leaked_at"]
+                    .as_i64()
+                    .unwrap()
+                    > 0
+            }),
+            "a key in an answer is reported"
+        );
+    }
+);

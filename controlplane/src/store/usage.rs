@@ -33,6 +33,76 @@ fn sketch(bytes: &[u8]) -> Result<Sketch, StoreError> {
     Sketch::decode(bytes).map_err(|e| StoreError::Invalid(format!("stored latency sketch: {e}")))
 }
 
+/// A node saw one of our keys in traffic: when the key and its hash match the store, the
+/// key is marked leaked (once) and audited, and revoked at once when its environment's
+/// policy says so. A report that does not match (a key of another installation, a made-up
+/// one) changes nothing but the event's own audit record.
+fn leaked(
+    tx: &rusqlite::Transaction<'_>,
+    actor: &super::Actor,
+    detail: &serde_json::Value,
+) -> Result<(), StoreError> {
+    let (Some(key_id), Some(sha)) = (
+        detail["leaked_key_id"].as_str(),
+        detail["leaked_key_sha256"].as_str(),
+    ) else {
+        return Ok(());
+    };
+    let row: Option<(String, String, Vec<u8>, String, i64)> = tx
+        .query_row(
+            "SELECT tenant_id, environment, hash, status, leaked_at FROM api_keys WHERE key_id = ?1",
+            params![key_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((tenant, environment, hash, status, leaked_at)) = row else {
+        return Ok(());
+    };
+    let stored: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        stored.as_bytes(),
+        sha.as_bytes(),
+    )) {
+        return Ok(());
+    }
+    if leaked_at == 0 {
+        tx.execute(
+            "UPDATE api_keys SET leaked_at = ?2 WHERE key_id = ?1",
+            params![key_id, now()],
+        )?;
+        super::audit(
+            tx,
+            actor,
+            "key.leak_confirmed",
+            key_id,
+            serde_json::json!({"tenant_id": tenant, "environment": environment}),
+        )?;
+    }
+    let revoke: bool = tx
+        .query_row(
+            "SELECT revoke_leaked_keys FROM policies WHERE tenant_id = ?1 AND environment = ?2",
+            params![tenant, environment],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .is_some_and(|v| v != 0);
+    if revoke && status == "active" {
+        tx.execute(
+            "UPDATE api_keys SET status = 'revoked', revoked_at = ?2 WHERE key_id = ?1",
+            params![key_id, now()],
+        )?;
+        super::change(tx, "key", key_id, "upsert")?;
+        super::audit(
+            tx,
+            actor,
+            "key.revoke",
+            key_id,
+            serde_json::json!({"reason": "leaked", "policy": "revoke_leaked_keys"}),
+        )?;
+    }
+    Ok(())
+}
+
 /// A dimension usage can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dim {
@@ -289,6 +359,9 @@ impl Store {
             };
             let target = detail["key_id"].as_str().unwrap_or("").to_string();
             super::audit(tx, &actor, kind, &target, detail.clone())?;
+            if kind == "key.leaked" {
+                leaked(tx, &actor, &detail)?;
+            }
             Ok(true)
         })
     }

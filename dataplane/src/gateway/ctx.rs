@@ -75,6 +75,8 @@ pub struct RequestCtx {
     pub error: Option<Code>,
     /// What the request took from its key's rate limits.
     pub rate_limited: Option<crate::gateway::limit::Taken>,
+    /// Keys of ours seen in the request or its answer, reported when it ends.
+    pub leaks: Vec<crate::gateway::leak::Sighting>,
     /// Spans the request guardrail replaced by placeholders.
     pub redacted: usize,
     /// The entity a guardrail refused the request (or its response) for, and which.
@@ -101,6 +103,7 @@ impl RequestCtx {
             usage: Usage::default(),
             error: None,
             rate_limited: None,
+            leaks: Vec::new(),
             redacted: 0,
             guardrail_blocked: None,
         }

@@ -25,6 +25,7 @@ pub mod ctx;
 pub mod endpoint;
 pub mod exchange;
 pub(crate) mod guard;
+pub(crate) mod leak;
 pub(crate) mod limit;
 pub mod log;
 pub(crate) mod meter;
@@ -151,6 +152,9 @@ impl Gateway {
         }
         let head = req.head();
         let body = req.body().clone();
+        if self.keys.is_some() {
+            leak::find(ctx, &body, "request");
+        }
         let body =
             guard::requests(self.guard.as_ref(), ctx, routes.as_deref(), &body)?.unwrap_or(body);
         let parsed = parse::run(ctx, &head, &body)?;
@@ -225,6 +229,9 @@ impl Service for Gateway {
 
     fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
         limit::settle(&ctx);
+        if let Some(keys) = &self.keys {
+            leak::report(&keys.shared().usage, &ctx);
+        }
         self.meter.record(&ctx, done);
         self.observer.record(&ctx, done);
         if let (Some((entity, direction)), Some(id), Some(keys)) =

@@ -275,18 +275,19 @@ impl Store {
                 spec.region,
                 i64::from(spec.hipaa),
                 now(),
-                guardrails_json
+                guardrails_json,
+                i64::from(spec.revoke_leaked_keys)
             ];
             let updated = tx.execute(
                 "UPDATE policies SET tenant_id = ?2, environment = ?3, zero_retention = ?4, region = ?5,
-                    hipaa = ?6, updated_at = ?7, guardrails = ?8
+                    hipaa = ?6, updated_at = ?7, guardrails = ?8, revoke_leaked_keys = ?9
                  WHERE id = ?1",
                 values,
             )?;
             if updated == 0 {
                 tx.execute(
-                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     values,
                 )?;
             }
@@ -303,6 +304,7 @@ impl Store {
                     "region": spec.region,
                     "hipaa": spec.hipaa,
                     "guardrails": guardrails,
+                    "revoke_leaked_keys": spec.revoke_leaked_keys,
                 }),
             )?;
             let record = policy_of(tx, tenant_id, environment)?;

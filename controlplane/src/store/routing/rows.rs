@@ -170,7 +170,7 @@ pub(in crate::store) fn route_records(
 }
 
 const POLICY_SELECT: &str =
-    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails FROM policies";
+    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys FROM policies";
 
 fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
     Ok(Policy {
@@ -184,6 +184,7 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
         // Written by this store from a checked spec; unreadable only if edited by hand, and
         // then no guardrail is better shown than a made-up one: the node is sent none.
         guardrails: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
+        revoke_leaked_keys: r.get::<_, i64>(8)? != 0,
     })
 }
 
@@ -246,6 +247,7 @@ pub(super) fn policy_of(
         region: String::new(),
         hipaa: false,
         guardrails: Default::default(),
+        revoke_leaked_keys: false,
         updated_at: 0,
     }))
 }

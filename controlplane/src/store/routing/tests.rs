@@ -224,6 +224,7 @@ fn changes_since_sends_current_records_and_tombstones() {
             region: "eu".into(),
             hipaa: false,
             guardrails: Default::default(),
+            revoke_leaked_keys: false,
         },
     )
     .expect("policy");
@@ -593,6 +594,7 @@ fn policies_default_to_off_and_are_replaced_whole() {
         region: "eu".into(),
         hipaa: true,
         guardrails: Default::default(),
+        revoke_leaked_keys: false,
     };
     let w = s
         .put_policy(&actor(), "t", Environment::Staging, &spec)

@@ -148,6 +148,10 @@ pub struct PolicySpec {
     /// `{"requests": …, "responses": …}`. An entity not listed is allowed.
     #[serde(default)]
     pub guardrails: BTreeMap<String, GuardrailSpec>,
+    /// Revoke a key of this environment at once when a node sees it in traffic (it is
+    /// marked leaked and audited either way).
+    #[serde(default)]
+    pub revoke_leaked_keys: bool,
 }
 
 /// One entity's guardrail as an operator writes it.
@@ -221,6 +225,7 @@ pub struct Policy {
     pub region: String,
     pub hipaa: bool,
     pub guardrails: BTreeMap<String, GuardrailView>,
+    pub revoke_leaked_keys: bool,
     /// Unix seconds UTC; 0 = never set (every field off).
     pub updated_at: i64,
 }

@@ -1,7 +1,8 @@
 //! Reads the provider's token counts into the request context, for every API family, from a
 //! JSON body or a stream's events: OpenAI's `usage` (in the last chunk of a stream), the
-//! Responses API's `response.completed`, Anthropic's `message_start` and `message_delta`.
-//! It only reads: every piece passes.
+//! Responses API's `response.completed`, Anthropic's `message_start` and `message_delta`;
+//! and looks for keys of ours in what it reads ([`crate::gateway::leak`]). It only reads:
+//! every piece passes.
 
 use crate::adapters;
 use crate::errors::Family;
@@ -43,17 +44,20 @@ impl ResponseTransform for UsageTap {
         match piece {
             Piece::Event(e) => {
                 adapters::usage_from_event(self.family, e.event, e.data(), &mut ctx.usage);
+                crate::gateway::leak::find(ctx, e.data(), "response");
             }
             Piece::Body { data, last } => {
                 if let Some(j) = &mut self.json {
                     if j.is_empty() && *last {
                         // The whole body arrived at once (the usual case): read it in place.
                         ctx.usage = adapters::usage_from_json(self.family, data);
+                        crate::gateway::leak::find(ctx, data, "response");
                         self.json = None;
                     } else if j.len() + data.len() <= MAX_JSON_OBSERVED {
                         j.extend_from_slice(data);
                         if *last {
                             ctx.usage = adapters::usage_from_json(self.family, j);
+                            crate::gateway::leak::find(ctx, j, "response");
                             self.json = None;
                         }
                     } else {
