@@ -4,8 +4,9 @@
 //! (`tests/layering.rs` holds the crate to that):
 //!
 //! - [`node`]: starts a node: the workers, the admin listener, the demo provider, the link;
-//! - [`gateway`]: the request's phases, in order: authenticate → admit → route → request
-//!   transforms → upstream exchange → response transforms → meter, metrics, log;
+//! - [`gateway`]: the request's phases, in order: authenticate → rate limit → admit →
+//!   request guardrail → route → request transforms → upstream exchange → response
+//!   transforms (usage, guardrail) → meter, metrics, leak report, log;
 //! - [`server`]: listeners, one worker per core, a connection's loop, the responder;
 //! - [`config`]: the configuration file, reloadable settings, the pushed configuration (keys,
 //!   routing and policy) and the link that receives it, routing tables;

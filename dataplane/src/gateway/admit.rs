@@ -1,8 +1,8 @@
 //! The admit phase: what an authenticated request may hold while it is served. Today, the
 //! memory of its body: the announced length is reserved against the worker's body budget
 //! before a byte of it is read or `100 Continue` is sent, so requests without a valid key
-//! never hold any of it. (Spend caps and rate limits are reserved here too, by the metering
-//! stage.)
+//! never hold any of it. (The key's rate limits were taken just before, by
+//! [`crate::gateway::limit`].)
 
 use crate::errors::{ApiError, Code};
 use crate::gateway::ctx::RequestCtx;

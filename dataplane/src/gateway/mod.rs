@@ -6,14 +6,18 @@
 //!  head parsed → context created (id, API family, timings)      ctx
 //!    endpoint       path and method → endpoint, family          endpoint
 //!    authenticate   key → identity                              authenticate
+//!    rate limit     the key's requests and tokens per minute     limit
 //!    admit          reserve what the request may hold           admit
 //!  body read
+//!    leak, guard    keys of ours seen; PII redacted or refused  leak, guard
 //!    parse          JSON once; model, stream; the key's models  parse
 //!    route          model → targets, policy filters             route
 //!    request xform  per target: body edits, upstream head       request
 //!    exchange       send, read the head; fail over              exchange
 //!    response xform head filter; body/events → transforms       response
-//!    log            access log, from the context, once          log
+//!                   (usage, stream usage, response guardrail)
+//!    finish         tokens charged, leaks reported, usage        limit, leak, meter,
+//!                   metered, metrics counted, access log        observe, log
 //! ```
 //!
 //! Nothing is reserved and no body byte is read before a request is authenticated: the
