@@ -192,6 +192,16 @@ impl StreamGuard {
         }
     }
 
+    /// Ends a stream the guardrail cannot read (`why`), as [`Self::refuse`] does.
+    pub(crate) fn refuse_unreadable(
+        &mut self,
+        ctx: &mut RequestCtx,
+        why: &str,
+        emit: &mut Vec<Vec<u8>>,
+    ) {
+        self.refuse(ctx, RedactError::Json(why.into()), emit);
+    }
+
     /// Ends the stream: an error event in the client's grammar, and nothing after.
     fn refuse(&mut self, ctx: &mut RequestCtx, e: RedactError, emit: &mut Vec<Vec<u8>>) {
         let (refusal, err) = match e {
@@ -234,7 +244,7 @@ impl ResponseTransform for StreamGuard {
         }
         let Piece::Event(e) = piece else {
             // Not an event stream after all: nothing of it is relayed unscanned.
-            self.refuse(ctx, RedactError::Json("not an event stream".into()), emit);
+            self.refuse_unreadable(ctx, "not an event stream", emit);
             return Verdict::Drop;
         };
         let Some(data) = &e.data else {

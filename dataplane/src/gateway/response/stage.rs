@@ -221,31 +221,26 @@ impl Stage {
         if self.passthrough {
             out.put(data, Some(0..data.len()));
         } else if let Some(framer) = &mut self.framer {
-            let guarded = self
-                .transforms
-                .iter()
-                .any(|t| matches!(t, Transform::StreamGuard(_)));
             let transforms = &mut self.transforms;
             let fed = framer.feed(data, |raw, range| {
                 let event = SseEvent::parse(raw);
                 through(transforms, ctx, &Piece::Event(&event), raw, range, &mut out);
             });
             if let Err(SseTooLarge { max, unsent_from }) = fed {
-                if guarded {
-                    // A guarded stream is never relayed unscanned: it ends here.
+                let guard = transforms.iter_mut().find_map(|t| match t {
+                    Transform::StreamGuard(g) => Some(g),
+                    _ => None,
+                });
+                if let Some(g) = guard {
+                    // A guarded stream is never relayed unscanned: it ends here, the way
+                    // the guardrail ends any stream it cannot read.
                     tracing::warn!(id = %ctx.id, max, "stream event too large to scan; the stream is ended");
-                    let err =
-                        crate::errors::ApiError::from(crate::errors::Code::GuardrailUnavailable);
-                    ctx.error = Some(err.code);
-                    for t in transforms.iter_mut() {
-                        if let Transform::StreamGuard(g) = t {
-                            g.refused = Some(Refusal::Unscannable);
-                        }
-                    }
+                    let mut emitted = Vec::new();
+                    g.refuse_unreadable(ctx, "an event too large to scan", &mut emitted);
                     out.flush_run();
-                    let family = ctx.family;
-                    out.resp
-                        .push(&crate::adapters::stream_error_event(family, &err));
+                    for e in emitted {
+                        out.resp.push(&e);
+                    }
                     return;
                 }
                 // The event's start was held back: it goes out now, with everything after
