@@ -33,6 +33,21 @@ fn sketch(bytes: &[u8]) -> Result<Sketch, StoreError> {
     Sketch::decode(bytes).map_err(|e| StoreError::Invalid(format!("stored latency sketch: {e}")))
 }
 
+/// Records that a node's report (usage or event) numbered (`boot_epoch`, `seq`) is being
+/// applied: false when it was applied before. Usage and events share the numbering.
+fn first_time(
+    tx: &rusqlite::Transaction<'_>,
+    node_id: &str,
+    boot_epoch: u64,
+    seq: u64,
+) -> Result<bool, StoreError> {
+    let fresh = tx.execute(
+        "INSERT OR IGNORE INTO usage_reports (node_id, boot_epoch, seq, received_at) VALUES (?1, ?2, ?3, ?4)",
+        params![node_id, n(boot_epoch), n(seq), now()],
+    )?;
+    Ok(fresh != 0)
+}
+
 /// A node saw one of our keys in traffic: when the key and its hash match the store, the
 /// key is marked leaked (once) and audited, and revoked at once when its environment's
 /// policy says so. A report that does not match (a key of another installation, a made-up
@@ -230,11 +245,7 @@ impl Store {
         entries: &[UsageEntry],
     ) -> Result<bool, StoreError> {
         self.with_tx(|tx| {
-            let fresh = tx.execute(
-                "INSERT OR IGNORE INTO usage_reports (node_id, boot_epoch, seq, received_at) VALUES (?1, ?2, ?3, ?4)",
-                params![node_id, n(boot_epoch), n(seq), now()],
-            )?;
-            if fresh == 0 {
+            if !first_time(tx, node_id, boot_epoch, seq)? {
                 return Ok(false);
             }
             let mut owner = tx.prepare_cached(
@@ -346,11 +357,7 @@ impl Store {
             )));
         }
         self.with_tx(|tx| {
-            let fresh = tx.execute(
-                "INSERT OR IGNORE INTO usage_reports (node_id, boot_epoch, seq, received_at) VALUES (?1, ?2, ?3, ?4)",
-                params![node_id, n(boot_epoch), n(seq), now()],
-            )?;
-            if fresh == 0 {
+            if !first_time(tx, node_id, boot_epoch, seq)? {
                 return Ok(false);
             }
             let actor = super::Actor {
