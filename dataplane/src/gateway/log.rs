@@ -6,7 +6,8 @@ use crate::errors::ErrorSource;
 use crate::gateway::ctx::RequestCtx;
 use crate::server::service::{Finished, Head};
 
-pub fn run(ctx: &RequestCtx, head: &Head<'_>, done: &Finished) {
+/// `latency`: from the head's first byte to the request's end.
+pub fn run(ctx: &RequestCtx, head: &Head<'_>, done: &Finished, latency: std::time::Duration) {
     let micros = |t: Option<std::time::Instant>| {
         t.map(|t| {
             t.saturating_duration_since(ctx.timings.head_received)
@@ -29,7 +30,7 @@ pub fn run(ctx: &RequestCtx, head: &Head<'_>, done: &Finished) {
         status = done.status,
         bytes_in = done.bytes_in,
         bytes_out = done.bytes_out,
-        latency_us = ctx.timings.head_received.elapsed().as_micros() as u64,
+        latency_us = latency.as_micros() as u64,
         ttfb_us = micros(ctx.timings.first_byte),
         tenant = identity.map(|i| &*i.tenant_id),
         environment = identity.map(|i| i.environment.name()),

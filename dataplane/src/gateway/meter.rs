@@ -28,7 +28,8 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub(crate) fn record(&self, ctx: &RequestCtx, done: &Finished) {
+    /// `latency`: from the head's first byte to the request's end.
+    pub(crate) fn record(&self, ctx: &RequestCtx, done: &Finished, latency: std::time::Duration) {
         let Some(identity) = &ctx.identity else {
             return;
         };
@@ -75,7 +76,7 @@ impl Meter {
             e.estimated_requests += 1;
         }
         let started = ctx.timings.head_received;
-        e.latency.record(micros(started.elapsed()));
+        e.latency.record(micros(latency));
         if let Some(first) = ctx.timings.first_byte {
             e.ttfb
                 .record(micros(first.saturating_duration_since(started)));

@@ -236,8 +236,10 @@ impl Service for Gateway {
         if let Some(keys) = &self.keys {
             leak::report(&keys.shared().usage, &ctx);
         }
-        self.meter.record(&ctx, done);
-        self.observer.record(&ctx, done);
+        // One clock read for every phase that reports the request's latency.
+        let latency = ctx.timings.head_received.elapsed();
+        self.meter.record(&ctx, done, latency);
+        self.observer.record(&ctx, done, latency);
         if let (Some((entity, direction)), Some(id), Some(keys)) =
             (ctx.guardrail_blocked, &ctx.identity, &self.keys)
         {
@@ -261,7 +263,7 @@ impl Service for Gateway {
                 .add_usage(ctx.usage.input_tokens, ctx.usage.output_tokens);
         }
         if self.worker.settings.current().access_log {
-            log::run(&ctx, head, done);
+            log::run(&ctx, head, done, latency);
         }
     }
 }

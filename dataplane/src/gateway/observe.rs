@@ -30,7 +30,8 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    pub(crate) fn record(&self, ctx: &RequestCtx, done: &Finished) {
+    /// `latency`: from the head's first byte to the request's end.
+    pub(crate) fn record(&self, ctx: &RequestCtx, done: &Finished, latency: std::time::Duration) {
         let mut l = self.local.borrow_mut();
         let class = u8::try_from(done.status / 100).unwrap_or(5);
         let endpoint = ctx.endpoint.map_or("other", |e| e.name());
@@ -52,7 +53,7 @@ impl Observer {
         let r = &mut l.rest;
         r.retries += u64::from(ctx.attempts.saturating_sub(1));
         let started = ctx.timings.head_received;
-        r.latency.observe(started.elapsed().as_secs_f64());
+        r.latency.observe(latency.as_secs_f64());
         if let Some(first) = ctx.timings.first_byte {
             r.ttfb
                 .observe(first.saturating_duration_since(started).as_secs_f64());
