@@ -18,6 +18,27 @@ fn chat(content: &str) -> String {
     json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
 }
 
+/// A control plane whose tenant `acme` routes production to `openai`, with answers'
+/// e-mails redacted and card numbers blocked; a key of it; a node in sync.
+fn answers_guarded(
+    driver: dataplane::config::DriverChoice,
+    name: &str,
+    openai: &MockProvider,
+) -> (controlplane::Running, String, Gateway) {
+    let cp = cp_start(scratch_dir(&format!("{name}-{driver:?}")), "127.0.0.1:0");
+    tenant(&cp, "acme", "enterprise");
+    route_env(&cp, "acme", "production", openai);
+    put(
+        &cp,
+        "/v1/tenants/acme/environments/production/policy",
+        json!({"guardrails": {"email": {"responses": "redact"}, "card": {"responses": "block"}}}),
+    );
+    let acme = key(&cp, "acme", "production");
+    let gw = gateway(driver, &cp);
+    wait_workers(&gw, revision(&cp));
+    (cp, acme, gw)
+}
+
 /// What the provider received last, as JSON.
 fn sent(mock: &MockProvider) -> Value {
     serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap()
@@ -186,20 +207,7 @@ both_drivers!(
             chunked_json: true,
             ..Default::default()
         });
-        let cp = cp_start(
-            scratch_dir(&format!("guardrails-resp-{driver:?}")),
-            "127.0.0.1:0",
-        );
-        tenant(&cp, "acme", "enterprise");
-        route_env(&cp, "acme", "production", &openai);
-        put(
-            &cp,
-            "/v1/tenants/acme/environments/production/policy",
-            json!({"guardrails": {"email": {"responses": "redact"}, "card": {"responses": "block"}}}),
-        );
-        let acme = key(&cp, "acme", "production");
-        let gw = gateway(driver, &cp);
-        wait_workers(&gw, revision(&cp));
+        let (cp, acme, gw) = answers_guarded(driver, "guardrails-resp", &openai);
 
         // The mock echoes the prompt: the request went as written, the answer comes back
         // redacted (a chunked JSON answer, held whole, valid JSON after).
@@ -288,20 +296,7 @@ fn streamed_text(body: &str) -> String {
 // event before any of it went out.
 both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
     let openai = MockProvider::start(MockOptions::default());
-    let cp = cp_start(
-        scratch_dir(&format!("guardrails-stream-{driver:?}")),
-        "127.0.0.1:0",
-    );
-    tenant(&cp, "acme", "enterprise");
-    route_env(&cp, "acme", "production", &openai);
-    put(
-        &cp,
-        "/v1/tenants/acme/environments/production/policy",
-        json!({"guardrails": {"email": {"responses": "redact"}, "card": {"responses": "block"}}}),
-    );
-    let acme = key(&cp, "acme", "production");
-    let gw = gateway(driver, &cp);
-    wait_workers(&gw, revision(&cp));
+    let (cp, acme, gw) = answers_guarded(driver, "guardrails-stream", &openai);
     let stream_request =
         json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
