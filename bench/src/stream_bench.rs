@@ -54,8 +54,10 @@
 //! (`--prompt-bytes`, 400 KB by default) to a model the mock answers in echo mode (the
 //! prompt back, 64 bytes per event, unpaced: about 6,000 events), read the response head
 //! and the first bytes, then stop reading with the connection open for `--stall-secs`. The
-//! figure is the RSS growth per stalled stream: the peak VmRSS over the stall minus VmRSS
-//! before, divided by N. A proxy that relays with backpressure holds a bounded amount per
+//! figures are the RSS growth per stalled stream: the peak VmRSS over the stall minus VmRSS
+//! before, divided by N, and the same at the end of the stall (memory the streams' start
+//! needed, such as the prompts on their way upstream, given back: what the stalled streams
+//! themselves hold). A proxy that relays with backpressure holds a bounded amount per
 //! stream; one that buffers what the provider sends grows with the response. For `direct`
 //! the figure is the mock provider's own (which keeps the request while it answers), for
 //! reference only.

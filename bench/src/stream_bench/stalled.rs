@@ -29,7 +29,8 @@ pub(super) fn run(
             .iter()
             .map(|x| {
                 json!({"held": x.held, "errors": x.errors, "rss_before_kib": x.rss_before_kib,
-                       "rss_peak_kib": x.rss_peak_kib, "kib_per_stalled": x.kib_per_stalled})
+                       "rss_peak_kib": x.rss_peak_kib, "kib_per_stalled": x.kib_per_stalled,
+                       "rss_end_kib": x.rss_end_kib, "kib_per_stalled_end": x.kib_per_stalled_end})
             })
             .collect();
         (t.name.clone(), Value::Array(rows))
@@ -48,6 +49,10 @@ struct StallSample {
     rss_before_kib: u64,
     rss_peak_kib: u64,
     kib_per_stalled: f64,
+    /// At the end of the stall, once what the streams' start needed was given back: what
+    /// the stalled streams themselves hold.
+    rss_end_kib: u64,
+    kib_per_stalled_end: f64,
 }
 
 fn measure_stall(
@@ -79,9 +84,11 @@ fn measure_stall(
     let held = c.stalled.load(Ordering::Relaxed);
     let end = Instant::now() + Duration::from_secs(opts.stall_secs);
     let mut peak = rss_kib(pid)?;
+    let mut last = peak;
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(250));
-        peak = peak.max(rss_kib(pid)?);
+        last = rss_kib(pid)?;
+        peak = peak.max(last);
     }
     let errors = c.errors.load(Ordering::Relaxed);
     let report = load.stop()?;
@@ -91,6 +98,8 @@ fn measure_stall(
         rss_before_kib: before,
         rss_peak_kib: peak,
         kib_per_stalled: (peak as f64 - before as f64) / opts.stalled as f64,
+        rss_end_kib: last,
+        kib_per_stalled_end: (last as f64 - before as f64) / opts.stalled as f64,
     };
     Ok((sample, report))
 }
@@ -123,14 +132,16 @@ fn run_rounds(
             let (s, report) = measure_stall(opts, &run, &request)?;
             drop(run);
             eprintln!(
-                "round {} {:>9}: {} stalled, {} errors; RSS {} → {} KiB: {:.1} KiB per stalled stream{}",
+                "round {} {:>9}: {} stalled, {} errors; RSS {} → {} KiB peak, {} KiB at the end: {:.1} / {:.1} KiB per stalled stream{}",
                 round + 1,
                 t.name,
                 s.held,
                 s.errors,
                 s.rss_before_kib,
                 s.rss_peak_kib,
+                s.rss_end_kib,
                 s.kib_per_stalled,
+                s.kib_per_stalled_end,
                 if matches!(t.kind, Kind::Direct) { " (the mock's)" } else { "" }
             );
             print_errors(&t.name, &report);
@@ -149,11 +160,12 @@ fn report(opts: &StreamOpts, targets: &[Target], samples: &[Vec<StallSample>]) -
     );
     let _ = writeln!(
         r,
-        "| target | RSS growth KiB per stalled stream | streams stalled (median) | errors |"
+        "| target | RSS growth KiB per stalled stream: peak | at the end of the stall | streams stalled (median) | errors |"
     );
-    let _ = writeln!(r, "|---|---|---|---|");
+    let _ = writeln!(r, "|---|---|---|---|---|");
     for (t, s) in targets.iter().zip(samples) {
         let growth = cell(s.iter().map(|x| x.kib_per_stalled), 1);
+        let end = cell(s.iter().map(|x| x.kib_per_stalled_end), 1);
         let held = median(&mut s.iter().map(|x| x.held as f64).collect::<Vec<_>>());
         let name = if matches!(t.kind, Kind::Direct) {
             format!("{} (the mock provider's, for reference)", t.name)
@@ -162,7 +174,7 @@ fn report(opts: &StreamOpts, targets: &[Target], samples: &[Vec<StallSample>]) -
         };
         let _ = writeln!(
             r,
-            "| {name} | {growth} | {held:.0} | {} |",
+            "| {name} | {growth} | {end} | {held:.0} | {} |",
             s.iter().map(|x| x.errors).sum::<u64>()
         );
     }

@@ -5,6 +5,7 @@
 //! probed in turn. The two flags save about a third of the per-request kernel time here: the
 //! kernel stops interrupting the worker to run task work, and knows one thread submits.
 
+pub mod alloc;
 pub mod deadline;
 pub mod shutdown;
 

@@ -379,6 +379,10 @@ pub fn run<S, F>(
         };
         ctx.status.running.store(true, Ordering::Release);
         service.start();
+        let housekeeping = Rc::clone(&ctx);
+        monoio::spawn(async move {
+            crate::runtime::alloc::collect_every_second(&housekeeping.shutdown).await;
+        });
         let _ = started.send(Ok(driver));
         accept_loop(&listener, &ctx, &service).await;
         drop(listener);

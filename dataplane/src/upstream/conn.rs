@@ -18,6 +18,10 @@ const READ_BUF_MIN: usize = 2 * 1024;
 /// Reads grow (doubling each time one fills the space it was given) up to this size, for
 /// large answers.
 const READ_BUF_MAX: usize = 64 * 1024;
+/// Reads of an event stream grow to this size at most ([`UpConn::bound_reads`]): events are
+/// small, and a provider that outruns a slow client must not grow what each stalled stream
+/// holds.
+pub const STREAM_READ_MAX: usize = 8 * 1024;
 
 enum Io {
     Plain(TcpStream),
@@ -68,8 +72,51 @@ pub struct UpConn {
     pub uses: u32,
     /// The buffer requests are written from (see `take_send_buffer`).
     send_buf: Vec<u8>,
-    /// The space the next read is given (see [`READ_BUF_MIN`]).
-    read_size: usize,
+    /// The space reads are given.
+    space: ReadSpace,
+}
+
+/// The space a connection's reads are given: [`READ_BUF_MIN`] at first, doubling each time
+/// a read fills what it was given, up to a bound ([`READ_BUF_MAX`], or less for the response
+/// under way: [`UpConn::bound_reads`]).
+#[derive(Debug, Clone, Copy)]
+struct ReadSpace {
+    size: usize,
+    max: usize,
+}
+
+impl ReadSpace {
+    const fn new() -> Self {
+        Self {
+            size: READ_BUF_MIN,
+            max: READ_BUF_MAX,
+        }
+    }
+
+    /// Makes room in `buf` for the next read.
+    fn prepare(&self, buf: &mut BytesMut) {
+        if buf.capacity() - buf.len() < self.size / 2 {
+            buf.reserve(self.size);
+        }
+    }
+
+    /// A read of `n` bytes into `offered` bytes of space.
+    fn read(&mut self, n: usize, offered: usize) {
+        if n == offered {
+            self.size = (self.size * 2).min(self.max);
+        }
+    }
+
+    /// Bounds reads to `max`, giving back read space in `buf` above it.
+    fn bound(&mut self, max: usize, buf: &mut BytesMut) {
+        self.max = max;
+        self.size = self.size.min(max);
+        if buf.capacity() > 2 * max.max(buf.len()) {
+            let mut fresh = BytesMut::with_capacity(self.size.max(buf.len()));
+            fresh.extend_from_slice(buf);
+            *buf = fresh;
+        }
+    }
 }
 
 impl std::fmt::Debug for UpConn {
@@ -156,7 +203,7 @@ impl UpConn {
             idle_since_ms: crate::runtime::deadline::coarse_now_ms(),
             uses: 0,
             send_buf: Vec::new(),
-            read_size: READ_BUF_MIN,
+            space: ReadSpace::new(),
         })
     }
 
@@ -186,6 +233,7 @@ impl UpConn {
         idle: Duration,
     ) -> io::Result<()> {
         let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
+        self.space.max = READ_BUF_MAX;
         let one_buffer = self.sends_from_one_buffer(body.len());
         match &mut self.io {
             Io::Plain(s) if one_buffer => {
@@ -220,12 +268,17 @@ impl UpConn {
         }
     }
 
+    /// Bounds the reads of the rest of this response (the next request lifts the bound) to
+    /// `max` bytes, giving back read space above it: what a stream whose client stopped
+    /// reading holds stays small however fast the provider writes.
+    pub fn bound_reads(&mut self, max: usize) {
+        self.space.bound(max, &mut self.buf);
+    }
+
     /// One read into the free space of `self.buf`, bounded by `timeout`. After a timeout the
     /// connection must be dropped (the cancelled read may still complete).
     pub async fn read(&mut self, timeout: Duration) -> Read {
-        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-            self.buf.reserve(self.read_size);
-        }
+        self.space.prepare(&mut self.buf);
         let owned = std::mem::take(&mut self.buf);
         let len = owned.len();
         let cap = owned.capacity();
@@ -241,9 +294,7 @@ impl UpConn {
                 match res {
                     Ok(0) => Read::Eof,
                     Ok(n) => {
-                        if n == offered {
-                            self.read_size = (self.read_size * 2).min(READ_BUF_MAX);
-                        }
+                        self.space.read(n, offered);
                         Read::Data
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => Read::Data,
@@ -258,8 +309,51 @@ impl UpConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
     use monoio::io::AsyncReadRentExt;
     use monoio::net::TcpListener;
+
+    /// Reads as a provider that outruns its reader would fill them: every read fills its
+    /// space; what is read is consumed (relayed) before the next read, but `left` bytes of
+    /// a partial event stay behind.
+    fn fill(space: &mut ReadSpace, buf: &mut BytesMut, reads: usize, left: usize) -> usize {
+        let mut most = 0;
+        for _ in 0..reads {
+            space.prepare(buf);
+            let offered = buf.capacity() - buf.len();
+            buf.resize(buf.capacity(), b'x');
+            space.read(offered, offered);
+            most = most.max(buf.capacity());
+            let keep = left.min(buf.len());
+            buf.advance(buf.len() - keep);
+        }
+        most
+    }
+
+    #[test]
+    fn read_space_doubles_to_its_bound_and_a_stream_bound_gives_space_back() {
+        let mut space = ReadSpace::new();
+        let mut buf = BytesMut::with_capacity(READ_BUF_MIN);
+        let most = fill(&mut space, &mut buf, 20, 0);
+        assert_eq!(
+            space.size, READ_BUF_MAX,
+            "reads that fill grow to the bound"
+        );
+        assert!(most <= 2 * READ_BUF_MAX, "{most}");
+        assert!(most >= READ_BUF_MAX, "{most}");
+
+        // An event stream's response: 100 bytes of a partial event wait for more.
+        buf.extend_from_slice(&[b'e'; 100]);
+        space.bound(STREAM_READ_MAX, &mut buf);
+        assert!(buf.capacity() <= STREAM_READ_MAX, "{}", buf.capacity());
+        assert_eq!(&buf[..], &[b'e'; 100][..], "the pending bytes are kept");
+        let most = fill(&mut space, &mut buf, 50, 300);
+        assert!(
+            most <= 2 * STREAM_READ_MAX,
+            "stream reads stay bounded: {most}"
+        );
+        assert_eq!(space.size, STREAM_READ_MAX);
+    }
 
     #[test]
     fn the_send_buffer_is_kept_unless_a_large_request_grew_it() {

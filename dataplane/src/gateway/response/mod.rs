@@ -58,6 +58,11 @@ pub async fn run(
     };
     begin(resp, &head, &lease.conn.buf, length);
     lease.conn.buf.advance(head.head_len);
+    if head.event_stream {
+        lease
+            .conn
+            .bound_reads(crate::upstream::conn::STREAM_READ_MAX);
+    }
     let end = pump(&mut lease.conn, &up, head.framing, resp, &mut stage, ctx).await;
     let end = match end {
         BodyEnd::Complete if stage.stream_refused().is_some() => BodyEnd::Refused,
@@ -264,6 +269,8 @@ async fn pump(
             }
             ResponseFraming::Chunked => {
                 decoded.clear();
+                // Decoding never lengthens: the space of what was read, and no more.
+                decoded.reserve_exact(conn.buf.len());
                 let progress = match decoder.decode(&conn.buf, &mut decoded) {
                     Ok(p) => p,
                     Err(_) => return BodyEnd::UpstreamFailed("malformed chunked body"),
