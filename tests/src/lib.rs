@@ -251,12 +251,82 @@ pub fn chat_request(body: &str) -> Vec<u8> {
 
 pub const CHAT_BODY: &str = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#;
 
+/// The events of a server-sent event stream as (event name, data), cut and read by the
+/// data plane's own SSE framer (WHATWG rules: CRLF, CR or LF line ends, multi-line data),
+/// which is independent of the mock that writes them. Comments and keep-alives, which
+/// carry no data, are left out.
+pub fn sse_events(body: &[u8]) -> Vec<(String, String)> {
+    let mut framer = dataplane::h1::sse::SseFramer::new(usize::MAX);
+    let mut raw = Vec::new();
+    framer
+        .feed(body, |event, _| raw.push(event.to_vec()))
+        .unwrap();
+    assert!(
+        framer.incomplete().is_empty(),
+        "the stream ends inside an event: {:?}",
+        String::from_utf8_lossy(framer.incomplete())
+    );
+    raw.iter()
+        .map(|e| dataplane::h1::sse::SseEvent::parse(e))
+        .filter(|e| e.data.is_some())
+        .map(|e| {
+            (
+                String::from_utf8_lossy(e.event).into_owned(),
+                String::from_utf8_lossy(e.data()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The text an OpenAI chat stream carries: every chunk's `choices[0].delta.content`, in
+/// order.
+pub fn chat_stream_text(body: &[u8]) -> String {
+    sse_events(body)
+        .iter()
+        .filter(|(_, data)| data != "[DONE]")
+        .filter_map(|(_, data)| {
+            let v: serde_json::Value = serde_json::from_str(data)
+                .unwrap_or_else(|e| panic!("an event's data is not JSON ({e}): {data}"));
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// GET on the admin listener.
 pub fn admin_get(addr: SocketAddr, path: &str) -> Resp {
     exchange(
         addr,
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
     )
+}
+
+/// Each worker's state as the admin listener's `/workers` reports it.
+pub fn workers(admin: SocketAddr) -> Vec<serde_json::Value> {
+    match admin_get(admin, "/workers").json()["workers"].take() {
+        serde_json::Value::Array(w) => w,
+        other => panic!("/workers has no workers: {other}"),
+    }
+}
+
+/// Bytes of request bodies the workers hold reserved against their budget, in all: more
+/// than zero once a request's head is read and its body is awaited (it is in flight).
+pub fn body_bytes(admin: SocketAddr) -> u64 {
+    workers(admin)
+        .iter()
+        .map(|w| w["body_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+/// Waits until the workers hold exactly `bytes` of request bodies reserved (see
+/// [`body_bytes`]): a body's reservation made, or every reservation returned.
+pub fn wait_body_bytes(admin: SocketAddr, bytes: u64) {
+    assert!(
+        wait_until(Duration::from_secs(20), || body_bytes(admin) == bytes),
+        "the workers hold {} bytes of bodies, not {bytes}",
+        body_bytes(admin)
+    );
 }
 
 /// Polls `f` until it is true or `timeout` passes.

@@ -50,8 +50,8 @@ pub enum Behavior {
     },
     /// Read the request, never answer; the socket stays open until the provider is dropped.
     Stall,
-    /// Read the request, never answer, and wait for the peer to close the connection; each
-    /// such close is counted ([`MockProvider::closed_by_peer`]).
+    /// Read the request, never answer, and wait for the peer to close the connection
+    /// (counted, as every close by the peer is: [`MockProvider::closed_by_peer`]).
     Hold,
     /// Send the head and `events` OpenAI SSE events (chunked), then stall until dropped.
     StallAfterEvents { events: usize },
@@ -153,8 +153,9 @@ struct Shared {
     queue: Mutex<VecDeque<Behavior>>,
     default: Mutex<Behavior>,
     connections: AtomicUsize,
-    /// Connections held by [`Behavior::Hold`] that the peer closed.
-    closed_by_peer: AtomicUsize,
+    /// The connections (by accept order) the peer closed or reset, in the order it did
+    /// (see [`MockProvider::closed_by_peer`]).
+    closed_by_peer: Mutex<Vec<usize>>,
     next_conn_key: AtomicU64,
     /// Clones of the open connections' sockets, shut down on drop to unblock their threads.
     open: Mutex<HashMap<u64, TcpStream>>,
@@ -196,7 +197,7 @@ impl MockProvider {
             queue: Mutex::new(VecDeque::new()),
             default: Mutex::new(opts.default),
             connections: AtomicUsize::new(0),
-            closed_by_peer: AtomicUsize::new(0),
+            closed_by_peer: Mutex::new(Vec::new()),
             next_conn_key: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
             credential: opts.credential,
@@ -258,9 +259,18 @@ impl MockProvider {
         self.shared.requests.lock().unwrap().len()
     }
 
-    /// How many connections held by [`Behavior::Hold`] the peer has closed.
+    /// How many connections the peer (the gateway) has ended: closed between requests,
+    /// closed while a request was held ([`Behavior::Hold`]), or closed or reset while the
+    /// mock was still writing an answer (a stream nobody reads any more). Closes made by the
+    /// mock itself, and those at its own drop, are not counted.
     pub fn closed_by_peer(&self) -> usize {
-        self.shared.closed_by_peer.load(Ordering::SeqCst)
+        self.shared.closed_by_peer.lock().unwrap().len()
+    }
+
+    /// Which connections (as [`RecordedRequest::connection`] numbers them) the peer has
+    /// ended, in the order it did; see [`MockProvider::closed_by_peer`].
+    pub fn closed_connections(&self) -> Vec<usize> {
+        self.shared.closed_by_peer.lock().unwrap().clone()
     }
 
     /// How many TCP connections have been accepted so far.
@@ -371,7 +381,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<rustl
         let spawned = std::thread::Builder::new()
             .name(format!("mock-conn-{index}"))
             .spawn(move || {
-                let _ = serve_connection(stream, index, &sh, tls);
+                let ended = serve_connection(stream, index, &sh, tls);
+                if ended_by_peer(&ended) && !sh.stopped() {
+                    sh.closed_by_peer.lock().unwrap().push(index);
+                }
                 if let Ok(mut open) = sh.open.lock() {
                     open.remove(&key);
                 }
@@ -468,12 +481,36 @@ impl Request {
     }
 }
 
+/// Who ended a connection.
+enum Ending {
+    /// The peer: it closed between requests, or while a request was held.
+    Peer,
+    /// The mock: after its answer, as scripted, or at its drop.
+    Mock,
+}
+
+/// Whether the connection was ended by the peer: it said so, or an I/O error shows it
+/// closed or reset the connection while the mock read or wrote.
+fn ended_by_peer(ended: &io::Result<Ending>) -> bool {
+    match ended {
+        Ok(Ending::Peer) => true,
+        Ok(Ending::Mock) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        ),
+    }
+}
+
 fn serve_connection(
     stream: TcpStream,
     index: usize,
     shared: &Shared,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> io::Result<()> {
+) -> io::Result<Ending> {
     let _ = stream.set_nodelay(true);
     let mut conn = match tls {
         None => Conn::Plain(stream),
@@ -485,10 +522,10 @@ fn serve_connection(
     let mut buf: Vec<u8> = Vec::new();
     loop {
         if shared.stopped() {
-            return Ok(());
+            return Ok(Ending::Mock);
         }
         let Some(mut req) = read_request(&mut conn, &mut buf)? else {
-            return Ok(());
+            return Ok(Ending::Peer);
         };
         shared.requests.lock().unwrap().push(RecordedRequest {
             method: req.method.clone(),
@@ -513,13 +550,14 @@ fn serve_connection(
             After::KeepAlive if req.keep_alive => continue,
             After::KeepAlive | After::Close => {
                 conn.close();
-                return Ok(());
+                return Ok(Ending::Mock);
             }
             After::Reset => {
                 conn.reset();
-                return Ok(());
+                return Ok(Ending::Mock);
             }
-            After::Drop => return Ok(()),
+            After::Drop => return Ok(Ending::Mock),
+            After::PeerClosed => return Ok(Ending::Peer),
         }
     }
 }
@@ -762,6 +800,8 @@ enum After {
     Reset,
     /// Just drop the connection (already dealt with).
     Drop,
+    /// The peer closed the connection while the mock held it.
+    PeerClosed,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -1087,10 +1127,7 @@ fn respond(
             while !shared.stopped() && matches!(fill(conn, &mut sink), Ok(n) if n > 0) {
                 sink.clear();
             }
-            if !shared.stopped() {
-                shared.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(After::Drop)
+            Ok(After::PeerClosed)
         }
         Behavior::StallAfterEvents { events } => {
             let mut sse = Sse::start(conn, req)?;
