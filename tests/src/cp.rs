@@ -28,11 +28,8 @@ pub fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Va
 /// A request to the admin API at `addr` presenting `token` (any token, to test refusals).
 pub fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(addr, raw.as_bytes())
+    let headers = format!("Authorization: Bearer {token}\r\nConnection: close\r\n");
+    exchange(addr, &crate::request(method, path, &headers, &body))
 }
 
 /// Creates tenant `id` (asserting 201).
@@ -215,26 +212,11 @@ pub fn node_config(
     c
 }
 
-/// A POST of `body` to `path` on the gateway at `gw`, presenting `key` (and the
-/// `anthropic-version` header Anthropic's API requires, which OpenAI's ignores).
-pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: &str) -> Resp {
-    let raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
-}
-
+/// A chat request for `model` to the gateway at `gw`, presenting `key` if any.
 pub fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
+    let headers = key.map(crate::key_headers).unwrap_or_default();
+    exchange(gw, &crate::post("/v1/chat/completions", &headers, &body))
 }
 
 /// Waits until every worker reports at least `revision`.
@@ -274,22 +256,12 @@ pub fn link_client_as(
     cp: &controlplane::Running,
     link: Option<&NodeLink>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cp.ca_file).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
     let identity = link.map(|l| {
         dataplane::config::identity::IdentityFiles::new(&l.identity_dir)
             .load()
             .unwrap()
             .expect("the node has enrolled")
     });
-    let config = dataplane::config::identity::client_config(&roots, identity.as_ref()).unwrap();
-    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
-    let tcp = std::net::TcpStream::connect(cp.push_addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+    let ca = std::fs::read(&cp.ca_file).unwrap();
+    crate::tls_connect(&ca, "localhost", cp.push_addr, identity.as_ref())
 }
