@@ -2,7 +2,7 @@
 //! real socket, nodes linked to it, and waiting for revisions to reach every worker.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
 use serde_json::{json, Value};
@@ -219,22 +219,19 @@ pub fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
     exchange(gw, &crate::post("/v1/chat/completions", &headers, &body))
 }
 
-/// Waits until every worker reports at least `revision`.
-pub fn wait_workers(gw: &Gateway, revision: i64) -> Duration {
-    let start = Instant::now();
+/// Waits until every worker of `gw` reports it applied at least `revision`: the one wait
+/// for a change to reach a node.
+pub fn wait_workers(gw: &Gateway, revision: i64) {
+    let reached = || {
+        crate::workers(gw.admin_addr())
+            .iter()
+            .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
+    };
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            let v = admin_get(gw.admin_addr(), "/workers").json();
-            v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
-        }),
+        wait_until(Duration::from_secs(20), reached),
         "workers never reached revision {revision}: {}",
         admin_get(gw.admin_addr(), "/workers").json()
     );
-    start.elapsed()
 }
 
 pub fn revision(cp: &controlplane::Running) -> i64 {

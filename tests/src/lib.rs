@@ -408,6 +408,54 @@ pub fn workers(admin: SocketAddr) -> Vec<serde_json::Value> {
     }
 }
 
+/// Runs `send` (one request to the gateway whose admin listener is `admin`, nothing else
+/// in flight) and returns which worker answered it, by the worker whose count of finished
+/// requests rose, with what `send` returned.
+pub fn answered_by<R>(admin: SocketAddr, send: impl FnOnce() -> R) -> (usize, R) {
+    let counts = || -> Vec<u64> {
+        workers(admin)
+            .iter()
+            .map(|w| w["requests"].as_u64().unwrap())
+            .collect()
+    };
+    let before = counts();
+    let out = send();
+    let mut after = counts();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            after = counts();
+            after.iter().sum::<u64>() > before.iter().sum::<u64>()
+        }),
+        "no worker counted the request"
+    );
+    let moved: Vec<usize> = (0..after.len())
+        .filter(|&i| after[i] != before[i])
+        .collect();
+    assert_eq!(moved.len(), 1, "requests counted {before:?} → {after:?}");
+    (moved[0], out)
+}
+
+/// Sends `send` on new connections until each worker of the gateway has answered one (new
+/// connections are spread over the workers by the kernel, `SO_REUSEPORT`), and calls
+/// `check` with every answer: for a change every worker must apply.
+pub fn on_every_worker<R>(
+    admin: SocketAddr,
+    mut send: impl FnMut() -> R,
+    mut check: impl FnMut(&R),
+) {
+    let n = workers(admin).len();
+    let mut seen = vec![false; n];
+    for _ in 0..500 {
+        let (worker, out) = answered_by(admin, &mut send);
+        check(&out);
+        seen[worker] = true;
+        if seen.iter().all(|&s| s) {
+            return;
+        }
+    }
+    panic!("500 connections never reached every worker: {seen:?}");
+}
+
 /// Bytes of request bodies the workers hold reserved against their budget, in all: more
 /// than zero once a request's head is read and its body is awaited (it is in flight).
 pub fn body_bytes(admin: SocketAddr) -> u64 {

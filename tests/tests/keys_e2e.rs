@@ -121,21 +121,23 @@ both_drivers!(
             200
         );
 
-        // Revocation: applied by every worker within milliseconds, then refused everywhere.
+        // Revocation: applied by every worker, then refused by each of them. (How soon is
+        // a figure measured by `aigw-bench revocation`, not asserted here.)
         assert_eq!(
             api(&cp, "POST", &format!("/v1/keys/{new_id}/revoke"), None).status,
             200
         );
-        let took = wait_workers(&gw, revision(&cp));
-        assert!(took < Duration::from_secs(5), "pushed, not polled");
-        for _ in 0..8 {
-            // New connections land on both workers (SO_REUSEPORT).
-            let r = chat_with_key(gw.addr(), Some(&new_key), "gpt-ok");
-            assert_eq!(
-                (r.status, r.json()["error"]["code"].as_str()),
-                (401, Some("revoked_api_key"))
-            );
-        }
+        wait_workers(&gw, revision(&cp));
+        on_every_worker(
+            gw.admin_addr(),
+            || chat_with_key(gw.addr(), Some(&new_key), "gpt-ok"),
+            |r| {
+                assert_eq!(
+                    (r.status, r.json()["error"]["code"].as_str()),
+                    (401, Some("revoked_api_key"))
+                )
+            },
+        );
 
         // The control plane shows the node's applied revision.
         let nodes = api(&cp, "GET", "/v1/nodes", None).json();

@@ -235,14 +235,14 @@ fn route_record_of(tenant: &str, upstream: &str) -> Record {
 
 /// The node's revision, as the control thread holds it and as each worker reports it.
 fn revisions(gw: &Gateway) -> (i64, Vec<i64>) {
-    let v = admin_get(gw.admin_addr(), "/workers").json();
-    let workers = v["workers"]
-        .as_array()
-        .unwrap()
+    let held = admin_get(gw.admin_addr(), "/workers").json()["config_revision"]
+        .as_i64()
+        .unwrap();
+    let workers = workers(gw.admin_addr())
         .iter()
         .map(|w| w["config_revision"].as_i64().unwrap())
         .collect();
-    (v["config_revision"].as_i64().unwrap(), workers)
+    (held, workers)
 }
 
 /// After a refusal: nothing was published, on the control thread nor on any worker. The
