@@ -260,6 +260,7 @@ both_drivers!(slow_head_gets_408_and_is_closed, |driver| {
     let mut trickle = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         for _ in 0..40 {
+            // The client's pace is what is under test, not a wait for the gateway.
             std::thread::sleep(Duration::from_millis(100));
             if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
                 return;
@@ -389,7 +390,11 @@ both_drivers!(graceful_shutdown_finishes_in_flight_requests, |driver| {
         read_response(&mut idle, &mut Vec::new()).unwrap().status,
         200
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // The busy request's head has been read and its body is awaited: it is in flight.
+    assert!(
+        wait_until(Duration::from_secs(20), || body_bytes(admin) > 0),
+        "the busy request never reached the gateway"
+    );
 
     gw.handle().begin_shutdown();
     let stopper = std::thread::spawn(move || gw.stop());

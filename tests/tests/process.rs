@@ -143,13 +143,7 @@ fn sigterm_drains_in_flight_requests_then_exits() {
 /// against a worker's budget): the request is in flight.
 fn in_flight(gw: &GatewayProcess) {
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            admin_get(gw.admin_addr, "/workers").json()["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|w| w["body_bytes"].as_u64().unwrap_or(0) > 0)
-        }),
+        wait_until(Duration::from_secs(20), || body_bytes(gw.admin_addr) > 0),
         "the request never reached the gateway"
     );
 }
