@@ -105,6 +105,9 @@ pub struct NodeLink {
     pub identity_dir: std::path::PathBuf,
     /// The secret file holding its enrolment token.
     pub token_file: std::path::PathBuf,
+    /// The private directory holding `identity_dir` (the node's private key), removed when
+    /// the last clone of this link, and every gateway started from it, is gone.
+    pub dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl NodeLink {
@@ -138,18 +141,18 @@ pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let token = r.json()["enrollment_token"].as_str().unwrap().to_string();
     let token_file = crate::secret_file(&format!("enrollment-{n}"), &token);
-    let identity_dir = std::env::temp_dir().join(format!(
-        "aigw-e2e-identity-{}-{n}-{}",
-        std::process::id(),
-        cp.push_addr.port()
-    ));
-    let _ = std::fs::remove_dir_all(&identity_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("aigw-e2e-identity-")
+        .tempdir()
+        .unwrap();
+    let identity_dir = dir.path().join("identity");
     NodeLink {
         node_id,
         push: cp.push_addr,
         ca_file: cp.ca_file.clone(),
         identity_dir,
         token_file,
+        dir: std::sync::Arc::new(dir),
     }
 }
 
@@ -182,7 +185,18 @@ pub fn gateway_with(
     link: &NodeLink,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Gateway {
-    Gateway::start_with(node_config(driver, link, tweak))
+    Gateway::start_with(node_config(driver, link, tweak)).holding(link.dir.clone())
+}
+
+/// The node `link` describes, its configuration (beyond the link) adjusted by `tweak`.
+pub fn node_with(
+    driver: DriverChoice,
+    link: &NodeLink,
+    tweak: impl FnOnce(&mut Config),
+) -> Gateway {
+    let mut c = node_config(driver, link, |_| {});
+    tweak(&mut c);
+    Gateway::start_with(c).holding(link.dir.clone())
 }
 
 /// The configuration of the node `link` describes.

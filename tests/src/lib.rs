@@ -41,6 +41,8 @@ macro_rules! both_drivers {
 #[derive(Debug)]
 pub struct Gateway {
     handle: Option<ServerHandle>,
+    /// Directories the gateway uses (a node's identity), removed once it has stopped.
+    held: Vec<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// A config for tests: loopback, port 0, two unpinned workers, the given driver.
@@ -66,7 +68,14 @@ impl Gateway {
         let handle = dataplane::node::start(config).expect("gateway starts");
         Self {
             handle: Some(handle),
+            held: Vec::new(),
         }
+    }
+
+    /// Keeps `dir` until the gateway has stopped.
+    pub fn holding(mut self, dir: std::sync::Arc<tempfile::TempDir>) -> Self {
+        self.held.push(dir);
+        self
     }
 
     pub fn handle(&self) -> &ServerHandle {

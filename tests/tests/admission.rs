@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use e2e::cp::{cp_start, key, node_config, revision, route_env, tenant, wait_workers};
+use e2e::cp::{cp_start, key, revision, route_env, tenant, wait_workers};
 use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
 
@@ -47,10 +47,10 @@ fn node(
     tenant(&cp, "acme", "pro");
     route_env(&cp, "acme", "production", &mock);
     let k = key(&cp, "acme", "production");
-    let mut c = node_config(driver, &e2e::cp::register(&cp), |_| {});
-    c.server.workers = 1;
-    tweak(&mut c);
-    let gw = Gateway::start_with(c);
+    let gw = e2e::cp::node_with(driver, &e2e::cp::register(&cp), |c| {
+        c.server.workers = 1;
+        tweak(c);
+    });
     wait_workers(&gw, revision(&cp));
     (gw, k, cp, mock)
 }

@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use e2e::cp::{cp_start, create_key, node_config, put, revision, tenant, wait_workers};
+use e2e::cp::{cp_start, create_key, put, revision, tenant, wait_workers};
 use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 use serde_json::json;
@@ -138,11 +138,11 @@ both_drivers!(
             .as_str()
             .unwrap()
             .to_string();
-        let mut c = node_config(driver, &e2e::cp::register(&cp), |_| {});
-        c.server.workers = 1;
-        c.limits.max_body_bytes = 4000;
-        c.body_budget_bytes = 4000;
-        let gw = Gateway::start_with(c);
+        let gw = e2e::cp::node_with(driver, &e2e::cp::register(&cp), |c| {
+            c.server.workers = 1;
+            c.limits.max_body_bytes = 4000;
+            c.body_budget_bytes = 4000;
+        });
         wait_workers(&gw, revision(&cp));
         let send = |raw: Vec<u8>| exchange(gw.addr(), &raw);
         let json = Some("application/json");

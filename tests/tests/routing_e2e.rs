@@ -18,7 +18,6 @@ fn authorization(m: &MockProvider) -> Option<String> {
         .and_then(|r| r.header("authorization").map(str::to_string))
 }
 
-/// Waits for the control plane's newest revision to reach every worker.
 both_drivers!(
     each_environment_routes_with_its_own_upstreams_and_credentials,
     |driver| {
