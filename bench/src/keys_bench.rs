@@ -18,6 +18,18 @@ fn http(
     body: Option<&Value>,
 ) -> anyhow::Result<(u16, Value)> {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, _, json) = http_with_head(addr, method, path, token, &body)?;
+    Ok((status, json))
+}
+
+/// [`http`] with the response head, and the request body as text.
+fn http_with_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, String, Value)> {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -35,9 +47,10 @@ fn http(
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .context("status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     // Content-Length bodies only (what both servers send for these endpoints).
-    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    let json = serde_json::from_str(body).unwrap_or(Value::Null);
+    Ok((status, head.to_string(), json))
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -120,28 +133,13 @@ const WORKERS: usize = 2;
 /// its start).
 fn chat(gw: SocketAddr, key: &str) -> anyhow::Result<(u16, String, String)> {
     let body = r#"{"model":"m","messages":[]}"#;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut s = TcpStream::connect(gw)?;
-    s.set_nodelay(true)?;
-    s.write_all(req.as_bytes())?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out);
-    let status: u16 = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .context("status")?;
-    let worker = text
+    let (status, head, v) = http_with_head(gw, "POST", "/v1/chat/completions", Some(key), body)?;
+    let worker = head
         .lines()
         .find_map(|l| l.strip_prefix("x-request-id: "))
         .and_then(|id| id.get(..16))
         .context("x-request-id")?
         .to_string();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let code = v["error"]["code"].as_str().unwrap_or("").to_string();
     Ok((status, code, worker))
 }

@@ -28,8 +28,38 @@ pub fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Va
 /// A request to the admin API at `addr` presenting `token` (any token, to test refusals).
 pub fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let headers = format!("Authorization: Bearer {token}\r\nConnection: close\r\n");
+    let headers = format!(
+        "Authorization: Bearer {token}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    );
     exchange(addr, &crate::request(method, path, &headers, &body))
+}
+
+/// Runs one operator CLI command against the control plane at `url` (`controlplane
+/// <args> --url <url>`, the admin token and `env` in its environment only); its JSON output.
+pub fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let out = std::process::Command::new(crate::bin_path("controlplane"))
+        .args(args)
+        .args(["--url", url])
+        .env("AIGW_ADMIN_TOKEN", token)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "controlplane {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "controlplane {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// [`cli`] against `cp`.
+pub fn cli_of(cp: &controlplane::Running, args: &[&str]) -> Value {
+    cli(&format!("http://{}", cp.addr), &cp.admin_token, args, &[])
 }
 
 /// Creates tenant `id` (asserting 201).

@@ -59,7 +59,34 @@ pub fn test_config(driver: DriverChoice) -> Config {
     c
 }
 
+/// One `[[upstreams]]` entry of a gateway's TOML: `name`, `kind`, `base_url`, then the
+/// `extra` lines given (settings of that upstream).
+pub fn upstream_toml(name: &str, kind: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\n{extra}\n"
+    )
+}
+
+/// The TOML file of a gateway process: loopback, port 0, `workers` unpinned workers, the
+/// admin listener, then `extra` (sections of its own).
+pub fn process_toml(workers: usize, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+    )
+}
+
 impl Gateway {
+    /// A gateway of [`test_config`] with the `[[upstreams]]` and `[[routes]]` of `toml`
+    /// (see [`upstream_toml`]), then adjusted by `tweak`.
+    pub fn with_toml(driver: DriverChoice, toml: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let parsed = Config::parse(toml, "test").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let mut c = test_config(driver);
+        c.upstreams = parsed.upstreams;
+        c.routes = parsed.routes;
+        tweak(&mut c);
+        Self::start_with(c)
+    }
+
     pub fn start(driver: DriverChoice) -> Self {
         Self::start_with(test_config(driver))
     }
@@ -323,23 +350,25 @@ pub fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
 }
 
 /// A raw HTTP/1.1 request: the request line, `Host`, the `headers` given (each line ending
-/// in CRLF), and, when `body` is not empty, a JSON `Content-Type` and its `Content-Length`.
-/// The one request builder of these tests.
+/// in CRLF), and, with a body (or for a POST or PUT), its `Content-Length`. The one
+/// request builder of these tests.
 pub fn request(method: &str, path: &str, headers: &str, body: &str) -> Vec<u8> {
-    let framing = if body.is_empty() && method != "POST" && method != "PUT" {
+    let length = if body.is_empty() && method != "POST" && method != "PUT" {
         String::new()
     } else {
-        format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        )
+        format!("Content-Length: {}\r\n", body.len())
     };
-    format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{framing}\r\n{body}").into_bytes()
+    format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{length}\r\n{body}").into_bytes()
 }
 
 /// A POST of the JSON `body` to `path` with the `headers` given (see [`request`]).
 pub fn post(path: &str, headers: &str, body: &str) -> Vec<u8> {
-    request("POST", path, headers, body)
+    request(
+        "POST",
+        path,
+        &format!("Content-Type: application/json\r\n{headers}"),
+        body,
+    )
 }
 
 /// The header lines presenting an API key, as OpenAI's clients do (`Authorization:
@@ -348,10 +377,10 @@ pub fn key_headers(key: &str) -> String {
     format!("Authorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\n")
 }
 
-/// A POST of `body` to `path` on the gateway at `gw`, presenting `key` (see
-/// [`key_headers`]), on a connection of its own; its answer.
-pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: &str) -> Resp {
-    exchange(gw, &post(path, &key_headers(key), body))
+/// A POST of `body` (JSON text, or a `serde_json::Value`) to `path` on the gateway at `gw`,
+/// presenting `key` (see [`key_headers`]), on a connection of its own; its answer.
+pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: impl std::fmt::Display) -> Resp {
+    exchange(gw, &post(path, &key_headers(key), &body.to_string()))
 }
 
 /// A JSON chat request in OpenAI's shape.

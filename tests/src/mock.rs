@@ -25,6 +25,23 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// What OpenAI's API says of the account behind a request, sent by the mock on every
+/// OpenAI answer (with its request id, `x-request-id: req_mock`): its organisation, rate
+/// limits and a cookie. None of it may reach a gateway's client.
+pub const OPENAI_ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    ("openai-organization", "mock-org"),
+    ("x-ratelimit-remaining-requests", "99"),
+    ("set-cookie", "__cf_bm=abc"),
+];
+
+/// [`OPENAI_ACCOUNT_HEADERS`] for Anthropic's API (`/v1/messages`), whose request id is
+/// `request-id: req_mock`.
+pub const ANTHROPIC_ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    ("anthropic-organization-id", "org-mock"),
+    ("anthropic-ratelimit-requests-remaining", "99"),
+    ("set-cookie", "__cf_bm=abc"),
+];
+
 /// What the mock does with one request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Behavior {
@@ -845,27 +862,17 @@ fn saw_auth(req: &Request) -> String {
 /// The head every generated response carries, plus `extra`.
 fn head(req: &Request, status: u16, extra: &[(String, String)]) -> Vec<u8> {
     let mut h = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-    // What each provider sends: its request id, organisation and rate-limit headers.
-    let std_headers: [(&str, String); 5] = if req.anthropic {
-        [
-            ("request-id", "req_mock".into()),
-            ("anthropic-organization-id", "org-mock".into()),
-            ("anthropic-ratelimit-requests-remaining", "99".into()),
-            ("set-cookie", "__cf_bm=abc".into()),
-            ("x-mock-saw-auth", saw_auth(req)),
-        ]
+    // What each provider sends: its request id, and what it says of the account.
+    let (request_id, account) = if req.anthropic {
+        ("request-id", ANTHROPIC_ACCOUNT_HEADERS)
     } else {
-        [
-            ("x-request-id", "req_mock".into()),
-            ("openai-organization", "mock-org".into()),
-            ("x-ratelimit-remaining-requests", "99".into()),
-            ("set-cookie", "__cf_bm=abc".into()),
-            ("x-mock-saw-auth", saw_auth(req)),
-        ]
+        ("x-request-id", OPENAI_ACCOUNT_HEADERS)
     };
-    for (k, v) in std_headers.iter() {
+    h.push_str(&format!("{request_id}: req_mock\r\n"));
+    for (k, v) in account {
         h.push_str(&format!("{k}: {v}\r\n"));
     }
+    h.push_str(&format!("x-mock-saw-auth: {}\r\n", saw_auth(req)));
     for (k, v) in extra {
         h.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -20,11 +20,7 @@ fn body_bytes(gw: &Gateway) -> i64 {
 
 fn chat(key: &str) -> Vec<u8> {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    post("/v1/chat/completions", &key_headers(key), body)
 }
 
 /// A connection from `local` (any 127/8 address) to `to`.

@@ -147,13 +147,13 @@ fn a_node_is_told_why_its_enrolment_fails_and_can_enrol_again() {
     let spent = e2e::cp::enrolled(&cp);
     let dir = scratch_dir("link-enrol-node");
     let config = |identity: &std::path::Path, token_file: &std::path::Path| {
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\n",
+        process_toml(1, &format!(
+            "[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\n",
             cp.push_addr,
             cp.ca_file.display(),
             identity.display(),
             token_file.display()
-        )
+        ))
     };
     // Another node (a fresh identity directory) with the token the first one spent.
     let gw = GatewayProcess::start(&config(&dir.join("identity"), &spent.token_file), &dir);

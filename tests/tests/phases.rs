@@ -16,6 +16,8 @@ use serde_json::json;
 const OPENAI: &str = "/v1/chat/completions";
 const ANTHROPIC: &str = "/v1/messages";
 
+/// A request presenting `key` in its family's own header, with `ctype` as its
+/// Content-Type.
 fn request(
     method: &str,
     path: &str,
@@ -23,9 +25,8 @@ fn request(
     ctype: Option<&str>,
     body: &str,
 ) -> Vec<u8> {
-    let mut h = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    let mut h = "Connection: close\r\n".to_string();
     if let Some(k) = key {
-        // Each family's own key header.
         if path.starts_with(ANTHROPIC) {
             h.push_str(&format!("x-api-key: {k}\r\n"));
         } else {
@@ -35,7 +36,7 @@ fn request(
     if let Some(c) = ctype {
         h.push_str(&format!("Content-Type: {c}\r\n"));
     }
-    format!("{h}Content-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+    e2e::request(method, path, &h, body)
 }
 
 fn body(path: &str, model: &str) -> String {

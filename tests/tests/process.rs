@@ -9,9 +9,7 @@ use std::time::Duration;
 use e2e::*;
 
 fn config(extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
-    )
+    process_toml(2, extra)
 }
 
 #[test]
@@ -184,8 +182,8 @@ fn an_abandoned_request_is_logged_as_499() {
     let dir = scratch_dir("abandoned");
     let mut gw = GatewayProcess::start(
         &config(&format!(
-            "[log]\naccess = true\n[[upstreams]]\nname = \"m\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"m\" }}]\n",
-            mock.base_url()
+            "[log]\naccess = true\n{}[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"m\" }}]\n",
+            upstream_toml("m", "openai", &mock.base_url(), "")
         )),
         &dir,
     );

@@ -90,10 +90,8 @@ both_drivers!(
         assert_eq!(r.status, 404);
         assert_eq!(prod_provider.request_count(), 1);
         // `/v1/models` lists what the key's environment routes.
-        let raw = format!(
-            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {prod_key}\r\nConnection: close\r\n\r\n"
-        );
-        let models = exchange(gw.addr(), raw.as_bytes()).json();
+        let raw = request("GET", "/v1/models", &key_headers(&prod_key), "");
+        let models = exchange(gw.addr(), &raw).json();
         assert_eq!(models["data"][0]["id"], "gpt-4o");
         assert_eq!(models["data"].as_array().unwrap().len(), 1);
 
