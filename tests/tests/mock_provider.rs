@@ -20,10 +20,6 @@ fn connect(p: &MockProvider) -> TcpStream {
     e2e::connect(p.addr())
 }
 
-fn roundtrip(p: &MockProvider, raw: &[u8]) -> Resp {
-    exchange(p.addr(), raw)
-}
-
 /// Usage as the data plane reads it from a JSON answer: 5 input tokens and 3 output, as
 /// the mock reports for every answer.
 fn reported(input_tokens: u64, output_tokens: u64) -> Usage {
@@ -57,8 +53,8 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
         ..Default::default()
     });
     assert!(p.base_url().ends_with("/openai"));
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post(
             "/openai/v1/chat/completions",
             "Authorization: Bearer sk-test\r\nX-Custom-Case: Yes\r\n",
@@ -83,8 +79,8 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
         .any(|(k, v)| k == "X-Custom-Case" && v == "Yes"));
 
     // Outside the prefix; a wrong and a missing credential.
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post(
             "/v1/chat/completions",
             "Authorization: Bearer sk-test\r\n",
@@ -92,8 +88,8 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
         ),
     );
     assert_eq!(r.status, 404);
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post(
             "/openai/v1/chat/completions",
             "Authorization: Bearer sk-nope\r\n",
@@ -106,13 +102,13 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
     for field in ["message", "type", "param", "code"] {
         assert!(error.get(field).is_some(), "OpenAI's shape: {}", r.text());
     }
-    let r = roundtrip(&p, &post("/openai/v1/chat/completions", "", CHAT));
+    let r = exchange(p.addr(), &post("/openai/v1/chat/completions", "", CHAT));
     assert_eq!(r.status, 401);
 
     // Anthropic: the credential in x-api-key (or as a bearer token), its error shape, its
     // version header.
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post(
             "/openai/v1/messages",
             "x-api-key: sk-nope\r\nanthropic-version: 2023-06-01\r\n",
@@ -122,8 +118,8 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "authentication_error");
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post("/openai/v1/messages", "x-api-key: sk-test\r\n", CHAT),
     );
     assert_eq!(r.status, 400);
@@ -131,8 +127,8 @@ fn requests_are_recorded_and_checked_as_providers_check_them() {
         .as_str()
         .unwrap()
         .contains("anthropic-version"));
-    let r = roundtrip(
-        &p,
+    let r = exchange(
+        p.addr(),
         &post(
             "/openai/v1/messages",
             "x-api-key: sk-test\r\nanthropic-version: 2023-06-01\r\n",
@@ -315,7 +311,7 @@ fn chunked_request_body_is_accepted() {
         a.len(),
         b.len()
     );
-    let r = roundtrip(&p, req.as_bytes());
+    let r = exchange(p.addr(), req.as_bytes());
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["choices"][0]["message"]["content"],
