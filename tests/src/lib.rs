@@ -379,7 +379,12 @@ pub fn key_headers(key: &str) -> String {
 
 /// A POST of `body` (JSON text, or a `serde_json::Value`) to `path` on the gateway at `gw`,
 /// presenting `key` (see [`key_headers`]), on a connection of its own; its answer.
-pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: impl std::fmt::Display) -> Resp {
+pub fn post_with_key(
+    gw: SocketAddr,
+    key: &str,
+    path: &str,
+    body: &(impl std::fmt::Display + ?Sized),
+) -> Resp {
     exchange(gw, &post(path, &key_headers(key), &body.to_string()))
 }
 
