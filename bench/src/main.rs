@@ -67,8 +67,9 @@ enum Cmd {
     Stream(stream_bench::StreamOpts),
     /// Serve the streaming mock provider (SSE chat completions, paced) on one thread.
     StreamMock(sse_mock::MockOpts),
-    /// Revocation propagation: from the admin call's return to every worker having applied
-    /// it, over many revocations with a large key table loaded.
+    /// Revocation propagation: from the admin call's return to a 401 from every worker
+    /// (and to every worker showing the revision), over many revocations with a large key
+    /// table loaded.
     Revocation {
         #[arg(long, default_value_t = 100_000)]
         keys: usize,

@@ -899,17 +899,15 @@ mod tests {
         }
     }
 
-    fn store() -> (Arc<Store>, std::path::PathBuf) {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
-        let dir = std::env::temp_dir().join(format!(
-            "aigw-push-{}-{}",
-            std::process::id(),
-            u64::from_le_bytes(b)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+    /// A store in a directory of its own, removed when the returned guard drops (the
+    /// test's end, passed or failed).
+    fn store() -> (Arc<Store>, tempfile::TempDir) {
+        let dir = tempfile::Builder::new()
+            .prefix("aigw-push-")
+            .tempdir()
+            .expect("temporary directory");
         let kek = aigw_seal::Kek::generate().expect("key");
-        let s = Store::open(&dir, kek).expect("store");
+        let s = Store::open(dir.path(), kek).expect("store");
         s.create_tenant(&actor(), "t", "T", "pro").expect("tenant");
         let up = UpstreamSpec {
             provider: "openai".into(),
@@ -943,14 +941,9 @@ mod tests {
         }
     }
 
-    fn push_state(store: &Arc<Store>) -> Arc<PushState> {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
-        let pki_dir = std::env::temp_dir().join(format!(
-            "aigw-push-pki-{}-{}",
-            std::process::id(),
-            u64::from_le_bytes(b)
-        ));
+    /// The push state of `store`, its CA and keys under `dir` (the store's directory).
+    fn push_state(store: &Arc<Store>, dir: &tempfile::TempDir) -> Arc<PushState> {
+        let pki_dir = dir.path().join("pki");
         let pki = crate::pki::Pki::under(&pki_dir);
         pki.ensure(&[]).expect("pki");
         Arc::new(PushState::new(Arc::clone(store), pki).expect("state"))
@@ -1037,7 +1030,7 @@ mod tests {
     #[tokio::test]
     async fn nodes_get_snapshots_changes_and_tombstones() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let newest = store.revision().expect("rev");
 
         // Holding nothing: a snapshot of every kind, the credential in the clear (the link is TLS).
@@ -1160,13 +1153,12 @@ mod tests {
         for (id, c) in expected {
             assert_eq!(counts(id), Some(c), "{id}: (snapshots, changes) sent");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn after_a_nack_the_next_push_starts_from_what_the_node_holds() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let held = store.revision().expect("rev");
         let mut node = Node::connect(&state, "picky", held as u64).await;
         let first = store
@@ -1215,13 +1207,12 @@ mod tests {
             }
             other => panic!("expected changes, got {other:?}"),
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn the_records_a_node_cannot_apply_are_shown_with_it() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let held = store.revision().expect("rev");
         let mut node = Node::connect(&state, "partial", held as u64).await;
         let problem = |id: &str| aigw_wire::RecordProblem {
@@ -1274,7 +1265,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(shown(&state), Some((0, 0)));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The first message of a connection, and what it came to: a session (node id), an
@@ -1324,7 +1314,7 @@ mod tests {
     #[tokio::test]
     async fn an_unauthenticated_peer_gets_one_small_hello_and_nothing_else() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         // A first frame announcing 16 MiB: refused from its header, before any body.
         let mut huge = ((16u32 << 20) + 2).to_be_bytes().to_vec();
         huge.extend_from_slice(&aigw_wire::messages::types::HELLO.to_be_bytes());
@@ -1366,7 +1356,6 @@ mod tests {
         let (r, answer) = handshake(&state, Some(b"n-cert".to_vec()), hello).await;
         assert!(r.is_err());
         assert!(refusal(&answer).contains("revoked or replaced"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A P-256 public key as a node sends it.
@@ -1383,7 +1372,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_enrols_once_with_its_token() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let (_, token) = store
             .add_node(&actor(), "edge-1", &NodeScope::default(), None)
             .expect("add");
@@ -1425,7 +1414,6 @@ mod tests {
         let (r, answer) = handshake(&state, None, enroll(&token, node_public_key())).await;
         assert!(r.is_err());
         assert!(refusal(&answer).contains("enrolment token is not valid"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A node receives only the keys and routing of its scope; a change elsewhere reaches
@@ -1434,7 +1422,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_gets_its_scope_only_and_is_cut_off_when_revoked() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         store
             .create_tenant(&actor(), "u", "U", "pro")
             .expect("tenant");
@@ -1531,7 +1519,6 @@ mod tests {
             .await
             .expect("closed in time");
         assert!(closed.is_err());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn big_key(i: usize) -> crate::store::NewKey {
@@ -1557,7 +1544,7 @@ mod tests {
         for i in 0..120 {
             store.insert_key(&actor(), &big_key(i)).expect("key");
         }
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let mut node = Node::connect(&state, "fresh", 0).await;
         let mut parts_seen = 0;
         loop {
@@ -1582,7 +1569,6 @@ mod tests {
             }
         }
         assert!(parts_seen >= 2);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A node that stops talking is let go after three heartbeats; a node that comes back
@@ -1591,7 +1577,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silent_nodes_are_let_go_and_heartbeats_catch_up() {
         let (store, dir) = store();
-        let state = push_state(&store);
+        let state = push_state(&store, &dir);
         let held = store.revision().expect("rev");
         let node = Node::connect(&state, "quiet", held as u64).await;
         let connected = |state: &PushState| {
@@ -1625,6 +1611,5 @@ mod tests {
             Message::Changes { to_revision, .. } => assert_eq!(to_revision, w.revision as u64),
             other => panic!("expected changes, got {other:?}"),
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,7 +2,7 @@
 //! real socket, nodes linked to it, and waiting for revisions to reach every worker.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
 use serde_json::{json, Value};
@@ -28,11 +28,38 @@ pub fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Va
 /// A request to the admin API at `addr` presenting `token` (any token, to test refusals).
 pub fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let headers = format!(
+        "Authorization: Bearer {token}\r\nContent-Type: application/json\r\nConnection: close\r\n"
     );
-    exchange(addr, raw.as_bytes())
+    exchange(addr, &crate::request(method, path, &headers, &body))
+}
+
+/// Runs one operator CLI command against the control plane at `url` (`controlplane
+/// <args> --url <url>`, the admin token and `env` in its environment only); its JSON output.
+pub fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let out = std::process::Command::new(crate::bin_path("controlplane"))
+        .args(args)
+        .args(["--url", url])
+        .env("AIGW_ADMIN_TOKEN", token)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "controlplane {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "controlplane {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// [`cli`] against `cp`.
+pub fn cli_of(cp: &controlplane::Running, args: &[&str]) -> Value {
+    cli(&format!("http://{}", cp.addr), &cp.admin_token, args, &[])
 }
 
 /// Creates tenant `id` (asserting 201).
@@ -108,6 +135,9 @@ pub struct NodeLink {
     pub identity_dir: std::path::PathBuf,
     /// The secret file holding its enrolment token.
     pub token_file: std::path::PathBuf,
+    /// The private directory holding `identity_dir` (the node's private key), removed when
+    /// the last clone of this link, and every gateway started from it, is gone.
+    pub dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl NodeLink {
@@ -141,18 +171,18 @@ pub fn register_scoped(cp: &controlplane::Running, scope: Value) -> NodeLink {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let token = r.json()["enrollment_token"].as_str().unwrap().to_string();
     let token_file = crate::secret_file(&format!("enrollment-{n}"), &token);
-    let identity_dir = std::env::temp_dir().join(format!(
-        "aigw-e2e-identity-{}-{n}-{}",
-        std::process::id(),
-        cp.push_addr.port()
-    ));
-    let _ = std::fs::remove_dir_all(&identity_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("aigw-e2e-identity-")
+        .tempdir()
+        .unwrap();
+    let identity_dir = dir.path().join("identity");
     NodeLink {
         node_id,
         push: cp.push_addr,
         ca_file: cp.ca_file.clone(),
         identity_dir,
         token_file,
+        dir: std::sync::Arc::new(dir),
     }
 }
 
@@ -185,7 +215,18 @@ pub fn gateway_with(
     link: &NodeLink,
     tweak: impl FnOnce(&mut ControlPlaneConfig),
 ) -> Gateway {
-    Gateway::start_with(node_config(driver, link, tweak))
+    Gateway::start_with(node_config(driver, link, tweak)).holding(link.dir.clone())
+}
+
+/// The node `link` describes, its configuration (beyond the link) adjusted by `tweak`.
+pub fn node_with(
+    driver: DriverChoice,
+    link: &NodeLink,
+    tweak: impl FnOnce(&mut Config),
+) -> Gateway {
+    let mut c = node_config(driver, link, |_| {});
+    tweak(&mut c);
+    Gateway::start_with(c).holding(link.dir.clone())
 }
 
 /// The configuration of the node `link` describes.
@@ -215,44 +256,26 @@ pub fn node_config(
     c
 }
 
-/// A POST of `body` to `path` on the gateway at `gw`, presenting `key` (and the
-/// `anthropic-version` header Anthropic's API requires, which OpenAI's ignores).
-pub fn post_with_key(gw: SocketAddr, key: &str, path: &str, body: &str) -> Resp {
-    let raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
-}
-
+/// A chat request for `model` to the gateway at `gw`, presenting `key` if any.
 pub fn chat_with_key(gw: SocketAddr, key: Option<&str>, model: &str) -> Resp {
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
+    let headers = key.map(crate::key_headers).unwrap_or_default();
+    exchange(gw, &crate::post("/v1/chat/completions", &headers, &body))
 }
 
-/// Waits until every worker reports at least `revision`.
-pub fn wait_workers(gw: &Gateway, revision: i64) -> Duration {
-    let start = Instant::now();
+/// Waits until every worker of `gw` reports it applied at least `revision`: the one wait
+/// for a change to reach a node.
+pub fn wait_workers(gw: &Gateway, revision: i64) {
+    let reached = || {
+        crate::workers(gw.admin_addr())
+            .iter()
+            .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
+    };
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            let v = admin_get(gw.admin_addr(), "/workers").json();
-            v["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
-        }),
+        wait_until(Duration::from_secs(20), reached),
         "workers never reached revision {revision}: {}",
         admin_get(gw.admin_addr(), "/workers").json()
     );
-    start.elapsed()
 }
 
 pub fn revision(cp: &controlplane::Running) -> i64 {
@@ -274,22 +297,12 @@ pub fn link_client_as(
     cp: &controlplane::Running,
     link: Option<&NodeLink>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cp.ca_file).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
     let identity = link.map(|l| {
         dataplane::config::identity::IdentityFiles::new(&l.identity_dir)
             .load()
             .unwrap()
             .expect("the node has enrolled")
     });
-    let config = dataplane::config::identity::client_config(&roots, identity.as_ref()).unwrap();
-    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
-    let tcp = std::net::TcpStream::connect(cp.push_addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+    let ca = std::fs::read(&cp.ca_file).unwrap();
+    crate::tls_connect(&ca, "localhost", cp.push_addr, identity.as_ref())
 }

@@ -41,6 +41,8 @@ macro_rules! both_drivers {
 #[derive(Debug)]
 pub struct Gateway {
     handle: Option<ServerHandle>,
+    /// Directories the gateway uses (a node's identity), removed once it has stopped.
+    held: Vec<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// A config for tests: loopback, port 0, two unpinned workers, the given driver.
@@ -57,7 +59,34 @@ pub fn test_config(driver: DriverChoice) -> Config {
     c
 }
 
+/// One `[[upstreams]]` entry of a gateway's TOML: `name`, `kind`, `base_url`, then the
+/// `extra` lines given (settings of that upstream).
+pub fn upstream_toml(name: &str, kind: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "[[upstreams]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\n{extra}\n"
+    )
+}
+
+/// The TOML file of a gateway process: loopback, port 0, `workers` unpinned workers, the
+/// admin listener, then `extra` (sections of its own).
+pub fn process_toml(workers: usize, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = {workers}\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
+    )
+}
+
 impl Gateway {
+    /// A gateway of [`test_config`] with the `[[upstreams]]` and `[[routes]]` of `toml`
+    /// (see [`upstream_toml`]), then adjusted by `tweak`.
+    pub fn with_toml(driver: DriverChoice, toml: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let parsed = Config::parse(toml, "test").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let mut c = test_config(driver);
+        c.upstreams = parsed.upstreams;
+        c.routes = parsed.routes;
+        tweak(&mut c);
+        Self::start_with(c)
+    }
+
     pub fn start(driver: DriverChoice) -> Self {
         Self::start_with(test_config(driver))
     }
@@ -66,7 +95,14 @@ impl Gateway {
         let handle = dataplane::node::start(config).expect("gateway starts");
         Self {
             handle: Some(handle),
+            held: Vec::new(),
         }
+    }
+
+    /// Keeps `dir` until the gateway has stopped.
+    pub fn holding(mut self, dir: std::sync::Arc<tempfile::TempDir>) -> Self {
+        self.held.push(dir);
+        self
     }
 
     pub fn handle(&self) -> &ServerHandle {
@@ -114,6 +150,9 @@ pub struct Resp {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Whether the connection may carry another request afterwards, by the response's
+    /// version, framing and `Connection` header.
+    pub keep_alive: bool,
 }
 
 impl Resp {
@@ -133,6 +172,11 @@ impl Resp {
         })
     }
 
+    /// The body as (lossy) UTF-8.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     /// Whether the server said it will close the connection.
     pub fn closes(&self) -> bool {
         self.header("connection")
@@ -140,12 +184,35 @@ impl Resp {
     }
 }
 
-/// Reads one response: Content-Length framed, or chunked (decoded; the body is what the
-/// chunks carry); 1xx responses are returned like any other. `pending` carries bytes read
-/// past the response into the next call. `None` when the connection ends first.
-pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Resp> {
-    let mut chunk = [0u8; 16 * 1024];
+/// Reads one response, as strictly as the data plane reads an upstream's (its own parser:
+/// CRLF line ends, no conflicting framing): Content-Length framed, chunked (decoded; the
+/// body is what the chunks carry), or delimited by the close; 1xx responses are returned
+/// like any other, with no body. `pending` carries bytes read past the response into the
+/// next call. `None` when the connection ends (or the read times out) before the response
+/// does; a panic when the response is malformed.
+pub fn read_response(stream: &mut impl Read, pending: &mut Vec<u8>) -> Option<Resp> {
+    read_response_to(stream, pending, false)
+}
+
+/// [`read_response`] for the answer to a HEAD request, which has no body whatever its
+/// head announces.
+pub fn read_head_response(stream: &mut impl Read, pending: &mut Vec<u8>) -> Option<Resp> {
+    read_response_to(stream, pending, true)
+}
+
+fn read_response_to(
+    stream: &mut impl Read,
+    pending: &mut Vec<u8>,
+    request_was_head: bool,
+) -> Option<Resp> {
+    use dataplane::h1::{parse_response_head, ChunkedDecoder, Limits, ResponseFraming};
+    let limits = Limits {
+        max_body_bytes: u64::MAX,
+        max_headers: 256,
+        ..Limits::default()
+    };
     let mut more = |pending: &mut Vec<u8>| -> Option<()> {
+        let mut chunk = [0u8; 16 * 1024];
         let got = stream.read(&mut chunk).ok()?;
         if got == 0 {
             return None;
@@ -153,76 +220,94 @@ pub fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Re
         pending.extend_from_slice(&chunk[..got]);
         Some(())
     };
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut r = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(n)) = r.parse(pending) {
-            let status = r.code.unwrap();
-            let hs: Vec<(String, String)> = r
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_string(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
-            let chunked = hs.iter().any(|(k, v)| {
-                k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-            });
-            if chunked && status >= 200 {
-                let mut body = Vec::new();
-                let mut at = n;
-                loop {
-                    let line_end = loop {
-                        match pending[at..].windows(2).position(|w| w == b"\r\n") {
-                            Some(i) => break at + i,
-                            None => more(pending)?,
-                        }
-                    };
-                    let size_text = std::str::from_utf8(&pending[at..line_end]).unwrap();
-                    let size = usize::from_str_radix(size_text.split(';').next().unwrap(), 16)
-                        .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
-                    at = line_end + 2;
-                    while pending.len() < at + size + 2 {
-                        more(pending)?;
-                    }
-                    if size == 0 {
-                        // No trailers from this gateway: the last chunk ends with CRLF.
-                        assert_eq!(&pending[at..at + 2], b"\r\n", "trailer section");
-                        at += 2;
-                        break;
-                    }
-                    body.extend_from_slice(&pending[at..at + size]);
-                    assert_eq!(&pending[at + size..at + size + 2], b"\r\n", "chunk framing");
-                    at += size + 2;
-                }
-                pending.drain(..at);
-                return Some(Resp {
-                    status,
-                    headers: hs,
-                    body,
-                });
+    let (status, headers, framing, keep_alive, head_len) = loop {
+        let mut storage = [std::mem::MaybeUninit::uninit(); 256];
+        match parse_response_head(pending, &mut storage, &limits, request_was_head) {
+            Ok(Some(h)) => {
+                let headers = h
+                    .headers
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.name.to_string(),
+                            String::from_utf8_lossy(f.value).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                break (h.status, headers, h.framing, h.keep_alive, h.head_len);
             }
-            let len: usize = hs
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .map_or(0, |(_, v)| v.parse().unwrap());
-            let len = if status < 200 { 0 } else { len };
-            while pending.len() < n + len {
+            Ok(None) => more(pending)?,
+            Err(e) => panic!(
+                "malformed response ({e}): {:?}",
+                String::from_utf8_lossy(pending)
+            ),
+        }
+    };
+    pending.drain(..head_len);
+    let body = match framing {
+        ResponseFraming::None => Vec::new(),
+        ResponseFraming::Length(n) => {
+            let n = usize::try_from(n).unwrap();
+            while pending.len() < n {
                 more(pending)?;
             }
-            let body = pending[n..n + len].to_vec();
-            pending.drain(..n + len);
-            return Some(Resp {
-                status,
-                headers: hs,
-                body,
-            });
+            pending.drain(..n).collect()
         }
-        more(pending)?;
+        ResponseFraming::Chunked => {
+            let mut decoder = ChunkedDecoder::new(&limits);
+            let mut body = Vec::new();
+            loop {
+                let progress = decoder
+                    .decode(pending, &mut body)
+                    .unwrap_or_else(|e| panic!("malformed chunked body: {e}"));
+                pending.drain(..progress.consumed);
+                if progress.done {
+                    break body;
+                }
+                more(pending)?;
+            }
+        }
+        ResponseFraming::UntilClose => {
+            while more(pending).is_some() {}
+            std::mem::take(pending)
+        }
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+        keep_alive,
+    })
+}
+
+/// Reads whatever arrives until the peer closes or resets the connection, or `stop` (when
+/// not empty) has arrived: for streams read in part, or cut short. Panics if nothing ends
+/// it within the stream's read timeout.
+pub fn read_until(stream: &mut impl Read, stop: &str) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!(
+                "{e} before the stream ended; read so far: {}",
+                String::from_utf8_lossy(&all)
+            ),
+        }
+        if !stop.is_empty() && String::from_utf8_lossy(&all).contains(stop) {
+            break;
+        }
     }
+    String::from_utf8_lossy(&all).into_owned()
 }
 
 /// Sends `raw` on a new connection and reads one response.
@@ -230,6 +315,30 @@ pub fn exchange(addr: SocketAddr, raw: &[u8]) -> Resp {
     let mut s = connect(addr);
     s.write_all(raw).unwrap();
     read_response(&mut s, &mut Vec::new()).expect("a response")
+}
+
+/// A TLS client connection to `addr` (TLS 1.3, by the data plane's own client settings),
+/// trusting the CA certificates of `ca_pem`, naming the server `name`, and presenting
+/// `identity` (a node's certificate) when given: the one TLS client of these tests. The
+/// handshake runs on the first read or write.
+pub fn tls_connect(
+    ca_pem: &[u8],
+    name: &str,
+    addr: SocketAddr,
+    identity: Option<&dataplane::config::identity::Identity>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = dataplane::config::identity::client_config(&roots, identity).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let tcp = connect(addr);
+    tcp.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
 }
 
 /// True when the peer has closed the connection (EOF, or a reset) within `within`.
@@ -240,23 +349,173 @@ pub fn is_closed(stream: &mut TcpStream, within: Duration) -> bool {
         && !matches!(stream.read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+/// A raw HTTP/1.1 request: the request line, `Host`, the `headers` given (each line ending
+/// in CRLF), and, with a body (or for a POST or PUT), its `Content-Length`. The one
+/// request builder of these tests.
+pub fn request(method: &str, path: &str, headers: &str, body: &str) -> Vec<u8> {
+    let length = if body.is_empty() && method != "POST" && method != "PUT" {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n{headers}{length}\r\n{body}").into_bytes()
+}
+
+/// A POST of the JSON `body` to `path` with the `headers` given (see [`request`]).
+pub fn post(path: &str, headers: &str, body: &str) -> Vec<u8> {
+    request(
+        "POST",
+        path,
+        &format!("Content-Type: application/json\r\n{headers}"),
+        body,
+    )
+}
+
+/// The header lines presenting an API key, as OpenAI's clients do (`Authorization:
+/// Bearer`), with the `anthropic-version` Anthropic's API requires (OpenAI's ignores it).
+pub fn key_headers(key: &str) -> String {
+    format!("Authorization: Bearer {key}\r\nanthropic-version: 2023-06-01\r\n")
+}
+
+/// A POST of `body` (JSON text, or a `serde_json::Value`) to `path` on the gateway at `gw`,
+/// presenting `key` (see [`key_headers`]), on a connection of its own; its answer.
+pub fn post_with_key(
+    gw: SocketAddr,
+    key: &str,
+    path: &str,
+    body: &(impl std::fmt::Display + ?Sized),
+) -> Resp {
+    exchange(gw, &post(path, &key_headers(key), &body.to_string()))
+}
+
 /// A JSON chat request in OpenAI's shape.
 pub fn chat_request(body: &str) -> Vec<u8> {
-    format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    post("/v1/chat/completions", "", body)
 }
 
 pub const CHAT_BODY: &str = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#;
 
+/// The events of a server-sent event stream as (event name, data), cut and read by the
+/// data plane's own SSE framer (WHATWG rules: CRLF, CR or LF line ends, multi-line data),
+/// which is independent of the mock that writes them. Comments and keep-alives, which
+/// carry no data, are left out.
+pub fn sse_events(body: &[u8]) -> Vec<(String, String)> {
+    let mut framer = dataplane::h1::sse::SseFramer::new(usize::MAX);
+    let mut raw = Vec::new();
+    framer
+        .feed(body, |event, _| raw.push(event.to_vec()))
+        .unwrap();
+    assert!(
+        framer.incomplete().is_empty(),
+        "the stream ends inside an event: {:?}",
+        String::from_utf8_lossy(framer.incomplete())
+    );
+    raw.iter()
+        .map(|e| dataplane::h1::sse::SseEvent::parse(e))
+        .filter(|e| e.data.is_some())
+        .map(|e| {
+            (
+                String::from_utf8_lossy(e.event).into_owned(),
+                String::from_utf8_lossy(e.data()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The text an OpenAI chat stream carries: every chunk's `choices[0].delta.content`, in
+/// order.
+pub fn chat_stream_text(body: &[u8]) -> String {
+    sse_events(body)
+        .iter()
+        .filter(|(_, data)| data != "[DONE]")
+        .filter_map(|(_, data)| {
+            let v: serde_json::Value = serde_json::from_str(data)
+                .unwrap_or_else(|e| panic!("an event's data is not JSON ({e}): {data}"));
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// GET on the admin listener.
 pub fn admin_get(addr: SocketAddr, path: &str) -> Resp {
-    exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
+    exchange(addr, &request("GET", path, "Connection: close\r\n", ""))
+}
+
+/// Each worker's state as the admin listener's `/workers` reports it.
+pub fn workers(admin: SocketAddr) -> Vec<serde_json::Value> {
+    match admin_get(admin, "/workers").json()["workers"].take() {
+        serde_json::Value::Array(w) => w,
+        other => panic!("/workers has no workers: {other}"),
+    }
+}
+
+/// Runs `send` (one request to the gateway whose admin listener is `admin`, nothing else
+/// in flight) and returns which worker answered it, by the worker whose count of finished
+/// requests rose, with what `send` returned.
+pub fn answered_by<R>(admin: SocketAddr, send: impl FnOnce() -> R) -> (usize, R) {
+    let counts = || -> Vec<u64> {
+        workers(admin)
+            .iter()
+            .map(|w| w["requests"].as_u64().unwrap())
+            .collect()
+    };
+    let before = counts();
+    let out = send();
+    let mut after = counts();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            after = counts();
+            after.iter().sum::<u64>() > before.iter().sum::<u64>()
+        }),
+        "no worker counted the request"
+    );
+    let moved: Vec<usize> = (0..after.len())
+        .filter(|&i| after[i] != before[i])
+        .collect();
+    assert_eq!(moved.len(), 1, "requests counted {before:?} → {after:?}");
+    (moved[0], out)
+}
+
+/// Sends `send` on new connections until each worker of the gateway has answered one (new
+/// connections are spread over the workers by the kernel, `SO_REUSEPORT`), and calls
+/// `check` with every answer: for a change every worker must apply.
+pub fn on_every_worker<R>(
+    admin: SocketAddr,
+    mut send: impl FnMut() -> R,
+    mut check: impl FnMut(&R),
+) {
+    let n = workers(admin).len();
+    let mut seen = vec![false; n];
+    for _ in 0..500 {
+        let (worker, out) = answered_by(admin, &mut send);
+        check(&out);
+        seen[worker] = true;
+        if seen.iter().all(|&s| s) {
+            return;
+        }
+    }
+    panic!("500 connections never reached every worker: {seen:?}");
+}
+
+/// Bytes of request bodies the workers hold reserved against their budget, in all: more
+/// than zero once a request's head is read and its body is awaited (it is in flight).
+pub fn body_bytes(admin: SocketAddr) -> u64 {
+    workers(admin)
+        .iter()
+        .map(|w| w["body_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+/// Waits until the workers hold exactly `bytes` of request bodies reserved (see
+/// [`body_bytes`]): a body's reservation made, or every reservation returned.
+pub fn wait_body_bytes(admin: SocketAddr, bytes: u64) {
+    assert!(
+        wait_until(Duration::from_secs(20), || body_bytes(admin) == bytes),
+        "the workers hold {} bytes of bodies, not {bytes}",
+        body_bytes(admin)
+    );
 }
 
 /// Polls `f` until it is true or `timeout` passes.

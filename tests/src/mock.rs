@@ -25,6 +25,23 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+/// What OpenAI's API says of the account behind a request, sent by the mock on every
+/// OpenAI answer (with its request id, `x-request-id: req_mock`): its organisation, rate
+/// limits and a cookie. None of it may reach a gateway's client.
+pub const OPENAI_ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    ("openai-organization", "mock-org"),
+    ("x-ratelimit-remaining-requests", "99"),
+    ("set-cookie", "__cf_bm=abc"),
+];
+
+/// [`OPENAI_ACCOUNT_HEADERS`] for Anthropic's API (`/v1/messages`), whose request id is
+/// `request-id: req_mock`.
+pub const ANTHROPIC_ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    ("anthropic-organization-id", "org-mock"),
+    ("anthropic-ratelimit-requests-remaining", "99"),
+    ("set-cookie", "__cf_bm=abc"),
+];
+
 /// What the mock does with one request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Behavior {
@@ -50,8 +67,8 @@ pub enum Behavior {
     },
     /// Read the request, never answer; the socket stays open until the provider is dropped.
     Stall,
-    /// Read the request, never answer, and wait for the peer to close the connection; each
-    /// such close is counted ([`MockProvider::closed_by_peer`]).
+    /// Read the request, never answer, and wait for the peer to close the connection
+    /// (counted, as every close by the peer is: [`MockProvider::closed_by_peer`]).
     Hold,
     /// Send the head and `events` OpenAI SSE events (chunked), then stall until dropped.
     StallAfterEvents { events: usize },
@@ -153,8 +170,9 @@ struct Shared {
     queue: Mutex<VecDeque<Behavior>>,
     default: Mutex<Behavior>,
     connections: AtomicUsize,
-    /// Connections held by [`Behavior::Hold`] that the peer closed.
-    closed_by_peer: AtomicUsize,
+    /// The connections (by accept order) the peer closed or reset, in the order it did
+    /// (see [`MockProvider::closed_by_peer`]).
+    closed_by_peer: Mutex<Vec<usize>>,
     next_conn_key: AtomicU64,
     /// Clones of the open connections' sockets, shut down on drop to unblock their threads.
     open: Mutex<HashMap<u64, TcpStream>>,
@@ -196,7 +214,7 @@ impl MockProvider {
             queue: Mutex::new(VecDeque::new()),
             default: Mutex::new(opts.default),
             connections: AtomicUsize::new(0),
-            closed_by_peer: AtomicUsize::new(0),
+            closed_by_peer: Mutex::new(Vec::new()),
             next_conn_key: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
             credential: opts.credential,
@@ -258,9 +276,18 @@ impl MockProvider {
         self.shared.requests.lock().unwrap().len()
     }
 
-    /// How many connections held by [`Behavior::Hold`] the peer has closed.
+    /// How many connections the peer (the gateway) has ended: closed between requests,
+    /// closed while a request was held ([`Behavior::Hold`]), or closed or reset while the
+    /// mock was still writing an answer (a stream nobody reads any more). Closes made by the
+    /// mock itself, and those at its own drop, are not counted.
     pub fn closed_by_peer(&self) -> usize {
-        self.shared.closed_by_peer.load(Ordering::SeqCst)
+        self.shared.closed_by_peer.lock().unwrap().len()
+    }
+
+    /// Which connections (as [`RecordedRequest::connection`] numbers them) the peer has
+    /// ended, in the order it did; see [`MockProvider::closed_by_peer`].
+    pub fn closed_connections(&self) -> Vec<usize> {
+        self.shared.closed_by_peer.lock().unwrap().clone()
     }
 
     /// How many TCP connections have been accepted so far.
@@ -371,7 +398,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<rustl
         let spawned = std::thread::Builder::new()
             .name(format!("mock-conn-{index}"))
             .spawn(move || {
-                let _ = serve_connection(stream, index, &sh, tls);
+                let ended = serve_connection(stream, index, &sh, tls);
+                if ended_by_peer(&ended) && !sh.stopped() {
+                    sh.closed_by_peer.lock().unwrap().push(index);
+                }
                 if let Ok(mut open) = sh.open.lock() {
                     open.remove(&key);
                 }
@@ -468,12 +498,36 @@ impl Request {
     }
 }
 
+/// Who ended a connection.
+enum Ending {
+    /// The peer: it closed between requests, or while a request was held.
+    Peer,
+    /// The mock: after its answer, as scripted, or at its drop.
+    Mock,
+}
+
+/// Whether the connection was ended by the peer: it said so, or an I/O error shows it
+/// closed or reset the connection while the mock read or wrote.
+fn ended_by_peer(ended: &io::Result<Ending>) -> bool {
+    match ended {
+        Ok(Ending::Peer) => true,
+        Ok(Ending::Mock) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        ),
+    }
+}
+
 fn serve_connection(
     stream: TcpStream,
     index: usize,
     shared: &Shared,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> io::Result<()> {
+) -> io::Result<Ending> {
     let _ = stream.set_nodelay(true);
     let mut conn = match tls {
         None => Conn::Plain(stream),
@@ -485,10 +539,10 @@ fn serve_connection(
     let mut buf: Vec<u8> = Vec::new();
     loop {
         if shared.stopped() {
-            return Ok(());
+            return Ok(Ending::Mock);
         }
         let Some(mut req) = read_request(&mut conn, &mut buf)? else {
-            return Ok(());
+            return Ok(Ending::Peer);
         };
         shared.requests.lock().unwrap().push(RecordedRequest {
             method: req.method.clone(),
@@ -513,13 +567,14 @@ fn serve_connection(
             After::KeepAlive if req.keep_alive => continue,
             After::KeepAlive | After::Close => {
                 conn.close();
-                return Ok(());
+                return Ok(Ending::Mock);
             }
             After::Reset => {
                 conn.reset();
-                return Ok(());
+                return Ok(Ending::Mock);
             }
-            After::Drop => return Ok(()),
+            After::Drop => return Ok(Ending::Mock),
+            After::PeerClosed => return Ok(Ending::Peer),
         }
     }
 }
@@ -762,6 +817,8 @@ enum After {
     Reset,
     /// Just drop the connection (already dealt with).
     Drop,
+    /// The peer closed the connection while the mock held it.
+    PeerClosed,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -805,27 +862,17 @@ fn saw_auth(req: &Request) -> String {
 /// The head every generated response carries, plus `extra`.
 fn head(req: &Request, status: u16, extra: &[(String, String)]) -> Vec<u8> {
     let mut h = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-    // What each provider sends: its request id, organisation and rate-limit headers.
-    let std_headers: [(&str, String); 5] = if req.anthropic {
-        [
-            ("request-id", "req_mock".into()),
-            ("anthropic-organization-id", "org-mock".into()),
-            ("anthropic-ratelimit-requests-remaining", "99".into()),
-            ("set-cookie", "__cf_bm=abc".into()),
-            ("x-mock-saw-auth", saw_auth(req)),
-        ]
+    // What each provider sends: its request id, and what it says of the account.
+    let (request_id, account) = if req.anthropic {
+        ("request-id", ANTHROPIC_ACCOUNT_HEADERS)
     } else {
-        [
-            ("x-request-id", "req_mock".into()),
-            ("openai-organization", "mock-org".into()),
-            ("x-ratelimit-remaining-requests", "99".into()),
-            ("set-cookie", "__cf_bm=abc".into()),
-            ("x-mock-saw-auth", saw_auth(req)),
-        ]
+        ("x-request-id", OPENAI_ACCOUNT_HEADERS)
     };
-    for (k, v) in std_headers.iter() {
+    h.push_str(&format!("{request_id}: req_mock\r\n"));
+    for (k, v) in account {
         h.push_str(&format!("{k}: {v}\r\n"));
     }
+    h.push_str(&format!("x-mock-saw-auth: {}\r\n", saw_auth(req)));
     for (k, v) in extra {
         h.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -1087,10 +1134,7 @@ fn respond(
             while !shared.stopped() && matches!(fill(conn, &mut sink), Ok(n) if n > 0) {
                 sink.clear();
             }
-            if !shared.stopped() {
-                shared.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(After::Drop)
+            Ok(After::PeerClosed)
         }
         Behavior::StallAfterEvents { events } => {
             let mut sse = Sse::start(conn, req)?;

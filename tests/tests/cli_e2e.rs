@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use e2e::cp::cli;
 use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
-use serde_json::Value;
 
 struct Served(Child);
 
@@ -29,39 +29,13 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-/// Runs one CLI command against the control plane at `url`; returns its JSON output.
-fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
-    let out = Command::new(bin_path("controlplane"))
-        .args(args)
-        .args(["--url", url])
-        .env("AIGW_ADMIN_TOKEN", token)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "controlplane {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "controlplane {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap().trim().to_string()
 }
 
 fn chat(gw: SocketAddr, key: &str) -> Resp {
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
-    let raw = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(gw, raw.as_bytes())
+    post_with_key(gw, key, "/v1/chat/completions", body)
 }
 
 #[test]
@@ -167,12 +141,12 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     std::fs::create_dir_all(&node_dir).unwrap();
     let identity = node_dir.join("identity");
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{link}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"AIGW_CLI_E2E_ENROLLMENT_TOKEN\"\n",
+        "[control_plane]\naddress = \"{link}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_env = \"AIGW_CLI_E2E_ENROLLMENT_TOKEN\"\n",
         data.join("pki").join("ca.pem").display(),
         identity.display()
     );
     let gw = GatewayProcess::start_with_env(
-        &config,
+        &process_toml(2, &config),
         &node_dir,
         &[("AIGW_CLI_E2E_ENROLLMENT_TOKEN", &enrollment)],
     );

@@ -10,10 +10,6 @@ use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
 use serde_json::{json, Value};
 
-fn post(gw: &Gateway, key: &str, path: &str, body: &str) -> Resp {
-    post_with_key(gw.addr(), key, path, body)
-}
-
 fn chat(content: &str) -> String {
     json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
 }
@@ -110,7 +106,7 @@ both_drivers!(
         let body =
             chat("write to jane.doe@example.com, cc jane.doe@example.com and bob@example.org")
                 .replace("bob@example.org", "bob\\u0040example.org");
-        let r = post(&gw, &acme, "/v1/chat/completions", &body);
+        let r = post_with_key(gw.addr(), &acme, "/v1/chat/completions", &body);
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let got = sent(&openai);
         assert_eq!(
@@ -121,8 +117,8 @@ both_drivers!(
 
         // Refused, in each API's error shape, and nothing reaches a provider.
         let before = (openai.request_count(), anthropic.request_count());
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &acme,
             "/v1/chat/completions",
             &chat("my card is 4111 1111 1111 1111"),
@@ -132,15 +128,15 @@ both_drivers!(
         assert_eq!(e["error"]["code"], "guardrail_card", "{e}");
         assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
         let messages = json!({"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "key: sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD"}]}).to_string();
-        let r = post(&gw, &acme, "/v1/messages", &messages);
+        let r = post_with_key(gw.addr(), &acme, "/v1/messages", &messages);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
         let e = r.json();
         assert_eq!(e["type"], "error", "{e}");
         assert_eq!(e["error"]["code"], "guardrail_secret", "{e}");
         assert_eq!((openai.request_count(), anthropic.request_count()), before);
         // A card number that fails the Luhn check is not a card.
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &acme,
             "/v1/chat/completions",
             &chat("order 4111 1111 1111 1112"),
@@ -183,8 +179,8 @@ both_drivers!(
         }
 
         // Another tenant without guardrails: untouched.
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &beta,
             "/v1/chat/completions",
             &chat("write to jane.doe@example.com, card 4111 1111 1111 1111"),
@@ -211,8 +207,8 @@ both_drivers!(
 
         // The mock echoes the prompt: the request went as written, the answer comes back
         // redacted (a chunked JSON answer, held whole, valid JSON after).
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &acme,
             "/v1/chat/completions",
             &chat("mail jane.doe@example.com"),
@@ -228,8 +224,8 @@ both_drivers!(
             "{answer}"
         );
         // Blocked: the client gets the guardrail's error instead of the answer.
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &acme,
             "/v1/chat/completions",
             &chat("card 4111 1111 1111 1111"),
@@ -239,7 +235,7 @@ both_drivers!(
         assert_eq!(e["error"]["code"], "guardrail_card", "{e}");
         assert!(!String::from_utf8_lossy(&r.body).contains("4111"));
         // The connection to the provider was read to its end and serves the next request.
-        let r = post(&gw, &acme, "/v1/chat/completions", &chat("hello"));
+        let r = post_with_key(gw.addr(), &acme, "/v1/chat/completions", &chat("hello"));
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: hello");
         let blocked = || {
@@ -309,7 +305,7 @@ both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
         (None, &chat_chunk("", Some("stop"))),
         (None, "[DONE]"),
     ])));
-    let r = post(&gw, &acme, "/v1/chat/completions", &stream_request);
+    let r = post_with_key(gw.addr(), &acme, "/v1/chat/completions", &stream_request);
     assert_eq!(r.status, 200);
     let body = String::from_utf8_lossy(&r.body).into_owned();
     assert_eq!(streamed_text(&body), "mail [EMAIL_1] now", "{body}");
@@ -324,11 +320,14 @@ both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
     ])));
     let mut s = gw.connect();
     {
-        use std::io::{Read, Write};
-        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {acme}\r\nContent-Length: {}\r\n\r\n{stream_request}", stream_request.len()).unwrap();
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let got = String::from_utf8_lossy(&got);
+        use std::io::Write;
+        s.write_all(&post(
+            "/v1/chat/completions",
+            &key_headers(&acme),
+            &stream_request,
+        ))
+        .unwrap();
+        let got = read_until(&mut s, "");
         assert!(got.contains("guardrail_card"), "{got}");
         assert!(!got.contains("4111") && !got.contains("[DONE]"), "{got}");
     }
@@ -357,8 +356,7 @@ both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
         (Some("content_block_stop"), r#"{"type":"content_block_stop","index":0}"#),
         (Some("message_stop"), r#"{"type":"message_stop"}"#),
     ])));
-    let r = post(
-        &gw,
+    let r = post_with_key(gw.addr(),
         &acme,
         "/v1/messages",
         &json!({"model": "claude-x", "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "hi"}]}).to_string(),

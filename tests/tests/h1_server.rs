@@ -260,6 +260,7 @@ both_drivers!(slow_head_gets_408_and_is_closed, |driver| {
     let mut trickle = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         for _ in 0..40 {
+            // The client's pace is what is under test, not a wait for the gateway.
             std::thread::sleep(Duration::from_millis(100));
             if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
                 return;
@@ -332,21 +333,10 @@ both_drivers!(head_requests_get_headers_only, |driver| {
     // The HEAD response announces a length but carries no body: the next bytes on the wire
     // are the GET's response.
     let mut pending = Vec::new();
-    let head = {
-        let mut r = None;
-        let mut chunk = [0u8; 4096];
-        while r.is_none() {
-            let n = std::io::Read::read(&mut s, &mut chunk).unwrap();
-            pending.extend_from_slice(&chunk[..n]);
-            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                r = Some(String::from_utf8_lossy(&pending[..i + 4]).into_owned());
-                pending.drain(..i + 4);
-            }
-        }
-        r.unwrap()
-    };
-    assert!(head.starts_with("HTTP/1.1 200"));
-    assert!(head.contains("content-length: "));
+    let head = read_head_response(&mut s, &mut pending).expect("HEAD");
+    assert_eq!(head.status, 200);
+    assert!(head.header("content-length").is_some_and(|n| n != "0"));
+    assert!(head.body.is_empty());
     let r = read_response(&mut s, &mut pending).expect("GET after HEAD");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["data"][0]["id"], "demo");
@@ -389,7 +379,11 @@ both_drivers!(graceful_shutdown_finishes_in_flight_requests, |driver| {
         read_response(&mut idle, &mut Vec::new()).unwrap().status,
         200
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // The busy request's head has been read and its body is awaited: it is in flight.
+    assert!(
+        wait_until(Duration::from_secs(20), || body_bytes(admin) > 0),
+        "the busy request never reached the gateway"
+    );
 
     gw.handle().begin_shutdown();
     let stopper = std::thread::spawn(move || gw.stop());

@@ -121,21 +121,23 @@ both_drivers!(
             200
         );
 
-        // Revocation: applied by every worker within milliseconds, then refused everywhere.
+        // Revocation: applied by every worker, then refused by each of them. (How soon is
+        // a figure measured by `aigw-bench revocation`, not asserted here.)
         assert_eq!(
             api(&cp, "POST", &format!("/v1/keys/{new_id}/revoke"), None).status,
             200
         );
-        let took = wait_workers(&gw, revision(&cp));
-        assert!(took < Duration::from_secs(5), "pushed, not polled");
-        for _ in 0..8 {
-            // New connections land on both workers (SO_REUSEPORT).
-            let r = chat_with_key(gw.addr(), Some(&new_key), "gpt-ok");
-            assert_eq!(
-                (r.status, r.json()["error"]["code"].as_str()),
-                (401, Some("revoked_api_key"))
-            );
-        }
+        wait_workers(&gw, revision(&cp));
+        on_every_worker(
+            gw.admin_addr(),
+            || chat_with_key(gw.addr(), Some(&new_key), "gpt-ok"),
+            |r| {
+                assert_eq!(
+                    (r.status, r.json()["error"]["code"].as_str()),
+                    (401, Some("revoked_api_key"))
+                )
+            },
+        );
 
         // The control plane shows the node's applied revision.
         let nodes = api(&cp, "GET", "/v1/nodes", None).json();
@@ -147,13 +149,22 @@ both_drivers!(
         }));
 
         // Control plane down: the node keeps serving with what it holds.
+        let before_change = std::time::Instant::now();
         let third = create_key(&cp, "acme", json!({"environment": "production"}));
         let third_key = third["key"].as_str().unwrap().to_string();
         let rev_before_stop = revision(&cp);
         wait_workers(&gw, rev_before_stop);
         let push_addr = cp.push_addr;
         let readyz = || admin_get(gw.admin_addr(), "/readyz").json();
-        assert_eq!(readyz()["control_plane_connected"], true);
+        let ready = readyz();
+        assert_eq!(ready["control_plane_connected"], true);
+        // While linked, the configuration's age counts from the last word of the control
+        // plane: here the change just applied, so no more than the time since it was made.
+        assert!(
+            ready["config_age_seconds"].as_u64().unwrap() <= before_change.elapsed().as_secs(),
+            "{ready}, {:?} after the change",
+            before_change.elapsed()
+        );
         cp.stop();
         // The node notices, keeps serving, and its configuration ages from its last contact.
         assert!(
@@ -334,8 +345,13 @@ both_drivers!(
             c.snapshot_file = Some(snap.clone());
             c.seal_key_file = Some(aigw_e2e_seal_key_wrong.clone());
         });
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
+        // The sealed snapshot is read before the node starts serving, and its control plane
+        // is down: nothing can give it a configuration later.
+        let ready = admin_get(gw.admin_addr(), "/readyz");
+        assert_eq!(
+            (ready.status, &ready.json()["config_loaded"]),
+            (503, &json!(false))
+        );
         // Not "unknown key": the node holds no configuration yet, and says so, so clients
         // retry instead of discarding a good key.
         let r = chat_with_key(gw.addr(), Some(&good), "m");
@@ -396,8 +412,13 @@ both_drivers!(a_restart_never_rolls_back_to_an_older_snapshot, |driver| {
     // The snapshot from before the revocation is put back, the control plane is down.
     std::fs::write(&snap, &before_revocation).unwrap();
     let gw = gateway_with(driver, &link, sealed);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(admin_get(gw.admin_addr(), "/readyz").status, 503);
+    // The sealed snapshot is read before the node starts serving, and its control plane is
+    // down: nothing can give it a configuration later.
+    let ready = admin_get(gw.admin_addr(), "/readyz");
+    assert_eq!(
+        (ready.status, &ready.json()["config_loaded"]),
+        (503, &json!(false))
+    );
     let r = chat_with_key(gw.addr(), Some(&key), "m");
     assert_eq!(
         (r.status, r.json()["error"]["code"].as_str()),

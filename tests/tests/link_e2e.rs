@@ -147,13 +147,13 @@ fn a_node_is_told_why_its_enrolment_fails_and_can_enrol_again() {
     let spent = e2e::cp::enrolled(&cp);
     let dir = scratch_dir("link-enrol-node");
     let config = |identity: &std::path::Path, token_file: &std::path::Path| {
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\n",
+        process_toml(1, &format!(
+            "[control_plane]\naddress = \"{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\nidentity_dir = \"{}\"\nenrollment_token_file = \"{}\"\n",
             cp.push_addr,
             cp.ca_file.display(),
             identity.display(),
             token_file.display()
-        )
+        ))
     };
     // Another node (a fresh identity directory) with the token the first one spent.
     let gw = GatewayProcess::start(&config(&dir.join("identity"), &spent.token_file), &dir);
@@ -232,18 +232,39 @@ fn identity_copy(link: &e2e::cp::NodeLink) -> e2e::cp::NodeLink {
     }
 }
 
-/// A node whose control plane is gone backs off between attempts (up to 10 s), yet stops at
-/// once when told to: the backoff waits on the shutdown signal.
+/// A node whose control plane is gone backs off between attempts (doubling from 50 ms, up
+/// to 10 s), yet stops at once when told to: the backoff waits on the shutdown signal.
 #[test]
 fn a_node_backing_off_from_its_control_plane_stops_at_once() {
     let cp = cp_start(scratch_dir("link-stop"), "127.0.0.1:0");
-    let link = e2e::cp::register(&cp).at("127.0.0.1:1".parse().unwrap());
+    // Where the node looks for its control plane, something that takes each attempt and
+    // ends it at once, counting them.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let link = e2e::cp::register(&cp).at(gone.local_addr().unwrap());
     cp.stop();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    std::thread::spawn(move || {
+        for conn in gone.incoming() {
+            drop(conn);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let gw = e2e::cp::gateway_with(dataplane::config::DriverChoice::Epoll, &link, |_| {});
-    // By now the node waits 6.4 s before its next attempt.
-    std::thread::sleep(Duration::from_secs(7));
+    // After its eighth failed attempt the node waits 6.4 s before the next.
+    assert!(
+        wait_until(Duration::from_secs(60), || attempts
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 8),
+        "the node stopped trying"
+    );
     let started = Instant::now();
     gw.stop();
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+    assert_eq!(
+        attempts.load(std::sync::atomic::Ordering::SeqCst),
+        8,
+        "the node was not waiting out its backoff"
+    );
 }

@@ -13,26 +13,6 @@ use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 use serde_json::{json, Value};
 
-fn post(gw: &Gateway, key: &str, path: &str, body: &Value) -> Resp {
-    post_with_key(gw.addr(), key, path, &body.to_string())
-}
-
-/// Runs the operator CLI against `cp`; returns its JSON output.
-fn cli(cp: &controlplane::Running, args: &[&str]) -> Value {
-    let out = std::process::Command::new(bin_path("controlplane"))
-        .args(args)
-        .args(["--url", &format!("http://{}", cp.addr)])
-        .env("AIGW_ADMIN_TOKEN", &cp.admin_token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "controlplane {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello there"}]})
 }
@@ -138,7 +118,7 @@ both_drivers!(
         let key = key(&cp, "acme", "production");
         // Prices: a global one, a tenant's own (which wins over a global one), the rest
         // unpriced.
-        cli(
+        cli_of(
             &cp,
             &[
                 "price-set",
@@ -149,7 +129,7 @@ both_drivers!(
                 "2000",
             ],
         );
-        cli(
+        cli_of(
             &cp,
             &[
                 "price-set",
@@ -160,7 +140,7 @@ both_drivers!(
                 "7",
             ],
         );
-        let own = cli(
+        let own = cli_of(
             &cp,
             &[
                 "price-set",
@@ -174,7 +154,7 @@ both_drivers!(
             ],
         );
         assert_eq!(own["tenant_id"], "acme");
-        let listed = cli(&cp, &["price-list", "--tenant", "acme"]);
+        let listed = cli_of(&cp, &["price-list", "--tenant", "acme"]);
         assert_eq!(listed["data"].as_array().unwrap().len(), 3, "{listed}");
         let gw = gateway(driver, &cp);
         wait_workers(&gw, revision(&cp));
@@ -187,16 +167,27 @@ both_drivers!(
             headers: vec![],
         });
         assert_eq!(
-            post(&gw, &key, "/v1/chat/completions", &chat("chat-err", false)).status,
+            post_with_key(
+                gw.addr(),
+                &key,
+                "/v1/chat/completions",
+                &chat("chat-err", false)
+            )
+            .status,
             400
         );
         for _ in 0..2 {
-            let r = post(&gw, &key, "/v1/chat/completions", &chat("chat-json", false));
+            let r = post_with_key(
+                gw.addr(),
+                &key,
+                "/v1/chat/completions",
+                &chat("chat-json", false),
+            );
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         }
         // A stream whose client did not ask for usage: the gateway asks, and counts it.
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &key,
             "/v1/chat/completions",
             &chat("chat-stream", true),
@@ -206,22 +197,22 @@ both_drivers!(
             !String::from_utf8_lossy(&r.body).contains("prompt_tokens"),
             "the usage the gateway asked for is not relayed"
         );
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &key,
             "/v1/responses",
             &json!({"model": "resp-json", "input": "hi"}),
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &key,
             "/v1/embeddings",
             &json!({"model": "embed", "input": "hi"}),
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let r = post(
-            &gw,
+        let r = post_with_key(
+            gw.addr(),
             &key,
             "/v1/messages",
             &json!({"model": "claude-stream", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
@@ -230,17 +221,16 @@ both_drivers!(
         // A stream cut short before its usage: estimated from its bytes, and flagged.
         openai.push_behavior(Behavior::ResetAfterEvents { events: 2 });
         {
-            use std::io::{Read, Write};
-            let body = chat("chat-cut", true).to_string();
+            use std::io::Write;
             let mut s = gw.connect();
-            write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            assert!(
-                got.starts_with(b"HTTP/1.1 200"),
-                "{}",
-                String::from_utf8_lossy(&got)
-            );
+            s.write_all(&post(
+                "/v1/chat/completions",
+                &key_headers(&key),
+                &chat("chat-cut", true).to_string(),
+            ))
+            .unwrap();
+            let got = read_until(&mut s, "");
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
         }
 
         let expected: Vec<(String, [u64; 5])> = [
@@ -307,7 +297,7 @@ both_drivers!(
 
         // Cost: chat-json 10 input × $1000/M + 6 output × $2000/M; chat-stream at the
         // tenant's price, 5 × $100/M; the other five requests unpriced.
-        let usage = cli(&cp, &["usage", "--tenant", "acme", "--group-by", "model"]);
+        let usage = cli_of(&cp, &["usage", "--tenant", "acme", "--group-by", "model"]);
         let cost = |model: &str| {
             usage["data"]
                 .as_array()
@@ -321,7 +311,7 @@ both_drivers!(
         assert!((cost("chat-json") - 0.022).abs() < 1e-9, "{usage}");
         assert!((cost("chat-stream") - 0.0005).abs() < 1e-9, "{usage}");
         assert_eq!(cost("embed"), 0.0);
-        let total = cli(&cp, &["usage", "--tenant", "acme"]);
+        let total = cli_of(&cp, &["usage", "--tenant", "acme"]);
         assert_eq!(total["data"][0]["unpriced_requests"], 5, "{total}");
 
         // Latency and time to first byte, per group; and per key.
@@ -384,7 +374,7 @@ fn usage_survives_control_plane_outages_and_a_node_restart_counted_once() {
     };
     let send = |gw: &Gateway, n: usize| {
         for _ in 0..n {
-            let r = post(gw, &key, "/v1/chat/completions", &chat("m", false));
+            let r = post_with_key(gw.addr(), &key, "/v1/chat/completions", &chat("m", false));
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         }
     };

@@ -235,20 +235,20 @@ fn route_record_of(tenant: &str, upstream: &str) -> Record {
 
 /// The node's revision, as the control thread holds it and as each worker reports it.
 fn revisions(gw: &Gateway) -> (i64, Vec<i64>) {
-    let v = admin_get(gw.admin_addr(), "/workers").json();
-    let workers = v["workers"]
-        .as_array()
-        .unwrap()
+    let held = admin_get(gw.admin_addr(), "/workers").json()["config_revision"]
+        .as_i64()
+        .unwrap();
+    let workers = workers(gw.admin_addr())
         .iter()
         .map(|w| w["config_revision"].as_i64().unwrap())
         .collect();
-    (v["config_revision"].as_i64().unwrap(), workers)
+    (held, workers)
 }
 
-/// After a refusal: nothing was published, on the control thread nor on any worker.
+/// After a refusal: nothing was published, on the control thread nor on any worker. The
+/// node publishes a revision before it answers for it, and the revision it holds is what
+/// it last published: once the refusal is in, a published table would show here at once.
 fn still_at(gw: &Gateway, revision: i64) {
-    // Give a wrongly published table time to reach the workers before looking.
-    std::thread::sleep(Duration::from_millis(300));
     let (held, workers) = revisions(gw);
     assert_eq!(held, revision, "the node's revision moved: {workers:?}");
     assert!(

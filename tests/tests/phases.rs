@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use e2e::cp::{cp_start, create_key, node_config, put, revision, tenant, wait_workers};
+use e2e::cp::{cp_start, create_key, put, revision, tenant, wait_workers};
 use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 use serde_json::json;
@@ -16,6 +16,8 @@ use serde_json::json;
 const OPENAI: &str = "/v1/chat/completions";
 const ANTHROPIC: &str = "/v1/messages";
 
+/// A request presenting `key` in its family's own header, with `ctype` as its
+/// Content-Type.
 fn request(
     method: &str,
     path: &str,
@@ -23,9 +25,8 @@ fn request(
     ctype: Option<&str>,
     body: &str,
 ) -> Vec<u8> {
-    let mut h = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    let mut h = "Connection: close\r\n".to_string();
     if let Some(k) = key {
-        // Each family's own key header.
         if path.starts_with(ANTHROPIC) {
             h.push_str(&format!("x-api-key: {k}\r\n"));
         } else {
@@ -35,7 +36,7 @@ fn request(
     if let Some(c) = ctype {
         h.push_str(&format!("Content-Type: {c}\r\n"));
     }
-    format!("{h}Content-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+    e2e::request(method, path, &h, body)
 }
 
 fn body(path: &str, model: &str) -> String {
@@ -138,11 +139,11 @@ both_drivers!(
             .as_str()
             .unwrap()
             .to_string();
-        let mut c = node_config(driver, &e2e::cp::register(&cp), |_| {});
-        c.server.workers = 1;
-        c.limits.max_body_bytes = 4000;
-        c.body_budget_bytes = 4000;
-        let gw = Gateway::start_with(c);
+        let gw = e2e::cp::node_with(driver, &e2e::cp::register(&cp), |c| {
+            c.server.workers = 1;
+            c.limits.max_body_bytes = 4000;
+            c.body_budget_bytes = 4000;
+        });
         wait_workers(&gw, revision(&cp));
         let send = |raw: Vec<u8>| exchange(gw.addr(), &raw);
         let json = Some("application/json");

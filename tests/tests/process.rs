@@ -9,9 +9,7 @@ use std::time::Duration;
 use e2e::*;
 
 fn config(extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\npin_workers = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"
-    )
+    process_toml(2, extra)
 }
 
 #[test]
@@ -143,13 +141,7 @@ fn sigterm_drains_in_flight_requests_then_exits() {
 /// against a worker's budget): the request is in flight.
 fn in_flight(gw: &GatewayProcess) {
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            admin_get(gw.admin_addr, "/workers").json()["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|w| w["body_bytes"].as_u64().unwrap_or(0) > 0)
-        }),
+        wait_until(Duration::from_secs(20), || body_bytes(gw.admin_addr) > 0),
         "the request never reached the gateway"
     );
 }
@@ -190,8 +182,8 @@ fn an_abandoned_request_is_logged_as_499() {
     let dir = scratch_dir("abandoned");
     let mut gw = GatewayProcess::start(
         &config(&format!(
-            "[log]\naccess = true\n[[upstreams]]\nname = \"m\"\nkind = \"openai\"\nbase_url = \"{}\"\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"m\" }}]\n",
-            mock.base_url()
+            "[log]\naccess = true\n{}[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"m\" }}]\n",
+            upstream_toml("m", "openai", &mock.base_url(), "")
         )),
         &dir,
     );

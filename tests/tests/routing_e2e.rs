@@ -18,11 +18,6 @@ fn authorization(m: &MockProvider) -> Option<String> {
         .and_then(|r| r.header("authorization").map(str::to_string))
 }
 
-/// Waits for the control plane's newest revision to reach every worker.
-fn synced(cp: &controlplane::Running, gw: &Gateway) {
-    wait_workers(gw, revision(cp));
-}
-
 both_drivers!(
     each_environment_routes_with_its_own_upstreams_and_credentials,
     |driver| {
@@ -64,7 +59,7 @@ both_drivers!(
         let beta_key = key(&cp, "beta", "production");
 
         let gw = node(driver, &cp, |_| {});
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
 
         // Production: its upstream, its credential, its model rename.
         let r = chat_with_key(gw.addr(), Some(&prod_key), "gpt-4o");
@@ -95,10 +90,8 @@ both_drivers!(
         assert_eq!(r.status, 404);
         assert_eq!(prod_provider.request_count(), 1);
         // `/v1/models` lists what the key's environment routes.
-        let raw = format!(
-            "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {prod_key}\r\nConnection: close\r\n\r\n"
-        );
-        let models = exchange(gw.addr(), raw.as_bytes()).json();
+        let raw = request("GET", "/v1/models", &key_headers(&prod_key), "");
+        let models = exchange(gw.addr(), &raw).json();
         assert_eq!(models["data"][0]["id"], "gpt-4o");
         assert_eq!(models["data"].as_array().unwrap().len(), 1);
 
@@ -113,7 +106,7 @@ both_drivers!(
             &format!("{base}/production/routes/gpt"),
             json!({"model": "gpt-4o", "targets": [{"upstream": "second"}]}),
         );
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         for _ in 0..4 {
             let r = chat_with_key(gw.addr(), Some(&prod_key), "gpt-4o");
             assert_eq!(r.status, 200);
@@ -146,7 +139,7 @@ both_drivers!(
             None,
         );
         assert_eq!(r.status, 200);
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         let r = chat_with_key(gw.addr(), Some(&prod_key), "gpt-4o");
         assert_eq!(r.status, 404, "a deleted route routes nothing");
 
@@ -190,7 +183,7 @@ both_drivers!(
         );
         let k = key(&cp, "clinic", "production");
         let gw = node(driver, &cp, |_| {});
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
 
         // The only upstream cannot be told not to retain: nothing is sent.
         let r = chat_with_key(gw.addr(), Some(&k), "gpt-4o");
@@ -207,7 +200,7 @@ both_drivers!(
             json!({"provider": "openai", "base_url": provider.base_url(), "region": "us",
                    "non_retention": {"mode": "header", "name": "x-no-retain", "value": "1"}}),
         );
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         let r = chat_with_key(gw.addr(), Some(&k), "gpt-4o");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(
@@ -222,7 +215,7 @@ both_drivers!(
             &format!("{base}/policy"),
             json!({"zero_retention": true, "region": "eu"}),
         );
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         let r = chat_with_key(gw.addr(), Some(&k), "gpt-4o");
         assert_eq!(r.status, 403);
         assert!(
@@ -255,7 +248,7 @@ both_drivers!(
         };
         let link = e2e::cp::register(&cp);
         let gw = gateway_with(driver, &link, sealed);
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         assert_eq!(chat_with_key(gw.addr(), Some(&k), "m").status, 200);
         let held = revision(&cp);
         gw.stop();
@@ -279,7 +272,7 @@ both_drivers!(
         assert!(r.json()["compacted_through"].as_i64().unwrap() > held);
 
         let gw = gateway_with(driver, &link, sealed);
-        synced(&cp, &gw);
+        wait_workers(&gw, revision(&cp));
         let nodes = api(&cp, "GET", "/v1/nodes", None).json();
         let me = nodes["data"]
             .as_array()

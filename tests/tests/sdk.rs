@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use dataplane::config::{Config, DriverChoice};
+use dataplane::config::DriverChoice;
 use e2e::mock::{Behavior, MockOptions, MockProvider};
 use e2e::*;
 
@@ -23,38 +23,15 @@ fn sdk_gateway(
 ) -> Gateway {
     // Port 1 on loopback: nothing listens there, and no parallel test can take it.
     let dead = e2e::DEAD_UPSTREAM.to_string();
-    let toml = format!(
-        r#"
-        [[upstreams]]
-        name = "ok"
-        kind = "{kind}"
-        base_url = "{}"
-        [[upstreams]]
-        name = "broken"
-        kind = "{kind}"
-        base_url = "{}"
-        [[upstreams]]
-        name = "dead"
-        kind = "{kind}"
-        base_url = "{dead}"
-        [[routes]]
-        model = "{prefix}-ok"
-        targets = [{{ upstream = "ok" }}]
-        [[routes]]
-        model = "{prefix}-broken"
-        targets = [{{ upstream = "broken" }}]
-        [[routes]]
-        model = "{prefix}-dead"
-        targets = [{{ upstream = "dead" }}]
-        "#,
-        ok.base_url(),
-        broken.base_url()
-    );
-    let parsed = Config::parse(&toml, "sdk").unwrap();
-    let mut c = test_config(driver);
-    c.upstreams = parsed.upstreams;
-    c.routes = parsed.routes;
-    Gateway::start_with(c)
+    let mut toml = upstream_toml("ok", kind, &ok.base_url(), "");
+    toml.push_str(&upstream_toml("broken", kind, &broken.base_url(), ""));
+    toml.push_str(&upstream_toml("dead", kind, &dead, ""));
+    for target in ["ok", "broken", "dead"] {
+        toml.push_str(&format!(
+            "[[routes]]\nmodel = \"{prefix}-{target}\"\ntargets = [{{ upstream = \"{target}\" }}]\n"
+        ));
+    }
+    Gateway::with_toml(driver, &toml, |_| {})
 }
 
 both_drivers!(openai_python_sdk, |driver| {
@@ -119,28 +96,9 @@ fn openai_sdk_streams_get_usage_only_when_they_ask_and_the_log_always_has_it() {
         ..Default::default()
     });
     let dir = scratch_dir("sdk-stream-usage");
-    let gw = GatewayProcess::start(
-        &format!(
-            r#"
-            [server]
-            listen = "127.0.0.1:0"
-            workers = 1
-            pin_workers = false
-            [admin]
-            listen = "127.0.0.1:0"
-            [[upstreams]]
-            name = "oa"
-            kind = "openai"
-            base_url = "{}"
-            stream_options = true
-            [[routes]]
-            model = "gpt-usage"
-            targets = [{{ upstream = "oa" }}]
-            "#,
-            mock.base_url()
-        ),
-        &dir,
-    );
+    let toml = upstream_toml("oa", "openai", &mock.base_url(), "stream_options = true")
+        + "[[routes]]\nmodel = \"gpt-usage\"\ntargets = [{ upstream = \"oa\" }]\n";
+    let gw = GatewayProcess::start(&process_toml(1, &toml), &dir);
     run_script("openai_stream_usage.py", &format!("http://{}", gw.addr));
     let sent: Vec<serde_json::Value> = mock
         .requests()
