@@ -383,6 +383,27 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         tokens_per_minute: u64,
     },
+    /// Set a spend cap in USD per period on a tenant, one of its sub-accounts (covering its
+    /// subtree) or one of its keys; requests that could exceed it get 429 insufficient_quota.
+    SpendCapSet {
+        tenant: String,
+        /// A sub-account's id (the cap covers it and every sub-account under it).
+        #[arg(long, conflicts_with = "key")]
+        sub_account: Option<String>,
+        /// A key's id.
+        #[arg(long)]
+        key: Option<String>,
+        /// day (UTC), month (UTC) or lifetime.
+        #[arg(long)]
+        period: String,
+        /// US dollars per period.
+        #[arg(long)]
+        limit_usd: f64,
+    },
+    /// A tenant's spend caps, with their current period's spend and leases.
+    SpendCapList { tenant: String },
+    /// Remove a spend cap by its id (as listed).
+    SpendCapDelete { tenant: String, id: String },
     /// Set a model's price, in USD per million tokens: global, or for one --tenant.
     PriceSet {
         model: String,
@@ -729,6 +750,38 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
                 "cached_input_per_mtok": cached_input_price,
                 "cache_write_per_mtok": cache_write_price,
             })),
+        ),
+        Command::SpendCapSet {
+            tenant,
+            sub_account,
+            key,
+            period,
+            limit_usd,
+        } => {
+            let (scope, id) = match (sub_account, key) {
+                (Some(s), _) => ("sub_account", Some(s)),
+                (None, Some(k)) => ("key", Some(k)),
+                (None, None) => ("tenant", None),
+            };
+            (
+                "PUT",
+                format!("/v1/tenants/{}/spend-caps", query_value(&tenant)),
+                Some(json!({"scope": scope, "id": id, "period": period, "limit_usd": limit_usd})),
+            )
+        }
+        Command::SpendCapList { tenant } => (
+            "GET",
+            format!("/v1/tenants/{}/spend-caps", query_value(&tenant)),
+            None,
+        ),
+        Command::SpendCapDelete { tenant, id } => (
+            "DELETE",
+            format!(
+                "/v1/tenants/{}/spend-caps/{}",
+                query_value(&tenant),
+                query_value(&id)
+            ),
+            None,
         ),
         Command::PriceList { tenant } => (
             "GET",

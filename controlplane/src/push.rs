@@ -70,6 +70,8 @@ impl Problem {
             kinds::UPSTREAM => "upstream",
             kinds::ROUTE => "route",
             kinds::POLICY => "policy",
+            kinds::CAP => "spend_cap",
+            kinds::PRICE => "price",
             _ => "unknown",
         };
         Self {
@@ -704,6 +706,39 @@ where
                         Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing an event failed; the node keeps it"),
                     }
                 }
+                Message::LeaseRequest { cap_id, period, want_micros } => {
+                    let store = Arc::clone(&store);
+                    let (id, lease_scope, cap) = (node.to_string(), scope.clone(), cap_id.clone());
+                    let leased = tokio::task::spawn_blocking(move || {
+                        store.lease(&id, &lease_scope, &cap, period, want_micros)
+                    })
+                    .await;
+                    let (granted_micros, exhausted) = match leased {
+                        Ok(Ok(v)) => v,
+                        // Nothing granted, nothing said exhausted: the node asks again.
+                        Ok(Err(e)) => {
+                            tracing::error!(node, cap_id, error = %e, "cannot lease spend cap budget");
+                            (0, false)
+                        }
+                        Err(e) => {
+                            tracing::error!(node, cap_id, error = %e, "leasing spend cap budget failed");
+                            (0, false)
+                        }
+                    };
+                    conn.send(&Message::LeaseGrant { cap_id, period, granted_micros, exhausted }).await?;
+                }
+                Message::LeaseReturn { cap_id, period, micros } => {
+                    let store = Arc::clone(&store);
+                    let id = node.to_string();
+                    let returned = tokio::task::spawn_blocking(move || {
+                        store.return_lease(&id, &cap_id, period, micros)
+                    })
+                    .await;
+                    if !matches!(returned, Ok(Ok(()))) {
+                        // Kept as leased: under-use until the period ends, never overshoot.
+                        tracing::warn!(node, "cannot take back a returned spend cap lease");
+                    }
+                }
                 other => tracing::debug!(node, ?other, "ignoring message"),
             }
             }
@@ -771,6 +806,8 @@ fn record_in_scope(scope: &NodeScope, record: &Record) -> bool {
         Record::Upstream(u) => scope.covers(&u.tenant_id, &u.environment),
         Record::Route(r) => scope.covers(&r.tenant_id, &r.environment),
         Record::Policy(p) => scope.covers(&p.tenant_id, &p.environment),
+        Record::Cap(c) => scope.covers_tenant(&c.tenant_id),
+        Record::Price(p) => p.tenant_id.is_empty() || scope.covers_tenant(&p.tenant_id),
         Record::Unknown { .. } => false,
     }
 }
@@ -780,6 +817,13 @@ fn change_in_scope(scope: &NodeScope, change: &Change) -> bool {
         Change::Upsert(r) => record_in_scope(scope, r),
         // Routing ids start with `{tenant}/{environment}`; a key id names neither, and a key
         // a node does not hold is no harm to delete.
+        // Caps and prices: deleting one a node does not hold is no harm either.
+        Change::Delete(t)
+            if t.kind == aigw_wire::messages::kinds::CAP
+                || t.kind == aigw_wire::messages::kinds::PRICE =>
+        {
+            true
+        }
         Change::Delete(t) => match t.id.split('/').collect::<Vec<_>>()[..] {
             [tenant, environment, ..] => scope.covers(tenant, environment),
             _ => true,

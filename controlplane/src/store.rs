@@ -11,6 +11,7 @@
 //! newest revision deleted by compaction: a node holding an older revision cannot be caught up
 //! from the changelog and gets a snapshot instead.
 
+mod caps;
 mod nodes;
 mod prices;
 mod routing;
@@ -26,6 +27,7 @@ use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
+pub use caps::{cap_id, Cap, CapSpec};
 pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
 pub use prices::{Price, PriceSpec};
 pub use routing::{
@@ -212,6 +214,27 @@ ALTER TABLE api_keys ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE api_keys ADD COLUMN leaked_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE policies ADD COLUMN revoke_leaked_keys INTEGER NOT NULL DEFAULT 0;
+"#,
+    r#"
+CREATE TABLE spend_caps (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    scope TEXT NOT NULL,
+    scope_id TEXT NOT NULL,
+    period TEXT NOT NULL,
+    limit_micros INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX spend_caps_tenant ON spend_caps(tenant_id);
+CREATE TABLE cap_leases (
+    cap_id TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    granted INTEGER NOT NULL,
+    PRIMARY KEY (cap_id, period, node_id)
+) WITHOUT ROWID;
+CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
+CREATE INDEX usage_daily_sub_account ON usage_daily(sub_account_id, day);
 "#,
 ];
 
@@ -753,6 +776,12 @@ impl Store {
                     .into_iter()
                     .map(Record::Policy),
             );
+            records.extend(caps::cap_records(tx, None)?.into_iter().map(Record::Cap));
+            records.extend(
+                caps::price_records(tx, None)?
+                    .into_iter()
+                    .map(Record::Price),
+            );
             let revision = meta(tx, META_REVISION)?;
             let id = revision_id_of(tx, revision)?.unwrap_or(0);
             Ok((records, revision, id))
@@ -867,6 +896,7 @@ fn key_records(c: &Connection, ids: Option<&[String]>) -> Result<Vec<KeyRecord>,
         let status: String = r.get(6)?;
         let models: String = r.get(9)?;
         out.push(KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: r.get(0)?,
             tenant_id: r.get(1)?,
             environment: r.get(2)?,
@@ -906,6 +936,16 @@ fn key_records(c: &Connection, ids: Option<&[String]>) -> Result<Vec<KeyRecord>,
             }
         }
     }
+    // The sub-accounts above each key's (sub-accounts are never moved, so this is fixed).
+    let mut known: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for k in &mut out {
+        if let Some(sub) = &k.sub_account_id {
+            if !known.contains_key(sub) {
+                known.insert(sub.clone(), caps::parents(c, sub)?);
+            }
+            k.sub_account_parents = known[sub].clone();
+        }
+    }
     Ok(out)
 }
 
@@ -917,6 +957,8 @@ fn wire_kind(kind: &str) -> Option<u64> {
         "upstream" => Some(kinds::UPSTREAM),
         "route" => Some(kinds::ROUTE),
         "policy" => Some(kinds::POLICY),
+        "cap" => Some(kinds::CAP),
+        "price" => Some(kinds::PRICE),
         _ => None,
     }
 }
@@ -940,6 +982,8 @@ fn current_record(
         kinds::POLICY => routing::policy_records(c, Some(id))?
             .pop()
             .map(Record::Policy),
+        kinds::CAP => caps::cap_records(c, Some(id))?.pop().map(Record::Cap),
+        kinds::PRICE => caps::price_records(c, Some(id))?.pop().map(Record::Price),
         _ => None,
     })
 }

@@ -26,6 +26,7 @@ fn table(n: usize) -> (Arc<SharedConfig>, Vec<String>) {
                 plaintexts.push(key.clone());
             }
             KeyRecord {
+                sub_account_parents: Vec::new(),
                 key_id: id,
                 tenant_id: format!("tenant-{}", i % 500),
                 environment: "production".into(),

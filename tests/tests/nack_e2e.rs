@@ -183,6 +183,7 @@ fn key_record(key: &str, status: KeyStatus) -> Record {
 
 fn key_record_of(tenant: &str, key_id: &str, key: &str, status: KeyStatus) -> Record {
     Record::Key(KeyRecord {
+        sub_account_parents: Vec::new(),
         key_id: key_id.into(),
         tenant_id: tenant.into(),
         environment: ENV.into(),

@@ -389,6 +389,37 @@ pub(super) async fn delete_price(
     ))
 }
 
+/// Sets a spend cap on the tenant, one of its sub-accounts or one of its keys (replacing
+/// the cap of the same scope and period).
+pub(super) async fn put_cap(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<crate::store::CapSpec>,
+) -> Result<Json<Value>> {
+    let cap = blocking(&s, move |st| st.put_cap(&actor, &tenant_id, &body)).await?;
+    Ok(Json(json!(cap)))
+}
+
+/// A tenant's spend caps, each with what its current period spent and leased.
+pub(super) async fn list_caps(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Value>> {
+    let caps = blocking(&s, move |st| st.caps(&tenant_id)).await?;
+    Ok(Json(json!({"data": caps})))
+}
+
+pub(super) async fn delete_cap(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path((tenant_id, cap_id)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let id = cap_id.clone();
+    blocking(&s, move |st| st.delete_cap(&actor, &tenant_id, &cap_id)).await?;
+    Ok(Json(json!({"deleted": true, "id": id})))
+}
+
 /// Sets a key's rate limits (requests and tokens per minute, per node; 0 = none).
 pub(super) async fn set_rate_limits(
     State(s): State<Arc<AppState>>,

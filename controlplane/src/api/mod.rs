@@ -56,6 +56,14 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/audit", get(handlers::audit)),
         ("/v1/tenants/{tenant_id}/usage", get(handlers::usage)),
         (
+            "/v1/tenants/{tenant_id}/spend-caps",
+            put(handlers::put_cap).get(handlers::list_caps),
+        ),
+        (
+            "/v1/tenants/{tenant_id}/spend-caps/{cap_id}",
+            axum::routing::delete(handlers::delete_cap),
+        ),
+        (
             "/v1/prices",
             put(handlers::put_price)
                 .get(handlers::list_prices)

@@ -66,6 +66,15 @@ pub fn document() -> Value {
                 "delete": op("Remove a price (query: model, tenant_id for a tenant's own)", None, "200"),
             },
             "/v1/tenants/{tenant_id}/usage": {"get": op("A tenant's usage over whole UTC days: requests, errors, tokens by kind, cost, latency and time-to-first-byte percentiles (query: from, to as YYYY-MM-DD, default today; group_by: comma-separated day, key, model, sub_account; filters sub_account (its subtree), key_id, model)", None, "200")},
+            "/v1/tenants/{tenant_id}/spend-caps": {
+                "parameters": [path_param("tenant_id")],
+                "put": op("Set a spend cap in USD per UTC day, UTC month or lifetime on the tenant, a sub-account (covering its whole subtree) or a key (body: scope = tenant | sub_account | key, id for a sub-account or key, period = day | month | lifetime, limit_usd); nodes reserve each request's maximum cost against it before forwarding and answer 429 insufficient_quota when it is spent", None, "200"),
+                "get": op("A tenant's spend caps, each with its current period's start, spend and budget leased to nodes", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/spend-caps/{cap_id}": {
+                "parameters": [path_param("tenant_id"), path_param("cap_id")],
+                "delete": op("Remove a spend cap", None, "200")
+            },
             "/v1/revision": {"get": op("The newest configuration revision", None, "200")},
             "/v1/nodes": {
                 "get": op("Registered nodes: scope, enrolment, connection, applied revision, records they cannot apply", None, "200"),

@@ -45,6 +45,11 @@ impl NodeScope {
     }
 
     /// Whether a record of `tenant`'s `environment` is in this scope.
+    /// Whether the node serves some environment of `tenant`.
+    pub fn covers_tenant(&self, tenant: &str) -> bool {
+        self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant)
+    }
+
     pub fn covers(&self, tenant: &str, environment: &str) -> bool {
         (self.environments.is_empty() || self.environments.iter().any(|e| e == environment))
             && (self.tenants.is_empty() || self.tenants.iter().any(|t| t == tenant))

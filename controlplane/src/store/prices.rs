@@ -151,6 +151,12 @@ impl Store {
                 params![tenant, spec.model],
                 price_row,
             )?;
+            super::change(
+                tx,
+                "price",
+                &aigw_wire::PriceRecord::id_of(&tenant, &spec.model),
+                "upsert",
+            )?;
             audit(
                 tx,
                 actor,
@@ -197,6 +203,12 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound("price"));
             }
+            super::change(
+                tx,
+                "price",
+                &aigw_wire::PriceRecord::id_of(tenant.unwrap_or(""), model),
+                "delete",
+            )?;
             audit(
                 tx,
                 actor,

@@ -11,6 +11,7 @@ pub mod messages;
 pub mod routing;
 pub mod rules;
 pub mod sketch;
+pub mod spend;
 
 pub use codec::{Codec, InvalidMessage, Reader};
 pub use frame::{decode_frame, encode_frame, Frame, DEFAULT_MAX_FRAME};
@@ -23,6 +24,7 @@ pub use routing::{
     GUARDRAIL_ENTITIES,
 };
 pub use rules::{NonRetention, ProviderKind};
+pub use spend::{CapPeriod, CapRecord, CapScope, PriceRecord};
 
 #[cfg(test)]
 mod tests {
@@ -44,6 +46,7 @@ mod tests {
         )
             .prop_map(
                 |(key_id, tenant_id, env, sub, hash, active, exp, grace, models)| KeyRecord {
+                    sub_account_parents: Vec::new(),
                     key_id,
                     tenant_id,
                     environment: env.to_string(),
@@ -183,6 +186,36 @@ mod tests {
             upstream().prop_map(Record::Upstream),
             route().prop_map(Record::Route),
             policy().prop_map(Record::Policy),
+            (
+                "[a-z0-9_]{1,12}",
+                0u64..3,
+                "[a-z0-9_]{1,12}",
+                0u64..3,
+                any::<u64>()
+            )
+                .prop_map(|(id, scope, scope_id, period, limit_micros)| {
+                    Record::Cap(CapRecord {
+                        id,
+                        tenant_id: "t".into(),
+                        scope: [CapScope::Tenant, CapScope::SubAccount, CapScope::Key]
+                            [scope as usize],
+                        scope_id,
+                        period: [CapPeriod::Day, CapPeriod::Month, CapPeriod::Lifetime]
+                            [period as usize],
+                        limit_micros,
+                    })
+                }),
+            ("[a-z]{0,4}", "[a-z0-9.-]{1,12}", any::<[u64; 4]>()).prop_map(
+                |(tenant_id, model, r)| Record::Price(PriceRecord {
+                    id: PriceRecord::id_of(&tenant_id, &model),
+                    tenant_id,
+                    model,
+                    input: r[0],
+                    output: r[1],
+                    cached_input: r[2],
+                    cache_write: r[3],
+                })
+            ),
         ]
     }
 
@@ -336,6 +369,30 @@ mod tests {
                 .prop_map(|(boot_epoch, seq)| Message::UsageAck { boot_epoch, seq }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(boot_epoch, seq)| Message::EventAck { boot_epoch, seq }),
+            ("[a-z0-9_]{0,12}", any::<u64>(), any::<u64>()).prop_map(|(cap_id, period, m)| {
+                Message::LeaseRequest {
+                    cap_id,
+                    period,
+                    want_micros: m,
+                }
+            }),
+            ("[a-z0-9_]{0,12}", any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                |(cap_id, period, granted_micros, exhausted)| {
+                    Message::LeaseGrant {
+                        cap_id,
+                        period,
+                        granted_micros,
+                        exhausted,
+                    }
+                }
+            ),
+            ("[a-z0-9_]{0,12}", any::<u64>(), any::<u64>()).prop_map(|(cap_id, period, micros)| {
+                Message::LeaseReturn {
+                    cap_id,
+                    period,
+                    micros,
+                }
+            }),
             (
                 "[a-z0-9-]{0,12}",
                 any::<u64>(),
@@ -386,6 +443,7 @@ mod tests {
     #[test]
     fn unknown_fields_and_records_from_a_newer_peer_are_skipped() {
         let k = KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: "k1".into(),
             tenant_id: "t".into(),
             environment: "production".into(),
@@ -478,6 +536,7 @@ mod tests {
         // A typical key: 12-char public id, a tenant uuid, production, no sub-account,
         // SHA-256 hash, active, an expiry, no model restriction.
         let k = Record::Key(KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: "k7Hq2Lx9Pw3Z".into(),
             tenant_id: "5f0c3a1e-8b2d-4c6f-9a7e-1d2b3c4d5e6f".into(),
             environment: "production".into(),

@@ -9,6 +9,7 @@ use crate::codec::{
     within_expansion, Codec, InvalidMessage, Reader,
 };
 use crate::routing::{PolicyRecord, RouteRecord, UpstreamRecord};
+use crate::spend::{CapRecord, PriceRecord};
 
 /// Bumped only for changes an older peer cannot skip over.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -41,6 +42,8 @@ pub struct KeyRecord {
     pub allowed_models: Vec<String>,
     /// Enforced by each node on its own traffic (0 = no limit).
     pub rate_limits: RateLimits,
+    /// The sub-accounts above the key's, nearest first (their spend caps cover the key).
+    pub sub_account_parents: Vec<String>,
 }
 
 /// A key's rate limits; 0 = none.
@@ -57,6 +60,8 @@ pub enum Record {
     Upstream(UpstreamRecord),
     Route(RouteRecord),
     Policy(PolicyRecord),
+    Cap(CapRecord),
+    Price(PriceRecord),
     /// A record kind from a newer peer: kept opaque (and re-encoded verbatim), ignored.
     Unknown {
         kind: u64,
@@ -235,6 +240,28 @@ pub enum Message {
         boot_epoch: u64,
         seq: u64,
     },
+    /// Node → control plane: more of a spend cap's budget for `period`
+    /// ([`crate::spend::CapPeriod::index`]), in millionths of a US dollar.
+    LeaseRequest {
+        cap_id: String,
+        period: u64,
+        want_micros: u64,
+    },
+    /// Control plane → node: `granted_micros` more of the cap's budget for `period` (0 when
+    /// there is none left); `exhausted`: nothing more will be leased for this period.
+    LeaseGrant {
+        cap_id: String,
+        period: u64,
+        granted_micros: u64,
+        exhausted: bool,
+    },
+    /// Node → control plane: lease it holds and will not spend (at an orderly stop), given
+    /// back for other nodes.
+    LeaseReturn {
+        cap_id: String,
+        period: u64,
+        micros: u64,
+    },
 }
 
 /// Message type codes (the frame header carries them).
@@ -252,6 +279,9 @@ pub mod types {
     pub const ENROLL: u16 = 11;
     pub const ENROLLED: u16 = 12;
     pub const EVENT_ACK: u16 = 13;
+    pub const LEASE_REQUEST: u16 = 14;
+    pub const LEASE_GRANT: u16 = 15;
+    pub const LEASE_RETURN: u16 = 16;
 }
 
 /// Record kind codes.
@@ -260,6 +290,8 @@ pub mod kinds {
     pub const UPSTREAM: u64 = 2;
     pub const ROUTE: u64 = 3;
     pub const POLICY: u64 = 4;
+    pub const CAP: u64 = 5;
+    pub const PRICE: u64 = 6;
 }
 
 impl Codec for KeyStatus {
@@ -305,6 +337,9 @@ impl Codec for KeyRecord {
         if self.rate_limits.tokens_per_minute != 0 {
             put_u64(out, 12, self.rate_limits.tokens_per_minute);
         }
+        for p in &self.sub_account_parents {
+            put_str(out, 13, p);
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
@@ -316,6 +351,7 @@ impl Codec for KeyRecord {
         let (mut expires_at, mut grace_ends_at) = (0, 0);
         let mut allowed_models = Vec::new();
         let mut rate_limits = RateLimits::default();
+        let mut sub_account_parents = Vec::new();
         while !r.is_empty() {
             let (tag, body) = r.field()?;
             match tag {
@@ -342,6 +378,14 @@ impl Codec for KeyRecord {
                 }
                 11 => rate_limits.requests_per_minute = get_u64(tag, body)?,
                 12 => rate_limits.tokens_per_minute = get_u64(tag, body)?,
+                13 => {
+                    within_expansion(
+                        sub_account_parents.len() + 1,
+                        std::mem::size_of::<String>(),
+                        r.total_len(),
+                    )?;
+                    sub_account_parents.push(get_str(body)?)
+                }
                 _ => {} // a newer peer's field
             }
         }
@@ -358,6 +402,7 @@ impl Codec for KeyRecord {
             grace_ends_at,
             allowed_models,
             rate_limits,
+            sub_account_parents,
         })
     }
 }
@@ -370,6 +415,8 @@ impl Record {
             Self::Upstream(_) => kinds::UPSTREAM,
             Self::Route(_) => kinds::ROUTE,
             Self::Policy(_) => kinds::POLICY,
+            Self::Cap(_) => kinds::CAP,
+            Self::Price(_) => kinds::PRICE,
             Self::Unknown { kind, .. } => *kind,
         }
     }
@@ -382,6 +429,8 @@ impl Record {
             Self::Upstream(u) => &u.id,
             Self::Route(r) => &r.id,
             Self::Policy(p) => &p.id,
+            Self::Cap(c) => &c.id,
+            Self::Price(p) => &p.id,
             Self::Unknown { .. } => "",
         }
     }
@@ -394,6 +443,8 @@ impl Codec for Record {
             Self::Upstream(u) => put_field(out, kinds::UPSTREAM, |o| u.encode(o)),
             Self::Route(rt) => put_field(out, kinds::ROUTE, |o| rt.encode(o)),
             Self::Policy(p) => put_field(out, kinds::POLICY, |o| p.encode(o)),
+            Self::Cap(c) => put_field(out, kinds::CAP, |o| c.encode(o)),
+            Self::Price(p) => put_field(out, kinds::PRICE, |o| p.encode(o)),
             Self::Unknown { kind, body } => put_field(out, *kind, |o| o.extend_from_slice(body)),
         }
     }
@@ -405,6 +456,8 @@ impl Codec for Record {
             kinds::UPSTREAM => Self::Upstream(UpstreamRecord::from_bytes(body)?),
             kinds::ROUTE => Self::Route(RouteRecord::from_bytes(body)?),
             kinds::POLICY => Self::Policy(PolicyRecord::from_bytes(body)?),
+            kinds::CAP => Self::Cap(CapRecord::from_bytes(body)?),
+            kinds::PRICE => Self::Price(PriceRecord::from_bytes(body)?),
             other => Self::Unknown {
                 kind: other,
                 body: body.to_vec(),
@@ -545,6 +598,9 @@ impl Message {
             Self::UsageAck { .. } => types::USAGE_ACK,
             Self::Event { .. } => types::EVENT,
             Self::EventAck { .. } => types::EVENT_ACK,
+            Self::LeaseRequest { .. } => types::LEASE_REQUEST,
+            Self::LeaseGrant { .. } => types::LEASE_GRANT,
+            Self::LeaseReturn { .. } => types::LEASE_RETURN,
             Self::Refused { .. } => types::REFUSED,
             Self::Enroll { .. } => types::ENROLL,
             Self::Enrolled { .. } => types::ENROLLED,
@@ -651,6 +707,31 @@ impl Message {
                 put_str(out, 4, kind);
                 put_str(out, 5, detail);
             }
+            Self::LeaseRequest {
+                cap_id,
+                period,
+                want_micros: micros,
+            }
+            | Self::LeaseReturn {
+                cap_id,
+                period,
+                micros,
+            } => {
+                put_str(out, 1, cap_id);
+                put_u64(out, 2, *period);
+                put_u64(out, 3, *micros);
+            }
+            Self::LeaseGrant {
+                cap_id,
+                period,
+                granted_micros,
+                exhausted,
+            } => {
+                put_str(out, 1, cap_id);
+                put_u64(out, 2, *period);
+                put_u64(out, 3, *granted_micros);
+                put_u64(out, 4, u64::from(*exhausted));
+            }
             Self::Refused { reason } => put_str(out, 1, reason),
             Self::Enroll { token, public_key } => {
                 put_str(out, 1, token);
@@ -666,7 +747,7 @@ impl Message {
     /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
     /// know (the caller skips it).
     pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
-        if !(types::HELLO..=types::EVENT_ACK).contains(&code) {
+        if !(types::HELLO..=types::LEASE_RETURN).contains(&code) {
             return Ok(None);
         }
         // Checked whole first; then each field is looked up where it is, without building
@@ -731,6 +812,22 @@ impl Message {
             types::EVENT_ACK => Self::EventAck {
                 boot_epoch: u(1)?,
                 seq: u(2)?,
+            },
+            types::LEASE_REQUEST => Self::LeaseRequest {
+                cap_id: s(1)?,
+                period: u(2)?,
+                want_micros: u(3)?,
+            },
+            types::LEASE_GRANT => Self::LeaseGrant {
+                cap_id: s(1)?,
+                period: u(2)?,
+                granted_micros: u(3)?,
+                exhausted: u(4)? != 0,
+            },
+            types::LEASE_RETURN => Self::LeaseReturn {
+                cap_id: s(1)?,
+                period: u(2)?,
+                micros: u(3)?,
             },
             types::REFUSED => Self::Refused { reason: s(1)? },
             types::ENROLL => Self::Enroll {

@@ -136,7 +136,7 @@ pub struct GuardrailRecord {
 /// The entities guardrails know.
 pub const GUARDRAIL_ENTITIES: [&str; 7] = ["email", "phone", "card", "ssn", "iban", "ip", "secret"];
 
-fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
+pub(crate) fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
     match get_u64(tag, body)? {
         0 => Ok(false),
         1 => Ok(true),
@@ -144,7 +144,7 @@ fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
     }
 }
 
-fn put_nonzero(out: &mut Vec<u8>, tag: u64, v: u64) {
+pub(crate) fn put_nonzero(out: &mut Vec<u8>, tag: u64, v: u64) {
     if v != 0 {
         put_u64(out, tag, v);
     }
@@ -156,7 +156,7 @@ fn put_nonempty(out: &mut Vec<u8>, tag: u64, v: &str) {
     }
 }
 
-fn required(v: Option<String>, tag: u64) -> Result<String, InvalidMessage> {
+pub(crate) fn required(v: Option<String>, tag: u64) -> Result<String, InvalidMessage> {
     v.ok_or(InvalidMessage::MissingField { tag })
 }
 

@@ -137,6 +137,7 @@ pub fn spawn(
             );
             keys.set_connected(false);
             reports.link_down();
+            keys.leases.link_down();
             match ended {
                 Ok(()) => break,
                 Err(e) => {
@@ -213,14 +214,21 @@ fn connect(cfg: &ControlPlaneConfig, tls: &Arc<rustls::ClientConfig>) -> anyhow:
         .ok_or_else(|| anyhow::anyhow!("{} has no address", cfg.address))?;
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
     let host = cfg.server_name.clone().unwrap_or_else(|| {
         cfg.address
             .rsplit_once(':')
             .map_or(cfg.address.clone(), |(h, _)| h.to_string())
     });
     let name = ServerName::try_from(host)?;
-    let conn = rustls::ClientConnection::new(Arc::clone(tls), name)?;
+    let mut conn = rustls::ClientConnection::new(Arc::clone(tls), name)?;
+    let mut tcp = tcp;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    // Short once connected, so a worker's request for spend cap budget goes out within a
+    // few tens of milliseconds (the thread looks for them between reads).
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))?;
     Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
@@ -272,6 +280,7 @@ fn session(
     let mut last_report = std::time::Instant::now();
     let mut last_spill = std::time::Instant::now();
     let mut stopping: Option<std::time::Instant> = None;
+    let mut seen_spend = std::sync::Arc::clone(&keys.load().routing.spend);
     loop {
         if stop.is_triggered() {
             match stopping {
@@ -282,6 +291,17 @@ fn session(
                     reports.cut(&keys.usage);
                     for m in reports.to_send(node_id) {
                         send(&mut stream, &m)?;
+                    }
+                    // Spend cap budget this node will not use goes back for other nodes.
+                    for a in keys.leases.take_unspent() {
+                        send(
+                            &mut stream,
+                            &Message::LeaseReturn {
+                                cap_id: a.cap_id,
+                                period: a.period,
+                                micros: a.want_micros,
+                            },
+                        )?;
                     }
                     stopping = Some(std::time::Instant::now());
                 }
@@ -305,6 +325,27 @@ fn session(
                     reports.spill();
                     last_spill = std::time::Instant::now();
                 }
+                let spend = std::sync::Arc::clone(&keys.load().routing.spend);
+                if !std::sync::Arc::ptr_eq(&spend, &seen_spend) {
+                    // A cap's limit may have been raised: exhausted leases ask again.
+                    keys.leases.reopen();
+                    seen_spend = std::sync::Arc::clone(&spend);
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                keys.leases
+                    .prune(|cap| spend.cap_records().get(cap).map(|c| c.period.index(now)));
+            }
+            for a in keys.leases.asks() {
+                send(
+                    &mut stream,
+                    &Message::LeaseRequest {
+                        cap_id: a.cap_id,
+                        period: a.period,
+                        want_micros: a.want_micros,
+                    },
+                )?;
             }
         }
         let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
@@ -465,6 +506,14 @@ fn session(
             Message::UsageAck { boot_epoch, seq } | Message::EventAck { boot_epoch, seq } => {
                 reports.acked(boot_epoch, seq)
             }
+            Message::LeaseGrant {
+                cap_id,
+                period,
+                granted_micros,
+                exhausted,
+            } => keys
+                .leases
+                .granted(&cap_id, period, granted_micros, exhausted),
             Message::Refused { reason } => {
                 anyhow::bail!(
                     "the control plane refused this node: {reason} (to enrol it again: controlplane node-enroll <node id>, then restart the node with the token in {})",

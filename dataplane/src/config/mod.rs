@@ -11,6 +11,7 @@ pub mod pushed;
 pub mod routing;
 pub mod settings;
 pub mod snapshot;
+pub mod spend;
 pub mod usage;
 
 pub use file::*;

@@ -39,6 +39,8 @@ pub struct KeyEntry {
     /// `None` = every model (most keys: no allocation for them).
     pub allowed_models: Option<Arc<[Box<str>]>>,
     pub rate_limits: aigw_wire::RateLimits,
+    /// The sub-accounts above the key's, nearest first (`None` for most keys).
+    pub sub_account_parents: Option<Arc<[Arc<str>]>>,
 }
 
 type KeyId = [u8; KEY_ID_LEN];
@@ -120,6 +122,12 @@ fn entry(r: &KeyRecord, interner: &mut Interner) -> Result<(KeyId, KeyEntry), Ta
             allowed_models: (!r.allowed_models.is_empty())
                 .then(|| r.allowed_models.iter().map(|m| m.as_str().into()).collect()),
             rate_limits: r.rate_limits,
+            sub_account_parents: (!r.sub_account_parents.is_empty()).then(|| {
+                r.sub_account_parents
+                    .iter()
+                    .map(|p| interner.get(p))
+                    .collect()
+            }),
         },
     ))
 }
@@ -304,6 +312,11 @@ impl NodeConfig {
                         .flat_map(|m| m.iter().map(|s| s.to_string()))
                         .collect(),
                     rate_limits: e.rate_limits,
+                    sub_account_parents: e
+                        .sub_account_parents
+                        .iter()
+                        .flat_map(|p| p.iter().map(|s| s.to_string()))
+                        .collect(),
                 });
             }
         }
@@ -438,6 +451,8 @@ pub struct SharedConfig {
     usage_dropped: AtomicU64,
     /// Rate-limit state of the keys that have limits, shared by the workers.
     pub limiters: crate::config::limits::Limiters,
+    /// The spend cap budget leased to this node.
+    pub leases: crate::config::spend::Leases,
 }
 
 impl Default for SharedConfig {
@@ -454,6 +469,7 @@ impl Default for SharedConfig {
             usage_backlog: AtomicU64::new(0),
             usage_dropped: AtomicU64::new(0),
             limiters: Default::default(),
+            leases: Default::default(),
         }
     }
 }
@@ -532,6 +548,7 @@ mod tests {
 
     fn rec(id: &str, tenant: &str, revoked: bool) -> KeyRecord {
         KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: id.into(),
             tenant_id: tenant.into(),
             environment: "production".into(),

@@ -140,6 +140,7 @@ mod tests {
     fn a_saved_table_loads_back_identically() {
         let records: Vec<KeyRecord> = (0..45_000)
             .map(|i| KeyRecord {
+                sub_account_parents: Vec::new(),
                 key_id: format!("{i:012}"),
                 tenant_id: format!("t{}", i % 7),
                 environment: ["production", "staging", "development"][i % 3].into(),

@@ -97,6 +97,11 @@ catalogue! {
     ModelNotAllowed = (403, "model_not_allowed", Downstream, "the API key may not use this model"),
     RateLimitExceeded = (429, "rate_limit_exceeded", Downstream, "this API key's rate limit is reached; retry after the time in Retry-After"),
 
+    // Spend caps.
+    InsufficientQuota = (429, "insufficient_quota", Downstream, "a spend cap covering this API key is reached for its period"),
+    ModelNotPriced = (403, "model_not_priced", Downstream, "a spend cap covers this API key and the model has no price, so its cost cannot be bounded"),
+    SpendCapUnavailable = (503, "spend_cap_unavailable", Internal, "this gateway cannot reach its control plane for more spend cap budget; retry shortly"),
+
     // Guardrails: the environment's policy blocks what the request holds.
     GuardrailEmail = (400, "guardrail_email", Downstream, "the request holds an e-mail address, which this environment's guardrail blocks"),
     GuardrailPhone = (400, "guardrail_phone", Downstream, "the request holds a phone number, which this environment's guardrail blocks"),
@@ -145,9 +150,16 @@ impl Code {
             Code::ServerBusy
             | Code::UpstreamBusy
             | Code::ConfigNotLoaded
-            | Code::GuardrailUnavailable => Some(1),
+            | Code::GuardrailUnavailable
+            | Code::SpendCapUnavailable => Some(1),
             _ => None,
         }
+    }
+
+    /// Errors the official SDKs must not retry although their status says so (they retry
+    /// every 429 unless told otherwise with `x-should-retry: false`).
+    pub const fn final_answer(self) -> bool {
+        matches!(self, Code::InsufficientQuota)
     }
 }
 

@@ -210,6 +210,17 @@ impl LocalConfig {
                 .env(&entry.tenant_id, entry.environment)
                 .cloned(),
             rate_limits: entry.rate_limits,
+            caps: table.routing.spend.caps_for(
+                &entry.tenant_id,
+                entry.sub_account_id.as_deref(),
+                entry.sub_account_parents.as_deref().unwrap_or_default(),
+                parsed.key_id,
+            ),
+            spend: table
+                .routing
+                .spend
+                .has_caps()
+                .then(|| Arc::clone(&table.routing.spend)),
         })
     }
 }
@@ -234,6 +245,7 @@ mod tests {
             "abcdefghijABCDEFGHIJ0123456789",
         );
         let mut r = KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: "k7Hq2Lx9Pw3Z".into(),
             tenant_id: "t".into(),
             environment: "production".into(),
@@ -322,6 +334,7 @@ mod tests {
         assert!(l.authenticate(Some(&key), 1).is_ok());
         let table = shared.load();
         let mut r = KeyRecord {
+            sub_account_parents: Vec::new(),
             key_id: "k7Hq2Lx9Pw3Z".into(),
             tenant_id: "t".into(),
             environment: "production".into(),

@@ -27,6 +27,10 @@ pub struct Identity {
     pub routes: Option<Arc<EnvRoutes>>,
     /// The key's rate limits (0 = none).
     pub rate_limits: aigw_wire::RateLimits,
+    /// The spend caps covering the key (empty for most keys).
+    pub caps: Vec<Arc<crate::config::spend::Cap>>,
+    /// Caps and prices, when `caps` is not empty.
+    pub spend: Option<Arc<crate::config::spend::Spend>>,
 }
 
 /// When things happened to the request.
@@ -81,6 +85,10 @@ pub struct RequestCtx {
     pub redacted: usize,
     /// The entity a guardrail refused the request (or its response) for, and which.
     pub guardrail_blocked: Option<(crate::pii::Entity, &'static str)>,
+    /// What the request reserved of its spend caps, settled when it ends.
+    pub spend: Option<crate::gateway::spend::Reservation>,
+    /// The output limit the request transform adds (a capped request that set none).
+    pub inject_limit: Option<crate::gateway::spend::InjectLimit>,
 }
 
 impl RequestCtx {
@@ -106,6 +114,8 @@ impl RequestCtx {
             leaks: Vec::new(),
             redacted: 0,
             guardrail_blocked: None,
+            spend: None,
+            inject_limit: None,
         }
     }
 }

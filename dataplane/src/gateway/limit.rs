@@ -39,6 +39,8 @@ pub struct Taken {
     pub limiter: Arc<KeyLimiter>,
     pub requests: Option<Room>,
     pub tokens: Option<Room>,
+    /// The response's tokens were charged (once, as soon as they were known).
+    pub charged: bool,
 }
 
 fn seconds(ns: u64) -> u64 {
@@ -105,17 +107,23 @@ pub(crate) fn run(local: &Local, shared: &Limiters, ctx: &mut RequestCtx) -> Res
         limiter,
         requests,
         tokens,
+        charged: false,
     });
     Ok(())
 }
 
-/// Charges the tokens the response used to the key's token limit.
-pub(crate) fn settle(ctx: &RequestCtx) {
-    let (Some(taken), Some(id)) = (&ctx.rate_limited, &ctx.identity) else {
+/// Charges the tokens the response used to the key's token limit, once: when the body's
+/// last piece has been read (before the client has all of it, so the client's next request
+/// sees the charge), or when the request ends.
+pub(crate) fn settle(ctx: &mut RequestCtx) {
+    let used = ctx.usage.input_tokens + ctx.usage.output_tokens;
+    let (Some(taken), Some(id)) = (&mut ctx.rate_limited, &ctx.identity) else {
         return;
     };
+    if std::mem::replace(&mut taken.charged, true) {
+        return;
+    }
     let per_minute = id.rate_limits.tokens_per_minute;
-    let used = ctx.usage.input_tokens + ctx.usage.output_tokens;
     if per_minute != 0 && used != 0 {
         taken.limiter.tokens.charge(per_minute, used, now_ns());
     }

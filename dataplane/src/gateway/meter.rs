@@ -71,8 +71,9 @@ impl Meter {
         } else if ctx.chosen.is_some() && (200..300).contains(&done.status) {
             // A provider answered and never said what it used (a stream cut short, or one
             // that does not report): estimated from the bytes each way, and flagged so.
-            e.input_tokens += done.bytes_in as u64 / BYTES_PER_TOKEN;
-            e.output_tokens += done.bytes_out as u64 / BYTES_PER_TOKEN;
+            let (input, output) = estimate(done);
+            e.input_tokens += input;
+            e.output_tokens += output;
             e.estimated_requests += 1;
         }
         let started = ctx.timings.head_received;
@@ -99,4 +100,13 @@ impl Meter {
 
 fn micros(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Input and output tokens of an answer whose provider never reported them, estimated from
+/// the bytes each way.
+pub(crate) fn estimate(done: &Finished) -> (u64, u64) {
+    (
+        done.bytes_in as u64 / BYTES_PER_TOKEN,
+        done.bytes_out as u64 / BYTES_PER_TOKEN,
+    )
 }

@@ -12,11 +12,12 @@
 //!    leak, guard    keys of ours seen; PII redacted or refused  leak, guard
 //!    parse          JSON once; model, stream; the key's models  parse
 //!    route          model → targets, policy filters             route
+//!    spend          the most it may cost, reserved from caps     spend
 //!    request xform  per target: body edits, upstream head       request
 //!    exchange       send, read the head; fail over              exchange
 //!    response xform head filter; body/events → transforms       response
 //!                   (usage, stream usage, response guardrail)
-//!    finish         tokens charged, leaks reported, usage        limit, leak, meter,
+//!    finish         tokens charged, spend settled, leaks         limit, spend, leak, meter,
 //!                   metered, metrics counted, access log        observe, log
 //! ```
 //!
@@ -39,6 +40,7 @@ pub mod parse;
 pub mod request;
 pub mod response;
 pub mod route;
+pub mod spend;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -163,6 +165,9 @@ impl Gateway {
             guard::requests(self.guard.as_ref(), ctx, routes.as_deref(), &body)?.unwrap_or(body);
         let parsed = parse::run(ctx, &head, &body)?;
         let targets = route::run(ctx, routes.as_deref())?;
+        if let Some(keys) = &self.keys {
+            spend::run(ctx, &parsed, body.len(), &keys.shared().leases).await?;
+        }
         let answer =
             match exchange::run(&self.pool, ctx, &head, &parsed, &body, &targets, resp).await {
                 Exchanged::Answer(a) => a,
@@ -231,8 +236,9 @@ impl Service for Gateway {
         self.observer.publish(&self.worker.status.metrics);
     }
 
-    fn finish(&self, ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
-        limit::settle(&ctx);
+    fn finish(&self, mut ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+        limit::settle(&mut ctx);
+        spend::settle(&mut ctx, done);
         if let Some(keys) = &self.keys {
             leak::report(&keys.shared().usage, &ctx);
         }

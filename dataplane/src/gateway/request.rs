@@ -41,7 +41,7 @@ struct Editing<'e, 'b> {
 type Edit = fn(&mut Editing<'_, '_>);
 
 /// Applied in order to every forwarded request.
-const EDITS: &[Edit] = &[route_model, non_retention, stream_usage];
+const EDITS: &[Edit] = &[route_model, non_retention, stream_usage, output_limit];
 
 /// Runs the edits for `target`; the parsed body is copied only if one of them changes it.
 pub fn prepare(
@@ -113,6 +113,16 @@ fn stream_usage(e: &mut Editing<'_, '_>) {
     if let Some(raw) = adapters::openai::stream_options_with_usage(e.body.get("stream_options")) {
         e.body.to_mut().set_raw("stream_options", &raw);
         e.out.stream_usage_added = true;
+    }
+}
+
+/// A request covered by a spend cap that set no output limit gets one, so its cost has a
+/// bound ([`crate::gateway::spend`]).
+fn output_limit(e: &mut Editing<'_, '_>) {
+    if let Some(limit) = e.ctx.inject_limit {
+        e.body
+            .to_mut()
+            .set_raw(limit.field, itoa::Buffer::new().format(limit.tokens));
     }
 }
 

@@ -213,7 +213,10 @@ impl Response {
     pub fn error(err: &ApiError, family: Family) -> Self {
         let mut body = Vec::with_capacity(160);
         err.write_body(family, &mut body);
-        let r = Self::json(err.status(), body);
+        let mut r = Self::json(err.status(), body);
+        if err.code.final_answer() {
+            r = r.with_header("x-should-retry", "false");
+        }
         match err.code.retry_after() {
             Some(s) => r.with_header("retry-after", s.to_string()),
             None => r,

@@ -306,6 +306,8 @@ fn record_id_of(r: &Record) -> String {
         Record::Upstream(u) => u.id.clone(),
         Record::Route(r) => r.id.clone(),
         Record::Policy(p) => p.id.clone(),
+        Record::Cap(c) => c.id.clone(),
+        Record::Price(p) => p.id.clone(),
         Record::Unknown { .. } => String::new(),
     }
 }

@@ -46,6 +46,8 @@ pub struct Routing {
     upstreams: BTreeMap<String, (UpstreamRecord, Built)>,
     routes: BTreeMap<String, RouteRecord>,
     policies: BTreeMap<String, PolicyRecord>,
+    /// Spend caps and prices.
+    pub spend: Arc<crate::config::spend::Spend>,
     envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
     all: Vec<Arc<Upstream>>,
     problems: Problems,
@@ -53,7 +55,10 @@ pub struct Routing {
 
 /// Whether a record belongs here rather than in the key table.
 pub fn is_routing_kind(kind: u64) -> bool {
-    matches!(kind, kinds::UPSTREAM | kinds::ROUTE | kinds::POLICY)
+    matches!(
+        kind,
+        kinds::UPSTREAM | kinds::ROUTE | kinds::POLICY | kinds::CAP | kinds::PRICE
+    )
 }
 
 fn env_index(e: Environment) -> usize {
@@ -129,6 +134,9 @@ impl Routing {
             .collect();
         let mut routes = self.routes.clone();
         let mut policies = self.policies.clone();
+        let mut caps = self.spend.cap_records().clone();
+        let mut prices = self.spend.price_records().clone();
+        let mut spend_changed = false;
         for r in upserts {
             match r {
                 Record::Upstream(u) => {
@@ -139,6 +147,14 @@ impl Routing {
                 }
                 Record::Policy(p) => {
                     policies.insert(p.id.clone(), p);
+                }
+                Record::Cap(c) => {
+                    spend_changed = true;
+                    caps.insert(c.id.clone(), c);
+                }
+                Record::Price(p) => {
+                    spend_changed = true;
+                    prices.insert(p.id.clone(), p);
                 }
                 Record::Key(_) | Record::Unknown { .. } => {}
             }
@@ -154,6 +170,8 @@ impl Routing {
                 kinds::POLICY => {
                     policies.remove(&t.id);
                 }
+                kinds::CAP => spend_changed |= caps.remove(&t.id).is_some(),
+                kinds::PRICE => spend_changed |= prices.remove(&t.id).is_some(),
                 _ => {}
             }
         }
@@ -287,11 +305,17 @@ impl Routing {
             .filter_map(|(_, u)| u.as_ref().ok())
             .cloned()
             .collect();
+        let spend = if spend_changed {
+            Arc::new(crate::config::spend::Spend::new(caps, prices))
+        } else {
+            Arc::clone(&self.spend)
+        };
         Self {
             generation: next_generation(),
             upstreams,
             routes,
             policies,
+            spend,
             envs,
             all,
             problems,
@@ -320,10 +344,14 @@ impl Routing {
             .map(|(r, _)| Record::Upstream(r.clone()))
             .chain(self.routes.values().cloned().map(Record::Route))
             .chain(self.policies.values().cloned().map(Record::Policy))
+            .chain(self.spend.records())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.upstreams.is_empty() && self.routes.is_empty() && self.policies.is_empty()
+        self.upstreams.is_empty()
+            && self.routes.is_empty()
+            && self.policies.is_empty()
+            && self.spend.records().next().is_none()
     }
 }
 

@@ -71,6 +71,10 @@ pub async fn run(
     match end {
         BodyEnd::Complete => {
             stage.end(ctx, true, resp);
+            // The last bytes are not sent yet: tokens and cost are charged before the
+            // client can send its next request.
+            crate::gateway::limit::settle(ctx);
+            crate::gateway::spend::settle_reported(ctx);
             if let Some(refusal) = stage.guard().and_then(|g| g.refused) {
                 // Held whole and refused: nothing went out, an error goes instead (and the
                 // upstream connection, its response read to the end, is reusable).
