@@ -375,6 +375,24 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Drop usage fields before a tenant's usage is stored (none given: keep every field).
+    UsageDrop {
+        tenant: String,
+        /// Comma-separated: key_id, model, sub_account_id, latency, ttfb,
+        /// cached_input_tokens, cache_write_tokens, reasoning_tokens.
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+    },
+    /// Set a sub-account's rate limits, covering every key in its subtree together,
+    /// enforced by each node on its own traffic (0 = no limit).
+    SubAccountRateLimits {
+        tenant: String,
+        sub_account_id: String,
+        #[arg(long, default_value_t = 0)]
+        requests_per_minute: u64,
+        #[arg(long, default_value_t = 0)]
+        tokens_per_minute: u64,
+    },
     /// Set a key's rate limits, enforced by each node on its own traffic (0 = no limit).
     KeyRateLimits {
         key_id: String,
@@ -720,6 +738,28 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             };
             ("GET", format!("/v1/tenants/{tenant}/usage{q}"), None)
         }
+        Command::UsageDrop { tenant, fields } => (
+            "PUT",
+            format!("/v1/tenants/{}/usage-settings", query_value(&tenant)),
+            Some(json!({ "drop": fields })),
+        ),
+        Command::SubAccountRateLimits {
+            tenant,
+            sub_account_id,
+            requests_per_minute,
+            tokens_per_minute,
+        } => (
+            "PUT",
+            format!(
+                "/v1/tenants/{}/sub-accounts/{}/rate-limits",
+                query_value(&tenant),
+                query_value(&sub_account_id)
+            ),
+            Some(json!({
+                "requests_per_minute": requests_per_minute,
+                "tokens_per_minute": tokens_per_minute,
+            })),
+        ),
         Command::KeyRateLimits {
             key_id,
             requests_per_minute,

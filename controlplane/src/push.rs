@@ -72,6 +72,7 @@ impl Problem {
             kinds::POLICY => "policy",
             kinds::CAP => "spend_cap",
             kinds::PRICE => "price",
+            kinds::LIMIT => "sub_account_rate_limits",
             _ => "unknown",
         };
         Self {
@@ -808,6 +809,7 @@ fn record_in_scope(scope: &NodeScope, record: &Record) -> bool {
         Record::Policy(p) => scope.covers(&p.tenant_id, &p.environment),
         Record::Cap(c) => scope.covers_tenant(&c.tenant_id),
         Record::Price(p) => p.tenant_id.is_empty() || scope.covers_tenant(&p.tenant_id),
+        Record::Limit(l) => scope.covers_tenant(&l.tenant_id),
         Record::Unknown { .. } => false,
     }
 }
@@ -817,10 +819,11 @@ fn change_in_scope(scope: &NodeScope, change: &Change) -> bool {
         Change::Upsert(r) => record_in_scope(scope, r),
         // Routing ids start with `{tenant}/{environment}`; a key id names neither, and a key
         // a node does not hold is no harm to delete.
-        // Caps and prices: deleting one a node does not hold is no harm either.
+        // Caps, prices, limits: deleting one a node does not hold is no harm either.
         Change::Delete(t)
             if t.kind == aigw_wire::messages::kinds::CAP
-                || t.kind == aigw_wire::messages::kinds::PRICE =>
+                || t.kind == aigw_wire::messages::kinds::PRICE
+                || t.kind == aigw_wire::messages::kinds::LIMIT =>
         {
             true
         }

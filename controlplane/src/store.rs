@@ -236,6 +236,14 @@ CREATE TABLE cap_leases (
 CREATE INDEX usage_daily_key ON usage_daily(key_id, day);
 CREATE INDEX usage_daily_sub_account ON usage_daily(sub_account_id, day);
 "#,
+    r#"
+ALTER TABLE sub_accounts ADD COLUMN requests_per_minute INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sub_accounts ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0;
+"#,
+    r#"
+ALTER TABLE tenants ADD COLUMN usage_dropped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// `meta` rows.
@@ -782,6 +790,11 @@ impl Store {
                     .into_iter()
                     .map(Record::Price),
             );
+            records.extend(
+                caps::limit_records(tx, None)?
+                    .into_iter()
+                    .map(Record::Limit),
+            );
             let revision = meta(tx, META_REVISION)?;
             let id = revision_id_of(tx, revision)?.unwrap_or(0);
             Ok((records, revision, id))
@@ -959,6 +972,7 @@ fn wire_kind(kind: &str) -> Option<u64> {
         "policy" => Some(kinds::POLICY),
         "cap" => Some(kinds::CAP),
         "price" => Some(kinds::PRICE),
+        "limit" => Some(kinds::LIMIT),
         _ => None,
     }
 }
@@ -984,6 +998,7 @@ fn current_record(
             .map(Record::Policy),
         kinds::CAP => caps::cap_records(c, Some(id))?.pop().map(Record::Cap),
         kinds::PRICE => caps::price_records(c, Some(id))?.pop().map(Record::Price),
+        kinds::LIMIT => caps::limit_records(c, Some(id))?.pop().map(Record::Limit),
         _ => None,
     })
 }

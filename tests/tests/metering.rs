@@ -425,3 +425,90 @@ fn usage_survives_control_plane_outages_and_a_node_restart_counted_once() {
         "the spill file goes once acknowledged"
     );
 }
+
+/// A tenant that drops usage fields: they are not stored, and usage answers leave them out
+/// (absent, not zero), while requests, tokens and cost stay.
+#[test]
+fn dropped_usage_fields_are_absent_not_zero() {
+    let openai = MockProvider::start(MockOptions::default());
+    let anthropic = MockProvider::start(MockOptions::default());
+    let cp = stack(
+        scratch_dir("metering-drop"),
+        "127.0.0.1:0",
+        &openai,
+        &anthropic,
+    );
+    let r = api(
+        &cp,
+        "PUT",
+        "/v1/tenants/acme/usage-settings",
+        Some(json!({"drop": ["colour"]})),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.text().contains("colour") && r.text().contains("drop"),
+        "{}",
+        r.text()
+    );
+    let r = api(
+        &cp,
+        "PUT",
+        "/v1/tenants/acme/usage-settings",
+        Some(json!({"drop": ["model", "latency", "reasoning_tokens"]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let settings = cli_of(
+        &cp,
+        &[
+            "usage-drop",
+            "acme",
+            "--fields",
+            "model,latency,reasoning_tokens",
+        ],
+    );
+    assert_eq!(
+        settings["drop"],
+        json!(["model", "latency", "reasoning_tokens"])
+    );
+    let key = key(&cp, "acme", "production");
+    let gw = gateway(DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+    for model in ["m-one", "m-two"] {
+        let r = post_with_key(
+            gw.addr(),
+            &key,
+            "/v1/chat/completions",
+            &chat(model, false).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let counted = wait_until(Duration::from_secs(20), || {
+        let r = api(&cp, "GET", "/v1/tenants/acme/usage", None).json();
+        r["data"][0]["requests"] == 2
+    });
+    assert!(counted, "usage never arrived");
+    let r = api(
+        &cp,
+        "GET",
+        "/v1/tenants/acme/usage?group_by=key,model",
+        None,
+    )
+    .json();
+    let rows = r["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "both models' usage is merged: {r}");
+    let row = rows[0].as_object().unwrap();
+    for gone in ["model", "latency_ms", "reasoning_tokens"] {
+        assert!(!row.contains_key(gone), "{gone} present: {r}");
+    }
+    assert!(
+        row["key_id"].as_str().is_some_and(|k| key.contains(k)),
+        "{r}"
+    );
+    assert_eq!(row["requests"], 2);
+    assert!(row["input_tokens"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        row["ttfb_ms"]["p50"].as_f64().is_some(),
+        "kept fields stay: {r}"
+    );
+    assert_eq!(row["cached_input_tokens"], 0, "kept, and zero: {r}");
+}

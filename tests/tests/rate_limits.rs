@@ -97,3 +97,79 @@ both_drivers!(keys_are_held_to_their_rate_limits, |driver| {
         "refused requests never reached the provider"
     );
 });
+
+both_drivers!(a_sub_account_limit_covers_every_key_below_it, |driver| {
+    let openai = MockProvider::start(MockOptions::default());
+    let cp = cp_start(
+        scratch_dir(&format!("rate-limits-sub-{driver:?}")),
+        "127.0.0.1:0",
+    );
+    tenant(&cp, "acme", "pro");
+    route_env(&cp, "acme", "production", &openai);
+    let sub = |name: &str, parent: Option<&str>| -> String {
+        let r = api(
+            &cp,
+            "POST",
+            "/v1/tenants/acme/sub-accounts",
+            Some(json!({"name": name, "parent_id": parent})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let team = sub("team", None);
+    let squad = sub("squad", Some(&team));
+    let other = sub("other", None);
+    let key_in = |sub: &str| -> String {
+        let k = create_key(
+            &cp,
+            "acme",
+            json!({"environment": "production", "sub_account_id": sub}),
+        );
+        k["key"].as_str().unwrap().to_string()
+    };
+    let (a, b, c) = (key_in(&team), key_in(&squad), key_in(&other));
+    let path = format!("/v1/tenants/acme/sub-accounts/{team}/rate-limits");
+    let r = api(&cp, "PUT", &path, Some(json!({"requests_per_minute": 3})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = api(&cp, "PUT", &path, Some(json!({"rpm": 3})));
+    assert_eq!(r.status, 400, "an unknown field is named: {}", r.text());
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("/v1/tenants/other-tenant/sub-accounts/{team}/rate-limits"),
+        Some(json!({"requests_per_minute": 1})),
+    );
+    assert_eq!(r.status, 404, "another tenant's sub-account: {}", r.text());
+    let gw = gateway(driver, &cp);
+    wait_workers(&gw, revision(&cp));
+
+    // Three requests between the team's key and its squad's, then refused for both.
+    for key in [&a, &b, &a] {
+        assert_eq!(chat_with_key(gw.addr(), Some(key), "m").status, 200);
+    }
+    for key in [&a, &b] {
+        let r = chat_with_key(gw.addr(), Some(key), "m");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+        assert!(
+            r.text().contains(&team),
+            "the sub-account is named: {}",
+            r.text()
+        );
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+    }
+    // Another sub-account is not covered.
+    assert_eq!(chat_with_key(gw.addr(), Some(&c), "m").status, 200);
+    assert_eq!(
+        openai.request_count(),
+        4,
+        "refused requests never reached the provider"
+    );
+
+    // Lifting the limit (0) frees the subtree.
+    let r = api(&cp, "PUT", &path, Some(json!({"requests_per_minute": 0})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_workers(&gw, revision(&cp));
+    assert_eq!(chat_with_key(gw.addr(), Some(&b), "m").status, 200);
+});

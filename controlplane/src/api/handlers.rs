@@ -431,6 +431,49 @@ pub(super) async fn set_rate_limits(
     Ok(Json(json!(k)))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsageSettings {
+    drop: Vec<String>,
+}
+
+/// Sets the usage fields a tenant drops before its usage is stored.
+pub(super) async fn set_usage_settings(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<UsageSettings>,
+) -> Result<Json<Value>> {
+    let dropped = blocking(&s, move |st| {
+        st.set_usage_dropped(&actor, &tenant_id, &body.drop)
+    })
+    .await?;
+    Ok(Json(json!({ "drop": dropped })))
+}
+
+pub(super) async fn usage_settings(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Value>> {
+    let dropped = blocking(&s, move |st| st.usage_dropped(&tenant_id)).await?;
+    Ok(Json(json!({ "drop": dropped })))
+}
+
+/// Sets a sub-account's rate limits, covering every key in its subtree (per node; 0 = none).
+pub(super) async fn set_sub_account_rate_limits(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path((tenant_id, sub_account_id)): Path<(String, String)>,
+    ApiJson(body): ApiJson<crate::store::RateLimitsView>,
+) -> Result<Json<Value>> {
+    let id = sub_account_id.clone();
+    let l = blocking(&s, move |st| {
+        st.set_sub_account_rate_limits(&actor, &tenant_id, &sub_account_id, body)
+    })
+    .await?;
+    Ok(Json(json!({"sub_account_id": id, "rate_limits": l})))
+}
+
 pub(super) async fn revision(State(s): State<Arc<AppState>>) -> Result<Json<Value>> {
     let r = blocking(&s, |st| st.revision()).await?;
     Ok(Json(json!({"revision": r})))

@@ -43,6 +43,10 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             post(handlers::create_sub_account),
         ),
         (
+            "/v1/tenants/{tenant_id}/sub-accounts/{sub_account_id}/rate-limits",
+            put(handlers::set_sub_account_rate_limits),
+        ),
+        (
             "/v1/tenants/{tenant_id}/keys",
             post(handlers::create_key).get(handlers::list_keys),
         ),
@@ -55,6 +59,10 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ),
         ("/v1/audit", get(handlers::audit)),
         ("/v1/tenants/{tenant_id}/usage", get(handlers::usage)),
+        (
+            "/v1/tenants/{tenant_id}/usage-settings",
+            put(handlers::set_usage_settings).get(handlers::usage_settings),
+        ),
         (
             "/v1/tenants/{tenant_id}/spend-caps",
             put(handlers::put_cap).get(handlers::list_caps),

@@ -60,12 +60,21 @@ pub fn document() -> Value {
             },
             "/v1/audit": {"get": op("Audit records in order (query: after, limit)", None, "200")},
             "/v1/keys/{key_id}/rate-limits": {"put": op("Set a key's rate limits, enforced by each node on its own traffic (body: requests_per_minute, tokens_per_minute; 0 = no limit); over a limit the client gets 429 rate_limit_exceeded with Retry-After", None, "200")},
+            "/v1/tenants/{tenant_id}/sub-accounts/{sub_account_id}/rate-limits": {
+                "parameters": [path_param("tenant_id"), path_param("sub_account_id")],
+                "put": op("Set a sub-account's rate limits, covering every key in its subtree together, enforced by each node on its own traffic (body: requests_per_minute, tokens_per_minute; 0 = no limit); over a limit the client gets 429 rate_limit_exceeded with Retry-After", None, "200")
+            },
             "/v1/prices": {
                 "put": op("Set a model's price in USD per million tokens, global or for one tenant (body: model, tenant_id?, input_per_mtok, output_per_mtok, cached_input_per_mtok?, cache_write_per_mtok?); usage arriving from then on is priced with it", None, "200"),
                 "get": op("The global prices and, with tenant_id, that tenant's", None, "200"),
                 "delete": op("Remove a price (query: model, tenant_id for a tenant's own)", None, "200"),
             },
             "/v1/tenants/{tenant_id}/usage": {"get": op("A tenant's usage over whole UTC days: requests, errors, tokens by kind, cost, latency and time-to-first-byte percentiles (query: from, to as YYYY-MM-DD, default today; group_by: comma-separated day, key, model, sub_account; filters sub_account (its subtree), key_id, model)", None, "200")},
+            "/v1/tenants/{tenant_id}/usage-settings": {
+                "parameters": [path_param("tenant_id")],
+                "put": op("Choose the usage fields dropped before the tenant's usage is stored (body: drop, a list of key_id, model, sub_account_id, latency, ttfb, cached_input_tokens, cache_write_tokens, reasoning_tokens); a dropped field is absent from usage answers, not zero. Applies to usage arriving from then on", None, "200"),
+                "get": op("The usage fields the tenant drops", None, "200")
+            },
             "/v1/tenants/{tenant_id}/spend-caps": {
                 "parameters": [path_param("tenant_id")],
                 "put": op("Set a spend cap in USD per UTC day, UTC month or lifetime on the tenant, a sub-account (covering its whole subtree) or a key (body: scope = tenant | sub_account | key, id for a sub-account or key, period = day | month | lifetime, limit_usd); nodes reserve each request's maximum cost against it before forwarding and answer 429 insufficient_quota when it is spent", None, "200"),

@@ -8,7 +8,7 @@
 //! one that crashes strands its unspent lease until the period ends (under-use, never
 //! overshoot).
 
-use aigw_wire::{CapPeriod, CapRecord, CapScope, PriceRecord};
+use aigw_wire::{CapPeriod, CapRecord, CapScope, LimitRecord, PriceRecord};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -40,8 +40,11 @@ pub struct Cap {
     pub limit_usd: f64,
     /// The current period's first day (`YYYY-MM-DD`, UTC; lifetime caps: `1970-01-01`).
     pub period_start: String,
-    /// What nodes reported spending in the current period (as priced when reported).
-    pub spent_usd: f64,
+    /// What nodes reported spending in the current period (as priced when reported);
+    /// absent when the tenant drops the usage field that tells whose spend it was
+    /// (`key_id` for a key's cap, `sub_account_id` for a sub-account's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spent_usd: Option<f64>,
     /// Budget leased to nodes for the current period: the most they can spend in it.
     pub leased_usd: f64,
     pub updated_at: i64,
@@ -161,6 +164,40 @@ pub(super) fn price_records(
     Ok(out)
 }
 
+/// Sub-accounts' rate limits as nodes hold them: every sub-account with a limit, or the
+/// one with this id (`None` when it has none, so nodes drop it).
+pub(super) fn limit_records(
+    c: &Connection,
+    id: Option<&str>,
+) -> Result<Vec<LimitRecord>, StoreError> {
+    let sql = "SELECT id, tenant_id, requests_per_minute, tokens_per_minute FROM sub_accounts
+               WHERE (requests_per_minute > 0 OR tokens_per_minute > 0)";
+    let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<LimitRecord> {
+        Ok(LimitRecord {
+            id: r.get(0)?,
+            tenant_id: r.get(1)?,
+            requests_per_minute: r.get::<_, i64>(2)?.max(0) as u64,
+            tokens_per_minute: r.get::<_, i64>(3)?.max(0) as u64,
+        })
+    };
+    let mut out = Vec::new();
+    match id {
+        None => {
+            let mut st = c.prepare(sql)?;
+            for r in st.query_map([], row)? {
+                out.push(r?);
+            }
+        }
+        Some(id) => {
+            let mut st = c.prepare(&format!("{sql} AND id = ?1"))?;
+            if let Some(r) = st.query_row(params![id], row).optional()? {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The sub-accounts above `sub_account`, nearest first.
 pub(super) fn parents(c: &Connection, sub_account: &str) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
@@ -211,6 +248,24 @@ fn spent(c: &Connection, cap: &CapRecord, from: u64, to: Option<u64>) -> Result<
     Ok(sum.unwrap_or(0))
 }
 
+/// Whether the tenant drops the usage field a cap's spend is found by.
+fn unattributed(c: &Connection, cap: &CapRecord) -> Result<bool, StoreError> {
+    let field = match cap.scope {
+        CapScope::Tenant => return Ok(false),
+        CapScope::Key => "key_id",
+        CapScope::SubAccount => "sub_account_id",
+    };
+    let mask: i64 = c
+        .query_row(
+            "SELECT usage_dropped FROM tenants WHERE id = ?1",
+            params![cap.tenant_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    Ok(super::usage::dropped_fields(mask).contains(&field))
+}
+
 fn view(c: &Connection, cap: &CapRecord, updated_at: i64) -> Result<Cap, StoreError> {
     let period = current(cap.period);
     let (from, to) = cap.period.days(period);
@@ -227,7 +282,11 @@ fn view(c: &Connection, cap: &CapRecord, updated_at: i64) -> Result<Cap, StoreEr
         period: cap.period.name().into(),
         limit_usd: usd(cap.limit_micros as i64),
         period_start: day_text(from),
-        spent_usd: usd(spent(c, cap, from, to)?),
+        spent_usd: if unattributed(c, cap)? {
+            None
+        } else {
+            Some(usd(spent(c, cap, from, to)?))
+        },
         leased_usd: usd(leased.unwrap_or(0)),
         updated_at,
     })
@@ -317,6 +376,57 @@ impl Store {
     }
 
     /// A tenant's caps, with their current periods' spend and leases.
+    /// Sets a sub-account's rate limits, which cover every key in its subtree (audited;
+    /// pushed to every node of the tenant; 0 is no limit).
+    pub fn set_sub_account_rate_limits(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        sub_account: &str,
+        limits: super::RateLimitsView,
+    ) -> Result<super::RateLimitsView, StoreError> {
+        const MAX: u64 = 1 << 40;
+        if limits.requests_per_minute > MAX || limits.tokens_per_minute > MAX {
+            return Err(StoreError::Invalid(format!(
+                "rate_limits: at most {MAX} per minute"
+            )));
+        }
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE sub_accounts SET requests_per_minute = ?3, tokens_per_minute = ?4
+                 WHERE id = ?1 AND tenant_id = ?2",
+                params![
+                    sub_account,
+                    tenant,
+                    limits.requests_per_minute as i64,
+                    limits.tokens_per_minute as i64
+                ],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound("sub-account"));
+            }
+            let none = limits.requests_per_minute == 0 && limits.tokens_per_minute == 0;
+            change(
+                tx,
+                "limit",
+                sub_account,
+                if none { "delete" } else { "upsert" },
+            )?;
+            audit(
+                tx,
+                actor,
+                "sub_account.rate_limits",
+                sub_account,
+                serde_json::json!({
+                    "tenant_id": tenant,
+                    "requests_per_minute": limits.requests_per_minute,
+                    "tokens_per_minute": limits.tokens_per_minute,
+                }),
+            )?;
+            Ok(limits)
+        })
+    }
+
     pub fn caps(&self, tenant: &str) -> Result<Vec<Cap>, StoreError> {
         self.read(|c| {
             super::tenant_exists(c, tenant)?;

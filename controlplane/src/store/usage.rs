@@ -118,6 +118,54 @@ fn leaked(
     Ok(())
 }
 
+/// Usage fields a tenant may have dropped before its usage is stored: dimensions (stored
+/// empty, so usage of every key / model / sub-account is merged) and measures (not
+/// stored). Requests, input and output tokens and cost stay: they are what is billed and
+/// what spend caps count.
+pub(super) const DROPPABLE: [&str; 8] = [
+    "key_id",
+    "model",
+    "sub_account_id",
+    "latency",
+    "ttfb",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+];
+
+/// The bit of a droppable field in a stored row's `dropped` mask.
+fn drop_bit(field: &str) -> i64 {
+    DROPPABLE
+        .iter()
+        .position(|f| *f == field)
+        .map_or(0, |i| 1 << i)
+}
+
+/// Checks an operator's list of fields to drop; the mask it stands for.
+pub(super) fn drop_mask(fields: &[String]) -> Result<i64, StoreError> {
+    let mut mask = 0;
+    for f in fields {
+        let bit = drop_bit(f);
+        if bit == 0 {
+            return Err(StoreError::Invalid(format!(
+                "drop: {f:?} is not a field that can be dropped (one of {})",
+                DROPPABLE.join(", ")
+            )));
+        }
+        mask |= bit;
+    }
+    Ok(mask)
+}
+
+/// The field names of a mask, in [`DROPPABLE`]'s order.
+pub(super) fn dropped_fields(mask: i64) -> Vec<&'static str> {
+    DROPPABLE
+        .iter()
+        .filter(|f| mask & drop_bit(f) != 0)
+        .copied()
+        .collect()
+}
+
 /// A dimension usage can be grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dim {
@@ -183,16 +231,21 @@ impl Quantiles {
 /// One group's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageRow {
-    /// The group's values, by dimension (`day`, `key_id`, `model`, `sub_account_id`).
+    /// The group's values, by dimension (`day`, `key_id`, `model`, `sub_account_id`); a
+    /// dimension the tenant drops is absent.
     #[serde(flatten)]
     pub group: BTreeMap<&'static str, Option<String>>,
     pub requests: u64,
     pub errors: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub cache_write_tokens: u64,
-    pub reasoning_tokens: u64,
+    /// Absent when the tenant drops the field (for every day in the group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
     /// Requests whose tokens were estimated (the provider never reported them).
     pub estimated_requests: u64,
     /// From the prices held when the usage arrived.
@@ -200,8 +253,10 @@ pub struct UsageRow {
     /// Requests of models with no price (global or the tenant's) when they arrived: not in
     /// `cost_usd`.
     pub unpriced_requests: u64,
-    pub latency_ms: Quantiles,
-    pub ttfb_ms: Quantiles,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Quantiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttfb_ms: Option<Quantiles>,
 }
 
 /// `YYYY-MM-DD` for a day number.
@@ -224,11 +279,23 @@ pub fn parse_day(s: &str) -> Option<u64> {
     u64::try_from(i64::from(date.to_julian_day()) - UNIX_EPOCH_JULIAN_DAY).ok()
 }
 
-#[derive(Default)]
 struct Agg {
     counts: [u64; 10],
     latency: Sketch,
     ttfb: Sketch,
+    /// Fields dropped in every row of the group.
+    dropped: i64,
+}
+
+impl Default for Agg {
+    fn default() -> Self {
+        Self {
+            counts: [0; 10],
+            latency: Sketch::default(),
+            ttfb: Sketch::default(),
+            dropped: !0,
+        }
+    }
 }
 
 impl Store {
@@ -249,7 +316,8 @@ impl Store {
                 return Ok(false);
             }
             let mut owner = tx.prepare_cached(
-                "SELECT tenant_id, sub_account_id, environment FROM api_keys WHERE key_id = ?1",
+                "SELECT k.tenant_id, k.sub_account_id, k.environment, t.usage_dropped
+                 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = ?1",
             )?;
             let mut held = tx.prepare_cached(
                 "SELECT latency, ttfb FROM usage_daily WHERE day = ?1 AND key_id = ?2 AND model = ?3",
@@ -257,9 +325,10 @@ impl Store {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO usage_daily (day, key_id, model, tenant_id, sub_account_id, requests, errors,
                     input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens,
-                    estimated_requests, cost_micros, latency, ttfb, unpriced_requests)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                    estimated_requests, cost_micros, latency, ttfb, unpriced_requests, dropped)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
                  ON CONFLICT (day, key_id, model) DO UPDATE SET
+                    dropped = dropped & excluded.dropped,
                     requests = requests + excluded.requests,
                     errors = errors + excluded.errors,
                     input_tokens = input_tokens + excluded.input_tokens,
@@ -274,12 +343,13 @@ impl Store {
                     ttfb = excluded.ttfb",
             )?;
             for e in entries {
-                let Some((tenant, sub_account, environment)) = owner
+                let Some((tenant, sub_account, environment, dropped)) = owner
                     .query_row(params![e.key_id], |r| {
                         Ok((
                             r.get::<_, String>(0)?,
                             r.get::<_, Option<String>>(1)?,
                             r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)?,
                         ))
                     })
                     .optional()?
@@ -297,9 +367,19 @@ impl Store {
                     Some(r) => (r.cost_micros(e), 0),
                     None => (0, e.requests),
                 };
-                let (mut latency, mut ttfb) = (e.latency.clone(), e.ttfb.clone());
+                // What the tenant drops is not stored: dimensions are stored empty (merging
+                // every key's, model's or sub-account's usage), measures as nothing.
+                let gone = |f| dropped & drop_bit(f) != 0;
+                let key_id = if gone("key_id") { "" } else { e.key_id.as_str() };
+                let model = if gone("model") { "" } else { e.model.as_str() };
+                let sub_account = if gone("sub_account_id") { None } else { sub_account };
+                let measure = |f, v: u64| if gone(f) { 0 } else { v };
+                let (mut latency, mut ttfb) = (
+                    if gone("latency") { Sketch::default() } else { e.latency.clone() },
+                    if gone("ttfb") { Sketch::default() } else { e.ttfb.clone() },
+                );
                 if let Some((l, t)) = held
-                    .query_row(params![n(e.day), e.key_id, e.model], |r| {
+                    .query_row(params![n(e.day), key_id, model], |r| {
                         Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
                     })
                     .optional()?
@@ -309,22 +389,23 @@ impl Store {
                 }
                 upsert.execute(params![
                     n(e.day),
-                    e.key_id,
-                    e.model,
+                    key_id,
+                    model,
                     tenant,
                     sub_account,
                     n(e.requests),
                     n(e.errors),
                     n(e.input_tokens),
                     n(e.output_tokens),
-                    n(e.cached_input_tokens),
-                    n(e.cache_write_tokens),
-                    n(e.reasoning_tokens),
+                    n(measure("cached_input_tokens", e.cached_input_tokens)),
+                    n(measure("cache_write_tokens", e.cache_write_tokens)),
+                    n(measure("reasoning_tokens", e.reasoning_tokens)),
                     n(e.estimated_requests),
                     n(cost),
                     latency.to_bytes(),
                     ttfb.to_bytes(),
                     n(unpriced),
+                    dropped,
                 ])?;
             }
             tx.execute(
@@ -373,6 +454,50 @@ impl Store {
         })
     }
 
+    /// Sets the usage fields a tenant has dropped before its usage is stored (from now on;
+    /// what was stored stays). Audited.
+    pub fn set_usage_dropped(
+        &self,
+        actor: &super::Actor,
+        tenant_id: &str,
+        fields: &[String],
+    ) -> Result<Vec<&'static str>, StoreError> {
+        let mask = drop_mask(fields)?;
+        self.with_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE tenants SET usage_dropped = ?2 WHERE id = ?1",
+                params![tenant_id, mask],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound("tenant"));
+            }
+            let dropped = dropped_fields(mask);
+            super::audit(
+                tx,
+                actor,
+                "tenant.usage_dropped",
+                tenant_id,
+                serde_json::json!({ "drop": dropped }),
+            )?;
+            Ok(dropped)
+        })
+    }
+
+    /// The usage fields a tenant drops.
+    pub fn usage_dropped(&self, tenant_id: &str) -> Result<Vec<&'static str>, StoreError> {
+        self.read(|c| {
+            let mask: i64 = c
+                .query_row(
+                    "SELECT usage_dropped FROM tenants WHERE id = ?1",
+                    params![tenant_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or(StoreError::NotFound("tenant"))?;
+            Ok(dropped_fields(mask))
+        })
+    }
+
     /// A tenant's usage, grouped as asked, groups in order.
     pub fn usage(&self, tenant_id: &str, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
         if q.to_day < q.from_day {
@@ -413,16 +538,17 @@ impl Store {
             let mut stmt = c.prepare(
                 "SELECT day, key_id, model, sub_account_id, requests, errors, input_tokens, output_tokens,
                         cached_input_tokens, cache_write_tokens, reasoning_tokens, estimated_requests,
-                        cost_micros, unpriced_requests, latency, ttfb
+                        cost_micros, unpriced_requests, latency, ttfb, dropped
                  FROM usage_daily WHERE tenant_id = ?1 AND day BETWEEN ?2 AND ?3",
             )?;
             let mut rows = stmt.query(params![tenant_id, n(q.from_day), n(q.to_day)])?;
-            let mut groups: BTreeMap<Vec<Option<String>>, Agg> = BTreeMap::new();
+            let mut groups: BTreeMap<Vec<Option<Option<String>>>, Agg> = BTreeMap::new();
             while let Some(r) = rows.next()? {
                 let day: i64 = r.get(0)?;
                 let key_id: String = r.get(1)?;
                 let model: String = r.get(2)?;
                 let sub_account: Option<String> = r.get(3)?;
+                let dropped: i64 = r.get(16)?;
                 if let Some(tree) = &subtree {
                     if !sub_account.as_ref().is_some_and(|s| tree.contains(s)) {
                         continue;
@@ -433,17 +559,24 @@ impl Store {
                 {
                     continue;
                 }
-                let group: Vec<Option<String>> = q
+                // Outer `None`: the dimension was dropped (absent from the answer).
+                let group: Vec<Option<Option<String>>> = q
                     .group_by
                     .iter()
-                    .map(|d| match d {
-                        Dim::Day => Some(day_name(u64::try_from(day).unwrap_or(0))),
-                        Dim::Key => Some(key_id.clone()),
-                        Dim::Model => Some(model.clone()),
-                        Dim::SubAccount => sub_account.clone(),
+                    .map(|d| {
+                        if dropped & drop_bit(d.field()) != 0 {
+                            return None;
+                        }
+                        Some(match d {
+                            Dim::Day => Some(day_name(u64::try_from(day).unwrap_or(0))),
+                            Dim::Key => Some(key_id.clone()),
+                            Dim::Model => Some(model.clone()),
+                            Dim::SubAccount => sub_account.clone(),
+                        })
                     })
                     .collect();
                 let agg = groups.entry(group).or_default();
+                agg.dropped &= dropped;
                 for (i, c) in agg.counts.iter_mut().enumerate() {
                     *c += u64::try_from(r.get::<_, i64>(4 + i)?).unwrap_or(0);
                 }
@@ -455,20 +588,28 @@ impl Store {
                 .map(|(values, a)| {
                     let [requests, errors, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, estimated_requests, cost_micros, unpriced_requests] =
                         a.counts;
+                    let kept = |f: &str| a.dropped & drop_bit(f) == 0;
                     UsageRow {
-                        group: q.group_by.iter().map(|d| d.field()).zip(values).collect(),
+                        group: q
+                            .group_by
+                            .iter()
+                            .map(|d| d.field())
+                            .zip(values)
+                            .filter_map(|(f, v)| Some((f, v?)))
+                            .collect(),
                         requests,
                         errors,
                         input_tokens,
                         output_tokens,
-                        cached_input_tokens,
-                        cache_write_tokens,
-                        reasoning_tokens,
+                        cached_input_tokens: kept("cached_input_tokens")
+                            .then_some(cached_input_tokens),
+                        cache_write_tokens: kept("cache_write_tokens").then_some(cache_write_tokens),
+                        reasoning_tokens: kept("reasoning_tokens").then_some(reasoning_tokens),
                         estimated_requests,
                         cost_usd: cost_micros as f64 / 1e6,
                         unpriced_requests,
-                        latency_ms: Quantiles::of(&a.latency),
-                        ttfb_ms: Quantiles::of(&a.ttfb),
+                        latency_ms: kept("latency").then(|| Quantiles::of(&a.latency)),
+                        ttfb_ms: kept("ttfb").then(|| Quantiles::of(&a.ttfb)),
                     }
                 })
                 .collect())
@@ -626,7 +767,12 @@ mod tests {
         let by_model = all(vec![Dim::Model], None);
         assert_eq!(by_model.len(), 3);
         assert_eq!(by_model[0].group["model"].as_deref(), Some("claude"));
-        let p50 = by_model[1].latency_ms.p50.expect("p50");
+        let p50 = by_model[1]
+            .latency_ms
+            .as_ref()
+            .expect("latency kept")
+            .p50
+            .expect("p50");
         assert!((p50 - 200.0).abs() <= 200.0 * 0.02, "{p50}");
         // The team's analytics include its squad; not the other sub-account, nor keys
         // outside any.

@@ -24,7 +24,7 @@ pub use routing::{
     GUARDRAIL_ENTITIES,
 };
 pub use rules::{NonRetention, ProviderKind};
-pub use spend::{CapPeriod, CapRecord, CapScope, PriceRecord};
+pub use spend::{CapPeriod, CapRecord, CapScope, LimitRecord, PriceRecord};
 
 #[cfg(test)]
 mod tests {
@@ -216,6 +216,14 @@ mod tests {
                     cache_write: r[3],
                 })
             ),
+            ("[a-z0-9_]{1,12}", any::<u64>(), any::<u64>()).prop_map(|(id, rpm, tpm)| {
+                Record::Limit(LimitRecord {
+                    id,
+                    tenant_id: "t".into(),
+                    requests_per_minute: rpm,
+                    tokens_per_minute: tpm,
+                })
+            }),
         ]
     }
 

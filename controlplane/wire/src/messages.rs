@@ -9,7 +9,7 @@ use crate::codec::{
     within_expansion, Codec, InvalidMessage, Reader,
 };
 use crate::routing::{PolicyRecord, RouteRecord, UpstreamRecord};
-use crate::spend::{CapRecord, PriceRecord};
+use crate::spend::{CapRecord, LimitRecord, PriceRecord};
 
 /// Bumped only for changes an older peer cannot skip over.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -62,6 +62,7 @@ pub enum Record {
     Policy(PolicyRecord),
     Cap(CapRecord),
     Price(PriceRecord),
+    Limit(LimitRecord),
     /// A record kind from a newer peer: kept opaque (and re-encoded verbatim), ignored.
     Unknown {
         kind: u64,
@@ -292,6 +293,7 @@ pub mod kinds {
     pub const POLICY: u64 = 4;
     pub const CAP: u64 = 5;
     pub const PRICE: u64 = 6;
+    pub const LIMIT: u64 = 7;
 }
 
 impl Codec for KeyStatus {
@@ -417,6 +419,7 @@ impl Record {
             Self::Policy(_) => kinds::POLICY,
             Self::Cap(_) => kinds::CAP,
             Self::Price(_) => kinds::PRICE,
+            Self::Limit(_) => kinds::LIMIT,
             Self::Unknown { kind, .. } => *kind,
         }
     }
@@ -431,6 +434,7 @@ impl Record {
             Self::Policy(p) => &p.id,
             Self::Cap(c) => &c.id,
             Self::Price(p) => &p.id,
+            Self::Limit(l) => &l.id,
             Self::Unknown { .. } => "",
         }
     }
@@ -445,6 +449,7 @@ impl Codec for Record {
             Self::Policy(p) => put_field(out, kinds::POLICY, |o| p.encode(o)),
             Self::Cap(c) => put_field(out, kinds::CAP, |o| c.encode(o)),
             Self::Price(p) => put_field(out, kinds::PRICE, |o| p.encode(o)),
+            Self::Limit(l) => put_field(out, kinds::LIMIT, |o| l.encode(o)),
             Self::Unknown { kind, body } => put_field(out, *kind, |o| o.extend_from_slice(body)),
         }
     }
@@ -458,6 +463,7 @@ impl Codec for Record {
             kinds::POLICY => Self::Policy(PolicyRecord::from_bytes(body)?),
             kinds::CAP => Self::Cap(CapRecord::from_bytes(body)?),
             kinds::PRICE => Self::Price(PriceRecord::from_bytes(body)?),
+            kinds::LIMIT => Self::Limit(LimitRecord::from_bytes(body)?),
             other => Self::Unknown {
                 kind: other,
                 body: body.to_vec(),

@@ -312,3 +312,43 @@ mod tests {
         assert_eq!(PriceRecord::from_bytes(&price.to_bytes()).unwrap(), price);
     }
 }
+
+/// A sub-account's rate limits, covering every key in its subtree (0: no limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitRecord {
+    /// The sub-account's id.
+    pub id: String,
+    pub tenant_id: String,
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+}
+
+impl Codec for LimitRecord {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, 1, &self.id);
+        put_str(out, 2, &self.tenant_id);
+        put_nonzero(out, 3, self.requests_per_minute);
+        put_nonzero(out, 4, self.tokens_per_minute);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
+        let (mut id, mut tenant_id) = (None, None);
+        let (mut rpm, mut tpm) = (0, 0);
+        while !r.is_empty() {
+            let (tag, body) = r.field()?;
+            match tag {
+                1 => id = Some(get_str(body)?),
+                2 => tenant_id = Some(get_str(body)?),
+                3 => rpm = get_u64(tag, body)?,
+                4 => tpm = get_u64(tag, body)?,
+                _ => {}
+            }
+        }
+        Ok(Self {
+            id: required(id, 1)?,
+            tenant_id: required(tenant_id, 2)?,
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+        })
+    }
+}

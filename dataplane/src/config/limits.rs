@@ -7,6 +7,8 @@
 //! key has room for at least one token, and its tokens are then charged in full, so a key
 //! over its token budget waits until the budget has refilled).
 //!
+//! A sub-account's limits have cells of their own, shared by every key below it.
+//!
 //! Limits are per node: with several nodes a key gets up to its limit on each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +99,16 @@ impl Cell {
         })
     }
 
+    /// Gives back `cost` units taken (a request refused at another level).
+    pub fn give_back(&self, per_minute: u64, cost: u64) {
+        let t = Self::interval(per_minute);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(old.saturating_sub(t.saturating_mul(cost)))
+            });
+    }
+
     /// Charges `cost` units, whether or not they fit.
     pub fn charge(&self, per_minute: u64, cost: u64, now: u64) {
         let t = Self::interval(per_minute);
@@ -158,6 +170,19 @@ mod tests {
         t.charge(100, 250, now);
         let full = t.peek(100, now).expect_err("over budget");
         assert_eq!(full.retry_after_ns, 151 * 600_000_000);
+    }
+
+    #[test]
+    fn what_is_given_back_can_be_taken_again() {
+        let c = Cell::default();
+        let now = 1_000;
+        for _ in 0..3 {
+            c.take(3, 1, now).expect("within the burst");
+        }
+        assert!(c.take(3, 1, now).is_err());
+        c.give_back(3, 1);
+        assert_eq!(c.take(3, 1, now).expect("given back").remaining, 0);
+        assert!(c.take(3, 1, now).is_err());
     }
 
     #[test]

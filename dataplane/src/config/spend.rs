@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aigw_wire::{CapPeriod, CapRecord, CapScope, PriceRecord};
+use aigw_wire::{CapPeriod, CapRecord, CapScope, LimitRecord, PriceRecord, RateLimits};
 use event_listener::Event;
 
 /// Prices in millionths of a US dollar per million tokens.
@@ -57,11 +57,14 @@ pub struct Cap {
     pub limit_micros: u64,
 }
 
-/// Caps and prices at one revision.
+/// Caps, prices and sub-accounts' rate limits at one revision.
 #[derive(Debug, Default)]
 pub struct Spend {
     caps: BTreeMap<String, CapRecord>,
     prices: BTreeMap<String, PriceRecord>,
+    limits: BTreeMap<String, LimitRecord>,
+    /// Sub-account id → its rate limits (as `Arc<str>`, the limiter's name).
+    sub_limits: HashMap<String, (Arc<str>, RateLimits)>,
     by_tenant: HashMap<String, Vec<Arc<Cap>>>,
     by_sub_account: HashMap<String, Vec<Arc<Cap>>>,
     by_key: HashMap<String, Vec<Arc<Cap>>>,
@@ -70,8 +73,25 @@ pub struct Spend {
 }
 
 impl Spend {
-    pub fn new(caps: BTreeMap<String, CapRecord>, prices: BTreeMap<String, PriceRecord>) -> Self {
+    pub fn new(
+        caps: BTreeMap<String, CapRecord>,
+        prices: BTreeMap<String, PriceRecord>,
+        limits: BTreeMap<String, LimitRecord>,
+    ) -> Self {
         let mut s = Spend::default();
+        for l in limits.values() {
+            s.sub_limits.insert(
+                l.id.clone(),
+                (
+                    Arc::from(format!("sub_account/{}", l.id)),
+                    RateLimits {
+                        requests_per_minute: l.requests_per_minute,
+                        tokens_per_minute: l.tokens_per_minute,
+                    },
+                ),
+            );
+        }
+        s.limits = limits;
         for c in caps.values() {
             let cap = Arc::new(Cap {
                 id: Arc::from(c.id.as_str()),
@@ -135,6 +155,23 @@ impl Spend {
         out
     }
 
+    /// The rate limits of a key's sub-account and of every sub-account above it (each
+    /// with its limiter's name), empty for most keys.
+    pub fn sub_account_limits(
+        &self,
+        sub_account: Option<&str>,
+        parents: &[Arc<str>],
+    ) -> Vec<(Arc<str>, RateLimits)> {
+        if self.sub_limits.is_empty() {
+            return Vec::new();
+        }
+        sub_account
+            .into_iter()
+            .chain(parents.iter().map(|p| &**p))
+            .filter_map(|id| self.sub_limits.get(id).cloned())
+            .collect()
+    }
+
     /// `tenant`'s price of `model`: its own, else the global one.
     pub fn rates(&self, tenant: &str, model: &str) -> Option<Rates> {
         self.rates
@@ -150,6 +187,11 @@ impl Spend {
             .cloned()
             .map(aigw_wire::Record::Cap)
             .chain(self.prices.values().cloned().map(aigw_wire::Record::Price))
+            .chain(self.limits.values().cloned().map(aigw_wire::Record::Limit))
+    }
+
+    pub fn limit_records(&self) -> &BTreeMap<String, LimitRecord> {
+        &self.limits
     }
 
     pub fn cap_records(&self) -> &BTreeMap<String, CapRecord> {

@@ -210,6 +210,10 @@ impl LocalConfig {
                 .env(&entry.tenant_id, entry.environment)
                 .cloned(),
             rate_limits: entry.rate_limits,
+            sub_account_limits: table.routing.spend.sub_account_limits(
+                entry.sub_account_id.as_deref(),
+                entry.sub_account_parents.as_deref().unwrap_or_default(),
+            ),
             caps: table.routing.spend.caps_for(
                 &entry.tenant_id,
                 entry.sub_account_id.as_deref(),

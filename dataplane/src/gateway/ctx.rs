@@ -27,6 +27,9 @@ pub struct Identity {
     pub routes: Option<Arc<EnvRoutes>>,
     /// The key's rate limits (0 = none).
     pub rate_limits: aigw_wire::RateLimits,
+    /// The rate limits of the key's sub-account and those above it, each with its
+    /// limiter's name (empty for most keys).
+    pub sub_account_limits: Vec<(Arc<str>, aigw_wire::RateLimits)>,
     /// The spend caps covering the key (empty for most keys).
     pub caps: Vec<Arc<crate::config::spend::Cap>>,
     /// Caps and prices, when `caps` is not empty.

@@ -301,15 +301,7 @@ fn change_sets_order_upstreams_before_the_routes_that_name_them() {
 }
 
 fn record_id_of(r: &Record) -> String {
-    match r {
-        Record::Key(k) => k.key_id.clone(),
-        Record::Upstream(u) => u.id.clone(),
-        Record::Route(r) => r.id.clone(),
-        Record::Policy(p) => p.id.clone(),
-        Record::Cap(c) => c.id.clone(),
-        Record::Price(p) => p.id.clone(),
-        Record::Unknown { .. } => String::new(),
-    }
+    r.id().to_string()
 }
 
 #[test]

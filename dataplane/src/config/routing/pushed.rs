@@ -46,7 +46,7 @@ pub struct Routing {
     upstreams: BTreeMap<String, (UpstreamRecord, Built)>,
     routes: BTreeMap<String, RouteRecord>,
     policies: BTreeMap<String, PolicyRecord>,
-    /// Spend caps and prices.
+    /// Spend caps, prices and sub-accounts' rate limits.
     pub spend: Arc<crate::config::spend::Spend>,
     envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
     all: Vec<Arc<Upstream>>,
@@ -57,7 +57,7 @@ pub struct Routing {
 pub fn is_routing_kind(kind: u64) -> bool {
     matches!(
         kind,
-        kinds::UPSTREAM | kinds::ROUTE | kinds::POLICY | kinds::CAP | kinds::PRICE
+        kinds::UPSTREAM | kinds::ROUTE | kinds::POLICY | kinds::CAP | kinds::PRICE | kinds::LIMIT
     )
 }
 
@@ -136,6 +136,7 @@ impl Routing {
         let mut policies = self.policies.clone();
         let mut caps = self.spend.cap_records().clone();
         let mut prices = self.spend.price_records().clone();
+        let mut limits = self.spend.limit_records().clone();
         let mut spend_changed = false;
         for r in upserts {
             match r {
@@ -156,6 +157,10 @@ impl Routing {
                     spend_changed = true;
                     prices.insert(p.id.clone(), p);
                 }
+                Record::Limit(l) => {
+                    spend_changed = true;
+                    limits.insert(l.id.clone(), l);
+                }
                 Record::Key(_) | Record::Unknown { .. } => {}
             }
         }
@@ -172,6 +177,7 @@ impl Routing {
                 }
                 kinds::CAP => spend_changed |= caps.remove(&t.id).is_some(),
                 kinds::PRICE => spend_changed |= prices.remove(&t.id).is_some(),
+                kinds::LIMIT => spend_changed |= limits.remove(&t.id).is_some(),
                 _ => {}
             }
         }
@@ -306,7 +312,7 @@ impl Routing {
             .cloned()
             .collect();
         let spend = if spend_changed {
-            Arc::new(crate::config::spend::Spend::new(caps, prices))
+            Arc::new(crate::config::spend::Spend::new(caps, prices, limits))
         } else {
             Arc::clone(&self.spend)
         };
