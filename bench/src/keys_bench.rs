@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 /// A minimal HTTP/1.1 exchange (Connection: close) returning status and JSON body.
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -59,7 +59,7 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     d
 }
 
-fn start_cp(dir: &std::path::Path) -> anyhow::Result<controlplane::Running> {
+pub(crate) fn start_cp(dir: &std::path::Path) -> anyhow::Result<controlplane::Running> {
     controlplane::start(controlplane::Options {
         data_dir: dir.to_path_buf(),
         api_listen: "127.0.0.1:0".parse()?,

@@ -7,7 +7,9 @@
 //! - `stream-mock`: the streaming provider `stream` runs (see `sse_mock.rs`); `mock`: the
 //!   data plane's demo provider, which `run` uses;
 //! - `revocation` and `snapshot`: key propagation against a real control plane
-//!   (`keys_bench.rs`).
+//!   (`keys_bench.rs`);
+//! - `controls`: the CPU per request metering, spend caps and rate limits add to the data
+//!   plane, against a real control plane (`controls_bench.rs`).
 //!
 //! `run` measures the provider directly, nginx `proxy_pass` (one worker, upstream
 //! keepalive) and the data plane (one worker), with the same mock provider and the same
@@ -37,6 +39,7 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 
+mod controls_bench;
 mod harness;
 mod keys_bench;
 mod netio;
@@ -83,6 +86,9 @@ enum Cmd {
     },
     /// Run the comparison and print a report.
     Run(wrk_run::RunOpts),
+    /// CPU per request of the data plane with a plain metered key, with a key under a spend
+    /// cap and rate limits, and with no keys (static configuration), interleaved.
+    Controls(controls_bench::ControlsOpts),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,5 +101,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Revocation { keys, revocations } => keys_bench::revocation(keys, revocations),
         Cmd::Snapshot { keys } => keys_bench::snapshot(keys),
         Cmd::Run(opts) => wrk_run::run(&opts),
+        Cmd::Controls(opts) => controls_bench::controls(&opts),
     }
 }

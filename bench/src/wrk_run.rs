@@ -42,9 +42,14 @@ pub(crate) struct RunOpts {
 
 /// One request with the wrk body, to check a target answers correctly before loading it.
 fn probe(addr: SocketAddr) -> anyhow::Result<()> {
+    probe_with_key(addr, "sk-bench")
+}
+
+/// [`probe`], presenting `key`.
+pub(crate) fn probe_with_key(addr: SocketAddr, key: &str) -> anyhow::Result<()> {
     let body = r#"{"model":"bench-model","messages":[{"role":"user","content":"probe"}]}"#;
     let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nAuthorization: Bearer sk-bench\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut s = TcpStream::connect(addr)?;
@@ -85,12 +90,32 @@ fn parse_duration_us(s: &str) -> Option<f64> {
 }
 
 fn run_wrk(opts: &RunOpts, target: SocketAddr) -> anyhow::Result<(u64, f64, f64, f64)> {
+    let script = bench_dir().join("chat.lua");
+    wrk(
+        opts.load_core,
+        opts.connections,
+        opts.duration,
+        &script,
+        target,
+    )
+}
+
+/// wrk on `load_core` with the Lua `script` against `target`'s chat completions for
+/// `duration` seconds: (requests, requests per second, p50 µs, p99 µs). Fails on any
+/// non-2xx answer or socket error.
+pub(crate) fn wrk(
+    load_core: usize,
+    connections: usize,
+    duration: u64,
+    script: &Path,
+    target: SocketAddr,
+) -> anyhow::Result<(u64, f64, f64, f64)> {
     let out = Command::new("taskset")
-        .args(["-c", &opts.load_core.to_string(), "wrk", "-t1"])
-        .arg(format!("-c{}", opts.connections))
-        .arg(format!("-d{}s", opts.duration))
+        .args(["-c", &load_core.to_string(), "wrk", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{duration}s"))
         .arg("-s")
-        .arg(bench_dir().join("chat.lua"))
+        .arg(script)
         .arg("--latency")
         .arg(format!("http://{target}/v1/chat/completions"))
         .output()

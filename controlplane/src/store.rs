@@ -244,6 +244,10 @@ ALTER TABLE sub_accounts ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0
 ALTER TABLE tenants ADD COLUMN usage_dropped INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE usage_daily ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE policies ADD COLUMN guardrails_fail_open INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE policies ADD COLUMN patterns TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// `meta` rows.

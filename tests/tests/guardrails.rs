@@ -488,3 +488,116 @@ both_drivers!(
         );
     }
 );
+
+both_drivers!(
+    an_answer_that_cannot_be_scanned_is_refused_unless_the_policy_fails_open,
+    |driver| {
+        // An answer that is not text: the scanner cannot read it.
+        let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 6\r\nconnection: close\r\n\r\n".to_vec();
+        raw.extend_from_slice(&[0xff, 0xfe, b'a', 0x00, 0x80, b'z']);
+        let openai = MockProvider::start(MockOptions {
+            default: e2e::mock::Behavior::Raw(raw.clone()),
+            ..Default::default()
+        });
+        let (cp, acme, gw) = answers_guarded(driver, "guardrails-fail-open", &openai);
+        let r = post_with_key(gw.addr(), &acme, "/v1/chat/completions", &chat("hello"));
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "guardrail_unavailable");
+
+        // The tenant chooses to fail open: relayed as it came, and audited.
+        put(
+            &cp,
+            "/v1/tenants/acme/environments/production/policy",
+            json!({"guardrails": {"email": {"responses": "redact"}}, "guardrails_fail_open": true}),
+        );
+        wait_workers(&gw, revision(&cp));
+        let r = post_with_key(gw.addr(), &acme, "/v1/chat/completions", &chat("hello"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, raw[raw.len() - 6..], "relayed unchanged");
+        let unscanned = || {
+            api(&cp, "GET", "/v1/audit?after=0&limit=10000", None).json()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| {
+                    r["action"] == "guardrail.unscanned" && r["detail"]["direction"] == "response"
+                })
+        };
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), unscanned),
+            "failing open is audited"
+        );
+        let policy = api(
+            &cp,
+            "GET",
+            "/v1/tenants/acme/environments/production/policy",
+            None,
+        );
+        assert_eq!(
+            policy.json()["guardrails_fail_open"],
+            true,
+            "{}",
+            policy.text()
+        );
+    }
+);
+
+both_drivers!(a_tenants_own_patterns_are_redacted_or_blocked, |driver| {
+    let openai = MockProvider::start(MockOptions::default());
+    let cp = cp_start(
+        scratch_dir(&format!("guardrails-patterns-{driver:?}")),
+        "127.0.0.1:0",
+    );
+    tenant(&cp, "acme", "enterprise");
+    route_env(&cp, "acme", "production", &openai);
+    route_env(&cp, "acme", "staging", &openai);
+    let policy = |env: &str| format!("/v1/tenants/acme/environments/{env}/policy");
+    // A pattern no parser reads is refused, naming it.
+    let r = api(
+        &cp,
+        "PUT",
+        &policy("production"),
+        Some(json!({"patterns": ["ok", "(unclosed"], "guardrails": {"custom": "redact"}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("patterns[1]"), "{}", r.text());
+    put(
+        &cp,
+        &policy("production"),
+        json!({"patterns": [r"PROJ-[0-9]{4}", r"acct#[a-z]{3,8}"], "guardrails": {"custom": "redact"}}),
+    );
+    put(
+        &cp,
+        &policy("staging"),
+        json!({"patterns": [r"PROJ-[0-9]{4}"], "guardrails": {"custom": {"requests": "block"}}}),
+    );
+    let prod = key(&cp, "acme", "production");
+    let staging = key(&cp, "acme", "staging");
+    let gw = gateway(driver, &cp);
+    wait_workers(&gw, revision(&cp));
+
+    let r = post_with_key(
+        gw.addr(),
+        &prod,
+        "/v1/chat/completions",
+        &chat("see PROJ-1234 and acct#alpha, again PROJ-1234; not PROJ-12"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sent(&openai)["messages"][0]["content"],
+        "see [CUSTOM_1] and [CUSTOM_2], again [CUSTOM_1]; not PROJ-12"
+    );
+    let r = post_with_key(
+        gw.addr(),
+        &staging,
+        "/v1/chat/completions",
+        &chat("ticket PROJ-0042"),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "guardrail_custom");
+    assert_eq!(
+        openai.request_count(),
+        1,
+        "the blocked request was not sent"
+    );
+});

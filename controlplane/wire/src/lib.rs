@@ -176,6 +176,12 @@ mod tests {
                             responses: action(r),
                         })
                         .collect(),
+                    guardrails_fail_open: hipaa && zero_retention,
+                    patterns: if hipaa {
+                        vec!["a[0-9]{2}".into()]
+                    } else {
+                        vec![]
+                    },
                 }
             })
     }

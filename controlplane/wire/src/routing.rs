@@ -75,6 +75,11 @@ pub struct PolicyRecord {
     /// PII and secret guardrails: per entity, what is done in requests and in responses
     /// (an entity not listed is allowed both ways).
     pub guardrails: Vec<GuardrailRecord>,
+    /// When the guardrail scanner cannot run or fails, relay unscanned (and report it)
+    /// instead of refusing.
+    pub guardrails_fail_open: bool,
+    /// The tenant's own patterns (Hyperscan syntax), found as the `custom` entity.
+    pub patterns: Vec<String>,
 }
 
 /// What a guardrail does with an entity it finds.
@@ -133,8 +138,10 @@ pub struct GuardrailRecord {
     pub responses: GuardrailAction,
 }
 
-/// The entities guardrails know.
-pub const GUARDRAIL_ENTITIES: [&str; 7] = ["email", "phone", "card", "ssn", "iban", "ip", "secret"];
+/// The entities guardrails know (`custom`: what the tenant's own patterns find).
+pub const GUARDRAIL_ENTITIES: [&str; 8] = [
+    "email", "phone", "card", "ssn", "iban", "ip", "secret", "custom",
+];
 
 pub(crate) fn flag(tag: u64, body: &[u8]) -> Result<bool, InvalidMessage> {
     match get_u64(tag, body)? {
@@ -338,12 +345,18 @@ impl Codec for PolicyRecord {
                 put_nonzero(o, 3, g.responses.code());
             });
         }
+        put_nonzero(out, 8, u64::from(self.guardrails_fail_open));
+        for p in &self.patterns {
+            put_str(out, 9, p);
+        }
     }
 
     fn read(r: &mut Reader<'_>) -> Result<Self, InvalidMessage> {
         let (mut id, mut tenant_id, mut environment) = (None, None, None);
         let (mut zero_retention, mut region, mut hipaa) = (false, String::new(), false);
         let mut guardrails = Vec::new();
+        let mut guardrails_fail_open = false;
+        let mut patterns = Vec::new();
         while !r.is_empty() {
             let (tag, body) = r.field()?;
             match tag {
@@ -373,6 +386,15 @@ impl Codec for PolicyRecord {
                         responses,
                     });
                 }
+                8 => guardrails_fail_open = flag(tag, body)?,
+                9 => {
+                    crate::codec::within_expansion(
+                        patterns.len() + 1,
+                        std::mem::size_of::<String>(),
+                        r.total_len(),
+                    )?;
+                    patterns.push(get_str(body)?);
+                }
                 _ => {}
             }
         }
@@ -384,6 +406,8 @@ impl Codec for PolicyRecord {
             region,
             hipaa,
             guardrails,
+            guardrails_fail_open,
+            patterns,
         })
     }
 }

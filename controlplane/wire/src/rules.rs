@@ -649,8 +649,27 @@ pub fn check_route(r: &RouteRecord) -> Result<Environment, RuleError> {
 }
 
 /// Every rule on one policy record.
+/// Most patterns of a tenant's own in one policy.
+pub const MAX_POLICY_PATTERNS: usize = 64;
+/// Longest such pattern, bytes.
+pub const MAX_POLICY_PATTERN_LEN: usize = 256;
+
 pub fn check_policy(r: &PolicyRecord) -> Result<Environment, RuleError> {
     let environment = check_owner(&r.tenant_id, &r.environment)?;
+    if r.patterns.len() > MAX_POLICY_PATTERNS {
+        return Err(RuleError::new(
+            "patterns",
+            format!("at most {MAX_POLICY_PATTERNS}"),
+        ));
+    }
+    for (i, p) in r.patterns.iter().enumerate() {
+        if p.is_empty() || p.len() > MAX_POLICY_PATTERN_LEN {
+            return Err(RuleError::new(
+                format!("patterns[{i}]"),
+                format!("1 to {MAX_POLICY_PATTERN_LEN} bytes"),
+            ));
+        }
+    }
     check_region("region", &r.region)?;
     for (i, g) in r.guardrails.iter().enumerate() {
         if !crate::routing::GUARDRAIL_ENTITIES.contains(&g.entity.as_str()) {

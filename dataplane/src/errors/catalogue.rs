@@ -110,6 +110,7 @@ catalogue! {
     GuardrailIban = (400, "guardrail_iban", Downstream, "the request holds an IBAN, which this environment's guardrail blocks"),
     GuardrailIp = (400, "guardrail_ip", Downstream, "the request holds an IP address, which this environment's guardrail blocks"),
     GuardrailSecret = (400, "guardrail_secret", Downstream, "the request holds a secret (an API key, a token, a private key), which this environment's guardrail blocks"),
+    GuardrailCustom = (400, "guardrail_custom", Downstream, "the request holds a match of one of this tenant's own patterns, which this environment's guardrail blocks"),
     GuardrailUnavailable = (503, "guardrail_unavailable", Internal, "the guardrail scanner is unavailable; the request was not sent"),
 
     // Routing.

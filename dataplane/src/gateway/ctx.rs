@@ -88,6 +88,9 @@ pub struct RequestCtx {
     pub redacted: usize,
     /// The entity a guardrail refused the request (or its response) for, and which.
     pub guardrail_blocked: Option<(crate::pii::Entity, &'static str)>,
+    /// Relayed unscanned because the scanner could not run and the policy fails open
+    /// (`request` or `response`), for the audit log.
+    pub guardrail_unscanned: Option<&'static str>,
     /// What the request reserved of its spend caps, settled when it ends.
     pub spend: Option<crate::gateway::spend::Reservation>,
     /// The output limit the request transform adds (a capped request that set none).
@@ -117,6 +120,7 @@ impl RequestCtx {
             leaks: Vec::new(),
             redacted: 0,
             guardrail_blocked: None,
+            guardrail_unscanned: None,
             spend: None,
             inject_limit: None,
         }

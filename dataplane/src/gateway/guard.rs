@@ -63,7 +63,8 @@ pub(crate) fn code(entity: Entity) -> Code {
         Entity::Ssn => Code::GuardrailSsn,
         Entity::Iban => Code::GuardrailIban,
         Entity::Ip => Code::GuardrailIp,
-        Entity::Secret | Entity::Custom => Code::GuardrailSecret,
+        Entity::Secret => Code::GuardrailSecret,
+        Entity::Custom => Code::GuardrailCustom,
     }
 }
 
@@ -75,13 +76,28 @@ pub(crate) fn requests(
     routes: Option<&EnvRoutes>,
     body: &Bytes,
 ) -> Result<Option<Bytes>, ApiError> {
-    let Some(policy) = routes.and_then(|r| r.policy.guardrails.requests) else {
+    let Some(routes) = routes else {
         return Ok(None);
     };
-    let Some(guard) = guard else {
-        return Err(Code::GuardrailUnavailable.into());
+    let guardrails = routes.policy.guardrails;
+    let Some(policy) = guardrails.requests else {
+        return Ok(None);
     };
-    let mut redactor = Redactor::new(guard.scanner, None, policy);
+    // The scanner cannot run: refused, or sent unscanned (and reported) where the policy
+    // fails open.
+    let unscanned = |ctx: &mut RequestCtx| {
+        if guardrails.fail_open {
+            tracing::warn!(id = %ctx.id, "the guardrail scanner could not run; the request was sent unscanned (the policy fails open)");
+            ctx.guardrail_unscanned = Some("request");
+            Ok(None)
+        } else {
+            Err(Code::GuardrailUnavailable.into())
+        }
+    };
+    let Some(guard) = guard else {
+        return unscanned(ctx);
+    };
+    let mut redactor = Redactor::new(guard.scanner, routes.policy.patterns.clone(), policy);
     let result = redactor.redact_json(&mut guard.scratch.borrow_mut(), body);
     match result {
         Ok(out) => {
@@ -94,8 +110,8 @@ pub(crate) fn requests(
         }
         Err(RedactError::Json(_)) => Err(Code::InvalidJson.into()),
         Err(RedactError::Scan(e)) => {
-            tracing::error!(error = %e, "the guardrail scanner failed; request refused");
-            Err(Code::GuardrailUnavailable.into())
+            tracing::error!(error = %e, "the guardrail scanner failed on a request");
+            unscanned(ctx)
         }
     }
 }

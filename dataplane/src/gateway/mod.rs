@@ -263,6 +263,22 @@ impl Service for Gateway {
                 .usage
                 .event("guardrail.block", detail.to_string());
         }
+        if let (Some(direction), Some(id), Some(keys)) =
+            (ctx.guardrail_unscanned, &ctx.identity, &self.keys)
+        {
+            // Failing open is never silent: the tenant's audit log says what went unscanned.
+            let detail = serde_json::json!({
+                "tenant_id": &*id.tenant_id,
+                "environment": id.environment.name(),
+                "key_id": &*id.key_id,
+                "direction": direction,
+                "request_id": ctx.id.to_string(),
+                "model": ctx.model.as_deref(),
+            });
+            keys.shared()
+                .usage
+                .event("guardrail.unscanned", detail.to_string());
+        }
         if ctx.usage.reported {
             self.worker
                 .status

@@ -72,7 +72,7 @@ pub struct Redactor<'a> {
 }
 
 impl<'a> Redactor<'a> {
-    pub fn new(scanner: &'a Scanner, tenant: Option<&'a TenantPatterns>, policy: Policy) -> Self {
+    pub fn new(scanner: &'a Scanner, tenant: Option<TenantPatterns>, policy: Policy) -> Self {
         Self {
             detect: Detect { scanner, tenant },
             policy,

@@ -371,13 +371,23 @@ impl TenantPatterns {
     pub fn max_width(&self) -> usize {
         self.max_width
     }
+
+    /// Whether both are the same compiled database (not merely equal patterns).
+    pub fn same_database(&self, other: &Self) -> bool {
+        match (&self.db, &other.db) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
 }
 
-/// The built-in detectors plus, optionally, a tenant's patterns.
-#[derive(Debug, Clone, Copy)]
+/// The built-in detectors plus, optionally, a tenant's patterns (shared: a clone is a
+/// reference count).
+#[derive(Debug, Clone)]
 pub(crate) struct Detect<'a> {
     pub(crate) scanner: &'a Scanner,
-    pub(crate) tenant: Option<&'a TenantPatterns>,
+    pub(crate) tenant: Option<TenantPatterns>,
 }
 
 impl Detect<'_> {
@@ -387,13 +397,13 @@ impl Detect<'_> {
         // characters (3 bytes at most on either side).
         self.scanner
             .short_width()
-            .max(self.tenant.map_or(0, |t| t.max_width + 6))
+            .max(self.tenant.as_ref().map_or(0, |t| t.max_width + 6))
     }
 
     pub(crate) fn max_width(&self) -> usize {
         self.scanner
             .max_width()
-            .max(self.tenant.map_or(0, |t| t.max_width + 6))
+            .max(self.tenant.as_ref().map_or(0, |t| t.max_width + 6))
     }
 
     /// Every validated candidate in `text`, with offsets shifted by `offset`.
@@ -419,7 +429,7 @@ impl Detect<'_> {
             out,
         );
         scratch.raw = raw;
-        if let Some(db) = self.tenant.and_then(|t| t.db.as_deref()) {
+        if let Some(db) = self.tenant.as_ref().and_then(|t| t.db.as_deref()) {
             scan(db, scratch, text)?;
             let mut raw = std::mem::take(&mut scratch.raw);
             collect(

@@ -115,7 +115,7 @@ impl StreamText {
         scratch: &mut Scratch,
         finished: bool,
     ) -> Result<String, RedactError> {
-        let detect = redactor.detect;
+        let detect = redactor.detect.clone();
         let w = detect.short_width();
         let len = self.base + self.buf.len();
         let bytes = self.buf.as_bytes();

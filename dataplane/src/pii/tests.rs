@@ -219,7 +219,7 @@ fn json_mode_keeps_json_valid() {
 fn tenant_patterns() {
     let t = TenantPatterns::compile(&[r"\bPROJ-[0-9]{4}\b", r"acct#[a-z]{3,8}"]).unwrap();
     let mut scratch = scanner().scratch().unwrap();
-    let mut r = Redactor::new(scanner(), Some(&t), Policy::default());
+    let mut r = Redactor::new(scanner(), Some(t.clone()), Policy::default());
     assert_eq!(
         r.redact(&mut scratch, "PROJ-1234 acct#abc a@x.com")
             .unwrap(),
@@ -391,12 +391,13 @@ fn stream_blocks_and_serves_tenant_patterns() {
     // A tenant pattern that can end inside a UTF-8 character is widened to whole characters.
     let t = TenantPatterns::compile(&[r"ref:[\x00-\xff]{3}"]).unwrap();
     let text = "see ref:éé and ref:abc, mail a@x.com";
-    let whole = Redactor::new(scanner(), Some(&t), Policy::default())
+    let whole = Redactor::new(scanner(), Some(t.clone()), Policy::default())
         .redact(&mut scratch, text)
         .unwrap();
     assert_eq!(whole, "see [CUSTOM_1] and [CUSTOM_2], mail [EMAIL_1]");
     for size in 1..6 {
-        let mut s = StreamRedactor::new(Redactor::new(scanner(), Some(&t), Policy::default()));
+        let mut s =
+            StreamRedactor::new(Redactor::new(scanner(), Some(t.clone()), Policy::default()));
         let mut out = String::new();
         let mut i = 0;
         while i < text.len() {

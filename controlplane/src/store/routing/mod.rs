@@ -128,7 +128,16 @@ mod check {
             guardrails: types::guardrail_records(
                 &types::guardrail_views(&spec.guardrails).map_err(StoreError::Invalid)?,
             ),
+            guardrails_fail_open: spec.guardrails_fail_open,
+            patterns: spec.patterns.clone(),
         })?;
+        // Nodes compile the patterns with Hyperscan; what no regular-expression parser
+        // reads is refused here, naming it, rather than left for every node to refuse.
+        for (i, p) in spec.patterns.iter().enumerate() {
+            if let Err(e) = regex_syntax::Parser::new().parse(p) {
+                return Err(StoreError::Invalid(format!("patterns[{i}]: {e}")));
+            }
+        }
         Ok(())
     }
 }

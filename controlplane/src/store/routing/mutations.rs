@@ -276,18 +276,21 @@ impl Store {
                 i64::from(spec.hipaa),
                 now(),
                 guardrails_json,
-                i64::from(spec.revoke_leaked_keys)
+                i64::from(spec.revoke_leaked_keys),
+                i64::from(spec.guardrails_fail_open),
+                serde_json::to_string(&spec.patterns).unwrap_or_else(|_| "[]".into())
             ];
             let updated = tx.execute(
                 "UPDATE policies SET tenant_id = ?2, environment = ?3, zero_retention = ?4, region = ?5,
-                    hipaa = ?6, updated_at = ?7, guardrails = ?8, revoke_leaked_keys = ?9
+                    hipaa = ?6, updated_at = ?7, guardrails = ?8, revoke_leaked_keys = ?9,
+                    guardrails_fail_open = ?10, patterns = ?11
                  WHERE id = ?1",
                 values,
             )?;
             if updated == 0 {
                 tx.execute(
-                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO policies (id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys, guardrails_fail_open, patterns)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     values,
                 )?;
             }
@@ -305,6 +308,8 @@ impl Store {
                     "hipaa": spec.hipaa,
                     "guardrails": guardrails,
                     "revoke_leaked_keys": spec.revoke_leaked_keys,
+                    "guardrails_fail_open": spec.guardrails_fail_open,
+                    "patterns": spec.patterns,
                 }),
             )?;
             let record = policy_of(tx, tenant_id, environment)?;

@@ -170,7 +170,7 @@ pub(in crate::store) fn route_records(
 }
 
 const POLICY_SELECT: &str =
-    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys FROM policies";
+    "SELECT id, tenant_id, environment, zero_retention, region, hipaa, updated_at, guardrails, revoke_leaked_keys, guardrails_fail_open, patterns FROM policies";
 
 fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
     Ok(Policy {
@@ -185,6 +185,9 @@ fn policy_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
         // then no guardrail is better shown than a made-up one: the node is sent none.
         guardrails: serde_json::from_str(&r.get::<_, String>(7)?).unwrap_or_default(),
         revoke_leaked_keys: r.get::<_, i64>(8)? != 0,
+        guardrails_fail_open: r.get::<_, i64>(9)? != 0,
+        // Written by this store from a checked spec (as `guardrails` above).
+        patterns: serde_json::from_str(&r.get::<_, String>(10)?).unwrap_or_default(),
     })
 }
 
@@ -219,6 +222,8 @@ pub(in crate::store) fn policy_records(
             region: p.region,
             hipaa: p.hipaa,
             guardrails: super::types::guardrail_records(&p.guardrails),
+            guardrails_fail_open: p.guardrails_fail_open,
+            patterns: p.patterns,
         })
         .collect())
 }
@@ -248,6 +253,8 @@ pub(super) fn policy_of(
         hipaa: false,
         guardrails: Default::default(),
         revoke_leaked_keys: false,
+        guardrails_fail_open: false,
+        patterns: Vec::new(),
         updated_at: 0,
     }))
 }

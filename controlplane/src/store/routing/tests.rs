@@ -225,6 +225,8 @@ fn changes_since_sends_current_records_and_tombstones() {
             hipaa: false,
             guardrails: Default::default(),
             revoke_leaked_keys: false,
+            guardrails_fail_open: false,
+            patterns: Vec::new(),
         },
     )
     .expect("policy");
@@ -589,6 +591,8 @@ fn policies_default_to_off_and_are_replaced_whole() {
         hipaa: true,
         guardrails: Default::default(),
         revoke_leaked_keys: false,
+        guardrails_fail_open: false,
+        patterns: Vec::new(),
     };
     let w = s
         .put_policy(&actor(), "t", Environment::Staging, &spec)

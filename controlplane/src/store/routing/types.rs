@@ -152,6 +152,16 @@ pub struct PolicySpec {
     /// marked leaked and audited either way).
     #[serde(default)]
     pub revoke_leaked_keys: bool,
+    /// When the guardrail scanner cannot run or fails, relay unscanned (audited as
+    /// `guardrail.unscanned`) instead of refusing with `guardrail_unavailable`.
+    #[serde(default)]
+    pub guardrails_fail_open: bool,
+    /// The tenant's own patterns (Hyperscan syntax, each match at most 512 bytes wide),
+    /// found as the `custom` entity; at most 64 of at most 256 bytes. Each node compiles
+    /// them off its request path; one it cannot compile leaves the environment routing
+    /// nothing (listed with the node's problems), never unguarded.
+    #[serde(default)]
+    pub patterns: Vec<String>,
 }
 
 /// One entity's guardrail as an operator writes it.
@@ -226,6 +236,8 @@ pub struct Policy {
     pub hipaa: bool,
     pub guardrails: BTreeMap<String, GuardrailView>,
     pub revoke_leaked_keys: bool,
+    pub guardrails_fail_open: bool,
+    pub patterns: Vec<String>,
     /// Unix seconds UTC; 0 = never set (every field off).
     pub updated_at: i64,
 }

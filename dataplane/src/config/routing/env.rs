@@ -7,7 +7,7 @@ use crate::config::ProviderKind;
 use crate::upstream::Upstream;
 
 /// What an environment's requests must never do.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// Only upstreams that can be told not to retain (or have an agreement).
     pub zero_retention: bool,
@@ -16,6 +16,8 @@ pub struct Policy {
     /// Only upstreams under a business associate agreement.
     pub hipaa: bool,
     pub guardrails: Guardrails,
+    /// The tenant's own patterns (the `custom` entity), compiled off the workers.
+    pub patterns: Option<crate::pii::TenantPatterns>,
 }
 
 /// PII and secret guardrails: what is done with each entity found in a request before it
@@ -24,9 +26,17 @@ pub struct Policy {
 pub struct Guardrails {
     pub requests: Option<crate::pii::Policy>,
     pub responses: Option<crate::pii::Policy>,
+    /// When the scanner cannot run or fails, relay unscanned (reported) instead of
+    /// refusing.
+    pub fail_open: bool,
 }
 
 impl Guardrails {
+    /// The same guardrails, failing open or closed.
+    pub fn fail_open(self, fail_open: bool) -> Self {
+        Self { fail_open, ..self }
+    }
+
     /// From the pushed record (entities already checked; an unknown one is ignored).
     pub fn from_records(records: &[aigw_wire::GuardrailRecord]) -> Self {
         use crate::pii::{Action, Entity, Policy};
@@ -39,6 +49,7 @@ impl Guardrails {
                 "iban" => Entity::Iban,
                 "ip" => Entity::Ip,
                 "secret" => Entity::Secret,
+                "custom" => Entity::Custom,
                 _ => return None,
             })
         };
@@ -60,6 +71,7 @@ impl Guardrails {
         Self {
             requests: active(requests),
             responses: active(responses),
+            fail_open: false,
         }
     }
 }

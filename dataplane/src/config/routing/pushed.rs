@@ -46,6 +46,8 @@ pub struct Routing {
     upstreams: BTreeMap<String, (UpstreamRecord, Built)>,
     routes: BTreeMap<String, RouteRecord>,
     policies: BTreeMap<String, PolicyRecord>,
+    /// Tenants' own guardrail patterns as compiled, by policy id (reused while unchanged).
+    compiled: HashMap<String, (Vec<String>, crate::pii::TenantPatterns)>,
     /// Spend caps, prices and sub-accounts' rate limits.
     pub spend: Arc<crate::config::spend::Spend>,
     envs: FxHashMap<Arc<str>, [Option<Arc<EnvRoutes>>; 3]>,
@@ -253,6 +255,7 @@ impl Routing {
         }
 
         let mut env_policies: HashMap<EnvKey, Result<Policy, Arc<str>>> = HashMap::new();
+        let mut compiled = HashMap::new();
         for (id, p) in &policies {
             let Some(env) = Environment::from_name(&p.environment) else {
                 problems.insert(
@@ -261,15 +264,20 @@ impl Routing {
                 );
                 continue;
             };
-            let policy = match aigw_wire::rules::check_policy(p) {
-                Ok(_) => Ok(Policy {
+            let patterns = aigw_wire::rules::check_policy(p)
+                .map_err(|e| e.to_string())
+                .and_then(|_| self.patterns_of(id, &p.patterns, &mut compiled));
+            let policy = match patterns {
+                Ok(patterns) => Ok(Policy {
                     zero_retention: p.zero_retention,
                     region: p.region.clone(),
                     hipaa: p.hipaa,
-                    guardrails: crate::config::routing::Guardrails::from_records(&p.guardrails),
+                    guardrails: crate::config::routing::Guardrails::from_records(&p.guardrails)
+                        .fail_open(p.guardrails_fail_open),
+                    patterns,
                 }),
                 Err(e) => {
-                    problems.insert((kinds::POLICY, id.clone()), e.to_string());
+                    problems.insert((kinds::POLICY, id.clone()), e.clone());
                     Err(Arc::from(format!("its policy cannot be applied: {e}")))
                 }
             };
@@ -321,11 +329,32 @@ impl Routing {
             upstreams,
             routes,
             policies,
+            compiled,
             spend,
             envs,
             all,
             problems,
         }
+    }
+
+    /// A policy's own patterns compiled (the previous revision's, when unchanged): this runs
+    /// on the control thread, never on a worker. The error names the pattern.
+    fn patterns_of(
+        &self,
+        id: &str,
+        patterns: &[String],
+        compiled: &mut HashMap<String, (Vec<String>, crate::pii::TenantPatterns)>,
+    ) -> Result<Option<crate::pii::TenantPatterns>, String> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let t = match self.compiled.get(id).filter(|(src, _)| src == patterns) {
+            Some((_, t)) => t.clone(),
+            None => crate::pii::TenantPatterns::compile(patterns)
+                .map_err(|e| format!("patterns: {e}"))?,
+        };
+        compiled.insert(id.to_string(), (patterns.to_vec(), t.clone()));
+        Ok(Some(t))
     }
 
     /// The routing of one tenant environment, if it has any.
@@ -437,6 +466,8 @@ mod tests {
                 region: String::new(),
                 hipaa: false,
                 guardrails: vec![],
+                guardrails_fail_open: false,
+                patterns: vec![],
             })],
             &[],
         );
@@ -526,6 +557,8 @@ mod tests {
             region: "Not A Region".into(),
             hipaa: false,
             guardrails: vec![],
+            guardrails_fail_open: false,
+            patterns: vec![],
         });
         let stopped = ok.apply(vec![policy], &[]);
         let u = stopped.env("u", Environment::Production).expect("u");
@@ -540,6 +573,43 @@ mod tests {
         assert_eq!(
             names(t.lookup("gpt", ProviderKind::Openai)),
             ["t/production/a"]
+        );
+
+        // The tenant's own patterns compile off the workers: one that Hyperscan refuses
+        // stops its environment (named in the problems); good ones are compiled once and
+        // reused by later revisions that leave them alone.
+        let with_patterns = |patterns: Vec<String>| {
+            Record::Policy(PolicyRecord {
+                id: "u/production".into(),
+                tenant_id: "u".into(),
+                environment: "production".into(),
+                zero_retention: false,
+                region: String::new(),
+                hipaa: false,
+                guardrails: vec![],
+                guardrails_fail_open: false,
+                patterns,
+            })
+        };
+        let bad = ok.apply(vec![with_patterns(vec!["a{1,100000}".into()])], &[]);
+        let problem = &bad.problems()[&(kinds::POLICY, "u/production".to_string())];
+        assert!(problem.contains("patterns"), "{problem}");
+        assert!(matches!(
+            bad.env("u", Environment::Production)
+                .expect("u")
+                .lookup("gpt", ProviderKind::Openai),
+            Err(NoTarget::Unusable(_))
+        ));
+        let good = ok.apply(vec![with_patterns(vec![r"PROJ-[0-9]{4}".into()])], &[]);
+        let compiled = good
+            .env("u", Environment::Production)
+            .and_then(|u| u.policy.patterns.clone())
+            .expect("compiled");
+        assert_eq!(compiled.len(), 1);
+        let later = good.apply(vec![route("u", "production", "r3", "y-", &["a"])], &[]);
+        assert!(
+            later.compiled["u/production"].1.same_database(&compiled),
+            "reused, not compiled again"
         );
 
         // Deleting the route first, then the upstream, leaves nothing behind.

@@ -32,6 +32,10 @@ pub(crate) struct ResponseGuard {
     json: bool,
     body: Vec<u8>,
     too_large: bool,
+    /// Relay unscanned what cannot be scanned (the policy fails open).
+    fail_open: bool,
+    /// Failing open: what is held went out unscanned, and the rest passes as it comes.
+    passing: bool,
     /// Set when the response may not be relayed; the response phase answers an error.
     pub(crate) refused: Option<Refusal>,
 }
@@ -50,16 +54,33 @@ impl ResponseGuard {
     pub(crate) fn new(
         scanner: &'static Scanner,
         scratch: Rc<RefCell<Scratch>>,
+        patterns: Option<crate::pii::TenantPatterns>,
         policy: Policy,
         json: bool,
+        fail_open: bool,
     ) -> Self {
         Self {
-            redactor: Redactor::new(scanner, None, policy),
+            redactor: Redactor::new(scanner, patterns, policy),
             scratch,
             json,
             body: Vec::new(),
             too_large: false,
+            fail_open,
+            passing: false,
             refused: None,
+        }
+    }
+
+    /// The answer cannot be scanned: refused, or (failing open) relayed unscanned.
+    fn unscannable(&mut self, ctx: &mut RequestCtx, why: &str) -> Option<Vec<u8>> {
+        if self.fail_open {
+            tracing::warn!(id = %ctx.id, why, "a response was relayed unscanned (the policy fails open)");
+            ctx.guardrail_unscanned = Some("response");
+            Some(std::mem::take(&mut self.body))
+        } else {
+            tracing::error!(id = %ctx.id, why, "a response could not be scanned; refused");
+            self.refused = Some(Refusal::Unscannable);
+            None
         }
     }
 
@@ -74,8 +95,8 @@ impl ResponseGuard {
                     .redact(&mut scratch, text)
                     .map(String::into_bytes),
                 Err(_) => {
-                    self.refused = Some(Refusal::Unscannable);
-                    return None;
+                    drop(scratch);
+                    return self.unscannable(ctx, "not UTF-8 text");
                 }
             }
         };
@@ -90,9 +111,8 @@ impl ResponseGuard {
                 None
             }
             Err(e) => {
-                tracing::error!(id = %ctx.id, error = %e, "a response could not be scanned; refused");
-                self.refused = Some(Refusal::Unscannable);
-                None
+                drop(scratch);
+                self.unscannable(ctx, &e.to_string())
             }
         }
     }
@@ -103,11 +123,24 @@ impl ResponseTransform for ResponseGuard {
         true
     }
 
-    fn on_piece(&mut self, _: &mut RequestCtx, piece: &Piece<'_>, _: &mut Vec<Vec<u8>>) -> Verdict {
+    fn on_piece(
+        &mut self,
+        ctx: &mut RequestCtx,
+        piece: &Piece<'_>,
+        emit: &mut Vec<Vec<u8>>,
+    ) -> Verdict {
         if let Piece::Body { data, .. } = piece {
-            if self.body.len() + data.len() > MAX_GUARDED_BODY {
-                self.too_large = true;
-                self.body = Vec::new();
+            if self.passing {
+                emit.push(data.to_vec());
+            } else if self.body.len() + data.len() > MAX_GUARDED_BODY {
+                if let Some(held) = self.unscannable(ctx, "too large to hold for scanning") {
+                    self.passing = true;
+                    emit.push(held);
+                    emit.push(data.to_vec());
+                } else {
+                    self.too_large = true;
+                    self.body = Vec::new();
+                }
             } else if !self.too_large {
                 self.body.extend_from_slice(data);
             }
@@ -116,7 +149,7 @@ impl ResponseTransform for ResponseGuard {
     }
 
     fn on_end(&mut self, ctx: &mut RequestCtx, complete: bool, emit: &mut Vec<Vec<u8>>) {
-        if !complete {
+        if !complete || self.passing {
             return;
         }
         if self.too_large {
@@ -180,12 +213,16 @@ impl StreamGuard {
     pub(crate) fn new(
         scanner: &'static Scanner,
         scratch: Rc<RefCell<Scratch>>,
+        patterns: Option<crate::pii::TenantPatterns>,
         policy: Policy,
         kind: crate::pii::StreamKind,
         family: crate::errors::Family,
     ) -> Self {
         Self {
-            sse: crate::pii::SseRedactor::new(scanner, policy, kind),
+            sse: crate::pii::SseRedactor::with_redactor(
+                Redactor::new(scanner, patterns, policy),
+                kind,
+            ),
             scratch,
             family,
             refused: None,

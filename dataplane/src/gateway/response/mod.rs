@@ -140,7 +140,7 @@ pub async fn run(
 
 /// The transforms this response goes through, in order.
 fn stage_for(
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     head: &UpHead,
     guard: Option<&crate::gateway::guard::Guard>,
 ) -> Result<Stage, ApiError> {
@@ -153,23 +153,40 @@ fn stage_for(
     if added && head.event_stream {
         transforms.push(Transform::StreamUsage(stream_usage::StreamUsageStrip));
     }
-    let policy = ctx
-        .identity
-        .as_ref()
-        .and_then(|i| i.routes.as_ref())
-        .and_then(|r| r.policy.guardrails.responses);
+    let routes = ctx.identity.as_ref().and_then(|i| i.routes.clone());
+    let guardrails = routes.as_ref().map(|r| r.policy.guardrails);
+    let patterns = || routes.as_ref().and_then(|r| r.policy.patterns.clone());
+    let policy = guardrails.and_then(|g| g.responses);
+    let fail_open = guardrails.is_some_and(|g| g.fail_open);
+    // The scanner cannot run on this answer: refused, or relayed unscanned (and reported)
+    // where the policy fails open.
+    let unscanned = |ctx: &mut RequestCtx, err: ApiError| {
+        if fail_open {
+            tracing::warn!(id = %ctx.id, why = %err.message, "a response was relayed unscanned (the policy fails open)");
+            ctx.guardrail_unscanned = Some("response");
+            Ok(())
+        } else {
+            Err(err)
+        }
+    };
     if let Some(policy) = policy {
         let Some(g) = guard else {
-            return Err(Code::GuardrailUnavailable.into());
+            unscanned(ctx, Code::GuardrailUnavailable.into())?;
+            return Ok(Stage::new(transforms, head.event_stream));
         };
         if head.event_stream {
             let Some(kind) = guard::stream_kind(ctx.endpoint) else {
-                return Err(Code::GuardrailUnavailable
-                    .with("this endpoint's streams cannot be scanned; nothing was relayed"));
+                unscanned(
+                    ctx,
+                    Code::GuardrailUnavailable
+                        .with("this endpoint's streams cannot be scanned; nothing was relayed"),
+                )?;
+                return Ok(Stage::new(transforms, head.event_stream));
             };
             transforms.push(Transform::StreamGuard(Box::new(guard::StreamGuard::new(
                 g.scanner,
                 std::rc::Rc::clone(&g.scratch),
+                patterns(),
                 policy,
                 kind,
                 ctx.family,
@@ -178,8 +195,10 @@ fn stage_for(
             transforms.push(Transform::Guard(Box::new(guard::ResponseGuard::new(
                 g.scanner,
                 std::rc::Rc::clone(&g.scratch),
+                patterns(),
                 policy,
                 head.json,
+                fail_open,
             ))));
         }
     }
