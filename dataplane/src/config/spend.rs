@@ -68,8 +68,9 @@ pub struct Spend {
     by_tenant: HashMap<String, Vec<Arc<Cap>>>,
     by_sub_account: HashMap<String, Vec<Arc<Cap>>>,
     by_key: HashMap<String, Vec<Arc<Cap>>>,
-    /// (tenant, model) → rates; the global price has tenant "".
-    rates: HashMap<(String, String), Rates>,
+    /// tenant → model → rates; the global prices are under tenant "" (looked up by `&str`,
+    /// without allocating, on every capped request).
+    rates: HashMap<String, HashMap<String, Rates>>,
 }
 
 impl Spend {
@@ -106,8 +107,8 @@ impl Spend {
             index.entry(c.scope_id.clone()).or_default().push(cap);
         }
         for p in prices.values() {
-            s.rates.insert(
-                (p.tenant_id.clone(), p.model.clone()),
+            s.rates.entry(p.tenant_id.clone()).or_default().insert(
+                p.model.clone(),
                 Rates {
                     input: p.input,
                     output: p.output,
@@ -174,10 +175,8 @@ impl Spend {
 
     /// `tenant`'s price of `model`: its own, else the global one.
     pub fn rates(&self, tenant: &str, model: &str) -> Option<Rates> {
-        self.rates
-            .get(&(tenant.to_string(), model.to_string()))
-            .or_else(|| self.rates.get(&(String::new(), model.to_string())))
-            .copied()
+        let of = |t: &str| self.rates.get(t).and_then(|m| m.get(model));
+        of(tenant).or_else(|| of("")).copied()
     }
 
     /// Every record held, for sealing to disk.

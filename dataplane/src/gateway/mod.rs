@@ -90,6 +90,7 @@ pub struct Gateway {
     observer: observe::Observer,
     guard: Option<guard::Guard>,
     limits: limit::Local,
+    leases: spend::Local,
 }
 
 impl Gateway {
@@ -101,6 +102,7 @@ impl Gateway {
         Self {
             guard,
             limits: limit::Local::default(),
+            leases: spend::Local::default(),
             worker: Rc::clone(worker),
             keys: pushed.map(|p| LocalConfig::new(p.config, p.served, p.max_stale)),
             pool: Pool::new(),
@@ -166,7 +168,14 @@ impl Gateway {
         let parsed = parse::run(ctx, &head, &body)?;
         let targets = route::run(ctx, routes.as_deref())?;
         if let Some(keys) = &self.keys {
-            spend::run(ctx, &parsed, body.len(), &keys.shared().leases).await?;
+            spend::run(
+                ctx,
+                &parsed,
+                body.len(),
+                &self.leases,
+                &keys.shared().leases,
+            )
+            .await?;
         }
         let answer =
             match exchange::run(&self.pool, ctx, &head, &parsed, &body, &targets, resp).await {

@@ -28,6 +28,46 @@ const LEASE_WAIT: Duration = Duration::from_secs(3);
 /// Each top-up asks for this share of the cap (or the request's cost, if more).
 const LEASE_SHARE: u64 = 20;
 
+/// A worker's cache of the leases it has used, so a capped request takes no lock: valid
+/// for one set of caps (a change of caps, or a cap deleted and set again, starts it afresh)
+/// and bounded.
+#[derive(Debug, Default)]
+pub(crate) struct Local {
+    cache: std::cell::RefCell<LocalLeases>,
+}
+
+#[derive(Debug, Default)]
+struct LocalLeases {
+    /// The caps the cache is for (compared by address).
+    spend: Option<Arc<crate::config::spend::Spend>>,
+    map: rustc_hash::FxHashMap<(Arc<str>, u64), Arc<Lease>>,
+}
+
+/// Most leases a worker keeps at hand.
+const LOCAL_LEASES: usize = 4096;
+
+impl Local {
+    fn lease(
+        &self,
+        shared: &Leases,
+        spend: &Arc<crate::config::spend::Spend>,
+        cap: &Arc<str>,
+        period: u64,
+    ) -> Arc<Lease> {
+        let mut c = self.cache.borrow_mut();
+        if !c.spend.as_ref().is_some_and(|s| Arc::ptr_eq(s, spend)) || c.map.len() >= LOCAL_LEASES {
+            c.map.clear();
+            c.spend = Some(Arc::clone(spend));
+        }
+        if let Some(l) = c.map.get(&(Arc::clone(cap), period)) {
+            return Arc::clone(l);
+        }
+        let l = shared.lease(cap, period);
+        c.map.insert((Arc::clone(cap), period), Arc::clone(&l));
+        l
+    }
+}
+
 /// What a request reserved.
 #[derive(Debug)]
 pub struct Reservation {
@@ -110,10 +150,11 @@ fn unix_now() -> u64 {
 
 /// Reserves the request's maximum cost from every cap covering it; sets the output limit
 /// to add when the client set none.
-pub async fn run(
+pub(crate) async fn run(
     ctx: &mut RequestCtx,
     parsed: &JsonBody<'_>,
     body_len: usize,
+    local: &Local,
     leases: &Leases,
 ) -> Result<(), ApiError> {
     let Some(id) = &ctx.identity else {
@@ -131,11 +172,12 @@ pub async fn run(
     let endpoint = ctx.endpoint.unwrap_or(Endpoint::ChatCompletions);
     let (output, inject) = output_bound(endpoint, parsed)?;
     let cost = rates.max_cost_micros(body_len as u64, output);
-    let caps = id.caps.clone();
     let now = unix_now();
-    let mut taken: Vec<Arc<Lease>> = Vec::with_capacity(caps.len());
-    for cap in &caps {
-        match reserve(leases, cap, cap.period.index(now), cost).await {
+    let mut taken: Vec<Arc<Lease>> = Vec::with_capacity(id.caps.len());
+    for cap in &id.caps {
+        let period = cap.period.index(now);
+        let lease = local.lease(leases, spend, &cap.id, period);
+        match reserve(&lease, leases, cap, cost).await {
             Ok(lease) => taken.push(lease),
             Err(e) => {
                 for l in &taken {
@@ -157,9 +199,9 @@ pub async fn run(
 /// Reserves `cost` from this node's lease of `cap`, asking for more and waiting for it
 /// when the lease is short.
 async fn reserve(
+    lease: &Arc<Lease>,
     leases: &Leases,
     cap: &Cap,
-    period: u64,
     cost: u64,
 ) -> Result<Arc<Lease>, ApiError> {
     let spent = |why: &str| {
@@ -176,7 +218,6 @@ async fn reserve(
             usd(cost)
         )));
     }
-    let lease = leases.lease(&cap.id, period);
     let share = (cap.limit_micros / LEASE_SHARE).max(cost);
     let deadline = std::time::Instant::now() + LEASE_WAIT;
     loop {
@@ -207,7 +248,7 @@ async fn reserve(
         lease.want_more(share);
         leases.notify_wanted();
     }
-    Ok(lease)
+    Ok(Arc::clone(lease))
 }
 
 /// Settles the request's reservation at the provider's reported cost as soon as the body's
