@@ -56,6 +56,22 @@ impl Entity {
         Self::Custom,
     ];
 
+    /// The entity a policy names (`email`, … `custom`, as `PII.md` and the control plane
+    /// spell them).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "email" => Self::Email,
+            "phone" => Self::Phone,
+            "card" => Self::Card,
+            "ssn" => Self::Ssn,
+            "iban" => Self::Iban,
+            "ip" => Self::Ip,
+            "secret" => Self::Secret,
+            "custom" => Self::Custom,
+            _ => return None,
+        })
+    }
+
     /// The placeholder's tag: `[EMAIL_1]`.
     pub const fn tag(self) -> &'static str {
         match self {

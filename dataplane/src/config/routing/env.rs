@@ -40,19 +40,6 @@ impl Guardrails {
     /// From the pushed record (entities already checked; an unknown one is ignored).
     pub fn from_records(records: &[aigw_wire::GuardrailRecord]) -> Self {
         use crate::pii::{Action, Entity, Policy};
-        let entity = |name: &str| {
-            Some(match name {
-                "email" => Entity::Email,
-                "phone" => Entity::Phone,
-                "card" => Entity::Card,
-                "ssn" => Entity::Ssn,
-                "iban" => Entity::Iban,
-                "ip" => Entity::Ip,
-                "secret" => Entity::Secret,
-                "custom" => Entity::Custom,
-                _ => return None,
-            })
-        };
         let action = |a: aigw_wire::GuardrailAction| match a {
             aigw_wire::GuardrailAction::Allow => Action::Allow,
             aigw_wire::GuardrailAction::Redact => Action::Redact,
@@ -63,7 +50,9 @@ impl Guardrails {
             .fold(Policy::default(), |p, e| p.with(*e, Action::Allow));
         let (mut requests, mut responses) = (none, none);
         for r in records {
-            let Some(e) = entity(&r.entity) else { continue };
+            let Some(e) = Entity::from_name(&r.entity) else {
+                continue;
+            };
             requests = requests.with(e, action(r.requests));
             responses = responses.with(e, action(r.responses));
         }
