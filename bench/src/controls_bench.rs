@@ -2,15 +2,17 @@
 //! CPU time per request.
 //!
 //! One control plane runs in this process (SQLite, TLS link, as in `keys_bench.rs`), with a
-//! tenant whose production environment routes every model to the mock provider, a global
-//! price for the bench model, and two keys: A, plain, and B, under a lifetime key-scope spend
-//! cap and per-key rate limits all far too high ever to refuse. Both are metered, as every
-//! keyed request is. One data plane process (one worker) links to it; the static-config data
+//! tenant whose production and staging environments route every model to the mock
+//! provider, a global price for the bench model, and three keys: A, plain; B, under a
+//! lifetime key-scope spend cap and per-key rate limits all far too high ever to refuse; and
+//! G, of staging, whose policy redacts every entity in requests and answers. All are
+//! metered, as every keyed request is. One data plane process (one worker) links to it; the static-config data
 //! plane of `aigw-bench run` (no control plane, no keys, no metering) is the reference.
 //!
 //! Each round runs wrk, with `bench/chat.lua`'s request (key A's or B's in the
 //! Authorization header for the linked node), against the static node, the linked node
-//! with key A and the linked node with key B, in an order that changes every round; the
+//! with key A, with key B and with key G (a staging key whose environment's guardrails
+//! redact every entity in requests and answers), in an order that changes every round; the
 //! figure is the CPU time of the data plane process (every thread: worker, control thread)
 //! per request. The data planes run on the proxy core; wrk, the mock provider and this
 //! process (with the control plane) on the other.
@@ -99,20 +101,22 @@ struct Key {
     id: String,
 }
 
-/// What [`seed`] made: key A (plain), key B (capped and rate-limited), B's cap.
+/// What [`seed`] made: key A (plain), key B (capped and rate-limited), B's cap, key G
+/// (in an environment whose guardrails redact every entity both ways).
 struct Seeded {
     a: Key,
     b: Key,
     cap_id: String,
+    g: Key,
 }
 
-/// A key of the tenant's production environment.
-fn create_key(cp: &controlplane::Running) -> anyhow::Result<Key> {
+/// A key of one of the tenant's environments.
+fn create_key(cp: &controlplane::Running, environment: &str) -> anyhow::Result<Key> {
     let v = api(
         cp,
         "POST",
         &format!("/v1/tenants/{TENANT}/keys"),
-        Some(&json!({"environment": "production"})),
+        Some(&json!({ "environment": environment })),
         201,
     )?;
     Ok(Key {
@@ -130,19 +134,34 @@ fn seed(cp: &controlplane::Running, mock: SocketAddr) -> anyhow::Result<Seeded> 
         Some(&json!({"id": TENANT, "name": TENANT, "tier": "enterprise"})),
         201,
     )?;
-    let env = format!("/v1/tenants/{TENANT}/environments/production");
+    for name in ["production", "staging"] {
+        let env = format!("/v1/tenants/{TENANT}/environments/{name}");
+        api(
+            cp,
+            "PUT",
+            &format!("{env}/upstreams/mock"),
+            Some(&json!({"provider": "openai", "base_url": format!("http://{mock}")})),
+            200,
+        )?;
+        api(
+            cp,
+            "PUT",
+            &format!("{env}/routes/all"),
+            Some(&json!({"prefix": "", "targets": [{"upstream": "mock"}]})),
+            200,
+        )?;
+    }
+    // Staging redacts every entity in requests and in answers.
+    let every: serde_json::Map<String, Value> =
+        ["email", "phone", "card", "ssn", "iban", "ip", "secret"]
+            .iter()
+            .map(|e| ((*e).to_string(), json!("redact")))
+            .collect();
     api(
         cp,
         "PUT",
-        &format!("{env}/upstreams/mock"),
-        Some(&json!({"provider": "openai", "base_url": format!("http://{mock}")})),
-        200,
-    )?;
-    api(
-        cp,
-        "PUT",
-        &format!("{env}/routes/all"),
-        Some(&json!({"prefix": "", "targets": [{"upstream": "mock"}]})),
+        &format!("/v1/tenants/{TENANT}/environments/staging/policy"),
+        Some(&json!({ "guardrails": every })),
         200,
     )?;
     api(
@@ -152,8 +171,9 @@ fn seed(cp: &controlplane::Running, mock: SocketAddr) -> anyhow::Result<Seeded> 
         Some(&json!({"model": MODEL, "input_per_mtok": 1.0, "output_per_mtok": 1.0})),
         200,
     )?;
-    let a = create_key(cp)?;
-    let b = create_key(cp)?;
+    let a = create_key(cp, "production")?;
+    let b = create_key(cp, "production")?;
+    let g = create_key(cp, "staging")?;
     let cap = api(
         cp,
         "PUT",
@@ -171,7 +191,7 @@ fn seed(cp: &controlplane::Running, mock: SocketAddr) -> anyhow::Result<Seeded> 
         ),
         200,
     )?;
-    Ok(Seeded { a, b, cap_id })
+    Ok(Seeded { a, b, cap_id, g })
 }
 
 /// The data plane `binary` on `core`, linked to `cp` (one worker, production keys), its
@@ -202,7 +222,7 @@ server_name = "localhost"
 ca_file = "{}"
 identity_dir = "{}"
 enrollment_token_env = "AIGW_BENCH_ENROLLMENT_TOKEN"
-environments = ["production"]
+environments = ["production", "staging"]
 "#,
         cp.push_addr,
         cp.ca_file.display(),
@@ -321,6 +341,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
         a: key_a,
         b: key_b,
         cap_id,
+        g: key_g,
     } = seed(&cp, mock_addr)?;
     let linked_addr = free_addr()?;
     let linked_admin = free_addr()?;
@@ -340,6 +361,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
     probe_with_key(static_addr, "sk-bench").context("static node")?;
     probe_with_key(linked_addr, &key_a.plaintext).context("linked node, key A")?;
     probe_with_key(linked_addr, &key_b.plaintext).context("linked node, key B")?;
+    probe_with_key(linked_addr, &key_g.plaintext).context("linked node, key G")?;
     let (status, v) = http(
         linked_addr,
         "POST",
@@ -370,6 +392,12 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
             pid: linked.id(),
             script: keyed_script(&dir, "b", &key_b.plaintext)?,
         },
+        Target {
+            name: "key G",
+            addr: linked_addr,
+            pid: linked.id(),
+            script: keyed_script(&dir, "g", &key_g.plaintext)?,
+        },
     ];
 
     eprintln!(
@@ -383,7 +411,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
     );
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     for round in 0..opts.rounds {
-        // round_order keeps its first index first; with one placeholder in front, the three
+        // round_order keeps its first index first; with one placeholder in front, the
         // targets rotate every round and reverse every other one.
         for i in round_order(round, targets.len() + 1)
             .into_iter()
@@ -516,6 +544,12 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
         "key B (key, metering, spend cap, rate limits) / static (no keys) CPU per request",
         &cpu(2),
         &cpu(0),
+    );
+    write_ratio(
+        &mut report,
+        "key G (guardrails redacting every entity, requests and answers) / key A CPU per request",
+        &cpu(3),
+        &cpu(1),
     );
     report
 }

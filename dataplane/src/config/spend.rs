@@ -219,15 +219,6 @@ pub struct Lease {
     pub changed: Event,
 }
 
-/// Why a reservation could not be made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Short {
-    /// The period's budget is spent (or what is left is less than the request may cost).
-    Exhausted,
-    /// More budget is needed and none arrived in time (the control plane is unreachable).
-    Unavailable,
-}
-
 impl Lease {
     /// Reserves `micros` if the lease holds that much unreserved.
     pub fn try_reserve(&self, micros: u64) -> bool {
