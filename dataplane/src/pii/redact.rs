@@ -105,11 +105,24 @@ impl<'a> Redactor<'a> {
     /// A JSON document with findings redacted inside string values only (object keys and
     /// everything outside strings are copied byte for byte). Escapes are decoded before
     /// matching; a changed string is re-encoded, so the output is valid JSON.
+    ///
+    /// Most documents hold nothing to find: one scan of the whole document settles it when
+    /// it has no escape (then every string value is its own bytes, and a pattern that
+    /// matches nowhere in the document matches in no value: none is anchored, and a quote
+    /// is a non-word character like a text's edge). Such a document comes back unchanged,
+    /// whether or not it is well-formed JSON (the request phase parses requests anyway).
+    /// A tenant's own patterns may be anchored, so with them every value is scanned.
     pub fn redact_json(
         &mut self,
         scratch: &mut Scratch,
         json: &[u8],
     ) -> Result<Vec<u8>, RedactError> {
+        if self.detect.tenant.is_none()
+            && memchr::memchr(b'\\', json).is_none()
+            && !self.detect.scanner.matches_any(scratch, json)?
+        {
+            return Ok(json.to_vec());
+        }
         serde_json::from_slice::<serde::de::IgnoredAny>(json)
             .map_err(|e| RedactError::Json(e.to_string()))?;
         let mut out = Vec::with_capacity(json.len());

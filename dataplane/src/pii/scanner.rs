@@ -249,6 +249,18 @@ impl Scanner {
         })
     }
 
+    /// Whether any built-in pattern matches anywhere in `text`, before any validator (a
+    /// `false` means no finding is possible in `text` or in any part of it: no pattern is
+    /// anchored).
+    pub(crate) fn matches_any(
+        &self,
+        scratch: &mut Scratch,
+        text: &[u8],
+    ) -> Result<bool, ScanError> {
+        scan(&self.inner.db, scratch, text)?;
+        Ok(!scratch.raw.is_empty())
+    }
+
     /// A scratch for one thread.
     pub fn scratch(&self) -> Result<Scratch, ScanError> {
         let hs = self

@@ -210,9 +210,35 @@ fn json_mode_keeps_json_valid() {
         "numbers copied verbatim: {text}"
     );
     assert!(matches!(
-        r.redact_json(&mut scratch, b"{\"a\":"),
+        r.redact_json(&mut scratch, b"{\"a\":\"x@y.com\""),
         Err(RedactError::Json(_))
     ));
+    // Nothing to find anywhere, no escape: returned as it is, in one scan.
+    assert_eq!(
+        r.redact_json(&mut scratch, b"{\"a\":").unwrap(),
+        b"{\"a\":".to_vec()
+    );
+}
+
+#[test]
+fn one_scan_of_a_clean_document_agrees_with_scanning_each_value() {
+    let mut scratch = scanner().scratch().unwrap();
+    let clean = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"version 1.24.3, order 55231, at 12:30"}],"max_tokens":64}"#;
+    let mut r = Redactor::new(scanner(), None, Policy::default());
+    assert_eq!(r.redact_json(&mut scratch, clean).unwrap(), clean.to_vec());
+    // An entity in a value, or one that only the whole document holds (a number outside
+    // any string), goes the value-by-value way: found in the first, left in the second.
+    let with = br#"{"messages":[{"content":"write to a@example.com"}]}"#;
+    let out = r.redact_json(&mut scratch, with).unwrap();
+    assert_eq!(
+        out,
+        br#"{"messages":[{"content":"write to [EMAIL_1]"}]}"#.to_vec()
+    );
+    let number = br#"{"card":4111111111111111,"note":"none"}"#;
+    assert_eq!(
+        r.redact_json(&mut scratch, number).unwrap(),
+        number.to_vec()
+    );
 }
 
 #[test]
