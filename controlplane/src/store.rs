@@ -330,6 +330,19 @@ pub struct RateLimitsView {
     pub tokens_per_minute: u64,
 }
 
+impl RateLimitsView {
+    /// Refuses a limit beyond what the nodes' cells can hold, naming the field.
+    fn check(&self) -> Result<(), StoreError> {
+        const MAX: u64 = 1 << 40;
+        if self.requests_per_minute > MAX || self.tokens_per_minute > MAX {
+            return Err(StoreError::Invalid(format!(
+                "rate_limits: at most {MAX} per minute"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     pub id: i64,
@@ -591,12 +604,7 @@ impl Store {
         key_id: &str,
         limits: RateLimitsView,
     ) -> Result<KeyInfo, StoreError> {
-        const MAX: u64 = 1 << 40;
-        if limits.requests_per_minute > MAX || limits.tokens_per_minute > MAX {
-            return Err(StoreError::Invalid(format!(
-                "rate_limits: at most {MAX} per minute"
-            )));
-        }
+        limits.check()?;
         self.with_tx(|tx| {
             let n = tx.execute(
                 "UPDATE api_keys SET requests_per_minute = ?2, tokens_per_minute = ?3 WHERE key_id = ?1",

@@ -102,25 +102,33 @@ fn cap_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CapRecord> {
 const CAP_SELECT: &str =
     "SELECT id, tenant_id, scope, scope_id, period, limit_micros, updated_at FROM spend_caps";
 
+/// The rows `sql` selects, each read by `row`: all of them, or with `one` (a condition
+/// appended to `sql`, and its parameters) the one it names.
+fn records<T>(
+    c: &Connection,
+    sql: &str,
+    one: Option<(&str, &[&dyn rusqlite::ToSql])>,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let out = match one {
+        None => c
+            .prepare(sql)?
+            .query_map([], row)?
+            .collect::<Result<_, _>>()?,
+        Some((condition, values)) => c
+            .prepare(&format!("{sql} {condition}"))?
+            .query_map(values, row)?
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(out)
+}
+
 /// Caps as nodes hold them: all, or the one with this id.
 pub(super) fn cap_records(c: &Connection, id: Option<&str>) -> Result<Vec<CapRecord>, StoreError> {
-    let mut out = Vec::new();
     match id {
-        None => {
-            let mut st = c.prepare(CAP_SELECT)?;
-            let rows = st.query_map([], cap_row)?;
-            for r in rows {
-                out.push(r?);
-            }
-        }
-        Some(id) => {
-            let mut st = c.prepare(&format!("{CAP_SELECT} WHERE id = ?1"))?;
-            if let Some(r) = st.query_row(params![id], cap_row).optional()? {
-                out.push(r);
-            }
-        }
+        None => records(c, CAP_SELECT, None, cap_row),
+        Some(id) => records(c, CAP_SELECT, Some(("WHERE id = ?1", params![id])), cap_row),
     }
-    Ok(out)
 }
 
 /// Prices as nodes hold them: all, or the one with this id (`tenant/model`).
@@ -143,25 +151,19 @@ pub(super) fn price_records(
             cache_write: n(5)?,
         })
     };
-    let mut out = Vec::new();
-    match id {
-        None => {
-            let mut st = c.prepare(sql)?;
-            for r in st.query_map([], row)? {
-                out.push(r?);
-            }
-        }
-        Some(id) => {
-            let Some((tenant, model)) = id.split_once('/') else {
-                return Ok(out);
-            };
-            let mut st = c.prepare(&format!("{sql} WHERE tenant_id = ?1 AND model = ?2"))?;
-            if let Some(r) = st.query_row(params![tenant, model], row).optional()? {
-                out.push(r);
-            }
-        }
+    match id.map(|id| id.split_once('/')) {
+        None => records(c, sql, None, row),
+        Some(None) => Ok(Vec::new()),
+        Some(Some((tenant, model))) => records(
+            c,
+            sql,
+            Some((
+                "WHERE tenant_id = ?1 AND model = ?2",
+                params![tenant, model],
+            )),
+            row,
+        ),
     }
-    Ok(out)
 }
 
 /// Sub-accounts' rate limits as nodes hold them: every sub-account with a limit, or the
@@ -180,22 +182,10 @@ pub(super) fn limit_records(
             tokens_per_minute: r.get::<_, i64>(3)?.max(0) as u64,
         })
     };
-    let mut out = Vec::new();
     match id {
-        None => {
-            let mut st = c.prepare(sql)?;
-            for r in st.query_map([], row)? {
-                out.push(r?);
-            }
-        }
-        Some(id) => {
-            let mut st = c.prepare(&format!("{sql} AND id = ?1"))?;
-            if let Some(r) = st.query_row(params![id], row).optional()? {
-                out.push(r);
-            }
-        }
+        None => records(c, sql, None, row),
+        Some(id) => records(c, sql, Some(("AND id = ?1", params![id])), row),
     }
-    Ok(out)
 }
 
 /// The sub-accounts above `sub_account`, nearest first.
@@ -385,12 +375,7 @@ impl Store {
         sub_account: &str,
         limits: super::RateLimitsView,
     ) -> Result<super::RateLimitsView, StoreError> {
-        const MAX: u64 = 1 << 40;
-        if limits.requests_per_minute > MAX || limits.tokens_per_minute > MAX {
-            return Err(StoreError::Invalid(format!(
-                "rate_limits: at most {MAX} per minute"
-            )));
-        }
+        limits.check()?;
         self.with_tx(|tx| {
             let n = tx.execute(
                 "UPDATE sub_accounts SET requests_per_minute = ?3, tokens_per_minute = ?4
