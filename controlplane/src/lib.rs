@@ -7,6 +7,7 @@ pub mod keys;
 pub mod local;
 pub mod pki;
 pub mod push;
+pub mod rate_leases;
 pub mod store;
 
 use std::net::SocketAddr;

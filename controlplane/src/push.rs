@@ -96,6 +96,8 @@ pub struct PushState {
     sessions: AtomicU64,
     /// For `/metrics`.
     pub counters: Counters,
+    /// The rate limits leased to nodes, minute by minute.
+    pub rate_leases: crate::rate_leases::RateLeases,
 }
 
 /// Totals since start, for `/metrics`.
@@ -132,6 +134,7 @@ impl PushState {
             registry: watch::channel(0).0,
             sessions: AtomicU64::new(0),
             counters: Counters::default(),
+            rate_leases: Default::default(),
         })
     }
 
@@ -710,8 +713,13 @@ where
                 Message::LeaseRequest { cap_id, period, want_micros } => {
                     let store = Arc::clone(&store);
                     let (id, lease_scope, cap) = (node.to_string(), scope.clone(), cap_id.clone());
+                    let book = Arc::clone(state);
                     let leased = tokio::task::spawn_blocking(move || {
-                        store.lease(&id, &lease_scope, &cap, period, want_micros)
+                        if aigw_wire::spend::rate_lease::parse(&cap).is_some() {
+                            book.rate_leases.lease(&store, &id, &lease_scope, &cap, period, want_micros)
+                        } else {
+                            store.lease(&id, &lease_scope, &cap, period, want_micros)
+                        }
                     })
                     .await;
                     let (granted_micros, exhausted) = match leased {
@@ -727,6 +735,9 @@ where
                         }
                     };
                     conn.send(&Message::LeaseGrant { cap_id, period, granted_micros, exhausted }).await?;
+                }
+                Message::LeaseReturn { cap_id, period, micros } if aigw_wire::spend::rate_lease::parse(&cap_id).is_some() => {
+                    state.rate_leases.give_back(node, &cap_id, period, micros);
                 }
                 Message::LeaseReturn { cap_id, period, micros } => {
                     let store = Arc::clone(&store);

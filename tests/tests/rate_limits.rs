@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use dataplane::config::DriverChoice;
 use e2e::cp::*;
 use e2e::mock::{MockOptions, MockProvider};
 use e2e::*;
@@ -173,3 +174,116 @@ both_drivers!(a_sub_account_limit_covers_every_key_below_it, |driver| {
     wait_workers(&gw, revision(&cp));
     assert_eq!(chat_with_key(gw.addr(), Some(&b), "m").status, 200);
 });
+
+/// Waits, when the current UTC minute is about to end, for the next one: a limit is leased
+/// between nodes minute by minute, and a test counting one minute's admissions must not
+/// straddle two.
+fn early_in_a_minute() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if secs % 60 > 40 {
+        std::thread::sleep(std::time::Duration::from_secs(61 - secs % 60));
+    }
+}
+
+#[test]
+fn two_nodes_share_a_limit_between_them() {
+    let openai = MockProvider::start(MockOptions::default());
+    let cp = cp_start(scratch_dir("rate-limits-two-nodes"), "127.0.0.1:0");
+    tenant(&cp, "acme", "pro");
+    route_env(&cp, "acme", "production", &openai);
+    let limited = create_key(&cp, "acme", json!({"environment": "production"}));
+    let (key, key_id) = (
+        limited["key"].as_str().unwrap().to_string(),
+        limited["info"]["key_id"].as_str().unwrap().to_string(),
+    );
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("/v1/keys/{key_id}/rate-limits"),
+        Some(json!({"requests_per_minute": 6})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = api(
+        &cp,
+        "POST",
+        "/v1/tenants/acme/sub-accounts",
+        Some(json!({"name": "team"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let team = r.json()["id"].as_str().unwrap().to_string();
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("/v1/tenants/acme/sub-accounts/{team}/rate-limits"),
+        Some(json!({"requests_per_minute": 4})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let in_team: Vec<String> = (0..2)
+        .map(|_| {
+            create_key(
+                &cp,
+                "acme",
+                json!({"environment": "production", "sub_account_id": team}),
+            )["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let a = gateway(DriverChoice::IoUring, &cp);
+    let b = gateway(DriverChoice::Epoll, &cp);
+    wait_workers(&a, revision(&cp));
+    wait_workers(&b, revision(&cp));
+    let nodes = [a.addr(), b.addr()];
+    early_in_a_minute();
+
+    // Each node alone would admit 6 (its own cells); together they admit 6 in this minute.
+    let mut admitted = 0;
+    for i in 0..12 {
+        let r = chat_with_key(nodes[i % 2], Some(&key), "m");
+        match r.status {
+            200 => admitted += 1,
+            429 => {
+                assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+                let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+                assert!((1..=60).contains(&retry), "until the minute ends: {retry}");
+                assert_eq!(r.header("x-ratelimit-limit-requests"), Some("6"));
+            }
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert_eq!(admitted, 6, "the key's limit holds across both nodes");
+
+    // A sub-account's limit covers its keys on every node together: two keys, one per node.
+    let mut admitted = 0;
+    for i in 0..8 {
+        let r = chat_with_key(nodes[i % 2], Some(&in_team[i % 2]), "m");
+        match r.status {
+            200 => admitted += 1,
+            429 => assert!(r.text().contains(&team), "{}", r.text()),
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert_eq!(
+        admitted, 4,
+        "the sub-account's limit holds across both nodes"
+    );
+    assert_eq!(
+        openai.request_count(),
+        6 + 4,
+        "refused requests never reached the provider"
+    );
+
+    // Without the control plane a node goes on under its own cells: the key's minute is
+    // used up across the nodes, and node a (which admitted 3 of its own 6) admits again.
+    cp.stop();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            chat_with_key(nodes[0], Some(&key), "m").status == 200
+        }),
+        "a node that cannot reach the control plane refuses what its own limit admits"
+    );
+}

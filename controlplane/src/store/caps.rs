@@ -12,7 +12,7 @@ use aigw_wire::{CapPeriod, CapRecord, CapScope, LimitRecord, PriceRecord};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::{audit, change, now, Actor, Store, StoreError};
+use super::{audit, change, now, Actor, RateLimitsView, Store, StoreError};
 
 /// A cap as an operator sets it.
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +409,44 @@ impl Store {
                 }),
             )?;
             Ok(limits)
+        })
+    }
+
+    /// The tenant and rate limits of a limiter as nodes name it: a key id, or
+    /// `sub_account/<id>`; `None` when there is no such key or sub-account.
+    pub fn limiter_limits(
+        &self,
+        limiter: &str,
+    ) -> Result<Option<(String, RateLimitsView)>, StoreError> {
+        let (sql, id) = match limiter.strip_prefix("sub_account/") {
+            Some(id) => (
+                "SELECT tenant_id, requests_per_minute, tokens_per_minute FROM sub_accounts WHERE id = ?1",
+                id,
+            ),
+            None => (
+                "SELECT tenant_id, requests_per_minute, tokens_per_minute FROM api_keys WHERE key_id = ?1",
+                limiter,
+            ),
+        };
+        self.read(|c| {
+            let row = c
+                .query_row(sql, params![id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .optional()?;
+            Ok(row.map(|(tenant, rpm, tpm)| {
+                (
+                    tenant,
+                    RateLimitsView {
+                        requests_per_minute: rpm.max(0) as u64,
+                        tokens_per_minute: tpm.max(0) as u64,
+                    },
+                )
+            }))
         })
     }
 

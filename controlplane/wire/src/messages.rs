@@ -242,7 +242,9 @@ pub enum Message {
         seq: u64,
     },
     /// Node → control plane: more of a spend cap's budget for `period`
-    /// ([`crate::spend::CapPeriod::index`]), in millionths of a US dollar.
+    /// ([`crate::spend::CapPeriod::index`]), in millionths of a US dollar; or, for a lease
+    /// id of [`crate::spend::rate_lease`], more of a rate limit's requests or tokens for the
+    /// minute `period`.
     LeaseRequest {
         cap_id: String,
         period: u64,

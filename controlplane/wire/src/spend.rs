@@ -352,3 +352,58 @@ impl Codec for LimitRecord {
         })
     }
 }
+
+/// Rate limits leased between nodes. A node holds, for each UTC minute, a part of a limited
+/// key's or sub-account's requests and tokens for that minute, leased with the same messages
+/// as spend cap budget ([`crate::Message::LeaseRequest`]): the lease id names the limit, the
+/// period is the minute (Unix seconds / 60) and the amount counts requests or tokens.
+pub mod rate_lease {
+    /// Which of a limiter's two limits a lease is of.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Unit {
+        Requests,
+        Tokens,
+    }
+
+    /// The lease id of `limiter`'s limit of `unit` (`limiter` is a key id, or
+    /// `sub_account/<id>`).
+    pub fn id(unit: Unit, limiter: &str) -> String {
+        match unit {
+            Unit::Requests => format!("rpm/{limiter}"),
+            Unit::Tokens => format!("tpm/{limiter}"),
+        }
+    }
+
+    /// The unit and limiter of a rate lease id; `None` for any other lease (a spend cap's).
+    pub fn parse(id: &str) -> Option<(Unit, &str)> {
+        if let Some(l) = id.strip_prefix("rpm/") {
+            Some((Unit::Requests, l))
+        } else {
+            id.strip_prefix("tpm/").map(|l| (Unit::Tokens, l))
+        }
+    }
+
+    /// The minute `unix_secs` falls in: the period of a rate lease.
+    pub fn minute(unix_secs: u64) -> u64 {
+        unix_secs / 60
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn ids_round_trip_and_caps_are_not_rate_leases() {
+            assert_eq!(
+                parse(&id(Unit::Requests, "k_1")),
+                Some((Unit::Requests, "k_1"))
+            );
+            assert_eq!(
+                parse(&id(Unit::Tokens, "sub_account/sa_2")),
+                Some((Unit::Tokens, "sub_account/sa_2"))
+            );
+            assert_eq!(parse("key:k_1:day"), None);
+            assert_eq!(minute(119), 1);
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //!
 //! A sub-account's limits have cells of their own, shared by every key below it.
 //!
-//! Limits are per node: with several nodes a key gets up to its limit on each.
+//! Between nodes, each minute of a limit is leased by the control plane (see the gateway's
+//! rate-limit phase).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};

@@ -12,6 +12,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use aigw_wire::spend::rate_lease;
 use aigw_wire::{decode_frame, encode_frame, Frame, Message, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls_pki_types::pem::PemObject;
@@ -292,7 +293,8 @@ fn session(
                     for m in reports.to_send(node_id) {
                         send(&mut stream, &m)?;
                     }
-                    // Spend cap budget this node will not use goes back for other nodes.
+                    // Spend cap budget and rate-limit leases this node will not use go back
+                    // for other nodes.
                     for a in keys.leases.take_unspent() {
                         send(
                             &mut stream,
@@ -334,8 +336,10 @@ fn session(
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
-                keys.leases
-                    .prune(|cap| spend.cap_records().get(cap).map(|c| c.period.index(now)));
+                keys.leases.prune(|id| match rate_lease::parse(id) {
+                    Some(_) => Some(rate_lease::minute(now)),
+                    None => spend.cap_records().get(id).map(|c| c.period.index(now)),
+                });
             }
             for a in keys.leases.asks() {
                 send(

@@ -145,6 +145,13 @@ impl Gateway {
         req: &mut Request<'_>,
         resp: &mut Responder<'_>,
     ) -> Result<(), ApiError> {
+        if let Some(keys) = &self.keys {
+            if let Err(response) = limit::wait(keys.shared(), ctx).await {
+                ctx.error = Some(crate::errors::Code::RateLimitExceeded);
+                resp.send(response).await;
+                return Ok(());
+            }
+        }
         let settings = self.worker.settings.current();
         self.trim_pools(&settings);
         // Without a control plane, the file's routing serves every request.
@@ -215,7 +222,7 @@ impl Service for Gateway {
             return Verdict::Answer(ctx, response);
         }
         if let Some(keys) = &self.keys {
-            if let Err(response) = limit::run(&self.limits, &keys.shared().limiters, &mut ctx) {
+            if let Err(response) = limit::run(&self.limits, keys.shared(), &mut ctx) {
                 ctx.error = Some(crate::errors::Code::RateLimitExceeded);
                 return Verdict::Answer(ctx, response);
             }
