@@ -107,6 +107,8 @@ impl WorkerMetrics {
 #[derive(Debug, Default)]
 pub struct Gauges {
     pub open_connections: u64,
+    /// Client TLS handshakes that failed or timed out since start.
+    pub tls_handshakes_failed: u64,
     pub workers: u64,
     pub workers_running: u64,
     pub uptime_seconds: f64,
@@ -195,6 +197,17 @@ pub fn render(m: &WorkerMetrics, g: &Gauges) -> String {
         "Client connections open.",
     );
     let _ = writeln!(out, "aigw_open_connections {}", g.open_connections);
+    help(
+        &mut out,
+        "aigw_tls_handshakes_failed_total",
+        "counter",
+        "Client TLS handshakes that failed or timed out.",
+    );
+    let _ = writeln!(
+        out,
+        "aigw_tls_handshakes_failed_total {}",
+        g.tls_handshakes_failed
+    );
     help(
         &mut out,
         "aigw_workers",

@@ -5,6 +5,7 @@
 
 pub mod cp;
 pub mod mock;
+pub mod pki;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;

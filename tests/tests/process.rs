@@ -282,6 +282,10 @@ fn the_sample_configurations_are_valid() {
     .unwrap();
     dataplane::seal::files::write_private(&etc.join("node-seal.key"), "ab".repeat(32).as_bytes())
         .unwrap();
+    std::fs::create_dir_all(etc.join("tls")).unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["gw.example".into()]).unwrap();
+    std::fs::write(etc.join("tls/fullchain.pem"), pair.cert.pem()).unwrap();
+    std::fs::write(etc.join("tls/key.pem"), pair.key_pair.serialize_pem()).unwrap();
     let var = dir.join("var");
     std::fs::create_dir_all(&var).unwrap();
     let node = read("node.toml")

@@ -30,6 +30,24 @@ pub struct Config {
     /// Where keys (and later routes and policies) come from. Without it the node serves
     /// unauthenticated (quick start and tests only; a warning says so).
     pub control_plane: Option<ControlPlaneConfig>,
+    /// TLS on the client-facing listener. Set: `server.listen` speaks TLS 1.3 only, every
+    /// response carries HSTS, and plain HTTP is off unless `plain_listen` is set.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Read again when it changes (checked every few
+    /// seconds): new connections get the new certificate, open ones keep theirs.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: std::path::PathBuf,
+    /// Also listen for plain HTTP here. Every request on it is refused (403
+    /// `https_required`) with a message telling the client to use https: no redirect (a
+    /// POST's body has already been sent in clear) and no HSTS.
+    #[serde(default)]
+    pub plain_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -403,6 +421,7 @@ impl Default for Config {
             routes: Vec::new(),
             body_budget_bytes: 256 * 1024 * 1024,
             control_plane: None,
+            tls: None,
         }
     }
 }
@@ -634,6 +653,23 @@ impl Config {
                 }
             }
         }
+        if let Some(tls) = &self.tls {
+            if let Err((bad, e)) = crate::config::tls::load(&tls.cert_file, &tls.key_file) {
+                let key = match bad {
+                    crate::config::tls::Bad::Cert => "tls.cert_file",
+                    crate::config::tls::Bad::Key => "tls.key_file",
+                };
+                return Err((key, e));
+            }
+            if let Some(plain) = tls.plain_listen {
+                if plain == self.server.listen || plain == self.admin.listen {
+                    return Err((
+                        "tls.plain_listen",
+                        "must differ from server.listen and admin.listen".into(),
+                    ));
+                }
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
                 "log.level",
@@ -773,6 +809,8 @@ impl Config {
             self.admin.listen.to_string(),
             new.admin.listen.to_string(),
         );
+        // The certificate files' contents reload by themselves; where they are does not.
+        cmp("tls", format!("{:?}", self.tls), format!("{:?}", new.tls));
         cmp("log.level", self.log.level.clone(), new.log.level.clone());
         cmp(
             "body_budget_bytes",
@@ -786,6 +824,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_are_checked_and_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = rcgen::generate_simple_self_signed(vec!["gw.test".into()]).expect("cert");
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, c.cert.pem()).expect("write");
+        std::fs::write(&key, c.key_pair.serialize_pem()).expect("write");
+        let toml = |cert: &Path, key: &Path| {
+            format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\nplain_listen = \"127.0.0.1:8081\"\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            )
+        };
+        let ok = Config::parse(&toml(&cert, &key), "t").expect("valid");
+        assert!(ok.tls.is_some());
+        let e = Config::parse(&toml(&dir.path().join("none.pem"), &key), "t")
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("tls.cert_file") && e.contains("none.pem"), "{e}");
+        let other = rcgen::KeyPair::generate().expect("key");
+        std::fs::write(&key, other.serialize_pem()).expect("write");
+        let e = Config::parse(&toml(&cert, &key), "t")
+            .expect_err("mismatched")
+            .to_string();
+        assert!(e.contains("tls.key_file") && e.contains("k.pem"), "{e}");
+        let e = Config::parse("[tls]\ncert_file = \"a\"\n", "t")
+            .expect_err("no key")
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

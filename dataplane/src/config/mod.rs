@@ -12,6 +12,7 @@ pub mod routing;
 pub mod settings;
 pub mod snapshot;
 pub mod spend;
+pub mod tls;
 pub mod usage;
 
 pub use file::*;

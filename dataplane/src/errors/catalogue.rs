@@ -70,6 +70,9 @@ catalogue! {
     RequestTooLarge = (413, "request_too_large", Downstream, "request body exceeds the configured limit"),
     RequestTimeout = (408, "request_timeout", Downstream, "the request was not received in time"),
 
+    // The listener: plain HTTP on a node that serves over TLS.
+    HttpsRequired = (403, "https_required", Downstream, "this gateway takes API requests over https only"),
+
     // The endpoint.
     NotFound = (404, "not_found", Downstream, "no such endpoint"),
     MethodNotAllowed = (405, "method_not_allowed", Downstream, "method not allowed on this endpoint"),

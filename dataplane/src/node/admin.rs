@@ -110,6 +110,11 @@ impl AdminService {
                 let keys = s.keys.as_ref().map(|(k, _)| k);
                 let gauges = crate::metrics::Gauges {
                     open_connections: s.workers.iter().map(|w| w.open_connections()).sum(),
+                    tls_handshakes_failed: s
+                        .workers
+                        .iter()
+                        .map(|w| w.tls_handshakes_failed())
+                        .sum(),
                     workers: s.workers.len() as u64,
                     workers_running: s.workers.iter().filter(|w| w.is_running()).count() as u64,
                     uptime_seconds: s.started.elapsed().as_secs_f64(),

@@ -37,7 +37,11 @@ pub struct ServerHandle {
     admin: Option<JoinHandle<()>>,
     demo: Option<JoinHandle<()>>,
     control: Option<JoinHandle<()>>,
+    /// Looks at the TLS certificate files for changes.
+    tls_reload: Option<JoinHandle<()>>,
     demo_addr: Option<SocketAddr>,
+    /// The plain-HTTP listener beside TLS, when enabled.
+    plain_addr: Option<SocketAddr>,
     statuses: Arc<[Arc<WorkerStatus>]>,
 }
 
@@ -48,6 +52,11 @@ impl ServerHandle {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// Where plain HTTP is refused beside TLS (`tls.plain_listen`), when set.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
     }
 
     /// The driver each worker got, in worker order.
@@ -104,6 +113,9 @@ impl ServerHandle {
         if let Some(c) = self.control.take() {
             let _ = c.join();
         }
+        if let Some(t) = self.tls_reload.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -130,6 +142,23 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let listeners = listener::bind_reuseport(config.server.listen, workers, config.server.backlog)
         .with_context(|| format!("server.listen = {}", config.server.listen))?;
     let addr = listeners[0].local_addr()?;
+    let tls = match &config.tls {
+        Some(t) => Some(
+            crate::config::tls::ServerTls::new(&t.cert_file, &t.key_file)
+                .map_err(|e| anyhow!("tls: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut plain_listeners = match config.tls.as_ref().and_then(|t| t.plain_listen) {
+        Some(plain) => listener::bind_reuseport(plain, workers, config.server.backlog)
+            .with_context(|| format!("tls.plain_listen = {plain}"))?,
+        None => Vec::new(),
+    };
+    let plain_addr = match plain_listeners.first() {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    plain_listeners.reverse();
     let admin_listener = listener::bind_single(config.admin.listen, 128)
         .with_context(|| format!("admin.listen = {}", config.admin.listen))?;
     let admin_addr = admin_listener.local_addr()?;
@@ -226,6 +255,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             shutdown: Arc::clone(&shutdown),
             status: Arc::clone(&statuses[index]),
             drain,
+            tls: tls.as_ref().map(|t| Arc::clone(&t.config)),
+            plain_refused: plain_listeners.pop(),
         };
         let tx = tx.clone();
         let pushed = keys.clone();
@@ -284,7 +315,28 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
          -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
         );
     }
+    let tls_reload = match tls {
+        Some(t) => {
+            let stop = Arc::clone(&admin_stop);
+            Some(
+                std::thread::Builder::new()
+                    .name("aigw-tls-reload".into())
+                    .spawn(move || {
+                        while !stop.sleep(crate::config::tls::RELOAD_EVERY) {
+                            t.certificate.reload_if_changed();
+                        }
+                    })
+                    .context("spawning the TLS certificate watcher")?,
+            )
+        }
+        None => None,
+    };
+    if let Some(plain) = plain_addr {
+        tracing::info!(addr = %plain, "plain HTTP beside TLS: every request there is refused with https_required");
+    }
     Ok(ServerHandle {
+        tls_reload,
+        plain_addr,
         addr,
         admin_addr,
         drivers,
@@ -317,6 +369,8 @@ fn side_worker(
         shutdown,
         status: Arc::new(WorkerStatus::default()),
         drain: Duration::from_millis(200),
+        tls: None,
+        plain_refused: None,
     }
 }
 

@@ -13,7 +13,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use monoio::net::TcpStream;
+use crate::server::stream::ClientStream;
 
 /// How often a waiting request's client is looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -26,14 +26,14 @@ fn hung_up(fd: RawFd) -> bool {
         revents: 0,
     };
     // SAFETY: `p` is one valid pollfd for the duration of the call, and `fd` is the open
-    // socket of a `TcpStream` the caller borrows; a timeout of 0 never blocks.
+    // socket of a `ClientStream` the caller borrows; a timeout of 0 never blocks.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Resolves once the client has closed or reset its connection, looking `after` from now
 /// (requests answered sooner cost one coarse deadline) and then every second.
-pub(crate) async fn closed(stream: &TcpStream, after: Duration) {
+pub(crate) async fn closed(stream: &ClientStream, after: Duration) {
     let mut wait = after;
     loop {
         crate::runtime::deadline::sleep(wait).await;

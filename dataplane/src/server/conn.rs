@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::server::stream::ClientStream;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
-use monoio::net::TcpStream;
 
 use bytes::Buf;
 
@@ -80,13 +80,17 @@ enum BodyOutcome {
 }
 
 /// Serves one connection until it closes.
+///
+/// `plain_refused`: the connection came to the plain-HTTP listener of a node that serves
+/// over TLS on that port; its first request is answered with 403 `https_required` (naming
+/// the https URL) and it is closed.
 pub(crate) async fn serve<S: Service>(
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     peer: SocketAddr,
     ctx: Rc<WorkerCtx>,
     service: Rc<S>,
+    plain_refused: Option<u16>,
 ) {
-    let _ = stream.set_nodelay(true);
     let mut bufs = ConnBufs {
         read: BytesMut::with_capacity(INITIAL_BUF),
         out: Vec::with_capacity(1024),
@@ -104,6 +108,13 @@ pub(crate) async fn serve<S: Service>(
                 Some(Code::RequestTimeout.with("request head not received in time"))
             }
             HeadOutcome::Invalid(e) => Some(e.into()),
+        };
+        let rejected = match (rejected, plain_refused) {
+            (None, Some(tls_port)) => Some(Code::HttpsRequired.with(format!(
+                "this gateway takes API requests over https only: send this request to {} (the request was not processed; rotate any API key it carried if the network is not trusted)",
+                https_url(&bufs.index, &bufs.read, tls_port),
+            ))),
+            (other, _) => other,
         };
         if let Some(err) = rejected {
             let family = family_for_raw_head(&bufs.read);
@@ -170,7 +181,7 @@ type Origin = (RequestId, SocketAddr, Instant);
 /// next request. Returns whether the connection may carry another request.
 #[allow(clippy::too_many_arguments)]
 async fn answer_unread<S: Service>(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     ctx: &WorkerCtx,
     settings: &Settings,
@@ -220,7 +231,7 @@ async fn answer_unread<S: Service>(
 /// the connection may carry another request.
 #[allow(clippy::too_many_arguments)]
 async fn proceed<S: Service>(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     ctx: &WorkerCtx,
     settings: &Settings,
@@ -345,7 +356,7 @@ async fn proceed<S: Service>(
 }
 
 fn responder<'a>(
-    stream: &'a mut TcpStream,
+    stream: &'a mut ClientStream,
     bufs: &'a mut ConnBufs,
     ctx: &'a WorkerCtx,
     settings: &Settings,
@@ -370,7 +381,7 @@ fn responder<'a>(
 /// Sends an error and marks the connection for closing; a client that stopped reading gets
 /// a short write bound, so it cannot hold the worker. Returns the status and bytes written.
 async fn send_closing(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     ctx: &WorkerCtx,
     settings: &Settings,
@@ -390,7 +401,7 @@ async fn send_closing(
 /// and closes the connection: no service saw it.
 #[allow(clippy::too_many_arguments)]
 async fn reject(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     ctx: &WorkerCtx,
     settings: &Settings,
@@ -416,6 +427,32 @@ async fn reject(
     linger(stream).await;
 }
 
+/// Where a request sent over plain HTTP should go: its host (without the plain
+/// listener's port) on the TLS listener's port, and its path without the query.
+fn https_url(index: &HeadIndex, raw: &[u8], tls_port: u16) -> String {
+    let host = index
+        .host
+        .map(|h| h.get(raw))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or("<host>");
+    // `[v6]:port`, `name:port`, or no port.
+    let name = match host.rfind(':') {
+        Some(i)
+            if !host[i..].contains(']') && (host.starts_with('[') || !host[..i].contains(':')) =>
+        {
+            &host[..i]
+        }
+        _ => host,
+    };
+    let path = path_of(index, raw).split('?').next().unwrap_or_default();
+    if tls_port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{tls_port}{path}")
+    }
+}
+
 fn path_of<'a>(index: &HeadIndex, raw: &'a [u8]) -> &'a str {
     std::str::from_utf8(index.path.get(raw)).unwrap_or("")
 }
@@ -423,7 +460,7 @@ fn path_of<'a>(index: &HeadIndex, raw: &'a [u8]) -> &'a str {
 /// Reads until `bufs.read` starts with a complete, valid head. Returns when the head began
 /// (the request's latency starts there).
 async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     settings: &Settings,
     ctx: &WorkerCtx,
@@ -513,7 +550,7 @@ fn try_parse(
 }
 
 async fn read_body(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     bufs: &mut ConnBufs,
     settings: &Settings,
     budget: &mut BodyBudget,
@@ -635,7 +672,7 @@ enum ReadResult {
 }
 
 /// One read into the free space of `buf`, bounded by `timeout`.
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration) -> ReadResult {
+async fn read_more(stream: &mut ClientStream, buf: &mut BytesMut, timeout: Duration) -> ReadResult {
     if buf.capacity() - buf.len() < MIN_READ {
         buf.reserve(MIN_READ);
     }
@@ -660,7 +697,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration
 /// Closing a socket with unread input makes the kernel send RST, which can destroy the
 /// error response before the client reads it. Stop sending, then read and discard what the
 /// client still sends, for a short bounded time (RFC 9112 §9.6).
-async fn linger(stream: &mut TcpStream) {
+async fn linger(stream: &mut ClientStream) {
     const LINGER: Duration = Duration::from_millis(500);
     const MAX_DISCARD: usize = 256 * 1024;
     let _ = stream.shutdown().await;
@@ -680,5 +717,44 @@ async fn linger(stream: &mut TcpStream) {
             }
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(head: &str, tls_port: u16) -> String {
+        let raw = head.as_bytes();
+        let mut storage = [std::mem::MaybeUninit::uninit(); MAX_HEADERS_CEILING];
+        let parsed = parse_request_head(raw, &mut storage, &Limits::default())
+            .expect("valid")
+            .expect("complete");
+        let mut index = HeadIndex::default();
+        index.fill(raw, &parsed);
+        https_url(&index, raw, tls_port)
+    }
+
+    #[test]
+    fn plain_requests_are_told_the_https_url() {
+        assert_eq!(
+            url(
+                "POST /v1/chat/completions?k=v HTTP/1.1\r\nHost: gw.example:8080\r\n\r\n",
+                8443
+            ),
+            "https://gw.example:8443/v1/chat/completions"
+        );
+        assert_eq!(
+            url("POST /v1/messages HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", 443),
+            "https://[::1]/v1/messages"
+        );
+        assert_eq!(
+            url("POST /v1/messages HTTP/1.1\r\nHost: [::1]\r\n\r\n", 443),
+            "https://[::1]/v1/messages"
+        );
+        assert_eq!(
+            url("POST /v1/x HTTP/1.0\r\n\r\n", 443),
+            "https://<host>/v1/x"
+        );
     }
 }

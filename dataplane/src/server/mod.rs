@@ -10,4 +10,5 @@ pub mod listener;
 pub mod request_id;
 pub mod respond;
 pub mod service;
+pub mod stream;
 pub mod worker;

@@ -10,8 +10,8 @@
 use std::io;
 use std::time::Duration;
 
+use crate::server::stream::ClientStream;
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
 use crate::h1::ResponseHead;
 use crate::server::request_id::RequestId;
@@ -31,7 +31,7 @@ enum State {
 
 #[derive(Debug)]
 pub struct Responder<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut ClientStream,
     out: &'a mut Vec<u8>,
     ctx: &'a WorkerCtx,
     id: RequestId,
@@ -48,7 +48,7 @@ pub struct Responder<'a> {
 
 impl<'a> Responder<'a> {
     pub(crate) fn new(
-        stream: &'a mut TcpStream,
+        stream: &'a mut ClientStream,
         out: &'a mut Vec<u8>,
         ctx: &'a WorkerCtx,
         id: RequestId,
@@ -154,6 +154,9 @@ impl<'a> Responder<'a> {
             None => head.header("transfer-encoding", b"chunked"),
         };
         head = headers(head);
+        if self.stream.is_tls() {
+            head = head.header("strict-transport-security", crate::config::tls::HSTS);
+        }
         head = head.header(
             "connection",
             if keep_alive { b"keep-alive" } else { b"close" },
@@ -283,7 +286,7 @@ fn hex(mut n: usize, out: &mut [u8; 16]) -> usize {
 
 /// Writes all of `out` (then clears it), bounded by `timeout`.
 pub(crate) async fn write_out(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     out: &mut Vec<u8>,
     timeout: Duration,
 ) -> io::Result<()> {

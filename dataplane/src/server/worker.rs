@@ -15,6 +15,7 @@ use crate::runtime::{self, DriverKind};
 use crate::server::date::DateCache;
 use crate::server::request_id::{RequestId, RequestIdGen};
 use crate::server::service::Service;
+use crate::server::stream::ClientStream;
 
 /// A worker's state as the admin listener sees it. Written only by its worker.
 #[derive(Debug, Default)]
@@ -29,6 +30,7 @@ pub struct WorkerStatus {
     usage_reported: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
+    tls_handshakes_failed: AtomicU64,
     /// What the worker's service counted, published about once a second; read by the
     /// admin listener's `/metrics`.
     pub metrics: std::sync::Mutex<crate::metrics::WorkerMetrics>,
@@ -91,6 +93,15 @@ impl WorkerStatus {
             self.input_tokens.load(Ordering::Relaxed),
             self.output_tokens.load(Ordering::Relaxed),
         )
+    }
+
+    /// TLS handshakes that failed or timed out since the worker started.
+    pub fn tls_handshakes_failed(&self) -> u64 {
+        self.tls_handshakes_failed.load(Ordering::Relaxed)
+    }
+
+    fn tls_handshake_failed(&self) {
+        self.tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_config_revision(&self, revision: u64) {
@@ -324,6 +335,10 @@ pub struct WorkerSpec {
     pub shutdown: Arc<Shutdown>,
     pub status: Arc<WorkerStatus>,
     pub drain: Duration,
+    /// `listener` speaks TLS with this config.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A plain-HTTP listener whose requests are refused (`https_required`), beside a TLS one.
+    pub plain_refused: Option<std::net::TcpListener>,
 }
 
 /// Runs a worker on the calling thread until shutdown has drained. `started` receives the
@@ -377,6 +392,23 @@ pub fn run<S, F>(
                 return;
             }
         };
+        let plain = match spec.plain_refused.map(monoio::net::TcpListener::from_std) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(e)) => {
+                let _ = started.send(Err(format!(
+                    "worker {index}: cannot register the plain-HTTP listener: {e}"
+                )));
+                return;
+            }
+        };
+        let tls_port = listener.local_addr().map_or(443, |a| a.port());
+        let listeners = Listeners {
+            tls_port,
+            main: listener,
+            tls: spec.tls.map(monoio_rustls::TlsAcceptor::from),
+            plain,
+        };
         ctx.status.running.store(true, Ordering::Release);
         service.start();
         let housekeeping = Rc::clone(&ctx);
@@ -384,8 +416,8 @@ pub fn run<S, F>(
             crate::runtime::alloc::collect_every_second(&housekeeping.shutdown).await;
         });
         let _ = started.send(Ok(driver));
-        accept_loop(&listener, &ctx, &service).await;
-        drop(listener);
+        accept_loop(&listeners, &ctx, &service).await;
+        drop(listeners);
         drain_connections(&ctx, drain).await;
         service.stopped();
         ctx.status.running.store(false, Ordering::Release);
@@ -393,30 +425,90 @@ pub fn run<S, F>(
     tracing::info!(worker = %index, "worker stopped");
 }
 
+/// What a worker accepts connections from.
+struct Listeners {
+    main: monoio::net::TcpListener,
+    /// The port of `main`, named to clients that came over plain HTTP.
+    tls_port: u16,
+    /// `main` speaks TLS.
+    tls: Option<monoio_rustls::TlsAcceptor>,
+    /// Plain HTTP beside TLS: every request on it is refused.
+    plain: Option<monoio::net::TcpListener>,
+}
+
+async fn accept_plain(
+    plain: Option<&monoio::net::TcpListener>,
+) -> std::io::Result<(monoio::net::TcpStream, std::net::SocketAddr)> {
+    match plain {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn accept_loop<S: Service + 'static>(
-    listener: &monoio::net::TcpListener,
+    listeners: &Listeners,
     ctx: &Rc<WorkerCtx>,
     service: &Rc<S>,
 ) {
     loop {
-        monoio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    ctx.conn_opened();
-                    let ctx = Rc::clone(ctx);
-                    let service = Rc::clone(service);
-                    monoio::spawn(async move {
-                        crate::server::conn::serve(stream, peer, Rc::clone(&ctx), service).await;
-                        ctx.conn_closed();
-                    });
-                }
-                Err(e) => {
-                    // EMFILE/ENFILE and friends: back off instead of spinning.
-                    tracing::warn!(worker = %WorkerName(ctx.index), error = %e, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+        let (accepted, plain_refused) = monoio::select! {
+            accepted = listeners.main.accept() => (accepted, None),
+            accepted = accept_plain(listeners.plain.as_ref()) => (accepted, Some(listeners.tls_port)),
             _ = ctx.shutdown.wait() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.conn_opened();
+                let ctx = Rc::clone(ctx);
+                let service = Rc::clone(service);
+                let tls = listeners.tls.clone().filter(|_| plain_refused.is_none());
+                monoio::spawn(async move {
+                    if let Some(stream) = handshake(stream, tls, &ctx).await {
+                        crate::server::conn::serve(
+                            stream,
+                            peer,
+                            Rc::clone(&ctx),
+                            service,
+                            plain_refused,
+                        )
+                        .await;
+                    }
+                    ctx.conn_closed();
+                });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = %WorkerName(ctx.index), error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The client's stream: TLS once its handshake is done (within the head read timeout;
+/// `None` when it fails or takes longer), or plain.
+async fn handshake(
+    stream: monoio::net::TcpStream,
+    tls: Option<monoio_rustls::TlsAcceptor>,
+    ctx: &WorkerCtx,
+) -> Option<ClientStream> {
+    let Some(acceptor) = tls else {
+        return Some(ClientStream::Plain(stream));
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let timeout = ctx.settings.current().head_read_timeout;
+    match crate::runtime::deadline::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(ClientStream::Tls(Box::new(s), fd)),
+        Ok(Err(e)) => {
+            ctx.status.tls_handshake_failed();
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            ctx.status.tls_handshake_failed();
+            tracing::debug!("TLS handshake timed out");
+            None
         }
     }
 }
