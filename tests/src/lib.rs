@@ -709,3 +709,35 @@ pub fn run_sdk_script(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// testssl.sh (the Debian package `.ci/setup` installs) against `url`, checking protocols
+/// and HTTP headers only: its findings as (id, finding).
+pub fn testssl(url: &str) -> Vec<(String, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("findings.json");
+    let out = Command::new("testssl")
+        .args(["--protocols", "--headers", "--quiet", "--color", "0"])
+        .args(["--warnings", "off", "--jsonfile"])
+        .arg(&json)
+        .arg(url)
+        .output()
+        .expect("testssl is installed (bash .ci/setup)");
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+        panic!(
+            "testssl wrote no findings ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let found: serde_json::Value = serde_json::from_str(&text).unwrap();
+    found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["id"].as_str().unwrap_or_default().to_string(),
+                f["finding"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}

@@ -218,3 +218,23 @@ fn the_openai_python_client_talks_to_the_tls_endpoint_with_a_test_ca() {
     );
     run_sdk_script("openai_tls.py", &[&base, ca.to_str().unwrap(), &plain]);
 }
+
+#[test]
+fn testssl_finds_only_tls_1_3_offered_and_hsts() {
+    let t = tls_gateway(DriverChoice::IoUring, "tls-testssl");
+    let findings = testssl(&format!("https://127.0.0.1:{}/v1/models", t.gw.addr().port()));
+    let finding = |id: &str| -> &str {
+        findings
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, f)| f.as_str())
+            .unwrap_or_else(|| panic!("no {id} in {findings:?}"))
+    };
+    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"] {
+        assert_eq!(finding(old), "not offered", "{old}");
+    }
+    assert!(finding("TLS1_3").starts_with("offered"), "{findings:?}");
+    assert_eq!(finding("ALPN"), "http/1.1");
+    assert!(finding("HSTS_time").starts_with("730 days"), "{findings:?}");
+    assert_eq!(finding("HSTS_subdomains"), "includes subdomains");
+}
