@@ -329,6 +329,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
             binary: &dp_binary,
             upstream_extra: "",
             env: &[],
+            sections: "",
         },
         opts.proxy_core,
         &dir,

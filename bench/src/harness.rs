@@ -249,6 +249,8 @@ pub(crate) struct DataPlane<'a> {
     pub(crate) upstream_extra: &'a str,
     /// Extra environment variables for the process.
     pub(crate) env: &'a [(String, String)],
+    /// Extra sections appended to its configuration (e.g. `[tls]`).
+    pub(crate) sections: &'a str,
 }
 
 /// A data plane on `core` with one worker, the provider at `upstream` as its only upstream
@@ -262,6 +264,7 @@ pub(crate) fn start_dataplane(
 ) -> anyhow::Result<Proc> {
     let admin = free_addr()?;
     let extra = dp.upstream_extra;
+    let sections = dp.sections;
     let conf = format!(
         r#"
 [server]
@@ -282,6 +285,7 @@ credential_env = "AIGW_BENCH_PROVIDER_KEY"
 [[routes]]
 prefix = ""
 targets = [{{ upstream = "provider" }}]
+{sections}
 "#
     );
     let path = dir.join(format!("{}.toml", dp.name));

@@ -9,7 +9,9 @@
 //! - `revocation` and `snapshot`: key propagation against a real control plane
 //!   (`keys_bench.rs`);
 //! - `controls`: the CPU per request metering, spend caps and rate limits add to the data
-//!   plane, against a real control plane (`controls_bench.rs`).
+//!   plane, against a real control plane (`controls_bench.rs`);
+//! - `tls`: client TLS against nginx's, handshakes and keep-alive requests
+//!   (`tls_bench.rs`).
 //!
 //! `run` measures the provider directly, nginx `proxy_pass` (one worker, upstream
 //! keepalive) and the data plane (one worker), with the same mock provider and the same
@@ -46,6 +48,7 @@ mod netio;
 mod sse_client;
 mod sse_mock;
 mod stream_bench;
+mod tls_bench;
 mod wrk_run;
 
 #[global_allocator]
@@ -89,6 +92,9 @@ enum Cmd {
     /// CPU per request of the data plane with a plain metered key, with a key under a spend
     /// cap and rate limits, and with no keys (static configuration), interleaved.
     Controls(controls_bench::ControlsOpts),
+    /// Client TLS against nginx's: handshakes per second and CPU per handshake, CPU per
+    /// request over keep-alive TLS (same certificate, TLS 1.3, X25519, no resumption).
+    Tls(tls_bench::TlsOpts),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,5 +108,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Snapshot { keys } => keys_bench::snapshot(keys),
         Cmd::Run(opts) => wrk_run::run(&opts),
         Cmd::Controls(opts) => controls_bench::controls(&opts),
+        Cmd::Tls(opts) => tls_bench::tls(&opts),
     }
 }

@@ -285,6 +285,7 @@ fn launch(opts: &StreamOpts, dir: &Path, t: &Target) -> anyhow::Result<Running> 
                 binary,
                 upstream_extra: &upstream_extra,
                 env: &opts.dp_env,
+                sections: "",
             };
             let p = start_dataplane(&dp, opts.proxy_core, dir, addr, mock_addr)?;
             (Some(p), addr)

@@ -110,6 +110,23 @@ pub(crate) fn wrk(
     script: &Path,
     target: SocketAddr,
 ) -> anyhow::Result<(u64, f64, f64, f64)> {
+    wrk_url(
+        load_core,
+        connections,
+        duration,
+        script,
+        &format!("http://{target}/v1/chat/completions"),
+    )
+}
+
+/// [`wrk`] against `url` (an `https://` one over TLS).
+pub(crate) fn wrk_url(
+    load_core: usize,
+    connections: usize,
+    duration: u64,
+    script: &Path,
+    url: &str,
+) -> anyhow::Result<(u64, f64, f64, f64)> {
     let out = Command::new("taskset")
         .args(["-c", &load_core.to_string(), "wrk", "-t1"])
         .arg(format!("-c{connections}"))
@@ -117,7 +134,7 @@ pub(crate) fn wrk(
         .arg("-s")
         .arg(script)
         .arg("--latency")
-        .arg(format!("http://{target}/v1/chat/completions"))
+        .arg(url)
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -125,7 +142,7 @@ pub(crate) fn wrk(
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
     if text.contains("Non-2xx") || text.contains("Socket errors") {
-        bail!("errors under load against {target}:\n{text}");
+        bail!("errors under load against {url}:\n{text}");
     }
     let mut requests = 0;
     let mut rps = 0.0;
@@ -188,6 +205,7 @@ pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
             binary,
             upstream_extra: "",
             env: &[],
+            sections: "",
         };
         let p = start_dataplane(&dp, opts.proxy_core, &dir, addr, mock_addr)?;
         targets.push((name, addr, Some(p.id())));

@@ -222,7 +222,10 @@ fn the_openai_python_client_talks_to_the_tls_endpoint_with_a_test_ca() {
 #[test]
 fn testssl_finds_only_tls_1_3_offered_and_hsts() {
     let t = tls_gateway(DriverChoice::IoUring, "tls-testssl");
-    let findings = testssl(&format!("https://127.0.0.1:{}/v1/models", t.gw.addr().port()));
+    let findings = testssl(&format!(
+        "https://127.0.0.1:{}/v1/models",
+        t.gw.addr().port()
+    ));
     let finding = |id: &str| -> &str {
         findings
             .iter()
