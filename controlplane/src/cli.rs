@@ -221,6 +221,10 @@ pub enum Command {
         /// An account-level zero-retention agreement covers every request.
         #[arg(long)]
         non_retention_agreement: bool,
+        /// The provider is not told anything (none of the three above, nor the provider's
+        /// default: OpenAI's `store: false`). A zero-retention policy then refuses it.
+        #[arg(long, conflicts_with_all = ["non_retention_header", "non_retention_body_field", "non_retention_agreement"])]
+        no_non_retention: bool,
         /// Ask the provider for usage in streamed responses (OpenAI's stream_options).
         #[arg(long)]
         stream_options: bool,
@@ -292,13 +296,17 @@ pub enum Command {
         #[command(flatten)]
         place: Place,
     },
-    /// Set an environment's policy (every flag not given is off).
+    /// Set an environment's policy. Zero retention is on unless `--allow-retention` is given
+    /// (an opt-out the audit log records); the other flags not given are off.
     PolicyPut {
         #[command(flatten)]
         place: Place,
-        /// Only upstreams that can be told not to retain.
-        #[arg(long)]
+        /// Only upstreams that can be told not to retain (the default).
+        #[arg(long, conflicts_with = "allow_retention")]
         zero_retention: bool,
+        /// Opt out of zero retention: upstreams that may retain requests can be used.
+        #[arg(long)]
+        allow_retention: bool,
         /// Only upstreams in this region.
         #[arg(long, default_value = "")]
         region: String,
@@ -563,6 +571,7 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             non_retention_header,
             non_retention_body_field,
             non_retention_agreement,
+            no_non_retention,
             stream_options,
             pass_organization_headers,
             max_connections,
@@ -585,8 +594,11 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
                 json!({"mode": "body_field", "name": n, "value": v})
             } else if non_retention_agreement {
                 json!({"mode": "account_agreement"})
-            } else {
+            } else if no_non_retention {
                 json!({"mode": "none"})
+            } else {
+                // The provider's default.
+                Value::Null
             };
             let mut body = json!({
                 "provider": format!("{kind:?}").to_lowercase(),
@@ -657,13 +669,14 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
         }
         Command::PolicyPut {
             place,
-            zero_retention,
+            zero_retention: _,
+            allow_retention,
             region,
             hipaa,
         } => (
             "PUT",
             format!("{}/policy", place.path()),
-            Some(json!({"zero_retention": zero_retention, "region": region, "hipaa": hipaa})),
+            Some(json!({"zero_retention": !allow_retention, "region": region, "hipaa": hipaa})),
         ),
         Command::PolicyGet { place } => ("GET", format!("{}/policy", place.path()), None),
         Command::Nodes => ("GET", "/v1/nodes".into(), None),

@@ -166,6 +166,12 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         provider.requests()[0].header("authorization"),
         Some("Bearer sk-from-the-cli")
     );
+    let forwarded: serde_json::Value =
+        serde_json::from_slice(&provider.requests()[0].body).unwrap();
+    assert_eq!(
+        forwarded["store"], false,
+        "OpenAI upstreams are told not to retain by default"
+    );
 
     // `nodes` shows the node and the revision it applied.
     let newest = cli(&url, &token, &["nodes"], &[]);
@@ -188,27 +194,53 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         assert!(identity.join("node.pem").exists());
     }
 
-    // A policy the upstream breaks keeps requests from leaving.
-    let policy = cli(
-        &url,
-        &token,
-        &["policy-put", "--tenant", &tenant, "--zero-retention"],
-        &[],
-    );
-    let revision = policy["revision"].as_i64().unwrap();
-    assert!(
+    // An upstream that cannot be told not to retain breaks the zero retention every
+    // environment has until its tenant opts out: requests do not leave.
+    let applied = |revision: i64| {
         wait_until(Duration::from_secs(5), || {
             admin_get(gw.admin_addr, "/workers").json()["workers"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .all(|w| w["config_revision"].as_i64().unwrap_or(0) >= revision)
-        }),
-        "every worker applied the policy"
+        })
+    };
+    let retaining = cli(
+        &url,
+        &token,
+        &[
+            "upstream-put",
+            "oa",
+            "--tenant",
+            &tenant,
+            "--kind",
+            "openai",
+            "--base-url",
+            &provider.base_url(),
+            "--no-non-retention",
+        ],
+        &[],
     );
+    assert_eq!(retaining["non_retention"]["mode"], "none");
+    assert!(applied(retaining["revision"].as_i64().unwrap()));
     let r = chat(gw.addr, &key);
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "policy_blocked");
     assert_eq!(provider.request_count(), 1, "nothing left for the provider");
+    // The tenant's explicit opt-out, audited on its own line, lets it through.
+    let policy = cli(
+        &url,
+        &token,
+        &["policy-put", "--tenant", &tenant, "--allow-retention"],
+        &[],
+    );
+    assert!(applied(policy["revision"].as_i64().unwrap()));
+    assert_eq!(chat(gw.addr, &key).status, 200);
+    let audit = cli(&url, &token, &["audit"], &[]);
+    assert!(
+        audit.to_string().contains("policy.zero_retention_opt_out"),
+        "{audit}"
+    );
 
     // Output for scripts: ids, one field, a table.
     let text = |args: &[&str]| {
@@ -275,8 +307,8 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         .to_string();
     assert!(
         wait_until(Duration::from_secs(5), || chat(gw.addr, &fresh).status
-            == 403),
-        "a production key reaches the node (the policy blocks its request)"
+            == 200),
+        "a production key reaches the node"
     );
     let scoped = cli(
         &url,

@@ -60,7 +60,7 @@ both_drivers!(
         put(
             &cp,
             &format!("{base}/upstreams/an"),
-            json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+            json!({"provider": "anthropic", "base_url": anthropic.base_url(), "non_retention": {"mode": "account_agreement"}}),
         );
         put(
             &cp,
@@ -337,7 +337,7 @@ both_drivers!(streamed_answers_are_redacted_across_events, |driver| {
     put(
         &cp,
         "/v1/tenants/acme/environments/production/upstreams/an",
-        json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+        json!({"provider": "anthropic", "base_url": anthropic.base_url(), "non_retention": {"mode": "account_agreement"}}),
     );
     put(
         &cp,

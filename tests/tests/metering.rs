@@ -77,7 +77,7 @@ fn stack(
     put(
         &cp,
         &format!("{base}/upstreams/an"),
-        json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+        json!({"provider": "anthropic", "base_url": anthropic.base_url(), "non_retention": {"mode": "account_agreement"}}),
     );
     put(
         &cp,

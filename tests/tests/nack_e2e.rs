@@ -211,6 +211,7 @@ fn upstream_record_of(tenant: &str, provider: &str, base_url: &str) -> Record {
         provider: provider.into(),
         base_url: base_url.into(),
         credential: Some("sk-upstream".into()),
+        non_retention: aigw_wire::NonRetention::AccountAgreement {},
         ..Default::default()
     })
 }

@@ -96,10 +96,17 @@ both_drivers!(
                 ("oa-broken", "openai", broken.base_url()),
                 ("an-broken", "anthropic", broken.base_url()),
             ] {
+                // Production's upstreams can be told not to retain (OpenAI's default,
+                // Anthropic's by agreement); staging's cannot.
+                let non_retention = match (env, provider) {
+                    ("production", "anthropic") => json!({"mode": "account_agreement"}),
+                    ("production", _) => serde_json::Value::Null,
+                    _ => json!({"mode": "none"}),
+                };
                 put(
                     &cp,
                     &format!("{base}/upstreams/{name}"),
-                    json!({"provider": provider, "base_url": url}),
+                    json!({"provider": provider, "base_url": url, "non_retention": non_retention}),
                 );
             }
             for (route, model, target) in [

@@ -169,7 +169,7 @@ both_drivers!(
         put(
             &cp,
             &format!("{base}/upstreams/oa"),
-            json!({"provider": "openai", "base_url": provider.base_url(), "region": "us"}),
+            json!({"provider": "openai", "base_url": provider.base_url(), "region": "us", "non_retention": {"mode": "none"}}),
         );
         put(
             &cp,
@@ -301,3 +301,78 @@ both_drivers!(
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
 );
+
+#[test]
+fn every_environment_requires_zero_retention_until_its_tenant_opts_out() {
+    let dir = scratch_dir("routing-zero-retention-default");
+    let cp = cp_start(dir, "127.0.0.1:0");
+    let openai = MockProvider::start(MockOptions::default());
+    let anthropic = MockProvider::start(MockOptions::default());
+    tenant(&cp, "acme", "pro");
+    let base = "/v1/tenants/acme/environments/production";
+    // No non-retention mode given: each provider's default.
+    put(
+        &cp,
+        &format!("{base}/upstreams/oa"),
+        json!({"provider": "openai", "base_url": openai.base_url()}),
+    );
+    put(
+        &cp,
+        &format!("{base}/upstreams/an"),
+        json!({"provider": "anthropic", "base_url": anthropic.base_url()}),
+    );
+    put(
+        &cp,
+        &format!("{base}/routes/gpt"),
+        json!({"prefix": "gpt-", "targets": [{"upstream": "oa"}]}),
+    );
+    put(
+        &cp,
+        &format!("{base}/routes/claude"),
+        json!({"prefix": "claude-", "targets": [{"upstream": "an"}]}),
+    );
+    let k = key(&cp, "acme", "production");
+    let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+
+    // OpenAI: `store: false` where the endpoint takes it, nothing where it would be refused.
+    let r = chat_with_key(gw.addr(), Some(&k), "gpt-4o");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: serde_json::Value = serde_json::from_slice(&openai.requests()[0].body).unwrap();
+    assert_eq!(sent["store"], false);
+    let r = post_with_key(
+        gw.addr(),
+        &k,
+        "/v1/embeddings",
+        r#"{"model":"gpt-embed","input":"x"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: serde_json::Value = serde_json::from_slice(&openai.requests()[1].body).unwrap();
+    assert!(
+        sent.get("store").is_none(),
+        "embeddings take no `store`: {sent}"
+    );
+
+    // Anthropic has no per-request flag: without an agreement declared, nothing is sent.
+    let claude =
+        r#"{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = post_with_key(gw.addr(), &k, "/v1/messages", claude);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "policy_blocked");
+    assert!(r.text().contains("zero retention"), "{}", r.text());
+    assert_eq!(anthropic.request_count(), 0);
+
+    // The tenant opts out, explicitly: it is audited, and the request goes.
+    let r = api(
+        &cp,
+        "PUT",
+        &format!("{base}/policy"),
+        Some(json!({"zero_retention": false})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_workers(&gw, revision(&cp));
+    let r = post_with_key(gw.addr(), &k, "/v1/messages", claude);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let audit = api(&cp, "GET", "/v1/audit", None).text();
+    assert!(audit.contains("policy.zero_retention_opt_out"), "{audit}");
+}

@@ -164,7 +164,7 @@ pub fn document() -> Value {
                     "provider": {"enum": ["openai", "anthropic"]},
                     "base_url": {"type": "string", "description": "http:// or https://, a host, optional port and path; no query, fragment or user info"},
                     "credential": {"type": ["string", "null"], "writeOnly": true, "description": "absent or null: keep the stored credential; empty: remove it"},
-                    "non_retention": {"$ref": "#/components/schemas/NonRetention"},
+                    "non_retention": {"allOf": [{"$ref": "#/components/schemas/NonRetention"}], "description": "absent: the provider's default (openai: body_field store=false, sent on chat completions and responses; anthropic: none)"},
                     "stream_options": {"type": "boolean", "default": false},
                     "pass_organization_headers": {"type": "boolean", "default": false, "description": "Forward the client's OpenAI-Organization and OpenAI-Project headers"},
                     "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
@@ -183,7 +183,7 @@ pub fn document() -> Value {
                                 "upstream": {"type": "string", "pattern": NAME_PATTERN},
                                 "model": {"type": "string", "description": "model name to send instead of the client's"}}}}}},
                 "PutPolicy": {"type": "object", "additionalProperties": false, "properties": {
-                    "zero_retention": {"type": "boolean", "default": false},
+                    "zero_retention": {"type": "boolean", "default": true, "description": "false opts out of zero retention (audited as policy.zero_retention_opt_out)"},
                     "region": {"type": "string", "pattern": REGION_PATTERN, "default": ""},
                     "hipaa": {"type": "boolean", "default": false}}},
                 "NodeScope": {"type": "object", "additionalProperties": false, "properties": {

@@ -127,7 +127,22 @@ fn upstreams_routes_and_policies_over_the_api() {
         &format!("{ENV}/upstreams/m"),
         Some(json!({"provider": "openai", "base_url": "http://h"})),
     );
-    assert_eq!(v["non_retention"], json!({"mode": "none"}), "the default");
+    assert_eq!(
+        v["non_retention"],
+        json!({"mode": "body_field", "name": "store", "value": false}),
+        "OpenAI's default"
+    );
+    let (_, v) = call(
+        &cp,
+        "PUT",
+        &format!("{ENV}/upstreams/m"),
+        Some(json!({"provider": "anthropic", "base_url": "http://h"})),
+    );
+    assert_eq!(
+        v["non_retention"],
+        json!({"mode": "none"}),
+        "Anthropic has no per-request flag"
+    );
     let (code, _) = call(&cp, "DELETE", &format!("{ENV}/upstreams/m"), None);
     assert_eq!(code, 200);
 
@@ -285,13 +300,14 @@ fn upstreams_routes_and_policies_over_the_api() {
     assert_eq!(code, 200);
     assert_eq!(
         (v["zero_retention"].clone(), v["region"].clone()),
-        (json!(false), json!(""))
+        (json!(true), json!("")),
+        "never set: zero retention"
     );
     let (code, v) = call(
         &cp,
         "PUT",
         &format!("{ENV}/policy"),
-        Some(json!({"zero_retention": true, "region": "eu", "hipaa": false})),
+        Some(json!({"region": "eu", "hipaa": false})),
     );
     assert_eq!(code, 200, "{v}");
     assert!(v["revision"].as_i64().is_some());

@@ -94,6 +94,20 @@ impl Default for NonRetention {
 }
 
 impl NonRetention {
+    /// The mode an upstream of `kind` gets when none is given: OpenAI's `store: false`
+    /// (sent on the endpoints that take it: chat completions and responses); none for
+    /// Anthropic, which offers no per-request flag (its zero data retention is an agreement
+    /// with the account: say so with `account_agreement`).
+    pub fn default_for(kind: ProviderKind) -> Self {
+        match kind {
+            ProviderKind::Openai => Self::BodyField {
+                name: "store".into(),
+                value: JsonText("false".into()),
+            },
+            ProviderKind::Anthropic => Self::None {},
+        }
+    }
+
     /// The mode's name, as the `mode` field spells it.
     pub const fn mode(&self) -> &'static str {
         match self {

@@ -279,8 +279,9 @@ pub struct UpstreamConfig {
     /// How long an unused pooled connection is kept.
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    #[serde(default = "default_non_retention")]
-    pub non_retention: NonRetention,
+    /// Absent: the provider's default (OpenAI's `store: false`; none for Anthropic).
+    #[serde(default)]
+    pub non_retention: Option<NonRetention>,
     /// Whether the upstream accepts OpenAI's `stream_options`.
     #[serde(default)]
     pub stream_options: bool,
@@ -311,8 +312,13 @@ pub(crate) fn default_read_idle_timeout() -> Duration {
 pub(crate) fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
-fn default_non_retention() -> NonRetention {
-    NonRetention::None {}
+impl UpstreamConfig {
+    /// The non-retention mode given, or the provider's default.
+    pub fn non_retention(&self) -> NonRetention {
+        self.non_retention
+            .clone()
+            .unwrap_or_else(|| NonRetention::default_for(self.kind))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -695,7 +701,7 @@ impl Config {
             if let Err(e) = aigw_wire::rules::check_upstream_fields(
                 u.kind.name(),
                 &u.base_url,
-                &u.non_retention,
+                &u.non_retention(),
                 &u.region,
             ) {
                 return Err(("upstreams", at(&e.to_string())));

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::adapters::{self, Endpoint};
 use crate::body::JsonBody;
 use crate::config::routing::Target;
-use crate::config::NonRetention;
+use crate::config::{NonRetention, ProviderKind};
 use crate::errors::Family;
 use crate::gateway::ctx::RequestCtx;
 use crate::server::service::Head;
@@ -94,9 +94,26 @@ fn non_retention(e: &mut Editing<'_, '_>) {
             h.extend_from_slice(value.as_bytes());
             h.extend_from_slice(b"\r\n");
         }
-        NonRetention::BodyField { name, value } => e.body.to_mut().set_raw(name, value.as_str()),
+        NonRetention::BodyField { name, value } => {
+            if takes_body_field(e.target.upstream.kind, e.ctx.endpoint, name) {
+                e.body.to_mut().set_raw(name, value.as_str());
+            }
+        }
         NonRetention::AccountAgreement {} | NonRetention::None {} => {}
     }
+}
+
+/// Whether the endpoint takes the body field: OpenAI has `store` on chat completions and
+/// responses only, and refuses an argument it does not know on its other endpoints
+/// (embeddings and the older completions, which OpenAI does not store); any other field is
+/// the operator's to know, and sent everywhere.
+fn takes_body_field(kind: ProviderKind, endpoint: Option<Endpoint>, name: &str) -> bool {
+    kind != ProviderKind::Openai
+        || name != "store"
+        || matches!(
+            endpoint,
+            Some(Endpoint::ChatCompletions | Endpoint::Responses)
+        )
 }
 
 /// Asks an OpenAI-style upstream for a stream's usage (`stream_options.include_usage`) when
@@ -219,7 +236,14 @@ mod tests {
     use crate::config::Config;
     use crate::config::ProviderKind;
 
+    /// An OpenAI upstream with `extra` settings (an account agreement for non-retention
+    /// unless `extra` says otherwise, so bodies stay as sent), routed with `model`.
     fn target(extra: &str, model: &str) -> Target {
+        let extra = if extra.contains("non_retention") {
+            extra.to_string()
+        } else {
+            format!("{extra}\nnon_retention = {{ mode = \"account_agreement\" }}")
+        };
         let c = Config::parse(
             &format!(
                 "[[upstreams]]\nname = \"u\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1\"\n{extra}\n[[routes]]\nprefix = \"\"\ntargets = [{{ upstream = \"u\"{model} }}]\n"
@@ -277,6 +301,33 @@ mod tests {
             &out.body[..],
             br#"{"model":"dep","messages":[],"store":false}"#
         );
+    }
+
+    #[test]
+    fn openai_upstreams_send_store_false_by_default_where_the_endpoint_takes_it() {
+        let c = Config::parse(
+            "[[upstreams]]\nname = \"u\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1\"\n[[routes]]\nprefix = \"\"\ntargets = [{ upstream = \"u\" }]\n",
+            "t",
+        )
+        .expect("valid");
+        let table = RouteTable::build(&c).expect("builds");
+        let t = table.lookup("x", ProviderKind::Openai).expect("routes")[0].clone();
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Responses] {
+            let (_, out) = run(br#"{"model":"x"}"#, &t, &ctx(endpoint, false));
+            assert_eq!(
+                &out.body[..],
+                br#"{"model":"x","store":false}"#,
+                "{endpoint:?}"
+            );
+        }
+        for endpoint in [Endpoint::Embeddings, Endpoint::Completions] {
+            let (original, out) = run(br#"{"model":"x"}"#, &t, &ctx(endpoint, false));
+            assert_eq!(
+                out.body.as_ptr(),
+                original.as_ptr(),
+                "{endpoint:?} has no `store`: OpenAI would refuse it"
+            );
+        }
     }
 
     #[test]

@@ -461,7 +461,7 @@ fn with_demo_upstreams(mut config: Config, addr: SocketAddr) -> Config {
         first_byte_timeout: Duration::from_secs(60),
         read_idle_timeout: Duration::from_secs(60),
         pool_idle_timeout: Duration::from_secs(60),
-        non_retention: NonRetention::AccountAgreement {},
+        non_retention: Some(NonRetention::AccountAgreement {}),
         stream_options: true,
         pass_organization_headers: false,
         region: "local".into(),

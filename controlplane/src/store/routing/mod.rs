@@ -74,7 +74,7 @@ mod check {
             base_url: spec.base_url.clone(),
             // Empty removes the stored credential; absent keeps it (checked when it was set).
             credential: spec.credential.clone().filter(|c| !c.is_empty()),
-            non_retention: spec.non_retention.clone(),
+            non_retention: spec.non_retention(),
             stream_options: spec.stream_options,
             region: spec.region.clone(),
             baa: spec.baa,

@@ -40,7 +40,7 @@ impl Store {
                 (None, Some((_, Some(kept)))) => (Some(kept), "kept"),
                 (None, _) => (None, "none"),
             };
-            let nr = serde_json::to_string(&spec.non_retention).map_err(|e| invalid(format!("non_retention: {e}")))?;
+            let nr = serde_json::to_string(&spec.non_retention()).map_err(|e| invalid(format!("non_retention: {e}")))?;
             let values = params![
                 id,
                 tenant_id,
@@ -90,7 +90,7 @@ impl Store {
                     "provider": spec.provider,
                     "base_url": spec.base_url,
                     "credential": credential_change,
-                    "non_retention": spec.non_retention.mode(),
+                    "non_retention": spec.non_retention().mode(),
                     "region": spec.region,
                     "baa": spec.baa,
                     "created": updated == 0,
@@ -267,6 +267,7 @@ impl Store {
         let id = policy_id(tenant_id, environment);
         self.with_tx(|tx| {
             tenant_exists(tx, tenant_id)?;
+            let before = policy_of(tx, tenant_id, environment)?;
             let values = params![
                 id,
                 tenant_id,
@@ -312,6 +313,19 @@ impl Store {
                     "patterns": spec.patterns,
                 }),
             )?;
+            if before.zero_retention && !spec.zero_retention {
+                // The opt-out from zero retention, on its own line of the audit log.
+                audit(
+                    tx,
+                    actor,
+                    "policy.zero_retention_opt_out",
+                    &id,
+                    serde_json::json!({
+                        "tenant_id": tenant_id,
+                        "environment": environment.name(),
+                    }),
+                )?;
+            }
             let record = policy_of(tx, tenant_id, environment)?;
             Ok(Written { record, revision })
         })

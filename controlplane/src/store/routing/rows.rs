@@ -248,7 +248,8 @@ pub(super) fn policy_of(
         id,
         tenant_id: tenant_id.into(),
         environment: environment.name().into(),
-        zero_retention: false,
+        // Never set: zero retention, as nodes apply it.
+        zero_retention: true,
         region: String::new(),
         hipaa: false,
         guardrails: Default::default(),
@@ -316,7 +317,8 @@ impl Store {
         })
     }
 
-    /// An environment's policy; every field off when it was never set.
+    /// An environment's policy; when it was never set, zero retention and every other field
+    /// off.
     pub fn get_policy(
         &self,
         tenant_id: &str,

@@ -16,10 +16,10 @@ fn upstream(credential: Option<&str>) -> UpstreamSpec {
         provider: "openai".into(),
         base_url: "http://127.0.0.1:9000/v1".into(),
         credential: credential.map(Into::into),
-        non_retention: NonRetention::Header {
+        non_retention: Some(NonRetention::Header {
             name: "x-no-retain".into(),
             value: "1".into(),
-        },
+        }),
         stream_options: true,
         region: "eu".into(),
         baa: false,
@@ -514,24 +514,24 @@ fn upstream_fields_are_validated_by_name() {
     let m = put(with(&|u| u.credential = Some("sk-\r\nx-evil: 1".into())));
     assert!(m.starts_with("credential:") && !m.contains("evil"), "{m}");
     let m = put(with(&|u| {
-        u.non_retention = NonRetention::Header {
+        u.non_retention = Some(NonRetention::Header {
             name: "x-no-retain".into(),
             value: "1\r\nx-evil: 1".into(),
-        }
+        })
     }));
     assert!(m.starts_with("non_retention.value:"), "{m}");
     let m = put(with(&|u| {
-        u.non_retention = NonRetention::Header {
+        u.non_retention = Some(NonRetention::Header {
             name: "Authorization".into(),
             value: "x".into(),
-        }
+        })
     }));
     assert!(m.starts_with("non_retention.name:"), "{m}");
     let m = put(with(&|u| {
-        u.non_retention = NonRetention::BodyField {
+        u.non_retention = Some(NonRetention::BodyField {
             name: String::new(),
             value: aigw_wire::rules::JsonText("false".into()),
-        }
+        })
     }));
     assert!(m.starts_with("non_retention.name:"), "{m}");
     assert!(put(with(&|u| u.region = "EU West".into())).starts_with("region:"));
@@ -550,10 +550,10 @@ fn upstream_fields_are_validated_by_name() {
         PROD,
         "bf",
         &with(&|u| {
-            u.non_retention = NonRetention::BodyField {
+            u.non_retention = Some(NonRetention::BodyField {
                 name: "store".into(),
                 value: aigw_wire::rules::JsonText("false".into()),
-            }
+            })
         }),
     )
     .expect("body field");
@@ -568,7 +568,7 @@ fn upstream_fields_are_validated_by_name() {
 }
 
 #[test]
-fn policies_default_to_off_and_are_replaced_whole() {
+fn policies_default_to_zero_retention_and_are_replaced_whole() {
     let (s, dir) = store();
     let p = s.get_policy("t", Environment::Staging).expect("default");
     assert_eq!(
@@ -579,7 +579,8 @@ fn policies_default_to_off_and_are_replaced_whole() {
             p.hipaa,
             p.updated_at
         ),
-        ("t/staging", false, "", false, 0)
+        ("t/staging", true, "", false, 0),
+        "never set: zero retention, nothing else"
     );
     assert!(matches!(
         s.get_policy("nobody", PROD),
@@ -601,7 +602,39 @@ fn policies_default_to_off_and_are_replaced_whole() {
     let w = s
         .put_policy(&actor(), "t", Environment::Staging, &PolicySpec::default())
         .expect("replace");
-    assert!(!w.record.zero_retention && !w.record.hipaa && w.record.region.is_empty());
+    assert!(w.record.zero_retention && !w.record.hipaa && w.record.region.is_empty());
+    // Opting out is explicit, and audited on a line of its own.
+    let w = s
+        .put_policy(
+            &actor(),
+            "t",
+            Environment::Staging,
+            &PolicySpec {
+                zero_retention: false,
+                ..PolicySpec::default()
+            },
+        )
+        .expect("opt out");
+    assert!(!w.record.zero_retention);
+    let opt_outs = |s: &Store| {
+        s.audit(0, 10_000)
+            .expect("audit")
+            .iter()
+            .filter(|r| r.action == "policy.zero_retention_opt_out")
+            .count()
+    };
+    assert_eq!(opt_outs(&s), 1);
+    s.put_policy(
+        &actor(),
+        "t",
+        Environment::Staging,
+        &PolicySpec {
+            zero_retention: false,
+            ..PolicySpec::default()
+        },
+    )
+    .expect("again");
+    assert_eq!(opt_outs(&s), 1, "only a change opts out");
     let m = error_of(s.put_policy(
         &actor(),
         "t",

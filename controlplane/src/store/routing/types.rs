@@ -18,8 +18,9 @@ pub struct UpstreamSpec {
     /// The provider credential. Absent (or null): keep the one stored; empty: remove it.
     #[serde(default)]
     pub credential: Option<String>,
+    /// Absent: the provider's default ([`NonRetention::default_for`]).
     #[serde(default)]
-    pub non_retention: NonRetention,
+    pub non_retention: Option<NonRetention>,
     #[serde(default)]
     pub stream_options: bool,
     /// Where the provider processes data; empty when unknown.
@@ -41,6 +42,38 @@ pub struct UpstreamSpec {
     pub first_byte_timeout_ms: u64,
     #[serde(default)]
     pub read_idle_timeout_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        Self {
+            zero_retention: true,
+            region: String::new(),
+            hipaa: false,
+            guardrails: BTreeMap::new(),
+            revoke_leaked_keys: false,
+            guardrails_fail_open: false,
+            patterns: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamSpec {
+    /// The non-retention mode given, or the provider's default.
+    pub fn non_retention(&self) -> NonRetention {
+        match (
+            &self.non_retention,
+            aigw_wire::ProviderKind::from_name(&self.provider),
+        ) {
+            (Some(nr), _) => nr.clone(),
+            (None, Some(kind)) => NonRetention::default_for(kind),
+            (None, None) => NonRetention::None {},
+        }
+    }
 }
 
 impl std::fmt::Debug for UpstreamSpec {
@@ -130,12 +163,13 @@ pub struct Route {
     pub updated_at: i64,
 }
 
-/// An environment's policy as an operator writes it; every field defaults to off.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// An environment's policy as an operator writes it: zero retention unless opted out
+/// (`"zero_retention": false`), every other field off by default.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     /// Never route to an upstream that cannot be told not to retain.
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub zero_retention: bool,
     /// Only upstreams in this region; empty = any.
     #[serde(default)]

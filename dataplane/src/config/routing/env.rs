@@ -66,6 +66,15 @@ impl Guardrails {
 }
 
 impl Policy {
+    /// The policy of an environment its tenant set none for: zero retention (a tenant opts
+    /// out explicitly, and the control plane audits it), nothing else.
+    pub fn unset() -> Self {
+        Self {
+            zero_retention: true,
+            ..Self::default()
+        }
+    }
+
     /// Why `up` may not serve this environment, if it may not.
     pub fn refuses(&self, up: &Upstream) -> Option<&'static str> {
         if self.zero_retention && !up.non_retention.is_guaranteed() {

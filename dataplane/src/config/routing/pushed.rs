@@ -107,7 +107,7 @@ fn build_upstream(r: &UpstreamRecord) -> Result<Arc<Upstream>, String> {
         ),
         read_idle_timeout: ms(r.read_idle_timeout_ms, config::default_read_idle_timeout()),
         pool_idle_timeout: config::default_pool_idle_timeout(),
-        non_retention: r.non_retention.clone(),
+        non_retention: Some(r.non_retention.clone()),
         stream_options: r.stream_options,
         pass_organization_headers: r.pass_organization_headers,
         region: r.region.clone(),
@@ -303,7 +303,8 @@ impl Routing {
                 .unwrap_or_default();
             let table = RouteTable::from_parts(ups, env_routes.remove(&key).unwrap_or_default());
             let (policy, broken_policy) = match env_policies.remove(&key) {
-                None => (Policy::default(), None),
+                // An environment the tenant set no policy for requires zero retention.
+                None => (Policy::unset(), None),
                 Some(Ok(p)) => (p, None),
                 Some(Err(why)) => (Policy::default(), Some(why)),
             };
@@ -407,6 +408,7 @@ mod tests {
             base_url: format!("http://127.0.0.1:{port}"),
             credential: Some(format!("sk-{name}")),
             region: "us".into(),
+            non_retention: aigw_wire::NonRetention::AccountAgreement {},
             ..Default::default()
         })
     }
@@ -456,13 +458,25 @@ mod tests {
         let up = &prod.lookup("x", ProviderKind::Openai).expect("routes")[0].upstream;
         assert_eq!(up.credential.as_ref().map(Secret::expose), Some("sk-a"));
 
-        // A zero-retention policy refuses an upstream that cannot be told not to retain.
-        let with_policy = r.apply(
+        // With no policy set, zero retention holds: an upstream that cannot be told not to
+        // retain is refused.
+        let mut retaining = upstream("t", "production", "a", 1);
+        if let Record::Upstream(u) = &mut retaining {
+            u.non_retention = aigw_wire::NonRetention::None {};
+        }
+        let by_default = r.apply(vec![retaining], &[]);
+        let prod2 = by_default.env("t", Environment::Production).expect("prod");
+        assert_eq!(
+            prod2.lookup("gpt-4o", ProviderKind::Openai).err(),
+            Some(NoTarget::Policy("zero retention"))
+        );
+        // The tenant's explicit opt-out lets it serve.
+        let opted_out = by_default.apply(
             vec![Record::Policy(PolicyRecord {
                 id: "t/production".into(),
                 tenant_id: "t".into(),
                 environment: "production".into(),
-                zero_retention: true,
+                zero_retention: false,
                 region: String::new(),
                 hipaa: false,
                 guardrails: vec![],
@@ -471,17 +485,17 @@ mod tests {
             })],
             &[],
         );
-        let prod2 = with_policy.env("t", Environment::Production).expect("prod");
+        let prod3 = opted_out.env("t", Environment::Production).expect("prod");
         assert_eq!(
-            prod2.lookup("gpt-4o", ProviderKind::Openai).err(),
-            Some(NoTarget::Policy("zero retention"))
+            names(prod3.lookup("gpt-4o", ProviderKind::Openai)),
+            ["t/production/a"]
         );
         // Unchanged upstreams keep their identity (their pools survive); the generation moves.
         assert_eq!(
-            prod2.table.upstreams()[0].uid,
-            prod.table.upstreams()[0].uid
+            prod3.table.upstreams()[0].uid,
+            prod2.table.upstreams()[0].uid
         );
-        assert_ne!(with_policy.generation, r.generation);
+        assert_ne!(opted_out.generation, by_default.generation);
     }
 
     #[test]

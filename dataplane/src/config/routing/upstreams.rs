@@ -52,7 +52,7 @@ pub(crate) fn build(
         first_byte_timeout: c.first_byte_timeout,
         read_idle_timeout: c.read_idle_timeout,
         pool_idle_timeout: c.pool_idle_timeout,
-        non_retention: c.non_retention.clone(),
+        non_retention: c.non_retention(),
         stream_options: c.stream_options,
         pass_organization_headers: c.pass_organization_headers,
         region: c.region.clone(),
