@@ -381,3 +381,47 @@ fn an_operators_certificate_is_served_when_configured() {
         "{err}"
     );
 }
+
+#[test]
+fn a_name_added_later_is_in_a_certificate_from_the_same_ca() {
+    let dir = scratch_dir("admin-tls-names");
+    let with_names = |names: &[&str]| {
+        controlplane::start(controlplane::Options {
+            data_dir: dir.clone(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            push_listen: "127.0.0.1:0".parse().unwrap(),
+            tls_names: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        })
+        .map_err(|e| format!("{e:#}"))
+    };
+    let cp = with_names(&[]).unwrap();
+    let ca = std::fs::read(&cp.ca_file).unwrap();
+    let config = https_client_config(&ca, &[&rustls::version::TLS13]);
+    let mut s = tls_connect_with(config, "cp.example", cp.addr);
+    let refused = s
+        .write_all(&get("/healthz"))
+        .expect_err("cp.example is not in the first certificate");
+    assert!(
+        refused
+            .to_string()
+            .to_lowercase()
+            .contains("not valid for name"),
+        "{refused}"
+    );
+    drop(cp);
+
+    // Started again with the name: the certificate carries it, issued by the same CA (the
+    // nodes' and clients' ca.pem still verifies it), and still carries the defaults.
+    let cp = with_names(&["cp.example"]).unwrap();
+    assert_eq!(std::fs::read(&cp.ca_file).unwrap(), ca, "the same CA");
+    for name in ["cp.example", "localhost", "127.0.0.1"] {
+        let r = exchange_tls(&ca, name, cp.addr, &get("/healthz"));
+        assert_eq!(r.status, 200, "{name}");
+    }
+    drop(cp);
+
+    // A name that is neither a DNS name nor an address is refused, named.
+    let err = with_names(&["not a name"]).expect_err("refused");
+    assert!(err.contains("--tls-name not a name"), "{err}");
+}
