@@ -36,7 +36,7 @@ use crate::harness::{
     sibling_binary, spawn_self_on, spread, start_dataplane, wait_port, write_ratio, DataPlane,
     Proc,
 };
-use crate::keys_bench::{http, start_cp};
+use crate::keys_bench::{cp_api, http, start_cp};
 use crate::wrk_run::{probe_with_key, wrk};
 
 /// Options of `aigw-bench controls`.
@@ -88,7 +88,7 @@ fn api(
     body: Option<&Value>,
     want: u16,
 ) -> anyhow::Result<Value> {
-    let (status, v) = http(cp.addr, method, path, Some(&cp.admin_token), body)?;
+    let (status, v) = cp_api(cp, method, path, body)?;
     if status != want {
         bail!("{method} {path}: {status} {v}");
     }

@@ -53,6 +53,20 @@ fn http_with_head(
     Ok((status, head.to_string(), json))
 }
 
+/// A call to the control plane's admin API (HTTPS, verified against its CA) presenting
+/// its admin token: status and JSON body.
+pub(crate) fn cp_api(
+    cp: &controlplane::Running,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let client =
+        controlplane::client::Client::new(&cp.api_url(), &cp.admin_token, Some(&cp.ca_file))?;
+    let (status, text) = client.call(method, path, body)?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("aigw-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -74,12 +88,10 @@ fn seed(
     keys: usize,
     return_keys: usize,
 ) -> anyhow::Result<Vec<String>> {
-    let t = Some(cp.admin_token.as_str());
-    let (s, _) = http(
-        cp.addr,
+    let (s, _) = cp_api(
+        cp,
         "POST",
         "/v1/tenants",
-        t,
         Some(&json!({"id": "bench", "name": "bench", "tier": "enterprise"})),
     )?;
     if s != 201 {
@@ -94,11 +106,10 @@ fn seed(
             .saturating_sub(plaintexts.len())
             .min(1000)
             .min(n);
-        let (s, v) = http(
-            cp.addr,
+        let (s, v) = cp_api(
+            cp,
             "POST",
             "/v1/tenants/bench/keys/import",
-            t,
             Some(&json!({"environment": "production", "count": n, "return_keys": want})),
         )?;
         if s != 201 {
@@ -193,7 +204,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
             bail!("only {} workers answered", worker_ids.len());
         }
     }
-    let (_, rev) = http(cp.addr, "GET", "/v1/revision", Some(&cp.admin_token), None)?;
+    let (_, rev) = cp_api(&cp, "GET", "/v1/revision", None)?;
     let mut expected = rev["revision"].as_i64().unwrap_or(0);
     let mut refused = Vec::with_capacity(revocations);
     let mut applied = Vec::with_capacity(revocations);
@@ -202,13 +213,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .key_id
             .to_string();
-        let (s, _) = http(
-            cp.addr,
-            "POST",
-            &format!("/v1/keys/{key_id}/revoke"),
-            Some(&cp.admin_token),
-            None,
-        )?;
+        let (s, _) = cp_api(&cp, "POST", &format!("/v1/keys/{key_id}/revoke"), None)?;
         let returned = Instant::now();
         if s != 200 {
             bail!("revoke {key_id}: {s}");

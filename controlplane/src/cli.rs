@@ -14,13 +14,19 @@ use serde_json::{json, Value};
 // make it the about text of every command it is added to.)
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// Admin API address.
+    /// Admin API address: https:// (http:// only to a loopback address, to a control plane
+    /// started with --insecure-plain-http).
     #[arg(
         long,
         env = "AIGW_CONTROLPLANE_URL",
-        default_value = "http://127.0.0.1:9900"
+        default_value = "https://127.0.0.1:9900"
     )]
     pub url: String,
+    /// The CA certificate (PEM) the admin API's certificate is verified against. Default:
+    /// the CA of a control plane on this machine (`pki/ca.pem` in the data directory of
+    /// `serve`, and of `up`).
+    #[arg(long, env = "AIGW_CONTROLPLANE_CA", value_name = "PATH")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Admin token (`serve` keeps it in `<data-dir>/admin-token`).
     #[arg(long, env = "AIGW_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -869,25 +875,17 @@ pub fn run(conn: &Connection, cmd: Command) -> anyhow::Result<()> {
         .clone()
         .ok_or_else(|| anyhow!("--token or AIGW_ADMIN_TOKEN is required"))?;
     let (method, path, body) = request(cmd)?;
-    let url = format!("{}{path}", conn.url.trim_end_matches('/'));
-    let req = ureq::request(method, &url).set("authorization", &format!("Bearer {token}"));
-    let resp = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    let answer: Value = match resp {
-        Ok(r) => r.into_json()?,
-        Err(ureq::Error::Status(code, r)) => {
-            let v: Value = r.into_json().unwrap_or(Value::Null);
-            bail!(
-                "{code}: {}",
-                v["error"]["message"].as_str().unwrap_or("error")
-            )
-        }
-        Err(ureq::Error::Transport(t)) => bail!(
-            "cannot reach the control plane ({t}); is `controlplane serve` running there? pass --url or set AIGW_CONTROLPLANE_URL"
-        ),
-    };
+    let client = crate::client::Client::new(&conn.url, &token, conn.ca_file.as_deref())?;
+    let (status, text) = client.call(method, &path, body.as_ref())?;
+    if !(200..300).contains(&status) {
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        bail!(
+            "{status}: {}",
+            v["error"]["message"].as_str().unwrap_or("error")
+        )
+    }
+    let answer: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{method} {path}: the answer is not JSON ({e})"))?;
     print!("{}", render(&answer, conn.output, conn.field.as_deref()));
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod keys;
 pub mod local;
 pub mod pki;
@@ -28,9 +29,11 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// Admin REST API.
     pub api_listen: SocketAddr,
+    /// How the admin API is served: TLS 1.3 by default.
+    pub api_tls: api::transport::ApiTls,
     /// The wire-protocol link data-plane nodes connect to (TLS).
     pub push_listen: SocketAddr,
-    /// Extra names for the generated server certificate.
+    /// Extra names for the generated server certificate (the link's and the admin API's).
     pub tls_names: Vec<String>,
     /// The key sealing provider credentials at rest: 64 hex digits. `None`: the key in
     /// `<data_dir>/seal.key`, generated (mode 0600) at first start.
@@ -44,6 +47,7 @@ impl Default for Options {
         Self {
             data_dir: PathBuf::from("./aigw-data"),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 9900)),
+            api_tls: api::transport::ApiTls::default(),
             push_listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
             tls_names: Vec::new(),
             seal_key: None,
@@ -57,6 +61,7 @@ impl std::fmt::Debug for Options {
         f.debug_struct("Options")
             .field("data_dir", &self.data_dir)
             .field("api_listen", &self.api_listen)
+            .field("api_tls", &self.api_tls)
             .field("push_listen", &self.push_listen)
             .field("tls_names", &self.tls_names)
             .field("seal_key", &self.seal_key.as_ref().map(|_| "(redacted)"))
@@ -89,17 +94,26 @@ pub fn default_data_dir(sub: &str) -> PathBuf {
 /// A running control plane.
 #[derive(Debug)]
 pub struct Running {
+    /// The admin API's address.
     pub addr: SocketAddr,
     pub push_addr: SocketAddr,
     pub admin_token: String,
-    /// The CA nodes must trust for the link.
+    /// The CA nodes must trust for the link, and clients for the admin API unless it has
+    /// the operator's certificate.
     pub ca_file: PathBuf,
+    plain_http: bool,
     push: Arc<push::PushState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
+    /// The admin API's URL: `https://<addr>`, or `http://<addr>` when it serves plain HTTP.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
     /// Registers node `id` with `scope` (as `POST /v1/nodes` does, audited as the embedding
     /// program) and returns its one-time enrolment token, valid for an hour.
     pub fn add_node(&self, id: &str, scope: &store::NodeScope) -> anyhow::Result<String> {
@@ -209,7 +223,10 @@ pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aig
 
 /// Opens the store and serves the admin API and the node link from a thread of its own.
 pub fn start(opts: Options) -> anyhow::Result<Running> {
-    // The addresses first: a busy port fails the start before anything is written.
+    // What cannot serve is refused first, then the addresses: a busy port fails the start
+    // before anything is written.
+    api::transport::check(&opts.api_tls, opts.api_listen)?;
+    let operator_tls = api::transport::operator_config(&opts.api_tls)?;
     let api_listener = std::net::TcpListener::bind(opts.api_listen)
         .with_context(|| format!("binding {}", opts.api_listen))?;
     api_listener.set_nonblocking(true)?;
@@ -234,6 +251,12 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let pki = pki::Pki::under(&opts.data_dir);
     pki.ensure(&opts.tls_names)?;
     let tls = pki.server_config()?;
+    let api_tls = match (&opts.api_tls, operator_tls) {
+        (api::transport::ApiTls::InsecurePlainHttp, _) => None,
+        (_, Some(operator)) => Some(operator),
+        (_, None) => Some(api::transport::generated_config(&pki)?),
+    };
+    let plain_http = api_tls.is_none();
     let ca_file = pki.ca_cert.clone();
     let push = Arc::new(push::PushState::new(Arc::clone(&store), pki)?);
     let compact_store = Arc::clone(&store);
@@ -261,7 +284,8 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
             };
             rt.block_on(async move {
                 let (api, link) = match (
-                    tokio::net::TcpListener::from_std(api_listener),
+                    tokio::net::TcpListener::from_std(api_listener)
+                        .and_then(|l| api::transport::AdminListener::new(l, api_tls)),
                     tokio::net::TcpListener::from_std(push_listener),
                 ) {
                     (Ok(a), Ok(l)) => (a, l),
@@ -273,7 +297,13 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 let _ = ready_tx.send(Ok(()));
                 let link_task = tokio::spawn(push::serve(link, tls, push_state));
                 let compact_task = tokio::spawn(compact_periodically(compact_store, keep));
-                let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+                let router = api::router(state);
+                let router = if plain_http {
+                    router
+                } else {
+                    api::with_hsts(router)
+                };
+                let app = router.into_make_service_with_connect_info::<api::transport::Peer>();
                 let served = axum::serve(api, app).with_graceful_shutdown(async {
                     let _ = rx.await;
                 });
@@ -287,12 +317,13 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     ready_rx
         .recv()
         .map_err(|_| anyhow::anyhow!("control plane thread exited"))??;
-    tracing::info!(api = %addr, link = %push_addr, data_dir = %opts.data_dir.display(), "control plane listening");
+    tracing::info!(api = %addr, tls = !plain_http, link = %push_addr, data_dir = %opts.data_dir.display(), "control plane listening");
     Ok(Running {
         addr,
         push_addr,
         admin_token: token,
         ca_file,
+        plain_http,
         push,
         shutdown: Some(tx),
         thread: Some(thread),

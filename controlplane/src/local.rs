@@ -34,7 +34,10 @@ pub struct UpOptions {
 #[derive(Debug)]
 pub struct Stack {
     pub admin_token: String,
+    /// The admin API (HTTPS).
     pub api: SocketAddr,
+    /// The CA its certificate, and the node link's, chain to.
+    pub ca_file: PathBuf,
     /// A key of tenant `demo`'s production environment, shown once.
     pub key: String,
     pub gateway: SocketAddr,
@@ -122,24 +125,15 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> a
 
 /// Calls the admin API; `Ok((status, body))` for any status.
 fn admin(
-    api: SocketAddr,
-    token: &str,
+    client: &crate::client::Client,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    let req = ureq::request(method, &format!("http://{api}{path}"))
-        .set("authorization", &format!("Bearer {token}"))
-        .timeout(Duration::from_secs(10));
-    let resp = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match resp {
-        Ok(r) => Ok((r.status(), r.into_json().unwrap_or(Value::Null))),
-        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
-        Err(e) => Err(anyhow!("{method} {path}: {e}")),
-    }
+    let (status, text) = client
+        .call(method, path, body.as_ref())
+        .with_context(|| format!("{method} {path}"))?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
 }
 
 fn must(what: &str, (status, body): (u16, Value), ok: &[u16]) -> anyhow::Result<Value> {
@@ -165,6 +159,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Stack> {
     let mut stack = Stack {
         admin_token: String::new(),
         api: opts.api_listen,
+        ca_file: PathBuf::new(),
         key: String::new(),
         gateway: opts.gateway_listen,
         gateway_admin: opts.gateway_admin,
@@ -189,6 +184,9 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Stack> {
     );
     stack.api = api;
     stack.admin_token = token.clone();
+    stack.ca_file = ca_file.clone();
+    let client = crate::client::Client::new(&cp.api_url(), &token, Some(&ca_file))?
+        .with_timeout(Duration::from_secs(10));
     stack.cp = Some(cp);
 
     // The demo provider, on a port of its own.
@@ -213,8 +211,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<Stack> {
     })?;
 
     // Tenant `demo`: production routes every model to the demo provider.
-    let call =
-        |method: &str, path: &str, body: Option<Value>| admin(api, &token, method, path, body);
+    let call = |method: &str, path: &str, body: Option<Value>| admin(&client, method, path, body);
     must(
         "creating tenant demo",
         call(
@@ -348,7 +345,8 @@ impl Stack {
 aigateway is up.
 
   gateway         http://{gw}        (admin: http://{admin})
-  control plane   http://{api}       admin token: {token}
+  control plane   https://{api}      admin token: {token}
+                  its CA: {ca}
   data            {data}
 
 A key of tenant `demo` (production), shown once:
@@ -367,7 +365,8 @@ print(OpenAI(base_url=\"http://{gw}/v1\", api_key=\"{key}\").chat.completions.cr
 
 Operate it (in another shell):
 
-  export AIGW_ADMIN_TOKEN={token} AIGW_CONTROLPLANE_URL=http://{api}
+  export AIGW_ADMIN_TOKEN={token} AIGW_CONTROLPLANE_URL=https://{api}
+  export AIGW_CONTROLPLANE_CA={ca}
   controlplane key-create --tenant demo --environment production
   controlplane nodes
 
@@ -375,6 +374,7 @@ Ctrl-C stops everything; the data directory keeps the state for the next `up`.
 ",
             admin = self.gateway_admin,
             api = self.api,
+            ca = self.ca_file.display(),
             token = self.admin_token,
             data = self.data_dir.display(),
         )

@@ -29,13 +29,25 @@ enum Cmd {
         /// else ~/.local/state/aigateway/controlplane.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Admin REST API.
+        /// Admin REST API, over TLS 1.3 (HTTPS).
         #[arg(long, default_value = "127.0.0.1:9900")]
         listen: SocketAddr,
+        /// The admin API's certificate chain (PEM) instead of the one the control plane's CA
+        /// issues (`<data-dir>/pki/server.pem`).
+        #[arg(long, value_name = "PATH", requires = "api_key_file")]
+        api_cert_file: Option<PathBuf>,
+        /// The private key (PEM) of --api-cert-file's certificate.
+        #[arg(long, value_name = "PATH", requires = "api_cert_file")]
+        api_key_file: Option<PathBuf>,
+        /// Serve the admin API over plain HTTP instead of TLS: only on a loopback --listen
+        /// address (the admin token must not travel in clear off the machine).
+        #[arg(long, conflicts_with_all = ["api_cert_file", "api_key_file"])]
+        insecure_plain_http: bool,
         /// The TLS link data-plane nodes connect to.
         #[arg(long, default_value = "127.0.0.1:9443")]
         link_listen: SocketAddr,
-        /// Extra DNS names or addresses for the generated link certificate.
+        /// Extra DNS names or addresses for the generated certificate (the link's and the
+        /// admin API's); `localhost` and `127.0.0.1` are always in it.
         #[arg(long)]
         tls_name: Vec<String>,
         /// Changelog entries kept by compaction; a node further behind gets a snapshot.
@@ -187,6 +199,9 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
     if let Cmd::Serve {
         data_dir,
         listen,
+        api_cert_file,
+        api_key_file,
+        insecure_plain_http,
         link_listen,
         tls_name,
         changelog_keep,
@@ -196,9 +211,17 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
         init_logging();
         let stop = StopSignals::install()?;
         let data_dir = data_dir.unwrap_or_else(|| controlplane::default_data_dir("controlplane"));
+        let api_tls = match (api_cert_file, api_key_file, insecure_plain_http) {
+            (_, _, true) => controlplane::api::transport::ApiTls::InsecurePlainHttp,
+            (Some(cert), Some(key), false) => {
+                controlplane::api::transport::ApiTls::Files { cert, key }
+            }
+            _ => controlplane::api::transport::ApiTls::Generated,
+        };
         let running = controlplane::start(controlplane::Options {
             data_dir: data_dir.clone(),
             api_listen: listen,
+            api_tls,
             push_listen: link_listen,
             tls_names: tls_name,
             // From a file or the environment only: a key on the command line is visible to
@@ -217,8 +240,8 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             changelog_keep,
         })?;
         println!(
-            "control plane: admin API http://{}, node link {} (CA {}); data in {}, the admin token in {}; register a node with node-add",
-            running.addr,
+            "control plane: admin API {}, node link {} (CA {}); data in {}, the admin token in {}; register a node with node-add",
+            running.api_url(),
             running.push_addr,
             running.ca_file.display(),
             data_dir.display(),

@@ -1,7 +1,8 @@
-//! The link's certificates, generated at first start when none are configured, so the quick
-//! start needs no setup: a CA, a server certificate it signs for `localhost` / `127.0.0.1`
-//! (and any names given), and, for every node that enrols, a client certificate naming it.
-//! Nodes trust `<data>/pki/ca.pem`; the control plane trusts the nodes' certificates.
+//! The control plane's certificates, generated at first start so the quick start needs no
+//! setup: a CA, a server certificate it signs for `localhost` / `127.0.0.1` (and any names
+//! given) that the link and the admin API serve, and, for every node that enrols, a client
+//! certificate naming it. Nodes and admin clients trust `<data>/pki/ca.pem`; the control
+//! plane trusts the nodes' certificates.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,8 +64,18 @@ impl Pki {
         }
     }
 
-    /// Generates the CA and the server certificate unless they exist.
+    /// Generates the CA and the server certificate unless they exist; issues the server
+    /// certificate again, from the same CA, when it does not verify for every name of
+    /// `localhost`, `127.0.0.1` and `names` (a name added since, say).
     pub fn ensure(&self, names: &[String]) -> anyhow::Result<()> {
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        for name in names {
+            rustls_pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| anyhow!("--tls-name {name}: not a DNS name or an IP address"))?;
+            if !sans.contains(name) {
+                sans.push(name.clone());
+            }
+        }
         let all = [
             &self.server_cert,
             &self.server_key,
@@ -72,12 +83,20 @@ impl Pki {
             &self.ca_key,
         ];
         if all.iter().all(|p| p.exists()) {
-            return Ok(());
+            return match self.uncovered(&sans)? {
+                None => Ok(()),
+                Some(why) => {
+                    let (ca_cert, ca_key) = self.ca()?;
+                    self.issue_server_certificate(&sans, &ca_cert, &ca_key)?;
+                    tracing::warn!(cert = %self.server_cert.display(), names = ?sans, reason = %why, "issued the control plane's certificate again");
+                    Ok(())
+                }
+            };
         }
         if self.ca_cert.exists() {
             tracing::warn!(ca = %self.ca_cert.display(), "the link's CA key was not kept; generating a new CA (nodes need the new ca.pem)");
         }
-        use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
+        use rcgen::KeyPair;
         let dir = self
             .ca_cert
             .parent()
@@ -85,20 +104,67 @@ impl Pki {
         aigw_seal::files::private_dir(dir)?;
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca_params()?.self_signed(&ca_key)?;
-        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        sans.extend(names.iter().cloned());
+        aigw_seal::files::write_private(&self.ca_key, ca_key.serialize_pem().as_bytes())?;
+        self.issue_server_certificate(&sans, &ca_cert, &ca_key)?;
+        aigw_seal::files::write_public(&self.ca_cert, ca_cert.pem().as_bytes())?;
+        tracing::warn!(ca = %self.ca_cert.display(), "generated the control plane's CA and certificate");
+        Ok(())
+    }
+
+    /// Why the server certificate does not serve `names` under the CA (a name it does not
+    /// carry, another issuer), or `None` when it does.
+    fn uncovered(&self, names: &[String]) -> anyhow::Result<Option<String>> {
+        let cert = CertificateDer::from_pem_file(&self.server_cert)
+            .with_context(|| self.server_cert.display().to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca_cert)
+            .with_context(|| self.ca_cert.display().to_string())?
+        {
+            roots.add(c?)?;
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()?;
+        use rustls::client::danger::ServerCertVerifier as _;
+        let now = rustls_pki_types::UnixTime::now();
+        for name in names {
+            let server_name = rustls_pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| anyhow!("{name}: not a DNS name or an IP address"))?;
+            if let Err(e) = verifier.verify_server_cert(&cert, &[], &server_name, &[], now) {
+                return Ok(Some(format!("{name}: {e}")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The CA, rebuilt from its parameters and its kept key.
+    fn ca(&self) -> anyhow::Result<(rcgen::Certificate, rcgen::KeyPair)> {
+        let pem = aigw_seal::files::read_private(&self.ca_key).map_err(|e| anyhow!("{e}"))?;
+        let key = rcgen::KeyPair::from_pem(&pem)?;
+        let cert = ca_params()?.self_signed(&key)?;
+        Ok((cert, key))
+    }
+
+    /// A new key and a certificate for `sans` signed by the CA, written in place of the
+    /// server's.
+    fn issue_server_certificate(
+        &self,
+        sans: &[String],
+        ca_cert: &rcgen::Certificate,
+        ca_key: &rcgen::KeyPair,
+    ) -> anyhow::Result<()> {
+        use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(sans)?;
+        let mut params = CertificateParams::new(sans.to_vec())?;
         params
             .distinguished_name
             .push(DnType::CommonName, "aigateway control plane");
         params.is_ca = IsCa::ExplicitNoCa;
-        let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-        aigw_seal::files::write_private(&self.ca_key, ca_key.serialize_pem().as_bytes())?;
+        let cert = params.signed_by(&key, ca_cert, ca_key)?;
         aigw_seal::files::write_private(&self.server_key, key.serialize_pem().as_bytes())?;
         aigw_seal::files::write_public(&self.server_cert, cert.pem().as_bytes())?;
-        aigw_seal::files::write_public(&self.ca_cert, ca_cert.pem().as_bytes())?;
-        tracing::warn!(ca = %self.ca_cert.display(), "generated the control-plane link's CA and certificate");
         Ok(())
     }
 
@@ -109,13 +175,11 @@ impl Pki {
         node_id: &str,
         public_key: &[u8],
     ) -> anyhow::Result<Vec<u8>> {
-        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa};
         if public_key.len() != 65 || public_key[0] != 4 {
             anyhow::bail!("the node's public key is not an uncompressed P-256 point");
         }
-        let ca_pem = aigw_seal::files::read_private(&self.ca_key).map_err(|e| anyhow!("{e}"))?;
-        let ca_key = KeyPair::from_pem(&ca_pem)?;
-        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        let (ca_cert, ca_key) = self.ca()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, node_id);
         params.is_ca = IsCa::ExplicitNoCa;

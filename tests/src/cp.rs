@@ -1,7 +1,9 @@
 //! Harness for tests that run a control plane with data-plane nodes: the admin API over a
-//! real socket, nodes linked to it, and waiting for revisions to reach every worker.
+//! real socket (TLS 1.3, verified against the control plane's CA), nodes linked to it, and
+//! waiting for revisions to reach every worker.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use dataplane::config::{Config, ControlPlaneConfig, DriverChoice};
@@ -22,24 +24,41 @@ pub fn cp_start(dir: std::path::PathBuf, push: &str) -> controlplane::Running {
 }
 
 pub fn api(cp: &controlplane::Running, method: &str, path: &str, body: Option<Value>) -> Resp {
-    call(cp.addr, &cp.admin_token, method, path, body)
+    call(cp, &cp.admin_token, method, path, body)
 }
 
-/// A request to the admin API at `addr` presenting `token` (any token, to test refusals).
-pub fn call(addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
+/// A request to `cp`'s admin API presenting `token` (any token, to test refusals).
+pub fn call(
+    cp: &controlplane::Running,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Resp {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let headers = format!(
         "Authorization: Bearer {token}\r\nContent-Type: application/json\r\nConnection: close\r\n"
     );
-    exchange(addr, &crate::request(method, path, &headers, &body))
+    admin_exchange(cp, &crate::request(method, path, &headers, &body))
 }
 
-/// Runs one operator CLI command against the control plane at `url` (`controlplane
-/// <args> --url <url>`, the admin token and `env` in its environment only); its JSON output.
-pub fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+/// Sends `raw` to `cp`'s admin API on a new connection and reads one response: over TLS
+/// 1.3, the server verified against the control plane's CA as `localhost`, as a client
+/// must.
+pub fn admin_exchange(cp: &controlplane::Running, raw: &[u8]) -> Resp {
+    let ca = std::fs::read(&cp.ca_file).unwrap();
+    crate::exchange_tls(&ca, "localhost", cp.addr, raw)
+}
+
+/// Runs one operator CLI command against the control plane at `url` whose certificate
+/// `ca_file` verifies (`controlplane <args> --url <url> --ca-file <ca_file>`, the admin
+/// token and `env` in its environment only); its JSON output.
+pub fn cli(url: &str, token: &str, ca_file: &Path, args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = std::process::Command::new(crate::bin_path("controlplane"))
         .args(args)
         .args(["--url", url])
+        .arg("--ca-file")
+        .arg(ca_file)
         .env("AIGW_ADMIN_TOKEN", token)
         .envs(env.iter().copied())
         .output()
@@ -59,7 +78,7 @@ pub fn cli(url: &str, token: &str, args: &[&str], env: &[(&str, &str)]) -> Value
 
 /// [`cli`] against `cp`.
 pub fn cli_of(cp: &controlplane::Running, args: &[&str]) -> Value {
-    cli(&format!("http://{}", cp.addr), &cp.admin_token, args, &[])
+    cli(&cp.api_url(), &cp.admin_token, &cp.ca_file, args, &[])
 }
 
 /// Creates tenant `id` (asserting 201).

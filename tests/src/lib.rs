@@ -320,8 +320,8 @@ pub fn exchange(addr: SocketAddr, raw: &[u8]) -> Resp {
 
 /// A TLS client connection to `addr` (TLS 1.3, by the data plane's own client settings),
 /// trusting the CA certificates of `ca_pem`, naming the server `name`, and presenting
-/// `identity` (a node's certificate) when given: the one TLS client of these tests. The
-/// handshake runs on the first read or write.
+/// `identity` (a node's certificate) when given: the TLS client of the node link and of
+/// providers. The handshake runs on the first read or write.
 pub fn tls_connect(
     ca_pem: &[u8],
     name: &str,
@@ -340,6 +340,54 @@ pub fn tls_connect(
     tcp.set_write_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     rustls::StreamOwned::new(conn, tcp)
+}
+
+/// An HTTPS client's TLS settings: `versions` only, ALPN `http/1.1`, trusting only the CA
+/// certificates of `ca_pem`, presenting no certificate.
+pub fn https_client_config(
+    ca_pem: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// A TLS connection to `addr` with `config`, naming the server `name`; the handshake runs
+/// on the first read or write.
+pub fn tls_connect_with(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: &str,
+    addr: SocketAddr,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let tcp = connect(addr);
+    tcp.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Sends `raw` over HTTPS (TLS 1.3, trusting the CA certificates of `ca_pem`, naming the
+/// server `name`) on a new connection to `addr` and reads one response: the admin API's
+/// client.
+pub fn exchange_tls(ca_pem: &[u8], name: &str, addr: SocketAddr, raw: &[u8]) -> Resp {
+    let config = https_client_config(ca_pem, &[&rustls::version::TLS13]);
+    let mut s = tls_connect_with(config, name, addr);
+    s.write_all(raw)
+        .unwrap_or_else(|e| panic!("TLS to {addr} as {name}: {e}"));
+    read_response(&mut s, &mut Vec::new()).expect("a response")
 }
 
 /// True when the peer has closed the connection (EOF, or a reset) within `within`.

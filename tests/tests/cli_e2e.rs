@@ -63,12 +63,14 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         "control plane up: {}",
         std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default()
     );
-    let url = format!("http://{api}");
+    let url = format!("https://{api}");
     let token = read(&data.join("admin-token"));
+    let ca = data.join("pki").join("ca.pem");
 
     let tenant = cli(
         &url,
         &token,
+        &ca,
         &["tenant-create", "Acme", "--tier", "pro"],
         &[],
     );
@@ -76,6 +78,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let created = cli(
         &url,
         &token,
+        &ca,
         &[
             "key-create",
             "--tenant",
@@ -92,6 +95,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let up = cli(
         &url,
         &token,
+        &ca,
         &[
             "upstream-put",
             "oa",
@@ -110,6 +114,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     cli(
         &url,
         &token,
+        &ca,
         &[
             "route-put",
             "all",
@@ -124,7 +129,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         ],
         &[],
     );
-    let routes = cli(&url, &token, &["route-list", "--tenant", &tenant], &[]);
+    let routes = cli(&url, &token, &ca, &["route-list", "--tenant", &tenant], &[]);
     assert_eq!(routes["data"].as_array().unwrap().len(), 1);
 
     // The node: registered with a scope, it enrols with its one-time token at first start;
@@ -132,6 +137,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let added = cli(
         &url,
         &token,
+        &ca,
         &["node-add", "cli-node", "--environment", "production"],
         &[],
     );
@@ -174,7 +180,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     );
 
     // `nodes` shows the node and the revision it applied.
-    let newest = cli(&url, &token, &["nodes"], &[]);
+    let newest = cli(&url, &token, &ca, &["nodes"], &[]);
     let node = newest["data"]
         .as_array()
         .unwrap()
@@ -208,6 +214,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let retaining = cli(
         &url,
         &token,
+        &ca,
         &[
             "upstream-put",
             "oa",
@@ -231,12 +238,13 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let policy = cli(
         &url,
         &token,
+        &ca,
         &["policy-put", "--tenant", &tenant, "--allow-retention"],
         &[],
     );
     assert!(applied(policy["revision"].as_i64().unwrap()));
     assert_eq!(chat(gw.addr, &key).status, 200);
-    let audit = cli(&url, &token, &["audit"], &[]);
+    let audit = cli(&url, &token, &ca, &["audit"], &[]);
     assert!(
         audit.to_string().contains("policy.zero_retention_opt_out"),
         "{audit}"
@@ -247,6 +255,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         let out = Command::new(bin_path("controlplane"))
             .args(args)
             .env("AIGW_CONTROLPLANE_URL", &url)
+            .env("AIGW_CONTROLPLANE_CA", &ca)
             .env("AIGW_ADMIN_TOKEN", &token)
             .output()
             .unwrap();
@@ -268,7 +277,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     assert!(table.contains("all"), "{table}");
 
     // Revocation from the CLI.
-    cli(&url, &token, &["key-revoke", &key_id], &[]);
+    cli(&url, &token, &ca, &["key-revoke", &key_id], &[]);
     assert!(
         wait_until(Duration::from_secs(5), || chat(gw.addr, &key).status == 401),
         "revoked"
@@ -278,6 +287,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let staging = cli(
         &url,
         &token,
+        &ca,
         &[
             "key-create",
             "--tenant",
@@ -293,6 +303,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let fresh = cli(
         &url,
         &token,
+        &ca,
         &[
             "key-create",
             "--tenant",
@@ -313,6 +324,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     let scoped = cli(
         &url,
         &token,
+        &ca,
         &["node-scope", "cli-node", "--environment", "staging"],
         &[],
     );
@@ -331,7 +343,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     );
 
     // Revoked, the node is cut off at once and told why.
-    let revoked = cli(&url, &token, &["node-revoke", "cli-node"], &[]);
+    let revoked = cli(&url, &token, &ca, &["node-revoke", "cli-node"], &[]);
     assert_eq!(revoked["revoked"], true);
     assert!(
         wait_until(Duration::from_secs(5), || gw
@@ -340,7 +352,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         "{}",
         gw.log()
     );
-    let listed = cli(&url, &token, &["nodes"], &[]);
+    let listed = cli(&url, &token, &ca, &["nodes"], &[]);
     let node = listed["data"]
         .as_array()
         .unwrap()
@@ -351,12 +363,12 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
     assert_eq!(node["revoked"], true);
     assert!(
         wait_until(Duration::from_secs(5), || {
-            cli(&url, &token, &["nodes"], &[])["data"][0]["connected"] == false
+            cli(&url, &token, &ca, &["nodes"], &[])["data"][0]["connected"] == false
         }),
         "the revoked node stays disconnected"
     );
 
-    let audit = cli(&url, &token, &["audit"], &[]);
+    let audit = cli(&url, &token, &ca, &["audit"], &[]);
     let actions: Vec<&str> = audit["data"]
         .as_array()
         .unwrap()
@@ -426,6 +438,13 @@ fn up_runs_a_local_stack_whose_key_works_and_stops_it_all() {
         .expect("a key in the banner")
         .to_string();
     assert!(banner.contains(&format!("http://{gateway}/v1/chat/completions")));
+    // The admin API over HTTPS, and the CA that verifies it.
+    let ca = dir.join("controlplane").join("pki").join("ca.pem");
+    assert!(
+        banner.contains(&format!("AIGW_CONTROLPLANE_URL=https://{api}"))
+            && banner.contains(&format!("AIGW_CONTROLPLANE_CA={}", ca.display())),
+        "{banner}"
+    );
     let r = chat(gateway, &key);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&r.body).contains("You said: hi"));

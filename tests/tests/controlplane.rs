@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use e2e::cp::{call, cp_start};
+use e2e::cp::{admin_exchange, call, cp_start};
 use e2e::*;
 use serde_json::json;
 
@@ -12,11 +12,11 @@ use serde_json::json;
 fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     let dir = scratch_dir("controlplane-keys");
     let cp = cp_start(dir.clone(), "127.0.0.1:0");
-    let (addr, token) = (cp.addr, cp.admin_token.clone());
+    let token = cp.admin_token.clone();
 
     // Without the admin token: 401, and nothing is recorded.
     let r = call(
-        addr,
+        &cp,
         "wrong",
         "POST",
         "/v1/tenants",
@@ -26,7 +26,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     assert_eq!(r.json()["error"]["code"], "unauthorized");
 
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants",
@@ -34,7 +34,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     );
     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants",
@@ -46,7 +46,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
         .unwrap()
         .contains("tier"));
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants",
@@ -62,7 +62,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     );
 
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants/acme/sub-accounts",
@@ -72,7 +72,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     let sub = r.json()["id"].as_str().unwrap().to_string();
 
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants/acme/keys",
@@ -87,7 +87,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     assert!(key.starts_with("aigw_prod_"));
 
     // Listing never shows the key or its hash.
-    let r = call(addr, &token, "GET", "/v1/tenants/acme/keys", None);
+    let r = call(&cp, &token, "GET", "/v1/tenants/acme/keys", None);
     let listed = String::from_utf8_lossy(&r.body).into_owned();
     assert!(
         listed.contains(&key_id) && !listed.contains(&key),
@@ -96,7 +96,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     assert!(!listed.contains("hash"), "{listed}");
 
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants/acme/keys",
@@ -108,7 +108,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
         .unwrap()
         .contains("environment"));
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         "/v1/tenants/nope/keys",
@@ -118,7 +118,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
 
     // Rotation: a new key, the old one with a grace end 24 h out by default.
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         &format!("/v1/keys/{key_id}/rotate"),
@@ -139,7 +139,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     );
     assert_eq!(rotated["info"]["sub_account_id"], sub.as_str());
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         &format!("/v1/keys/{key_id}/rotate"),
@@ -148,7 +148,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     assert_eq!(r.status, 409, "a key rotates once");
 
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         &format!("/v1/keys/{new_id}/revoke"),
@@ -157,7 +157,7 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "revoked");
     let r = call(
-        addr,
+        &cp,
         &token,
         "POST",
         &format!("/v1/keys/{new_id}/revoke"),
@@ -165,12 +165,12 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     );
     assert_eq!(r.status, 409);
 
-    let rev = call(addr, &token, "GET", "/v1/revision", None).json()["revision"]
+    let rev = call(&cp, &token, "GET", "/v1/revision", None).json()["revision"]
         .as_i64()
         .unwrap();
     assert!(rev >= 6, "every mutation moves the revision: {rev}");
 
-    let audit = call(addr, &token, "GET", "/v1/audit", None).json();
+    let audit = call(&cp, &token, "GET", "/v1/audit", None).json();
     let actions: Vec<&str> = audit["data"]
         .as_array()
         .unwrap()
@@ -200,10 +200,10 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
     // Restart on the same data directory: everything is still there (real SQLite on disk).
     cp.stop();
     let cp = cp_start(dir, "127.0.0.1:0");
-    let r = call(cp.addr, &token, "GET", "/v1/tenants/acme/keys", None);
+    let r = call(&cp, &token, "GET", "/v1/tenants/acme/keys", None);
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
     assert_eq!(
-        call(cp.addr, &token, "GET", "/v1/revision", None).json()["revision"]
+        call(&cp, &token, "GET", "/v1/revision", None).json()["revision"]
             .as_i64()
             .unwrap(),
         rev
@@ -214,8 +214,8 @@ fn keys_are_minted_once_revoked_rotated_and_every_change_is_audited() {
 fn openapi_document_and_health_need_no_token() {
     let dir = scratch_dir("controlplane-openapi");
     let cp = cp_start(dir, "127.0.0.1:0");
-    let r = exchange(
-        cp.addr,
+    let r = admin_exchange(
+        &cp,
         b"GET /openapi.json HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(r.status, 200);
@@ -231,8 +231,8 @@ fn openapi_document_and_health_need_no_token() {
         assert!(doc["paths"][p].is_object(), "{p} documented");
     }
     assert_eq!(
-        exchange(
-            cp.addr,
+        admin_exchange(
+            &cp,
             b"GET /healthz HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n"
         )
         .status,

@@ -282,7 +282,7 @@ both_drivers!(
             assert!(m.contains(line), "{line} not in:\n{m}");
         }
         // The control plane's, without the admin token.
-        let r = call(cp.addr, "", "GET", "/metrics", None);
+        let r = call(&cp, "", "GET", "/metrics", None);
         assert_eq!(r.status, 200);
         let m = String::from_utf8_lossy(&r.body).into_owned();
         assert!(m.contains("aigw_cp_nodes{state=\"connected\"} 1"), "{m}");

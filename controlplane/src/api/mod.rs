@@ -1,4 +1,4 @@
-//! The admin REST API (JSON over HTTP, described by `/openapi.json`).
+//! The admin REST API (JSON over HTTPS, TLS 1.3, described by `/openapi.json`).
 //!
 //! Every request carries the admin token (`Authorization: Bearer …`), compared in constant
 //! time; every mutation is recorded in the audit log with the acting principal and the
@@ -8,8 +8,8 @@ mod handlers;
 mod nodes;
 pub mod openapi;
 mod routing;
+pub mod transport;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -113,6 +113,18 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ),
         ("/v1/admin/compact", post(routing::compact)),
     ]
+}
+
+/// Every answer over TLS, errors and unknown paths included, tells browsers to come back
+/// over HTTPS only ([`transport::HSTS`]).
+pub(crate) fn with_hsts(router: Router) -> Router {
+    router.layer(middleware::map_response(|mut resp: Response| async move {
+        resp.headers_mut().insert(
+            axum::http::header::STRICT_TRANSPORT_SECURITY,
+            axum::http::HeaderValue::from_static(transport::HSTS),
+        );
+        resp
+    }))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -264,7 +276,7 @@ pub struct Principal(pub Actor);
 
 async fn require_admin(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(transport::Peer(peer)): ConnectInfo<transport::Peer>,
     mut req: Request,
     next: Next,
 ) -> Response {

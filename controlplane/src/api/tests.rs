@@ -28,19 +28,15 @@ fn cp(dir: &std::path::Path) -> Running {
     .expect("starts")
 }
 
-/// Status and body (as text, to look for what must not be there).
+/// Status and body (as text, to look for what must not be there), over TLS verified
+/// against the control plane's CA.
 fn raw(cp: &Running, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let req = ureq::request(method, &format!("http://{}{path}", cp.addr))
-        .set("authorization", &format!("Bearer {}", cp.admin_token));
-    let resp = match body {
-        Some(b) => req.set("content-type", "application/json").send_string(b),
-        None => req.call(),
-    };
-    match resp {
-        Ok(r) => (r.status(), r.into_string().expect("body")),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
-        Err(e) => panic!("{method} {path}: {e}"),
-    }
+    let client = crate::client::Client::new(&cp.api_url(), &cp.admin_token, Some(&cp.ca_file))
+        .expect("client");
+    let body = body.map(|b| serde_json::from_str::<Value>(b).expect("a JSON body"));
+    client
+        .call(method, path, body.as_ref())
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"))
 }
 
 fn call(cp: &Running, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -347,8 +343,12 @@ fn upstreams_routes_and_policies_over_the_api() {
     }
 
     // Every new path needs the token and is described.
-    let r = ureq::get(&format!("http://{}{ENV}/upstreams", cp.addr)).call();
-    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+    let stranger =
+        crate::client::Client::new(&cp.api_url(), "", Some(&cp.ca_file)).expect("client");
+    let (code, _) = stranger
+        .call("GET", &format!("{ENV}/upstreams"), None)
+        .expect("answered");
+    assert_eq!(code, 401);
     let (_, doc) = call(&cp, "GET", "/openapi.json", None);
     for p in [
         "/v1/tenants/{tenant_id}/environments/{environment}/upstreams/{name}",
