@@ -221,6 +221,60 @@ pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aig
     Ok(kek)
 }
 
+/// The data key of `data_dir`'s keyring, opened with the key-encryption key `master`:
+/// what seals credentials and files there. A store from before keyrings (sealed with the
+/// key-encryption key itself) adopts that key as its data key.
+pub fn data_key(data_dir: &Path, master: &aigw_seal::Kek) -> anyhow::Result<aigw_seal::Kek> {
+    let existing = data_dir.join("controlplane.db").exists();
+    aigw_seal::keyring::unlock(
+        &data_dir.join("keyring"),
+        master,
+        existing.then_some(master),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Replaces the key-encryption key of `data_dir` (`configured`, else `<data_dir>/seal.key`)
+/// with `new`: only the keyring is rewritten, and a control plane running on it keeps
+/// running. When the key was `<data_dir>/seal.key`, that file gets the new key too (the
+/// keyring opens with both keys until it has). Returns what the operator must do next.
+pub fn rotate_seal_key(
+    data_dir: &Path,
+    configured: Option<&str>,
+    new: &aigw_seal::Kek,
+) -> anyhow::Result<String> {
+    use aigw_seal::keyring;
+    let key_file = data_dir.join("seal.key");
+    let old = match configured {
+        Some(hex) => aigw_seal::Kek::from_hex(hex).map_err(|e| anyhow::anyhow!("seal key: {e}"))?,
+        None => {
+            let text = aigw_seal::files::read_private(&key_file)
+                .map_err(|e| anyhow::anyhow!("the current seal key: {e}"))?;
+            aigw_seal::Kek::from_hex(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?
+        }
+    };
+    data_key(data_dir, &old).context("opening the keyring with the current seal key")?;
+    let ring = data_dir.join("keyring");
+    keyring::begin_rotation(&ring, &old, new).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if configured.is_none() {
+        aigw_seal::files::write_private(&key_file, format!("{}\n", new.to_hex()).as_bytes())
+            .with_context(|| format!("writing {}", key_file.display()))?;
+    }
+    keyring::finish_rotation(&ring, new).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(match configured {
+        None => format!(
+            "the seal key is replaced: {} holds the new one and {} opens with it only",
+            key_file.display(),
+            ring.display()
+        ),
+        Some(_) => format!(
+            "{} opens with the new seal key only: start the control plane with it (AIGW_SEAL_KEY or --seal-key-file)",
+            ring.display()
+        ),
+    })
+}
+
 /// Opens the store and serves the admin API and the node link from a thread of its own.
 pub fn start(opts: Options) -> anyhow::Result<Running> {
     // What cannot serve is refused first, then the addresses: a busy port fails the start
@@ -235,7 +289,8 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         .with_context(|| format!("binding {}", opts.push_listen))?;
     push_listener.set_nonblocking(true)?;
     let push_addr = push_listener.local_addr()?;
-    let kek = seal_key(&opts.data_dir, opts.seal_key.as_deref())?;
+    let master = seal_key(&opts.data_dir, opts.seal_key.as_deref())?;
+    let kek = data_key(&opts.data_dir, &master)?;
     let store = Arc::new(store::Store::open(&opts.data_dir, kek).with_context(|| {
         match opts.seal_key {
             Some(_) => "with the seal key passed in (AIGW_SEAL_KEY overrides <data-dir>/seal.key)"

@@ -79,6 +79,22 @@ enum Cmd {
         #[arg(long)]
         dataplane: Option<PathBuf>,
     },
+    /// Replace the key-encryption key (the seal key): only `<data-dir>/keyring`, which wraps
+    /// the key everything is sealed with, is rewritten, and a running control plane keeps
+    /// running. With `<data-dir>/seal.key` (the default), that file gets the new key too;
+    /// with AIGW_SEAL_KEY or --seal-key-file, start the control plane with the new key.
+    SealKeyRotate {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The current seal key's secret file, when it is not AIGW_SEAL_KEY or
+        /// `<data-dir>/seal.key`.
+        #[arg(long, value_name = "PATH")]
+        seal_key_file: Option<PathBuf>,
+        /// The new seal key: a secret file (mode 0600) holding 64 hex digits
+        /// (`openssl rand -hex 32`).
+        #[arg(long, value_name = "PATH")]
+        new_key_file: PathBuf,
+    },
     #[command(flatten)]
     Client(controlplane::cli::Command),
 }
@@ -91,7 +107,7 @@ fn command() -> clap::Command {
     let clients: Vec<String> = cmd
         .get_subcommands()
         .map(|s| s.get_name().to_string())
-        .filter(|n| n != "serve" && n != "up" && n != "help")
+        .filter(|n| n != "serve" && n != "up" && n != "seal-key-rotate" && n != "help")
         .collect();
     for name in clients {
         cmd = cmd.mut_subcommand(name, controlplane::cli::Connection::augment_args);
@@ -104,7 +120,7 @@ fn main() -> ExitCode {
     let matches = command().get_matches();
     let parsed = Cli::from_arg_matches(&matches).and_then(|cli| {
         let conn = match matches.subcommand() {
-            Some((name, sub)) if name != "serve" && name != "up" => {
+            Some((name, sub)) if name != "serve" && name != "up" && name != "seal-key-rotate" => {
                 Some(controlplane::cli::Connection::from_arg_matches(sub)?)
             }
             _ => None,
@@ -249,6 +265,35 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
         );
         stop.wait();
         running.stop();
+        return Ok(());
+    }
+    if let Cmd::SealKeyRotate {
+        data_dir,
+        seal_key_file,
+        new_key_file,
+    } = cli.cmd
+    {
+        let data_dir = data_dir.unwrap_or_else(|| controlplane::default_data_dir("controlplane"));
+        let configured = match seal_key_file {
+            Some(f) => Some(
+                aigw_seal::files::read_private(&f)
+                    .map_err(|e| anyhow::anyhow!("--seal-key-file: {e}"))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("AIGW_SEAL_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+        };
+        let new = aigw_seal::files::read_private(&new_key_file)
+            .map_err(|e| anyhow::anyhow!("--new-key-file: {e}"))
+            .and_then(|t| {
+                aigw_seal::Kek::from_hex(&t).map_err(|e| anyhow::anyhow!("--new-key-file: {e}"))
+            })?;
+        println!(
+            "{}",
+            controlplane::rotate_seal_key(&data_dir, configured.as_deref(), &new)?
+        );
         return Ok(());
     }
     let (Cmd::Client(cmd), Some(conn)) = (cli.cmd, conn) else {

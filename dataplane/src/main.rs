@@ -28,6 +28,16 @@ struct Cli {
     /// without a provider account. No gateway runs.
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["config", "check"])]
     demo_provider: Option<std::net::SocketAddr>,
+    /// Replace the seal key with the one in this secret file (64 hex digits, mode 0600):
+    /// only the keyring beside the sealed snapshot is rewritten, a running node keeps
+    /// running, and the node must then start with the new key. Exits when done.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "config",
+        conflicts_with = "check"
+    )]
+    rotate_seal_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +65,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return dataplane::node::run_demo_provider(listen, dataplane::config::DriverChoice::Epoll);
     }
     let config = load(&cli)?;
+    if let Some(new) = &cli.rotate_seal_key {
+        let cp = config
+            .control_plane
+            .as_ref()
+            .context("--rotate-seal-key: the configuration has no [control_plane]")?;
+        let new = dataplane::seal::files::read_private(new)
+            .map_err(|e| anyhow::anyhow!("--rotate-seal-key: {e}"))
+            .and_then(|t| {
+                dataplane::seal::Kek::from_hex(&t)
+                    .map_err(|e| anyhow::anyhow!("--rotate-seal-key: {e}"))
+            })?;
+        let ring = cp
+            .rotate_seal_key(&new)
+            .map_err(|e| anyhow::anyhow!("--rotate-seal-key: {e}"))?;
+        println!(
+            "{} opens with the new seal key only: start the node with it ({})",
+            ring.display(),
+            cp.seal_key_source()
+        );
+        return Ok(());
+    }
     if cli.check {
         println!("configuration ok");
         return Ok(());

@@ -17,6 +17,7 @@
 //! another.
 
 pub mod files;
+pub mod keyring;
 
 use boring::rand::rand_bytes;
 use boring::symm::{decrypt_aead, encrypt_aead, Cipher};

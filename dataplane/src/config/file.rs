@@ -122,6 +122,44 @@ impl ControlPlaneConfig {
         }
     }
 
+    /// Where the keyring of `snapshot_file` is kept: the data key sealing the snapshot and
+    /// the usage spill file, wrapped by the seal key (`<snapshot_file>.keyring`).
+    pub fn keyring_file(&self) -> Option<std::path::PathBuf> {
+        self.snapshot_file.as_ref().map(|p| {
+            let mut k = p.clone().into_os_string();
+            k.push(".keyring");
+            k.into()
+        })
+    }
+
+    /// The data key the snapshot and the usage spill are sealed with, from the keyring the
+    /// seal key opens (created at first use; a node from before keyrings, whose files were
+    /// sealed with the seal key itself, adopts that key).
+    pub fn data_key(&self) -> Result<crate::seal::Kek, String> {
+        let master = self.seal_key()?;
+        let (Some(ring), Some(snapshot)) = (self.keyring_file(), &self.snapshot_file) else {
+            return Ok(master);
+        };
+        let mut spill = snapshot.clone().into_os_string();
+        spill.push(".usage");
+        let sealed_before = snapshot.exists() || std::path::Path::new(&spill).exists();
+        crate::seal::keyring::unlock(&ring, &master, sealed_before.then_some(&master))
+            .map_err(|e| format!("{e} ({})", self.seal_key_source()))
+    }
+
+    /// Replaces the seal key with `new`: only the keyring is rewritten. The node must then
+    /// start with the new key.
+    pub fn rotate_seal_key(&self, new: &crate::seal::Kek) -> Result<std::path::PathBuf, String> {
+        let ring = self.keyring_file().ok_or(
+            "control_plane.snapshot_file is not set: nothing is sealed, nothing to rotate",
+        )?;
+        let old = self.seal_key()?;
+        self.data_key()?;
+        crate::seal::keyring::begin_rotation(&ring, &old, new).map_err(|e| e.to_string())?;
+        crate::seal::keyring::finish_rotation(&ring, new).map_err(|e| e.to_string())?;
+        Ok(ring)
+    }
+
     /// The key-encryption key, from `seal_key_file` (a secret file: owned by this user, mode
     /// 0600) or `seal_key_env`; a wrong one is reported with where it came from.
     pub fn seal_key(&self) -> Result<crate::seal::Kek, String> {
@@ -1049,5 +1087,67 @@ mod tests {
         let changes = a.restart_only_changes(&b);
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].0, "server.workers");
+    }
+}
+
+#[cfg(test)]
+mod keyring_tests {
+    use super::*;
+
+    fn node(dir: &Path, key_file: &Path) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            address: "cp:9443".into(),
+            server_name: None,
+            ca_file: dir.join("ca.pem"),
+            identity_dir: dir.join("identity"),
+            enrollment_token_env: default_enrollment_token_env(),
+            enrollment_token_file: None,
+            retired_token_env: false,
+            retired_node_id: false,
+            environments: default_environments(),
+            max_stale: Duration::ZERO,
+            snapshot_file: Some(dir.join("config.sealed")),
+            seal_key_env: default_seal_key_env(),
+            seal_key_file: Some(key_file.to_path_buf()),
+        }
+    }
+
+    #[test]
+    fn a_nodes_seal_key_is_replaced_by_rewriting_its_keyring_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key_file = dir.path().join("seal.key");
+        let old = crate::seal::Kek::generate().expect("key");
+        crate::seal::files::write_private(&key_file, old.to_hex().as_bytes()).expect("write");
+        // A snapshot sealed before keyrings existed: with the seal key itself.
+        let snapshot = dir.path().join("config.sealed");
+        let sealed = crate::seal::seal(&old, "snapshot", b"table").expect("seal");
+        std::fs::write(&snapshot, &sealed).expect("write");
+        let cp = node(dir.path(), &key_file);
+        let data = cp.data_key().expect("adopted");
+        assert_eq!(
+            crate::seal::open(&data, "snapshot", &sealed).expect("opens"),
+            b"table"
+        );
+
+        let new = crate::seal::Kek::generate().expect("key");
+        let ring = cp.rotate_seal_key(&new).expect("rotated");
+        assert_eq!(ring, dir.path().join("config.sealed.keyring"));
+        assert_eq!(
+            std::fs::read(&snapshot).expect("read"),
+            sealed,
+            "the snapshot is untouched"
+        );
+        // Until the node is given the new key, it is refused with where the key came from.
+        let e = cp.data_key().expect_err("the old key");
+        assert!(
+            e.contains("does not open") && e.contains("seal_key_file"),
+            "{e}"
+        );
+        crate::seal::files::write_private(&key_file, new.to_hex().as_bytes()).expect("write");
+        let data = cp.data_key().expect("the new key");
+        assert_eq!(
+            crate::seal::open(&data, "snapshot", &sealed).expect("opens"),
+            b"table"
+        );
     }
 }

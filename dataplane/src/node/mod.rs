@@ -197,7 +197,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                     }
                     Some(crate::config::link::Persist {
                         path: path.clone(),
-                        kek: cp.seal_key().map_err(|e| anyhow!("control_plane: {e}"))?,
+                        kek: cp.data_key().map_err(|e| anyhow!("control_plane: {e}"))?,
                         key_source: cp.seal_key_source(),
                     })
                 }
