@@ -225,6 +225,8 @@ pub fn seal_key(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<aig
 /// what seals credentials and files there. A store from before keyrings (sealed with the
 /// key-encryption key itself) adopts that key as its data key.
 pub fn data_key(data_dir: &Path, master: &aigw_seal::Kek) -> anyhow::Result<aigw_seal::Kek> {
+    aigw_seal::files::private_dir(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))?;
     let existing = data_dir.join("controlplane.db").exists();
     aigw_seal::keyring::unlock(
         &data_dir.join("keyring"),
