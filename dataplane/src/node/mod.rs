@@ -195,11 +195,20 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                     })? {
                         tracing::warn!(dir = %dir.display(), "narrowed the sealed snapshot's directory to mode 0700");
                     }
-                    Some(crate::config::link::Persist {
-                        path: path.clone(),
-                        kek: cp.data_key().map_err(|e| anyhow!("control_plane: {e}"))?,
-                        key_source: cp.seal_key_source(),
-                    })
+                    match cp.data_key() {
+                        Ok(kek) => Some(crate::config::link::Persist {
+                            path: path.clone(),
+                            kek,
+                            key_source: cp.seal_key_source(),
+                        }),
+                        // Fail closed for what is sealed, not for the node: it neither reads
+                        // nor overwrites the sealed files (the right key still opens them),
+                        // and serves once its control plane sends a configuration.
+                        Err(e) => {
+                            tracing::error!(error = %e, "the sealed snapshot and usage spill cannot be used: nothing is read from or written to them until the node starts with the right seal key");
+                            None
+                        }
+                    }
                 }
                 None => None,
             };
