@@ -340,6 +340,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         }
         None => None,
     };
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(addr = %addr, "serving plain HTTP off loopback: API keys and prompts cross the network in clear unless TLS is terminated in front of this node; configure [tls] to serve TLS 1.3 here");
+    }
     if let Some(plain) = plain_addr {
         tracing::info!(addr = %plain, "plain HTTP beside TLS: every request there is refused with https_required");
     }
