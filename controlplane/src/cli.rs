@@ -389,6 +389,20 @@ pub enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Name an enterprise tenant's own AWS KMS key: its provider credentials are sealed
+    /// under data keys it generates from then on (the control plane's AWS credentials come
+    /// from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY where it runs).
+    TenantKmsSet {
+        tenant: String,
+        /// Key id, ARN or alias/NAME.
+        #[arg(long)]
+        key_id: String,
+        #[arg(long)]
+        region: String,
+        /// Default: https://kms.<region>.amazonaws.com.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
     /// Drop usage fields before a tenant's usage is stored (none given: keep every field).
     UsageDrop {
         tenant: String,
@@ -757,6 +771,16 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             };
             ("GET", format!("/v1/tenants/{tenant}/usage{q}"), None)
         }
+        Command::TenantKmsSet {
+            tenant,
+            key_id,
+            region,
+            endpoint,
+        } => (
+            "PUT",
+            format!("/v1/tenants/{}/kms", query_value(&tenant)),
+            Some(json!({"key_id": key_id, "region": region, "endpoint": endpoint})),
+        ),
         Command::UsageDrop { tenant, fields } => (
             "PUT",
             format!("/v1/tenants/{}/usage-settings", query_value(&tenant)),

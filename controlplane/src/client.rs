@@ -57,7 +57,7 @@ fn tls_config(ca_pem: &[u8], source: &str) -> anyhow::Result<Arc<rustls::ClientC
 
 /// The TLS connector handed to `ureq`: the handshake completes before the request is
 /// written, so a server the CA does not verify never sees the admin token.
-struct Tls(Arc<rustls::ClientConfig>);
+pub(crate) struct Tls(pub(crate) Arc<rustls::ClientConfig>);
 
 impl ureq::TlsConnector for Tls {
     fn connect(

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod keys;
+pub mod kms;
 pub mod local;
 pub mod pki;
 pub mod push;
@@ -108,6 +109,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The store it serves (for embedding it, and for tests).
+    pub fn store(&self) -> &Arc<store::Store> {
+        &self.push.store
+    }
+
     /// The admin API's URL: `https://<addr>`, or `http://<addr>` when it serves plain HTTP.
     pub fn api_url(&self) -> String {
         let scheme = if self.plain_http { "http" } else { "https" };

@@ -15,6 +15,7 @@ mod caps;
 mod nodes;
 mod prices;
 mod routing;
+mod tenant_keys;
 mod usage;
 
 use std::path::Path;
@@ -248,6 +249,15 @@ ALTER TABLE usage_daily ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE policies ADD COLUMN guardrails_fail_open INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE policies ADD COLUMN patterns TEXT NOT NULL DEFAULT '[]';
 "#,
+    r#"
+CREATE TABLE tenant_kms (
+    tenant_id TEXT PRIMARY KEY REFERENCES tenants(id),
+    key_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    endpoint TEXT,
+    updated_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// `meta` rows.
@@ -279,6 +289,9 @@ pub enum StoreError {
     /// Sealing or opening a stored secret failed (a wrong seal key, a damaged value).
     #[error("seal: {0}")]
     Seal(String),
+    /// A tenant's own KMS key could not be used.
+    #[error("customer-managed key: {0}")]
+    Kms(String),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -383,6 +396,8 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// Seals provider credentials at rest.
     kek: Kek,
+    /// Tenants' own keys, for what is sealed under them.
+    kms: crate::kms::Kms,
 }
 
 pub fn now() -> i64 {
@@ -441,6 +456,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             kek,
+            kms: crate::kms::Kms::default(),
         })
     }
 
@@ -762,7 +778,7 @@ impl Store {
                 let Some(code) = wire_kind(&kind) else {
                     continue;
                 };
-                changes.push(match current_record(tx, &self.kek, code, &id)? {
+                changes.push(match current_record(tx, &self.kek, &self.kms, code, &id)? {
                     Some(record) => Change::Upsert(record),
                     None => Change::Delete(Tombstone { kind: code, id }),
                 });
@@ -782,7 +798,7 @@ impl Store {
                 .map(Record::Key)
                 .collect();
             records.extend(
-                routing::upstream_records(tx, &self.kek, None)?
+                routing::upstream_records(tx, &self.kek, &self.kms, None)?
                     .into_iter()
                     .map(Record::Upstream),
             );
@@ -993,13 +1009,14 @@ fn wire_kind(kind: &str) -> Option<u64> {
 fn current_record(
     c: &Connection,
     kek: &Kek,
+    kms: &crate::kms::Kms,
     kind: u64,
     id: &str,
 ) -> Result<Option<Record>, StoreError> {
     let ids = [id.to_string()];
     Ok(match kind {
         kinds::KEY => key_records(c, Some(&ids))?.pop().map(Record::Key),
-        kinds::UPSTREAM => routing::upstream_records(c, kek, Some(id))?
+        kinds::UPSTREAM => routing::upstream_records(c, kek, kms, Some(id))?
             .pop()
             .map(Record::Upstream),
         kinds::ROUTE => routing::route_records(c, Some(id))?

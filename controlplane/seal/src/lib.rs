@@ -56,6 +56,11 @@ impl std::fmt::Debug for Kek {
 }
 
 impl Kek {
+    /// A key from its 32 bytes (a data key a KMS generated, say).
+    pub fn from_bytes(bytes: [u8; KEY]) -> Self {
+        Self(bytes)
+    }
+
     /// 64 hex digits (e.g. `openssl rand -hex 32`).
     pub fn from_hex(s: &str) -> Result<Self, SealError> {
         let s = s.trim();

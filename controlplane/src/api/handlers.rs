@@ -459,6 +459,26 @@ pub(super) async fn usage_settings(
     Ok(Json(json!({ "drop": dropped })))
 }
 
+/// Names the tenant's own KMS key (enterprise tier): its provider credentials are sealed
+/// under data keys that key generates from then on.
+pub(super) async fn set_tenant_kms(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<crate::kms::KmsKey>,
+) -> Result<Json<Value>> {
+    let k = blocking(&s, move |st| st.set_tenant_kms(&actor, &tenant_id, &body)).await?;
+    Ok(Json(json!(k)))
+}
+
+pub(super) async fn tenant_kms(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Value>> {
+    let k = blocking(&s, move |st| st.tenant_kms(&tenant_id)).await?;
+    Ok(Json(json!({ "kms": k })))
+}
+
 /// Sets a sub-account's rate limits, covering every key in its subtree (per node; 0 = none).
 pub(super) async fn set_sub_account_rate_limits(
     State(s): State<Arc<AppState>>,

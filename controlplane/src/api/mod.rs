@@ -64,6 +64,10 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             put(handlers::set_usage_settings).get(handlers::usage_settings),
         ),
         (
+            "/v1/tenants/{tenant_id}/kms",
+            put(handlers::set_tenant_kms).get(handlers::tenant_kms),
+        ),
+        (
             "/v1/tenants/{tenant_id}/spend-caps",
             put(handlers::put_cap).get(handlers::list_caps),
         ),
@@ -395,6 +399,9 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "store error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "store error")
             }
+            // The tenant's own key refused (disabled, deleted, not granted): the caller's to
+            // fix, and KMS's words say how.
+            StoreError::Kms(m) => Self::new(StatusCode::BAD_GATEWAY, "kms_unavailable", m),
             StoreError::Seal(e) => {
                 tracing::error!(error = %e, "sealing error");
                 Self::new(

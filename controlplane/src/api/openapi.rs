@@ -75,6 +75,11 @@ pub fn document() -> Value {
                 "put": op("Choose the usage fields dropped before the tenant's usage is stored (body: drop, a list of key_id, model, sub_account_id, latency, ttfb, cached_input_tokens, cache_write_tokens, reasoning_tokens); a dropped field is absent from usage answers, not zero. Applies to usage arriving from then on", None, "200"),
                 "get": op("The usage fields the tenant drops", None, "200")
             },
+            "/v1/tenants/{tenant_id}/kms": {
+                "parameters": [path_param("tenant_id")],
+                "put": op("Name the enterprise tenant's own AWS KMS key (body: key_id, region, endpoint optional); it is tried at once, and provider credentials written from then on are sealed under data keys it generates. Disabling the key makes them unreadable within a minute, and refuses new ones with KMS's error (502 kms_unavailable)", None, "200"),
+                "get": op("The tenant's own KMS key, or null", None, "200")
+            },
             "/v1/tenants/{tenant_id}/spend-caps": {
                 "parameters": [path_param("tenant_id")],
                 "put": op("Set a spend cap in USD per UTC day, UTC month or lifetime on the tenant, a sub-account (covering its whole subtree) or a key (body: scope = tenant | sub_account | key, id for a sub-account or key, period = day | month | lifetime, limit_usd); nodes reserve each request's maximum cost against it before forwarding and answer 429 insufficient_quota when it is spent", None, "200"),

@@ -25,9 +25,18 @@ impl Store {
     ) -> Result<Written<Upstream>, StoreError> {
         check::upstream(tenant_id, environment, name, spec)?;
         let id = record_id(tenant_id, environment, name);
-        // Sealed before the transaction: the store's lock is not held over the encryption.
+        // Sealed before the transaction: the store's lock is not held over the encryption
+        // (nor over a call to the tenant's KMS).
         let sealed_new = match spec.credential.as_deref() {
-            Some(c) if !c.is_empty() => Some(seal_credential(&self.kek, &id, c)?),
+            Some(c) if !c.is_empty() => {
+                let cmk = self.read(|c| super::rows::tenant_kms(c, tenant_id))?;
+                Some(seal_credential(
+                    &self.kek,
+                    cmk.as_ref().map(|k| (&self.kms, k)),
+                    &id,
+                    c,
+                )?)
+            }
             _ => None,
         };
         self.with_tx(|tx| {

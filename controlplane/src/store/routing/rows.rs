@@ -57,9 +57,32 @@ pub(super) fn upstream_by_id(
 }
 
 /// Upstream records as nodes hold them (credential opened): every one, or the one with `id`.
+/// The KMS key a tenant seals under, if it has one.
+pub(in crate::store) fn tenant_kms(
+    c: &Connection,
+    tenant_id: &str,
+) -> Result<Option<crate::kms::KmsKey>, StoreError> {
+    Ok(c.query_row(
+        "SELECT key_id, region, endpoint FROM tenant_kms WHERE tenant_id = ?1",
+        params![tenant_id],
+        |r| {
+            Ok(crate::kms::KmsKey {
+                key_id: r.get(0)?,
+                region: r.get(1)?,
+                endpoint: r.get(2)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+/// Upstream records with their credentials opened. One whose credential is sealed under
+/// its tenant's own KMS key, when that key does not answer (disabled, say), is left out
+/// with a warning: that tenant's routes to it stop, and no other record waits on it.
 pub(in crate::store) fn upstream_records(
     c: &Connection,
     kek: &Kek,
+    kms: &crate::kms::Kms,
     id: Option<&str>,
 ) -> Result<Vec<UpstreamRecord>, StoreError> {
     let rows: Vec<StoredUpstream> = match id {
@@ -70,32 +93,43 @@ pub(in crate::store) fn upstream_records(
             rows.collect::<Result<_, _>>()?
         }
     };
-    rows.into_iter()
-        .map(|(u, sealed)| {
-            let credential = match sealed {
-                Some(s) => Some(open_credential(kek, &u.id, &s)?),
-                None => None,
-            };
-            Ok(UpstreamRecord {
-                non_retention: u.non_retention,
-                id: u.id,
-                tenant_id: u.tenant_id,
-                environment: u.environment,
-                name: u.name,
-                provider: u.provider,
-                base_url: u.base_url,
-                credential,
-                stream_options: u.stream_options,
-                region: u.region,
-                baa: u.baa,
-                pass_organization_headers: u.pass_organization_headers,
-                max_connections: u.max_connections,
-                connect_timeout_ms: u.connect_timeout_ms,
-                first_byte_timeout_ms: u.first_byte_timeout_ms,
-                read_idle_timeout_ms: u.read_idle_timeout_ms,
-            })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for (u, sealed) in rows {
+        let credential = match sealed {
+            Some(s) if super::seal::is_kms_sealed(&s) => {
+                let key = tenant_kms(c, &u.tenant_id)?;
+                match open_credential(kek, key.as_ref().map(|k| (kms, k)), &u.id, &s) {
+                    Ok(c) => Some(c),
+                    Err(e @ StoreError::Kms(_)) => {
+                        tracing::warn!(upstream = %u.id, error = %e, "left out of what nodes hold: its tenant's key does not open its credential");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(s) => Some(open_credential(kek, None, &u.id, &s)?),
+            None => None,
+        };
+        out.push(UpstreamRecord {
+            non_retention: u.non_retention,
+            id: u.id,
+            tenant_id: u.tenant_id,
+            environment: u.environment,
+            name: u.name,
+            provider: u.provider,
+            base_url: u.base_url,
+            credential,
+            stream_options: u.stream_options,
+            region: u.region,
+            baa: u.baa,
+            pass_organization_headers: u.pass_organization_headers,
+            max_connections: u.max_connections,
+            connect_timeout_ms: u.connect_timeout_ms,
+            first_byte_timeout_ms: u.first_byte_timeout_ms,
+            read_idle_timeout_ms: u.read_idle_timeout_ms,
+        });
+    }
+    Ok(out)
 }
 
 const ROUTE_SELECT: &str =

@@ -1,0 +1,67 @@
+//! Customer-managed keys: an enterprise tenant names its own AWS KMS key, and its provider
+//! credentials are sealed from then on under data keys that key generates (see
+//! [`crate::kms`]).
+
+use rusqlite::params;
+
+use super::routing::tenant_kms;
+use super::{audit, now, Actor, Store, StoreError};
+use crate::kms::KmsKey;
+
+impl Store {
+    /// Names the tenant's own KMS key (enterprise tier only). The key is tried first — a
+    /// data key generated with it — so a key KMS refuses is refused here with KMS's words.
+    /// Credentials written from then on are sealed under it; those sealed before keep their
+    /// key until they are written again.
+    pub fn set_tenant_kms(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        key: &KmsKey,
+    ) -> Result<KmsKey, StoreError> {
+        key.check().map_err(StoreError::Invalid)?;
+        let tier: String = self.read(|c| {
+            super::tenant_exists(c, tenant)?;
+            Ok(c.query_row(
+                "SELECT tier FROM tenants WHERE id = ?1",
+                params![tenant],
+                |r| r.get(0),
+            )?)
+        })?;
+        if tier != "enterprise" {
+            return Err(StoreError::Invalid(format!(
+                "key_id: customer-managed keys are for enterprise tenants (tenant {tenant} is {tier})"
+            )));
+        }
+        self.kms.generate_data_key(key).map_err(StoreError::Kms)?;
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO tenant_kms (tenant_id, key_id, region, endpoint, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tenant_id) DO UPDATE SET key_id = excluded.key_id, region = excluded.region,
+                    endpoint = excluded.endpoint, updated_at = excluded.updated_at",
+                params![tenant, key.key_id, key.region, key.endpoint, now()],
+            )?;
+            audit(
+                tx,
+                actor,
+                "tenant.kms_key",
+                tenant,
+                serde_json::json!({"key_id": key.key_id, "region": key.region, "endpoint": key.endpoint}),
+            )?;
+            Ok(key.clone())
+        })
+    }
+
+    /// The tenant's own KMS key, if it named one.
+    pub fn tenant_kms(&self, tenant: &str) -> Result<Option<KmsKey>, StoreError> {
+        self.read(|c| {
+            super::tenant_exists(c, tenant)?;
+            tenant_kms(c, tenant)
+        })
+    }
+
+    /// Forgets the data keys unwrapped so far: the next use asks the tenants' KMS again.
+    pub fn forget_unwrapped_keys(&self) {
+        self.kms.forget();
+    }
+}

@@ -1,0 +1,158 @@
+//! Customer-managed keys against a local AWS KMS (moto's server, started here): an
+//! enterprise tenant names its own key, its provider credentials are sealed under data keys
+//! that key generates, and disabling the key makes them unreadable (crypto-shredding) and
+//! stops new writes with KMS's error — while other tenants carry on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use e2e::cp::*;
+use e2e::mock::{MockOptions, MockProvider};
+use e2e::*;
+use serde_json::json;
+
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn moto() -> (Moto, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = sdk_python().with_file_name("moto_server");
+    let child = Command::new(&bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (bash .ci/setup installs moto)", bin.display()));
+    let up = wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "moto's server did not start");
+    (Moto(child), format!("http://127.0.0.1:{port}"))
+}
+
+fn kms_admin(endpoint: &str, args: &[&str]) -> String {
+    let mut all = vec![endpoint];
+    all.extend_from_slice(args);
+    run_sdk_script("kms_key.py", &all)
+        .trim()
+        .trim_start_matches("ok")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
+    // The control plane's AWS credentials, as it would have them where it runs.
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let (_moto, endpoint) = moto();
+    let key_id = kms_admin(&endpoint, &["create"]);
+    let dir = scratch_dir("kms");
+    let cp = cp_start(dir.clone(), "127.0.0.1:0");
+    let bank_provider = MockProvider::start(MockOptions::default());
+    let shop_provider = MockProvider::start(MockOptions::default());
+    tenant(&cp, "bank", "enterprise");
+    tenant(&cp, "shop", "pro");
+    let cmk = json!({"key_id": key_id, "region": "us-east-1", "endpoint": endpoint});
+
+    // Enterprise only, and a key KMS does not know is refused with KMS's words.
+    let r = api(&cp, "PUT", "/v1/tenants/shop/kms", Some(cmk.clone()));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("enterprise"), "{}", r.text());
+    let r = api(
+        &cp,
+        "PUT",
+        "/v1/tenants/bank/kms",
+        Some(json!({"key_id": "no-such-key", "region": "us-east-1", "endpoint": endpoint})),
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "kms_unavailable");
+    let r = api(&cp, "PUT", "/v1/tenants/bank/kms", Some(cmk.clone()));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    for (t, provider, secret) in [
+        ("bank", &bank_provider, "sk-bank-cmk-marker-4411"),
+        ("shop", &shop_provider, "sk-shop-marker-9902"),
+    ] {
+        let base = format!("/v1/tenants/{t}/environments/production");
+        put(
+            &cp,
+            &format!("{base}/upstreams/oa"),
+            json!({"provider": "openai", "base_url": provider.base_url(), "credential": secret}),
+        );
+        put(
+            &cp,
+            &format!("{base}/routes/all"),
+            json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
+        );
+    }
+    let bank_key = key(&cp, "bank", "production");
+    let shop_key = key(&cp, "shop", "production");
+    let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+    assert_eq!(
+        chat_with_key(gw.addr(), Some(&bank_key), "gpt-4o").status,
+        200
+    );
+    assert_eq!(
+        bank_provider.requests()[0].header("authorization"),
+        Some("Bearer sk-bank-cmk-marker-4411")
+    );
+    let db = std::fs::read(dir.join("controlplane.db")).unwrap();
+    assert!(
+        !db.windows(23).any(|w| w == b"sk-bank-cmk-marker-4411"),
+        "the credential is in clear in the store"
+    );
+    drop(gw);
+
+    // The tenant disables its key: once the unwrapped key is gone from memory (a minute at
+    // most), its credential no longer opens and a new one cannot be sealed.
+    kms_admin(&endpoint, &["disable", &key_id]);
+    cp.store().forget_unwrapped_keys();
+    let r = api(
+        &cp,
+        "PUT",
+        "/v1/tenants/bank/environments/production/upstreams/oa2",
+        Some(
+            json!({"provider": "openai", "base_url": bank_provider.base_url(), "credential": "sk-new"}),
+        ),
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("Disabled"), "KMS's reason: {}", r.text());
+    // A node starting now gets everything but the bank's upstream; the shop is not affected.
+    let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+    let r = chat_with_key(gw.addr(), Some(&bank_key), "gpt-4o");
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        bank_provider.request_count(),
+        1,
+        "nothing more reached the bank's provider"
+    );
+    assert_eq!(
+        chat_with_key(gw.addr(), Some(&shop_key), "gpt-4o").status,
+        200
+    );
+    drop(gw);
+
+    // Enabled again, the same stored credential opens: nothing was lost, only locked.
+    kms_admin(&endpoint, &["enable", &key_id]);
+    let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+    assert_eq!(
+        chat_with_key(gw.addr(), Some(&bank_key), "gpt-4o").status,
+        200
+    );
+}
