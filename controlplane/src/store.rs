@@ -462,12 +462,15 @@ impl Store {
 
     fn with_tx<T>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
+        let tx = Tx {
+            tx: conn.transaction()?,
+            kek: &self.kek,
+        };
         let out = f(&tx)?;
-        tx.commit()?;
+        tx.tx.commit()?;
         Ok(out)
     }
 
@@ -913,15 +916,17 @@ impl Store {
                 "SELECT id, at, actor, source, action, target, detail FROM audit_log WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
             let rows = st.query_map(params![after_id, limit], |r| {
-                let detail: String = r.get(6)?;
+                let action: String = r.get(4)?;
+                let target: String = r.get(5)?;
+                let detail = audit_detail(&self.kek, &action, &target, r.get(6)?);
                 Ok(AuditRecord {
                     id: r.get(0)?,
                     at: r.get(1)?,
                     actor: r.get(2)?,
                     source: r.get(3)?,
-                    action: r.get(4)?,
-                    target: r.get(5)?,
-                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                    action,
+                    target,
+                    detail,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -1182,18 +1187,76 @@ fn revision_id_of(c: &Connection, revision: i64) -> Result<Option<u64>, StoreErr
     Ok(id.map(|i| i.max(0) as u64))
 }
 
+/// A write transaction, with the key that seals what it writes.
+pub(crate) struct Tx<'c> {
+    tx: Transaction<'c>,
+    kek: &'c Kek,
+}
+
+impl<'c> std::ops::Deref for Tx<'c> {
+    type Target = Transaction<'c>;
+
+    fn deref(&self) -> &Transaction<'c> {
+        &self.tx
+    }
+}
+
+/// The sealing purpose of audit records' details.
+const AUDIT_PURPOSE: &str = "audit-detail";
+
+/// Records an administrative action. Its detail (names, addresses, patterns, settings — what
+/// an operator wrote) is sealed with the store's key and bound to its action and target, so
+/// it reads only through the API and cannot be moved onto another record.
 fn audit(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     actor: &Actor,
     action: &str,
     target: &str,
     detail: serde_json::Value,
 ) -> Result<(), StoreError> {
+    let sealed = aigw_seal::seal(
+        tx.kek,
+        AUDIT_PURPOSE,
+        format!("{action}\n{target}\n{detail}").as_bytes(),
+    )
+    .map_err(|e| StoreError::Seal(format!("sealing an audit record: {e}")))?;
     tx.execute(
         "INSERT INTO audit_log (at, actor, source, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![now(), actor.principal, actor.source, action, target, detail.to_string()],
+        params![now(), actor.principal, actor.source, action, target, sealed],
     )?;
     Ok(())
+}
+
+/// An audit record's detail: opened when sealed (records from before sealing are JSON
+/// text), `null` when it does not open or does not belong to the record.
+fn audit_detail(
+    kek: &Kek,
+    action: &str,
+    target: &str,
+    stored: rusqlite::types::Value,
+) -> serde_json::Value {
+    let text = match stored {
+        rusqlite::types::Value::Text(t) => t,
+        rusqlite::types::Value::Blob(b) => {
+            let Ok(plain) = aigw_seal::open(kek, AUDIT_PURPOSE, &b) else {
+                return serde_json::Value::Null;
+            };
+            let Ok(plain) = String::from_utf8(plain) else {
+                return serde_json::Value::Null;
+            };
+            match plain
+                .strip_prefix(action)
+                .and_then(|p| p.strip_prefix('\n'))
+                .and_then(|p| p.strip_prefix(target))
+                .and_then(|p| p.strip_prefix('\n'))
+            {
+                Some(d) => d.to_string(),
+                None => return serde_json::Value::Null,
+            }
+        }
+        _ => return serde_json::Value::Null,
+    };
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]
@@ -1226,6 +1289,49 @@ pub(crate) mod tests {
         let mut b = [0u8; 8];
         let _ = getrandom::fill(&mut b);
         u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn audit_details_are_sealed_and_bound_to_their_record() {
+        let dir = temp();
+        let s = Store::open(&dir, kek()).expect("opens");
+        s.create_tenant(&actor(), "t1", "Acme Marker Corp 5521", "pro")
+            .expect("tenant");
+        s.create_tenant(&actor(), "t2", "Other", "pro")
+            .expect("tenant");
+        let records = s.audit(0, 10).expect("audit");
+        assert_eq!(records[0].detail["name"], "Acme Marker Corp 5521");
+        drop(s);
+        let c = Connection::open(dir.join("controlplane.db")).expect("open");
+        let stored: Vec<u8> = c
+            .query_row(
+                "SELECT detail FROM audit_log WHERE target = 't1'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("stored");
+        assert!(
+            !stored.windows(21).any(|w| w == b"Acme Marker Corp 5521"),
+            "an audit detail in clear"
+        );
+        // A detail moved onto another record does not read; one from before sealing does.
+        c.execute(
+            "UPDATE audit_log SET detail = (SELECT detail FROM audit_log WHERE target = 't1') WHERE target = 't2'",
+            [],
+        )
+        .expect("swap");
+        c.execute(
+            "INSERT INTO audit_log (at, actor, source, action, target, detail) VALUES (1, 'a', 's', 'old.action', 'x', '{\"k\":1}')",
+            [],
+        )
+        .expect("legacy");
+        drop(c);
+        let s = Store::open(&dir, kek()).expect("reopens");
+        let records = s.audit(0, 10).expect("audit");
+        assert_eq!(records[0].detail["name"], "Acme Marker Corp 5521");
+        assert_eq!(records[1].detail, serde_json::Value::Null);
+        assert_eq!(records[2].detail["k"], 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -36,7 +36,7 @@ fn sketch(bytes: &[u8]) -> Result<Sketch, StoreError> {
 /// Records that a node's report (usage or event) numbered (`boot_epoch`, `seq`) is being
 /// applied: false when it was applied before. Usage and events share the numbering.
 fn first_time(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &super::Tx<'_>,
     node_id: &str,
     boot_epoch: u64,
     seq: u64,
@@ -53,7 +53,7 @@ fn first_time(
 /// policy says so. A report that does not match (a key of another installation, a made-up
 /// one) changes nothing but the event's own audit record.
 fn leaked(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &super::Tx<'_>,
     actor: &super::Actor,
     detail: &serde_json::Value,
 ) -> Result<(), StoreError> {
