@@ -498,7 +498,10 @@ async fn handshake(
     };
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let timeout = ctx.settings.current().head_read_timeout;
-    match crate::runtime::deadline::timeout(timeout, acceptor.accept(stream)).await {
+    // Boxed: a handshake in progress holds a whole TLS session, and every connection's task
+    // (plain ones included) would otherwise be as large as that.
+    let accepting = Box::pin(acceptor.accept(stream));
+    match crate::runtime::deadline::timeout(timeout, accepting).await {
         Ok(Ok(s)) => Some(ClientStream::Tls(Box::new(s), fd)),
         Ok(Err(e)) => {
             ctx.status.tls_handshake_failed();
