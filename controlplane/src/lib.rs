@@ -2,6 +2,7 @@
 //! policies, with every change audited and versioned for the data-plane nodes.
 
 pub mod api;
+pub mod bodylog;
 pub mod cli;
 pub mod client;
 pub mod keys;

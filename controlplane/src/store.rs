@@ -11,6 +11,7 @@
 //! newest revision deleted by compaction: a node holding an older revision cannot be caught up
 //! from the changelog and gets a snapshot instead.
 
+mod bodies;
 mod caps;
 mod nodes;
 mod prices;
@@ -26,6 +27,8 @@ use aigw_wire::messages::kinds;
 use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
+
+pub use bodies::{BodyLogSettings, BodyLogSpec, RecordPlace, SegmentRow, WhenBehind};
 
 pub use caps::{cap_id, Cap, CapSpec};
 pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
@@ -247,6 +250,35 @@ ALTER TABLE usage_daily ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE policies ADD COLUMN guardrails_fail_open INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE policies ADD COLUMN patterns TEXT NOT NULL DEFAULT '[]';
+"#,
+    r#"
+CREATE TABLE body_log_settings (
+    tenant_id TEXT PRIMARY KEY REFERENCES tenants(id),
+    enabled INTEGER NOT NULL,
+    retention_days INTEGER NOT NULL,
+    when_behind TEXT NOT NULL
+);
+CREATE TABLE body_log_segments (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, day, segment_id)
+);
+CREATE TABLE body_log_records (
+    tenant_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    record_index INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    boot_epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, request_id)
+);
+CREATE UNIQUE INDEX body_log_records_sent ON body_log_records(node_id, boot_epoch, seq);
+CREATE INDEX body_log_records_segment ON body_log_records(tenant_id, day, segment_id);
 "#,
 ];
 
