@@ -246,6 +246,8 @@ pub enum Job {
         record: BodyRecord,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Closes every open segment (the control plane is stopping).
+    Close { done: std::sync::mpsc::Sender<()> },
     /// Deletes what has outlived its retention as of `today`; sends how many segments went.
     Sweep {
         today: String,
@@ -261,6 +263,7 @@ impl std::fmt::Debug for Job {
                 .field("request_id", request_id)
                 .finish(),
             Self::Sweep { today, .. } => f.debug_struct("Sweep").field("today", today).finish(),
+            Self::Close { .. } => f.write_str("Close"),
         }
     }
 }
@@ -336,6 +339,23 @@ impl BodyLog {
     /// acknowledge, and the node resends).
     pub fn submit(&self, job: Job) -> bool {
         self.tx.try_send(job).is_ok()
+    }
+
+    /// Closes every open segment, waiting for the writer (at an orderly stop: records
+    /// already acknowledged are all in closed segments).
+    pub fn close(&self) {
+        let (done, closed) = std::sync::mpsc::channel();
+        if self.tx.send(Job::Close { done }).is_ok() {
+            let _ = closed.recv();
+        }
+    }
+
+    /// Asks for a sweep as of today (not waiting for it).
+    pub fn sweep_soon(&self) {
+        let _ = self.tx.try_send(Job::Sweep {
+            today: today(),
+            done: None,
+        });
     }
 
     /// A tenant's logged request, while it is retained.
@@ -418,6 +438,10 @@ impl Writer {
                     &record,
                 );
                 let _ = done.send(r);
+            }
+            Job::Close { done } => {
+                self.close_all();
+                let _ = done.send(());
             }
             Job::Sweep { today, done } => {
                 let r = self.sweep(&today);

@@ -98,6 +98,11 @@ pub struct PushState {
     pub counters: Counters,
     /// The rate limits leased to nodes, minute by minute.
     pub rate_leases: crate::rate_leases::RateLeases,
+    /// Where nodes' bodies are written; unset, bodies are acknowledged and not kept.
+    pub bodylog: std::sync::OnceLock<crate::bodylog::BodyLog>,
+    /// Moves whenever a tenant's body log settings change: every session sends its node
+    /// the tenants' settings again.
+    body_settings: watch::Sender<u64>,
 }
 
 /// Totals since start, for `/metrics`.
@@ -135,7 +140,14 @@ impl PushState {
             sessions: AtomicU64::new(0),
             counters: Counters::default(),
             rate_leases: Default::default(),
+            bodylog: std::sync::OnceLock::new(),
+            body_settings: watch::channel(0).0,
         })
+    }
+
+    /// A tenant's body log settings changed: every node hears of it now.
+    pub fn body_settings_changed(&self) {
+        self.body_settings.send_modify(|g| *g += 1);
     }
 
     /// Tells every session that a node was revoked, enrolled again or rescoped.
@@ -591,8 +603,15 @@ where
     let mut offered = sent.revision;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut heard = tokio::time::Instant::now();
+    let mut body_settings = state.body_settings.subscribe();
+    send_body_tenants(conn, &store).await?;
     loop {
         tokio::select! {
+            changed = body_settings.changed() => {
+                changed?;
+                body_settings.borrow_and_update();
+                send_body_tenants(conn, &store).await?;
+            }
             _ = tokio::time::sleep_until(heard + SILENT) => {
                 anyhow::bail!("node {node} silent for {SILENT:?}");
             }
@@ -710,6 +729,11 @@ where
                         Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing an event failed; the node keeps it"),
                     }
                 }
+                Message::BodyLog { boot_epoch, seq, tenant_id, request_id, meta, request, response, .. } => {
+                    if body_logged(state, node, &scope, boot_epoch, seq, tenant_id, request_id, meta, request, response).await {
+                        conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?;
+                    }
+                }
                 Message::LeaseRequest { cap_id, period, want_micros } => {
                     let store = Arc::clone(&store);
                     let (id, lease_scope, cap) = (node.to_string(), scope.clone(), cap_id.clone());
@@ -765,6 +789,104 @@ where
                 }
             }
         }
+    }
+}
+
+/// Tells the node which tenants opted out of the body log and which refuse when behind.
+async fn send_body_tenants<S>(conn: &mut Conn<S>, store: &Arc<Store>) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let st = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || st.body_log_exceptions()).await {
+        Ok(Ok((off, refuse))) => conn.send(&Message::BodyLogTenants { off, refuse }).await,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot read the body log settings");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading the body log settings failed");
+            Ok(())
+        }
+    }
+}
+
+/// Writes a node's record to the body log; true once it is written, or will never be (a
+/// tenant opted out or outside the node's scope, no body log): the node may forget it.
+/// False: the node keeps it and sends it again.
+#[allow(clippy::too_many_arguments)]
+async fn body_logged(
+    state: &Arc<PushState>,
+    node: &str,
+    scope: &NodeScope,
+    boot_epoch: u64,
+    seq: u64,
+    tenant_id: String,
+    request_id: String,
+    meta: String,
+    request: Vec<u8>,
+    response: Vec<u8>,
+) -> bool {
+    if !scope.covers_tenant(&tenant_id) {
+        tracing::warn!(
+            node,
+            tenant_id,
+            "refused a body log record outside the node's scope"
+        );
+        return true;
+    }
+    let Some(log) = state.bodylog.get() else {
+        return true;
+    };
+    let st = Arc::clone(&state.store);
+    let t = tenant_id.clone();
+    match tokio::task::spawn_blocking(move || st.body_log_settings(&t)).await {
+        Ok(Ok(s)) if s.enabled => {}
+        // Opted out, or no such tenant: nothing is written.
+        Ok(Ok(_)) | Ok(Err(StoreError::NotFound(_))) => return true,
+        Ok(Err(e)) => {
+            tracing::error!(node, error = %e, "cannot read a tenant's body log settings; the node keeps the record");
+            return false;
+        }
+        Err(_) => return false,
+    }
+    let mut fields = match serde_json::from_str::<serde_json::Value>(&meta) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    fields.insert("request_id".into(), request_id.clone().into());
+    fields.insert("tenant_id".into(), tenant_id.clone().into());
+    fields.insert("node_id".into(), node.into());
+    fields.insert("logged_at".into(), crate::store::now().into());
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let job = crate::bodylog::Job::Append {
+        node_id: node.to_string(),
+        boot_epoch,
+        seq,
+        tenant_id,
+        request_id,
+        day: crate::bodylog::today(),
+        record: crate::bodylog::BodyRecord {
+            meta: serde_json::Value::Object(fields).to_string(),
+            request,
+            response,
+        },
+        done,
+    };
+    if !log.submit(job) {
+        tracing::warn!(
+            node,
+            "the body log writer is behind; the node keeps the record"
+        );
+        return false;
+    }
+    match answer.await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::error!(node, error = %e, "cannot write a body log record; the node keeps it");
+            false
+        }
+        Err(_) => false,
     }
 }
 
@@ -1071,7 +1193,10 @@ mod tests {
                     .await
                     .expect("a message in time")
                     .expect("a message");
-                if !matches!(m, Message::Heartbeat { .. }) {
+                if !matches!(
+                    m,
+                    Message::Heartbeat { .. } | Message::BodyLogTenants { .. }
+                ) {
                     return m;
                 }
             }

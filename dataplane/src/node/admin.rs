@@ -123,6 +123,8 @@ impl AdminService {
                     control_plane_connected: keys.map(|k| k.connected()),
                     usage_unacknowledged_entries: keys.map(|k| k.usage_backlog().0),
                     usage_dropped_entries: keys.map(|k| k.usage_backlog().1),
+                    body_log_dropped: keys.map(|k| k.bodies.dropped()),
+                    body_log_queued_bytes: keys.map(|k| k.bodies.held().1 as u64),
                 };
                 let mut r = Response::json(200, crate::metrics::render(&sum, &gauges).into_bytes());
                 r.content_type = "text/plain; version=0.0.4; charset=utf-8";
