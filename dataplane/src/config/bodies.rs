@@ -128,6 +128,24 @@ impl BodyQueue {
         *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = t;
     }
 
+    /// How many tenants opted out, as the control plane last said.
+    pub fn opted_out(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .off
+            .len()
+    }
+
+    /// How many tenants refuse requests while the queue is full.
+    pub fn refusing(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .refuse
+            .len()
+    }
+
     /// Whether the queue holds its bound (a `refuse` tenant's request is refused).
     pub fn full(&self) -> bool {
         self.bytes.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed)

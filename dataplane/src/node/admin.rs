@@ -99,6 +99,8 @@ impl AdminService {
                     "control_plane_connected": s.keys.as_ref().map(|(k, _)| k.connected()),
                     "usage_unacknowledged_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().0),
                     "usage_dropped_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().1),
+                    "body_log_opted_out_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.opted_out()),
+                    "body_log_refusing_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.refusing()),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
             }
