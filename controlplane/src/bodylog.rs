@@ -246,7 +246,7 @@ pub enum Job {
         record: BodyRecord,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
-    /// Closes every open segment (the control plane is stopping).
+    /// Closes every open segment and ends the writer (the control plane is stopping).
     Close { done: std::sync::mpsc::Sender<()> },
     /// Deletes what has outlived its retention as of `today`; sends how many segments went.
     Sweep {
@@ -320,6 +320,11 @@ impl BodyLog {
             .name("aigw-bodylog".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
+                    if let Job::Close { done } = job {
+                        writer.close_all();
+                        let _ = done.send(());
+                        return;
+                    }
                     writer.run(job);
                 }
                 writer.close_all();
@@ -341,8 +346,8 @@ impl BodyLog {
         self.tx.try_send(job).is_ok()
     }
 
-    /// Closes every open segment, waiting for the writer (at an orderly stop: records
-    /// already acknowledged are all in closed segments).
+    /// Closes every open segment and ends the writer, waiting for it (at an orderly stop:
+    /// records already acknowledged are all in closed segments). Nothing is written after.
     pub fn close(&self) {
         let (done, closed) = std::sync::mpsc::channel();
         if self.tx.send(Job::Close { done }).is_ok() {

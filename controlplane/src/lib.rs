@@ -106,6 +106,8 @@ pub struct Running {
     push: Arc<push::PushState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The body log's writer.
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -137,9 +139,13 @@ impl Running {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-            // Nothing writes any more: every open body log segment gets its final record.
+            // Nothing writes any more: every open body log segment gets its final record,
+            // and the writer is gone (with its hold on the database) before stop returns.
             if let Some(log) = self.push.bodylog.get() {
                 log.close();
+            }
+            if let Some(w) = self.writer.take() {
+                let _ = w.join();
             }
         }
     }
@@ -267,7 +273,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let bodies_dir = opts.data_dir.join("bodies");
     aigw_seal::files::private_dir(&bodies_dir)
         .with_context(|| format!("body log directory {}", bodies_dir.display()))?;
-    let (bodylog, _writer) = bodylog::BodyLog::start(
+    let (bodylog, writer) = bodylog::BodyLog::start(
         kek,
         Arc::clone(&store),
         Arc::new(bodylog::DirStore { root: bodies_dir }),
@@ -344,6 +350,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         push,
         shutdown: Some(tx),
         thread: Some(thread),
+        writer: Some(writer),
     })
 }
 

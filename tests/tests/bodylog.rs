@@ -142,6 +142,9 @@ both_drivers!(
         assert_eq!(rec["meta"]["request_id"], first.as_str());
         assert_eq!(rec["meta"]["model"], "gpt-4o");
         assert_eq!(rec["meta"]["response_truncated"], false);
+        // The same through the command line.
+        let via_cli = cli_of(&cp, &["body-get", "acme", &first]);
+        assert_eq!(via_cli, rec);
         // Another tenant's id space: not found.
         tenant(&cp, "other", "free");
         assert_eq!(logged(&cp, "other", &first).status, 404);
@@ -271,6 +274,22 @@ both_drivers!(
             got,
             json!({"enabled": true, "retention_days": 30, "when_behind": "drop"})
         );
+        let set = cli_of(
+            &cp,
+            &[
+                "body-log-set",
+                "acme",
+                "--retention-days",
+                "14",
+                "--when-behind",
+                "refuse",
+            ],
+        );
+        assert_eq!(
+            set,
+            json!({"enabled": true, "retention_days": 14, "when_behind": "refuse"})
+        );
+        assert_eq!(cli_of(&cp, &["body-log-get", "acme"]), set);
     }
 );
 
