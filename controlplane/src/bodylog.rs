@@ -24,7 +24,7 @@ use std::sync::Arc;
 use aigw_seal::{Kek, Opener, SealError, Sealer};
 use sha2::Digest;
 
-use crate::store::{SegmentRow, Store, StoreError};
+use crate::store::{IndexRow, SegmentRow, Store, StoreError};
 
 /// A segment is closed once it holds this many bytes…
 pub const MAX_SEGMENT_BYTES: u64 = 64 << 20;
@@ -33,6 +33,8 @@ pub const MAX_SEGMENT_RECORDS: u64 = 10_000;
 /// Records waiting for the writer, at most; beyond, the link does not acknowledge and the
 /// node resends later.
 pub const WRITER_QUEUE: usize = 1024;
+/// Records indexed in one transaction, at most.
+const MAX_BATCH: usize = 256;
 
 /// Where segments are kept. Segments are only ever appended to, read whole and deleted
 /// whole.
@@ -226,6 +228,14 @@ pub fn read_segment(
     }
 }
 
+/// Records appended in a batch, indexed together.
+#[derive(Default)]
+struct Pending {
+    rows: Vec<IndexRow>,
+    done: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    sent: std::collections::HashSet<(String, u64, u64)>,
+}
+
 /// Appends to segments, one open segment per tenant and day.
 struct Open {
     row: SegmentRow,
@@ -319,13 +329,18 @@ impl BodyLog {
         let thread = std::thread::Builder::new()
             .name("aigw-bodylog".into())
             .spawn(move || {
+                // What has queued up is written together: one transaction indexes it all.
                 while let Ok(job) = rx.recv() {
-                    if let Job::Close { done } = job {
-                        writer.close_all();
-                        let _ = done.send(());
+                    let mut batch = vec![job];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    if writer.run(batch) {
                         return;
                     }
-                    writer.run(job);
                 }
                 writer.close_all();
             })?;
@@ -421,42 +436,83 @@ fn new_segment_id() -> Result<String, String> {
 }
 
 impl Writer {
-    fn run(&mut self, job: Job) {
-        match job {
-            Job::Append {
-                node_id,
-                boot_epoch,
-                seq,
-                tenant_id,
-                request_id,
-                day,
-                record,
-                done,
-            } => {
-                let r = self.append(
-                    &node_id,
+    /// Runs a batch of jobs; true once the writer is closed.
+    fn run(&mut self, batch: Vec<Job>) -> bool {
+        let mut pending = Pending::default();
+        for job in batch {
+            match job {
+                Job::Append {
+                    node_id,
                     boot_epoch,
                     seq,
-                    &tenant_id,
-                    &request_id,
-                    &day,
-                    &record,
-                );
-                let _ = done.send(r);
-            }
-            Job::Close { done } => {
-                self.close_all();
-                let _ = done.send(());
-            }
-            Job::Sweep { today, done } => {
-                let r = self.sweep(&today);
-                if let Err(e) = &r {
-                    tracing::error!(error = %e, "body log sweep failed");
+                    tenant_id,
+                    request_id,
+                    day,
+                    record,
+                    done,
+                } => {
+                    if !pending.sent.insert((node_id.clone(), boot_epoch, seq)) {
+                        // The same record twice in one batch (a resend): written once.
+                        pending.done.push(done);
+                        continue;
+                    }
+                    match self.append(
+                        &node_id,
+                        boot_epoch,
+                        seq,
+                        &tenant_id,
+                        &request_id,
+                        &day,
+                        &record,
+                    ) {
+                        Ok(Some(row)) => {
+                            pending.rows.push(row);
+                            pending.done.push(done);
+                        }
+                        Ok(None) => {
+                            let _ = done.send(Ok(()));
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    }
                 }
-                if let Some(done) = done {
-                    let _ = done.send(r);
+                Job::Close { done } => {
+                    self.flush(std::mem::take(&mut pending));
+                    self.close_all();
+                    let _ = done.send(());
+                    return true;
+                }
+                Job::Sweep { today, done } => {
+                    self.flush(std::mem::take(&mut pending));
+                    let r = self.sweep(&today);
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "body log sweep failed");
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(r);
+                    }
                 }
             }
+        }
+        self.flush(pending);
+        false
+    }
+
+    /// Indexes the records appended, in one transaction, and answers their senders.
+    fn flush(&self, pending: Pending) {
+        if pending.done.is_empty() {
+            return;
+        }
+        let r = self
+            .store
+            .body_records_indexed(&pending.rows)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "cannot index body log records; the nodes send them again");
+        }
+        for done in pending.done {
+            let _ = done.send(r.clone());
         }
     }
 
@@ -470,13 +526,19 @@ impl Writer {
         request_id: &str,
         day: &str,
         record: &BodyRecord,
-    ) -> Result<(), String> {
+    ) -> Result<Option<IndexRow>, String> {
         let store = Arc::clone(&self.store);
+        match store.body_log_settings(tenant_id) {
+            Ok(s) if s.enabled => {}
+            // Opted out, or no such tenant: nothing is written.
+            Ok(_) | Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        }
         if store
             .body_logged(node_id, boot_epoch, seq)
             .map_err(|e| e.to_string())?
         {
-            return Ok(());
+            return Ok(None);
         }
         // Another day for this tenant: its segments of earlier days are done.
         let stale: Vec<_> = self
@@ -536,9 +598,14 @@ impl Writer {
         let index = open.row.records;
         open.row.records += 1;
         open.bytes += chunk.len() as u64;
-        store
-            .body_record_indexed(&open.row, index, request_id, node_id, boot_epoch, seq)
-            .map_err(|e| e.to_string())
+        Ok(Some(IndexRow {
+            segment: open.row.clone(),
+            record_index: index,
+            request_id: request_id.to_string(),
+            node_id: node_id.to_string(),
+            boot_epoch,
+            seq,
+        }))
     }
 
     /// Writes a segment's final record and marks it closed.

@@ -605,8 +605,12 @@ where
     let mut heard = tokio::time::Instant::now();
     let mut body_settings = state.body_settings.subscribe();
     send_body_tenants(conn, &store).await?;
+    let (body_acks_tx, mut body_acks) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
     loop {
         tokio::select! {
+            Some((boot_epoch, seq)) = body_acks.recv() => {
+                conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?;
+            }
             changed = body_settings.changed() => {
                 changed?;
                 body_settings.borrow_and_update();
@@ -730,8 +734,24 @@ where
                     }
                 }
                 Message::BodyLog { boot_epoch, seq, tenant_id, request_id, meta, request, response, .. } => {
-                    if body_logged(state, node, &scope, boot_epoch, seq, tenant_id, request_id, meta, request, response).await {
-                        conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?;
+                    // Not waited for here: the link reads on while the writer works, and
+                    // the acknowledgement follows once the record is written.
+                    match body_logged(state, node, &scope, boot_epoch, seq, tenant_id, request_id, meta, request, response) {
+                        Logged::Ready => conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?,
+                        Logged::Wait(answer) => {
+                            let acks = body_acks_tx.clone();
+                            let node = node.to_string();
+                            tokio::spawn(async move {
+                                match answer.await {
+                                    Ok(Ok(())) => {
+                                        let _ = acks.send((boot_epoch, seq));
+                                    }
+                                    Ok(Err(e)) => tracing::error!(node, error = %e, "cannot write a body log record; the node keeps it"),
+                                    Err(_) => {}
+                                }
+                            });
+                        }
+                        Logged::Keep => {}
                     }
                 }
                 Message::LeaseRequest { cap_id, period, want_micros } => {
@@ -811,11 +831,18 @@ where
     }
 }
 
-/// Writes a node's record to the body log; true once it is written, or will never be (a
-/// tenant opted out or outside the node's scope, no body log): the node may forget it.
-/// False: the node keeps it and sends it again.
+/// Hands a node's record to the body log's writer. `Ready`: acknowledge now (it will never
+/// be written: outside the node's scope, no body log). `Wait`: acknowledge once the writer
+/// answers Ok (it also answers Ok for a tenant that opted out: nothing is written). `Keep`:
+/// not acknowledged; the node sends it again.
+enum Logged {
+    Ready,
+    Wait(tokio::sync::oneshot::Receiver<Result<(), String>>),
+    Keep,
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn body_logged(
+fn body_logged(
     state: &Arc<PushState>,
     node: &str,
     scope: &NodeScope,
@@ -826,30 +853,18 @@ async fn body_logged(
     meta: String,
     request: Vec<u8>,
     response: Vec<u8>,
-) -> bool {
+) -> Logged {
     if !scope.covers_tenant(&tenant_id) {
         tracing::warn!(
             node,
             tenant_id,
             "refused a body log record outside the node's scope"
         );
-        return true;
+        return Logged::Ready;
     }
     let Some(log) = state.bodylog.get() else {
-        return true;
+        return Logged::Ready;
     };
-    let st = Arc::clone(&state.store);
-    let t = tenant_id.clone();
-    match tokio::task::spawn_blocking(move || st.body_log_settings(&t)).await {
-        Ok(Ok(s)) if s.enabled => {}
-        // Opted out, or no such tenant: nothing is written.
-        Ok(Ok(_)) | Ok(Err(StoreError::NotFound(_))) => return true,
-        Ok(Err(e)) => {
-            tracing::error!(node, error = %e, "cannot read a tenant's body log settings; the node keeps the record");
-            return false;
-        }
-        Err(_) => return false,
-    }
     let mut fields = match serde_json::from_str::<serde_json::Value>(&meta) {
         Ok(serde_json::Value::Object(m)) => m,
         _ => serde_json::Map::new(),
@@ -873,20 +888,14 @@ async fn body_logged(
         },
         done,
     };
-    if !log.submit(job) {
+    if log.submit(job) {
+        Logged::Wait(answer)
+    } else {
         tracing::warn!(
             node,
             "the body log writer is behind; the node keeps the record"
         );
-        return false;
-    }
-    match answer.await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::error!(node, error = %e, "cannot write a body log record; the node keeps it");
-            false
-        }
-        Err(_) => false,
+        Logged::Keep
     }
 }
 

@@ -68,6 +68,17 @@ pub struct SegmentRow {
     pub records: u64,
 }
 
+/// A record just appended, to index.
+#[derive(Debug, Clone)]
+pub struct IndexRow {
+    pub segment: SegmentRow,
+    pub record_index: u64,
+    pub request_id: String,
+    pub node_id: String,
+    pub boot_epoch: u64,
+    pub seq: u64,
+}
+
 /// Where a logged request's record is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordPlace {
@@ -263,38 +274,33 @@ impl Store {
         })
     }
 
-    /// Indexes a record just appended (a request id logged again points at its newest).
-    #[allow(clippy::too_many_arguments)]
-    pub fn body_record_indexed(
-        &self,
-        seg: &SegmentRow,
-        record_index: u64,
-        request_id: &str,
-        node_id: &str,
-        boot_epoch: u64,
-        seq: u64,
-    ) -> Result<(), StoreError> {
+    /// Indexes records just appended, in one transaction (a request id logged again points
+    /// at its newest record).
+    pub fn body_records_indexed(&self, rows: &[IndexRow]) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            tx.execute(
-                "INSERT INTO body_log_records (tenant_id, request_id, day, segment_id, record_index, node_id, boot_epoch, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (tenant_id, request_id) DO UPDATE SET day = ?3, segment_id = ?4, record_index = ?5,
-                   node_id = ?6, boot_epoch = ?7, seq = ?8",
-                params![
-                    seg.tenant_id,
-                    request_id,
-                    seg.day,
-                    seg.segment_id,
-                    record_index as i64,
-                    node_id,
-                    boot_epoch as i64,
-                    seq as i64
-                ],
-            )?;
-            tx.execute(
-                "UPDATE body_log_segments SET records = ?4 WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
-                params![seg.tenant_id, seg.day, seg.segment_id, (record_index + 1) as i64],
-            )?;
+            for r in rows {
+                let seg = &r.segment;
+                tx.execute(
+                    "INSERT INTO body_log_records (tenant_id, request_id, day, segment_id, record_index, node_id, boot_epoch, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (tenant_id, request_id) DO UPDATE SET day = ?3, segment_id = ?4, record_index = ?5,
+                       node_id = ?6, boot_epoch = ?7, seq = ?8",
+                    params![
+                        seg.tenant_id,
+                        r.request_id,
+                        seg.day,
+                        seg.segment_id,
+                        r.record_index as i64,
+                        r.node_id,
+                        r.boot_epoch as i64,
+                        r.seq as i64
+                    ],
+                )?;
+                tx.execute(
+                    "UPDATE body_log_segments SET records = MAX(records, ?4) WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
+                    params![seg.tenant_id, seg.day, seg.segment_id, (r.record_index + 1) as i64],
+                )?;
+            }
             Ok(())
         })
     }
