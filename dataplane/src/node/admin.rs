@@ -99,6 +99,7 @@ impl AdminService {
                     "control_plane_connected": s.keys.as_ref().map(|(k, _)| k.connected()),
                     "usage_unacknowledged_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().0),
                     "usage_dropped_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().1),
+                    "body_log_dropped": s.keys.as_ref().map(|(k, _)| k.bodies.dropped()),
                     "body_log_opted_out_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.opted_out()),
                     "body_log_refusing_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.refusing()),
                 });
