@@ -450,6 +450,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The body log's writer has a connection of its own (see [`Self::open_body_index`]):
+        // a write waits for its transaction rather than failing.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
             [],
@@ -470,6 +473,23 @@ impl Store {
             tx.commit()?;
         }
         routing::check_seal_key(&conn, &kek)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            kek,
+        })
+    }
+
+    /// A second connection to the database [`Self::open`] opened and migrated, for the
+    /// body log's writer: its index writes, one transaction per batch, never queue the
+    /// admin API and the node link behind them. Its commits are durable against a crash
+    /// of the process, not of the machine (`synchronous = NORMAL`): a power loss can lose
+    /// the last batches indexed, as it can the segment bytes the page cache still held.
+    pub fn open_body_index(data_dir: &Path, kek: Kek) -> Result<Self, StoreError> {
+        let conn = Connection::open(data_dir.join("controlplane.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Self {
             conn: Mutex::new(conn),
             kek,

@@ -332,14 +332,20 @@ fn a_full_queue_drops_counted_and_audited_or_refuses_per_tenant() {
     let r = send(gw.addr(), &dropper, "", &chat("y", false));
     assert_eq!(r.status, 200, "{}", r.text());
     let id = r.header("x-request-id").unwrap().to_string();
-    let metrics = admin_get(gw.admin_addr(), "/metrics").text();
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("aigw_body_log_dropped_total "))
-        .expect("the counter is exported")
-        .parse()
-        .unwrap();
-    assert!(dropped >= 1, "{metrics}");
+    // Counted when the request ends, just after its answer went out.
+    let dropped = || -> u64 {
+        admin_get(gw.admin_addr(), "/metrics")
+            .text()
+            .lines()
+            .find_map(|l| l.strip_prefix("aigw_body_log_dropped_total "))
+            .expect("the counter is exported")
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || dropped() >= 1),
+        "the drop was not counted"
+    );
     assert!(
         wait_until(Duration::from_secs(10), || {
             let r = api(&cp, "GET", "/v1/audit?limit=1000", None);

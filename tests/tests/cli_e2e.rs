@@ -59,6 +59,7 @@ fn the_operator_cli_drives_a_node_through_the_control_plane() {
         wait_until(Duration::from_secs(20), || data
             .join("admin-token")
             .exists()
+            && data.join("pki").join("ca.pem").exists()
             && std::net::TcpStream::connect(api).is_ok()),
         "control plane up: {}",
         std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default()

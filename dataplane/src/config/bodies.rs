@@ -28,6 +28,10 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// A record sent and not acknowledged (the control plane's writer was behind) is sent again
 /// after this long, on the same link.
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// Body bytes sent and not yet acknowledged, at most: the link never holds more than this
+/// of bodies, so what else it carries (spend cap leases, heartbeats, usage) is not held up
+/// behind them when the control plane's writer is behind.
+pub const IN_FLIGHT_BYTES: usize = 1 << 20;
 
 /// What is logged of a tenant's requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +89,13 @@ pub struct BodyQueue {
     bytes: AtomicUsize,
     dropped: AtomicU64,
     tenants: RwLock<Arc<Tenants>>,
+    /// Per tenant: when its last drop was reported, and drops since not reported.
+    drop_reports: Mutex<std::collections::HashMap<Arc<str>, (Instant, u64)>>,
 }
+
+/// A tenant's drops are reported for its audit log at most this often (each with how many
+/// went unreported since the last); every drop is counted in the metrics.
+pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Default for BodyQueue {
     fn default() -> Self {
@@ -98,6 +108,7 @@ impl Default for BodyQueue {
             bytes: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             tenants: RwLock::new(Arc::default()),
+            drop_reports: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -172,6 +183,23 @@ impl BodyQueue {
         true
     }
 
+    /// A drop of `tenant`'s record: `Some(n)` when it is to be reported now, `n` drops
+    /// (this one included) since its last report; `None` within [`DROP_REPORT_EVERY`] of it.
+    pub fn drop_report_due(&self, tenant: &Arc<str>) -> Option<u64> {
+        let now = Instant::now();
+        let mut reports = self.drop_reports.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = reports
+            .entry(Arc::clone(tenant))
+            .or_insert((now - DROP_REPORT_EVERY, 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) < DROP_REPORT_EVERY {
+            return None;
+        }
+        let n = entry.1;
+        *entry = (now, 0);
+        Some(n)
+    }
+
     /// Records dropped since start.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -187,13 +215,29 @@ impl BodyQueue {
     /// ago and not acknowledged.
     pub fn to_send(&self, node_id: &str, boot_epoch: u64) -> Vec<Message> {
         let now = Instant::now();
+        let due = |h: &Held| {
+            h.sent
+                .is_none_or(|at| now.duration_since(at) >= RESEND_AFTER)
+        };
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut in_flight: usize = inner
+            .held
+            .iter()
+            .filter(|h| !due(h))
+            .map(|h| h.record.weight())
+            .sum();
         inner
             .held
             .iter_mut()
-            .filter(|h| {
-                h.sent
-                    .is_none_or(|at| now.duration_since(at) >= RESEND_AFTER)
+            .filter(|h| due(h))
+            .take_while(|h| {
+                // At least one record goes when none is in flight, however large.
+                let w = h.record.weight();
+                let fits = in_flight == 0 || in_flight + w <= IN_FLIGHT_BYTES;
+                if fits {
+                    in_flight += w;
+                }
+                fits
             })
             .map(|h| {
                 h.sent = Some(now);
@@ -266,6 +310,42 @@ mod tests {
         // A new link sends what was not acknowledged again.
         q.link_down();
         assert_eq!(q.to_send("n", 1).len(), 1);
+    }
+
+    #[test]
+    fn what_is_in_flight_is_bounded() {
+        let q = BodyQueue::default();
+        let each = IN_FLIGHT_BYTES / 4;
+        for _ in 0..10 {
+            assert!(q.push(record(each)));
+        }
+        assert_eq!(q.to_send("n", 1).len(), 4);
+        assert!(q.to_send("n", 1).is_empty(), "the window is full");
+        q.acked(2);
+        assert_eq!(q.to_send("n", 1).len(), 1);
+        // A record larger than the window goes alone.
+        let big = BodyQueue::default();
+        assert!(big.push(record(2 * IN_FLIGHT_BYTES)));
+        assert!(big.push(record(1)));
+        assert_eq!(big.to_send("n", 1).len(), 1);
+    }
+
+    #[test]
+    fn drops_are_reported_at_most_once_a_second_per_tenant_with_a_count() {
+        let q = BodyQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert_eq!(q.drop_report_due(&a), Some(1));
+        assert_eq!(q.drop_report_due(&a), None);
+        assert_eq!(q.drop_report_due(&a), None);
+        assert_eq!(
+            q.drop_report_due(&b),
+            Some(1),
+            "another tenant reports its own"
+        );
+        if let Some(e) = q.drop_reports.lock().unwrap().get_mut(&a) {
+            e.0 -= DROP_REPORT_EVERY;
+        }
+        assert_eq!(q.drop_report_due(&a), Some(3));
     }
 
     #[test]

@@ -108,13 +108,18 @@ pub fn finish(shared: &SharedConfig, ctx: &mut RequestCtx, done: &Finished) {
         response: response.bytes,
     };
     if !shared.bodies.push(record) {
-        tracing::warn!(id = %ctx.id, tenant = %id.tenant_id, "the body log queue is full; this request's bodies are dropped");
-        let detail = serde_json::json!({
-            "tenant_id": &*id.tenant_id,
-            "environment": id.environment.name(),
-            "key_id": &*id.key_id,
-            "request_id": ctx.id.to_string(),
-        });
-        shared.usage.event("body_log.dropped", detail.to_string());
+        // Counted every time; reported for the tenant's audit log at most once a second,
+        // with the number dropped since its last report, so an overload does not flood it.
+        if let Some(dropped) = shared.bodies.drop_report_due(&id.tenant_id) {
+            tracing::warn!(id = %ctx.id, tenant = %id.tenant_id, dropped, "the body log queue is full; requests' bodies are dropped");
+            let detail = serde_json::json!({
+                "tenant_id": &*id.tenant_id,
+                "environment": id.environment.name(),
+                "key_id": &*id.key_id,
+                "request_id": ctx.id.to_string(),
+                "dropped": dropped,
+            });
+            shared.usage.event("body_log.dropped", detail.to_string());
+        }
     }
 }
