@@ -6,15 +6,17 @@
 //! provider, a global price for the bench model, and three keys: A, plain; B, under a
 //! lifetime key-scope spend cap and per-key rate limits all far too high ever to refuse; and
 //! G, of staging, whose policy redacts every entity in requests and answers. All are
-//! metered, as every keyed request is. One data plane process (one worker) links to it; the static-config data
+//! metered, as every keyed request is, and their bodies logged unless the request says not. One data plane process (one worker) links to it; the static-config data
 //! plane of `aigw-bench run` (no control plane, no keys, no metering) is the reference.
 //!
 //! Each round runs wrk, with `bench/chat.lua`'s request (key A's or B's in the
 //! Authorization header for the linked node), against the static node, the linked node
 //! with key A, with key B and with key G (a staging key whose environment's guardrails
-//! redact every entity in requests and answers), in an order that changes every round; the
-//! figure is the CPU time of the data plane process (every thread: worker, control thread)
-//! per request. The data planes run on the proxy core; wrk, the mock provider and this
+//! redact every entity in requests and answers), and with key A sending `x-aigw-no-log: 1`
+//! (the body log's cost is key A's figure minus this one's), in an order that changes every
+//! round; the figure is the CPU time of the data plane process (every thread: worker, control
+//! thread) per request, and, beside it, this process's (the control plane: the link, the
+//! body log's writer). The data planes run on the proxy core; wrk, the mock provider and this
 //! process (with the control plane) on the other.
 //!
 //! ```sh
@@ -32,9 +34,9 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    bench_dir, cpu_split, free_addr, median, pin_current_thread, round_order, run_dir,
-    sibling_binary, spawn_self_on, spread, start_dataplane, wait_port, write_ratio, DataPlane,
-    Proc,
+    bench_dir, cpu_split, free_addr, median, pin_current_thread, process_cpu_seconds, round_order,
+    run_dir, sibling_binary, spawn_self_on, spread, start_dataplane, wait_port, write_ratio,
+    DataPlane, Proc,
 };
 use crate::keys_bench::{cp_api, http, start_cp};
 use crate::wrk_run::{probe_with_key, wrk};
@@ -70,6 +72,8 @@ struct Sample {
     p99_us: f64,
     cpu_us_per_req: f64,
     user_us_per_req: f64,
+    /// CPU of this process (the control plane: link, body log writer) per request.
+    cp_us_per_req: f64,
 }
 
 /// A target: its name, where wrk sends to, the process measured, and the wrk script.
@@ -273,11 +277,21 @@ fn wait_applied(cp: &controlplane::Running, admin: SocketAddr) -> anyhow::Result
 
 /// `bench/chat.lua` with `key` in the Authorization header, written to `dir`.
 fn keyed_script(dir: &Path, name: &str, key: &str) -> anyhow::Result<std::path::PathBuf> {
+    keyed_script_with(dir, name, key, "")
+}
+
+/// [`keyed_script`], with more Lua after it.
+fn keyed_script_with(
+    dir: &Path,
+    name: &str,
+    key: &str,
+    more: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let base = std::fs::read_to_string(bench_dir().join("chat.lua")).context("bench/chat.lua")?;
     let path = dir.join(format!("chat-{name}.lua"));
     std::fs::write(
         &path,
-        format!("{base}\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\n"),
+        format!("{base}\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\n{more}"),
     )?;
     Ok(path)
 }
@@ -399,6 +413,17 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
             pid: linked.id(),
             script: keyed_script(&dir, "g", &key_g.plaintext)?,
         },
+        Target {
+            name: "key A no-log",
+            addr: linked_addr,
+            pid: linked.id(),
+            script: keyed_script_with(
+                &dir,
+                "a-nolog",
+                &key_a.plaintext,
+                "wrk.headers[\"x-aigw-no-log\"] = \"1\"\n",
+            )?,
+        },
     ];
 
     eprintln!(
@@ -421,6 +446,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
         {
             let t = &targets[i];
             let before = cpu_split(t.pid)?;
+            let cp_before = process_cpu_seconds(std::process::id())?;
             let (requests, rps, p50, p99) = wrk(
                 opts.load_core,
                 opts.connections,
@@ -430,6 +456,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
             )
             .with_context(|| format!("round {}, {}", round + 1, t.name))?;
             let after = cpu_split(t.pid)?;
+            let cp_after = process_cpu_seconds(std::process::id())?;
             let per_req = |a: f64, b: f64| (b - a) * 1e6 / requests as f64;
             let s = Sample {
                 requests,
@@ -438,16 +465,18 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
                 p99_us: p99,
                 cpu_us_per_req: per_req(before.0 + before.1, after.0 + after.1),
                 user_us_per_req: per_req(before.0, after.0),
+                cp_us_per_req: per_req(cp_before, cp_after),
             };
             eprintln!(
-                "round {} {:>6}: {:>7.0} req/s  p50 {:>6.0}µs  p99 {:>6.0}µs  CPU/req {:.1}µs (user {:.1}µs)",
+                "round {} {:>12}: {:>7.0} req/s  p50 {:>6.0}µs  p99 {:>6.0}µs  CPU/req {:.1}µs (user {:.1}µs)  control plane {:.1}µs",
                 round + 1,
                 t.name,
                 s.rps,
                 s.p50_us,
                 s.p99_us,
                 s.cpu_us_per_req,
-                s.user_us_per_req
+                s.user_us_per_req,
+                s.cp_us_per_req
             );
             samples[i].push(s);
         }
@@ -487,6 +516,14 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
         cap["leased_usd"].as_f64().unwrap_or(0.0),
         cap["limit_usd"].as_f64().unwrap_or(0.0)
     );
+    let dropped = http(linked_admin, "GET", "/readyz", None, None)
+        .ok()
+        .and_then(|(_, v)| v["body_log_dropped"].as_u64());
+    let _ = writeln!(
+        out,
+        "body log: requests whose bodies the node's queue dropped: {}",
+        dropped.map_or("unknown".to_string(), |d| d.to_string())
+    );
     println!("{out}");
 
     drop(linked);
@@ -501,12 +538,13 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "| target | CPU µs/request (median [min–max]) | user µs/request | req/s (median [min–max]) | p50 µs | p99 µs |"
+        "| target | CPU µs/request (median [min–max]) | user µs/request | control plane µs/request | req/s (median [min–max]) | p50 µs | p99 µs |"
     );
-    let _ = writeln!(report, "|---|---|---|---|---|---|");
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|");
     for (t, s) in targets.iter().zip(samples) {
         let mut cpu: Vec<f64> = s.iter().map(|x| x.cpu_us_per_req).collect();
         let mut user: Vec<f64> = s.iter().map(|x| x.user_us_per_req).collect();
+        let mut cp: Vec<f64> = s.iter().map(|x| x.cp_us_per_req).collect();
         let mut rps: Vec<f64> = s.iter().map(|x| x.rps).collect();
         let mut p50: Vec<f64> = s.iter().map(|x| x.p50_us).collect();
         let mut p99: Vec<f64> = s.iter().map(|x| x.p99_us).collect();
@@ -514,10 +552,11 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
         let (rmin, rmax) = spread(&rps);
         let _ = writeln!(
             report,
-            "| {} | {:.1} [{cmin:.1}–{cmax:.1}] | {:.1} | {:.0} [{rmin:.0}–{rmax:.0}] | {:.0} | {:.0} |",
+            "| {} | {:.1} [{cmin:.1}–{cmax:.1}] | {:.1} | {:.1} | {:.0} [{rmin:.0}–{rmax:.0}] | {:.0} | {:.0} |",
             t.name,
             median(&mut cpu),
             median(&mut user),
+            median(&mut cp),
             median(&mut rps),
             median(&mut p50),
             median(&mut p99)
@@ -535,7 +574,28 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
     write_difference(&mut report, "key B − key A", &cpu(2), &cpu(1));
     write_ratio(
         &mut report,
-        "key A (key + metering, linked node) / static (no keys) CPU per request",
+        "key A (body log) / key A no-log (x-aigw-no-log: 1) CPU per request",
+        &cpu(1),
+        &cpu(4),
+    );
+    write_difference(
+        &mut report,
+        "body log: key A − key A no-log",
+        &cpu(1),
+        &cpu(4),
+    );
+    let cp = |i: usize| -> Vec<Option<f64>> {
+        samples[i].iter().map(|s| Some(s.cp_us_per_req)).collect()
+    };
+    write_difference(
+        &mut report,
+        "body log, control plane CPU: key A − key A no-log",
+        &cp(1),
+        &cp(4),
+    );
+    write_ratio(
+        &mut report,
+        "key A (key, metering, body log, linked node) / static (no keys) CPU per request",
         &cpu(1),
         &cpu(0),
     );

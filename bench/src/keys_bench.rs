@@ -184,6 +184,7 @@ pub(crate) fn revocation(keys: usize, revocations: usize) -> anyhow::Result<()> 
         snapshot_file: None,
         seal_key_env: "AIGW_NODE_SEAL_KEY".into(),
         seal_key_file: None,
+        body_log_queue_bytes: dataplane::config::bodies::DEFAULT_QUEUE_BYTES,
     });
     let gw = dataplane::node::start(c)?;
     let admin = gw.admin_addr();

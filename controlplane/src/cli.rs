@@ -403,6 +403,23 @@ pub enum Command {
         #[arg(long)]
         endpoint: Option<String>,
     },
+    /// Set a tenant's body log: on or off (opting out deletes what was logged), its
+    /// retention in days (at most 7 on free, 30 on pro), and what a node does while its body
+    /// queue is full (drop or refuse). An option not given keeps its value.
+    BodyLogSet {
+        tenant: String,
+        #[arg(long)]
+        enabled: Option<bool>,
+        #[arg(long)]
+        retention_days: Option<u32>,
+        /// drop or refuse.
+        #[arg(long)]
+        when_behind: Option<String>,
+    },
+    /// A tenant's body log settings.
+    BodyLogGet { tenant: String },
+    /// A logged request's bodies, by its request id (x-request-id), while retained.
+    BodyGet { tenant: String, request_id: String },
     /// Drop usage fields before a tenant's usage is stored (none given: keep every field).
     UsageDrop {
         tenant: String,
@@ -780,6 +797,42 @@ pub fn request(cmd: Command) -> anyhow::Result<(&'static str, String, Option<Val
             "PUT",
             format!("/v1/tenants/{}/kms", query_value(&tenant)),
             Some(json!({"key_id": key_id, "region": region, "endpoint": endpoint})),
+        ),
+        Command::BodyLogSet {
+            tenant,
+            enabled,
+            retention_days,
+            when_behind,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(v) = enabled {
+                body.insert("enabled".into(), json!(v));
+            }
+            if let Some(v) = retention_days {
+                body.insert("retention_days".into(), json!(v));
+            }
+            if let Some(v) = when_behind {
+                body.insert("when_behind".into(), json!(v));
+            }
+            (
+                "PUT",
+                format!("/v1/tenants/{}/body-log", query_value(&tenant)),
+                Some(serde_json::Value::Object(body)),
+            )
+        }
+        Command::BodyLogGet { tenant } => (
+            "GET",
+            format!("/v1/tenants/{}/body-log", query_value(&tenant)),
+            None,
+        ),
+        Command::BodyGet { tenant, request_id } => (
+            "GET",
+            format!(
+                "/v1/tenants/{}/bodies/{}",
+                query_value(&tenant),
+                query_value(&request_id)
+            ),
+            None,
         ),
         Command::UsageDrop { tenant, fields } => (
             "PUT",

@@ -2,6 +2,7 @@
 //! policies, with every change audited and versioned for the data-plane nodes.
 
 pub mod api;
+pub mod bodylog;
 pub mod cli;
 pub mod client;
 pub mod keys;
@@ -106,6 +107,8 @@ pub struct Running {
     push: Arc<push::PushState>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The body log's writer.
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -142,6 +145,14 @@ impl Running {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            // Nothing writes any more: every open body log segment gets its final record,
+            // and the writer is gone (with its hold on the database) before stop returns.
+            if let Some(log) = self.push.bodylog.get() {
+                log.close();
+            }
+            if let Some(w) = self.writer.take() {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -299,16 +310,16 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let push_addr = push_listener.local_addr()?;
     let master = seal_key(&opts.data_dir, opts.seal_key.as_deref())?;
     let kek = data_key(&opts.data_dir, &master)?;
-    let store = Arc::new(store::Store::open(&opts.data_dir, kek).with_context(|| {
-        match opts.seal_key {
+    let store = Arc::new(
+        store::Store::open(&opts.data_dir, kek.clone()).with_context(|| match opts.seal_key {
             Some(_) => "with the seal key passed in (AIGW_SEAL_KEY overrides <data-dir>/seal.key)"
                 .to_string(),
             None => format!(
                 "with the seal key in {}",
                 opts.data_dir.join("seal.key").display()
             ),
-        }
-    })?);
+        })?,
+    );
     let keep = i64::try_from(opts.changelog_keep).unwrap_or(i64::MAX);
     let token = admin_token(&opts.data_dir)?;
     let pki = pki::Pki::under(&opts.data_dir);
@@ -322,6 +333,17 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let plain_http = api_tls.is_none();
     let ca_file = pki.ca_cert.clone();
     let push = Arc::new(push::PushState::new(Arc::clone(&store), pki)?);
+    let bodies_dir = opts.data_dir.join("bodies");
+    aigw_seal::files::private_dir(&bodies_dir)
+        .with_context(|| format!("body log directory {}", bodies_dir.display()))?;
+    let body_index = Arc::new(store::Store::open_body_index(&opts.data_dir, kek.clone())?);
+    let (bodylog, writer) = bodylog::BodyLog::start(
+        kek,
+        body_index,
+        Arc::new(bodylog::DirStore { root: bodies_dir }),
+    )?;
+    let sweeper = bodylog.clone();
+    let _ = push.bodylog.set(bodylog);
     let compact_store = Arc::clone(&store);
     let push_state = Arc::clone(&push);
     let state = Arc::new(api::AppState {
@@ -360,6 +382,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 let _ = ready_tx.send(Ok(()));
                 let link_task = tokio::spawn(push::serve(link, tls, push_state));
                 let compact_task = tokio::spawn(compact_periodically(compact_store, keep));
+                let sweep_task = tokio::spawn(sweep_periodically(sweeper));
                 let router = api::router(state);
                 let router = if plain_http {
                     router
@@ -375,6 +398,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 }
                 link_task.abort();
                 compact_task.abort();
+                sweep_task.abort();
             });
         })?;
     ready_rx
@@ -390,7 +414,21 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         push,
         shutdown: Some(tx),
         thread: Some(thread),
+        writer: Some(writer),
     })
+}
+
+/// How often the body log sweeper runs (and once at start).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes body log segments past their retention, at start and every [`SWEEP_EVERY`].
+async fn sweep_periodically(log: bodylog::BodyLog) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        log.sweep_soon();
+    }
 }
 
 /// Compacts the changelog at start and then every [`COMPACT_EVERY`], keeping `keep` entries.

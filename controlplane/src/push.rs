@@ -98,6 +98,11 @@ pub struct PushState {
     pub counters: Counters,
     /// The rate limits leased to nodes, minute by minute.
     pub rate_leases: crate::rate_leases::RateLeases,
+    /// Where nodes' bodies are written; unset, bodies are acknowledged and not kept.
+    pub bodylog: std::sync::OnceLock<crate::bodylog::BodyLog>,
+    /// Moves whenever a tenant's body log settings change: every session sends its node
+    /// the tenants' settings again.
+    body_settings: watch::Sender<u64>,
 }
 
 /// Totals since start, for `/metrics`.
@@ -135,7 +140,14 @@ impl PushState {
             sessions: AtomicU64::new(0),
             counters: Counters::default(),
             rate_leases: Default::default(),
+            bodylog: std::sync::OnceLock::new(),
+            body_settings: watch::channel(0).0,
         })
+    }
+
+    /// A tenant's body log settings changed: every node hears of it now.
+    pub fn body_settings_changed(&self) {
+        self.body_settings.send_modify(|g| *g += 1);
     }
 
     /// Tells every session that a node was revoked, enrolled again or rescoped.
@@ -591,8 +603,19 @@ where
     let mut offered = sent.revision;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut heard = tokio::time::Instant::now();
+    let mut body_settings = state.body_settings.subscribe();
+    send_body_tenants(conn, &store).await?;
+    let (body_acks_tx, mut body_acks) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
     loop {
         tokio::select! {
+            Some((boot_epoch, seq)) = body_acks.recv() => {
+                conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?;
+            }
+            changed = body_settings.changed() => {
+                changed?;
+                body_settings.borrow_and_update();
+                send_body_tenants(conn, &store).await?;
+            }
             _ = tokio::time::sleep_until(heard + SILENT) => {
                 anyhow::bail!("node {node} silent for {SILENT:?}");
             }
@@ -710,6 +733,27 @@ where
                         Err(e) => tracing::error!(node, boot_epoch, seq, error = %e, "storing an event failed; the node keeps it"),
                     }
                 }
+                Message::BodyLog { boot_epoch, seq, tenant_id, request_id, meta, request, response, .. } => {
+                    // Not waited for here: the link reads on while the writer works, and
+                    // the acknowledgement follows once the record is written.
+                    match body_logged(state, node, &scope, boot_epoch, seq, tenant_id, request_id, meta, request, response) {
+                        Logged::Ready => conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?,
+                        Logged::Wait(answer) => {
+                            let acks = body_acks_tx.clone();
+                            let node = node.to_string();
+                            tokio::spawn(async move {
+                                match answer.await {
+                                    Ok(Ok(())) => {
+                                        let _ = acks.send((boot_epoch, seq));
+                                    }
+                                    Ok(Err(e)) => tracing::error!(node, error = %e, "cannot write a body log record; the node keeps it"),
+                                    Err(_) => {}
+                                }
+                            });
+                        }
+                        Logged::Keep => {}
+                    }
+                }
                 Message::LeaseRequest { cap_id, period, want_micros } => {
                     let store = Arc::clone(&store);
                     let (id, lease_scope, cap) = (node.to_string(), scope.clone(), cap_id.clone());
@@ -765,6 +809,93 @@ where
                 }
             }
         }
+    }
+}
+
+/// Tells the node which tenants opted out of the body log and which refuse when behind.
+async fn send_body_tenants<S>(conn: &mut Conn<S>, store: &Arc<Store>) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let st = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || st.body_log_exceptions()).await {
+        Ok(Ok((off, refuse))) => conn.send(&Message::BodyLogTenants { off, refuse }).await,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot read the body log settings");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading the body log settings failed");
+            Ok(())
+        }
+    }
+}
+
+/// Hands a node's record to the body log's writer. `Ready`: acknowledge now (it will never
+/// be written: outside the node's scope, no body log). `Wait`: acknowledge once the writer
+/// answers Ok (it also answers Ok for a tenant that opted out: nothing is written). `Keep`:
+/// not acknowledged; the node sends it again.
+enum Logged {
+    Ready,
+    Wait(tokio::sync::oneshot::Receiver<Result<(), String>>),
+    Keep,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn body_logged(
+    state: &Arc<PushState>,
+    node: &str,
+    scope: &NodeScope,
+    boot_epoch: u64,
+    seq: u64,
+    tenant_id: String,
+    request_id: String,
+    meta: String,
+    request: Vec<u8>,
+    response: Vec<u8>,
+) -> Logged {
+    if !scope.covers_tenant(&tenant_id) {
+        tracing::warn!(
+            node,
+            tenant_id,
+            "refused a body log record outside the node's scope"
+        );
+        return Logged::Ready;
+    }
+    let Some(log) = state.bodylog.get() else {
+        return Logged::Ready;
+    };
+    let mut fields = match serde_json::from_str::<serde_json::Value>(&meta) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    fields.insert("request_id".into(), request_id.clone().into());
+    fields.insert("tenant_id".into(), tenant_id.clone().into());
+    fields.insert("node_id".into(), node.into());
+    fields.insert("logged_at".into(), crate::store::now().into());
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let job = crate::bodylog::Job::Append {
+        node_id: node.to_string(),
+        boot_epoch,
+        seq,
+        tenant_id,
+        request_id,
+        day: crate::bodylog::today(),
+        record: crate::bodylog::BodyRecord {
+            meta: serde_json::Value::Object(fields).to_string(),
+            request,
+            response,
+        },
+        done,
+    };
+    if log.submit(job) {
+        Logged::Wait(answer)
+    } else {
+        tracing::warn!(
+            node,
+            "the body log writer is behind; the node keeps the record"
+        );
+        Logged::Keep
     }
 }
 
@@ -1071,7 +1202,10 @@ mod tests {
                     .await
                     .expect("a message in time")
                     .expect("a message");
-                if !matches!(m, Message::Heartbeat { .. }) {
+                if !matches!(
+                    m,
+                    Message::Heartbeat { .. } | Message::BodyLogTenants { .. }
+                ) {
                     return m;
                 }
             }

@@ -11,6 +11,7 @@
 //! newest revision deleted by compaction: a node holding an older revision cannot be caught up
 //! from the changelog and gets a snapshot instead.
 
+mod bodies;
 mod caps;
 mod nodes;
 mod prices;
@@ -27,6 +28,8 @@ use aigw_wire::messages::kinds;
 use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
+
+pub use bodies::{BodyLogSettings, BodyLogSpec, IndexRow, RecordPlace, SegmentRow, WhenBehind};
 
 pub use caps::{cap_id, Cap, CapSpec};
 pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};
@@ -258,6 +261,35 @@ CREATE TABLE tenant_kms (
     updated_at INTEGER NOT NULL
 );
 "#,
+    r#"
+CREATE TABLE body_log_settings (
+    tenant_id TEXT PRIMARY KEY REFERENCES tenants(id),
+    enabled INTEGER NOT NULL,
+    retention_days INTEGER NOT NULL,
+    when_behind TEXT NOT NULL
+);
+CREATE TABLE body_log_segments (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, day, segment_id)
+);
+CREATE TABLE body_log_records (
+    tenant_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    record_index INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    boot_epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, request_id)
+);
+CREATE UNIQUE INDEX body_log_records_sent ON body_log_records(node_id, boot_epoch, seq);
+CREATE INDEX body_log_records_segment ON body_log_records(tenant_id, day, segment_id);
+"#,
 ];
 
 /// `meta` rows.
@@ -433,6 +465,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The body log's writer has a connection of its own (see [`Self::open_body_index`]):
+        // a write waits for its transaction rather than failing.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
             [],
@@ -453,6 +488,24 @@ impl Store {
             tx.commit()?;
         }
         routing::check_seal_key(&conn, &kek)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            kek,
+            kms: crate::kms::Kms::default(),
+        })
+    }
+
+    /// A second connection to the database [`Self::open`] opened and migrated, for the
+    /// body log's writer: its index writes, one transaction per batch, never queue the
+    /// admin API and the node link behind them. Its commits are durable against a crash
+    /// of the process, not of the machine (`synchronous = NORMAL`): a power loss can lose
+    /// the last batches indexed, as it can the segment bytes the page cache still held.
+    pub fn open_body_index(data_dir: &Path, kek: Kek) -> Result<Self, StoreError> {
+        let conn = Connection::open(data_dir.join("controlplane.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Self {
             conn: Mutex::new(conn),
             kek,

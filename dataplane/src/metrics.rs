@@ -117,6 +117,10 @@ pub struct Gauges {
     pub control_plane_connected: Option<bool>,
     pub usage_unacknowledged_entries: Option<u64>,
     pub usage_dropped_entries: Option<u64>,
+    /// Requests whose bodies the body log queue could not take, since start.
+    pub body_log_dropped: Option<u64>,
+    /// Body log bytes held for the control plane (queued or not yet acknowledged).
+    pub body_log_queued_bytes: Option<u64>,
 }
 
 fn help(out: &mut String, name: &str, kind: &str, text: &str) {
@@ -265,6 +269,22 @@ pub fn render(m: &WorkerMetrics, g: &Gauges) -> String {
             "Usage entries dropped for want of room while the control plane was unreachable.",
         );
         let _ = writeln!(out, "aigw_usage_dropped_entries_total {d}");
+    }
+    if let (Some(d), Some(q)) = (g.body_log_dropped, g.body_log_queued_bytes) {
+        help(
+            &mut out,
+            "aigw_body_log_dropped_total",
+            "counter",
+            "Requests whose bodies were not logged because the body log queue was full.",
+        );
+        let _ = writeln!(out, "aigw_body_log_dropped_total {d}");
+        help(
+            &mut out,
+            "aigw_body_log_queued_bytes",
+            "gauge",
+            "Body bytes held for the control plane's body log, queued or not yet acknowledged.",
+        );
+        let _ = writeln!(out, "aigw_body_log_queued_bytes {q}");
     }
     out
 }

@@ -269,6 +269,7 @@ pub fn node_config(
         snapshot_file: None,
         seal_key_env: "AIGW_E2E_UNUSED_SEAL_KEY".into(),
         seal_key_file: None,
+        body_log_queue_bytes: dataplane::config::bodies::DEFAULT_QUEUE_BYTES,
     };
     tweak(&mut cp_config);
     c.control_plane = Some(cp_config);

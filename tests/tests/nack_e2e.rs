@@ -102,7 +102,9 @@ impl FakeControlPlane {
                 match frame {
                     // Usage is not this fake control plane's concern (never acknowledged,
                     // so the node keeps it).
-                    Frame::Message(Message::UsageReport { .. }) => continue,
+                    Frame::Message(Message::UsageReport { .. } | Message::BodyLog { .. }) => {
+                        continue
+                    }
                     Frame::Message(m) => return m,
                     Frame::Unknown(code) => panic!("the node sent an unknown message type {code}"),
                 }

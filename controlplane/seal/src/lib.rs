@@ -242,6 +242,11 @@ impl<R: std::io::Read> Opener<R> {
         })
     }
 
+    /// The reader, positioned after the last chunk read.
+    pub fn get_ref(&self) -> &R {
+        &self.reader
+    }
+
     /// The next chunk's plaintext; `None` after the last one. A file that ends before its
     /// last chunk is an error, never a silent short read.
     pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SealError> {

@@ -548,3 +548,103 @@ pub(super) async fn import_keys(
         Json(json!({"revision": revision, "keys": plaintexts})),
     ))
 }
+
+/// Sets a tenant's body log settings; nodes hear of it at once.
+pub(super) async fn set_body_log(
+    State(s): State<Arc<AppState>>,
+    Extension(Principal(actor)): Extension<Principal>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<crate::store::BodyLogSpec>,
+) -> Result<Json<Value>> {
+    let settings = blocking(&s, move |st| {
+        st.set_body_log_settings(&actor, &tenant_id, &body)
+    })
+    .await?;
+    s.push.body_settings_changed();
+    if let Some(log) = s.push.bodylog.get() {
+        // A shorter retention or an opt-out takes effect now.
+        log.sweep_soon();
+    }
+    Ok(Json(json!(settings)))
+}
+
+pub(super) async fn body_log(
+    State(s): State<Arc<AppState>>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Value>> {
+    let settings = blocking(&s, move |st| st.body_log_settings(&tenant_id)).await?;
+    Ok(Json(json!(settings)))
+}
+
+/// A body as JSON: text when it is UTF-8, else hex.
+fn body_field(out: &mut serde_json::Map<String, Value>, name: &str, bytes: Vec<u8>) {
+    match String::from_utf8(bytes) {
+        Ok(text) => {
+            out.insert(name.to_string(), Value::String(text));
+        }
+        Err(e) => {
+            out.insert(
+                format!("{name}_hex"),
+                Value::String(hex::encode(e.as_bytes())),
+            );
+        }
+    }
+}
+
+/// A logged request's bodies, while retained.
+pub(super) async fn logged_bodies(
+    State(s): State<Arc<AppState>>,
+    Path((tenant_id, request_id)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let Some(log) = s.push.bodylog.get().cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "logged request not found",
+        ));
+    };
+    let read = tokio::task::spawn_blocking(move || log.get(&tenant_id, &request_id))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "body log task failed",
+            )
+        })?;
+    let record = match read {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "logged request not found (never logged, or past its retention)",
+            ))
+        }
+        Err(crate::bodylog::ReadError::Store(e)) => return Err(e.into()),
+        Err(crate::bodylog::ReadError::Io(e)) => {
+            tracing::error!(error = %e, "cannot read a body log segment");
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the body log segment cannot be read",
+            ));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a body log segment was refused");
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "body_log_damaged",
+                format!("the logged request's segment is refused: {e}"),
+            ));
+        }
+    };
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "meta".into(),
+        serde_json::from_str(&record.meta).unwrap_or(Value::Null),
+    );
+    body_field(&mut out, "request_body", record.request);
+    body_field(&mut out, "response_body", record.response);
+    Ok(Json(Value::Object(out)))
+}

@@ -68,6 +68,14 @@ fn authed_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             put(handlers::set_tenant_kms).get(handlers::tenant_kms),
         ),
         (
+            "/v1/tenants/{tenant_id}/body-log",
+            put(handlers::set_body_log).get(handlers::body_log),
+        ),
+        (
+            "/v1/tenants/{tenant_id}/bodies/{request_id}",
+            get(handlers::logged_bodies),
+        ),
+        (
             "/v1/tenants/{tenant_id}/spend-caps",
             put(handlers::put_cap).get(handlers::list_caps),
         ),

@@ -80,6 +80,15 @@ pub fn document() -> Value {
                 "put": op("Name the enterprise tenant's own AWS KMS key (body: key_id, region, endpoint optional); it is tried at once, and provider credentials written from then on are sealed under data keys it generates. Disabling the key makes them unreadable within a minute, and refuses new ones with KMS's error (502 kms_unavailable)", None, "200"),
                 "get": op("The tenant's own KMS key, or null", None, "200")
             },
+            "/v1/tenants/{tenant_id}/body-log": {
+                "parameters": [path_param("tenant_id")],
+                "put": op("Set the tenant's body log (body: enabled, retention_days, when_behind = drop | refuse; an absent field keeps its value). Retention is at most 7 days on free, 30 on pro, 3650 on enterprise; enabled: false (audited) writes nothing from then on and deletes what was logged at the next sweep; when_behind: what a node does with a request while its body queue is full", None, "200"),
+                "get": op("The tenant's body log settings (its tier's defaults when it set none: enabled, drop)", None, "200")
+            },
+            "/v1/tenants/{tenant_id}/bodies/{request_id}": {
+                "parameters": [path_param("tenant_id"), path_param("request_id")],
+                "get": op("A logged request's bodies by its request id (the x-request-id response header), while retained: meta, request_body and response_body (as text, or _hex when not UTF-8); 404 once swept, and 422 body_log_damaged when its segment fails authentication", None, "200")
+            },
             "/v1/tenants/{tenant_id}/spend-caps": {
                 "parameters": [path_param("tenant_id")],
                 "put": op("Set a spend cap in USD per UTC day, UTC month or lifetime on the tenant, a sub-account (covering its whole subtree) or a key (body: scope = tenant | sub_account | key, id for a sub-account or key, period = day | month | lifetime, limit_usd); nodes reserve each request's maximum cost against it before forwarding and answer 429 insufficient_quota when it is spent", None, "200"),

@@ -421,6 +421,43 @@ mod tests {
                     kind,
                     detail
                 }),
+            (
+                (
+                    "[a-z0-9-]{0,12}",
+                    any::<u64>(),
+                    any::<u64>(),
+                    "[a-z0-9_]{0,12}"
+                ),
+                ("[a-z0-9-]{0,12}", ".{0,40}"),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(
+                    |(
+                        (node_id, boot_epoch, seq, tenant_id),
+                        (request_id, meta),
+                        request,
+                        response,
+                    )| {
+                        Message::BodyLog {
+                            node_id,
+                            boot_epoch,
+                            seq,
+                            tenant_id,
+                            request_id,
+                            meta,
+                            request,
+                            response,
+                        }
+                    }
+                ),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(boot_epoch, seq)| Message::BodyLogAck { boot_epoch, seq }),
+            (
+                proptest::collection::vec("[a-z0-9_]{1,12}", 0..4),
+                proptest::collection::vec("[a-z0-9_]{1,12}", 0..4)
+            )
+                .prop_map(|(off, refuse)| Message::BodyLogTenants { off, refuse }),
         ]
     }
 

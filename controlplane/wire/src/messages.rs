@@ -241,6 +241,31 @@ pub enum Message {
         boot_epoch: u64,
         seq: u64,
     },
+    /// Node → control plane: one request's bodies for the tenant's body log; (node, boot
+    /// epoch, seq) makes a resend idempotent. `meta` is JSON (status, model, truncation…).
+    BodyLog {
+        node_id: String,
+        boot_epoch: u64,
+        seq: u64,
+        tenant_id: String,
+        request_id: String,
+        meta: String,
+        request: Vec<u8>,
+        response: Vec<u8>,
+    },
+    /// Control plane → node: the bodies are in the body log (or were refused for good).
+    BodyLogAck {
+        boot_epoch: u64,
+        seq: u64,
+    },
+    /// Control plane → node, at link up and whenever it changes: the tenants that opted
+    /// out of the body log (nothing of theirs is captured), and those whose requests are
+    /// refused, rather than their bodies dropped, while the node's body queue is full. A
+    /// tenant in neither list is logged, dropping when the queue is full.
+    BodyLogTenants {
+        off: Vec<String>,
+        refuse: Vec<String>,
+    },
     /// Node → control plane: more of a spend cap's budget for `period`
     /// ([`crate::spend::CapPeriod::index`]), in millionths of a US dollar; or, for a lease
     /// id of [`crate::spend::rate_lease`], more of a rate limit's requests or tokens for the
@@ -285,6 +310,9 @@ pub mod types {
     pub const LEASE_REQUEST: u16 = 14;
     pub const LEASE_GRANT: u16 = 15;
     pub const LEASE_RETURN: u16 = 16;
+    pub const BODY_LOG: u16 = 17;
+    pub const BODY_LOG_ACK: u16 = 18;
+    pub const BODY_LOG_TENANTS: u16 = 19;
 }
 
 /// Record kind codes.
@@ -609,6 +637,9 @@ impl Message {
             Self::LeaseRequest { .. } => types::LEASE_REQUEST,
             Self::LeaseGrant { .. } => types::LEASE_GRANT,
             Self::LeaseReturn { .. } => types::LEASE_RETURN,
+            Self::BodyLog { .. } => types::BODY_LOG,
+            Self::BodyLogAck { .. } => types::BODY_LOG_ACK,
+            Self::BodyLogTenants { .. } => types::BODY_LOG_TENANTS,
             Self::Refused { .. } => types::REFUSED,
             Self::Enroll { .. } => types::ENROLL,
             Self::Enrolled { .. } => types::ENROLLED,
@@ -698,7 +729,9 @@ impl Message {
                     put_field(out, 4, |o| e.encode(o));
                 }
             }
-            Self::UsageAck { boot_epoch, seq } | Self::EventAck { boot_epoch, seq } => {
+            Self::UsageAck { boot_epoch, seq }
+            | Self::EventAck { boot_epoch, seq }
+            | Self::BodyLogAck { boot_epoch, seq } => {
                 put_u64(out, 1, *boot_epoch);
                 put_u64(out, 2, *seq);
             }
@@ -740,6 +773,33 @@ impl Message {
                 put_u64(out, 3, *granted_micros);
                 put_u64(out, 4, u64::from(*exhausted));
             }
+            Self::BodyLog {
+                node_id,
+                boot_epoch,
+                seq,
+                tenant_id,
+                request_id,
+                meta,
+                request,
+                response,
+            } => {
+                put_str(out, 1, node_id);
+                put_u64(out, 2, *boot_epoch);
+                put_u64(out, 3, *seq);
+                put_str(out, 4, tenant_id);
+                put_str(out, 5, request_id);
+                put_str(out, 6, meta);
+                put_bytes(out, 7, request);
+                put_bytes(out, 8, response);
+            }
+            Self::BodyLogTenants { off, refuse } => {
+                for t in off {
+                    put_str(out, 1, t);
+                }
+                for t in refuse {
+                    put_str(out, 2, t);
+                }
+            }
             Self::Refused { reason } => put_str(out, 1, reason),
             Self::Enroll { token, public_key } => {
                 put_str(out, 1, token);
@@ -755,7 +815,7 @@ impl Message {
     /// Reads a body of message type `code`; `Ok(None)` for a type this version does not
     /// know (the caller skips it).
     pub fn decode_body(code: u16, body: &[u8]) -> Result<Option<Self>, InvalidMessage> {
-        if !(types::HELLO..=types::LEASE_RETURN).contains(&code) {
+        if !(types::HELLO..=types::BODY_LOG_TENANTS).contains(&code) {
             return Ok(None);
         }
         // Checked whole first; then each field is looked up where it is, without building
@@ -774,6 +834,22 @@ impl Message {
         };
         let s = |tag: u64| -> Result<String, InvalidMessage> {
             first_field(body, tag)?.map_or(Ok(String::new()), get_str)
+        };
+        let b = |tag: u64| -> Result<Vec<u8>, InvalidMessage> {
+            Ok(first_field(body, tag)?
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default())
+        };
+        let strings = |tag: u64| -> Result<Vec<String>, InvalidMessage> {
+            let mut out = Vec::new();
+            let mut r = Reader::new(body);
+            while !r.is_empty() {
+                let (t, v) = r.field()?;
+                if t == tag {
+                    out.push(get_str(v)?);
+                }
+            }
+            Ok(out)
         };
         Ok(Some(match code {
             types::HELLO => Self::Hello {
@@ -856,6 +932,24 @@ impl Message {
                 seq: u(3)?,
                 kind: s(4)?,
                 detail: s(5)?,
+            },
+            types::BODY_LOG => Self::BodyLog {
+                node_id: s(1)?,
+                boot_epoch: u(2)?,
+                seq: u(3)?,
+                tenant_id: s(4)?,
+                request_id: s(5)?,
+                meta: s(6)?,
+                request: b(7)?,
+                response: b(8)?,
+            },
+            types::BODY_LOG_ACK => Self::BodyLogAck {
+                boot_epoch: u(1)?,
+                seq: u(2)?,
+            },
+            types::BODY_LOG_TENANTS => Self::BodyLogTenants {
+                off: strings(1)?,
+                refuse: strings(2)?,
             },
             _ => return Ok(None),
         }))

@@ -290,6 +290,7 @@ pub const RESERVED_REQUEST_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "authorization",
+    "x-aigw-no-log",
     "content-length",
     "accept-encoding",
     "proxy-connection",

@@ -95,6 +95,15 @@ pub struct ControlPlaneConfig {
     pub seal_key_env: String,
     #[serde(default)]
     pub seal_key_file: Option<std::path::PathBuf>,
+    /// The most body bytes held for the control plane's body log (queued, or sent and not
+    /// yet acknowledged); beyond it a request's bodies are dropped, or the request is
+    /// refused when its tenant asked for that.
+    #[serde(default = "default_body_log_queue_bytes")]
+    pub body_log_queue_bytes: usize,
+}
+
+fn default_body_log_queue_bytes() -> usize {
+    crate::config::bodies::DEFAULT_QUEUE_BYTES
 }
 
 fn default_seal_key_env() -> String {
@@ -1109,6 +1118,7 @@ mod keyring_tests {
             snapshot_file: Some(dir.join("config.sealed")),
             seal_key_env: default_seal_key_env(),
             seal_key_file: Some(key_file.to_path_buf()),
+            body_log_queue_bytes: default_body_log_queue_bytes(),
         }
     }
 

@@ -138,6 +138,7 @@ pub fn spawn(
             );
             keys.set_connected(false);
             reports.link_down();
+            keys.bodies.link_down();
             keys.leases.link_down();
             match ended {
                 Ok(()) => break,
@@ -293,6 +294,9 @@ fn session(
                     for m in reports.to_send(node_id) {
                         send(&mut stream, &m)?;
                     }
+                    for m in keys.bodies.to_send(node_id, boot_epoch) {
+                        send(&mut stream, &m)?;
+                    }
                     // Spend cap budget and rate-limit leases this node will not use go back
                     // for other nodes.
                     for a in keys.leases.take_unspent() {
@@ -308,8 +312,16 @@ fn session(
                     stopping = Some(std::time::Instant::now());
                 }
                 Some(since)
-                    if reports.unacked_entries() == 0 || since.elapsed() > FINAL_ACK_WAIT =>
+                    if (reports.unacked_entries() == 0 && keys.bodies.held().0 == 0)
+                        || since.elapsed() > FINAL_ACK_WAIT =>
                 {
+                    let (records, _) = keys.bodies.held();
+                    if records > 0 {
+                        tracing::warn!(
+                            records,
+                            "body log records not acknowledged by the control plane at stop are lost"
+                        );
+                    }
                     return Ok(());
                 }
                 Some(_) => {}
@@ -340,6 +352,11 @@ fn session(
                     Some(_) => Some(rate_lease::minute(now)),
                     None => spend.cap_records().get(id).map(|c| c.period.index(now)),
                 });
+            }
+            // Bodies go as soon as the workers hand them over (they weigh on the queue's
+            // bound until acknowledged).
+            for m in keys.bodies.to_send(node_id, boot_epoch) {
+                send(&mut stream, &m)?;
             }
             for a in keys.leases.asks() {
                 send(
@@ -510,6 +527,11 @@ fn session(
             Message::UsageAck { boot_epoch, seq } | Message::EventAck { boot_epoch, seq } => {
                 reports.acked(boot_epoch, seq)
             }
+            Message::BodyLogAck {
+                boot_epoch: epoch,
+                seq,
+            } if epoch == boot_epoch => keys.bodies.acked(seq),
+            Message::BodyLogTenants { off, refuse } => keys.bodies.set_tenants(off, refuse),
             Message::LeaseGrant {
                 cap_id,
                 period,

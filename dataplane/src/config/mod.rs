@@ -3,6 +3,7 @@
 //! routing and policy, received by the [`link`] and kept on disk by [`snapshot`]). Both
 //! sources route with the same [`routing`] tables.
 
+pub mod bodies;
 mod file;
 pub mod identity;
 pub mod limits;

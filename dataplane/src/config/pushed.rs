@@ -445,6 +445,8 @@ pub struct SharedConfig {
     connected: AtomicBool,
     /// Usage the workers measured, for the control thread to report.
     pub usage: crate::config::usage::Outbox,
+    /// Bodies for the control plane's body log.
+    pub bodies: crate::config::bodies::BodyQueue,
     /// Usage entries waiting for the control plane's acknowledgement, and those dropped
     /// for want of room since start (see [`crate::config::usage::MAX_UNACKED_ENTRIES`]).
     usage_backlog: AtomicU64,
@@ -466,6 +468,7 @@ impl Default for SharedConfig {
             last_contact: std::sync::Mutex::new(None),
             connected: AtomicBool::new(false),
             usage: crate::config::usage::Outbox::default(),
+            bodies: Default::default(),
             usage_backlog: AtomicU64::new(0),
             usage_dropped: AtomicU64::new(0),
             limiters: Default::default(),

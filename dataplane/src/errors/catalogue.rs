@@ -115,6 +115,7 @@ catalogue! {
     GuardrailSecret = (400, "guardrail_secret", Downstream, "the request holds a secret (an API key, a token, a private key), which this environment's guardrail blocks"),
     GuardrailCustom = (400, "guardrail_custom", Downstream, "the request holds a match of one of this tenant's own patterns, which this environment's guardrail blocks"),
     GuardrailUnavailable = (503, "guardrail_unavailable", Internal, "the guardrail scanner is unavailable; the request was not sent"),
+    BodyLogUnavailable = (503, "body_log_unavailable", Internal, "this tenant's body log cannot take more bodies right now, and its setting refuses requests rather than leave them unlogged; the request was not sent; retry shortly"),
 
     // Routing.
     ModelNotFound = (404, "model_not_found", Downstream, "no route for this model on this API"),
@@ -155,6 +156,7 @@ impl Code {
             | Code::UpstreamBusy
             | Code::ConfigNotLoaded
             | Code::GuardrailUnavailable
+            | Code::BodyLogUnavailable
             | Code::SpendCapUnavailable => Some(1),
             _ => None,
         }

@@ -95,6 +95,8 @@ pub struct RequestCtx {
     pub spend: Option<crate::gateway::spend::Reservation>,
     /// The output limit the request transform adds (a capped request that set none).
     pub inject_limit: Option<crate::gateway::spend::InjectLimit>,
+    /// The request's bodies for the body log, when they are logged.
+    pub body_log: Option<crate::gateway::bodylog::Capture>,
 }
 
 impl RequestCtx {
@@ -123,6 +125,7 @@ impl RequestCtx {
             guardrail_unscanned: None,
             spend: None,
             inject_limit: None,
+            body_log: None,
         }
     }
 }

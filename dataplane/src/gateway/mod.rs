@@ -10,6 +10,7 @@
 //!    admit          reserve what the request may hold           admit
 //!  body read
 //!    leak, guard    keys of ours seen; PII redacted or refused  leak, guard
+//!    body log       bodies kept for the tenant's body log        bodylog
 //!    parse          JSON once; model, stream; the key's models  parse
 //!    route          model → targets, policy filters             route
 //!    spend          the most it may cost, reserved from caps     spend
@@ -26,6 +27,7 @@
 
 pub mod admit;
 pub mod authenticate;
+pub mod bodylog;
 pub mod ctx;
 pub mod endpoint;
 pub mod exchange;
@@ -172,6 +174,9 @@ impl Gateway {
         }
         let body =
             guard::requests(self.guard.as_ref(), ctx, routes.as_deref(), &body)?.unwrap_or(body);
+        if let Some(keys) = &self.keys {
+            bodylog::start(keys.shared(), ctx, &head, &body, resp)?;
+        }
         let parsed = parse::run(ctx, &head, &body)?;
         let targets = route::run(ctx, routes.as_deref())?;
         if let Some(keys) = &self.keys {
@@ -243,6 +248,7 @@ impl Service for Gateway {
             ctx.error = Some(e.code);
             resp.send(Response::error(&e, ctx.family)).await;
         }
+        bodylog::response(ctx, resp);
     }
 
     fn stopped(&self) {
@@ -257,6 +263,7 @@ impl Service for Gateway {
         spend::settle(&mut ctx, done);
         if let Some(keys) = &self.keys {
             leak::report(&keys.shared().usage, &ctx);
+            bodylog::finish(keys.shared(), &mut ctx, done);
         }
         // One clock read for every phase that reports the request's latency.
         let latency = ctx.timings.head_received.elapsed();

@@ -99,6 +99,9 @@ impl AdminService {
                     "control_plane_connected": s.keys.as_ref().map(|(k, _)| k.connected()),
                     "usage_unacknowledged_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().0),
                     "usage_dropped_entries": s.keys.as_ref().map(|(k, _)| k.usage_backlog().1),
+                    "body_log_dropped": s.keys.as_ref().map(|(k, _)| k.bodies.dropped()),
+                    "body_log_opted_out_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.opted_out()),
+                    "body_log_refusing_tenants": s.keys.as_ref().map(|(k, _)| k.bodies.refusing()),
                 });
                 Response::json(if ready { 200 } else { 503 }, body.to_string().into_bytes())
             }
@@ -123,6 +126,8 @@ impl AdminService {
                     control_plane_connected: keys.map(|k| k.connected()),
                     usage_unacknowledged_entries: keys.map(|k| k.usage_backlog().0),
                     usage_dropped_entries: keys.map(|k| k.usage_backlog().1),
+                    body_log_dropped: keys.map(|k| k.bodies.dropped()),
+                    body_log_queued_bytes: keys.map(|k| k.bodies.held().1 as u64),
                 };
                 let mut r = Response::json(200, crate::metrics::render(&sum, &gauges).into_bytes());
                 r.content_type = "text/plain; version=0.0.4; charset=utf-8";

@@ -179,6 +179,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let keys = match &config.control_plane {
         Some(cp) => {
             let shared = Arc::new(crate::config::pushed::SharedConfig::default());
+            shared.bodies.set_limit(cp.body_log_queue_bytes);
             let served: Vec<_> = cp
                 .environments
                 .iter()

@@ -44,6 +44,22 @@ pub struct Responder<'a> {
     state: State,
     status: u16,
     bytes_out: usize,
+    /// The body as the client receives it, kept for the body log when asked for.
+    capture: Option<Capture>,
+}
+
+/// A response body kept as it went out, up to a bound.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub bytes: Vec<u8>,
+    /// More went out than the bound kept.
+    pub truncated: bool,
+}
+
+#[derive(Debug)]
+struct Capture {
+    limit: usize,
+    got: Captured,
 }
 
 impl<'a> Responder<'a> {
@@ -69,7 +85,21 @@ impl<'a> Responder<'a> {
             state: State::NotStarted,
             status: 0,
             bytes_out: 0,
+            capture: None,
         }
+    }
+
+    /// Keeps the body bytes of the response from now on, up to `limit`.
+    pub fn capture(&mut self, limit: usize) {
+        self.capture = Some(Capture {
+            limit,
+            got: Captured::default(),
+        });
+    }
+
+    /// The body kept since [`Self::capture`].
+    pub fn take_captured(&mut self) -> Option<Captured> {
+        self.capture.take().map(|c| c.got)
     }
 
     /// Marks the client as HTTP/1.0.
@@ -180,6 +210,11 @@ impl<'a> Responder<'a> {
         if self.is_head || data.is_empty() {
             return;
         }
+        if let Some(c) = &mut self.capture {
+            let room = c.limit.saturating_sub(c.got.bytes.len());
+            c.got.bytes.extend_from_slice(&data[..room.min(data.len())]);
+            c.got.truncated |= data.len() > room;
+        }
         if chunked {
             let mut num = [0u8; 16];
             let n = hex(data.len(), &mut num);
@@ -253,6 +288,9 @@ impl<'a> Responder<'a> {
         self.out.clear();
         self.state = State::NotStarted;
         self.status = 0;
+        if let Some(c) = &mut self.capture {
+            c.got = Captured::default();
+        }
         true
     }
 

@@ -1,0 +1,360 @@
+//! Request and response bodies on their way to the control plane's body log.
+//!
+//! A worker hands a finished request's bodies over with [`BodyQueue::push`], which never
+//! waits: the queue is bounded in bytes (what waits to be sent and what was sent and not yet
+//! acknowledged, together), and a record that does not fit is dropped, counted
+//! (`aigw_body_log_dropped_total`) and reported for the tenant's audit log. A tenant whose
+//! setting is `refuse` has its requests refused before they are forwarded while the queue
+//! is full instead ([`BodyQueue::full`]); a record that still does not fit when its request
+//! ends is dropped and counted all the same (the response's size is not known before).
+//!
+//! The control thread sends each record once per link, numbered (boot epoch, sequence),
+//! and forgets it when the control plane acknowledges it; after a reconnect, what was not
+//! acknowledged is sent again (and the control plane writes it once). Bodies are held in
+//! memory only, never written to the node's disk: a node that stops loses what the control
+//! plane had not acknowledged within its final wait, and a crash loses what was queued.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use aigw_wire::Message;
+
+/// Default bound of the queue, in body bytes.
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+/// Each body is kept up to this many bytes; the rest is cut and the record says so.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// A record sent and not acknowledged (the control plane's writer was behind) is sent again
+/// after this long, on the same link.
+pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// Body bytes sent and not yet acknowledged, at most: the link never holds more than this
+/// of bodies, so what else it carries (spend cap leases, heartbeats, usage) is not held up
+/// behind them when the control plane's writer is behind.
+pub const IN_FLIGHT_BYTES: usize = 1 << 20;
+
+/// What is logged of a tenant's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The tenant opted out: nothing is captured.
+    Off,
+    /// Logged; dropped (counted, audited) while the queue is full.
+    Drop,
+    /// Logged; requests refused while the queue is full.
+    Refuse,
+}
+
+/// One request's bodies.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub tenant_id: String,
+    pub request_id: String,
+    /// JSON: status, model, endpoint, truncation…
+    pub meta: String,
+    pub request: Vec<u8>,
+    pub response: Vec<u8>,
+}
+
+impl Record {
+    fn weight(&self) -> usize {
+        self.request.len() + self.response.len() + self.meta.len()
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    seq: u64,
+    record: Record,
+    sent: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    held: VecDeque<Held>,
+    bytes: usize,
+    next_seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Tenants {
+    off: HashSet<String>,
+    refuse: HashSet<String>,
+}
+
+#[derive(Debug)]
+pub struct BodyQueue {
+    inner: Mutex<Inner>,
+    limit: AtomicUsize,
+    /// Read without the lock, for [`Self::full`].
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+    tenants: RwLock<Arc<Tenants>>,
+    /// Per tenant: when its last drop was reported, and drops since not reported.
+    drop_reports: Mutex<std::collections::HashMap<Arc<str>, (Instant, u64)>>,
+}
+
+/// A tenant's drops are reported for its audit log at most this often (each with how many
+/// went unreported since the last); every drop is counted in the metrics.
+pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Default for BodyQueue {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                next_seq: 1,
+                ..Inner::default()
+            }),
+            limit: AtomicUsize::new(DEFAULT_QUEUE_BYTES),
+            bytes: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            tenants: RwLock::new(Arc::default()),
+            drop_reports: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl BodyQueue {
+    pub fn set_limit(&self, bytes: usize) {
+        self.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// What is logged of `tenant`'s requests.
+    pub fn mode(&self, tenant: &str) -> Mode {
+        let t = Arc::clone(&self.tenants.read().unwrap_or_else(|p| p.into_inner()));
+        if t.off.contains(tenant) {
+            Mode::Off
+        } else if t.refuse.contains(tenant) {
+            Mode::Refuse
+        } else {
+            Mode::Drop
+        }
+    }
+
+    /// The tenants' settings, as the control plane sent them.
+    pub fn set_tenants(&self, off: Vec<String>, refuse: Vec<String>) {
+        let t = Arc::new(Tenants {
+            off: off.into_iter().collect(),
+            refuse: refuse.into_iter().collect(),
+        });
+        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
+    /// How many tenants opted out, as the control plane last said.
+    pub fn opted_out(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .off
+            .len()
+    }
+
+    /// How many tenants refuse requests while the queue is full.
+    pub fn refusing(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .refuse
+            .len()
+    }
+
+    /// Whether the queue holds its bound (a `refuse` tenant's request is refused).
+    pub fn full(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) >= self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Queues a record; false (and counted) when it does not fit.
+    pub fn push(&self, record: Record) -> bool {
+        let w = record.weight();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.bytes + w > self.limit.load(Ordering::Relaxed) {
+            drop(inner);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        inner.bytes += w;
+        self.bytes.store(inner.bytes, Ordering::Relaxed);
+        inner.held.push_back(Held {
+            seq,
+            record,
+            sent: None,
+        });
+        true
+    }
+
+    /// A drop of `tenant`'s record: `Some(n)` when it is to be reported now, `n` drops
+    /// (this one included) since its last report; `None` within [`DROP_REPORT_EVERY`] of it.
+    pub fn drop_report_due(&self, tenant: &Arc<str>) -> Option<u64> {
+        let now = Instant::now();
+        let mut reports = self.drop_reports.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = reports
+            .entry(Arc::clone(tenant))
+            .or_insert((now - DROP_REPORT_EVERY, 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) < DROP_REPORT_EVERY {
+            return None;
+        }
+        let n = entry.1;
+        *entry = (now, 0);
+        Some(n)
+    }
+
+    /// Records dropped since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Records held (queued or waiting for acknowledgement), and their bytes.
+    pub fn held(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.held.len(), inner.bytes)
+    }
+
+    /// The records to send on this link now: never sent on it, or sent [`RESEND_AFTER`]
+    /// ago and not acknowledged.
+    pub fn to_send(&self, node_id: &str, boot_epoch: u64) -> Vec<Message> {
+        let now = Instant::now();
+        let due = |h: &Held| {
+            h.sent
+                .is_none_or(|at| now.duration_since(at) >= RESEND_AFTER)
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut in_flight: usize = inner
+            .held
+            .iter()
+            .filter(|h| !due(h))
+            .map(|h| h.record.weight())
+            .sum();
+        inner
+            .held
+            .iter_mut()
+            .filter(|h| due(h))
+            .take_while(|h| {
+                // At least one record goes when none is in flight, however large.
+                let w = h.record.weight();
+                let fits = in_flight == 0 || in_flight + w <= IN_FLIGHT_BYTES;
+                if fits {
+                    in_flight += w;
+                }
+                fits
+            })
+            .map(|h| {
+                h.sent = Some(now);
+                Message::BodyLog {
+                    node_id: node_id.to_string(),
+                    boot_epoch,
+                    seq: h.seq,
+                    tenant_id: h.record.tenant_id.clone(),
+                    request_id: h.record.request_id.clone(),
+                    meta: h.record.meta.clone(),
+                    request: h.record.request.clone(),
+                    response: h.record.response.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The control plane has record `seq`.
+    pub fn acked(&self, seq: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = inner.held.iter().position(|h| h.seq == seq) {
+            if let Some(h) = inner.held.remove(i) {
+                inner.bytes -= h.record.weight();
+                self.bytes.store(inner.bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A new link: everything not acknowledged is sent again.
+    pub fn link_down(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for h in &mut inner.held {
+            h.sent = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> Record {
+        Record {
+            tenant_id: "t".into(),
+            request_id: "r".into(),
+            meta: String::new(),
+            request: vec![b'a'; n],
+            response: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bounded_in_bytes_until_acknowledged() {
+        let q = BodyQueue::default();
+        q.set_limit(100);
+        assert!(q.push(record(60)));
+        assert!(!q.full());
+        assert!(!q.push(record(60)), "over the bound");
+        assert_eq!(q.dropped(), 1);
+        assert!(q.push(record(40)));
+        assert!(q.full());
+        let sent = q.to_send("n", 1);
+        assert_eq!(sent.len(), 2);
+        // Sent and not acknowledged: still held, not sent again at once.
+        assert!(q.full());
+        assert!(q.to_send("n", 1).is_empty());
+        q.acked(1);
+        assert!(!q.full());
+        assert_eq!(q.held(), (1, 40));
+        // A new link sends what was not acknowledged again.
+        q.link_down();
+        assert_eq!(q.to_send("n", 1).len(), 1);
+    }
+
+    #[test]
+    fn what_is_in_flight_is_bounded() {
+        let q = BodyQueue::default();
+        let each = IN_FLIGHT_BYTES / 4;
+        for _ in 0..10 {
+            assert!(q.push(record(each)));
+        }
+        assert_eq!(q.to_send("n", 1).len(), 4);
+        assert!(q.to_send("n", 1).is_empty(), "the window is full");
+        q.acked(2);
+        assert_eq!(q.to_send("n", 1).len(), 1);
+        // A record larger than the window goes alone.
+        let big = BodyQueue::default();
+        assert!(big.push(record(2 * IN_FLIGHT_BYTES)));
+        assert!(big.push(record(1)));
+        assert_eq!(big.to_send("n", 1).len(), 1);
+    }
+
+    #[test]
+    fn drops_are_reported_at_most_once_a_second_per_tenant_with_a_count() {
+        let q = BodyQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert_eq!(q.drop_report_due(&a), Some(1));
+        assert_eq!(q.drop_report_due(&a), None);
+        assert_eq!(q.drop_report_due(&a), None);
+        assert_eq!(
+            q.drop_report_due(&b),
+            Some(1),
+            "another tenant reports its own"
+        );
+        if let Some(e) = q.drop_reports.lock().unwrap().get_mut(&a) {
+            e.0 -= DROP_REPORT_EVERY;
+        }
+        assert_eq!(q.drop_report_due(&a), Some(3));
+    }
+
+    #[test]
+    fn tenant_modes() {
+        let q = BodyQueue::default();
+        assert_eq!(q.mode("a"), Mode::Drop);
+        q.set_tenants(vec!["a".into()], vec!["b".into()]);
+        assert_eq!(q.mode("a"), Mode::Off);
+        assert_eq!(q.mode("b"), Mode::Refuse);
+        assert_eq!(q.mode("c"), Mode::Drop);
+    }
+}
