@@ -518,8 +518,11 @@ impl Store {
         f: impl FnOnce(&Tx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // IMMEDIATE: the write lock is taken (waiting up to the busy timeout) when the
+        // transaction begins. A deferred one that read first could not upgrade once the body
+        // log's connection had committed in between, and would fail at once.
         let tx = Tx {
-            tx: conn.transaction()?,
+            tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?,
             kek: &self.kek,
         };
         let out = f(&tx)?;
