@@ -383,9 +383,13 @@ impl BodyLog {
         let Some(place) = self.store.body_record(tenant_id, request_id)? else {
             return Ok(None);
         };
+        let kek = match self.store.body_segment_key(&place.segment)? {
+            Some(wrapped) => self.store.tenant_unwrap(tenant_id, &wrapped)?,
+            None => self.kek.clone(),
+        };
         let bytes = self.segments.read(&place.segment)?;
         let closed = place.segment.state == "closed";
-        let seg = read_segment(&self.kek, &place.segment, &bytes, closed)?;
+        let seg = read_segment(&kek, &place.segment, &bytes, closed)?;
         let record = seg
             .records
             .into_iter()
@@ -566,9 +570,27 @@ impl Writer {
                 state: "open".into(),
                 records: 0,
             };
-            let (sealer, head) =
-                Sealer::new(&self.kek, &purpose(&row)).map_err(|e| e.to_string())?;
+            // An enterprise tenant's own KMS key seals its segments (through a data key it
+            // generates, kept wrapped beside the segment's index row); when that key does not
+            // answer (disabled, say), its bodies are not written.
+            let cmk = match store.tenant_data_key(tenant_id) {
+                Ok(k) => k,
+                Err(StoreError::Kms(e)) => {
+                    tracing::warn!(tenant = tenant_id, error = %e, "a body log record is not written: the tenant's own key does not answer");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let kek = cmk
+                .as_ref()
+                .map_or_else(|| self.kek.clone(), |(k, _)| k.clone());
+            let (sealer, head) = Sealer::new(&kek, &purpose(&row)).map_err(|e| e.to_string())?;
             store.body_segment_opened(&row).map_err(|e| e.to_string())?;
+            if let Some((_, wrapped)) = &cmk {
+                store
+                    .body_segment_key_set(&row, wrapped)
+                    .map_err(|e| e.to_string())?;
+            }
             self.segments
                 .append(&row, &head)
                 .map_err(|e| format!("writing a body log segment: {e}"))?;

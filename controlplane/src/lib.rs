@@ -336,7 +336,11 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let bodies_dir = opts.data_dir.join("bodies");
     aigw_seal::files::private_dir(&bodies_dir)
         .with_context(|| format!("body log directory {}", bodies_dir.display()))?;
-    let body_index = Arc::new(store::Store::open_body_index(&opts.data_dir, kek.clone())?);
+    let body_index = Arc::new(store::Store::open_body_index(
+        &opts.data_dir,
+        kek.clone(),
+        store.kms_handle(),
+    )?);
     let (bodylog, writer) = bodylog::BodyLog::start(
         kek,
         body_index,

@@ -20,7 +20,7 @@ mod tenant_keys;
 mod usage;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aigw_seal::Kek;
 use aigw_wire::keys::Environment;
@@ -290,6 +290,15 @@ CREATE TABLE body_log_records (
 CREATE UNIQUE INDEX body_log_records_sent ON body_log_records(node_id, boot_epoch, seq);
 CREATE INDEX body_log_records_segment ON body_log_records(tenant_id, day, segment_id);
 "#,
+    r#"
+CREATE TABLE body_log_segment_keys (
+    tenant_id TEXT NOT NULL,
+    day TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    PRIMARY KEY (tenant_id, day, segment_id)
+);
+"#,
 ];
 
 /// `meta` rows.
@@ -428,8 +437,9 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// Seals provider credentials at rest.
     kek: Kek,
-    /// Tenants' own keys, for what is sealed under them.
-    kms: crate::kms::Kms,
+    /// Tenants' own keys, for what is sealed under them (shared with the body log's
+    /// connection, so both see the same unwrapped keys).
+    kms: Arc<crate::kms::Kms>,
 }
 
 pub fn now() -> i64 {
@@ -491,8 +501,13 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             kek,
-            kms: crate::kms::Kms::default(),
+            kms: Arc::default(),
         })
+    }
+
+    /// The tenants' keys this store uses, to share with [`Self::open_body_index`].
+    pub fn kms_handle(&self) -> Arc<crate::kms::Kms> {
+        Arc::clone(&self.kms)
     }
 
     /// A second connection to the database [`Self::open`] opened and migrated, for the
@@ -500,7 +515,11 @@ impl Store {
     /// admin API and the node link behind them. Its commits are durable against a crash
     /// of the process, not of the machine (`synchronous = NORMAL`): a power loss can lose
     /// the last batches indexed, as it can the segment bytes the page cache still held.
-    pub fn open_body_index(data_dir: &Path, kek: Kek) -> Result<Self, StoreError> {
+    pub fn open_body_index(
+        data_dir: &Path,
+        kek: Kek,
+        kms: Arc<crate::kms::Kms>,
+    ) -> Result<Self, StoreError> {
         let conn = Connection::open(data_dir.join("controlplane.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -509,7 +528,7 @@ impl Store {
         Ok(Self {
             conn: Mutex::new(conn),
             kek,
-            kms: crate::kms::Kms::default(),
+            kms,
         })
     }
 

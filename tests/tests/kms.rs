@@ -1,7 +1,7 @@
 //! Customer-managed keys against a local AWS KMS (moto's server, started here): an
 //! enterprise tenant names its own key, its provider credentials are sealed under data keys
-//! that key generates, and disabling the key makes them unreadable (crypto-shredding) and
-//! stops new writes with KMS's error — while other tenants carry on.
+//! that key generates, so are its logged bodies, and disabling the key makes them unreadable
+//! (crypto-shredding) and stops new writes with KMS's error — while other tenants carry on.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -102,13 +102,22 @@ fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
     let shop_key = key(&cp, "shop", "production");
     let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
     wait_workers(&gw, revision(&cp));
-    assert_eq!(
-        chat_with_key(gw.addr(), Some(&bank_key), "gpt-4o").status,
-        200
-    );
+    let first = chat_with_key(gw.addr(), Some(&bank_key), "gpt-4o");
+    assert_eq!(first.status, 200);
     assert_eq!(
         bank_provider.requests()[0].header("authorization"),
         Some("Bearer sk-bank-cmk-marker-4411")
+    );
+    // The request's bodies are logged, sealed under a data key of the bank's own KMS key.
+    let logged = format!(
+        "/v1/tenants/bank/bodies/{}",
+        first.header("x-request-id").unwrap()
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || api(&cp, "GET", &logged, None)
+            .status
+            == 200),
+        "the bank's request was never logged"
     );
     let db = std::fs::read(dir.join("controlplane.db")).unwrap();
     assert!(
@@ -131,6 +140,10 @@ fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
     );
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("Disabled"), "KMS's reason: {}", r.text());
+    // Its logged bodies are unreadable too.
+    let r = api(&cp, "GET", &logged, None);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "kms_unavailable");
     // A node starting now gets everything but the bank's upstream; the shop is not affected.
     let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
     wait_workers(&gw, revision(&cp));
@@ -149,6 +162,8 @@ fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
 
     // Enabled again, the same stored credential opens: nothing was lost, only locked.
     kms_admin(&endpoint, &["enable", &key_id]);
+    let r = api(&cp, "GET", &logged, None);
+    assert_eq!(r.status, 200, "logged bodies open again: {}", r.text());
     let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
     wait_workers(&gw, revision(&cp));
     assert_eq!(

@@ -380,6 +380,10 @@ impl Store {
                 "DELETE FROM body_log_segments WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
                 params![seg.tenant_id, seg.day, seg.segment_id],
             )?;
+            tx.execute(
+                "DELETE FROM body_log_segment_keys WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
+                params![seg.tenant_id, seg.day, seg.segment_id],
+            )?;
             Ok(())
         })
     }

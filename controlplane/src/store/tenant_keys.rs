@@ -7,6 +7,7 @@ use rusqlite::params;
 use super::routing::tenant_kms;
 use super::{audit, now, Actor, Store, StoreError};
 use crate::kms::KmsKey;
+use aigw_seal::Kek;
 
 impl Store {
     /// Names the tenant's own KMS key (enterprise tier only). The key is tried first — a
@@ -57,6 +58,59 @@ impl Store {
         self.read(|c| {
             super::tenant_exists(c, tenant)?;
             tenant_kms(c, tenant)
+        })
+    }
+
+    /// A fresh data key from the tenant's own KMS key, and its wrapped copy to keep beside
+    /// what it seals; `None` when the tenant has no key of its own.
+    pub fn tenant_data_key(&self, tenant: &str) -> Result<Option<(Kek, Vec<u8>)>, StoreError> {
+        let Some(key) = self.read(|c| tenant_kms(c, tenant))? else {
+            return Ok(None);
+        };
+        let (plain, wrapped) = self.kms.generate_data_key(&key).map_err(StoreError::Kms)?;
+        Ok(Some((Kek::from_bytes(plain), wrapped)))
+    }
+
+    /// A data key `tenant_data_key` gave, unwrapped by the tenant's own KMS key.
+    pub fn tenant_unwrap(&self, tenant: &str, wrapped: &[u8]) -> Result<Kek, StoreError> {
+        let key = self.read(|c| tenant_kms(c, tenant))?.ok_or_else(|| {
+            StoreError::Kms(format!(
+                "sealed under a KMS key tenant {tenant} no longer names"
+            ))
+        })?;
+        Ok(Kek::from_bytes(
+            self.kms.decrypt(&key, wrapped).map_err(StoreError::Kms)?,
+        ))
+    }
+
+    /// Keeps the KMS-wrapped key of a body log segment sealed under a tenant's own key.
+    pub fn body_segment_key_set(
+        &self,
+        seg: &crate::store::SegmentRow,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO body_log_segment_keys (tenant_id, day, segment_id, wrapped_key) VALUES (?1, ?2, ?3, ?4)",
+                params![seg.tenant_id, seg.day, seg.segment_id, wrapped],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The KMS-wrapped key of a body log segment, when its tenant's own key sealed it.
+    pub fn body_segment_key(
+        &self,
+        seg: &crate::store::SegmentRow,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use rusqlite::OptionalExtension;
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT wrapped_key FROM body_log_segment_keys WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
+                params![seg.tenant_id, seg.day, seg.segment_id],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
     }
 

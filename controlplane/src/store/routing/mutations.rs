@@ -32,7 +32,7 @@ impl Store {
                 let cmk = self.read(|c| super::rows::tenant_kms(c, tenant_id))?;
                 Some(seal_credential(
                     &self.kek,
-                    cmk.as_ref().map(|k| (&self.kms, k)),
+                    cmk.as_ref().map(|k| (&*self.kms, k)),
                     &id,
                     c,
                 )?)
