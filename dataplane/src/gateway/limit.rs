@@ -119,12 +119,6 @@ fn seconds(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000).max(1)
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// 429 for the limit of `unit` of `level`; `across` when it is the limit shared by every node
 /// that was reached.
 fn refuse(
@@ -273,7 +267,7 @@ pub(crate) fn run(
     }
     let mut waiting = false;
     if shared.connected() {
-        let minute = rate_lease::minute(unix_now());
+        let minute = rate_lease::minute(crate::runtime::unix_seconds());
         for level in &mut levels {
             let name = level.sub_account.as_deref().unwrap_or(&id.key_id);
             for unit in [Unit::Requests, Unit::Tokens] {
@@ -324,10 +318,10 @@ pub(crate) async fn wait(shared: &SharedConfig, ctx: &mut RequestCtx) -> Result<
                 }
                 if lease.is_exhausted() {
                     give_back(&taken.levels);
-                    let next_minute = (unix_now() / 60 + 1) * 60;
+                    let now = crate::runtime::unix_seconds();
                     let full = Full {
                         limit,
-                        retry_after_ns: next_minute.saturating_sub(unix_now()) * 1_000_000_000,
+                        retry_after_ns: (60 - now % 60) * 1_000_000_000,
                     };
                     let level = taken.levels[i].clone();
                     ctx.rate_limited = None;

@@ -142,12 +142,6 @@ fn usd(micros: u64) -> String {
     format!("${:.6}", micros as f64 / 1e6)
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Reserves the request's maximum cost from every cap covering it; sets the output limit
 /// to add when the client set none.
 pub(crate) async fn run(
@@ -172,7 +166,7 @@ pub(crate) async fn run(
     let endpoint = ctx.endpoint.unwrap_or(Endpoint::ChatCompletions);
     let (output, inject) = output_bound(endpoint, parsed)?;
     let cost = rates.max_cost_micros(body_len as u64, output);
-    let now = unix_now();
+    let now = crate::runtime::unix_seconds();
     let mut taken: Vec<Arc<Lease>> = Vec::with_capacity(id.caps.len());
     for cap in &id.caps {
         let period = cap.period.index(now);

@@ -163,7 +163,7 @@ fn chat_completion(req: &Req<'_>) -> Response {
     let out = json!({
         "id": format!("chatcmpl-{}", req.id()),
         "object": "chat.completion",
-        "created": unix_now(),
+        "created": crate::runtime::unix_seconds(),
         "model": model,
         "choices": [{
             "index": 0,
@@ -220,7 +220,7 @@ fn openai_stream(
     completion: u64,
 ) -> Response {
     let id = format!("chatcmpl-{}", req.id());
-    let created = unix_now();
+    let created = crate::runtime::unix_seconds();
     let mut out = String::new();
     let mut event = |v: Value| {
         out.push_str("data: ");
@@ -313,10 +313,4 @@ fn models() -> Response {
 /// About four bytes per token; the demo only needs plausible figures.
 fn approx_tokens(s: &str) -> u64 {
     (s.len() as u64).div_ceil(4).max(1)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -54,6 +54,13 @@ impl fmt::Display for DriverKind {
 const RING_ENTRIES: u32 = 1024;
 
 /// Whether the environment forces the epoll driver (monoio's own switch, honoured here too).
+/// Seconds since the Unix epoch, UTC (0 on a clock set before it).
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn legacy_forced_by_env() -> bool {
     std::env::var("MONOIO_FORCE_LEGACY_DRIVER").is_ok_and(|v| v == "1" || v == "true")
 }
