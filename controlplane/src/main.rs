@@ -240,19 +240,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             api_tls,
             push_listen: link_listen,
             tls_names: tls_name,
-            // From a file or the environment only: a key on the command line is visible to
-            // every user.
-            seal_key: match seal_key_file {
-                Some(f) => Some(
-                    aigw_seal::files::read_private(&f)
-                        .map_err(|e| anyhow::anyhow!("--seal-key-file: {e}"))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => std::env::var("AIGW_SEAL_KEY")
-                    .ok()
-                    .filter(|k| !k.is_empty()),
-            },
+            seal_key: configured_seal_key(seal_key_file)?,
             changelog_keep,
         })?;
         println!(
@@ -274,17 +262,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
     } = cli.cmd
     {
         let data_dir = data_dir.unwrap_or_else(|| controlplane::default_data_dir("controlplane"));
-        let configured = match seal_key_file {
-            Some(f) => Some(
-                aigw_seal::files::read_private(&f)
-                    .map_err(|e| anyhow::anyhow!("--seal-key-file: {e}"))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => std::env::var("AIGW_SEAL_KEY")
-                .ok()
-                .filter(|k| !k.is_empty()),
-        };
+        let configured = configured_seal_key(seal_key_file)?;
         let new = aigw_seal::files::read_private(&new_key_file)
             .map_err(|e| anyhow::anyhow!("--new-key-file: {e}"))
             .and_then(|t| {
@@ -300,6 +278,22 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
         unreachable_serve()
     };
     controlplane::cli::run(&conn, cmd)
+}
+
+/// The seal key given to this process: from `--seal-key-file`, else `AIGW_SEAL_KEY` —
+/// never the command line, where every user sees it. `None`: `<data-dir>/seal.key`.
+fn configured_seal_key(file: Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    Ok(match file {
+        Some(f) => Some(
+            aigw_seal::files::read_private(&f)
+                .map_err(|e| anyhow::anyhow!("--seal-key-file: {e}"))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("AIGW_SEAL_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+    })
 }
 
 fn unreachable_serve() -> ! {
