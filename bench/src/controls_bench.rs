@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{
     bench_dir, cpu_split, free_addr, median, pin_current_thread, process_cpu_seconds, round_order,
-    run_dir, sibling_binary, spawn_self_on, spread, start_dataplane, wait_port, write_ratio,
+    run_dir, sibling_binary, spread, start_dataplane, start_mock, wait_port, write_ratio,
     DataPlane, Proc,
 };
 use crate::keys_bench::{cp_api, http, start_cp};
@@ -329,12 +329,7 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
     let first_day = utc_day()?;
     let dp_binary = sibling_binary("dataplane")?;
 
-    let mock_addr = free_addr()?;
-    let mock = spawn_self_on(
-        opts.load_core,
-        &["mock", "--listen", &mock_addr.to_string()],
-    )?;
-    wait_port(mock_addr)?;
+    let (mock, mock_addr) = start_mock(opts.load_core)?;
 
     let static_addr = free_addr()?;
     let static_node = start_dataplane(

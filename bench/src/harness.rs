@@ -95,6 +95,15 @@ pub(crate) fn spawn_self_on(core: usize, args: &[&str]) -> anyhow::Result<Proc> 
     Ok(Proc(child))
 }
 
+/// The mock provider (the data plane's demo provider) on `core`, answering: the process and
+/// its address.
+pub(crate) fn start_mock(core: usize) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_addr()?;
+    let mock = spawn_self_on(core, &["mock", "--listen", &addr.to_string()])?;
+    wait_port(addr)?;
+    Ok((mock, addr))
+}
+
 /// User + system CPU seconds of a process and its direct children.
 pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     cpu_split(pid).map(|(u, s)| u + s)

@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 
 use crate::harness::{
     bench_dir, cpu_seconds, free_addr, median, pin_current_thread, round_order, run_dir,
-    sibling_binary, spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio,
+    sibling_binary, spread, start_dataplane, start_mock, start_nginx, wait_port, write_ratio,
     DataPlane,
 };
 
@@ -159,12 +159,7 @@ pub(crate) fn tls(opts: &TlsOpts) -> anyhow::Result<()> {
     let dir = run_dir("tls")?;
     let (chain, key, ca_pem) = certificate(&dir)?;
     let client = client_config(&ca_pem)?;
-    let mock_addr = free_addr()?;
-    let mock = spawn_self_on(
-        opts.load_core,
-        &["mock", "--listen", &mock_addr.to_string()],
-    )?;
-    wait_port(mock_addr)?;
+    let (mock, mock_addr) = start_mock(opts.load_core)?;
     let nginx_addr = free_addr()?;
     let nginx = start_nginx(
         "nginx-tls.conf.in",

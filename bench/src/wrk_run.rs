@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 
 use crate::harness::{
     bench_dir, cpu_seconds, cpu_split, free_addr, median, round_order, run_dir, sibling_binary,
-    spawn_self_on, spread, start_dataplane, start_nginx, wait_port, write_ratio, DataPlane,
+    spread, start_dataplane, start_mock, start_nginx, wait_port, write_ratio, DataPlane,
 };
 
 /// Options of `aigw-bench run`.
@@ -172,14 +172,8 @@ pub(crate) fn wrk_url(
 
 pub(crate) fn run(opts: &RunOpts) -> anyhow::Result<()> {
     let dir = run_dir("")?;
-    let mock_addr = free_addr()?;
     let nginx_addr = free_addr()?;
-
-    let mock = spawn_self_on(
-        opts.load_core,
-        &["mock", "--listen", &mock_addr.to_string()],
-    )?;
-    wait_port(mock_addr)?;
+    let (mock, mock_addr) = start_mock(opts.load_core)?;
     let nginx = start_nginx(
         "nginx.conf.in",
         opts.proxy_core,
