@@ -758,9 +758,38 @@ pub fn run_sdk_script(script: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// What testssl.sh found, as (id, finding).
+#[derive(Debug)]
+pub struct Findings(pub Vec<(String, String)>);
+
+impl Findings {
+    /// The finding `id`; a missing one fails the test.
+    pub fn get(&self, id: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, f)| f.as_str())
+            .unwrap_or_else(|| panic!("no {id} in {:?}", self.0))
+    }
+
+    /// Only TLS 1.3 offered, and HSTS for two years covering subdomains.
+    pub fn assert_tls13_only_with_hsts(&self) {
+        for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"] {
+            assert_eq!(self.get(old), "not offered", "{old}");
+        }
+        assert!(self.get("TLS1_3").starts_with("offered"), "{:?}", self.0);
+        assert!(
+            self.get("HSTS_time").starts_with("730 days"),
+            "{:?}",
+            self.0
+        );
+        assert_eq!(self.get("HSTS_subdomains"), "includes subdomains");
+    }
+}
+
 /// testssl.sh (the Debian package `.ci/setup` installs) against `url`, checking protocols
-/// and HTTP headers only: its findings as (id, finding).
-pub fn testssl(url: &str) -> Vec<(String, String)> {
+/// and HTTP headers only.
+pub fn testssl(url: &str) -> Findings {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("findings.json");
     let out = Command::new("testssl")
@@ -777,15 +806,17 @@ pub fn testssl(url: &str) -> Vec<(String, String)> {
         )
     });
     let found: serde_json::Value = serde_json::from_str(&text).unwrap();
-    found
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["id"].as_str().unwrap_or_default().to_string(),
-                f["finding"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    Findings(
+        found
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["id"].as_str().unwrap_or_default().to_string(),
+                    f["finding"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    )
 }

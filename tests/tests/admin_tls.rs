@@ -431,17 +431,5 @@ fn testssl_finds_only_tls_1_3_offered_and_hsts_on_the_admin_api() {
     let cp = cp_start(scratch_dir("admin-testssl"), "127.0.0.1:0");
     let port = cp.api_url().rsplit(':').next().unwrap().to_string();
     let findings = testssl(&format!("https://127.0.0.1:{port}/healthz"));
-    let finding = |id: &str| -> &str {
-        findings
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, f)| f.as_str())
-            .unwrap_or_else(|| panic!("no {id} in {findings:?}"))
-    };
-    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"] {
-        assert_eq!(finding(old), "not offered", "{old}");
-    }
-    assert!(finding("TLS1_3").starts_with("offered"), "{findings:?}");
-    assert!(finding("HSTS_time").starts_with("730 days"), "{findings:?}");
-    assert_eq!(finding("HSTS_subdomains"), "includes subdomains");
+    findings.assert_tls13_only_with_hsts();
 }
