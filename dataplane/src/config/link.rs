@@ -294,11 +294,9 @@ fn session(
                     for m in reports.to_send(node_id) {
                         send(&mut stream, &m)?;
                     }
-                    for m in keys.bodies.to_send(node_id, boot_epoch) {
-                        send(&mut stream, &m)?;
-                    }
                     // Spend cap budget and rate-limit leases this node will not use go back
-                    // for other nodes.
+                    // for other nodes — before the bodies: the control plane reads the link
+                    // in order, and answering bodies can outlast this node's wait for it.
                     for a in keys.leases.take_unspent() {
                         send(
                             &mut stream,
@@ -308,6 +306,9 @@ fn session(
                                 micros: a.want_micros,
                             },
                         )?;
+                    }
+                    for m in keys.bodies.to_send(node_id, boot_epoch) {
+                        send(&mut stream, &m)?;
                     }
                     stopping = Some(std::time::Instant::now());
                 }
