@@ -10,6 +10,7 @@
 //! - [`SseRedactor`]: a provider's server-sent event stream (chat, completions, Responses,
 //!   Anthropic), each text through its own hold-back, one placeholder numbering.
 
+mod gate;
 mod patterns;
 mod redact;
 mod scanner;

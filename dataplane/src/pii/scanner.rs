@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use hyperscan::prelude::*;
 
-use super::patterns::{builtins, Builtin, Extend, Long};
+use super::gate;
+use super::patterns::{self, builtins, Builtin, Extend, Long};
 use super::validate::{self, Validator};
 use super::{Entity, Finding, Rule};
 
@@ -85,6 +86,7 @@ impl Cand {
 pub struct Scratch {
     hs: hyperscan::Scratch,
     raw: Vec<(u32, usize, usize)>,
+    windows: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -94,7 +96,12 @@ impl std::fmt::Debug for Scratch {
 }
 
 struct Inner {
-    db: BlockDatabase,
+    /// The rules scanned over the whole text.
+    direct: BlockDatabase,
+    /// The numeric rules, scanned only in the windows [`gate::windows`] finds (`None`: every
+    /// rule is in `direct`).
+    gated: Option<BlockDatabase>,
+    iban_width: usize,
     rules: Vec<Builtin>,
     short_width: usize,
     longs: Vec<(Long, usize)>,
@@ -140,11 +147,16 @@ fn width_of(index: usize, expr: &str, max: usize) -> Result<usize, PatternError>
 }
 
 fn build(exprs: &[&str]) -> Result<BlockDatabase, PatternError> {
+    build_ids(exprs.iter().copied().enumerate())
+}
+
+/// A database of `(id, expression)` pairs, every one with leftmost start of match.
+fn build_ids<'e>(
+    exprs: impl Iterator<Item = (usize, &'e str)>,
+) -> Result<BlockDatabase, PatternError> {
     let patterns: Patterns = exprs
-        .iter()
-        .enumerate()
         .map(|(i, e)| Pattern {
-            expression: (*e).to_owned(),
+            expression: e.to_owned(),
             flags: CompileFlags::SOM_LEFTMOST,
             id: Some(i),
             ext: Default::default(),
@@ -158,28 +170,42 @@ fn build(exprs: &[&str]) -> Result<BlockDatabase, PatternError> {
 
 fn scan(db: &BlockDatabase, scratch: &mut Scratch, text: &[u8]) -> Result<(), ScanError> {
     scratch.raw.clear();
-    if u32::try_from(text.len()).is_err() {
+    scan_window(db, &mut scratch.hs, text, (0, text.len()), &mut scratch.raw)
+}
+
+/// Appends the hits of `db` in `text[ws..we]` to `raw` (offsets in `text`), leaving out those
+/// that touch a window edge that is not the text's own (see [`gate`](super::gate)).
+fn scan_window(
+    db: &BlockDatabase,
+    hs: &mut hyperscan::Scratch,
+    text: &[u8],
+    (ws, we): (usize, usize),
+    raw: &mut Vec<(u32, usize, usize)>,
+) -> Result<(), ScanError> {
+    let piece = &text[ws..we];
+    if u32::try_from(piece.len()).is_err() {
         return Err(ScanError("text longer than 4 GiB".into()));
     }
-    let raw = &mut scratch.raw;
-    let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
-        raw.push((id, from as usize, to as usize));
-        Matching::Continue
+    let len = text.len();
+    let mark = raw.len();
+    let run = |hs: &hyperscan::Scratch, raw: &mut Vec<(u32, usize, usize)>| {
+        let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
+            let (s, e) = (from as usize + ws, to as usize + ws);
+            if (s > ws || ws == 0) && (e < we || we == len) {
+                raw.push((id, s, e));
+            }
+            Matching::Continue
+        };
+        db.scan(piece, hs, &mut on_match)
     };
-    if db.scan(text, &scratch.hs, &mut on_match).is_ok() {
+    if run(hs, raw).is_ok() {
         return Ok(());
     }
     // A scratch built for another database: grow it (allocation only) and retry once.
-    raw.clear();
-    db.realloc_scratch(&mut scratch.hs)
+    raw.truncate(mark);
+    db.realloc_scratch(hs)
         .map_err(|e| ScanError(e.to_string()))?;
-    let raw = &mut scratch.raw;
-    let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
-        raw.push((id, from as usize, to as usize));
-        Matching::Continue
-    };
-    db.scan(text, &scratch.hs, &mut on_match)
-        .map_err(|e| ScanError(e.to_string()))
+    run(hs, raw).map_err(|e| ScanError(e.to_string()))
 }
 
 /// Raw hits → candidates: for each (rule, start) the longest end its validator accepts.
@@ -221,8 +247,18 @@ fn collect(
 }
 
 impl Scanner {
-    /// Compiles the built-in database. Call once per process and share the result.
+    /// Compiles the built-in databases. Call once per process and share the result.
     pub fn new() -> Result<Self, PatternError> {
+        Self::compile(true)
+    }
+
+    /// The same detectors with every rule scanned over the whole text, in one database: the
+    /// reference the gate is checked against (the findings are the same, only slower).
+    pub fn without_gate() -> Result<Self, PatternError> {
+        Self::compile(false)
+    }
+
+    fn compile(gate: bool) -> Result<Self, PatternError> {
         let rules = builtins();
         let mut short_width = 0;
         let mut max_width = 0;
@@ -236,11 +272,27 @@ impl Scanner {
                 None => short_width = short_width.max(w),
             }
         }
-        let exprs: Vec<&str> = rules.iter().map(|r| r.expr.as_ref()).collect();
-        let db = build(&exprs)?;
+        let iban_width = rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.name == "iban")
+            .map(|(i, r)| width_of(i, &r.expr, 64 * 1024))
+            .transpose()?
+            .unwrap_or(0);
+        let of = |gated: bool| {
+            rules
+                .iter()
+                .enumerate()
+                .filter(move |(_, r)| gate && patterns::gated(r.name) == gated || !gate && !gated)
+                .map(|(i, r)| (i, r.expr.as_ref()))
+        };
+        let direct = build_ids(of(false))?;
+        let gated = gate.then(|| build_ids(of(true))).transpose()?;
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
+                direct,
+                gated,
+                iban_width,
                 rules,
                 short_width,
                 longs,
@@ -249,28 +301,50 @@ impl Scanner {
         })
     }
 
-    /// Whether any built-in pattern matches anywhere in `text`, before any validator (a
-    /// `false` means no finding is possible in `text` or in any part of it: no pattern is
-    /// anchored).
+    /// Whether any built-in pattern matches anywhere in `text` (a numeric one where the gate
+    /// lets it), before any validator. A `false` means no finding is possible in `text`, nor in
+    /// a part of it cut at non-word characters, such as a JSON string value: no pattern is
+    /// anchored, `\b` sees such a cut as the whole text does, and a digit run in a part lies
+    /// in a run of the whole that qualifies at least as well.
     pub(crate) fn matches_any(
         &self,
         scratch: &mut Scratch,
         text: &[u8],
     ) -> Result<bool, ScanError> {
-        scan(&self.inner.db, scratch, text)?;
+        self.raw_hits(scratch, text)?;
         Ok(!scratch.raw.is_empty())
+    }
+
+    /// Every raw hit of the built-in rules in `text` into `scratch.raw`: the direct database
+    /// over the whole text, the gated one in the gate's windows.
+    fn raw_hits(&self, scratch: &mut Scratch, text: &[u8]) -> Result<(), ScanError> {
+        scan(&self.inner.direct, scratch, text)?;
+        let Some(gated) = &self.inner.gated else {
+            return Ok(());
+        };
+        gate::windows(text, self.inner.iban_width, &mut scratch.windows);
+        for &w in &scratch.windows {
+            scan_window(gated, &mut scratch.hs, text, w, &mut scratch.raw)?;
+        }
+        Ok(())
     }
 
     /// A scratch for one thread.
     pub fn scratch(&self) -> Result<Scratch, ScanError> {
-        let hs = self
+        let mut hs = self
             .inner
-            .db
+            .direct
             .alloc_scratch()
             .map_err(|e| ScanError(e.to_string()))?;
+        if let Some(gated) = &self.inner.gated {
+            gated
+                .realloc_scratch(&mut hs)
+                .map_err(|e| ScanError(e.to_string()))?;
+        }
         Ok(Scratch {
             hs,
             raw: Vec::new(),
+            windows: Vec::new(),
         })
     }
 
@@ -427,7 +501,7 @@ impl Detect<'_> {
         out: &mut Vec<Cand>,
     ) -> Result<(), ScanError> {
         let rules = &self.scanner.inner.rules;
-        scan(&self.scanner.inner.db, scratch, text)?;
+        self.scanner.raw_hits(scratch, text)?;
         let mut raw = std::mem::take(&mut scratch.raw);
         collect(
             &mut raw,

@@ -477,3 +477,60 @@ fn shared_across_threads() {
     });
     assert_eq!(t.join().unwrap(), 1);
 }
+
+fn ungated() -> &'static Scanner {
+    static S: OnceLock<Scanner> = OnceLock::new();
+    S.get_or_init(|| Scanner::without_gate().expect("built-in patterns compile"))
+}
+
+/// Text where the numeric rules' edges are dense: digits, every separator the gate knows and
+/// a few it does not, capitals, `+`, entities and near-entities side by side.
+fn arb_numeric() -> impl Strategy<Value = String> {
+    let parts = prop::collection::vec(
+        prop_oneof![
+            "[0-9]{1,12}",
+            "[ .\\-/()+]{1,3}",
+            "[A-Z]{1,3}",
+            "[a-z_:,x\"]{1,2}",
+            Just("+1 (415) 555-2671".to_owned()),
+            Just("(415) 555 2671".to_owned()),
+            Just("1-415-555-2671".to_owned()),
+            Just("+33 1 23 45 67 89".to_owned()),
+            Just("01 23 45 67 89".to_owned()),
+            Just("030/1234567".to_owned()),
+            Just("+49 (0)30 1234567".to_owned()),
+            Just("020 7946 0958".to_owned()),
+            Just("98765 43210".to_owned()),
+            Just("5555 5555 5555 4444".to_owned()),
+            Just("378282246310005".to_owned()),
+            Just("3782 822463 10005".to_owned()),
+            Just("123 45 6789".to_owned()),
+            Just("GB82 WEST 1234 5698 7654 32".to_owned()),
+            Just("DE89370400440532013000".to_owned()),
+            Just("192.168.0.1".to_owned()),
+        ],
+        0..14,
+    );
+    parts.prop_map(|v| v.concat())
+}
+
+fn findings(s: &Scanner, text: &str) -> Vec<Finding> {
+    let mut scratch = s.scratch().unwrap();
+    s.find(&mut scratch, text.as_bytes()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PII_GATE_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048)
+    ))]
+    /// The gate changes where the numeric rules are scanned, never what is found; and a text
+    /// with a finding is never reported as matching nothing (the JSON fast path's premise).
+    #[test]
+    fn gate_finds_what_a_whole_text_scan_finds(text in prop_oneof![arb_numeric(), arb_text()]) {
+        let reference = findings(ungated(), &text);
+        prop_assert_eq!(findings(scanner(), &text), reference.clone());
+        let mut scratch = scanner().scratch().unwrap();
+        let any = scanner().matches_any(&mut scratch, text.as_bytes()).unwrap();
+        prop_assert!(any || reference.is_empty());
+    }
+}
