@@ -1,11 +1,10 @@
-//! Where the numeric rules can match, found without Hyperscan so their automata run only
-//! there.
+//! Where the numeric rules can match.
 //!
 //! Phone numbers, cards, SSNs, IPv4 addresses and IBANs are the expensive rules: they start on
-//! any digit, so on text with digits every one of their automata wakes up, and together they
-//! cost several times the rest of the database. Each of them, though, matches only inside a
-//! *digit run*: digits where consecutive digits are at most two separators (`space . - / ( )`)
-//! apart. A rule matches (and its validator can accept) only in a run that *qualifies*:
+//! any digit, so on text with digits every one of their automata wakes up. Each of them,
+//! though, matches only around a *digit run*: digits where consecutive digits are at most two
+//! separators (`space . - / ( )`) apart. A rule matches (and its validator can accept) only
+//! around a run that *qualifies*:
 //!
 //! - national phones, cards and SSNs need at least 9 digits in one run (their validators ask
 //!   10, 12 and exactly 9);
@@ -14,23 +13,16 @@
 //! - an IBAN starts with two capitals and two digits, the run's first two (it continues past
 //!   the run, letters and all, for at most its width).
 //!
-//! Every match of these rules, validated or not, lies within `[run start − 2, run end]` (a
-//! `(` or `+` right before the first digit; an IBAN's two capitals; an IBAN's tail). The
-//! returned windows add one byte of context before, for Hyperscan's `\b`, and one after:
-//! Hyperscan sees a window's edges as the text's edges, so the scanner keeps only matches
-//! that touch neither edge (unless the edge is the text's own), and a match needed from a
-//! run always lies strictly inside its window. Merging windows keeps this (a merged window
-//! contains both), and so does the leftmost start Hyperscan reports for a match: any match
-//! of a gated rule that ends in a window starts in a run whose window is merged with it.
+//! Every match of these rules, validated or not, starts within `[run start − 2, run end)`: a
+//! `(` or `+` right before the first digit, an IBAN's two capitals, or a digit of the run. All
+//! the matches that end where one does (its other starts) belong to the same run, so trying
+//! every start in the qualifying runs' ranges finds each match's leftmost start, as Hyperscan
+//! reports it, and a run that does not qualify holds nothing a validator accepts.
 
 /// Bytes the numeric rules allow between two digits.
 fn sep(b: u8) -> bool {
     matches!(b, b' ' | b'.' | b'-' | b'/' | b'(' | b')')
 }
-
-/// Windows closer than this are scanned as one (a Hyperscan call costs about as much as
-/// scanning this many bytes).
-const MERGE: usize = 64;
 
 /// Position of the first ASCII digit at or after `from`, checking 32 bytes at a time.
 fn next_digit(t: &[u8], from: usize) -> Option<usize> {
@@ -49,9 +41,8 @@ fn next_digit(t: &[u8], from: usize) -> Option<usize> {
     t[i..].iter().position(u8::is_ascii_digit).map(|p| i + p)
 }
 
-/// The windows of `text` the gated rules must be scanned in, sorted and disjoint.
-/// `iban_width` is the IBAN rule's widest match.
-pub(crate) fn windows(text: &[u8], iban_width: usize, out: &mut Vec<(usize, usize)>) {
+/// The ranges of `text` in which a numeric rule's match can start, sorted and disjoint.
+pub(crate) fn starts(text: &[u8], out: &mut Vec<(usize, usize)>) {
     out.clear();
     let len = text.len();
     let mut i = 0;
@@ -75,24 +66,17 @@ pub(crate) fn windows(text: &[u8], iban_width: usize, out: &mut Vec<(usize, usiz
                 break j;
             }
         };
-        let upper = |at: Option<usize>| {
-            at.and_then(|a| text.get(a))
-                .is_some_and(u8::is_ascii_uppercase)
+        let upper = |back: usize| {
+            rs.checked_sub(back)
+                .is_some_and(|a| text[a].is_ascii_uppercase())
         };
         let intl = rs >= 1 && text[rs - 1] == b'+' && text[rs] != b'0';
-        let iban = upper(rs.checked_sub(2))
-            && upper(rs.checked_sub(1))
-            && text.get(rs + 1).is_some_and(u8::is_ascii_digit);
+        let iban = upper(2) && upper(1) && text.get(rs + 1).is_some_and(u8::is_ascii_digit);
         if digits >= 9 || dots >= 3 || intl || iban {
-            let end = if iban {
-                re.max(rs - 2 + iban_width)
-            } else {
-                re
-            };
-            let (ws, we) = (rs.saturating_sub(3), (end + 1).min(len));
+            let from = rs.saturating_sub(2);
             match out.last_mut() {
-                Some(last) if ws <= last.1 + MERGE => last.1 = last.1.max(we),
-                _ => out.push((ws, we)),
+                Some(last) if from <= last.1 => last.1 = re,
+                _ => out.push((from, re)),
             }
         }
         i = re;
@@ -103,42 +87,38 @@ pub(crate) fn windows(text: &[u8], iban_width: usize, out: &mut Vec<(usize, usiz
 mod tests {
     use super::*;
 
-    fn w(t: &str) -> Vec<(usize, usize)> {
+    fn s(t: &str) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
-        windows(t.as_bytes(), 64, &mut out);
+        starts(t.as_bytes(), &mut out);
         out
     }
 
     #[test]
-    fn short_numbers_open_no_window() {
-        assert!(w("version 1.24.3, p99 at 8192 bytes, 32 workers, 2026-12-06").is_empty());
-        assert!(w("").is_empty());
-        assert!(w("no digits at all here").is_empty());
-    }
-
-    #[test]
-    fn each_qualifying_run_opens_a_window_around_it() {
-        // 9 digits with single separators.
-        let t = "my ssn is 123-45-6789 ok";
-        assert_eq!(w(t), vec![(7, 22)]);
-        // Three dots.
-        assert_eq!(w("host 10.0.0.1 up"), vec![(2, 14)]);
-        // A plus and a digit 1-9; "+0" is not.
-        assert_eq!(w("call +44 20"), vec![(3, 11)]);
-        assert!(w("x +0 12").is_empty());
-        // Two capitals and two digits: the window reaches the IBAN's width.
-        assert_eq!(w("iban GB82 WEST"), vec![(4, 14)]);
+    fn short_numbers_qualify_for_nothing() {
+        assert!(s("version 1.24.3, p99 at 8192 bytes, 32 workers, 2026-12-06").is_empty());
+        assert!(s("").is_empty());
+        assert!(s("no digits at all here").is_empty());
+        // "+0" is not an E.164 start.
+        assert!(s("x +0 12").is_empty());
         // Three separators end a run: 4 + 5 digits do not add up.
-        assert!(w("1234 - 56789").is_empty());
-        // Parentheses and a space are two separators.
-        assert_eq!(w("(415) 555-2671"), vec![(0, 14)]);
+        assert!(s("1234 - 56789").is_empty());
     }
 
     #[test]
-    fn near_windows_merge() {
-        let t = "123-45-6789 and 987-65-4321";
-        assert_eq!(w(t), vec![(0, t.len())]);
-        let far = format!("123-45-6789{}987-65-4321", " x".repeat(60));
-        assert_eq!(w(&far).len(), 2);
+    fn each_qualifying_run_gives_its_range_of_starts() {
+        // 9 digits with single separators.
+        assert_eq!(s("my ssn is 123-45-6789 ok"), vec![(8, 21)]);
+        // Three dots.
+        assert_eq!(s("host 10.0.0.1 up"), vec![(3, 13)]);
+        // A plus and a digit 1-9.
+        assert_eq!(s("call +44 20"), vec![(4, 11)]);
+        // Two capitals and two digits.
+        assert_eq!(s("iban GB82 WEST"), vec![(5, 9)]);
+        // Parentheses and a space are two separators.
+        assert_eq!(s("(415) 555-2671"), vec![(0, 14)]);
+        // Ranges that touch merge.
+        assert_eq!(s("1.2.3.4 +1"), vec![(0, 10)]);
+        // Ranges apart stay apart.
+        assert_eq!(s("123-45-6789 x 987-65-4321"), vec![(0, 11), (12, 25)]);
     }
 }

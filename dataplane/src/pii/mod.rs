@@ -11,6 +11,7 @@
 //!   Anthropic), each text through its own hold-back, one placeholder numbering.
 
 mod gate;
+mod numeric;
 mod patterns;
 mod redact;
 mod scanner;

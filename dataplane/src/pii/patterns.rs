@@ -242,9 +242,10 @@ fn email_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
     Some((start, end))
 }
 
-/// The numeric rules: scanned only where [`gate`](super::gate) says they can match (its
-/// reasoning covers exactly these rules; a rule added here must fit it).
-pub(crate) fn gated(name: &str) -> bool {
+/// The numeric rules: matched by [`Numeric`](super::numeric::Numeric) from the starts
+/// [`gate`](super::gate) allows (its reasoning covers exactly these rules; a rule added here
+/// must fit it).
+pub(crate) fn numeric(name: &str) -> bool {
     ["phone_", "card", "ssn", "iban", "ipv4"]
         .iter()
         .any(|p| name.starts_with(p))

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use hyperscan::prelude::*;
 
+use rustc_hash::FxHashSet;
+
 use super::gate;
+use super::numeric::Numeric;
 use super::patterns::{self, builtins, Builtin, Extend, Long};
 use super::validate::{self, Validator};
 use super::{Entity, Finding, Rule};
@@ -86,7 +89,8 @@ impl Cand {
 pub struct Scratch {
     hs: hyperscan::Scratch,
     raw: Vec<(u32, usize, usize)>,
-    windows: Vec<(usize, usize)>,
+    starts: Vec<(usize, usize)>,
+    seen: FxHashSet<(u32, usize)>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -98,10 +102,9 @@ impl std::fmt::Debug for Scratch {
 struct Inner {
     /// The rules scanned over the whole text.
     direct: BlockDatabase,
-    /// The numeric rules, scanned only in the windows [`gate::windows`] finds (`None`: every
-    /// rule is in `direct`).
-    gated: Option<BlockDatabase>,
-    iban_width: usize,
+    /// The numeric rules, matched from the starts [`gate::starts`] finds (`None`: every rule
+    /// is in `direct`).
+    numeric: Option<Numeric>,
     rules: Vec<Builtin>,
     short_width: usize,
     longs: Vec<(Long, usize)>,
@@ -170,42 +173,28 @@ fn build_ids<'e>(
 
 fn scan(db: &BlockDatabase, scratch: &mut Scratch, text: &[u8]) -> Result<(), ScanError> {
     scratch.raw.clear();
-    scan_window(db, &mut scratch.hs, text, (0, text.len()), &mut scratch.raw)
-}
-
-/// Appends the hits of `db` in `text[ws..we]` to `raw` (offsets in `text`), leaving out those
-/// that touch a window edge that is not the text's own (see [`gate`](super::gate)).
-fn scan_window(
-    db: &BlockDatabase,
-    hs: &mut hyperscan::Scratch,
-    text: &[u8],
-    (ws, we): (usize, usize),
-    raw: &mut Vec<(u32, usize, usize)>,
-) -> Result<(), ScanError> {
-    let piece = &text[ws..we];
-    if u32::try_from(piece.len()).is_err() {
+    if u32::try_from(text.len()).is_err() {
         return Err(ScanError("text longer than 4 GiB".into()));
     }
-    let len = text.len();
-    let mark = raw.len();
-    let run = |hs: &hyperscan::Scratch, raw: &mut Vec<(u32, usize, usize)>| {
-        let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
-            let (s, e) = (from as usize + ws, to as usize + ws);
-            if (s > ws || ws == 0) && (e < we || we == len) {
-                raw.push((id, s, e));
-            }
-            Matching::Continue
-        };
-        db.scan(piece, hs, &mut on_match)
+    let raw = &mut scratch.raw;
+    let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
+        raw.push((id, from as usize, to as usize));
+        Matching::Continue
     };
-    if run(hs, raw).is_ok() {
+    if db.scan(text, &scratch.hs, &mut on_match).is_ok() {
         return Ok(());
     }
     // A scratch built for another database: grow it (allocation only) and retry once.
-    raw.truncate(mark);
-    db.realloc_scratch(hs)
+    raw.clear();
+    db.realloc_scratch(&mut scratch.hs)
         .map_err(|e| ScanError(e.to_string()))?;
-    run(hs, raw).map_err(|e| ScanError(e.to_string()))
+    let raw = &mut scratch.raw;
+    let mut on_match = |id: u32, from: u64, to: u64, _flags: u32| {
+        raw.push((id, from as usize, to as usize));
+        Matching::Continue
+    };
+    db.scan(text, &scratch.hs, &mut on_match)
+        .map_err(|e| ScanError(e.to_string()))
 }
 
 /// Raw hits → candidates: for each (rule, start) the longest end its validator accepts.
@@ -272,27 +261,29 @@ impl Scanner {
                 None => short_width = short_width.max(w),
             }
         }
-        let iban_width = rules
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.name == "iban")
-            .map(|(i, r)| width_of(i, &r.expr, 64 * 1024))
-            .transpose()?
-            .unwrap_or(0);
-        let of = |gated: bool| {
+        let numeric = |r: &Builtin| gate && patterns::numeric(r.name);
+        let direct = build_ids(
             rules
                 .iter()
                 .enumerate()
-                .filter(move |(_, r)| gate && patterns::gated(r.name) == gated || !gate && !gated)
-                .map(|(i, r)| (i, r.expr.as_ref()))
+                .filter(|(_, r)| !numeric(r))
+                .map(|(i, r)| (i, r.expr.as_ref())),
+        )?;
+        let numeric = if gate {
+            Some(Numeric::new(
+                rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| numeric(r))
+                    .map(|(i, r)| (i as u32, r.expr.as_ref())),
+            )?)
+        } else {
+            None
         };
-        let direct = build_ids(of(false))?;
-        let gated = gate.then(|| build_ids(of(true))).transpose()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 direct,
-                gated,
-                iban_width,
+                numeric,
                 rules,
                 short_width,
                 longs,
@@ -302,10 +293,10 @@ impl Scanner {
     }
 
     /// Whether any built-in pattern matches anywhere in `text` (a numeric one where the gate
-    /// lets it), before any validator. A `false` means no finding is possible in `text`, nor in
-    /// a part of it cut at non-word characters, such as a JSON string value: no pattern is
-    /// anchored, `\b` sees such a cut as the whole text does, and a digit run in a part lies
-    /// in a run of the whole that qualifies at least as well.
+    /// lets it start), before any validator. A `false` means no finding is possible in `text`,
+    /// nor in a part of it cut at non-word characters, such as a JSON string value: no pattern
+    /// is anchored, `\b` sees such a cut as the whole text does, and a digit run in a part
+    /// lies in a run of the whole that qualifies at least as well.
     pub(crate) fn matches_any(
         &self,
         scratch: &mut Scratch,
@@ -316,35 +307,28 @@ impl Scanner {
     }
 
     /// Every raw hit of the built-in rules in `text` into `scratch.raw`: the direct database
-    /// over the whole text, the gated one in the gate's windows.
+    /// over the whole text, the numeric rules' automaton from the gate's starts.
     fn raw_hits(&self, scratch: &mut Scratch, text: &[u8]) -> Result<(), ScanError> {
         scan(&self.inner.direct, scratch, text)?;
-        let Some(gated) = &self.inner.gated else {
+        let Some(numeric) = &self.inner.numeric else {
             return Ok(());
         };
-        gate::windows(text, self.inner.iban_width, &mut scratch.windows);
-        for &w in &scratch.windows {
-            scan_window(gated, &mut scratch.hs, text, w, &mut scratch.raw)?;
-        }
-        Ok(())
+        gate::starts(text, &mut scratch.starts);
+        numeric.hits(text, &scratch.starts, &mut scratch.seen, &mut scratch.raw)
     }
 
     /// A scratch for one thread.
     pub fn scratch(&self) -> Result<Scratch, ScanError> {
-        let mut hs = self
+        let hs = self
             .inner
             .direct
             .alloc_scratch()
             .map_err(|e| ScanError(e.to_string()))?;
-        if let Some(gated) = &self.inner.gated {
-            gated
-                .realloc_scratch(&mut hs)
-                .map_err(|e| ScanError(e.to_string()))?;
-        }
         Ok(Scratch {
             hs,
             raw: Vec::new(),
-            windows: Vec::new(),
+            starts: Vec::new(),
+            seen: FxHashSet::default(),
         })
     }
 
