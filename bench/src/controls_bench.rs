@@ -12,8 +12,10 @@
 //! Each round runs wrk, with `bench/chat.lua`'s request (key A's or B's in the
 //! Authorization header for the linked node), against the static node, the linked node
 //! with key A, with key B and with key G (a staging key whose environment's guardrails
-//! redact every entity in requests and answers), and with key A sending `x-aigw-no-log: 1`
-//! (the body log's cost is key A's figure minus this one's), in an order that changes every
+//! redact every entity in requests and answers), and with keys A and G sending
+//! `x-aigw-no-log: 1` (the body log's cost is key A's figure minus this one's; the
+//! guardrails' is key G's minus key A's, both without the body log, whose control-plane
+//! writer shares the load core and makes the logged figures noisy), in an order that changes every
 //! round; the figure is the CPU time of the data plane process (every thread: worker, control
 //! thread) per request, and, beside it, this process's (the control plane: the link, the
 //! body log's writer). The data planes run on the proxy core; wrk, the mock provider and this
@@ -419,6 +421,17 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
                 "wrk.headers[\"x-aigw-no-log\"] = \"1\"\n",
             )?,
         },
+        Target {
+            name: "key G no-log",
+            addr: linked_addr,
+            pid: linked.id(),
+            script: keyed_script_with(
+                &dir,
+                "g-nolog",
+                &key_g.plaintext,
+                "wrk.headers[\"x-aigw-no-log\"] = \"1\"\n",
+            )?,
+        },
     ];
 
     eprintln!(
@@ -606,6 +619,18 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
         "key G (guardrails redacting every entity, requests and answers) / key A CPU per request",
         &cpu(3),
         &cpu(1),
+    );
+    write_ratio(
+        &mut report,
+        "guardrails without the body log: key G no-log / key A no-log CPU per request",
+        &cpu(5),
+        &cpu(4),
+    );
+    write_difference(
+        &mut report,
+        "guardrails: key G no-log − key A no-log",
+        &cpu(5),
+        &cpu(4),
     );
     report
 }
