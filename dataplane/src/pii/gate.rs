@@ -24,21 +24,32 @@ fn sep(b: u8) -> bool {
     matches!(b, b' ' | b'.' | b'-' | b'/' | b'(' | b')')
 }
 
-/// Position of the first ASCII digit at or after `from`, checking 32 bytes at a time.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The high bit of each byte of `x` that is an ASCII digit, exactly: per byte, `'0' − 1 <
+/// b < '9' + 1` computed without carries or borrows between bytes.
+fn digit_bits(x: u64) -> u64 {
+    let low = x & (ONES * 127);
+    (ONES * (127 + u64::from(b'9' + 1)) - low)
+        & !x
+        & (low + ONES * (127 - u64::from(b'0' - 1)))
+        & (ONES * 128)
+}
+
+/// Position of the first ASCII digit at or after `from`, 8 bytes at a time.
 fn next_digit(t: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
-    let rest = t.get(from..).unwrap_or_default();
-    for chunk in rest.chunks_exact(32) {
-        let mut any = false;
-        for &b in chunk {
-            any |= b.wrapping_sub(b'0') < 10;
+    while let Some(chunk) = t.get(i..i + 8).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
+        let bits = digit_bits(u64::from_le_bytes(chunk));
+        if bits != 0 {
+            return Some(i + bits.trailing_zeros() as usize / 8);
         }
-        if any {
-            break;
-        }
-        i += 32;
+        i += 8;
     }
-    t[i..].iter().position(u8::is_ascii_digit).map(|p| i + p)
+    t.get(i..)?
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map(|p| i + p)
 }
 
 /// The ranges of `text` in which a numeric rule's match can start, sorted and disjoint.
@@ -91,6 +102,26 @@ mod tests {
         let mut out = Vec::new();
         starts(t.as_bytes(), &mut out);
         out
+    }
+
+    #[test]
+    fn digit_bits_are_exact() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut x = [b'x'; 8];
+                x[at] = b;
+                let bits = digit_bits(u64::from_le_bytes(x));
+                let want = if b.is_ascii_digit() {
+                    0x80u64 << (8 * at)
+                } else {
+                    0
+                };
+                assert_eq!(bits, want, "byte {b} at {at}");
+            }
+        }
+        assert_eq!(next_digit(b"abcdefghijklmnopq7", 0), Some(17));
+        assert_eq!(next_digit(b"\xff\xfe9", 0), Some(2));
+        assert_eq!(next_digit(b"no", 0), None);
     }
 
     #[test]

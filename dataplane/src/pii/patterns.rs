@@ -38,12 +38,35 @@ const PEM_HEADER: &str = r"-----BEGIN (?:[A-Z0-9]{1,10} ){0,2}PRIVATE KEY(?: BLO
 /// Longest PEM body matched (an RSA-8192 key is about 6.4 KiB).
 pub(crate) const PEM_BODY_CAP: usize = 8192;
 
+/// A byte class as a table: ASCII letters and digits plus `extra`.
+const fn class(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+static PEM_CLASS: [bool; 256] = class(b" +/=:,.()-\t\r\n\x0b\x0c");
+static PEM_BODY: [bool; 256] = class(b" +/=:,.()\t\r\n\x0b\x0c");
+static JWT_CLASS: [bool; 256] = class(b"-_.");
+static B64URL: [bool; 256] = class(b"-_");
+static EMAIL_LOCAL: [bool; 256] = class(b"._%+-");
+static EMAIL_DOMAIN: [bool; 256] = class(b".-");
+
 fn pem_class(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b" +/=:,.()-\t\r\n\x0b\x0c".contains(&b)
+    PEM_CLASS[usize::from(b)]
 }
 
 fn jwt_class(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-_.".contains(&b)
+    JWT_CLASS[usize::from(b)]
 }
 
 const PEM: Long = Long {
@@ -97,8 +120,7 @@ fn run(t: &[u8], from: usize, class: impl Fn(u8) -> bool) -> usize {
 /// From the end of a PEM header hit to the end of the block (its footer), or, when no
 /// footer follows, the end of the body run (an open block is still a secret).
 fn pem_extend(t: &[u8], _start: usize, header_end: usize) -> Option<(usize, usize)> {
-    let body_class = |b: u8| b.is_ascii_alphanumeric() || b" +/=:,.()\t\r\n\x0b\x0c".contains(&b);
-    let body = run(t, header_end, body_class).min(PEM_BODY_CAP);
+    let body = run(t, header_end, |b| PEM_BODY[usize::from(b)]).min(PEM_BODY_CAP);
     if body < 16 {
         return None;
     }
@@ -129,7 +151,7 @@ fn pem_footer(t: &[u8]) -> Option<usize> {
 }
 
 fn b64url(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+    B64URL[usize::from(b)]
 }
 
 /// From the head `eyJxxxxx` to the end of `header.payload.signature`, within the caps.
@@ -208,7 +230,7 @@ fn slack_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
 /// part back to at most 64 bytes (starting at a letter or digit), the domain on to at most 253
 /// bytes (trailing `.`/`-` dropped).
 fn email_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
-    let local_class = |b: u8| b.is_ascii_alphanumeric() || b"._%+-".contains(&b);
+    let local_class = |b: u8| EMAIL_LOCAL[usize::from(b)];
     let at = s + 1;
     let back = t[..at]
         .iter()
@@ -230,7 +252,7 @@ fn email_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
     {
         return None;
     }
-    let domain_class = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+    let domain_class = |b: u8| EMAIL_DOMAIN[usize::from(b)];
     let mut end = e - 1 + run(t, e - 1, domain_class);
     let run_end = end;
     while end > at + 1 && matches!(t[end - 1], b'.' | b'-') {

@@ -94,11 +94,25 @@ impl<'a> Redactor<'a> {
 
     /// `text` with every finding the policy redacts replaced by its placeholder.
     pub fn redact(&mut self, scratch: &mut Scratch, text: &str) -> Result<String, RedactError> {
-        let mut cands = Vec::new();
-        self.candidates(scratch, text, 0, 0, &mut cands)?;
-        let kept = kept(&cands, self.detect.max_width());
+        let mut cands = std::mem::take(&mut scratch.cands);
+        let result = self.redact_with(scratch, text, &mut cands);
+        scratch.cands = cands;
+        result
+    }
+
+    fn redact_with(
+        &mut self,
+        scratch: &mut Scratch,
+        text: &str,
+        cands: &mut Vec<Cand>,
+    ) -> Result<String, RedactError> {
+        self.candidates(scratch, text, 0, 0, cands)?;
+        if cands.is_empty() {
+            return Ok(text.to_owned());
+        }
+        let kept = kept(cands, self.detect.max_width());
         let mut out = String::with_capacity(text.len());
-        self.apply(text, 0, 0, text.len(), &cands, &kept, &mut out)?;
+        self.apply(text, 0, 0, text.len(), cands, &kept, &mut out)?;
         Ok(out)
     }
 

@@ -91,6 +91,8 @@ pub struct Scratch {
     raw: Vec<(u32, usize, usize)>,
     starts: Vec<(usize, usize)>,
     seen: FxHashSet<(u32, usize)>,
+    /// Room for a redaction's candidates, reused.
+    pub(crate) cands: Vec<Cand>,
 }
 
 impl std::fmt::Debug for Scratch {
@@ -329,6 +331,7 @@ impl Scanner {
             raw: Vec::new(),
             starts: Vec::new(),
             seen: FxHashSet::default(),
+            cands: Vec::new(),
         })
     }
 
@@ -542,8 +545,8 @@ impl Detect<'_> {
 /// Which candidates (sorted by start) survive: those no overlapping candidate beats. The
 /// decision for one candidate depends only on candidates overlapping it, which is what lets a
 /// stream decide with a bounded hold-back. Kept candidates never overlap each other.
-pub(crate) fn kept(cands: &[Cand], max_width: usize) -> Vec<bool> {
-    let mut out = vec![true; cands.len()];
+pub(crate) fn kept(cands: &[Cand], max_width: usize) -> smallvec::SmallVec<[bool; 32]> {
+    let mut out = smallvec::smallvec![true; cands.len()];
     for (i, c) in cands.iter().enumerate() {
         let earlier = cands[..i]
             .iter()

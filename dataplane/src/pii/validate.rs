@@ -1,7 +1,7 @@
 //! Validators: run only on Hyperscan hits, each sees the whole text and the hit's span so it
 //! can look at most [`CONTEXT`] bytes either side of it.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 /// How far outside its span a validator (or a `\b`) looks, in bytes. The streaming redactor
 /// holds this much extra text so every validator sees what it would see in the whole text.
@@ -9,7 +9,8 @@ pub(crate) const CONTEXT: usize = 4;
 
 pub(crate) type Validator = fn(&[u8], usize, usize) -> bool;
 
-fn digits(s: &[u8]) -> Vec<u8> {
+/// The digit values in `s` (on the stack for any span a numeric rule matches).
+fn digits(s: &[u8]) -> smallvec::SmallVec<[u8; 32]> {
     s.iter()
         .filter(|b| b.is_ascii_digit())
         .map(|b| b - b'0')
@@ -190,12 +191,14 @@ pub(crate) fn iban_checksum(compact: &[u8]) -> bool {
 
 pub(crate) fn iban(t: &[u8], s: usize, e: usize) -> bool {
     let span = &t[s..e];
-    let compact: Vec<u8> = span.iter().copied().filter(|&b| b != b' ').collect();
+    let compact: smallvec::SmallVec<[u8; 64]> =
+        span.iter().copied().filter(|&b| b != b' ').collect();
     // Spaces, if any, split it into groups of four.
     if span.contains(&b' ') {
-        let groups: Vec<&[u8]> = span.split(|&b| b == b' ').collect();
-        if let Some((last, rest)) = groups.split_last() {
-            if rest.iter().any(|g| g.len() != 4) || last.is_empty() || last.len() > 4 {
+        let mut groups = span.split(|&b| b == b' ').peekable();
+        while let Some(g) = groups.next() {
+            let last = groups.peek().is_none();
+            if (!last && g.len() != 4) || (last && !(1..=4).contains(&g.len())) {
                 return false;
             }
         }
@@ -215,7 +218,27 @@ pub(crate) fn ipv4(t: &[u8], s: usize, e: usize) -> bool {
     if continues_a_number(t, s, e) {
         return false;
     }
-    std::str::from_utf8(&t[s..e]).is_ok_and(|x| x.parse::<Ipv4Addr>().is_ok())
+    dotted_quad(&t[s..e])
+}
+
+/// Four decimal octets, as `Ipv4Addr`'s parser reads them: 0–255, no leading zero.
+fn dotted_quad(span: &[u8]) -> bool {
+    let mut n = 0;
+    for part in span.split(|&b| b == b'.') {
+        n += 1;
+        let ok = match part {
+            [b'0'] => true,
+            [b'1'..=b'9', rest @ ..] if rest.len() <= 2 => {
+                rest.iter().all(u8::is_ascii_digit)
+                    && part.iter().fold(0u32, |v, &b| v * 10 + u32::from(b - b'0')) <= 255
+            }
+            _ => false,
+        };
+        if !ok || n > 4 {
+            return false;
+        }
+    }
+    n == 4
 }
 
 pub(crate) fn ipv6(t: &[u8], s: usize, e: usize) -> bool {
@@ -255,7 +278,13 @@ pub(crate) fn email(t: &[u8], s: usize, e: usize) -> bool {
             .all(|l| !l.is_empty() && l.len() <= 63 && l[0] != b'-' && l[l.len() - 1] != b'-')
 }
 
-fn phone_common(t: &[u8], s: usize, e: usize, min: usize, max: usize) -> Option<Vec<u8>> {
+fn phone_common(
+    t: &[u8],
+    s: usize,
+    e: usize,
+    min: usize,
+    max: usize,
+) -> Option<smallvec::SmallVec<[u8; 32]>> {
     let span = &t[s..e];
     let d = digits(span);
     let opens = span.iter().filter(|&&b| b == b'(').count();
@@ -420,7 +449,19 @@ pub(crate) fn jwt(t: &[u8], s: usize, e: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn dotted_quad_reads_as_the_standard_parser(s in "[0-9.]{0,17}") {
+            prop_assert_eq!(
+                dotted_quad(s.as_bytes()),
+                s.parse::<std::net::Ipv4Addr>().is_ok()
+            );
+        }
+    }
 
     fn v(f: Validator, s: &str) -> bool {
         f(s.as_bytes(), 0, s.len())
