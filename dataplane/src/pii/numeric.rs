@@ -14,16 +14,19 @@
 
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::nfa::thompson;
+use regex_automata::util::primitives::StateID;
 use regex_automata::util::{start, syntax};
 use regex_automata::{Anchored, MatchKind};
 use rustc_hash::FxHashSet;
 
-use super::scanner::{PatternError, ScanError};
+use super::scanner::PatternError;
 
 /// The numeric rules' automaton; pattern `i` is rule `ids[i]`.
 pub(crate) struct Numeric {
     dfa: dense::DFA<Vec<u32>>,
     ids: Vec<u32>,
+    /// The anchored start state after each byte (index 256: at the text's start).
+    starts: Vec<StateID>,
 }
 
 impl std::fmt::Debug for Numeric {
@@ -67,7 +70,16 @@ impl Numeric {
             .thompson(thompson::Config::new().utf8(false))
             .build_many(&exprs)
             .map_err(|e| PatternError::Database(format!("numeric rules: {e}")))?;
-        Ok(Self { dfa, ids })
+        let starts = (0..=256u16)
+            .map(|b| {
+                let config = start::Config::new()
+                    .anchored(Anchored::Yes)
+                    .look_behind(u8::try_from(b).ok());
+                dfa.start_state(&config)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| PatternError::Database(format!("numeric rules: {e}")))?;
+        Ok(Self { dfa, ids, starts })
     }
 
     /// Appends to `raw` every hit `(rule id, leftmost start, end)` of a match starting in
@@ -78,7 +90,7 @@ impl Numeric {
         ranges: &[(usize, usize)],
         seen: &mut FxHashSet<(u32, usize)>,
         raw: &mut Vec<(u32, usize, usize)>,
-    ) -> Result<(), ScanError> {
+    ) {
         seen.clear();
         let dfa = &self.dfa;
         for &(from, to) in ranges {
@@ -86,12 +98,7 @@ impl Numeric {
                 if !can_start(text, p) {
                     continue;
                 }
-                let config = start::Config::new()
-                    .anchored(Anchored::Yes)
-                    .look_behind(p.checked_sub(1).map(|i| text[i]));
-                let mut state = dfa
-                    .start_state(&config)
-                    .map_err(|e| ScanError(e.to_string()))?;
+                let mut state = self.starts[p.checked_sub(1).map_or(256, |i| usize::from(text[i]))];
                 let mut record = |state, end: usize| {
                     for k in 0..dfa.match_len(state) {
                         let id = self.ids[dfa.match_pattern(state, k).as_usize()];
@@ -125,7 +132,6 @@ impl Numeric {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -167,8 +173,7 @@ mod tests {
             &[(0, text.len())],
             &mut FxHashSet::default(),
             &mut raw,
-        )
-        .unwrap();
+        );
         let named: Vec<(&str, &[u8])> = raw
             .iter()
             .map(|&(id, s, e)| (names[id as usize], &text[s..e]))
@@ -184,8 +189,7 @@ mod tests {
         );
         // No start outside the ranges given.
         raw.clear();
-        n.hits(text, &[(0, 5)], &mut FxHashSet::default(), &mut raw)
-            .unwrap();
+        n.hits(text, &[(0, 5)], &mut FxHashSet::default(), &mut raw);
         assert!(raw.is_empty(), "{raw:?}");
     }
 }

@@ -66,7 +66,8 @@ pub enum RedactError {
 pub struct Redactor<'a> {
     pub(crate) detect: Detect<'a>,
     policy: Policy,
-    seen: HashMap<(Entity, String), u32>,
+    /// Per entity: each value seen and its number.
+    seen: [HashMap<String, u32>; Entity::ALL.len()],
     next: [u32; Entity::ALL.len()],
     redacted: usize,
 }
@@ -76,7 +77,7 @@ impl<'a> Redactor<'a> {
         Self {
             detect: Detect { scanner, tenant },
             policy,
-            seen: HashMap::new(),
+            seen: Default::default(),
             next: [0; Entity::ALL.len()],
             redacted: 0,
         }
@@ -238,14 +239,16 @@ impl<'a> Redactor<'a> {
     }
 
     fn placeholder(&mut self, entity: Entity, value: &str, out: &mut String) {
-        let next = &mut self.next[entity as usize];
-        let n = *self
-            .seen
-            .entry((entity, value.to_owned()))
-            .or_insert_with(|| {
+        let seen = &mut self.seen[entity as usize];
+        let n = match seen.get(value) {
+            Some(&n) => n,
+            None => {
+                let next = &mut self.next[entity as usize];
                 *next += 1;
+                seen.insert(value.to_owned(), *next);
                 *next
-            });
+            }
+        };
         self.redacted += 1;
         out.push('[');
         out.push_str(entity.tag());

@@ -316,7 +316,8 @@ impl Scanner {
             return Ok(());
         };
         gate::starts(text, &mut scratch.starts);
-        numeric.hits(text, &scratch.starts, &mut scratch.seen, &mut scratch.raw)
+        numeric.hits(text, &scratch.starts, &mut scratch.seen, &mut scratch.raw);
+        Ok(())
     }
 
     /// A scratch for one thread.
