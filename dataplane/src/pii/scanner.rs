@@ -107,6 +107,8 @@ struct Inner {
     /// The numeric rules, matched from the starts [`gate::starts`] finds (`None`: every rule
     /// is in `direct`).
     numeric: Option<Numeric>,
+    /// The IPv6 rule, whose head [`gate::colon_pairs`] finds (`None`: it is in `direct`).
+    ipv6: Option<u32>,
     rules: Vec<Builtin>,
     short_width: usize,
     longs: Vec<(Long, usize)>,
@@ -264,11 +266,15 @@ impl Scanner {
             }
         }
         let numeric = |r: &Builtin| gate && patterns::numeric(r.name);
+        let ipv6 = gate
+            .then(|| rules.iter().position(|r| r.name == "ipv6"))
+            .flatten()
+            .map(|i| i as u32);
         let direct = build_ids(
             rules
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| !numeric(r))
+                .filter(|&(i, r)| !numeric(r) && ipv6 != Some(i as u32))
                 .map(|(i, r)| (i, r.expr.as_ref())),
         )?;
         let numeric = if gate {
@@ -286,6 +292,7 @@ impl Scanner {
             inner: Arc::new(Inner {
                 direct,
                 numeric,
+                ipv6,
                 rules,
                 short_width,
                 longs,
@@ -312,6 +319,9 @@ impl Scanner {
     /// over the whole text, the numeric rules' automaton from the gate's starts.
     fn raw_hits(&self, scratch: &mut Scratch, text: &[u8]) -> Result<(), ScanError> {
         scan(&self.inner.direct, scratch, text)?;
+        if let Some(id) = self.inner.ipv6 {
+            gate::colon_pairs(text, |s, e| scratch.raw.push((id, s, e)));
+        }
         let Some(numeric) = &self.inner.numeric else {
             return Ok(());
         };

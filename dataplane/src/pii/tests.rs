@@ -483,8 +483,9 @@ fn ungated() -> &'static Scanner {
     S.get_or_init(|| Scanner::without_gate().expect("built-in patterns compile"))
 }
 
-/// Text where the numeric rules' edges are dense: digits, every separator the gate knows and
-/// a few it does not, capitals, `+`, entities and near-entities side by side.
+/// Text where the numeric and IPv6 rules' edges are dense: digits, every separator the gate
+/// knows and a few it does not, capitals, `+`, colons, entities and near-entities side by
+/// side.
 fn arb_numeric() -> impl Strategy<Value = String> {
     let parts = prop::collection::vec(
         prop_oneof![
@@ -508,6 +509,9 @@ fn arb_numeric() -> impl Strategy<Value = String> {
             Just("GB82 WEST 1234 5698 7654 32".to_owned()),
             Just("DE89370400440532013000".to_owned()),
             Just("192.168.0.1".to_owned()),
+            Just("2001:0db8:85a3:0000:0000:8a2e:0370:7334".to_owned()),
+            Just("fe80::1ff:fe23:4567:890a".to_owned()),
+            Just("at 10:30:00".to_owned()),
         ],
         0..14,
     );
