@@ -45,11 +45,16 @@ pub trait SegmentStore: Send + Sync + std::fmt::Debug {
 }
 
 /// Segments as files: `<root>/<tenant hash>/<day>/<segment id>.seal`, directories 0700,
-/// files 0600.
-#[derive(Debug, Clone)]
+/// files 0600. The segments appended to lately stay open (at most [`OPEN_FILES`]), so a
+/// record costs one write, not a directory check, an open and a close.
+#[derive(Debug)]
 pub struct DirStore {
     pub root: PathBuf,
+    files: std::sync::Mutex<std::collections::HashMap<PathBuf, std::fs::File>>,
 }
+
+/// Segment files a [`DirStore`] keeps open, at most.
+const OPEN_FILES: usize = 64;
 
 /// A tenant id as a file name and in a segment's purpose: tenant ids are not restricted to
 /// characters a file name may hold.
@@ -58,6 +63,13 @@ pub fn tenant_hash(tenant_id: &str) -> String {
 }
 
 impl DirStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            files: Default::default(),
+        }
+    }
+
     pub fn path(&self, seg: &SegmentRow) -> PathBuf {
         self.root
             .join(tenant_hash(&seg.tenant_id))
@@ -71,18 +83,32 @@ impl SegmentStore for DirStore {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let path = self.path(seg);
-        if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if !files.contains_key(&path) {
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)?;
+            if files.len() >= OPEN_FILES {
+                files.clear();
+            }
+            files.insert(path.clone(), f);
         }
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(bytes)
+        let written = match files.get_mut(&path) {
+            Some(f) => f.write_all(bytes),
+            None => Ok(()),
+        };
+        if written.is_err() {
+            files.remove(&path);
+        }
+        written
     }
 
     fn read(&self, seg: &SegmentRow) -> std::io::Result<Vec<u8>> {
@@ -91,6 +117,10 @@ impl SegmentStore for DirStore {
 
     fn delete(&self, seg: &SegmentRow) -> std::io::Result<()> {
         let path = self.path(seg);
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&path);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -344,7 +344,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let (bodylog, writer) = bodylog::BodyLog::start(
         kek,
         body_index,
-        Arc::new(bodylog::DirStore { root: bodies_dir }),
+        Arc::new(bodylog::DirStore::new(bodies_dir)),
     )?;
     let sweeper = bodylog.clone();
     let _ = push.bodylog.set(bodylog);

@@ -316,7 +316,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state:
 
 struct Conn<S> {
     stream: S,
+    /// Read from the link; `buf[at..]` is not decoded yet.
     buf: Vec<u8>,
+    at: usize,
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
@@ -324,8 +326,8 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
     /// stay in `buf`.
     async fn next(&mut self) -> anyhow::Result<Message> {
         loop {
-            if let Some((frame, used)) = decode_frame(&self.buf, DEFAULT_MAX_FRAME)? {
-                self.buf.drain(..used);
+            if let Some((frame, used)) = decode_frame(&self.buf[self.at..], DEFAULT_MAX_FRAME)? {
+                self.at += used;
                 match frame {
                     Frame::Message(m) => return Ok(m),
                     Frame::Unknown(code) => {
@@ -334,6 +336,9 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
                 }
                 continue;
             }
+            // Frames decoded are dropped from the front once per read, not one by one.
+            self.buf.drain(..self.at);
+            self.at = 0;
             let mut chunk = [0u8; 16 * 1024];
             let n = self.stream.read(&mut chunk).await?;
             if n == 0 {
@@ -415,6 +420,7 @@ where
     let mut conn = Conn {
         stream,
         buf: Vec::new(),
+        at: 0,
     };
     let first = loop {
         if let Some(t) = aigw_wire::frame::peek_type(&conn.buf) {
@@ -1188,6 +1194,7 @@ mod tests {
             let mut conn = Conn {
                 stream: ours,
                 buf: Vec::new(),
+                at: 0,
             };
             conn.send(&hello_message("ignored", held))
                 .await

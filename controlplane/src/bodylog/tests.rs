@@ -200,9 +200,7 @@ fn the_writer_indexes_dedups_rotates_by_day_and_the_sweep_removes_only_expired()
     for (t, tier) in [("free_t", "free"), ("pro_t", "pro")] {
         store.create_tenant(&actor(), t, t, tier).expect("tenant");
     }
-    let segments: Arc<dyn SegmentStore> = Arc::new(DirStore {
-        root: dir.join("bodies"),
-    });
+    let segments: Arc<dyn SegmentStore> = Arc::new(DirStore::new(dir.join("bodies")));
     let (log, thread) = BodyLog::start(kek(), Arc::clone(&store), segments).expect("starts");
     append(&log, "free_t", "2026-01-01", 1).expect("appends");
     append(&log, "free_t", "2026-01-01", 2).expect("appends");
@@ -257,11 +255,7 @@ fn the_writer_indexes_dedups_rotates_by_day_and_the_sweep_removes_only_expired()
     // At stop the open segment was closed: it reads as closed, with its final record.
     let (seg, _) = store.body_segments().expect("segments").remove(0);
     assert_eq!(seg.state, "closed");
-    let bytes = DirStore {
-        root: dir.join("bodies"),
-    }
-    .read(&seg)
-    .expect("file");
+    let bytes = DirStore::new(dir.join("bodies")).read(&seg).expect("file");
     assert!(
         read_segment(&kek(), &seg, &bytes, true)
             .expect("reads")

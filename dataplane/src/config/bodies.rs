@@ -68,11 +68,34 @@ struct Held {
     sent: Option<Instant>,
 }
 
+/// Records are held in the order they were queued; those sent on the current link (and not
+/// yet acknowledged) are always a prefix, so sending never looks at the rest of the queue.
 #[derive(Debug, Default)]
 struct Inner {
     held: VecDeque<Held>,
     bytes: usize,
     next_seq: u64,
+    /// How many records at the front were sent on this link.
+    sent: usize,
+    /// Their bytes.
+    in_flight: usize,
+    /// When the sent prefix is next looked through for records to send again.
+    next_resend_check: Option<Instant>,
+}
+
+impl Held {
+    fn message(&self, node_id: &str, boot_epoch: u64) -> Message {
+        Message::BodyLog {
+            node_id: node_id.to_string(),
+            boot_epoch,
+            seq: self.seq,
+            tenant_id: self.record.tenant_id.clone(),
+            request_id: self.record.request_id.clone(),
+            meta: self.record.meta.clone(),
+            request: self.record.request.clone(),
+            response: self.record.response.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -211,56 +234,52 @@ impl BodyQueue {
         (inner.held.len(), inner.bytes)
     }
 
-    /// The records to send on this link now: never sent on it, or sent [`RESEND_AFTER`]
-    /// ago and not acknowledged.
+    /// The records to send on this link now: never sent on it (while what is in flight
+    /// allows), or sent [`RESEND_AFTER`] ago and not acknowledged (looked for about once a
+    /// second). Costs what it sends plus, once a second, what is in flight: the control
+    /// thread calls it for every message it reads.
     pub fn to_send(&self, node_id: &str, boot_epoch: u64) -> Vec<Message> {
         let now = Instant::now();
-        let due = |h: &Held| {
-            h.sent
-                .is_none_or(|at| now.duration_since(at) >= RESEND_AFTER)
-        };
+        let mut out = Vec::new();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut in_flight: usize = inner
-            .held
-            .iter()
-            .filter(|h| !due(h))
-            .map(|h| h.record.weight())
-            .sum();
-        inner
-            .held
-            .iter_mut()
-            .filter(|h| due(h))
-            .take_while(|h| {
-                // At least one record goes when none is in flight, however large.
-                let w = h.record.weight();
-                let fits = in_flight == 0 || in_flight + w <= IN_FLIGHT_BYTES;
-                if fits {
-                    in_flight += w;
+        let inner = &mut *inner;
+        if inner.next_resend_check.is_none_or(|at| now >= at) {
+            inner.next_resend_check = Some(now + Duration::from_secs(1));
+            for h in inner.held.iter_mut().take(inner.sent) {
+                if h.sent
+                    .is_some_and(|at| now.duration_since(at) >= RESEND_AFTER)
+                {
+                    h.sent = Some(now);
+                    out.push(h.message(node_id, boot_epoch));
                 }
-                fits
-            })
-            .map(|h| {
-                h.sent = Some(now);
-                Message::BodyLog {
-                    node_id: node_id.to_string(),
-                    boot_epoch,
-                    seq: h.seq,
-                    tenant_id: h.record.tenant_id.clone(),
-                    request_id: h.record.request_id.clone(),
-                    meta: h.record.meta.clone(),
-                    request: h.record.request.clone(),
-                    response: h.record.response.clone(),
-                }
-            })
-            .collect()
+            }
+        }
+        while let Some(h) = inner.held.get_mut(inner.sent) {
+            // At least one record goes when none is in flight, however large.
+            let w = h.record.weight();
+            if inner.in_flight != 0 && inner.in_flight + w > IN_FLIGHT_BYTES {
+                break;
+            }
+            h.sent = Some(now);
+            inner.in_flight += w;
+            inner.sent += 1;
+            out.push(h.message(node_id, boot_epoch));
+        }
+        out
     }
 
     /// The control plane has record `seq`.
     pub fn acked(&self, seq: u64) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Acknowledgements come in order: the record is at the front.
         if let Some(i) = inner.held.iter().position(|h| h.seq == seq) {
             if let Some(h) = inner.held.remove(i) {
-                inner.bytes -= h.record.weight();
+                let w = h.record.weight();
+                inner.bytes -= w;
+                if i < inner.sent {
+                    inner.sent -= 1;
+                    inner.in_flight -= w;
+                }
                 self.bytes.store(inner.bytes, Ordering::Relaxed);
             }
         }
@@ -272,6 +291,9 @@ impl BodyQueue {
         for h in &mut inner.held {
             h.sent = None;
         }
+        inner.sent = 0;
+        inner.in_flight = 0;
+        inner.next_resend_check = None;
     }
 }
 
@@ -310,6 +332,44 @@ mod tests {
         // A new link sends what was not acknowledged again.
         q.link_down();
         assert_eq!(q.to_send("n", 1).len(), 1);
+    }
+
+    fn seqs(m: &[Message]) -> Vec<u64> {
+        m.iter()
+            .map(|m| match m {
+                Message::BodyLog { seq, .. } => *seq,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acknowledgements_in_any_order_keep_what_is_in_flight_right() {
+        let q = BodyQueue::default();
+        let each = IN_FLIGHT_BYTES / 4;
+        for _ in 0..6 {
+            assert!(q.push(record(each)));
+        }
+        assert_eq!(seqs(&q.to_send("n", 1)), vec![1, 2, 3, 4]);
+        // Out of order: the third, then the first.
+        q.acked(3);
+        assert_eq!(seqs(&q.to_send("n", 1)), vec![5]);
+        q.acked(1);
+        assert_eq!(seqs(&q.to_send("n", 1)), vec![6]);
+        assert!(q.to_send("n", 1).is_empty());
+        // An acknowledgement of a record not held changes nothing.
+        q.acked(3);
+        assert!(q.to_send("n", 1).is_empty());
+        assert_eq!(q.held(), (4, 4 * each));
+        // A new link sends what is held again, oldest first, within the window.
+        q.link_down();
+        assert_eq!(seqs(&q.to_send("n", 2)), vec![2, 4, 5, 6]);
+        for seq in [2, 4, 5, 6] {
+            q.acked(seq);
+        }
+        assert_eq!(q.held(), (0, 0));
+        assert!(q.push(record(1)));
+        assert_eq!(seqs(&q.to_send("n", 2)), vec![7]);
     }
 
     #[test]

@@ -270,7 +270,10 @@ fn session(
     )?;
     keys.set_connected(true);
     tracing::info!(address = %cfg.address, revision = keys.revision(), "control plane link up");
+    // Read from the link; `buf[at..]` is not decoded yet (decoded frames are dropped from the
+    // front only before the next read, not one by one).
     let mut buf = Vec::new();
+    let mut at = 0;
     let mut snapshot: Option<Incoming> = None;
     let mut last_heard = std::time::Instant::now();
     let mut saved_revision = keys.revision();
@@ -370,9 +373,9 @@ fn session(
                 )?;
             }
         }
-        let msg = match decode_frame(&buf, DEFAULT_MAX_FRAME)? {
+        let msg = match decode_frame(&buf[at..], DEFAULT_MAX_FRAME)? {
             Some((frame, used)) => {
-                buf.drain(..used);
+                at += used;
                 match frame {
                     Frame::Message(m) => m,
                     Frame::Unknown(code) => {
@@ -382,6 +385,8 @@ fn session(
                 }
             }
             None => {
+                buf.drain(..at);
+                at = 0;
                 let mut chunk = [0u8; 64 * 1024];
                 match stream.read(&mut chunk) {
                     Ok(0) => anyhow::bail!("control plane closed the link"),
