@@ -60,14 +60,53 @@ pub enum RedactError {
     Json(String),
 }
 
+/// Values given a placeholder, and their numbers: a short list while a request holds a few
+/// (most do; no hashing, no table), per-entity maps beyond.
+#[derive(Debug)]
+enum Seen {
+    Few(Vec<(Entity, String, u32)>),
+    Many(Box<[HashMap<String, u32>; Entity::ALL.len()]>),
+}
+
+/// Distinct values kept in [`Seen::Few`], at most.
+const FEW: usize = 16;
+
+impl Seen {
+    fn get(&self, entity: Entity, value: &str) -> Option<u32> {
+        match self {
+            Self::Few(list) => list
+                .iter()
+                .find(|(e, v, _)| *e == entity && v == value)
+                .map(|&(_, _, n)| n),
+            Self::Many(maps) => maps[entity as usize].get(value).copied(),
+        }
+    }
+
+    fn insert(&mut self, entity: Entity, value: &str, n: u32) {
+        if let Self::Few(list) = self {
+            if list.len() < FEW {
+                list.push((entity, value.to_owned(), n));
+                return;
+            }
+            let mut maps: Box<[HashMap<String, u32>; Entity::ALL.len()]> = Box::default();
+            for (e, v, n) in list.drain(..) {
+                maps[e as usize].insert(v, n);
+            }
+            *self = Self::Many(maps);
+        }
+        if let Self::Many(maps) = self {
+            maps[entity as usize].insert(value.to_owned(), n);
+        }
+    }
+}
+
 /// One request's redaction state: the same value gets the same placeholder everywhere in the
 /// request (`[EMAIL_1]` … per entity, numbered in order of first appearance).
 #[derive(Debug)]
 pub struct Redactor<'a> {
     pub(crate) detect: Detect<'a>,
     policy: Policy,
-    /// Per entity: each value seen and its number.
-    seen: [HashMap<String, u32>; Entity::ALL.len()],
+    seen: Seen,
     next: [u32; Entity::ALL.len()],
     redacted: usize,
 }
@@ -77,7 +116,7 @@ impl<'a> Redactor<'a> {
         Self {
             detect: Detect { scanner, tenant },
             policy,
-            seen: Default::default(),
+            seen: Seen::Few(Vec::new()),
             next: [0; Entity::ALL.len()],
             redacted: 0,
         }
@@ -239,13 +278,12 @@ impl<'a> Redactor<'a> {
     }
 
     fn placeholder(&mut self, entity: Entity, value: &str, out: &mut String) {
-        let seen = &mut self.seen[entity as usize];
-        let n = match seen.get(value) {
-            Some(&n) => n,
+        let n = match self.seen.get(entity, value) {
+            Some(n) => n,
             None => {
                 let next = &mut self.next[entity as usize];
                 *next += 1;
-                seen.insert(value.to_owned(), *next);
+                self.seen.insert(entity, value, *next);
                 *next
             }
         };

@@ -538,3 +538,18 @@ proptest! {
         prop_assert!(any || reference.is_empty());
     }
 }
+
+#[test]
+fn many_distinct_values_keep_their_numbers() {
+    // More distinct values than the short list holds, each twice, two entities interleaved.
+    let text: String = (1..=40)
+        .map(|i| format!("u{i}@x.com 10.0.0.{i} "))
+        .collect::<String>()
+        .repeat(2);
+    let out = redact(Policy::default(), &text).unwrap();
+    let want: String = (1..=40)
+        .map(|i| format!("[EMAIL_{i}] [IP_{i}] "))
+        .collect::<String>()
+        .repeat(2);
+    assert_eq!(out, want);
+}
