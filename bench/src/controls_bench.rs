@@ -603,7 +603,12 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
         &cpu(1),
         &cpu(2),
     );
-    write_difference(&mut report, "body log: key A − key A no-log", &cpu(1), &cpu(2));
+    write_difference(
+        &mut report,
+        "body log: key A − key A no-log",
+        &cpu(1),
+        &cpu(2),
+    );
     let cp = |i: usize| -> Vec<Option<f64>> {
         samples[i].iter().map(|s| Some(s.cp_us_per_req)).collect()
     };
@@ -622,9 +627,15 @@ fn settle(pid: u32) -> anyhow::Result<()> {
     let quiet = Duration::from_millis(250);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let before = (process_cpu_seconds(pid)?, process_cpu_seconds(std::process::id())?);
+        let before = (
+            process_cpu_seconds(pid)?,
+            process_cpu_seconds(std::process::id())?,
+        );
         std::thread::sleep(quiet);
-        let after = (process_cpu_seconds(pid)?, process_cpu_seconds(std::process::id())?);
+        let after = (
+            process_cpu_seconds(pid)?,
+            process_cpu_seconds(std::process::id())?,
+        );
         let limit = quiet.as_secs_f64() * 0.05;
         if after.0 - before.0 < limit && after.1 - before.1 < limit {
             return Ok(());
