@@ -20,7 +20,7 @@
 //! reports it, and a run that does not qualify holds nothing a validator accepts.
 
 /// The IPv6 rule's Hyperscan head `:[0-9A-Fa-f]{0,4}:`, found with a SIMD search for colons
-/// instead (in logs and times colons are common, and the head cost the database a third of
+/// instead (in logs and times colons are common, and the head cost the database about 40 % of
 /// its time on prompts): each pair of consecutive colons at most four hex digits apart, as
 /// `(start, end)`. A colon is not a hex digit, so for each end the leftmost start Hyperscan
 /// would report is the colon before: these are exactly its hits.
