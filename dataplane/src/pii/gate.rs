@@ -1,4 +1,5 @@
-//! Where the numeric rules can match.
+//! Where the rules Hyperscan serves poorly can match, found without it: the numeric rules'
+//! digit runs (below) and the IPv6 head's colon pairs ([`colon_pairs`]).
 //!
 //! Phone numbers, cards, SSNs, IPv4 addresses and IBANs are the expensive rules: they start on
 //! any digit, so on text with digits every one of their automata wakes up. Each of them,
