@@ -84,27 +84,28 @@ impl SegmentStore for DirStore {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let path = self.path(seg);
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if !files.contains_key(&path) {
-            if let Some(dir) = path.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)?;
-            }
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&path)?;
-            if files.len() >= OPEN_FILES {
-                files.clear();
-            }
-            files.insert(path.clone(), f);
+        if !files.contains_key(&path) && files.len() >= OPEN_FILES {
+            files.clear();
         }
-        let written = match files.get_mut(&path) {
-            Some(f) => f.write_all(bytes),
-            None => Ok(()),
+        let f = match files.entry(path.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)?;
+                }
+                v.insert(
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .mode(0o600)
+                        .open(&path)?,
+                )
+            }
         };
+        let written = f.write_all(bytes);
         if written.is_err() {
             files.remove(&path);
         }

@@ -20,6 +20,7 @@ use regex_automata::{Anchored, MatchKind};
 use rustc_hash::FxHashSet;
 
 use super::scanner::PatternError;
+use super::validate::is_word;
 
 /// The numeric rules' automaton; pattern `i` is rule `ids[i]`.
 pub(crate) struct Numeric {
@@ -38,17 +39,13 @@ impl std::fmt::Debug for Numeric {
     }
 }
 
-fn word(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
-}
-
 /// Where some numeric rule can begin: every one starts with `\b` and a digit or capital,
 /// with `(`, or with `+`.
 fn can_start(text: &[u8], p: usize) -> bool {
     let b = text[p];
     match b {
         b'(' | b'+' => true,
-        b'0'..=b'9' | b'A'..=b'Z' => p == 0 || !word(text[p - 1]),
+        b'0'..=b'9' | b'A'..=b'Z' => p == 0 || !is_word(text[p - 1]),
         _ => false,
     }
 }

@@ -248,7 +248,7 @@ fn email_extend(t: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
     if start == at
         || start
             .checked_sub(1)
-            .is_some_and(|i| t[i].is_ascii_alphanumeric() || t[i] == b'_')
+            .is_some_and(|i| validate::is_word(t[i]))
     {
         return None;
     }

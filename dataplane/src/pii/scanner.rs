@@ -247,7 +247,8 @@ impl Scanner {
 
     /// The same detectors with every rule scanned over the whole text, in one database: the
     /// reference the gate is checked against (the findings are the same, only slower).
-    pub fn without_gate() -> Result<Self, PatternError> {
+    #[cfg(test)]
+    pub(crate) fn without_gate() -> Result<Self, PatternError> {
         Self::compile(false)
     }
 

@@ -215,8 +215,13 @@ pub(crate) fn iban(t: &[u8], s: usize, e: usize) -> bool {
     iban_checksum(&compact)
 }
 
+/// A word byte, as `\b` reads it (ASCII).
+pub(crate) fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
 fn word(b: Option<u8>) -> bool {
-    b.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+    b.is_some_and(is_word)
 }
 
 pub(crate) fn ipv4(t: &[u8], s: usize, e: usize) -> bool {
