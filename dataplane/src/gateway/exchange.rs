@@ -91,7 +91,7 @@ pub async fn run(
         let mut fresh_only = false;
         loop {
             ctx.attempts += 1;
-            let mut lease = match pool.checkout(up).await {
+            let lease = match pool.checkout(up).await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(id = %ctx.id, upstream = %up.name, error = %e, "upstream unavailable");
@@ -121,7 +121,7 @@ pub async fn run(
                 &outgoing,
                 ctx.family,
                 reserve,
-                lease.conn.take_send_buffer(),
+                crate::runtime::buffers::take(),
             );
             match attempt(up, lease, wire_head, &outgoing.body, ctx, resp, !is_last).await {
                 Attempt::Answer(a) => return Exchanged::Answer(a),

@@ -207,7 +207,11 @@ impl Gateway {
 }
 
 impl Service for Gateway {
-    type Ctx = RequestCtx;
+    /// Boxed: the context lives as long as its request, and the connection's task holds
+    /// what it holds by value in several of its states (the head's verdict, the call's
+    /// argument): a pointer there instead of the whole context keeps every open
+    /// connection's task smaller.
+    type Ctx = Box<RequestCtx>;
 
     fn start(self: &Rc<Self>) {
         if self.keys.is_some() {
@@ -216,8 +220,12 @@ impl Service for Gateway {
         monoio::spawn(publish(Rc::clone(self)));
     }
 
-    fn head(&self, head: &Head<'_>) -> Verdict<RequestCtx> {
-        let mut ctx = RequestCtx::new(head.id, family_for_path(head.path_only()), head.started);
+    fn head(&self, head: &Head<'_>) -> Verdict<Box<RequestCtx>> {
+        let mut ctx = Box::new(RequestCtx::new(
+            head.id,
+            family_for_path(head.path_only()),
+            head.started,
+        ));
         if let Err(response) = endpoint::run(&mut ctx, head) {
             return Verdict::Answer(ctx, response);
         }
@@ -243,7 +251,12 @@ impl Service for Gateway {
         }
     }
 
-    async fn call(&self, ctx: &mut RequestCtx, req: &mut Request<'_>, resp: &mut Responder<'_>) {
+    async fn call(
+        &self,
+        ctx: &mut Box<RequestCtx>,
+        req: &mut Request<'_>,
+        resp: &mut Responder<'_>,
+    ) {
         if let Err(e) = self.serve(ctx, req, resp).await {
             ctx.error = Some(e.code);
             resp.send(Response::error(&e, ctx.family)).await;
@@ -258,7 +271,7 @@ impl Service for Gateway {
         self.observer.publish(&self.worker.status.metrics);
     }
 
-    fn finish(&self, mut ctx: RequestCtx, head: &Head<'_>, done: &Finished) {
+    fn finish(&self, mut ctx: Box<RequestCtx>, head: &Head<'_>, done: &Finished) {
         limit::settle(&mut ctx);
         spend::settle(&mut ctx, done);
         if let Some(keys) = &self.keys {

@@ -150,8 +150,8 @@ fn is_organization_header(name: &[u8]) -> bool {
         || (name.len() == 14 && crate::h1::name_eq(name, b"openai-project"))
 }
 
-/// Writes the forwarded head into `out` (cleared first; it is the connection's send buffer,
-/// so its capacity carries over between requests): the generated request line and Host,
+/// Writes the forwarded head into `out` (cleared first; a buffer lent by the worker,
+/// [`crate::runtime::buffers`], so its capacity carries over between requests): the generated request line and Host,
 /// then the client's kept header lines copied as runs of the original bytes, then the
 /// gateway's own fields. `reserve` more bytes are reserved behind it for the body when the
 /// request will be sent from one buffer.

@@ -6,6 +6,7 @@
 //! kernel stops interrupting the worker to run task work, and knows one thread submits.
 
 pub mod alloc;
+pub mod buffers;
 pub mod deadline;
 pub mod shutdown;
 

@@ -43,7 +43,8 @@ const SHARE_UP_TO: usize = 64 * 1024;
 struct ConnBufs {
     /// Bytes read from the client: the current head, body and anything pipelined after.
     read: BytesMut,
-    /// The response being written.
+    /// The response being written: a buffer lent by the worker
+    /// ([`crate::runtime::buffers`]) while bytes wait in it, none between writes.
     out: Vec<u8>,
     /// The current head's offsets.
     index: HeadIndex,
@@ -93,7 +94,7 @@ pub(crate) async fn serve<S: Service>(
 ) {
     let mut bufs = ConnBufs {
         read: BytesMut::with_capacity(INITIAL_BUF),
-        out: Vec::with_capacity(1024),
+        out: Vec::new(),
         index: HeadIndex::default(),
         chunked_body: Vec::new(),
     };
@@ -591,6 +592,7 @@ async fn read_body(
     );
     // RFC 9110 §10.1.1: send 100 Continue only if no body byte has been received yet.
     if bufs.index.expect_continue && needs_body && bufs.read.len() == head_len {
+        crate::runtime::buffers::ensure(&mut bufs.out);
         bufs.out.clear();
         bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         if write_out(stream, &mut bufs.out, settings.write_timeout)
@@ -710,7 +712,7 @@ async fn linger(stream: &mut ClientStream) {
             return;
         }
         scratch.clear();
-        match monoio::time::timeout(left, stream.read(scratch)).await {
+        match crate::runtime::deadline::timeout(left, stream.read(scratch)).await {
             Ok((Ok(n), back)) if n > 0 => {
                 discarded += n;
                 scratch = back;

@@ -168,6 +168,7 @@ impl<'a> Responder<'a> {
         }
         self.status = status;
         self.out.clear();
+        crate::runtime::buffers::ensure(self.out);
         if length.is_none() && self.http10 {
             self.keep_alive = false;
         }
@@ -210,6 +211,7 @@ impl<'a> Responder<'a> {
         if self.is_head || data.is_empty() {
             return;
         }
+        crate::runtime::buffers::ensure(self.out);
         if let Some(c) = &mut self.capture {
             let room = c.limit.saturating_sub(c.got.bytes.len());
             c.got.bytes.extend_from_slice(&data[..room.min(data.len())]);
@@ -234,6 +236,7 @@ impl<'a> Responder<'a> {
             return false;
         };
         if chunked && last && !self.is_head {
+            crate::runtime::buffers::ensure(self.out);
             self.out.extend_from_slice(b"0\r\n\r\n");
         }
         if self.out.is_empty() {
@@ -322,7 +325,9 @@ fn hex(mut n: usize, out: &mut [u8; 16]) -> usize {
     i
 }
 
-/// Writes all of `out` (then clears it), bounded by `timeout`.
+/// Writes all of `out`, bounded by `timeout`. Its buffer then goes back to the worker's
+/// spares ([`crate::runtime::buffers`]), leaving `out` empty without capacity: a connection
+/// waiting for its stream's next event, or for its next request, holds no write buffer.
 pub(crate) async fn write_out(
     stream: &mut ClientStream,
     out: &mut Vec<u8>,
@@ -330,9 +335,8 @@ pub(crate) async fn write_out(
 ) -> io::Result<()> {
     let owned = std::mem::take(out);
     match crate::runtime::deadline::timeout(timeout, stream.write_all(owned)).await {
-        Ok((res, mut back)) => {
-            back.clear();
-            *out = back;
+        Ok((res, back)) => {
+            crate::runtime::buffers::give(back);
             res.map(|_| ())
         }
         Err(_) => Err(io::ErrorKind::TimedOut.into()),

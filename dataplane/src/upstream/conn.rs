@@ -32,31 +32,14 @@ enum Io {
 /// larger bodies, such as base64 media, go out with `writev`, uncopied.
 const FLATTEN_UP_TO: usize = 16 * 1024;
 
-/// A send buffer larger than this (grown by one large request over TLS) is not kept on a
-/// pooled connection.
-const KEEP_SEND_BUF_UP_TO: usize = 64 * 1024;
-
 /// Writes `flat` whole, bounded by `idle` for the whole write (`TimedOut` past it); the
-/// buffer goes back to `send_buf`, keeping its capacity for the next request unless it grew
-/// past [`KEEP_SEND_BUF_UP_TO`].
-async fn write_flat<S: AsyncWriteRent>(
-    s: &mut S,
-    send_buf: &mut Vec<u8>,
-    flat: Vec<u8>,
-    idle: Duration,
-) -> io::Result<()> {
-    let write = async {
-        let (res, mut back) = s.write_all(flat).await;
-        if back.capacity() > KEEP_SEND_BUF_UP_TO {
-            back = Vec::new();
-        }
-        back.clear();
-        (res, back)
-    };
-    let (res, back) = crate::runtime::deadline::timeout(idle, write)
+/// buffer then goes back to the worker's spares ([`crate::runtime::buffers`]) for the next
+/// request: a connection holds no send buffer while its response streams.
+async fn write_flat<S: AsyncWriteRent>(s: &mut S, flat: Vec<u8>, idle: Duration) -> io::Result<()> {
+    let (res, back) = crate::runtime::deadline::timeout(idle, s.write_all(flat))
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?;
-    *send_buf = back;
+    crate::runtime::buffers::give(back);
     res.map(|_| ())
 }
 
@@ -70,8 +53,6 @@ pub struct UpConn {
     pub idle_since_ms: u64,
     /// Requests sent on this connection so far.
     pub uses: u32,
-    /// The buffer requests are written from (see `take_send_buffer`).
-    send_buf: Vec<u8>,
     /// The space reads are given.
     space: ReadSpace,
 }
@@ -202,15 +183,8 @@ impl UpConn {
             buf: BytesMut::with_capacity(READ_BUF_MIN),
             idle_since_ms: crate::runtime::deadline::coarse_now_ms(),
             uses: 0,
-            send_buf: Vec::new(),
             space: ReadSpace::new(),
         })
-    }
-
-    /// The buffer to build the next request's head in; it comes back through
-    /// [`Self::send_request`] with its capacity.
-    pub fn take_send_buffer(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.send_buf)
     }
 
     /// Whether a request with a body of `body_len` bytes is sent from one buffer, the body
@@ -221,7 +195,7 @@ impl UpConn {
         matches!(self.io, Io::Tls(_)) || body_len <= FLATTEN_UP_TO
     }
 
-    /// Sends a request: `head` (from [`Self::take_send_buffer`]) then `body`. Sent from one
+    /// Sends a request: `head` (a buffer from [`crate::runtime::buffers::take`]) then `body`. Sent from one
     /// buffer when [`Self::sends_from_one_buffer`] says so, else with one `writev` per round
     /// trip, the body uncopied. An upstream that takes nothing for `idle` (per `writev`;
     /// for a request sent from one buffer, for the whole of it) fails it with `TimedOut`,
@@ -238,7 +212,7 @@ impl UpConn {
         match &mut self.io {
             Io::Plain(s) if one_buffer => {
                 head.extend_from_slice(body);
-                write_flat(s, &mut self.send_buf, head, idle).await
+                write_flat(s, head, idle).await
             }
             Io::Plain(s) => {
                 let mut parts = IoVecs::with_capacity(2);
@@ -260,7 +234,7 @@ impl UpConn {
             }
             Io::Tls(s) => {
                 head.extend_from_slice(body);
-                write_flat(&mut **s, &mut self.send_buf, head, idle).await?;
+                write_flat(&mut **s, head, idle).await?;
                 crate::runtime::deadline::timeout(idle, s.flush())
                     .await
                     .map_err(timed_out)?
@@ -356,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn the_send_buffer_is_kept_unless_a_large_request_grew_it() {
+    fn the_send_buffer_goes_back_to_the_spares_after_the_write() {
         let mut rt = crate::runtime::for_tests();
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -364,27 +338,21 @@ mod tests {
             let mut client = TcpStream::connect_addr(addr).await.expect("connect");
             let (mut server, _) = listener.accept().await.expect("accept");
             let idle = Duration::from_secs(5);
-            let mut send_buf = Vec::new();
 
-            for (len, kept) in [(1000usize, true), (KEEP_SEND_BUF_UP_TO + 1, false)] {
-                let flat = vec![b'x'; len];
-                let cap = flat.capacity();
-                let read = async {
-                    let (res, got) = server.read_exact(vec![0u8; len]).await;
-                    res.expect("read");
-                    got
-                };
-                let (sent, got) =
-                    monoio::join!(write_flat(&mut client, &mut send_buf, flat, idle), read);
-                sent.expect("write");
-                assert_eq!(got, vec![b'x'; len], "the whole request arrived");
-                assert!(send_buf.is_empty());
-                if kept {
-                    assert_eq!(send_buf.capacity(), cap, "{len} bytes: buffer kept");
-                } else {
-                    assert_eq!(send_buf.capacity(), 0, "{len} bytes: buffer dropped");
-                }
-            }
+            let mut flat = crate::runtime::buffers::take();
+            flat.extend_from_slice(&[b'x'; 1000]);
+            let lent = flat.as_ptr();
+            let read = async {
+                let (res, got) = server.read_exact(vec![0u8; 1000]).await;
+                res.expect("read");
+                got
+            };
+            let (sent, got) = monoio::join!(write_flat(&mut client, flat, idle), read);
+            sent.expect("write");
+            assert_eq!(got, vec![b'x'; 1000], "the whole request arrived");
+            let next = crate::runtime::buffers::take();
+            assert!(next.is_empty());
+            assert_eq!(next.as_ptr(), lent, "the next request reuses the buffer");
         });
     }
 }
