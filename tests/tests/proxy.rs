@@ -869,6 +869,18 @@ both_drivers!(https_upstreams_are_verified, |driver| {
     assert_eq!(chat_stream_text(&r.body), "tok0 tok1 tok2 ");
     let events = sse_events(&r.body);
     assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+    // A large prompt, edited (the non-retention flag): the re-serialised pieces and the
+    // prompt, sent as a slice of the client's request, arrive as one body, byte for byte.
+    mock.set_default(Behavior::OpenAiJson);
+    let content = "QUJD".repeat(100_000);
+    let body =
+        format!(r#"{{"model":"t","messages":[{{"role":"user","content":"{content}"}}],"n":1}}"#);
+    let r = exchange(gw.addr(), &post("/v1/chat/completions", "", &body));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let sent = format!("{},\"store\":false}}", &body[..body.len() - 1]);
+    let got = mock.requests().last().map(|q| q.body.clone()).unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent.as_bytes(), "the upstream got the body exactly");
 });
 
 both_drivers!(body_memory_budget_answers_503, |driver| {

@@ -15,6 +15,7 @@ pub(crate) mod scan;
 use std::borrow::Cow;
 use std::fmt;
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -143,6 +144,95 @@ impl<'a> JsonBody<'a> {
         }
         out.push(b'}');
     }
+
+    /// The object as [`Self::write`] writes it, in pieces: a value of at least
+    /// `share_from` bytes that was parsed from `source` is a shared slice of it, the rest
+    /// is copied. An edited request (a model renamed, a non-retention field added) then
+    /// goes upstream without a second copy of its prompt, which may be megabytes.
+    pub fn write_pieces(&self, source: &Bytes, share_from: usize) -> Pieces {
+        let shared = |v: &Cow<'_, str>| match v {
+            Cow::Borrowed(v) if v.len() >= share_from => within(source, v.as_bytes()),
+            _ => None,
+        };
+        // Room for what is copied (keys with escapes may take a little more).
+        let copied_len: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + 4 + if shared(v).is_some() { 0 } else { v.len() })
+            .sum();
+        let mut pieces = Pieces::default();
+        let mut copied = Vec::with_capacity(copied_len + 2);
+        copied.push(b'{');
+        for (i, (k, v)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                copied.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut copied, k.as_ref());
+            copied.push(b':');
+            match shared(v) {
+                Some(at) => {
+                    pieces.push(Bytes::from(std::mem::take(&mut copied)));
+                    pieces.push(source.slice(at..at + v.len()));
+                }
+                None => copied.extend_from_slice(v.as_bytes()),
+            }
+        }
+        copied.push(b'}');
+        pieces.push(Bytes::from(copied));
+        pieces
+    }
+}
+
+/// Where `part` starts inside `whole`, if it lies within it.
+fn within(whole: &[u8], part: &[u8]) -> Option<usize> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    (start + part.len() <= whole.len()).then_some(start)
+}
+
+/// A body as pieces sent one after the other (see [`JsonBody::write_pieces`]).
+#[derive(Debug, Clone, Default)]
+pub struct Pieces {
+    parts: smallvec::SmallVec<[Bytes; 3]>,
+    len: usize,
+}
+
+impl Pieces {
+    /// The whole body as one piece.
+    pub fn whole(b: Bytes) -> Self {
+        let mut p = Self::default();
+        p.push(b);
+        p
+    }
+
+    /// Appends a piece (an empty one is skipped).
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push(b);
+        }
+    }
+
+    /// The body's length, all pieces together.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The pieces joined (a copy).
+    pub fn concat(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out
+    }
 }
 
 const NOT_OBJECT: &str = "expected a JSON object";
@@ -247,6 +337,44 @@ mod tests {
         assert_eq!(out, br#"{"model":"b","store":false}"#);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid output");
         assert_eq!(v["model"], "b");
+    }
+
+    #[test]
+    fn pieces_share_large_values_and_join_to_the_written_object() {
+        let big = "x".repeat(5000);
+        let raw = Bytes::from(format!(
+            r#"{{"model":"a", "messages":[{{"content":"{big}"}}],"n":1,"tail":"{big}"}}"#
+        ));
+        let mut b = JsonBody::parse(&raw).expect("valid");
+        b.set("model", &serde_json::json!("b"));
+        b.set("store", &serde_json::json!(false));
+        let mut written = Vec::new();
+        b.write(&mut written);
+        let pieces = b.write_pieces(&raw, 4096);
+        assert_eq!(pieces.concat(), written, "the same bytes as write");
+        assert_eq!(pieces.len(), written.len());
+        let shared: Vec<&Bytes> = pieces
+            .parts()
+            .iter()
+            .filter(|p| within(&raw, p).is_some())
+            .collect();
+        assert_eq!(
+            shared.len(),
+            2,
+            "both large values are slices of the source"
+        );
+        assert!(shared.iter().all(|p| p.len() > 5000));
+        assert_eq!(
+            pieces.parts().len(),
+            5,
+            "copied, shared, copied, shared, copied"
+        );
+
+        // Below the threshold, or parsed from other bytes: copied.
+        assert_eq!(b.write_pieces(&raw, 1 << 20).parts().len(), 1);
+        let elsewhere = Bytes::from(raw.to_vec());
+        assert_eq!(b.write_pieces(&elsewhere, 4096).parts().len(), 1);
+        assert_eq!(b.write_pieces(&elsewhere, 4096).concat(), written);
     }
 
     #[test]

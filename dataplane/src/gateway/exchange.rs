@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 
-use crate::body::JsonBody;
+use crate::body::{JsonBody, Pieces};
 use crate::config::routing::Target;
 use crate::errors::{ApiError, Code};
 use crate::gateway::ctx::{Chosen, RequestCtx};
@@ -110,11 +110,7 @@ pub async fn run(
                 continue;
             }
             ctx.timings.upstream_connected = Some(Instant::now());
-            let reserve = if lease.conn.sends_from_one_buffer(outgoing.body.len()) {
-                outgoing.body.len()
-            } else {
-                0
-            };
+            let reserve = lease.conn.copied_len(&outgoing.body);
             let wire_head = request::build_head(
                 head,
                 target,
@@ -147,7 +143,7 @@ async fn attempt(
     up: &Arc<Upstream>,
     mut lease: Lease,
     wire_head: Vec<u8>,
-    body: &Bytes,
+    body: &Pieces,
     ctx: &mut RequestCtx,
     resp: &mut Responder<'_>,
     can_fail_over: bool,

@@ -4,14 +4,15 @@
 //!
 //! Each edit is a function over the parsed body and the target; adding one is adding a line
 //! to [`EDITS`]. When no edit changes anything the original bytes go out untouched, shared
-//! rather than copied.
+//! rather than copied; when one does, the body's large values (a long prompt) still go out
+//! as slices of the original, between the re-serialised pieces.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 
 use crate::adapters::{self, Endpoint};
-use crate::body::JsonBody;
+use crate::body::{JsonBody, Pieces};
 use crate::config::routing::Target;
 use crate::config::{NonRetention, ProviderKind};
 use crate::errors::Family;
@@ -21,7 +22,7 @@ use crate::server::service::Head;
 /// A body and extra header lines ready for one upstream.
 #[derive(Debug)]
 pub struct Outgoing {
-    pub body: Bytes,
+    pub body: Pieces,
     /// Complete header lines (`name: value\r\n`) to add to the forwarded head.
     pub headers: Vec<u8>,
     /// `stream_options.include_usage` was added for the gateway's own metering.
@@ -53,7 +54,7 @@ pub fn prepare(
     let mut e = Editing {
         body: Cow::Borrowed(parsed),
         out: Outgoing {
-            body: Bytes::new(),
+            body: Pieces::default(),
             headers: Vec::new(),
             stream_usage_added: false,
         },
@@ -65,14 +66,15 @@ pub fn prepare(
     }
     let mut out = e.out;
     out.body = if e.body.is_edited() {
-        let mut bytes = Vec::with_capacity(original.len() + 64);
-        e.body.write(&mut bytes);
-        Bytes::from(bytes)
+        e.body.write_pieces(original, SHARE_FROM)
     } else {
-        original.clone()
+        Pieces::whole(original.clone())
     };
     out
 }
+
+/// An edited body's values from this size on are sent as slices of the original.
+const SHARE_FROM: usize = 4 * 1024;
 
 /// A route may send another model name than the client's (a deployment name, a pinned
 /// version).
@@ -172,7 +174,9 @@ pub fn build_head(
     let raw = head.raw();
     let index = head.index();
     out.clear();
-    out.reserve(raw.len() + 256 + outgoing.headers.len() + reserve);
+    // The head only: `raw` runs on into the body.
+    let head_len = index.head_len.min(raw.len());
+    out.reserve(head_len + 256 + outgoing.headers.len() + reserve);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
     out.extend_from_slice(up.url.path_prefix.as_bytes());
@@ -281,7 +285,7 @@ mod tests {
             &target("", ""),
             &ctx(Endpoint::ChatCompletions, false),
         );
-        assert_eq!(out.body.as_ptr(), original.as_ptr());
+        assert_eq!(out.body.parts()[0].as_ptr(), original.as_ptr());
         assert!(out.headers.is_empty());
         assert!(!out.stream_usage_added);
     }
@@ -298,7 +302,7 @@ mod tests {
             &ctx(Endpoint::ChatCompletions, false),
         );
         assert_eq!(
-            &out.body[..],
+            &out.body.concat()[..],
             br#"{"model":"dep","messages":[],"store":false}"#
         );
     }
@@ -315,7 +319,7 @@ mod tests {
         for endpoint in [Endpoint::ChatCompletions, Endpoint::Responses] {
             let (_, out) = run(br#"{"model":"x"}"#, &t, &ctx(endpoint, false));
             assert_eq!(
-                &out.body[..],
+                &out.body.concat()[..],
                 br#"{"model":"x","store":false}"#,
                 "{endpoint:?}"
             );
@@ -323,7 +327,7 @@ mod tests {
         for endpoint in [Endpoint::Embeddings, Endpoint::Completions] {
             let (original, out) = run(br#"{"model":"x"}"#, &t, &ctx(endpoint, false));
             assert_eq!(
-                out.body.as_ptr(),
+                out.body.parts()[0].as_ptr(),
                 original.as_ptr(),
                 "{endpoint:?} has no `store`: OpenAI would refuse it"
             );
@@ -342,7 +346,7 @@ mod tests {
             &ctx(Endpoint::ChatCompletions, false),
         );
         assert_eq!(out.headers, b"x-no-retain: 1\r\n");
-        assert_eq!(out.body.as_ptr(), original.as_ptr());
+        assert_eq!(out.body.parts()[0].as_ptr(), original.as_ptr());
     }
 
     #[test]
@@ -353,7 +357,7 @@ mod tests {
         let (_, out) = run(br#"{"model":"x","stream":true}"#, &with, &chat);
         assert!(out.stream_usage_added);
         assert_eq!(
-            &out.body[..],
+            &out.body.concat()[..],
             br#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#
         );
         // Other stream options are kept.
@@ -363,7 +367,7 @@ mod tests {
             &chat,
         );
         assert!(out.stream_usage_added);
-        let v: serde_json::Value = serde_json::from_slice(&out.body).expect("json");
+        let v: serde_json::Value = serde_json::from_slice(&out.body.concat()).expect("json");
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"include_obfuscation": false, "include_usage": true})
@@ -375,7 +379,7 @@ mod tests {
             &chat,
         );
         assert!(!out.stream_usage_added);
-        assert_eq!(out.body.as_ptr(), original.as_ptr());
+        assert_eq!(out.body.parts()[0].as_ptr(), original.as_ptr());
         // Not streamed, an upstream without stream_options, another endpoint: untouched.
         for (t, c) in [
             (&with, ctx(Endpoint::ChatCompletions, false)),

@@ -13,11 +13,11 @@
 use std::cell::RefCell;
 
 /// Spare buffers a worker keeps.
-const KEEP: usize = 64;
+const KEEP: usize = 32;
 /// A buffer grown beyond this is not kept.
 const KEEP_UP_TO: usize = 64 * 1024;
 /// The spares' capacity in all.
-const KEEP_BYTES: usize = 1024 * 1024;
+const KEEP_BYTES: usize = 256 * 1024;
 /// The capacity of a buffer made when no spare is left: a response head or a stream's
 /// event fits, and so does a small request.
 const FRESH: usize = 2 * 1024;

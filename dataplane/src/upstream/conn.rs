@@ -10,6 +10,7 @@ use monoio::net::TcpStream;
 
 use super::dns::DnsCache;
 use super::Upstream;
+use crate::body::Pieces;
 use crate::upstream::iovec::IoVecs;
 
 /// A connection's first reads are this size: a stream's events are small, and each open
@@ -187,37 +188,50 @@ impl UpConn {
         })
     }
 
-    /// Whether a request with a body of `body_len` bytes is sent from one buffer, the body
-    /// copied in behind the head: small requests (one `send` is cheaper in the kernel than
-    /// importing an iovec for `writev`), and every request over TLS (which encrypts into a
-    /// buffer of its own anyway).
-    pub fn sends_from_one_buffer(&self, body_len: usize) -> bool {
-        matches!(self.io, Io::Tls(_)) || body_len <= FLATTEN_UP_TO
+    /// How many of the body's bytes [`Self::send_request`] copies in behind the head (the
+    /// rest it sends as they are): the whole of a small body on a plain connection (one
+    /// `send` is cheaper in the kernel than importing an iovec for `writev`), the small
+    /// pieces of any body over TLS (which encrypts into records of its own anyway), nothing
+    /// of a large body on a plain connection (`writev`).
+    pub fn copied_len(&self, body: &Pieces) -> usize {
+        match self.io {
+            Io::Plain(_) if body.len() <= FLATTEN_UP_TO => body.len(),
+            Io::Plain(_) => 0,
+            Io::Tls(_) => body
+                .parts()
+                .iter()
+                .filter(|p| p.len() <= FLATTEN_UP_TO)
+                .map(|p| p.len())
+                .sum(),
+        }
     }
 
-    /// Sends a request: `head` (a buffer from [`crate::runtime::buffers::take`]) then `body`. Sent from one
-    /// buffer when [`Self::sends_from_one_buffer`] says so, else with one `writev` per round
-    /// trip, the body uncopied. An upstream that takes nothing for `idle` (per `writev`;
-    /// for a request sent from one buffer, for the whole of it) fails it with `TimedOut`,
-    /// and the connection must then be dropped.
+    /// Sends a request: `head` (a buffer from [`crate::runtime::buffers::take`]) then
+    /// `body`, copied behind the head as [`Self::copied_len`] says, else uncopied: with one
+    /// `writev` per round trip on a plain connection, one write per large piece over TLS.
+    /// An upstream that takes nothing for `idle` (per write) fails it with `TimedOut`, and
+    /// the connection must then be dropped.
     pub async fn send_request(
         &mut self,
         mut head: Vec<u8>,
-        body: &Bytes,
+        body: &Pieces,
         idle: Duration,
     ) -> io::Result<()> {
         let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
         self.space.max = READ_BUF_MAX;
-        let one_buffer = self.sends_from_one_buffer(body.len());
         match &mut self.io {
-            Io::Plain(s) if one_buffer => {
-                head.extend_from_slice(body);
+            Io::Plain(s) if body.len() <= FLATTEN_UP_TO => {
+                for p in body.parts() {
+                    head.extend_from_slice(p);
+                }
                 write_flat(s, head, idle).await
             }
             Io::Plain(s) => {
-                let mut parts = IoVecs::with_capacity(2);
+                let mut parts = IoVecs::with_capacity(1 + body.parts().len());
                 parts.push(Bytes::from(head));
-                parts.push(body.clone());
+                for p in body.parts() {
+                    parts.push(p.clone());
+                }
                 while !parts.is_empty() {
                     let (res, back) = crate::runtime::deadline::timeout(idle, s.writev(parts))
                         .await
@@ -233,8 +247,24 @@ impl UpConn {
                 Ok(())
             }
             Io::Tls(s) => {
-                head.extend_from_slice(body);
-                write_flat(&mut **s, head, idle).await?;
+                let mut flat = head;
+                for p in body.parts() {
+                    if p.len() <= FLATTEN_UP_TO {
+                        flat.extend_from_slice(p);
+                        continue;
+                    }
+                    write_flat(&mut **s, flat, idle).await?;
+                    flat = crate::runtime::buffers::take();
+                    let (res, _) = crate::runtime::deadline::timeout(idle, s.write_all(p.clone()))
+                        .await
+                        .map_err(timed_out)?;
+                    res?;
+                }
+                if flat.is_empty() {
+                    crate::runtime::buffers::give(flat);
+                } else {
+                    write_flat(&mut **s, flat, idle).await?;
+                }
                 crate::runtime::deadline::timeout(idle, s.flush())
                     .await
                     .map_err(timed_out)?
