@@ -819,7 +819,7 @@ impl Store {
         revision: i64,
         max: usize,
     ) -> Result<Option<(Vec<Change>, i64, u64)>, StoreError> {
-        self.with_tx(|tx| {
+        let read = self.with_tx(|tx| {
             if revision < meta(tx, META_COMPACTED)? {
                 return Ok(None);
             }
@@ -851,35 +851,44 @@ impl Store {
                 }
                 changed.extend(order.into_iter().flatten());
             }
-            let mut changes = Vec::with_capacity(changed.len());
+            let mut read = Vec::with_capacity(changed.len());
             for (kind, id) in changed {
                 let Some(code) = wire_kind(&kind) else {
                     continue;
                 };
-                changes.push(match current_record(tx, &self.kek, &self.kms, code, &id)? {
-                    Some(record) => Change::Upsert(record),
-                    None => Change::Delete(Tombstone { kind: code, id }),
-                });
+                let current = current_record(tx, code, &id)?;
+                read.push((code, id, current));
             }
-            changes.sort_by_key(apply_phase);
             let newest_id = revision_id_of(tx, newest)?.unwrap_or(0);
-            Ok(Some((changes, newest, newest_id)))
-        })
+            Ok(Some((read, newest, newest_id)))
+        })?;
+        let Some((read, newest, newest_id)) = read else {
+            return Ok(None);
+        };
+        // Credentials are opened now, the transaction over (see `routing::Unopened`).
+        let mut changes = Vec::with_capacity(read.len());
+        for (code, id, current) in read {
+            let record = match current {
+                Some(Current::Record(r)) => Some(r),
+                Some(Current::Upstream(u)) => u.open(&self.kek, &self.kms)?.map(Record::Upstream),
+                None => None,
+            };
+            changes.push(match record {
+                Some(record) => Change::Upsert(record),
+                None => Change::Delete(Tombstone { kind: code, id }),
+            });
+        }
+        changes.sort_by_key(apply_phase);
+        Ok(Some((changes, newest, newest_id)))
     }
 
     /// Every record nodes hold (credentials opened), and the revision they are at, read
     /// together. Upstreams come before the routes that name them.
     pub fn snapshot(&self) -> Result<(Vec<Record>, i64, u64), StoreError> {
-        self.with_tx(|tx| {
-            let mut records: Vec<Record> = key_records(tx, None)?
-                .into_iter()
-                .map(Record::Key)
-                .collect();
-            records.extend(
-                routing::upstream_records(tx, &self.kek, &self.kms, None)?
-                    .into_iter()
-                    .map(Record::Upstream),
-            );
+        let (keys, upstreams, rest, revision, id) = self.with_tx(|tx| {
+            let keys = key_records(tx, None)?;
+            let upstreams = routing::upstream_records(tx, None)?;
+            let mut records: Vec<Record> = Vec::new();
             records.extend(
                 routing::route_records(tx, None)?
                     .into_iter()
@@ -903,8 +912,17 @@ impl Store {
             );
             let revision = meta(tx, META_REVISION)?;
             let id = revision_id_of(tx, revision)?.unwrap_or(0);
-            Ok((records, revision, id))
-        })
+            Ok((keys, upstreams, records, revision, id))
+        })?;
+        // Credentials are opened now, the transaction over (see `routing::Unopened`).
+        let mut records: Vec<Record> = keys.into_iter().map(Record::Key).collect();
+        for u in upstreams {
+            if let Some(r) = u.open(&self.kek, &self.kms)? {
+                records.push(Record::Upstream(r));
+            }
+        }
+        records.extend(rest);
+        Ok((records, revision, id))
     }
 
     /// Deletes every changelog entry but the newest `keep`, as an operator asked (always
@@ -1085,20 +1103,23 @@ fn wire_kind(kind: &str) -> Option<u64> {
     }
 }
 
+/// A record as read in a transaction: whole, or an upstream whose credential is opened
+/// after it.
+enum Current {
+    Record(Record),
+    Upstream(routing::Unopened),
+}
+
 /// A record as it is now, by wire kind and id; `None` when it no longer exists.
-fn current_record(
-    c: &Connection,
-    kek: &Kek,
-    kms: &crate::kms::Kms,
-    kind: u64,
-    id: &str,
-) -> Result<Option<Record>, StoreError> {
+fn current_record(c: &Connection, kind: u64, id: &str) -> Result<Option<Current>, StoreError> {
     let ids = [id.to_string()];
-    Ok(match kind {
+    let record = match kind {
         kinds::KEY => key_records(c, Some(&ids))?.pop().map(Record::Key),
-        kinds::UPSTREAM => routing::upstream_records(c, kek, kms, Some(id))?
-            .pop()
-            .map(Record::Upstream),
+        kinds::UPSTREAM => {
+            return Ok(routing::upstream_records(c, Some(id))?
+                .pop()
+                .map(Current::Upstream))
+        }
         kinds::ROUTE => routing::route_records(c, Some(id))?
             .pop()
             .map(Record::Route),
@@ -1109,7 +1130,8 @@ fn current_record(
         kinds::PRICE => caps::price_records(c, Some(id))?.pop().map(Record::Price),
         kinds::LIMIT => caps::limit_records(c, Some(id))?.pop().map(Record::Limit),
         _ => None,
-    })
+    };
+    Ok(record.map(Current::Record))
 }
 
 /// Where a change goes in a change set: upserts (routes excepted), routes, deletions.

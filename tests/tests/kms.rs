@@ -171,3 +171,145 @@ fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
         200
     );
 }
+
+/// A TCP relay to moto that can be told to stop answering: it then reads and drops what
+/// it is sent, relaying nothing (a KMS endpoint that has gone silent).
+struct Relay {
+    url: String,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests that reached the relay while it was silent.
+    swallowed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    fn start(to: &str) -> Relay {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let to = to.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, w) = (silent.clone(), swallowed.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut upstream) = std::net::TcpStream::connect(&to) else {
+                    return;
+                };
+                let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (s1, w1) = (s.clone(), w.clone());
+                // Client to moto: dropped while silent.
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        if s1.load(SeqCst) {
+                            w1.fetch_add(1, SeqCst);
+                        } else if upstream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let s2 = s.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = u2.read(&mut buf) {
+                        if n == 0 || (!s2.load(SeqCst) && c2.write_all(&buf[..n]).is_err()) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Relay {
+            url,
+            silent,
+            swallowed,
+        }
+    }
+}
+
+/// One tenant's KMS going silent holds up that tenant's credentials only: the store opens
+/// credentials after its transaction, with its connection free, so while building what
+/// nodes hold waits on that KMS (up to its 10 s timeout), another tenant's writes go
+/// through at once — and the silent tenant's upstream is left out, the other's is not.
+#[test]
+fn a_kms_that_goes_silent_holds_up_no_other_tenant() {
+    use std::sync::atomic::Ordering::SeqCst;
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let (_moto, endpoint) = moto();
+    let key_id = kms_admin(&endpoint, &["create"]);
+    let relay = Relay::start(&endpoint);
+    let cp = cp_start(scratch_dir("kms-silent"), "127.0.0.1:0");
+    tenant(&cp, "bank", "enterprise");
+    tenant(&cp, "shop", "pro");
+    let cmk = json!({"key_id": key_id, "region": "us-east-1", "endpoint": relay.url});
+    let r = api(&cp, "PUT", "/v1/tenants/bank/kms", Some(cmk));
+    assert_eq!(r.status, 200, "{}", r.text());
+    put(
+        &cp,
+        "/v1/tenants/bank/environments/production/upstreams/oa",
+        json!({"provider": "openai", "base_url": "http://127.0.0.1:9", "credential": "sk-bank"}),
+    );
+
+    relay.silent.store(true, SeqCst);
+    cp.store().forget_unwrapped_keys();
+    std::thread::scope(|s| {
+        let snapshot = s.spawn(|| {
+            let started = std::time::Instant::now();
+            (cp.store().snapshot(), started.elapsed())
+        });
+        assert!(
+            wait_until(Duration::from_secs(10), || relay.swallowed.load(SeqCst) > 0),
+            "the snapshot never asked the bank's KMS"
+        );
+        let started = std::time::Instant::now();
+        put(
+            &cp,
+            "/v1/tenants/shop/environments/production/upstreams/oa",
+            json!({"provider": "openai", "base_url": "http://127.0.0.1:9", "credential": "sk-shop"}),
+        );
+        let write_took = started.elapsed();
+        let (snapshot, snapshot_took) = snapshot.join().unwrap();
+        assert!(
+            snapshot_took >= Duration::from_secs(5),
+            "the snapshot did not wait on the silent KMS ({snapshot_took:?}): the test shows nothing"
+        );
+        assert!(
+            write_took < Duration::from_secs(3),
+            "another tenant's write waited {write_took:?} on the bank's KMS"
+        );
+        let (records, _, _) = snapshot.unwrap();
+        let upstreams: Vec<&str> = records
+            .iter()
+            .filter_map(|r| match r {
+                aigw_wire::Record::Upstream(u) => Some(u.tenant_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            upstreams,
+            Vec::<&str>::new(),
+            "read before the shop's write; the bank's is left out"
+        );
+    });
+    // The bank's KMS answers again: both upstreams, credentials opened.
+    relay.silent.store(false, SeqCst);
+    let (records, _, _) = cp.store().snapshot().unwrap_or_else(|e| panic!("{e}"));
+    let mut opened: Vec<(&str, Option<&str>)> = records
+        .iter()
+        .filter_map(|r| match r {
+            aigw_wire::Record::Upstream(u) => Some((u.tenant_id.as_str(), u.credential.as_deref())),
+            _ => None,
+        })
+        .collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        vec![("bank", Some("sk-bank")), ("shop", Some("sk-shop"))]
+    );
+}

@@ -25,7 +25,7 @@ use aigw_wire::keys::Environment;
 use aigw_wire::rules::{self, RuleError};
 use aigw_wire::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
 
-pub(super) use rows::{policy_records, route_records, tenant_kms, upstream_records};
+pub(super) use rows::{policy_records, route_records, tenant_kms, upstream_records, Unopened};
 pub(super) use seal::check_seal_key;
 pub use types::{
     Deleted, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream, UpstreamSpec, Written,

@@ -76,15 +76,55 @@ pub(in crate::store) fn tenant_kms(
     .optional()?)
 }
 
-/// Upstream records with their credentials opened. One whose credential is sealed under
-/// its tenant's own KMS key, when that key does not answer (disabled, say), is left out
-/// with a warning: that tenant's routes to it stop, and no other record waits on it.
+/// An upstream record as read in the store's transaction, its credential still sealed.
+/// Opening one sealed under its tenant's own KMS key may call that KMS (seconds, ten to
+/// time out, at an endpoint the tenant chose), so it is opened only once the transaction
+/// is over and the store's connection is free ([`Self::open`]): no other tenant's work
+/// waits on one tenant's KMS.
+pub(in crate::store) struct Unopened {
+    record: UpstreamRecord,
+    sealed: Option<Vec<u8>>,
+    /// The tenant's own KMS key, read with the row, for a credential sealed under it.
+    cmk: Option<crate::kms::KmsKey>,
+}
+
+impl Unopened {
+    /// The record with its credential opened; `None` when it is sealed under its tenant's
+    /// KMS key and that key does not answer (disabled, say): it is left out of what nodes
+    /// hold, with a warning — that tenant's routes to it stop, and no other record waits.
+    pub(in crate::store) fn open(
+        self,
+        kek: &Kek,
+        kms: &crate::kms::Kms,
+    ) -> Result<Option<UpstreamRecord>, StoreError> {
+        let Self {
+            mut record,
+            sealed,
+            cmk,
+        } = self;
+        record.credential = match sealed {
+            Some(s) if super::seal::is_kms_sealed(&s) => {
+                match open_credential(kek, cmk.as_ref().map(|k| (kms, k)), &record.id, &s) {
+                    Ok(c) => Some(c),
+                    Err(e @ StoreError::Kms(_)) => {
+                        tracing::warn!(upstream = %record.id, error = %e, "left out of what nodes hold: its tenant's key does not open its credential");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(s) => Some(open_credential(kek, None, &record.id, &s)?),
+            None => None,
+        };
+        Ok(Some(record))
+    }
+}
+
+/// Upstream records, their credentials still sealed (see [`Unopened`]).
 pub(in crate::store) fn upstream_records(
     c: &Connection,
-    kek: &Kek,
-    kms: &crate::kms::Kms,
     id: Option<&str>,
-) -> Result<Vec<UpstreamRecord>, StoreError> {
+) -> Result<Vec<Unopened>, StoreError> {
     let rows: Vec<StoredUpstream> = match id {
         Some(id) => upstream_by_id(c, id)?.into_iter().collect(),
         None => {
@@ -95,38 +135,31 @@ pub(in crate::store) fn upstream_records(
     };
     let mut out = Vec::with_capacity(rows.len());
     for (u, sealed) in rows {
-        let credential = match sealed {
-            Some(s) if super::seal::is_kms_sealed(&s) => {
-                let key = tenant_kms(c, &u.tenant_id)?;
-                match open_credential(kek, key.as_ref().map(|k| (kms, k)), &u.id, &s) {
-                    Ok(c) => Some(c),
-                    Err(e @ StoreError::Kms(_)) => {
-                        tracing::warn!(upstream = %u.id, error = %e, "left out of what nodes hold: its tenant's key does not open its credential");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Some(s) => Some(open_credential(kek, None, &u.id, &s)?),
-            None => None,
+        let cmk = match &sealed {
+            Some(s) if super::seal::is_kms_sealed(s) => tenant_kms(c, &u.tenant_id)?,
+            _ => None,
         };
-        out.push(UpstreamRecord {
-            non_retention: u.non_retention,
-            id: u.id,
-            tenant_id: u.tenant_id,
-            environment: u.environment,
-            name: u.name,
-            provider: u.provider,
-            base_url: u.base_url,
-            credential,
-            stream_options: u.stream_options,
-            region: u.region,
-            baa: u.baa,
-            pass_organization_headers: u.pass_organization_headers,
-            max_connections: u.max_connections,
-            connect_timeout_ms: u.connect_timeout_ms,
-            first_byte_timeout_ms: u.first_byte_timeout_ms,
-            read_idle_timeout_ms: u.read_idle_timeout_ms,
+        out.push(Unopened {
+            record: UpstreamRecord {
+                non_retention: u.non_retention,
+                id: u.id,
+                tenant_id: u.tenant_id,
+                environment: u.environment,
+                name: u.name,
+                provider: u.provider,
+                base_url: u.base_url,
+                credential: None,
+                stream_options: u.stream_options,
+                region: u.region,
+                baa: u.baa,
+                pass_organization_headers: u.pass_organization_headers,
+                max_connections: u.max_connections,
+                connect_timeout_ms: u.connect_timeout_ms,
+                first_byte_timeout_ms: u.first_byte_timeout_ms,
+                read_idle_timeout_ms: u.read_idle_timeout_ms,
+            },
+            sealed,
+            cmk,
         });
     }
     Ok(out)
