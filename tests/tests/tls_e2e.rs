@@ -229,3 +229,38 @@ fn testssl_finds_only_tls_1_3_offered_and_hsts() {
     findings.assert_tls13_only_with_hsts();
     assert_eq!(findings.get("ALPN"), "http/1.1");
 }
+
+#[test]
+fn the_admin_listener_serves_tls_1_3_with_hsts_when_the_node_does() {
+    let t = tls_gateway(DriverChoice::IoUring, "tls-admin");
+    let ca = t.ca.pem();
+    let admin = t.gw.admin_addr();
+    let mut tls = connect_tls(admin, &ca, &[&rustls::version::TLS13]);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = send(
+            &mut tls,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.header("strict-transport-security"), Some(HSTS), "{path}");
+    }
+    assert_eq!(
+        tls.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    // In clear: no answer, the connection closed.
+    let mut plain = connect(admin);
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1.1"),
+        "the admin listener answered in clear: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}

@@ -301,12 +301,15 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         keys: keys.as_ref().map(|p| (Arc::clone(&p.config), p.max_stale)),
         started,
     };
-    let admin_spec = side_worker(
+    let mut admin_spec = side_worker(
         admin_listener,
         DriverChoice::Epoll,
         Arc::clone(&settings),
         Arc::clone(&admin_stop),
     );
+    // A node that serves TLS serves its admin listener over TLS too, with the same
+    // certificate (reloaded with it) and HSTS.
+    admin_spec.tls = tls.as_ref().map(|t| Arc::clone(&t.config));
     let admin = spawn_side_worker("aigw-admin", admin_spec, move |w| {
         AdminService::new(w, admin_state)
     })?;
