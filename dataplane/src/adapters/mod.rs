@@ -8,7 +8,14 @@
 pub mod anthropic;
 pub mod openai;
 
+use std::sync::LazyLock;
+
 use aigw_wire::ProviderKind;
+use memchr::memmem::Finder;
+
+/// Searched for in every JSON answer, and in every event of a stream: finders built once.
+static QUOTED_USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"usage"));
 
 /// The endpoints the gateway serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +104,7 @@ pub fn usage_from_json(kind: ProviderKind, body: &[u8]) -> Usage {
             return f.into_usage(kind);
         }
     }
-    if memchr::memmem::find(body, b"\"usage\"").is_none() {
+    if QUOTED_USAGE.find(body).is_none() {
         return Usage::default();
     }
     // Not last, or not provably top-level: parse the document, materialising only `usage`
@@ -412,7 +419,7 @@ fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// Folds one SSE event's usage figures into `usage`.
 pub fn usage_from_event(kind: ProviderKind, event: &[u8], data: &[u8], usage: &mut Usage) {
-    if memchr::memmem::find(data, b"usage").is_none() {
+    if USAGE.find(data).is_none() {
         return;
     }
     match kind {

@@ -9,7 +9,11 @@
 //! against what was granted, so workers share a lease without locks, and the node never
 //! spends more than it was granted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// Keyed by configuration (tenant, sub-account, key and cap ids) and looked up on every
+// capped request: a fast hash, as nothing a client sends is inserted.
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

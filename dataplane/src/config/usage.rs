@@ -346,11 +346,10 @@ fn read_spill_file(path: &Path, kek: &crate::seal::Kek) -> Result<Vec<Report>, S
     Ok(reports)
 }
 
-/// Days since 1970-01-01, UTC, now.
+/// Days since 1970-01-01, UTC, now (on the coarse clock, see
+/// [`crate::runtime::unix_seconds`]).
 pub fn utc_day() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400)
+    crate::runtime::unix_seconds() / 86_400
 }
 
 #[cfg(test)]

@@ -9,7 +9,16 @@
 //! substring search for the keys' prefix. In a stream each event is searched on its own,
 //! so a key split across two events is not found.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 use crate::gateway::ctx::RequestCtx;
+
+/// The keys' prefix, searched for in every request and answer of a keyed node (a finder
+/// built once, not per search).
+static PREFIX: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(aigw_wire::keys::PREFIX.as_bytes()));
 
 /// A key of ours seen in traffic: its id, the SHA-256 of the whole key (hex), and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +33,7 @@ const MAX_SIGHTINGS: usize = 16;
 
 /// Records every valid key of ours in `text` (`direction`: "request" or "response").
 pub(crate) fn find(ctx: &mut RequestCtx, text: &[u8], direction: &'static str) {
-    if memchr::memmem::find(text, aigw_wire::keys::PREFIX.as_bytes()).is_none() {
+    if PREFIX.find(text).is_none() {
         return;
     }
     let text = String::from_utf8_lossy(text);

@@ -55,11 +55,11 @@ impl fmt::Display for DriverKind {
 const RING_ENTRIES: u32 = 1024;
 
 /// Whether the environment forces the epoll driver (monoio's own switch, honoured here too).
-/// Seconds since the Unix epoch, UTC (0 on a clock set before it).
+/// Seconds since the Unix epoch, UTC (0 on a clock set before it), on the kernel's coarse
+/// clock (at most one clock tick behind, read without the TSC): for minutes, days and
+/// months of rate limits and spend caps, read on every request.
 pub fn unix_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    deadline::coarse_unix_secs()
 }
 
 pub fn legacy_forced_by_env() -> bool {
