@@ -42,6 +42,16 @@ fn moto() -> (Moto, String) {
     (Moto(child), format!("http://127.0.0.1:{port}"))
 }
 
+/// moto's KMS, the control plane's AWS credentials as it would have them where it runs,
+/// and a key created there: (moto, its endpoint, the key's id).
+fn kms_with_a_key() -> (Moto, String, String) {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let (moto, endpoint) = moto();
+    let key_id = kms_admin(&endpoint, &["create"]);
+    (moto, endpoint, key_id)
+}
+
 fn kms_admin(endpoint: &str, args: &[&str]) -> String {
     let mut all = vec![endpoint];
     all.extend_from_slice(args);
@@ -54,11 +64,7 @@ fn kms_admin(endpoint: &str, args: &[&str]) -> String {
 
 #[test]
 fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
-    // The control plane's AWS credentials, as it would have them where it runs.
-    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-    let (_moto, endpoint) = moto();
-    let key_id = kms_admin(&endpoint, &["create"]);
+    let (_moto, endpoint, key_id) = kms_with_a_key();
     let dir = scratch_dir("kms");
     let cp = cp_start(dir.clone(), "127.0.0.1:0");
     let bank_provider = MockProvider::start(MockOptions::default());
@@ -239,10 +245,7 @@ impl Relay {
 #[test]
 fn a_kms_that_goes_silent_holds_up_no_other_tenant() {
     use std::sync::atomic::Ordering::SeqCst;
-    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-    let (_moto, endpoint) = moto();
-    let key_id = kms_admin(&endpoint, &["create"]);
+    let (_moto, endpoint, key_id) = kms_with_a_key();
     let relay = Relay::start(&endpoint);
     let cp = cp_start(scratch_dir("kms-silent"), "127.0.0.1:0");
     tenant(&cp, "bank", "enterprise");

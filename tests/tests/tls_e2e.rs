@@ -72,6 +72,18 @@ fn send(tls: &mut Tls, raw: &[u8]) -> Resp {
     read_response(tls, &mut Vec::new()).expect("a response")
 }
 
+/// Sends `raw` in clear to a TLS listener and returns what came back before it closed.
+fn in_clear(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut plain = connect(addr);
+    plain.write_all(raw).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 fn chat() -> Vec<u8> {
     post(
         "/v1/chat/completions",
@@ -119,17 +131,10 @@ both_drivers!(tls_1_3_only_with_hsts_on_every_response, |driver| {
         "no TLS 1.2 session was made"
     );
     // Plain HTTP on the TLS port: no plaintext answer, the connection is closed.
-    let mut plain = connect(addr);
-    plain.write_all(&chat()).unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = plain.read_to_end(&mut got);
+    let got = in_clear(addr, &chat());
     assert!(
-        !String::from_utf8_lossy(&got).contains("HTTP/1.1"),
-        "an HTTP answer in clear on the TLS port: {:?}",
-        String::from_utf8_lossy(&got)
+        !got.contains("HTTP/1.1"),
+        "an HTTP answer in clear on the TLS port: {got:?}"
     );
 
     // The plain-HTTP listener beside TLS refuses every request, in the client API's error
@@ -249,18 +254,9 @@ fn the_admin_listener_serves_tls_1_3_with_hsts_when_the_node_does() {
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
     // In clear: no answer, the connection closed.
-    let mut plain = connect(admin);
-    plain
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = plain.read_to_end(&mut got);
+    let got = in_clear(admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(
-        !String::from_utf8_lossy(&got).contains("HTTP/1.1"),
-        "the admin listener answered in clear: {:?}",
-        String::from_utf8_lossy(&got)
+        !got.contains("HTTP/1.1"),
+        "the admin listener answered in clear: {got:?}"
     );
 }

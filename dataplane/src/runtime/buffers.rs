@@ -72,11 +72,6 @@ pub fn ensure(buf: &mut Vec<u8>) {
     }
 }
 
-/// Gives `buf`'s allocation back and leaves it empty without capacity.
-pub fn release(buf: &mut Vec<u8>) {
-    give(std::mem::take(buf));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn ensure_and_release() {
+    fn ensure_takes_a_buffer_only_when_it_has_none() {
         let mut buf = Vec::new();
         ensure(&mut buf);
         assert!(buf.capacity() >= FRESH);
@@ -138,8 +133,7 @@ mod tests {
         let ptr = buf.as_ptr();
         ensure(&mut buf);
         assert_eq!(buf, b"xyz", "a buffer already held is kept as it is");
-        release(&mut buf);
-        assert_eq!(buf.capacity(), 0);
+        give(std::mem::take(&mut buf));
         let again = take();
         assert_eq!(again.as_ptr(), ptr, "the buffer released is lent again");
     }
