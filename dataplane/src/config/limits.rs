@@ -22,9 +22,14 @@ const MINUTE_NS: u64 = 60_000_000_000;
 
 /// Nanoseconds on a clock that starts with the process (never 0).
 pub fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// `t` on [`now_ns`]'s clock (an instant before the clock's start counts as its start).
+pub fn ns_at(t: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    u64::try_from(t.saturating_duration_since(*epoch).as_nanos()).unwrap_or(u64::MAX) + 1
 }
 
 /// One GCRA cell.

@@ -2,12 +2,14 @@
 //! before anything is reserved for the request or its body is read.
 //!
 //! The key arrives where the client's API puts it (`Authorization: Bearer` for OpenAI-style
-//! requests, `x-api-key` or `Authorization` for Anthropic-style ones). Its format and
-//! checksum are checked first (no lookup for garbage), then the public key id is looked up
-//! in the shared table and SHA-256 of the presented key is compared in constant time. Each
-//! worker keeps a small bounded cache of keys it has verified against the current table
-//! revision, so a busy key is hashed once per revision, not once per request; status,
-//! expiry, grace and scope are checked on every request against the live entry.
+//! requests, `x-api-key` or `Authorization` for Anthropic-style ones). Each worker keeps a
+//! small bounded cache of the keys it has verified against the table it holds, with what
+//! that table says of each (its identity, status, scope), so a busy key is hashed and its
+//! identity built once per table, not once per request; a new table (a key revoked, a cap
+//! set) empties it in effect, and expiry and grace are checked against the clock on every
+//! request. A key not in the cache has its format and checksum checked first (no table
+//! lookup for garbage), then its public id is looked up in the shared table and SHA-256 of
+//! the presented key is compared in constant time.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -107,9 +109,10 @@ pub fn presented_key<'a>(
     .filter(|k| !k.is_empty())
 }
 
-/// Presented key → the publish generation of the table it was verified against (an entry
-/// cannot change within one published table).
-type VerifiedCache = HashMap<Box<str>, u64>;
+/// Presented key → what the table it was verified against says of it. SipHash with a random
+/// key on purpose: a predictable hash would let a client aim its lookups at a cached key's
+/// bucket and time the compares.
+type VerifiedCache = HashMap<Box<str>, Verified>;
 
 /// A worker's view of the pushed configuration: the table it uses and the keys it has
 /// verified against it.
@@ -160,46 +163,31 @@ impl LocalConfig {
     }
 
     /// Checks `presented` (format, existence, hash, status, expiry, environment).
+    ///
+    /// A key verified against the table this worker holds is found in the cache with
+    /// everything the table says of it (its identity, status, scope); expiry and grace are
+    /// checked against the clock on every request.
     pub fn authenticate(
         &self,
         presented: Option<&str>,
         now_unix: u64,
-    ) -> Result<Identity, AuthError> {
+    ) -> Result<Arc<Identity>, AuthError> {
         let presented = presented.ok_or(AuthError::Missing)?;
-        let parsed = keys::parse(presented).map_err(|_| AuthError::Malformed)?;
         self.refresh();
         let guard = self.table.borrow();
+        if let Some(v) = self.verified.borrow().get(presented) {
+            if v.generation == guard.0 {
+                return v.verdict(now_unix);
+            }
+        }
+        let parsed = keys::parse(presented).map_err(|_| AuthError::Malformed)?;
         let table = &guard.1;
         let entry = table.get(parsed.key_id).ok_or(AuthError::Unknown)?;
-        let cached = self
-            .verified
-            .borrow()
-            .get(presented)
-            .is_some_and(|g| *g == guard.0);
-        if !cached {
-            let ok: bool = keys::hash(presented).ct_eq(&entry.hash).into();
-            if !ok {
-                return Err(AuthError::Unknown);
-            }
-            let mut cache = self.verified.borrow_mut();
-            if cache.len() >= CACHE_CAP {
-                cache.clear();
-            }
-            cache.insert(presented.into(), guard.0);
+        let ok: bool = keys::hash(presented).ct_eq(&entry.hash).into();
+        if !ok {
+            return Err(AuthError::Unknown);
         }
-        if entry.revoked {
-            return Err(AuthError::Revoked);
-        }
-        if entry.expires_at != 0 && now_unix >= entry.expires_at {
-            return Err(AuthError::Expired);
-        }
-        if entry.grace_ends_at != 0 && now_unix >= entry.grace_ends_at {
-            return Err(AuthError::Rotated);
-        }
-        if parsed.environment != entry.environment || !self.served.contains(&entry.environment) {
-            return Err(AuthError::EnvironmentNotServed);
-        }
-        Ok(Identity {
+        let identity = Arc::new(Identity {
             tenant_id: Arc::clone(&entry.tenant_id),
             environment: entry.environment,
             sub_account_id: entry.sub_account_id.clone(),
@@ -225,7 +213,54 @@ impl LocalConfig {
                 .spend
                 .has_caps()
                 .then(|| Arc::clone(&table.routing.spend)),
-        })
+        });
+        let verified = Verified {
+            generation: guard.0,
+            identity,
+            revoked: entry.revoked,
+            expires_at: entry.expires_at,
+            grace_ends_at: entry.grace_ends_at,
+            served: parsed.environment == entry.environment
+                && self.served.contains(&entry.environment),
+        };
+        let verdict = verified.verdict(now_unix);
+        let mut cache = self.verified.borrow_mut();
+        if cache.len() >= CACHE_CAP {
+            cache.clear();
+        }
+        cache.insert(presented.into(), verified);
+        verdict
+    }
+}
+
+/// What the table a key was verified against says of it.
+#[derive(Debug)]
+struct Verified {
+    /// The publish generation of that table (an entry cannot change within one).
+    generation: u64,
+    identity: Arc<Identity>,
+    revoked: bool,
+    expires_at: u64,
+    grace_ends_at: u64,
+    /// The key's text names its entry's environment, and this node serves it.
+    served: bool,
+}
+
+impl Verified {
+    fn verdict(&self, now_unix: u64) -> Result<Arc<Identity>, AuthError> {
+        if self.revoked {
+            return Err(AuthError::Revoked);
+        }
+        if self.expires_at != 0 && now_unix >= self.expires_at {
+            return Err(AuthError::Expired);
+        }
+        if self.grace_ends_at != 0 && now_unix >= self.grace_ends_at {
+            return Err(AuthError::Rotated);
+        }
+        if !self.served {
+            return Err(AuthError::EnvironmentNotServed);
+        }
+        Ok(Arc::clone(&self.identity))
     }
 }
 
@@ -308,28 +343,48 @@ mod tests {
             l.authenticate(Some(&unknown), 100).map(|_| ()),
             Err(AuthError::Unknown)
         );
+        // Each refusal again from the worker's cache, and in the same order of reasons.
+        let refused = |l: &LocalConfig, key: &str, now: u64, want: AuthError| {
+            for pass in ["verified", "cached"] {
+                assert_eq!(
+                    l.authenticate(Some(key), now).map(|_| ()),
+                    Err(want),
+                    "{pass}"
+                );
+            }
+        };
         let (l, key, _) = setup(|r| r.status = KeyStatus::Revoked);
-        assert_eq!(
-            l.authenticate(Some(&key), 100).map(|_| ()),
-            Err(AuthError::Revoked)
-        );
+        refused(&l, &key, 100, AuthError::Revoked);
+        let (l, key, _) = setup(|r| {
+            r.status = KeyStatus::Revoked;
+            r.expires_at = 50;
+        });
+        refused(&l, &key, 100, AuthError::Revoked);
         let (l, key, _) = setup(|r| r.expires_at = 50);
-        assert_eq!(
-            l.authenticate(Some(&key), 100).map(|_| ()),
-            Err(AuthError::Expired)
-        );
         assert!(l.authenticate(Some(&key), 49).is_ok());
+        refused(&l, &key, 100, AuthError::Expired);
+        assert!(
+            l.authenticate(Some(&key), 49).is_ok(),
+            "the clock, not the cache"
+        );
         let (l, key, _) = setup(|r| r.grace_ends_at = 50);
-        assert_eq!(
-            l.authenticate(Some(&key), 100).map(|_| ()),
-            Err(AuthError::Rotated)
-        );
+        refused(&l, &key, 100, AuthError::Rotated);
         let (l, key, _) = setup(|r| r.environment = "staging".into());
-        assert_eq!(
-            l.authenticate(Some(&key), 100).map(|_| ()),
-            Err(AuthError::EnvironmentNotServed),
-            "key text says prod"
+        refused(&l, &key, 100, AuthError::EnvironmentNotServed);
+        let (l, key, _) = setup(|_| {});
+        let first = l.authenticate(Some(&key), 1).expect("valid");
+        let again = l.authenticate(Some(&key), 1).expect("valid");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "one identity per key and table"
         );
+        let (l, _, _) = setup(|_| {});
+        let staging = keys::assemble(
+            Environment::Staging,
+            "k7Hq2Lx9Pw3Z",
+            "abcdefghijABCDEFGHIJ0123456789",
+        );
+        refused(&l, &staging, 1, AuthError::Unknown);
     }
 
     #[test]
@@ -360,7 +415,10 @@ mod tests {
         r.allowed_models = vec!["gpt-x".into()];
         shared.publish(shared.load().apply(3, &[r], &[]));
         let e = l.authenticate(Some(&key), 1).expect("active again");
-        assert!(may_use(&e, "gpt-x"));
+        assert!(
+            may_use(&e, "gpt-x"),
+            "the identity of the newest table, not the cached one"
+        );
         assert!(!may_use(&e, "gpt-y"));
         assert_eq!(&*e.key_id, "k7Hq2Lx9Pw3Z");
         assert_eq!(&*e.tenant_id, "t");

@@ -66,7 +66,8 @@ pub struct RequestCtx {
     /// by path for endpoints the gateway does not serve.
     pub family: Family,
     pub endpoint: Option<Endpoint>,
-    pub identity: Option<Identity>,
+    /// Shared with the worker's cache of verified keys: one count per request, no copy.
+    pub identity: Option<Arc<Identity>>,
     /// The model the client asked for.
     pub model: Option<Box<str>>,
     /// The client asked for a streamed response.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use aigw_wire::spend::rate_lease::{self, Unit};
 use rustc_hash::FxHashMap;
 
-use crate::config::limits::{now_ns, Full, KeyLimiter, Limiters, Room};
+use crate::config::limits::{now_ns, ns_at, Full, KeyLimiter, Limiters, Room};
 use crate::config::pushed::SharedConfig;
 use crate::config::spend::{Lease, Leases};
 use crate::errors::Code;
@@ -108,7 +108,8 @@ pub struct Level {
 /// What the request took, for charging its tokens.
 #[derive(Debug, Clone)]
 pub struct Taken {
-    pub levels: Vec<Level>,
+    /// Inline for a key limited by itself or by one sub-account.
+    pub levels: smallvec::SmallVec<[Level; 1]>,
     /// The response's tokens were charged (once, as soon as they were known).
     pub charged: bool,
     /// Some lease was short: [`wait`] has more to do before the request goes on.
@@ -232,14 +233,15 @@ pub(crate) fn run(
         leases: [None, None],
         short: [None, None],
     };
-    let mut levels = Vec::with_capacity(usize::from(key_limited) + id.sub_account_limits.len());
+    let mut levels = smallvec::SmallVec::<[Level; 1]>::new();
     if key_limited {
         levels.push(level(&id.key_id, key, None));
     }
     for (name, limits) in &id.sub_account_limits {
         levels.push(level(name, *limits, Some(Arc::clone(name))));
     }
-    let now = now_ns();
+    // The head's arrival, read once for every phase that needs the time.
+    let now = ns_at(ctx.timings.head_received);
     let family = ctx.family;
     // Tokens first: a request refused for its tokens takes no request.
     for level in &mut levels {

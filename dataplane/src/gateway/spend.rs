@@ -71,7 +71,8 @@ impl Local {
 /// What a request reserved.
 #[derive(Debug)]
 pub struct Reservation {
-    leases: Vec<Arc<Lease>>,
+    /// Inline up to a key's own cap, its sub-account's, one above and its tenant's.
+    leases: smallvec::SmallVec<[Arc<Lease>; 4]>,
     reserved: u64,
     rates: Rates,
 }
@@ -167,11 +168,11 @@ pub(crate) async fn run(
     let (output, inject) = output_bound(endpoint, parsed)?;
     let cost = rates.max_cost_micros(body_len as u64, output);
     let now = crate::runtime::unix_seconds();
-    let mut taken: Vec<Arc<Lease>> = Vec::with_capacity(id.caps.len());
+    let mut taken = smallvec::SmallVec::<[Arc<Lease>; 4]>::new();
     for cap in &id.caps {
         let period = cap.period.index(now);
         let lease = local.lease(leases, spend, &cap.id, period);
-        match reserve(&lease, leases, cap, cost).await {
+        match reserve(lease, leases, cap, cost).await {
             Ok(lease) => taken.push(lease),
             Err(e) => {
                 for l in &taken {
@@ -193,7 +194,7 @@ pub(crate) async fn run(
 /// Reserves `cost` from this node's lease of `cap`, asking for more and waiting for it
 /// when the lease is short.
 async fn reserve(
-    lease: &Arc<Lease>,
+    lease: Arc<Lease>,
     leases: &Leases,
     cap: &Cap,
     cost: u64,
@@ -213,11 +214,13 @@ async fn reserve(
         )));
     }
     let share = (cap.limit_micros / LEASE_SHARE).max(cost);
-    let deadline = std::time::Instant::now() + LEASE_WAIT;
+    // Read from the clock only once the lease is short.
+    let mut give_up = None;
     loop {
         if lease.try_reserve(cost) {
             break;
         }
+        let give_up = *give_up.get_or_insert_with(|| std::time::Instant::now() + LEASE_WAIT);
         // Listening before looking again: a grant landing in between is not missed.
         let changed = lease.changed.listen();
         if lease.try_reserve(cost) {
@@ -228,7 +231,7 @@ async fn reserve(
         }
         lease.want_more(share.max(cost - lease.available().min(cost)));
         leases.notify_wanted();
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = give_up.saturating_duration_since(std::time::Instant::now());
         if left.is_zero()
             || crate::runtime::deadline::timeout(left, changed)
                 .await
@@ -242,7 +245,7 @@ async fn reserve(
         lease.want_more(share);
         leases.notify_wanted();
     }
-    Ok(Arc::clone(lease))
+    Ok(lease)
 }
 
 /// Settles the request's reservation at the provider's reported cost as soon as the body's
