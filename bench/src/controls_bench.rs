@@ -21,9 +21,14 @@
 //! The data planes run on the proxy core; wrk, the mock provider and this process (with the
 //! control plane) on the other.
 //!
+//! With `--attribute`, the linked node is then profiled with `perf` under key A's and key
+//! B's load (no-log) and the share of its CPU time in each request phase is reported
+//! ([`crate::attribute`]): metering, caps and limits measured inside one run of one
+//! process, where the comparison of runs above carries the machine's noise.
+//!
 //! ```sh
 //! cargo build --release -p dataplane -p bench
-//! target/release/aigw-bench controls
+//! target/release/aigw-bench controls [--attribute]
 //! ```
 
 use std::fmt::Write as _;
@@ -35,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use crate::attribute;
 use crate::harness::{
     bench_dir, cpu_split, free_addr, median, pin_current_thread, process_cpu_seconds, round_order,
     run_dir, sibling_binary, spread, start_dataplane, start_mock, wait_port, write_ratio,
@@ -59,6 +65,10 @@ pub(crate) struct ControlsOpts {
     /// Core wrk, the mock provider and the control plane share.
     #[arg(long, default_value_t = 1)]
     load_core: usize,
+    /// After the rounds, profile the linked node (`perf`) under key A's and key B's load,
+    /// no-log, and report the share of its CPU time in each request phase.
+    #[arg(long)]
+    attribute: bool,
 }
 
 const TENANT: &str = "bench";
@@ -501,6 +511,27 @@ pub(crate) fn controls(opts: &ControlsOpts) -> anyhow::Result<()> {
         .unwrap_or(Value::Null);
 
     let mut out = report(&targets, &samples);
+    if opts.attribute {
+        // Targets 2 and 3: key A no-log, key B no-log.
+        let mut profiles = Vec::new();
+        for t in &targets[2..4] {
+            let data = dir.join(format!("perf-{}.data", t.name.replace(' ', "-")));
+            let perf = attribute::start(t.pid, &data)?;
+            let run = wrk(
+                opts.load_core,
+                opts.connections,
+                opts.duration,
+                &t.script,
+                t.addr,
+            );
+            attribute::stop(perf)?;
+            let (requests, ..) = run.with_context(|| format!("profiling {}", t.name))?;
+            eprintln!("profiled {}: {requests} requests", t.name);
+            profiles.push((t.name, attribute::shares(&data)?));
+            let _ = std::fs::remove_file(&data);
+        }
+        write_attribution(&mut out, &profiles);
+    }
     let _ = writeln!(
         out,
         "\nmetered by the control plane (wrk's completed answers; in-flight ones at each run's end and probes also count): key A {metered_a} ({}), key B {metered_b} ({})",
@@ -619,6 +650,50 @@ fn report(targets: &[Target], samples: &[Vec<Sample>]) -> String {
         &cp(2),
     );
     report
+}
+
+/// The share of the linked node's CPU samples in each phase, per profiled target.
+fn write_attribution(out: &mut String, profiles: &[(&str, attribute::Shares)]) {
+    let pct = |n: u64, of: u64| 100.0 * n as f64 / of.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "\nshare of the linked node's CPU samples whose stack passes through each phase (perf, inlined frames included; one run):"
+    );
+    let _ = write!(out, "\n| phase |");
+    for (name, _) in profiles {
+        let _ = write!(out, " {name} |");
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in profiles {
+        let _ = write!(out, "---|");
+    }
+    for (i, phase) in attribute::PHASES.iter().enumerate() {
+        let _ = write!(out, "\n| {} |", phase.name);
+        for (_, s) in profiles {
+            let _ = write!(out, " {:.2} % |", pct(s.phase[i], s.samples));
+        }
+    }
+    let _ = write!(out, "\n| **metering, caps and limits together** |");
+    for (_, s) in profiles {
+        let share = s.controls as f64 / s.samples.max(1) as f64;
+        // What they add over the same requests without them: share / (1 − share).
+        let _ = write!(
+            out,
+            " **{:.2} %** (adds {:.2} %) |",
+            100.0 * share,
+            100.0 * share / (1.0 - share).max(f64::EPSILON)
+        );
+    }
+    let _ = write!(out, "\n| samples (stacks unwound to the thread's start) |");
+    for (_, s) in profiles {
+        let _ = write!(
+            out,
+            " {} ({:.0} %) |",
+            s.samples,
+            pct(s.complete, s.samples)
+        );
+    }
+    let _ = writeln!(out);
 }
 
 /// Waits (at most 20 s) until the data plane `pid` and this process (the control plane) each

@@ -41,6 +41,7 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 
+mod attribute;
 mod controls_bench;
 mod harness;
 mod keys_bench;
