@@ -41,7 +41,7 @@
           inherit buildInputs;
           nativeBuildInputs = nativeBuildInputs ++ (with pkgs; [
             rustc cargo clippy rustfmt rust-analyzer cargo-nextest cargo-fuzz
-            wrk nginx python3 sqlite testssl
+            wrk nginx python3 sqlite testssl linuxPackages.perf
           ]);
           LIBCLANG_PATH = "${pkgs.llvmPackages.libclang.lib}/lib";
         };
