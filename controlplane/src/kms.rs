@@ -4,8 +4,10 @@
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), which the tenant's key policy grants.
 //!
 //! Unwrapped data keys are cached for [`CACHE_TTL`]: once the tenant disables its key, what
-//! it sealed stops opening within that time (crypto-shredding), and new writes for it stop
-//! at once with the error KMS gave. A key is used only while `DescribeKey` says it is
+//! it sealed stops opening within that time, or sooner when the control plane's KMS watch
+//! ([`Kms::check`]) hears of it first (crypto-shredding), and new writes for it stop at once
+//! with the error KMS gave. A KMS that does not answer is not waited on again until the
+//! watch hears from it. A key is used only while `DescribeKey` says it is
 //! `Enabled` (the key policy must grant `kms:DescribeKey`, `kms:GenerateDataKey` and
 //! `kms:Decrypt` to the control plane's principal).
 
@@ -67,6 +69,11 @@ impl KmsKey {
         self.endpoint
             .clone()
             .unwrap_or_else(|| format!("https://kms.{}.amazonaws.com", self.region))
+    }
+
+    /// The key and where it is asked, as one string.
+    fn ident(&self) -> String {
+        format!("{} {} {}", self.endpoint(), self.region, self.key_id)
     }
 }
 
@@ -168,14 +175,44 @@ fn amz_now() -> String {
     )
 }
 
-/// Unwrapped data keys by their wrapped form, with when they were unwrapped.
-type Unwrapped = HashMap<Vec<u8>, ([u8; 32], Instant)>;
+/// Unwrapped data keys by their wrapped form, with when they were unwrapped and by which
+/// key ([`KmsKey::ident`]).
+type Unwrapped = HashMap<Vec<u8>, ([u8; 32], Instant, String)>;
+
+/// What a tenant's KMS said of its key when the control plane last asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyState {
+    Enabled,
+    /// An answer, and not "enabled" (disabled, pending deletion, access denied): what is
+    /// sealed under the key does not open until its owner changes that.
+    Refused(String),
+    /// No answer (timed out, unreachable): calls fail at once until [`Kms::check`] hears
+    /// from it again.
+    Unreachable(String),
+}
 
 /// Customer-managed keys: calls to tenants' KMS keys, and the data keys they unwrapped.
 #[derive(Default)]
 pub struct Kms {
     cache: Mutex<Unwrapped>,
     agent: std::sync::OnceLock<ureq::Agent>,
+    /// Keys whose KMS did not answer, with why: nothing waits on them again until
+    /// [`Self::check`] (the control plane's KMS watch) hears from them.
+    unreachable: Mutex<HashMap<String, String>>,
+}
+
+/// Why a call failed: KMS answered no, or did not answer.
+enum CallError {
+    Refused(String),
+    Unreachable(String),
+}
+
+impl From<CallError> for String {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Refused(m) | CallError::Unreachable(m) => m,
+        }
+    }
 }
 
 impl std::fmt::Debug for Kms {
@@ -203,20 +240,83 @@ fn agent() -> ureq::Agent {
 }
 
 impl Kms {
+    /// A call to the key's KMS; at once an error when that KMS is known not to answer.
     fn call(
         &self,
         key: &KmsKey,
         target: &str,
         body: serde_json::Value,
     ) -> Result<serde_json::Value, String> {
-        let creds = Credentials::from_env()?;
+        let ident = key.ident();
+        if let Some(why) = self.unreachable_lock().get(&ident) {
+            return Err(format!(
+                "{why} (not asked again until it answers the control plane's KMS watch)"
+            ));
+        }
+        self.call_raw(key, target, body).map_err(|e| {
+            if let CallError::Unreachable(why) = &e {
+                tracing::warn!(key = %key.key_id, error = %why, "a tenant's KMS does not answer: what is sealed under its key is not opened until it does");
+                self.unreachable_lock().insert(ident, why.clone());
+            }
+            e.into()
+        })
+    }
+
+    fn unreachable_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.unreachable.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the key's KMS for its state, whether or not it answered last time; marks it
+    /// reachable or not accordingly.
+    pub fn check(&self, key: &KmsKey) -> KeyState {
+        let ident = key.ident();
+        let state =
+            match self.call_raw(key, "DescribeKey", serde_json::json!({"KeyId": key.key_id})) {
+                Ok(v) => match Self::enabled(key, &v) {
+                    Ok(()) => KeyState::Enabled,
+                    Err(why) => KeyState::Refused(why),
+                },
+                Err(CallError::Refused(why)) => KeyState::Refused(why),
+                Err(CallError::Unreachable(why)) => KeyState::Unreachable(why),
+            };
+        if let KeyState::Refused(_) = &state {
+            // The owner's decision applies now, not when the unwrapped keys age out.
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|_, (.., by)| *by != ident);
+        }
+        let mut unreachable = self.unreachable_lock();
+        match &state {
+            KeyState::Unreachable(why) => {
+                unreachable.insert(ident, why.clone());
+            }
+            _ => {
+                unreachable.remove(&ident);
+            }
+        }
+        state
+    }
+
+    fn call_raw(
+        &self,
+        key: &KmsKey,
+        target: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        // Without credentials the control plane cannot ask: that says nothing of the key.
+        let creds = Credentials::from_env().map_err(CallError::Unreachable)?;
         let endpoint = key.endpoint();
-        let url =
-            url::Url::parse(&endpoint).map_err(|e| format!("KMS endpoint {endpoint}: {e}"))?;
+        let url = url::Url::parse(&endpoint)
+            .map_err(|e| CallError::Refused(format!("KMS endpoint {endpoint}: {e}")))?;
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
             (Some(h), None) => h.to_string(),
-            _ => return Err(format!("KMS endpoint {endpoint}: no host")),
+            _ => {
+                return Err(CallError::Refused(format!(
+                    "KMS endpoint {endpoint}: no host"
+                )))
+            }
         };
         let body = body.to_string().into_bytes();
         let amz_date = amz_now();
@@ -253,9 +353,10 @@ impl Kms {
             }
         }
         match req.send_bytes(&body) {
-            Ok(r) => r
-                .into_json::<serde_json::Value>()
-                .map_err(|e| format!("KMS {target}: unreadable answer: {e}")),
+            Ok(r) => r.into_json::<serde_json::Value>().map_err(|e| {
+                // Cut off mid-answer (a timeout) is no answer.
+                CallError::Unreachable(format!("KMS {target}: unreadable answer: {e}"))
+            }),
             Err(ureq::Error::Status(code, r)) => {
                 let v: serde_json::Value = r.into_json().unwrap_or_default();
                 let kind = v["__type"].as_str().unwrap_or("error");
@@ -264,9 +365,27 @@ impl Kms {
                     .as_str()
                     .or(v["Message"].as_str())
                     .unwrap_or("");
-                Err(format!("KMS {target} refused ({code} {kind}): {msg}"))
+                let why = format!("KMS {target} refused ({code} {kind}): {msg}");
+                // Throttled, failing, or refusing the control plane's own credentials
+                // (expired, unknown, badly signed), KMS said nothing about the key: as if
+                // unanswered. A key policy that denies the control plane is the key
+                // owner's decision, and counts as refused.
+                let ours = matches!(
+                    kind,
+                    "UnrecognizedClientException"
+                        | "ExpiredTokenException"
+                        | "InvalidSignatureException"
+                        | "IncompleteSignature"
+                        | "MissingAuthenticationTokenException"
+                        | "InvalidClientTokenId"
+                );
+                Err(if code == 429 || code >= 500 || ours {
+                    CallError::Unreachable(why)
+                } else {
+                    CallError::Refused(why)
+                })
             }
-            Err(e) => Err(format!("KMS {target}: {e}")),
+            Err(e) => Err(CallError::Unreachable(format!("KMS {target}: {e}"))),
         }
     }
 
@@ -281,6 +400,11 @@ impl Kms {
     /// tenant's decision stands even where a KMS would still answer.
     fn require_enabled(&self, key: &KmsKey) -> Result<(), String> {
         let v = self.call(key, "DescribeKey", serde_json::json!({"KeyId": key.key_id}))?;
+        Self::enabled(key, &v)
+    }
+
+    /// Whether a `DescribeKey` answer says the key is enabled.
+    fn enabled(key: &KmsKey, v: &serde_json::Value) -> Result<(), String> {
         match v["KeyMetadata"]["KeyState"].as_str() {
             Some("Enabled") => Ok(()),
             Some(state) => Err(format!(
@@ -307,7 +431,7 @@ impl Kms {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(wrapped.clone(), (plain, Instant::now()));
+            .insert(wrapped.clone(), (plain, Instant::now(), key.ident()));
         Ok((plain, wrapped))
     }
 
@@ -316,8 +440,8 @@ impl Kms {
     pub fn decrypt(&self, key: &KmsKey, wrapped: &[u8]) -> Result<[u8; 32], String> {
         {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-            if let Some((k, _)) = cache.get(wrapped) {
+            cache.retain(|_, (_, at, _)| at.elapsed() < CACHE_TTL);
+            if let Some((k, ..)) = cache.get(wrapped) {
                 return Ok(*k);
             }
         }
@@ -335,7 +459,7 @@ impl Kms {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(wrapped.to_vec(), (plain, Instant::now()));
+            .insert(wrapped.to_vec(), (plain, Instant::now(), key.ident()));
         Ok(plain)
     }
 

@@ -22,6 +22,12 @@ use anyhow::Context;
 /// Changelog entries kept by default; a node further behind gets a snapshot.
 pub const DEFAULT_CHANGELOG_KEEP: u64 = 100_000;
 
+/// How often each tenant's own KMS key is asked for its state by default.
+pub const DEFAULT_KMS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a KMS that did not answer is asked again (at most).
+const KMS_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often the changelog is compacted (and once at start).
 const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -42,6 +48,8 @@ pub struct Options {
     pub seal_key: Option<String>,
     /// Changelog entries kept by compaction (at start, then every minute).
     pub changelog_keep: u64,
+    /// How often each tenant's own KMS key is asked for its state (see [`watch_kms`]).
+    pub kms_check_every: std::time::Duration,
 }
 
 impl Default for Options {
@@ -54,6 +62,7 @@ impl Default for Options {
             tls_names: Vec::new(),
             seal_key: None,
             changelog_keep: DEFAULT_CHANGELOG_KEEP,
+            kms_check_every: DEFAULT_KMS_CHECK_EVERY,
         }
     }
 }
@@ -68,6 +77,7 @@ impl std::fmt::Debug for Options {
             .field("tls_names", &self.tls_names)
             .field("seal_key", &self.seal_key.as_ref().map(|_| "(redacted)"))
             .field("changelog_keep", &self.changelog_keep)
+            .field("kms_check_every", &self.kms_check_every)
             .finish()
     }
 }
@@ -349,6 +359,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let sweeper = bodylog.clone();
     let _ = push.bodylog.set(bodylog);
     let compact_store = Arc::clone(&store);
+    let kms_watch = (Arc::clone(&store), Arc::clone(&push), opts.kms_check_every);
     let push_state = Arc::clone(&push);
     let state = Arc::new(api::AppState {
         store,
@@ -387,6 +398,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 let link_task = tokio::spawn(push::serve(link, tls, push_state));
                 let compact_task = tokio::spawn(compact_periodically(compact_store, keep));
                 let sweep_task = tokio::spawn(sweep_periodically(sweeper));
+                let kms_task = tokio::spawn(watch_kms(kms_watch.0, kms_watch.1, kms_watch.2));
                 let router = api::router(state);
                 let router = if plain_http {
                     router
@@ -403,6 +415,7 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
                 link_task.abort();
                 compact_task.abort();
                 sweep_task.abort();
+                kms_task.abort();
             });
         })?;
     ready_rx
@@ -420,6 +433,92 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
         thread: Some(thread),
         writer: Some(writer),
     })
+}
+
+/// Asks each tenant's own KMS key for its state, at start and every `every` (a KMS that did
+/// not answer every [`KMS_RETRY`]), each tenant's apart so a silent KMS holds up no other.
+///
+/// Two things follow. A KMS that does not answer is marked so ([`kms::Kms::check`]):
+/// opening what its key sealed fails at once instead of waiting on it (pushes to nodes, the
+/// body log's writer, the API), until it answers again. And when a key's state changes —
+/// enabled, or refused (disabled, pending deletion) — the tenant's upstreams sealed under it
+/// are offered to nodes again ([`store::Store::resend_kms_sealed`]), so nodes already
+/// connected drop them when the key stops opening them and get them back when it opens them
+/// again. A KMS that merely stops answering changes nothing nodes hold.
+async fn watch_kms(
+    store: Arc<store::Store>,
+    push: Arc<push::PushState>,
+    every: std::time::Duration,
+) {
+    use kms::KeyState;
+    use std::collections::HashMap;
+    let kms = store.kms_handle();
+    let mut known: HashMap<String, (KeyState, std::time::Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(KMS_RETRY.min(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let st = Arc::clone(&store);
+        let tenants = match tokio::task::spawn_blocking(move || st.tenants_with_kms()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the tenants' KMS keys");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        known.retain(|t, _| tenants.iter().any(|(x, _)| x == t));
+        let mut checks = tokio::task::JoinSet::new();
+        for (tenant, key) in tenants {
+            let due = match known.get(&tenant) {
+                None => true,
+                Some((KeyState::Unreachable(_), at)) => at.elapsed() >= KMS_RETRY.min(every),
+                Some((_, at)) => at.elapsed() >= every,
+            };
+            if due {
+                let kms = Arc::clone(&kms);
+                checks.spawn_blocking(move || {
+                    let state = kms.check(&key);
+                    (tenant, state)
+                });
+            }
+        }
+        while let Some(done) = checks.join_next().await {
+            let Ok((tenant, state)) = done else { continue };
+            let before = known
+                .insert(tenant.clone(), (state.clone(), std::time::Instant::now()))
+                .map(|(s, _)| s);
+            if !kms_state_changed(before.as_ref(), &state) {
+                continue;
+            }
+            match &state {
+                KeyState::Refused(why) => {
+                    tracing::warn!(tenant, reason = %why, "a tenant's KMS key no longer opens its credentials: its upstreams are withdrawn from nodes");
+                }
+                _ => tracing::info!(tenant, "a tenant's KMS key opens its credentials"),
+            }
+            let st = Arc::clone(&store);
+            let t = tenant.clone();
+            match tokio::task::spawn_blocking(move || st.resend_kms_sealed(&t)).await {
+                Ok(Ok(n)) if n > 0 => push.notify(),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(tenant, error = %e, "cannot offer a tenant's upstreams to nodes again")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Whether what a tenant's key opens changed: it became enabled or refused (first seen,
+/// or after the other, or after not answering). Not answering changes nothing nodes hold.
+fn kms_state_changed(before: Option<&kms::KeyState>, now: &kms::KeyState) -> bool {
+    use kms::KeyState::{Enabled, Refused, Unreachable};
+    !matches!(
+        (before, now),
+        (_, Unreachable(_)) | (Some(Enabled), Enabled) | (Some(Refused(_)), Refused(_))
+    )
 }
 
 /// How often the body log sweeper runs (and once at start).
@@ -453,5 +552,33 @@ async fn compact_periodically(store: Arc<store::Store>, keep: i64) {
             Ok(Err(e)) => tracing::warn!(error = %e, "changelog compaction failed"),
             Err(e) => tracing::warn!(error = %e, "changelog compaction task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kms::KeyState::{Enabled, Refused, Unreachable};
+    use super::kms_state_changed;
+
+    #[test]
+    fn nodes_are_offered_a_tenants_upstreams_again_when_its_key_opens_or_stops_opening() {
+        let refused = || Refused("disabled".into());
+        let silent = || Unreachable("timed out".into());
+        // First seen (a start, a key just named): what nodes hold is made to follow it.
+        assert!(kms_state_changed(None, &Enabled));
+        assert!(kms_state_changed(None, &refused()));
+        assert!(kms_state_changed(Some(&Enabled), &refused()));
+        assert!(kms_state_changed(Some(&refused()), &Enabled));
+        // Back after a silence: records left out meanwhile are offered again.
+        assert!(kms_state_changed(Some(&silent()), &Enabled));
+        assert!(kms_state_changed(Some(&silent()), &refused()));
+        // No news, or only a silence: nothing changes for nodes.
+        assert!(!kms_state_changed(Some(&Enabled), &Enabled));
+        assert!(!kms_state_changed(
+            Some(&refused()),
+            &Refused("pending deletion".into())
+        ));
+        assert!(!kms_state_changed(Some(&Enabled), &silent()));
+        assert!(!kms_state_changed(None, &silent()));
     }
 }

@@ -53,6 +53,10 @@ enum Cmd {
         /// Changelog entries kept by compaction; a node further behind gets a snapshot.
         #[arg(long, default_value_t = controlplane::DEFAULT_CHANGELOG_KEEP)]
         changelog_keep: u64,
+        /// Seconds between checks of each tenant's own KMS key: when one is disabled (or
+        /// enabled again), connected nodes drop (or get back) its upstreams within this.
+        #[arg(long, default_value_t = controlplane::DEFAULT_KMS_CHECK_EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+        kms_check_secs: u64,
         /// The seal key from this secret file (yours, mode 0600 or 0400; a systemd
         /// credential, say) instead of AIGW_SEAL_KEY or `<data-dir>/seal.key`.
         #[arg(long, value_name = "PATH")]
@@ -221,6 +225,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
         link_listen,
         tls_name,
         changelog_keep,
+        kms_check_secs,
         seal_key_file,
     } = cli.cmd
     {
@@ -242,6 +247,7 @@ fn run(cli: Cli, conn: Option<controlplane::cli::Connection>) -> anyhow::Result<
             tls_names: tls_name,
             seal_key: configured_seal_key(seal_key_file)?,
             changelog_keep,
+            kms_check_every: std::time::Duration::from_secs(kms_check_secs),
         })?;
         println!(
             "control plane: admin API {}, node link {} (CA {}); data in {}, the admin token in {}; register a node with node-add",

@@ -300,19 +300,147 @@ fn a_kms_that_goes_silent_holds_up_no_other_tenant() {
             "read before the shop's write; the bank's is left out"
         );
     });
-    // The bank's KMS answers again: both upstreams, credentials opened.
+    // The bank's KMS answers again: once the control plane's KMS watch has heard from it
+    // (every 5 s while it is silent), both upstreams, credentials opened.
     relay.silent.store(false, SeqCst);
-    let (records, _, _) = cp.store().snapshot().unwrap_or_else(|e| panic!("{e}"));
-    let mut opened: Vec<(&str, Option<&str>)> = records
-        .iter()
-        .filter_map(|r| match r {
-            aigw_wire::Record::Upstream(u) => Some((u.tenant_id.as_str(), u.credential.as_deref())),
-            _ => None,
-        })
-        .collect();
-    opened.sort();
+    let opened = || -> Vec<(String, Option<String>)> {
+        let (records, _, _) = cp.store().snapshot().unwrap_or_else(|e| panic!("{e}"));
+        let mut opened: Vec<(String, Option<String>)> = records
+            .iter()
+            .filter_map(|r| match r {
+                aigw_wire::Record::Upstream(u) => Some((u.tenant_id.clone(), u.credential.clone())),
+                _ => None,
+            })
+            .collect();
+        opened.sort();
+        opened
+    };
+    let both = vec![
+        ("bank".to_string(), Some("sk-bank".to_string())),
+        ("shop".to_string(), Some("sk-shop".to_string())),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(30), || opened() == both),
+        "{:?}",
+        opened()
+    );
+}
+
+/// A control plane checking tenants' KMS keys every second.
+fn cp_watching_kms(name: &str) -> controlplane::Running {
+    controlplane::start(controlplane::Options {
+        data_dir: scratch_dir(name),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        push_listen: "127.0.0.1:0".parse().unwrap(),
+        kms_check_every: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Nodes already connected follow the tenant's key: they drop its upstreams when the key
+/// is disabled and get them back when it is enabled again. A KMS that stops answering
+/// changes nothing they hold, and once the control plane has found it silent nothing waits
+/// on it: a node starting then gets its snapshot at once (the silent tenant's upstream left
+/// out), and gets that upstream when the KMS answers again.
+#[test]
+fn connected_nodes_follow_the_tenants_kms_key_and_a_silent_one_holds_nothing_up() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (_moto, endpoint, key_id) = kms_with_a_key();
+    let relay = Relay::start(&endpoint);
+    let cp = cp_watching_kms("kms-watch");
+    let bank_provider = MockProvider::start(MockOptions::default());
+    let shop_provider = MockProvider::start(MockOptions::default());
+    tenant(&cp, "bank", "enterprise");
+    tenant(&cp, "shop", "pro");
+    let cmk = json!({"key_id": key_id, "region": "us-east-1", "endpoint": relay.url});
+    let r = api(&cp, "PUT", "/v1/tenants/bank/kms", Some(cmk));
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (t, provider) in [("bank", &bank_provider), ("shop", &shop_provider)] {
+        let base = format!("/v1/tenants/{t}/environments/production");
+        put(
+            &cp,
+            &format!("{base}/upstreams/oa"),
+            json!({"provider": "openai", "base_url": provider.base_url(), "credential": format!("sk-{t}")}),
+        );
+        put(
+            &cp,
+            &format!("{base}/routes/all"),
+            json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
+        );
+    }
+    let bank_key = key(&cp, "bank", "production");
+    let shop_key = key(&cp, "shop", "production");
+    let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw, revision(&cp));
+    let status = |gw: &Gateway, key: &str| chat_with_key(gw.addr(), Some(key), "gpt-4o").status;
+    assert_eq!(status(&gw, &bank_key), 200);
+    assert_eq!(status(&gw, &shop_key), 200);
+
+    // Disabled: the connected node drops the bank's upstream (the data key the control
+    // plane unwrapped is forgotten as soon as its watch hears of it); the shop carries on.
+    kms_admin(&endpoint, &["disable", &key_id]);
+    assert!(
+        wait_until(Duration::from_secs(20), || status(&gw, &bank_key) != 200),
+        "the connected node still uses a credential the tenant's disabled key sealed"
+    );
+    let served = bank_provider.request_count();
+    assert_ne!(status(&gw, &bank_key), 200);
     assert_eq!(
-        opened,
-        vec![("bank", Some("sk-bank")), ("shop", Some("sk-shop"))]
+        bank_provider.request_count(),
+        served,
+        "nothing more reached the bank's provider"
+    );
+    assert_eq!(status(&gw, &shop_key), 200);
+
+    // Enabled again: it gets the upstream back.
+    kms_admin(&endpoint, &["enable", &key_id]);
+    assert!(
+        wait_until(Duration::from_secs(20), || status(&gw, &bank_key) == 200),
+        "the connected node never got the bank's upstream back"
+    );
+
+    // Silent: once the control plane's watch has found it so, opening what it sealed fails
+    // at once instead of waiting 10 s.
+    relay.silent.store(true, SeqCst);
+    cp.store().forget_unwrapped_keys();
+    let quick_refusal = || {
+        let started = std::time::Instant::now();
+        let r = api(
+            &cp,
+            "PUT",
+            "/v1/tenants/bank/environments/production/upstreams/oa2",
+            Some(
+                json!({"provider": "openai", "base_url": bank_provider.base_url(), "credential": "sk-new"}),
+            ),
+        );
+        r.status == 502 && started.elapsed() < Duration::from_secs(2)
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), quick_refusal),
+        "the control plane kept waiting on a silent KMS"
+    );
+    // What connected nodes hold does not change for a silence.
+    assert_eq!(status(&gw, &bank_key), 200);
+    let started = std::time::Instant::now();
+    let gw2 = gateway(dataplane::config::DriverChoice::IoUring, &cp);
+    wait_workers(&gw2, revision(&cp));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "a node's first snapshot waited {took:?} on the silent KMS"
+    );
+    assert_eq!(status(&gw2, &shop_key), 200);
+    assert_ne!(
+        status(&gw2, &bank_key),
+        200,
+        "the bank's credential cannot have opened"
+    );
+
+    // The KMS answers again: the new node gets the bank's upstream.
+    relay.silent.store(false, SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(30), || status(&gw2, &bank_key) == 200),
+        "the node never got the bank's upstream once its KMS answered"
     );
 }

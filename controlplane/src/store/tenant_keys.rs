@@ -114,6 +114,55 @@ impl Store {
         })
     }
 
+    /// Every tenant that names its own KMS key, with the key.
+    pub fn tenants_with_kms(&self) -> Result<Vec<(String, KmsKey)>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT tenant_id, key_id, region, endpoint FROM tenant_kms ORDER BY tenant_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    KmsKey {
+                        key_id: r.get(1)?,
+                        region: r.get(2)?,
+                        endpoint: r.get(3)?,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Offers nodes again the tenant's upstreams whose credentials its own KMS key sealed
+    /// (a changelog entry each, the records unchanged): what nodes hold of them then
+    /// follows whether that key opens them now — left out when it does not, back when it
+    /// does again. Returns how many.
+    pub fn resend_kms_sealed(&self, tenant: &str) -> Result<usize, StoreError> {
+        self.with_tx(|tx| {
+            let ids: Vec<String> = {
+                let mut st = tx.prepare(
+                    "SELECT id, credential_sealed FROM upstreams WHERE tenant_id = ?1 ORDER BY id",
+                )?;
+                let rows = st.query_map(params![tenant], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+                })?;
+                let mut ids = Vec::new();
+                for row in rows {
+                    let (id, sealed) = row?;
+                    if sealed.as_deref().is_some_and(super::routing::is_kms_sealed) {
+                        ids.push(id);
+                    }
+                }
+                ids
+            };
+            for id in &ids {
+                super::change(tx, "upstream", id, "upsert")?;
+            }
+            Ok(ids.len())
+        })
+    }
+
     /// Forgets the data keys unwrapped so far: the next use asks the tenants' KMS again.
     pub fn forget_unwrapped_keys(&self) {
         self.kms.forget();

@@ -26,7 +26,7 @@ use aigw_wire::rules::{self, RuleError};
 use aigw_wire::{PolicyRecord, RouteRecord, RouteTargetRecord, UpstreamRecord};
 
 pub(super) use rows::{policy_records, route_records, tenant_kms, upstream_records, Unopened};
-pub(super) use seal::check_seal_key;
+pub(super) use seal::{check_seal_key, is_kms_sealed};
 pub use types::{
     Deleted, Policy, PolicySpec, Route, RouteSpec, RouteTarget, Upstream, UpstreamSpec, Written,
 };
