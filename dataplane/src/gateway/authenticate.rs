@@ -28,6 +28,18 @@ use crate::server::service::Head;
 /// Verified keys remembered per worker.
 const CACHE_CAP: usize = 4096;
 
+/// Longer than any key (an environment tag is far shorter than 16): a longer header is
+/// refused before it is hashed to look in the cache.
+const LONGEST_KEY: usize =
+    keys::PREFIX.len() + 16 + 1 + keys::KEY_ID_LEN + 1 + keys::SECRET_LEN + keys::CHECKSUM_LEN;
+const _: () = {
+    let mut i = 0;
+    while i < Environment::ALL.len() {
+        assert!(Environment::ALL[i].tag().len() < 16);
+        i += 1;
+    }
+};
+
 /// Why a request was not authenticated; each has its own code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthError {
@@ -173,6 +185,9 @@ impl LocalConfig {
         now_unix: u64,
     ) -> Result<Arc<Identity>, AuthError> {
         let presented = presented.ok_or(AuthError::Missing)?;
+        if presented.len() > LONGEST_KEY {
+            return Err(AuthError::Malformed);
+        }
         self.refresh();
         let guard = self.table.borrow();
         if let Some(v) = self.verified.borrow().get(presented) {
@@ -322,6 +337,11 @@ mod tests {
         );
         assert_eq!(
             l.authenticate(Some("sk-123"), 100).map(|_| ()),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            l.authenticate(Some(&format!("{key}{}", "x".repeat(4096))), 100)
+                .map(|_| ()),
             Err(AuthError::Malformed)
         );
         let other = keys::assemble(
