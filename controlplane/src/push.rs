@@ -375,8 +375,15 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn send(&mut self, m: &Message) -> anyhow::Result<()> {
+        self.send_all(std::slice::from_ref(m)).await
+    }
+
+    /// Messages in order, in one write.
+    async fn send_all(&mut self, ms: &[Message]) -> anyhow::Result<()> {
         let mut out = Vec::new();
-        encode_frame(m, &mut out);
+        for m in ms {
+            encode_frame(m, &mut out);
+        }
         self.stream.write_all(&out).await?;
         self.stream.flush().await?;
         Ok(())
@@ -615,7 +622,12 @@ where
     loop {
         tokio::select! {
             Some((boot_epoch, seq)) = body_acks.recv() => {
-                conn.send(&Message::BodyLogAck { boot_epoch, seq }).await?;
+                // With those already waiting, in one write.
+                let mut acks = vec![Message::BodyLogAck { boot_epoch, seq }];
+                while let Ok((boot_epoch, seq)) = body_acks.try_recv() {
+                    acks.push(Message::BodyLogAck { boot_epoch, seq });
+                }
+                conn.send_all(&acks).await?;
             }
             changed = body_settings.changed() => {
                 changed?;

@@ -84,16 +84,37 @@ struct Inner {
 }
 
 impl Held {
-    fn message(&self, node_id: &str, boot_epoch: u64) -> Message {
-        Message::BodyLog {
+    /// Appends the record's frame to `out`: its fields are lent to the message for the
+    /// encoding and taken back, so the bodies are copied once, into the frame.
+    fn encode(&mut self, node_id: &str, boot_epoch: u64, out: &mut Vec<u8>) {
+        let r = &mut self.record;
+        let m = Message::BodyLog {
             node_id: node_id.to_string(),
             boot_epoch,
             seq: self.seq,
-            tenant_id: self.record.tenant_id.clone(),
-            request_id: self.record.request_id.clone(),
-            meta: self.record.meta.clone(),
-            request: self.record.request.clone(),
-            response: self.record.response.clone(),
+            tenant_id: std::mem::take(&mut r.tenant_id),
+            request_id: std::mem::take(&mut r.request_id),
+            meta: std::mem::take(&mut r.meta),
+            request: std::mem::take(&mut r.request),
+            response: std::mem::take(&mut r.response),
+        };
+        aigw_wire::encode_frame(&m, out);
+        if let Message::BodyLog {
+            tenant_id,
+            request_id,
+            meta,
+            request,
+            response,
+            ..
+        } = m
+        {
+            *r = Record {
+                tenant_id,
+                request_id,
+                meta,
+                request,
+                response,
+            };
         }
     }
 }
@@ -234,13 +255,41 @@ impl BodyQueue {
         (inner.held.len(), inner.bytes)
     }
 
-    /// The records to send on this link now: never sent on it (while what is in flight
-    /// allows), or sent [`RESEND_AFTER`] ago and not acknowledged (looked for about once a
-    /// second). Costs what it sends plus, once a second, what is in flight: the control
-    /// thread calls it for every message it reads.
+    /// The records [`Self::encode_to_send`] sends now, decoded again from its frames.
+    #[cfg(test)]
     pub fn to_send(&self, node_id: &str, boot_epoch: u64) -> Vec<Message> {
-        let now = Instant::now();
+        let mut frames = Vec::new();
+        let n = self.encode_to_send(node_id, boot_epoch, &mut frames);
         let mut out = Vec::new();
+        let mut at = 0;
+        while let Ok(Some((aigw_wire::Frame::Message(m), used))) =
+            aigw_wire::decode_frame(&frames[at..], aigw_wire::DEFAULT_MAX_FRAME)
+        {
+            at += used;
+            out.push(m);
+        }
+        assert_eq!((out.len(), at), (n, frames.len()), "every frame decodes");
+        out
+    }
+
+    /// The records to send on this link now, as frames back to back appended to `out` (one
+    /// write for them all; their bodies copied only into the frames); how many. They are
+    /// those never sent on this link (while what is in flight allows), and those sent
+    /// [`RESEND_AFTER`] ago and not acknowledged (looked for about once a second). Costs
+    /// what it sends plus, once a second, what is in flight: the control thread calls it
+    /// for every message it reads.
+    pub fn encode_to_send(&self, node_id: &str, boot_epoch: u64, out: &mut Vec<u8>) -> usize {
+        let mut n = 0;
+        self.pick(|h| {
+            h.encode(node_id, boot_epoch, out);
+            n += 1;
+        });
+        n
+    }
+
+    /// Calls `each` on the records to send now (see [`Self::encode_to_send`]), marked sent.
+    fn pick(&self, mut each: impl FnMut(&mut Held)) {
+        let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *inner;
         if inner.next_resend_check.is_none_or(|at| now >= at) {
@@ -250,7 +299,7 @@ impl BodyQueue {
                     .is_some_and(|at| now.duration_since(at) >= RESEND_AFTER)
                 {
                     h.sent = Some(now);
-                    out.push(h.message(node_id, boot_epoch));
+                    each(h);
                 }
             }
         }
@@ -263,9 +312,8 @@ impl BodyQueue {
             h.sent = Some(now);
             inner.in_flight += w;
             inner.sent += 1;
-            out.push(h.message(node_id, boot_epoch));
+            each(h);
         }
-        out
     }
 
     /// The control plane has record `seq`.
@@ -332,6 +380,41 @@ mod tests {
         // A new link sends what was not acknowledged again.
         q.link_down();
         assert_eq!(q.to_send("n", 1).len(), 1);
+    }
+
+    #[test]
+    fn a_record_sent_again_is_the_same_record() {
+        let q = BodyQueue::default();
+        let r = Record {
+            tenant_id: "acme".into(),
+            request_id: "req-1".into(),
+            meta: r#"{"status":200}"#.into(),
+            request: b"{\"model\":\"m\"}".to_vec(),
+            response: b"{\"id\":\"x\"}".to_vec(),
+        };
+        let weight = r.weight();
+        assert!(q.push(r.clone()));
+        let first = q.to_send("n", 7);
+        q.link_down();
+        let again = q.to_send("n", 7);
+        assert_eq!(
+            first, again,
+            "the encoding lent the record's fields and took them back"
+        );
+        assert_eq!(
+            first,
+            vec![Message::BodyLog {
+                node_id: "n".into(),
+                boot_epoch: 7,
+                seq: 1,
+                tenant_id: r.tenant_id,
+                request_id: r.request_id,
+                meta: r.meta,
+                request: r.request,
+                response: r.response,
+            }]
+        );
+        assert_eq!(q.held(), (1, weight));
     }
 
     fn seqs(m: &[Message]) -> Vec<u64> {

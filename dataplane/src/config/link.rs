@@ -310,9 +310,7 @@ fn session(
                             },
                         )?;
                     }
-                    for m in keys.bodies.to_send(node_id, boot_epoch) {
-                        send(&mut stream, &m)?;
-                    }
+                    send_bodies(&mut stream, &keys.bodies, node_id, boot_epoch)?;
                     stopping = Some(std::time::Instant::now());
                 }
                 Some(since)
@@ -359,9 +357,7 @@ fn session(
             }
             // Bodies go as soon as the workers hand them over (they weigh on the queue's
             // bound until acknowledged).
-            for m in keys.bodies.to_send(node_id, boot_epoch) {
-                send(&mut stream, &m)?;
-            }
+            send_bodies(&mut stream, &keys.bodies, node_id, boot_epoch)?;
             for a in keys.leases.asks() {
                 send(
                     &mut stream,
@@ -636,6 +632,21 @@ fn save_if_needed(
         }
     }
     *last = std::time::Instant::now();
+}
+
+/// The body log records to send now, in one write.
+fn send_bodies(
+    stream: &mut impl Write,
+    bodies: &crate::config::bodies::BodyQueue,
+    node_id: &str,
+    boot_epoch: u64,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    if bodies.encode_to_send(node_id, boot_epoch, &mut out) > 0 {
+        stream.write_all(&out)?;
+        stream.flush()?;
+    }
+    Ok(())
 }
 
 fn send(stream: &mut impl Write, m: &Message) -> anyhow::Result<()> {
