@@ -264,7 +264,6 @@ pub fn read_segment(
 struct Pending {
     rows: Vec<IndexRow>,
     done: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    sent: std::collections::HashSet<(String, u64, u64)>,
 }
 
 /// Appends to segments, one open segment per tenant and day.
@@ -473,7 +472,34 @@ fn new_segment_id() -> Result<String, String> {
 impl Writer {
     /// Runs a batch of jobs; true once the writer is closed.
     fn run(&mut self, batch: Vec<Job>) -> bool {
+        // What the store says of the batch's records (their tenants' settings, whether
+        // they are logged already), read together rather than record by record.
+        let mut tenants: Vec<&str> = Vec::new();
+        let mut asked: Vec<(&str, u64, u64)> = Vec::new();
+        for job in &batch {
+            if let Job::Append {
+                node_id,
+                boot_epoch,
+                seq,
+                tenant_id,
+                ..
+            } = job
+            {
+                if !tenants.contains(&tenant_id.as_str()) {
+                    tenants.push(tenant_id);
+                }
+                asked.push((node_id, *boot_epoch, *seq));
+            }
+        }
+        let checks = self
+            .store
+            .body_log_checks(&tenants, &asked)
+            .map_err(|e| e.to_string());
+        drop((tenants, asked));
         let mut pending = Pending::default();
+        // Records of this batch written (or answered) already, across its flushes.
+        let mut sent = std::collections::HashSet::new();
+        let mut nth = 0;
         for job in batch {
             match job {
                 Job::Append {
@@ -486,9 +512,24 @@ impl Writer {
                     record,
                     done,
                 } => {
-                    if !pending.sent.insert((node_id.clone(), boot_epoch, seq)) {
+                    let asked = nth;
+                    nth += 1;
+                    if !sent.insert((node_id.clone(), boot_epoch, seq)) {
                         // The same record twice in one batch (a resend): written once.
                         pending.done.push(done);
+                        continue;
+                    }
+                    let checks = match &checks {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = done.send(Err(e.clone()));
+                            continue;
+                        }
+                    };
+                    let enabled = checks.enabled.get(&tenant_id).copied().flatten();
+                    if enabled != Some(true) || checks.logged.get(asked).copied().unwrap_or(false) {
+                        // Opted out, no such tenant, or written before: nothing to write.
+                        let _ = done.send(Ok(()));
                         continue;
                     }
                     match self.append(
@@ -551,6 +592,9 @@ impl Writer {
         }
     }
 
+    /// Appends a record the batch's checks let through (its tenant logs bodies, it is not
+    /// logged yet) to its tenant's open segment of `day`; `None` when it is not written
+    /// (the tenant's own KMS key does not answer).
     #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
@@ -563,18 +607,6 @@ impl Writer {
         record: &BodyRecord,
     ) -> Result<Option<IndexRow>, String> {
         let store = Arc::clone(&self.store);
-        match store.body_log_settings(tenant_id) {
-            Ok(s) if s.enabled => {}
-            // Opted out, or no such tenant: nothing is written.
-            Ok(_) | Err(StoreError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        }
-        if store
-            .body_logged(node_id, boot_epoch, seq)
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(None);
-        }
         // Another day for this tenant: its segments of earlier days are done.
         let stale: Vec<_> = self
             .open

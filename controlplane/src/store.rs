@@ -29,7 +29,9 @@ use aigw_wire::{Change, KeyRecord, KeyStatus, Record, Tombstone};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
-pub use bodies::{BodyLogSettings, BodyLogSpec, IndexRow, RecordPlace, SegmentRow, WhenBehind};
+pub use bodies::{
+    BodyLogChecks, BodyLogSettings, BodyLogSpec, IndexRow, RecordPlace, SegmentRow, WhenBehind,
+};
 
 pub use caps::{cap_id, Cap, CapSpec};
 pub use nodes::{fingerprint, NodeInfo, NodeScope, ENROLLMENT_TTL};

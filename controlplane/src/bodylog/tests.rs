@@ -168,6 +168,76 @@ fn append(log: &BodyLog, tenant: &str, day: &str, seq: u64) -> Result<(), String
     rx.blocking_recv().expect("writer answers")
 }
 
+/// Submits an append without waiting for its answer.
+fn submit(
+    log: &BodyLog,
+    tenant: &str,
+    seq: u64,
+) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    assert!(log.submit(Job::Append {
+        node_id: "n1".into(),
+        boot_epoch: 1,
+        seq,
+        tenant_id: tenant.into(),
+        request_id: format!("{tenant}-{seq}"),
+        day: "2026-01-01".into(),
+        record: BodyRecord {
+            meta: format!(r#"{{"request_id":"{tenant}-{seq}"}}"#),
+            request: b"req".to_vec(),
+            response: b"resp".to_vec(),
+        },
+        done: tx,
+    }));
+    rx
+}
+
+#[test]
+fn records_queued_together_are_checked_together_and_each_answered() {
+    let dir = temp();
+    let store = Arc::new(Store::open(&dir, kek()).expect("store"));
+    for t in ["on", "off"] {
+        store.create_tenant(&actor(), t, t, "pro").expect("tenant");
+    }
+    store
+        .set_body_log_settings(
+            &actor(),
+            "off",
+            &BodyLogSpec {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .expect("opts out");
+    let segments: Arc<dyn SegmentStore> = Arc::new(DirStore::new(dir.join("bodies")));
+    let (log, thread) = BodyLog::start(kek(), Arc::clone(&store), segments).expect("starts");
+    // Queued at once (the writer takes what is queued as one batch): a record, its resend,
+    // an opted-out tenant's, an unknown tenant's, another record.
+    let answers = vec![
+        submit(&log, "on", 1),
+        submit(&log, "on", 1),
+        submit(&log, "off", 2),
+        submit(&log, "ghost", 3),
+        submit(&log, "on", 4),
+    ];
+    for a in answers {
+        assert_eq!(a.blocking_recv().expect("answered"), Ok(()));
+    }
+    // A resend in a later batch.
+    assert_eq!(
+        submit(&log, "on", 4).blocking_recv().expect("answered"),
+        Ok(())
+    );
+    assert!(log.get("on", "on-1").expect("reads").is_some());
+    assert!(log.get("on", "on-4").expect("reads").is_some());
+    assert!(log.get("off", "off-2").expect("reads").is_none());
+    let segs = store.body_segments().expect("segments");
+    assert_eq!(segs.len(), 1, "only the logging tenant has a segment");
+    assert_eq!(segs[0].0.records, 2, "each record written once");
+    drop(log);
+    thread.join().expect("writer stops");
+}
+
 fn sweep(log: &BodyLog, today: &str) -> usize {
     let (tx, rx) = tokio::sync::oneshot::channel();
     assert!(log.submit(Job::Sweep {

@@ -86,29 +86,28 @@ pub struct RecordPlace {
     pub record_index: u64,
 }
 
+/// The tenant's tier; not found when there is no such tenant. (Statements on the body
+/// log's path are cached: it runs them for every record.)
 fn tier_of(c: &Connection, tenant_id: &str) -> Result<String, StoreError> {
-    tenant_exists(c, tenant_id)?;
-    Ok(c.query_row(
-        "SELECT tier FROM tenants WHERE id = ?1",
-        params![tenant_id],
-        |r| r.get(0),
-    )?)
+    c.prepare_cached("SELECT tier FROM tenants WHERE id = ?1")?
+        .query_row(params![tenant_id], |r| r.get(0))
+        .optional()?
+        .ok_or(StoreError::NotFound("tenant"))
 }
 
 fn settings_of(c: &Connection, tenant_id: &str) -> Result<BodyLogSettings, StoreError> {
     let tier = tier_of(c, tenant_id)?;
     let row = c
-        .query_row(
+        .prepare_cached(
             "SELECT enabled, retention_days, when_behind FROM body_log_settings WHERE tenant_id = ?1",
-            params![tenant_id],
-            |r| {
-                Ok((
-                    r.get::<_, bool>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            },
-        )
+        )?
+        .query_row(params![tenant_id], |r| {
+            Ok((
+                r.get::<_, bool>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
         .optional()?;
     Ok(match row {
         None => defaults(&tier),
@@ -122,6 +121,15 @@ fn settings_of(c: &Connection, tenant_id: &str) -> Result<BodyLogSettings, Store
             },
         },
     })
+}
+
+/// What [`Store::body_log_checks`] found.
+#[derive(Debug, Default)]
+pub struct BodyLogChecks {
+    /// Tenant → whether it logs bodies; `None`: no such tenant.
+    pub enabled: std::collections::HashMap<String, Option<bool>>,
+    /// Per record asked about, in order: already in the body log.
+    pub logged: Vec<bool>,
 }
 
 /// What an operator sends; an absent field keeps its current value.
@@ -225,19 +233,38 @@ impl Store {
         })
     }
 
-    /// Whether node `node_id`'s record (boot epoch, seq) is already in the index.
-    pub fn body_logged(
+    /// For a batch of body log records, read together (one transaction): whether each
+    /// tenant logs bodies (`None`: no such tenant), and whether each (node, boot epoch,
+    /// seq) is in the body log already (a resend).
+    pub fn body_log_checks(
         &self,
-        node_id: &str,
-        boot_epoch: u64,
-        seq: u64,
-    ) -> Result<bool, StoreError> {
+        tenants: &[&str],
+        records: &[(&str, u64, u64)],
+    ) -> Result<BodyLogChecks, StoreError> {
         self.read(|c| {
-            Ok(c.query_row(
-                "SELECT COUNT(*) FROM body_log_records WHERE node_id = ?1 AND boot_epoch = ?2 AND seq = ?3",
-                params![node_id, boot_epoch as i64, seq as i64],
-                |r| r.get::<_, i64>(0),
-            )? > 0)
+            let tx = c.unchecked_transaction()?;
+            let mut enabled = std::collections::HashMap::new();
+            for t in tenants {
+                let e = match settings_of(&tx, t) {
+                    Ok(s) => Some(s.enabled),
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                };
+                enabled.insert((*t).to_string(), e);
+            }
+            let mut logged = Vec::with_capacity(records.len());
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT COUNT(*) FROM body_log_records WHERE node_id = ?1 AND boot_epoch = ?2 AND seq = ?3",
+                )?;
+                for (node, epoch, seq) in records {
+                    let n: i64 =
+                        st.query_row(params![node, *epoch as i64, *seq as i64], |r| r.get(0))?;
+                    logged.push(n > 0);
+                }
+            }
+            tx.commit()?;
+            Ok(BodyLogChecks { enabled, logged })
         })
     }
 
@@ -278,13 +305,18 @@ impl Store {
     /// at its newest record).
     pub fn body_records_indexed(&self, rows: &[IndexRow]) -> Result<(), StoreError> {
         self.with_tx(|tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO body_log_records (tenant_id, request_id, day, segment_id, record_index, node_id, boot_epoch, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (tenant_id, request_id) DO UPDATE SET day = ?3, segment_id = ?4, record_index = ?5,
+                   node_id = ?6, boot_epoch = ?7, seq = ?8",
+            )?;
+            let mut count = tx.prepare_cached(
+                "UPDATE body_log_segments SET records = MAX(records, ?4) WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
+            )?;
             for r in rows {
                 let seg = &r.segment;
-                tx.execute(
-                    "INSERT INTO body_log_records (tenant_id, request_id, day, segment_id, record_index, node_id, boot_epoch, seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT (tenant_id, request_id) DO UPDATE SET day = ?3, segment_id = ?4, record_index = ?5,
-                       node_id = ?6, boot_epoch = ?7, seq = ?8",
+                insert.execute(
                     params![
                         seg.tenant_id,
                         r.request_id,
@@ -296,10 +328,12 @@ impl Store {
                         r.seq as i64
                     ],
                 )?;
-                tx.execute(
-                    "UPDATE body_log_segments SET records = MAX(records, ?4) WHERE tenant_id = ?1 AND day = ?2 AND segment_id = ?3",
-                    params![seg.tenant_id, seg.day, seg.segment_id, (r.record_index + 1) as i64],
-                )?;
+                count.execute(params![
+                    seg.tenant_id,
+                    seg.day,
+                    seg.segment_id,
+                    (r.record_index + 1) as i64
+                ])?;
             }
             Ok(())
         })
