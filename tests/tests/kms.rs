@@ -62,6 +62,22 @@ fn kms_admin(endpoint: &str, args: &[&str]) -> String {
         .to_string()
 }
 
+/// The tenant's production environment: upstream `oa` at `provider` with `credential`, and
+/// every model routed to it.
+fn route_to(cp: &controlplane::Running, tenant: &str, provider: &MockProvider, credential: &str) {
+    let base = format!("/v1/tenants/{tenant}/environments/production");
+    put(
+        cp,
+        &format!("{base}/upstreams/oa"),
+        json!({"provider": "openai", "base_url": provider.base_url(), "credential": credential}),
+    );
+    put(
+        cp,
+        &format!("{base}/routes/all"),
+        json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
+    );
+}
+
 #[test]
 fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
     let (_moto, endpoint, key_id) = kms_with_a_key();
@@ -88,22 +104,8 @@ fn a_tenants_own_kms_key_seals_its_credentials_and_disabling_it_shreds_them() {
     let r = api(&cp, "PUT", "/v1/tenants/bank/kms", Some(cmk.clone()));
     assert_eq!(r.status, 200, "{}", r.text());
 
-    for (t, provider, secret) in [
-        ("bank", &bank_provider, "sk-bank-cmk-marker-4411"),
-        ("shop", &shop_provider, "sk-shop-marker-9902"),
-    ] {
-        let base = format!("/v1/tenants/{t}/environments/production");
-        put(
-            &cp,
-            &format!("{base}/upstreams/oa"),
-            json!({"provider": "openai", "base_url": provider.base_url(), "credential": secret}),
-        );
-        put(
-            &cp,
-            &format!("{base}/routes/all"),
-            json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
-        );
-    }
+    route_to(&cp, "bank", &bank_provider, "sk-bank-cmk-marker-4411");
+    route_to(&cp, "shop", &shop_provider, "sk-shop-marker-9902");
     let bank_key = key(&cp, "bank", "production");
     let shop_key = key(&cp, "shop", "production");
     let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);
@@ -356,19 +358,8 @@ fn connected_nodes_follow_the_tenants_kms_key_and_a_silent_one_holds_nothing_up(
     let cmk = json!({"key_id": key_id, "region": "us-east-1", "endpoint": relay.url});
     let r = api(&cp, "PUT", "/v1/tenants/bank/kms", Some(cmk));
     assert_eq!(r.status, 200, "{}", r.text());
-    for (t, provider) in [("bank", &bank_provider), ("shop", &shop_provider)] {
-        let base = format!("/v1/tenants/{t}/environments/production");
-        put(
-            &cp,
-            &format!("{base}/upstreams/oa"),
-            json!({"provider": "openai", "base_url": provider.base_url(), "credential": format!("sk-{t}")}),
-        );
-        put(
-            &cp,
-            &format!("{base}/routes/all"),
-            json!({"prefix": "", "targets": [{"upstream": "oa"}]}),
-        );
-    }
+    route_to(&cp, "bank", &bank_provider, "sk-bank");
+    route_to(&cp, "shop", &shop_provider, "sk-shop");
     let bank_key = key(&cp, "bank", "production");
     let shop_key = key(&cp, "shop", "production");
     let gw = gateway(dataplane::config::DriverChoice::IoUring, &cp);

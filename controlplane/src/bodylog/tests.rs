@@ -150,6 +150,18 @@ fn expiry_counts_whole_days_after_the_segment_day() {
 }
 
 fn append(log: &BodyLog, tenant: &str, day: &str, seq: u64) -> Result<(), String> {
+    submit(log, tenant, day, seq)
+        .blocking_recv()
+        .expect("writer answers")
+}
+
+/// Submits an append without waiting for its answer.
+fn submit(
+    log: &BodyLog,
+    tenant: &str,
+    day: &str,
+    seq: u64,
+) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     assert!(log.submit(Job::Append {
         node_id: "n1".into(),
@@ -162,30 +174,6 @@ fn append(log: &BodyLog, tenant: &str, day: &str, seq: u64) -> Result<(), String
             meta: format!(r#"{{"request_id":"{tenant}-{seq}"}}"#),
             request: b"MARKER-request".to_vec(),
             response: b"MARKER-response".to_vec(),
-        },
-        done: tx,
-    }));
-    rx.blocking_recv().expect("writer answers")
-}
-
-/// Submits an append without waiting for its answer.
-fn submit(
-    log: &BodyLog,
-    tenant: &str,
-    seq: u64,
-) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    assert!(log.submit(Job::Append {
-        node_id: "n1".into(),
-        boot_epoch: 1,
-        seq,
-        tenant_id: tenant.into(),
-        request_id: format!("{tenant}-{seq}"),
-        day: "2026-01-01".into(),
-        record: BodyRecord {
-            meta: format!(r#"{{"request_id":"{tenant}-{seq}"}}"#),
-            request: b"req".to_vec(),
-            response: b"resp".to_vec(),
         },
         done: tx,
     }));
@@ -211,21 +199,22 @@ fn records_queued_together_are_checked_together_and_each_answered() {
         .expect("opts out");
     let segments: Arc<dyn SegmentStore> = Arc::new(DirStore::new(dir.join("bodies")));
     let (log, thread) = BodyLog::start(kek(), Arc::clone(&store), segments).expect("starts");
+    const D: &str = "2026-01-01";
     // Queued at once (the writer takes what is queued as one batch): a record, its resend,
     // an opted-out tenant's, an unknown tenant's, another record.
     let answers = vec![
-        submit(&log, "on", 1),
-        submit(&log, "on", 1),
-        submit(&log, "off", 2),
-        submit(&log, "ghost", 3),
-        submit(&log, "on", 4),
+        submit(&log, "on", D, 1),
+        submit(&log, "on", D, 1),
+        submit(&log, "off", D, 2),
+        submit(&log, "ghost", D, 3),
+        submit(&log, "on", D, 4),
     ];
     for a in answers {
         assert_eq!(a.blocking_recv().expect("answered"), Ok(()));
     }
     // A resend in a later batch.
     assert_eq!(
-        submit(&log, "on", 4).blocking_recv().expect("answered"),
+        submit(&log, "on", D, 4).blocking_recv().expect("answered"),
         Ok(())
     );
     assert!(log.get("on", "on-1").expect("reads").is_some());
